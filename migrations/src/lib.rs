@@ -1,0 +1,17 @@
+//! Database schema migrations for confab, one timestamped file each.
+//!
+//! They run at start-up (`Migrator::up`) on SQLite and PostgreSQL alike, so every statement
+//! here sticks to what both back-ends understand through sea-query.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261126_000001_init;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261126_000001_init::Migration)]
+    }
+}

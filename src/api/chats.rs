@@ -1,0 +1,263 @@
+//! `/api/v1/chats`: create, list, read, change and delete chats, and read their messages.
+
+use poem::web::Data;
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, OpenApi};
+use uuid::Uuid;
+
+use super::auth::TenantAuth;
+use super::dto::{
+    ChatDto, ChatListDto, CreateChatRequest, MessageDto, MessageListDto, OrderDto,
+    UpdateChatRequest,
+};
+use super::{ApiTags, AppState};
+use crate::domain::{self, PageRequest};
+use crate::error::{ApiError, Authed, Failure, OnChat, OnChatWithBody, WithBody};
+
+#[derive(ApiResponse)]
+pub enum CreatedChat {
+    /// The chat was created.
+    #[oai(status = 201)]
+    Created(Json<ChatDto>),
+}
+
+#[derive(ApiResponse)]
+pub enum OneChat {
+    /// The chat.
+    #[oai(status = 200)]
+    Ok(Json<ChatDto>),
+}
+
+#[derive(ApiResponse)]
+pub enum ChatPage {
+    /// One page of the user's chats, newest first.
+    #[oai(status = 200)]
+    Ok(Json<ChatListDto>),
+}
+
+#[derive(ApiResponse)]
+pub enum MessagePage {
+    /// One page of the chat's messages.
+    #[oai(status = 200)]
+    Ok(Json<MessageListDto>),
+}
+
+#[derive(ApiResponse)]
+pub enum Deleted {
+    /// The chat and its messages are deleted.
+    #[oai(status = 204)]
+    NoContent,
+}
+
+/// The chat REST operations.
+pub struct ChatsApi;
+
+async fn create_chat(
+    state: &AppState,
+    auth: TenantAuth,
+    body: CreateChatRequest,
+) -> Result<CreatedChat, Failure<WithBody>> {
+    let new = body.into_domain(&state.limits)?;
+    let (chat, _created_user) = state.store.tenant(auth.0).create_chat(new).await?;
+    Ok(CreatedChat::Created(Json(ChatDto::new(
+        auth.0.as_uuid(),
+        chat,
+    ))))
+}
+
+fn page(offset: u64, limit: u64, order: OrderDto) -> PageRequest {
+    PageRequest {
+        offset,
+        limit,
+        order: order.into(),
+    }
+}
+
+#[OpenApi(tag = "ApiTags::Chats")]
+impl ChatsApi {
+    /// Create a chat
+    ///
+    /// Creates a chat for `user_id` (the user is created on first use). Connect to
+    /// `/ws/chat` with the returned `id` to talk in it. `POST /api/v1/chats/` (with the
+    /// trailing slash) is the same operation.
+    #[oai(path = "/api/v1/chats", method = "post", operation_id = "create_chat")]
+    async fn create(
+        &self,
+        state: Data<&AppState>,
+        auth: TenantAuth,
+        body: Json<CreateChatRequest>,
+    ) -> Result<CreatedChat, Failure<WithBody>> {
+        create_chat(&state, auth, body.0).await
+    }
+
+    /// List a user's chats
+    ///
+    /// The chats of one user of this tenant, newest first. An unknown user has no chats.
+    #[oai(
+        path = "/api/v1/chats/user/:user_id",
+        method = "get",
+        operation_id = "list_user_chats"
+    )]
+    async fn list(
+        &self,
+        state: Data<&AppState>,
+        auth: TenantAuth,
+        /// The client's id of the user.
+        #[oai(validator(min_length = 1, max_length = 128))]
+        user_id: Path<String>,
+        /// Number of chats to skip.
+        #[oai(default, validator(maximum(value = "1000000000")))]
+        offset: Query<u64>,
+        /// Page size, 1 to 200.
+        #[oai(
+            default = "default_limit",
+            validator(minimum(value = "1"), maximum(value = "200"))
+        )]
+        limit: Query<u64>,
+    ) -> Result<ChatPage, Failure<Authed>> {
+        domain::validate_user_id("user_id", &user_id.0).map_err(|v| {
+            ApiError::InvalidParameter {
+                name: "user_id".into(),
+                reason: v.message,
+            }
+        })?;
+        let p = state
+            .store
+            .tenant(auth.0)
+            .list_chats(&user_id.0, page(offset.0, limit.0, OrderDto::Desc))
+            .await?;
+        let has_more = p.has_more();
+        let tenant = auth.0.as_uuid();
+        Ok(ChatPage::Ok(Json(ChatListDto {
+            total: p.total,
+            offset: p.offset,
+            limit: p.limit,
+            has_more,
+            chats: p
+                .items
+                .into_iter()
+                .map(|c| ChatDto::new(tenant, c))
+                .collect(),
+        })))
+    }
+
+    /// Get a chat
+    ///
+    /// The chat with its message count and last activity. A chat of another tenant answers
+    /// exactly like one that does not exist.
+    #[oai(
+        path = "/api/v1/chats/:chat_id",
+        method = "get",
+        operation_id = "get_chat"
+    )]
+    async fn get(
+        &self,
+        state: Data<&AppState>,
+        auth: TenantAuth,
+        chat_id: Path<Uuid>,
+    ) -> Result<OneChat, Failure<OnChat>> {
+        let chat = state
+            .store
+            .tenant(auth.0)
+            .get_chat(chat_id.0)
+            .await
+            .map_err(ApiError::for_chat(chat_id.0))?;
+        Ok(OneChat::Ok(Json(ChatDto::new(auth.0.as_uuid(), chat))))
+    }
+
+    /// Get a chat's messages
+    ///
+    /// Messages in conversation order (`asc`, the default) or newest first (`desc`).
+    #[oai(
+        path = "/api/v1/chats/:chat_id/messages",
+        method = "get",
+        operation_id = "list_messages"
+    )]
+    async fn messages(
+        &self,
+        state: Data<&AppState>,
+        auth: TenantAuth,
+        chat_id: Path<Uuid>,
+        /// Number of messages to skip.
+        #[oai(default, validator(maximum(value = "1000000000")))]
+        offset: Query<u64>,
+        /// Page size, 1 to 200.
+        #[oai(
+            default = "default_limit",
+            validator(minimum(value = "1"), maximum(value = "200"))
+        )]
+        limit: Query<u64>,
+        /// `asc` (oldest first, the default) or `desc`.
+        #[oai(default)]
+        order: Query<OrderDto>,
+    ) -> Result<MessagePage, Failure<OnChat>> {
+        let p = state
+            .store
+            .tenant(auth.0)
+            .list_messages(chat_id.0, page(offset.0, limit.0, order.0))
+            .await
+            .map_err(ApiError::for_chat(chat_id.0))?;
+        let has_more = p.has_more();
+        Ok(MessagePage::Ok(Json(MessageListDto {
+            total: p.total,
+            offset: p.offset,
+            limit: p.limit,
+            has_more,
+            messages: p.items.into_iter().map(MessageDto::from).collect(),
+        })))
+    }
+
+    /// Change a chat
+    ///
+    /// Changes the title, replaces the metadata, or merges settings into the config.
+    /// Fields left out stay as they are; `null` clears the title or a config field.
+    #[oai(
+        path = "/api/v1/chats/:chat_id",
+        method = "patch",
+        operation_id = "update_chat"
+    )]
+    async fn update(
+        &self,
+        state: Data<&AppState>,
+        auth: TenantAuth,
+        chat_id: Path<Uuid>,
+        body: Json<UpdateChatRequest>,
+    ) -> Result<OneChat, Failure<OnChatWithBody>> {
+        let update = body.0.into_domain(&state.limits)?;
+        let chat = state
+            .store
+            .tenant(auth.0)
+            .update_chat(chat_id.0, update)
+            .await
+            .map_err(ApiError::for_chat(chat_id.0))?;
+        Ok(OneChat::Ok(Json(ChatDto::new(auth.0.as_uuid(), chat))))
+    }
+
+    /// Delete a chat
+    ///
+    /// Deletes the chat and all its messages.
+    #[oai(
+        path = "/api/v1/chats/:chat_id",
+        method = "delete",
+        operation_id = "delete_chat"
+    )]
+    async fn delete(
+        &self,
+        state: Data<&AppState>,
+        auth: TenantAuth,
+        chat_id: Path<Uuid>,
+    ) -> Result<Deleted, Failure<OnChat>> {
+        state
+            .store
+            .tenant(auth.0)
+            .delete_chat(chat_id.0)
+            .await
+            .map_err(ApiError::for_chat(chat_id.0))?;
+        Ok(Deleted::NoContent)
+    }
+}
+
+fn default_limit() -> u64 {
+    50
+}

@@ -1,0 +1,382 @@
+//! Request and response bodies of the REST API, and their conversion to and from the domain.
+//!
+//! Bounds that are part of the contract are declared here as validators, so they appear in
+//! the OpenAPI document and are enforced before a handler runs.
+
+use poem_openapi::types::MaybeUndefined;
+use poem_openapi::{Enum, Object};
+use uuid::Uuid;
+
+use super::types::{JsonObject, Text, Timestamp};
+use crate::domain::{self, Limits, Patch, ValidationError};
+
+/// The system prompt and sampling settings of a chat. Every field is optional; an absent
+/// field uses the server's default. In a `PATCH`, `null` clears a field.
+#[derive(Debug, Clone, Default, Object)]
+#[oai(rename = "ChatConfig")]
+pub struct ChatConfigDto {
+    /// Instructions the model sees before the conversation.
+    pub system_prompt: MaybeUndefined<Text>,
+    /// Sampling temperature; 0 picks the most likely token every time.
+    #[oai(validator(minimum(value = "0"), maximum(value = "2")))]
+    pub temperature: MaybeUndefined<f64>,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this.
+    #[oai(validator(minimum(value = "0", exclusive), maximum(value = "1")))]
+    pub top_p: MaybeUndefined<f64>,
+    /// Keep only the this many most likely tokens.
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000000")))]
+    pub top_k: MaybeUndefined<u32>,
+    /// Longest reply, in tokens.
+    #[oai(validator(minimum(value = "1"), maximum(value = "32768")))]
+    pub max_tokens: MaybeUndefined<u32>,
+    /// Penalty for repeating recent tokens; 1 means none.
+    #[oai(validator(minimum(value = "0", exclusive), maximum(value = "10")))]
+    pub repeat_penalty: MaybeUndefined<f64>,
+    /// Same seed and same input give the same reply.
+    pub seed: MaybeUndefined<u64>,
+    /// Up to 8 strings (1–128 characters each) that end the reply; not included in it.
+    #[oai(validator(max_items = 8))]
+    pub stop: MaybeUndefined<Vec<Text>>,
+}
+
+fn patch_with<T, U>(m: MaybeUndefined<T>, f: impl FnOnce(T) -> U) -> Patch<U> {
+    match m {
+        MaybeUndefined::Undefined => Patch::Keep,
+        MaybeUndefined::Null => Patch::Clear,
+        MaybeUndefined::Value(v) => Patch::Set(f(v)),
+    }
+}
+
+fn patch<T>(m: MaybeUndefined<T>) -> Patch<T> {
+    patch_with(m, |v| v)
+}
+
+fn undefined_if_none<T>(o: Option<T>) -> MaybeUndefined<T> {
+    match o {
+        Some(v) => MaybeUndefined::Value(v),
+        None => MaybeUndefined::Undefined,
+    }
+}
+
+impl ChatConfigDto {
+    /// The change this body asks for, checked against the operator's limits.
+    pub fn into_patch(self, limits: &Limits) -> Result<domain::ChatConfigPatch, ValidationError> {
+        if let MaybeUndefined::Value(p) = &self.system_prompt {
+            let n = p.0.chars().count();
+            if n > limits.max_system_prompt_chars {
+                return Err(ValidationError::new(
+                    "config.system_prompt",
+                    format!(
+                        "is {n} characters long; at most {} allowed",
+                        limits.max_system_prompt_chars
+                    ),
+                    serde_json::json!({"max_length": limits.max_system_prompt_chars}),
+                ));
+            }
+        }
+        if let MaybeUndefined::Value(stops) = &self.stop {
+            for (i, s) in stops.iter().enumerate() {
+                let n = s.0.chars().count();
+                if n == 0 || n > 128 {
+                    return Err(ValidationError::new(
+                        &format!("config.stop[{i}]"),
+                        format!("must be 1 to 128 characters long, got {n}"),
+                        serde_json::json!({"min_length": 1, "max_length": 128}),
+                    ));
+                }
+            }
+        }
+        Ok(domain::ChatConfigPatch {
+            system_prompt: patch_with(self.system_prompt, |t| t.0),
+            temperature: patch(self.temperature),
+            top_p: patch(self.top_p),
+            top_k: patch(self.top_k),
+            max_tokens: patch(self.max_tokens),
+            repeat_penalty: patch(self.repeat_penalty),
+            seed: patch(self.seed),
+            stop: patch_with(self.stop, |v| v.into_iter().map(|t| t.0).collect()),
+        })
+    }
+
+    /// A new chat's config: `null` and absent both mean "server default".
+    pub fn into_config(self, limits: &Limits) -> Result<domain::ChatConfig, ValidationError> {
+        let mut c = domain::ChatConfig::default();
+        c.apply(self.into_patch(limits)?);
+        Ok(c)
+    }
+}
+
+impl From<domain::ChatConfig> for ChatConfigDto {
+    fn from(c: domain::ChatConfig) -> Self {
+        ChatConfigDto {
+            system_prompt: undefined_if_none(c.system_prompt.map(Text)),
+            temperature: undefined_if_none(c.temperature),
+            top_p: undefined_if_none(c.top_p),
+            top_k: undefined_if_none(c.top_k),
+            max_tokens: undefined_if_none(c.max_tokens),
+            repeat_penalty: undefined_if_none(c.repeat_penalty),
+            seed: undefined_if_none(c.seed),
+            stop: undefined_if_none(c.stop.map(|v| v.into_iter().map(Text).collect())),
+        }
+    }
+}
+
+/// Body of `POST /api/v1/chats/`.
+#[derive(Debug, Object)]
+#[oai(rename = "CreateChatRequest")]
+pub struct CreateChatRequest {
+    /// Your own id for the user (1–128 characters, no whitespace, control characters or
+    /// `/`); the user is created on first use.
+    #[oai(validator(min_length = 1, max_length = 128))]
+    pub user_id: Text,
+    /// At most 256 characters, no control characters.
+    #[oai(validator(max_length = 256))]
+    pub title: Option<Text>,
+    /// Any JSON object; stored and returned as sent.
+    pub metadata: Option<JsonObject>,
+    pub config: Option<ChatConfigDto>,
+}
+
+impl CreateChatRequest {
+    pub fn into_domain(self, limits: &Limits) -> Result<domain::NewChat, ValidationError> {
+        domain::validate_user_id("user_id", &self.user_id.0)?;
+        if let Some(t) = &self.title {
+            domain::validate_title(&t.0)?;
+        }
+        let metadata = self.metadata.map(|m| m.0).unwrap_or_default();
+        domain::validate_metadata(limits, &metadata)?;
+        let config = match self.config {
+            Some(c) => c.into_config(limits)?,
+            None => domain::ChatConfig::default(),
+        };
+        Ok(domain::NewChat {
+            user_id: self.user_id.0,
+            title: self.title.map(|t| t.0),
+            metadata,
+            config,
+        })
+    }
+}
+
+/// Body of `PATCH /api/v1/chats/{chat_id}`. Absent fields stay as they are.
+#[derive(Debug, Object)]
+#[oai(rename = "UpdateChatRequest")]
+pub struct UpdateChatRequest {
+    /// New title; `null` removes it.
+    #[oai(validator(max_length = 256))]
+    pub title: MaybeUndefined<Text>,
+    /// Replaces the whole metadata object.
+    pub metadata: Option<JsonObject>,
+    /// Merged field by field into the chat's config; `null` in a field clears it.
+    pub config: Option<ChatConfigDto>,
+}
+
+impl UpdateChatRequest {
+    pub fn into_domain(self, limits: &Limits) -> Result<domain::ChatUpdate, ValidationError> {
+        if let MaybeUndefined::Value(t) = &self.title {
+            domain::validate_title(&t.0)?;
+        }
+        let metadata = self.metadata.map(|m| m.0);
+        if let Some(m) = &metadata {
+            domain::validate_metadata(limits, m)?;
+        }
+        let config = self.config.map(|c| c.into_patch(limits)).transpose()?;
+        Ok(domain::ChatUpdate {
+            title: patch_with(self.title, |t| t.0),
+            metadata,
+            config,
+        })
+    }
+}
+
+/// A chat.
+#[derive(Debug, Object)]
+#[oai(rename = "Chat")]
+pub struct ChatDto {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub user_id: String,
+    pub title: Option<String>,
+    pub metadata: JsonObject,
+    pub config: ChatConfigDto,
+    /// Number of messages in the chat.
+    pub message_count: i64,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    /// When the chat last changed or received a message.
+    pub last_activity_at: Timestamp,
+}
+
+impl ChatDto {
+    pub fn new(tenant_id: Uuid, c: domain::Chat) -> Self {
+        ChatDto {
+            id: c.id,
+            tenant_id,
+            user_id: c.user_id,
+            title: c.title,
+            metadata: JsonObject(c.metadata),
+            config: c.config.into(),
+            message_count: c.message_count,
+            created_at: c.created_at.into(),
+            updated_at: c.updated_at.into(),
+            last_activity_at: c.last_activity_at.into(),
+        }
+    }
+}
+
+/// One page of a user's chats, newest first.
+#[derive(Debug, Object)]
+#[oai(rename = "ChatList")]
+pub struct ChatListDto {
+    pub chats: Vec<ChatDto>,
+    /// All chats of the user.
+    pub total: u64,
+    pub offset: u64,
+    pub limit: u64,
+    /// True when more chats follow this page.
+    pub has_more: bool,
+}
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, Enum)]
+#[oai(rename = "Role", rename_all = "lowercase")]
+pub enum RoleDto {
+    User,
+    Assistant,
+    System,
+}
+
+impl From<domain::Role> for RoleDto {
+    fn from(r: domain::Role) -> Self {
+        match r {
+            domain::Role::User => RoleDto::User,
+            domain::Role::Assistant => RoleDto::Assistant,
+            domain::Role::System => RoleDto::System,
+        }
+    }
+}
+
+/// Where a message is in its life: `streaming` while the reply is generated, then
+/// `complete`, `cancelled`, `failed`, or `interrupted` (the server stopped mid-reply).
+#[derive(Debug, Clone, Copy, Enum)]
+#[oai(rename = "MessageStatus", rename_all = "lowercase")]
+pub enum MessageStatusDto {
+    Complete,
+    Streaming,
+    Cancelled,
+    Interrupted,
+    Failed,
+}
+
+impl From<domain::MessageStatus> for MessageStatusDto {
+    fn from(s: domain::MessageStatus) -> Self {
+        use domain::MessageStatus as S;
+        match s {
+            S::Complete => MessageStatusDto::Complete,
+            S::Streaming => MessageStatusDto::Streaming,
+            S::Cancelled => MessageStatusDto::Cancelled,
+            S::Interrupted => MessageStatusDto::Interrupted,
+            S::Failed => MessageStatusDto::Failed,
+        }
+    }
+}
+
+/// Tokens a reply took.
+#[derive(Debug, Object)]
+#[oai(rename = "Usage")]
+pub struct UsageDto {
+    pub prompt_tokens: i32,
+    pub completion_tokens: i32,
+}
+
+/// A message of a chat.
+#[derive(Debug, Object)]
+#[oai(rename = "Message")]
+pub struct MessageDto {
+    pub id: Uuid,
+    pub chat_id: Uuid,
+    /// Position in the chat, from 1.
+    pub seq: i64,
+    pub role: RoleDto,
+    pub content: String,
+    pub metadata: JsonObject,
+    pub status: MessageStatusDto,
+    /// Token counts of an assistant reply; null for other messages.
+    pub usage: Option<UsageDto>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+impl From<domain::Message> for MessageDto {
+    fn from(m: domain::Message) -> Self {
+        let usage = match (m.prompt_tokens, m.completion_tokens) {
+            (Some(p), Some(c)) => Some(UsageDto {
+                prompt_tokens: p,
+                completion_tokens: c,
+            }),
+            _ => None,
+        };
+        MessageDto {
+            id: m.id,
+            chat_id: m.chat_id,
+            seq: m.seq,
+            role: m.role.into(),
+            content: m.content,
+            metadata: JsonObject(m.metadata),
+            status: m.status.into(),
+            usage,
+            created_at: m.created_at.into(),
+            updated_at: m.updated_at.into(),
+        }
+    }
+}
+
+/// One page of a chat's messages.
+#[derive(Debug, Object)]
+#[oai(rename = "MessageList")]
+pub struct MessageListDto {
+    pub messages: Vec<MessageDto>,
+    /// All messages of the chat.
+    pub total: u64,
+    pub offset: u64,
+    pub limit: u64,
+    /// True when more messages follow this page.
+    pub has_more: bool,
+}
+
+/// Sort order of a listing.
+#[derive(Debug, Clone, Copy, Default, Enum)]
+#[oai(rename = "Order", rename_all = "lowercase")]
+pub enum OrderDto {
+    #[default]
+    Asc,
+    Desc,
+}
+
+impl From<OrderDto> for domain::Order {
+    fn from(o: OrderDto) -> Self {
+        match o {
+            OrderDto::Asc => domain::Order::Asc,
+            OrderDto::Desc => domain::Order::Desc,
+        }
+    }
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Object)]
+#[oai(rename = "Health")]
+pub struct HealthDto {
+    /// Always `ok` when the process answers.
+    pub status: String,
+    pub version: String,
+}
+
+/// `GET /readyz`.
+#[derive(Debug, Object)]
+#[oai(rename = "Ready")]
+pub struct ReadyDto {
+    /// `ready`.
+    pub status: String,
+    /// `ok` when the database answers.
+    pub database: String,
+}

@@ -1,0 +1,249 @@
+//! The layer around every route: body limits, one error shape, access log.
+//!
+//! - Request bodies are read here, up to the configured limit (413 `payload_too_large`
+//!   otherwise, before the whole body is buffered), and JSON bodies are checked for syntax
+//!   so that malformed JSON (`invalid_json`) is told apart from well-formed JSON of the wrong
+//!   shape (`validation_error`).
+//! - Errors raised by the framework (unknown route, wrong method, missing header, bad path
+//!   parameter, schema mismatch) become [`ApiError`]s, so every non-2xx body has one shape.
+//! - The access log carries method, path (never the query string, which may hold a key),
+//!   status and latency.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use poem::http::{header, Method, StatusCode};
+use poem::{Body, Endpoint, IntoResponse, Request, Response};
+use poem_openapi::error::{
+    AuthorizationError, ContentTypeError, ParseParamError, ParsePathError, ParseRequestPayloadError,
+};
+
+use crate::error::ApiError;
+
+fn is_json(content_type: Option<&str>) -> bool {
+    content_type
+        .and_then(|ct| ct.split(';').next())
+        .map(|mt| {
+            let mt = mt.trim().to_ascii_lowercase();
+            mt == "application/json" || mt.ends_with("+json")
+        })
+        .unwrap_or(false)
+}
+
+/// Reads and checks the body of a request that carries one; puts it back when it is fine.
+async fn guard_body(req: &mut Request, limit: usize) -> Result<(), ApiError> {
+    if !matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
+        return Ok(());
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let bytes = req
+        .take_body()
+        .into_bytes_limit(limit)
+        .await
+        .map_err(|e| match e {
+            poem::error::ReadBodyError::PayloadTooLarge => ApiError::PayloadTooLarge { limit },
+            other => ApiError::InvalidBody {
+                reason: other.to_string(),
+            },
+        })?;
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    if is_json(content_type) {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::InvalidJson {
+                reason: "the body is empty".into(),
+                line: 1,
+                column: 0,
+            });
+        }
+        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+            return Err(ApiError::InvalidJson {
+                reason: e.to_string(),
+                line: e.line(),
+                column: e.column(),
+            });
+        }
+    }
+    req.set_body(Body::from_bytes(bytes));
+    Ok(())
+}
+
+/// The names of path parameters, by route template, read from the OpenAPI document.
+///
+/// poem-openapi reports a bad path parameter by position (`param0`), not by name; this
+/// recovers the name the client sees in the documentation.
+pub struct PathParams {
+    routes: Vec<Vec<Segment>>,
+}
+
+enum Segment {
+    Literal(String),
+    Param(String),
+}
+
+impl PathParams {
+    pub fn from_spec(spec: &str) -> PathParams {
+        let doc: serde_json::Value = serde_json::from_str(spec).unwrap_or_default();
+        let routes = doc["paths"]
+            .as_object()
+            .map(|paths| {
+                paths
+                    .keys()
+                    .filter(|p| p.contains('{'))
+                    .map(|p| {
+                        p.split('/')
+                            .map(|seg| {
+                                match seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                                    Some(name) => Segment::Param(name.to_string()),
+                                    None => Segment::Literal(seg.to_string()),
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        PathParams { routes }
+    }
+
+    /// The name of the `index`-th parameter of the route that `path` matches. Literal
+    /// segments must match exactly, so `/chats/user/x` is not taken for `/chats/{chat_id}`.
+    fn name(&self, path: &str, index: usize) -> Option<&str> {
+        let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+        self.routes
+            .iter()
+            .filter(|r| r.len() == segs.len())
+            .find(|r| {
+                r.iter().zip(&segs).all(|(t, s)| {
+                    matches!(t, Segment::Param(_)) || matches!(t, Segment::Literal(l) if l == s)
+                })
+            })
+            .and_then(|r| {
+                r.iter()
+                    .filter_map(|t| match t {
+                        Segment::Param(n) => Some(n.as_str()),
+                        Segment::Literal(_) => None,
+                    })
+                    .nth(index)
+            })
+    }
+}
+
+/// Turns an error raised by poem or poem-openapi into our error.
+fn classify(err: poem::Error, method: &Method, path: &str, params: &PathParams) -> Response {
+    if err.is_from_response() {
+        return err.into_response();
+    }
+    let api = if err.is::<poem::error::NotFoundError>() {
+        ApiError::NotFound {
+            method: method.to_string(),
+            path: path.to_string(),
+        }
+    } else if err.is::<poem::error::MethodNotAllowedError>() {
+        ApiError::MethodNotAllowed {
+            method: method.to_string(),
+            path: path.to_string(),
+        }
+    } else if err.is::<AuthorizationError>() {
+        ApiError::MissingApiKey
+    } else if let Some(p) = err.downcast_ref::<ParsePathError>() {
+        let index = p
+            .name
+            .strip_prefix("param")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let name = params.name(path, index).unwrap_or(p.name);
+        ApiError::InvalidParameter {
+            name: name.to_string(),
+            reason: p.reason.clone(),
+        }
+    } else if let Some(p) = err.downcast_ref::<ParseParamError>() {
+        ApiError::InvalidParameter {
+            name: p.name.to_string(),
+            reason: p.reason.clone(),
+        }
+    } else if let Some(p) = err.downcast_ref::<ParseRequestPayloadError>() {
+        ApiError::InvalidBody {
+            reason: p.reason.clone(),
+        }
+    } else if let Some(c) = err.downcast_ref::<ContentTypeError>() {
+        ApiError::UnsupportedMediaType {
+            got: match c {
+                ContentTypeError::NotSupported { content_type } => Some(content_type.clone()),
+                _ => None,
+            },
+        }
+    } else if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge { limit: 0 }
+    } else if err.status().is_client_error() {
+        ApiError::InvalidBody {
+            reason: err.to_string(),
+        }
+    } else {
+        tracing::error!(error = %err, "unhandled error");
+        ApiError::Internal
+    };
+    api.into_response()
+}
+
+/// Wraps the whole application; see the module docs.
+pub async fn around<E: Endpoint>(
+    ep: Arc<E>,
+    mut req: Request,
+    body_limit: usize,
+    params: Arc<PathParams>,
+) -> poem::Result<Response> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = match guard_body(&mut req, body_limit).await {
+        Err(e) => e.into_response(),
+        Ok(()) => match ep.call(req).await {
+            Ok(r) => r.into_response(),
+            Err(e) => classify(e, &method, &path, &params),
+        },
+    };
+    tracing::info!(
+        target: "confab::access",
+        method = %method,
+        path = %path,
+        status = resp.status().as_u16(),
+        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+    );
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_parameter_names() {
+        let spec = r#"{"paths": {"/a/{x}": {}, "/a/user/{u}": {}, "/a/{x}/m/{y}": {}, "/b": {}}}"#;
+        let p = PathParams::from_spec(spec);
+        assert_eq!(p.name("/a/zz", 0), Some("x"));
+        assert_eq!(p.name("/a/user/zz", 0), Some("u"));
+        assert_eq!(p.name("/a/1/m/2", 1), Some("y"));
+        assert_eq!(p.name("/a/1/m/2/", 1), Some("y"));
+        assert_eq!(p.name("/c/1", 0), None);
+    }
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json(Some("application/json")));
+        assert!(is_json(Some("application/json; charset=utf-8")));
+        assert!(is_json(Some("Application/JSON")));
+        assert!(is_json(Some("application/merge-patch+json")));
+        assert!(!is_json(Some("text/plain")));
+        assert!(!is_json(None));
+    }
+}

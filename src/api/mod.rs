@@ -1,0 +1,70 @@
+//! The HTTP layer: poem-openapi operations, thin on purpose. Handlers turn requests into
+//! domain values, call the store, and turn results into DTOs; nothing else lives here.
+
+mod auth;
+mod chats;
+pub mod dto;
+mod health;
+mod middleware;
+pub mod types;
+
+pub use auth::Authenticator;
+
+use poem::middleware::{NormalizePath, TrailingSlash};
+use poem::{Endpoint, EndpointExt, Route};
+use poem_openapi::{OpenApiService, Tags};
+
+use crate::domain::Limits;
+use crate::store::Store;
+
+/// What every handler needs, shared by cheap clones.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub auth: Authenticator,
+    pub limits: Limits,
+}
+
+#[derive(Tags)]
+enum ApiTags {
+    /// Create and manage chats and read their history.
+    Chats,
+    /// Liveness and readiness probes.
+    Health,
+}
+
+fn service() -> OpenApiService<(chats::ChatsApi, health::HealthApi), ()> {
+    OpenApiService::new(
+        (chats::ChatsApi, health::HealthApi),
+        "confab",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
+        "Self-hosted multi-tenant chat server with an in-process language model. \
+             Every `/api` operation needs the tenant API key in the `X-API-Key` header; \
+             every error has the shape `{\"error\": {\"code\", \"message\", \"details\"}}`.",
+    )
+}
+
+/// The OpenAPI document, as served at `/openapi.json` and committed in `openapi/`.
+pub fn openapi_json() -> String {
+    service().spec()
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> impl Endpoint {
+    let api = service();
+    let spec = api.spec_endpoint();
+    let docs = api.swagger_ui();
+    let body_limit = state.limits.max_body_bytes;
+    let params = std::sync::Arc::new(middleware::PathParams::from_spec(&api.spec()));
+    Route::new()
+        .nest("/", api)
+        .at("/openapi.json", spec)
+        .nest("/docs", docs)
+        .data(state)
+        // `/api/v1/chats/` and `/api/v1/chats` are the same route (the seed documents the
+        // former; OpenAPI paths carry no trailing slash).
+        .with(NormalizePath::new(TrailingSlash::Trim))
+        .around(move |ep, req| middleware::around(ep, req, body_limit, params.clone()))
+}

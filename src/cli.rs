@@ -1,0 +1,237 @@
+//! What each subcommand does. Admin commands talk to the database directly, so they work
+//! while the server is stopped (and while it runs: SQLite WAL and PostgreSQL both allow it).
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::json;
+
+use crate::config::{Cli, Command, DbArgs, KeyCommand, ServeArgs, TenantCommand};
+use crate::credentials;
+use crate::store::{redact_url, Store, StoreError, StoreOptions};
+use crate::ServerSettings;
+
+/// Runs the parsed command line.
+pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Openapi => {
+            println!("{}", crate::api::openapi_json());
+            Ok(())
+        }
+        Command::Serve(args) => serve(&cli.db, args).await,
+        Command::Tenant(cmd) => tenant(&open(&cli.db).await?, cmd).await,
+        Command::Key(cmd) => key(&open(&cli.db).await?, cmd).await,
+    }
+}
+
+/// Opens (and migrates) the database, creating the data directory for SQLite.
+pub async fn open(db: &DbArgs) -> anyhow::Result<Store> {
+    let url = db.url();
+    if db.database_url.is_none() {
+        std::fs::create_dir_all(&db.data_dir)
+            .with_context(|| format!("cannot create data directory {}", db.data_dir.display()))?;
+    }
+    let opts = StoreOptions {
+        max_connections: db.db_max_connections.max(1),
+        acquire_timeout: Duration::from_secs(db.db_acquire_timeout_secs.max(1)),
+    };
+    Store::connect(&url, &opts)
+        .await
+        .with_context(|| format!("cannot open database {}", redact_url(&url)))
+}
+
+async fn serve(db: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
+    let store = open(db).await?;
+    tracing::info!(database = %redact_url(&db.url()), "database ready");
+    let listener = tokio::net::TcpListener::bind(args.bind)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.bind))?;
+    let addr = listener.local_addr()?;
+    bootstrap(&store, &args, addr).await?;
+    tracing::info!(%addr, "listening");
+    println!("confab listening on http://{addr}  (Swagger UI: http://{addr}/docs)");
+    let settings = ServerSettings {
+        limits: (&args.limits).into(),
+        auth_cache_ttl: Duration::from_secs(args.auth_cache_ttl_secs),
+    };
+    crate::run(store.clone(), settings, listener, shutdown_signal()).await?;
+    store.close().await.ok();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// First start: with no tenant at all, create `default` and print its key once.
+async fn bootstrap(
+    store: &Store,
+    args: &ServeArgs,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    if store.tenant_count().await? > 0 {
+        return Ok(());
+    }
+    let key = match &args.bootstrap_api_key {
+        Some(k) => credentials::custom(&k.0)
+            .map_err(|e| anyhow::anyhow!("CONFAB_BOOTSTRAP_API_KEY: {e}"))?,
+        None => credentials::generate(),
+    };
+    let t = match store.create_tenant("default", &key).await {
+        Ok(t) => t,
+        // Another process bootstrapped at the same moment.
+        Err(StoreError::Conflict(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let base = format!("http://{addr}");
+    println!();
+    println!("  First start: created tenant \"default\" ({}).", t.id);
+    if args.bootstrap_api_key.is_some() {
+        println!("  Its API key is the one given in CONFAB_BOOTSTRAP_API_KEY.");
+    } else {
+        println!("  Its API key (shown only this once, keep it safe):");
+        println!();
+        println!("      {}", key.secret);
+    }
+    println!();
+    println!("  Swagger UI:  {base}/docs   (Authorize with the key)");
+    println!("  OpenAPI:     {base}/openapi.json");
+    println!();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+async fn tenant(store: &Store, cmd: TenantCommand) -> anyhow::Result<()> {
+    match cmd {
+        TenantCommand::Create { name, json } => {
+            let key = credentials::generate();
+            let t = store
+                .create_tenant(&name, &key)
+                .await
+                .map_err(admin_error)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"tenant_id": t.id, "tenant": t.name, "api_key": key.secret})
+                );
+            } else {
+                println!("tenant {} created: {}", t.name, t.id);
+                println!("API key (shown only this once): {}", key.secret);
+            }
+        }
+        TenantCommand::List { json } => {
+            let ts = store.list_tenants().await?;
+            if json {
+                let rows: Vec<_> = ts
+                    .iter()
+                    .map(|t| json!({"tenant_id": t.id, "name": t.name, "created_at": t.created_at, "active_keys": t.active_keys}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!("{:<36}  {:<24}  {:>4}  created", "id", "name", "keys");
+                for t in ts {
+                    println!(
+                        "{:<36}  {:<24}  {:>4}  {}",
+                        t.id,
+                        t.name,
+                        t.active_keys,
+                        t.created_at.to_rfc3339()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn key(store: &Store, cmd: KeyCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeyCommand::Create { tenant, json } => {
+            let key = credentials::generate();
+            let k = store
+                .create_key(&tenant, &key)
+                .await
+                .map_err(|e| tenant_error(e, &tenant))?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"tenant_id": k.tenant_id, "prefix": k.prefix, "api_key": key.secret})
+                );
+            } else {
+                println!(
+                    "API key for tenant {tenant} (shown only this once): {}",
+                    key.secret
+                );
+            }
+        }
+        KeyCommand::List { tenant, json } => {
+            let keys = store
+                .list_keys(&tenant)
+                .await
+                .map_err(|e| tenant_error(e, &tenant))?;
+            if json {
+                let rows: Vec<_> = keys
+                    .iter()
+                    .map(|k| json!({"prefix": k.prefix, "created_at": k.created_at, "revoked_at": k.revoked_at}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!("{:<14}  {:<32}  revoked", "prefix", "created");
+                for k in keys {
+                    let revoked = k
+                        .revoked_at
+                        .map(|t| t.to_rfc3339())
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<14}  {:<32}  {}",
+                        k.prefix,
+                        k.created_at.to_rfc3339(),
+                        revoked
+                    );
+                }
+            }
+        }
+        KeyCommand::Revoke { prefix } => match store.revoke_key(&prefix).await {
+            Ok(k) => println!("revoked key {} of tenant {}", k.prefix, k.tenant_id),
+            Err(StoreError::NotFound) => {
+                bail!("no working key has the prefix {prefix:?} (see `confab key list TENANT`)")
+            }
+            Err(e) => return Err(admin_error(e)),
+        },
+    }
+    Ok(())
+}
+
+fn admin_error(e: StoreError) -> anyhow::Error {
+    match e {
+        StoreError::Conflict(m) | StoreError::Invalid(m) => anyhow::anyhow!(m),
+        other => other.into(),
+    }
+}
+
+fn tenant_error(e: StoreError, tenant: &str) -> anyhow::Error {
+    match e {
+        StoreError::NotFound => {
+            anyhow::anyhow!("no tenant named {tenant:?} (see `confab tenant list`)")
+        }
+        other => admin_error(other),
+    }
+}

@@ -1,0 +1,187 @@
+//! The command line. Every flag has an environment variable (`CONFAB_…`, and
+//! `DATABASE_URL`); the `///` docs are the `--help` text.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::domain::Limits;
+
+/// confab: a self-hosted multi-tenant chat server with an in-process language model.
+#[derive(Debug, Parser)]
+#[command(name = "confab", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the data lives.
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// Database URL: `sqlite://PATH?mode=rwc` or `postgres://USER@HOST:PORT/DB`.
+    /// Default: SQLite at DATA_DIR/confab.db.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Directory for the SQLite database and other state.
+    #[arg(long, env = "CONFAB_DATA_DIR", default_value = "data", global = true)]
+    pub data_dir: PathBuf,
+    /// Most database connections in the pool.
+    #[arg(
+        long,
+        env = "CONFAB_DB_MAX_CONNECTIONS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub db_max_connections: u32,
+    /// Seconds a request waits for a database connection before it gets 503.
+    #[arg(
+        long,
+        env = "CONFAB_DB_ACQUIRE_TIMEOUT_SECS",
+        default_value_t = 5,
+        global = true
+    )]
+    pub db_acquire_timeout_secs: u64,
+}
+
+impl DbArgs {
+    /// The URL to connect to, with the SQLite default filled in.
+    pub fn url(&self) -> String {
+        match &self.database_url {
+            Some(u) => u.clone(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("confab.db").display()
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant and print its first API key (shown once).
+    Create {
+        /// Tenant name: 1 to 64 characters from A-Z, a-z, 0-9, '-', '_', '.'.
+        name: String,
+        /// Print `{"tenant_id": …, "api_key": …}`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tenants.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create an API key for a tenant (name or id) and print it (shown once).
+    Create {
+        tenant: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a tenant's keys (prefixes only).
+    List {
+        tenant: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke the key with this prefix (as shown by `key list`); it stops working within
+    /// the server's key-cache TTL.
+    Revoke { prefix: String },
+}
+
+/// A secret from the environment: shown as `***` in debug output.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "CONFAB_BIND", default_value = "127.0.0.1:8000")]
+    pub bind: SocketAddr,
+    /// On first start (no tenant yet), tenant `default` gets this API key instead of a random
+    /// one (24 to 256 printable ASCII characters).
+    #[arg(long, env = "CONFAB_BOOTSTRAP_API_KEY", hide_env_values = true)]
+    pub bootstrap_api_key: Option<Secret>,
+    /// Seconds an API-key lookup is cached; a revoked key works at most this long.
+    #[arg(long, env = "CONFAB_AUTH_CACHE_TTL_SECS", default_value_t = 5)]
+    pub auth_cache_ttl_secs: u64,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Input limits.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Largest request body in bytes.
+    #[arg(long, env = "CONFAB_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
+    pub max_body_bytes: usize,
+    /// Largest `metadata` object in bytes of JSON.
+    #[arg(long, env = "CONFAB_MAX_METADATA_BYTES", default_value_t = Limits::default().max_metadata_bytes)]
+    pub max_metadata_bytes: usize,
+    /// Deepest nesting inside `metadata`.
+    #[arg(long, env = "CONFAB_MAX_METADATA_DEPTH", default_value_t = Limits::default().max_metadata_depth)]
+    pub max_metadata_depth: usize,
+    /// Longest system prompt in characters.
+    #[arg(long, env = "CONFAB_MAX_SYSTEM_PROMPT_CHARS", default_value_t = Limits::default().max_system_prompt_chars)]
+    pub max_system_prompt_chars: usize,
+}
+
+impl From<&LimitArgs> for Limits {
+    fn from(a: &LimitArgs) -> Self {
+        Limits {
+            max_body_bytes: a.max_body_bytes,
+            max_metadata_bytes: a.max_metadata_bytes,
+            max_metadata_depth: a.max_metadata_depth,
+            max_system_prompt_chars: a.max_system_prompt_chars,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        assert_eq!(format!("{:?}", Secret("hunter2".into())), "***");
+    }
+}

@@ -1,0 +1,93 @@
+//! The typed domain: chats, messages, their settings and the paging rules.
+//!
+//! Raw input becomes one of these types once, at the edge (the API layer); storage and, later,
+//! the engine accept only these, so a value that got this far is known to be valid.
+
+mod config;
+mod limits;
+mod message;
+mod page;
+
+pub use config::{ChatConfig, ChatConfigPatch, Patch};
+pub use limits::{validate_metadata, validate_title, validate_user_id, Limits, ValidationError};
+pub use message::{MessageStatus, Role};
+pub use page::{Order, Page, PageRequest};
+
+use chrono::{DateTime, SubsecRound, Utc};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// A chat as stored: who owns it, how the model should answer in it, and how busy it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chat {
+    pub id: Uuid,
+    /// The client's own id of the user who owns the chat (unique within the tenant).
+    pub user_id: String,
+    pub title: Option<String>,
+    /// Free-form client data; always a JSON object.
+    pub metadata: Map<String, Value>,
+    pub config: ChatConfig,
+    /// Number of messages ever stored in the chat; also the last sequence number handed out.
+    pub message_count: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// When the chat last changed or received a message.
+    pub last_activity_at: DateTime<Utc>,
+}
+
+/// One stored message of a chat.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub id: Uuid,
+    pub chat_id: Uuid,
+    /// Position in the chat, starting at 1; gives a stable order even for equal timestamps.
+    pub seq: i64,
+    pub role: Role,
+    pub content: String,
+    pub metadata: Map<String, Value>,
+    pub status: MessageStatus,
+    pub prompt_tokens: Option<i32>,
+    pub completion_tokens: Option<i32>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What a caller supplies to create a chat (already validated).
+#[derive(Debug, Clone, Default)]
+pub struct NewChat {
+    pub user_id: String,
+    pub title: Option<String>,
+    pub metadata: Map<String, Value>,
+    pub config: ChatConfig,
+}
+
+/// A change to a chat; absent fields stay as they are.
+#[derive(Debug, Clone, Default)]
+pub struct ChatUpdate {
+    pub title: Patch<String>,
+    /// Replaces the whole metadata object when present.
+    pub metadata: Option<Map<String, Value>>,
+    /// Merged field by field into the stored config.
+    pub config: Option<ChatConfigPatch>,
+}
+
+impl ChatUpdate {
+    pub fn is_empty(&self) -> bool {
+        matches!(self.title, Patch::Keep) && self.metadata.is_none() && self.config.is_none()
+    }
+}
+
+/// What a caller supplies to append a message to a chat.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub role: Role,
+    pub content: String,
+    pub metadata: Map<String, Value>,
+    pub status: MessageStatus,
+}
+
+/// The current time, cut to milliseconds: what both databases store and return unchanged,
+/// so a value read back equals the value written.
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(3)
+}

@@ -1,0 +1,371 @@
+//! The API error: one enum, one stable `code` per variant, one mapping to HTTP.
+//!
+//! Every non-2xx answer of the server, the framework's own rejections included (see
+//! `api::middleware`), is this JSON shape:
+//! `{"error": {"code": "…", "message": "…", "details": {…}}}`.
+//! Internal failures reach clients as a fixed message; what went wrong goes to the log.
+
+use std::marker::PhantomData;
+
+use poem::http::StatusCode;
+use poem::{IntoResponse, Response};
+use poem_openapi::payload::Json;
+use poem_openapi::registry::{MetaMediaType, MetaResponse, MetaResponses, Registry};
+use poem_openapi::{ApiResponse, Object};
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use crate::api::types::JsonObject;
+use crate::domain::ValidationError;
+use crate::store::StoreError;
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing API key")]
+    MissingApiKey,
+    #[error("invalid API key")]
+    InvalidApiKey,
+    #[error("chat {0} not found")]
+    ChatNotFound(Uuid),
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    #[error("invalid parameter {name}: {reason}")]
+    InvalidParameter { name: String, reason: String },
+    #[error("invalid request body: {reason}")]
+    InvalidBody { reason: String },
+    #[error("request body is not valid JSON: {reason}")]
+    InvalidJson {
+        reason: String,
+        line: usize,
+        column: usize,
+    },
+    #[error("unsupported content type")]
+    UnsupportedMediaType { got: Option<String> },
+    #[error("request body too large")]
+    PayloadTooLarge { limit: usize },
+    #[error("no such route")]
+    NotFound { method: String, path: String },
+    #[error("method not allowed")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("database unavailable")]
+    DatabaseUnavailable,
+    #[error("not ready")]
+    NotReady(Map<String, Value>),
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    /// The stable, snake_case code clients match on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::MissingApiKey => "missing_api_key",
+            ApiError::InvalidApiKey => "invalid_api_key",
+            ApiError::ChatNotFound(_) => "chat_not_found",
+            ApiError::Validation(_)
+            | ApiError::InvalidParameter { .. }
+            | ApiError::InvalidBody { .. } => "validation_error",
+            ApiError::InvalidJson { .. } => "invalid_json",
+            ApiError::UnsupportedMediaType { .. } => "unsupported_media_type",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::NotFound { .. } => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::DatabaseUnavailable => "database_unavailable",
+            ApiError::NotReady(_) => "not_ready",
+            ApiError::Internal => "internal_error",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::MissingApiKey | ApiError::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            ApiError::ChatNotFound(_) | ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::Validation(_)
+            | ApiError::InvalidParameter { .. }
+            | ApiError::InvalidBody { .. }
+            | ApiError::InvalidJson { .. } => StatusCode::BAD_REQUEST,
+            ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::DatabaseUnavailable | ApiError::NotReady(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A human sentence: what went wrong and, where possible, what to do.
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::MissingApiKey => {
+                "This endpoint needs an API key in the X-API-Key header.".into()
+            }
+            ApiError::InvalidApiKey => "The API key is not valid or has been revoked.".into(),
+            ApiError::ChatNotFound(id) => format!("Chat {id} does not exist."),
+            ApiError::Validation(v) => format!("Field {} {}.", v.field, v.message),
+            ApiError::InvalidParameter { name, .. } => format!("Parameter {name} is invalid."),
+            ApiError::InvalidBody { .. } => {
+                "The request body does not match the expected schema.".into()
+            }
+            ApiError::InvalidJson { line, column, .. } => {
+                format!("The request body is not valid JSON (line {line}, column {column}).")
+            }
+            ApiError::UnsupportedMediaType { .. } => "The request body must be JSON.".into(),
+            ApiError::PayloadTooLarge { limit } => {
+                format!("The request body exceeds {limit} bytes.")
+            }
+            ApiError::NotFound { method, path } => format!("No route for {method} {path}."),
+            ApiError::MethodNotAllowed { method, path } => {
+                format!("{path} does not accept {method}.")
+            }
+            ApiError::Conflict(m) => m.clone(),
+            ApiError::DatabaseUnavailable => {
+                "The database is unavailable; try again shortly.".into()
+            }
+            ApiError::NotReady(_) => "The server is not ready to serve requests yet.".into(),
+            ApiError::Internal => "An internal error occurred; it has been logged.".into(),
+        }
+    }
+
+    /// Context and hints for fixing the request.
+    pub fn details(&self) -> Map<String, Value> {
+        let v = match self {
+            ApiError::MissingApiKey => {
+                json!({"header": "X-API-Key", "hint": "Send the tenant API key in the X-API-Key header."})
+            }
+            ApiError::InvalidApiKey => {
+                json!({"header": "X-API-Key", "hint": "Check the key; an operator can issue a new one with `confab key create TENANT`."})
+            }
+            ApiError::ChatNotFound(id) => json!({"chat_id": id}),
+            ApiError::Validation(v) => json!({"field": v.field, "rule": v.rule}),
+            ApiError::InvalidParameter { name, reason } => {
+                json!({"parameter": name, "reason": reason})
+            }
+            ApiError::InvalidBody { reason } => json!({"reason": reason}),
+            ApiError::InvalidJson {
+                reason,
+                line,
+                column,
+            } => {
+                json!({"reason": reason, "line": line, "column": column, "hint": "Send a JSON object with Content-Type: application/json."})
+            }
+            ApiError::UnsupportedMediaType { got } => {
+                json!({"content_type": got, "expected": "application/json", "hint": "Set the header Content-Type: application/json."})
+            }
+            ApiError::PayloadTooLarge { limit } => json!({"max_bytes": limit}),
+            ApiError::NotFound { path, .. } => {
+                json!({"path": path, "hint": "See /docs for the available routes."})
+            }
+            ApiError::MethodNotAllowed { method, path } => json!({"method": method, "path": path}),
+            ApiError::DatabaseUnavailable => json!({"retry_after_seconds": 5}),
+            ApiError::NotReady(checks) => Value::Object(checks.clone()),
+            ApiError::Conflict(_) | ApiError::Internal => json!({}),
+        };
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code().to_string(),
+                message: self.message(),
+                details: JsonObject(self.details()),
+            },
+        }
+    }
+
+    /// Maps a storage failure of an operation on one chat.
+    pub fn for_chat(chat_id: Uuid) -> impl FnOnce(StoreError) -> ApiError {
+        move |e| match e {
+            StoreError::NotFound => ApiError::ChatNotFound(chat_id),
+            other => other.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(source) => {
+                tracing::warn!(error = %source, "database unavailable");
+                ApiError::DatabaseUnavailable
+            }
+            StoreError::Conflict(m) => ApiError::Conflict(m),
+            StoreError::Invalid(m) => {
+                ApiError::Validation(ValidationError::new("request", m, json!({})))
+            }
+            other => {
+                tracing::error!(error = ?other, "storage failure");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut resp = Json(self.body()).with_status(status).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert("retry-after", poem::http::HeaderValue::from_static("5"));
+        }
+        resp
+    }
+}
+
+/// The error body of every non-2xx response.
+#[derive(Debug, Object)]
+#[oai(rename = "ErrorBody")]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Object)]
+#[oai(rename = "ErrorDetail")]
+pub struct ErrorDetail {
+    /// Stable snake_case identifier, e.g. `chat_not_found`.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+    /// Context and hints for fixing the request.
+    pub details: JsonObject,
+}
+
+/// The error statuses an operation documents.
+pub trait ErrorSet: Send + Sync + 'static {
+    const STATUSES: &'static [u16];
+}
+
+macro_rules! error_set {
+    ($(#[$doc:meta])* $name:ident = [$($s:literal),*]) => {
+        $(#[$doc])*
+        pub struct $name;
+        impl ErrorSet for $name {
+            const STATUSES: &'static [u16] = &[$($s),*];
+        }
+    };
+}
+
+error_set!(
+    /// Errors of an authenticated operation without a body or chat id.
+    Authed = [400, 401, 500, 503]
+);
+error_set!(
+    /// Errors of an authenticated operation on one chat.
+    OnChat = [400, 401, 404, 500, 503]
+);
+error_set!(
+    /// Errors of an authenticated operation with a JSON body.
+    WithBody = [400, 401, 413, 415, 500, 503]
+);
+error_set!(
+    /// Errors of an authenticated operation on one chat with a JSON body.
+    OnChatWithBody = [400, 401, 404, 413, 415, 500, 503]
+);
+error_set!(
+    /// Errors of the readiness probe.
+    Readiness = [503]
+);
+
+fn describe(status: u16) -> &'static str {
+    match status {
+        400 => "The request is malformed: invalid JSON, a parameter or field out of range (`validation_error`, `invalid_json`).",
+        401 => "The API key is missing (`missing_api_key`) or not valid (`invalid_api_key`).",
+        404 => "The chat does not exist for this tenant (`chat_not_found`).",
+        413 => "The request body is too large (`payload_too_large`).",
+        415 => "The request body is not JSON (`unsupported_media_type`).",
+        500 => "An internal error (`internal_error`).",
+        503 => "The database is unavailable or the server is not ready (`database_unavailable`, `not_ready`); see Retry-After.",
+        _ => "Error.",
+    }
+}
+
+/// An [`ApiError`] as the failure of an operation that documents the statuses of `S`.
+pub struct Failure<S: ErrorSet>(pub ApiError, PhantomData<S>);
+
+impl<S: ErrorSet> From<ApiError> for Failure<S> {
+    fn from(e: ApiError) -> Self {
+        Failure(e, PhantomData)
+    }
+}
+
+impl<S: ErrorSet> From<StoreError> for Failure<S> {
+    fn from(e: StoreError) -> Self {
+        Failure(e.into(), PhantomData)
+    }
+}
+
+impl<S: ErrorSet> From<ValidationError> for Failure<S> {
+    fn from(e: ValidationError) -> Self {
+        Failure(e.into(), PhantomData)
+    }
+}
+
+impl<S: ErrorSet> IntoResponse for Failure<S> {
+    fn into_response(self) -> Response {
+        self.0.into_response()
+    }
+}
+
+impl<S: ErrorSet> From<Failure<S>> for poem::Error {
+    fn from(f: Failure<S>) -> Self {
+        let msg = f.0.to_string();
+        let mut e = poem::Error::from_response(f.0.into_response());
+        e.set_error_message(msg);
+        e
+    }
+}
+
+impl<S: ErrorSet> ApiResponse for Failure<S> {
+    fn meta() -> MetaResponses {
+        MetaResponses {
+            responses: S::STATUSES
+                .iter()
+                .map(|&status| MetaResponse {
+                    description: describe(status),
+                    status: Some(status),
+                    status_range: None,
+                    content: vec![MetaMediaType {
+                        content_type: "application/json; charset=utf-8",
+                        schema: <ErrorBody as poem_openapi::types::Type>::schema_ref(),
+                    }],
+                    headers: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    fn register(registry: &mut Registry) {
+        <ErrorBody as poem_openapi::types::Type>::register(registry);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_statuses() {
+        assert_eq!(
+            ApiError::ChatNotFound(Uuid::nil()).status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(ApiError::ChatNotFound(Uuid::nil()).code(), "chat_not_found");
+        assert_eq!(
+            ApiError::Internal.message(),
+            "An internal error occurred; it has been logged."
+        );
+        let e: ApiError = StoreError::Corrupt("secret detail".into()).into();
+        assert!(!e.body().error.message.contains("secret"));
+    }
+}

@@ -1,0 +1,254 @@
+//! Operator actions that are not scoped to one tenant: tenants, API keys, authentication.
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    TransactionTrait,
+};
+use uuid::Uuid;
+
+use super::entity::{api_key, tenant};
+use super::{Store, StoreError, TenantId};
+use crate::credentials::IssuedKey;
+use crate::domain::now;
+
+/// A tenant as an operator sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantInfo {
+    pub id: Uuid,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    /// Keys that still work.
+    pub active_keys: u64,
+}
+
+/// An API key as an operator sees it (never the secret).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyInfo {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl From<api_key::Model> for KeyInfo {
+    fn from(m: api_key::Model) -> Self {
+        KeyInfo {
+            id: m.id,
+            tenant_id: m.tenant_id,
+            prefix: m.prefix,
+            created_at: m.created_at,
+            revoked_at: m.revoked_at,
+        }
+    }
+}
+
+/// Tenant names are short identifiers an operator types on the command line.
+pub fn validate_tenant_name(name: &str) -> Result<(), String> {
+    let ok_len = (1..=64).contains(&name.len());
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok_len && ok_chars {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid tenant name {name:?}: use 1 to 64 characters from A-Z, a-z, 0-9, '-', '_', '.'"
+        ))
+    }
+}
+
+fn key_row(tenant_id: Uuid, key: &IssuedKey) -> api_key::ActiveModel {
+    api_key::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        tenant_id: Set(tenant_id),
+        prefix: Set(key.prefix.clone()),
+        key_hash: Set(key.hash.clone()),
+        created_at: Set(now()),
+        revoked_at: Set(None),
+    }
+}
+
+impl Store {
+    /// Creates a tenant with one API key.
+    pub async fn create_tenant(
+        &self,
+        name: &str,
+        key: &IssuedKey,
+    ) -> Result<TenantInfo, StoreError> {
+        validate_tenant_name(name).map_err(StoreError::Invalid)?;
+        let name = name.to_string();
+        let key = key.clone();
+        self.db
+            .transaction::<_, TenantInfo, StoreError>(|txn| {
+                Box::pin(async move {
+                    let id = Uuid::now_v7();
+                    let created_at = now();
+                    let inserted = tenant::Entity::insert(tenant::ActiveModel {
+                        id: Set(id),
+                        name: Set(name.clone()),
+                        created_at: Set(created_at),
+                    })
+                    .on_conflict(
+                        OnConflict::column(tenant::Column::Name)
+                            .do_nothing()
+                            .to_owned(),
+                    )
+                    .exec_without_returning(txn)
+                    .await?;
+                    if inserted == 0 {
+                        return Err(StoreError::Conflict(format!(
+                            "tenant {name:?} already exists"
+                        )));
+                    }
+                    insert_key(txn, id, &key).await?;
+                    Ok(TenantInfo {
+                        id,
+                        name,
+                        created_at,
+                        active_keys: 1,
+                    })
+                })
+            })
+            .await
+            .map_err(StoreError::from)
+    }
+
+    /// All tenants, oldest first, with their number of working keys.
+    pub async fn list_tenants(&self) -> Result<Vec<TenantInfo>, StoreError> {
+        let tenants = tenant::Entity::find()
+            .order_by_asc(tenant::Column::CreatedAt)
+            .order_by_asc(tenant::Column::Id)
+            .all(&self.db)
+            .await?;
+        let mut out = Vec::with_capacity(tenants.len());
+        for t in tenants {
+            let active_keys = api_key::Entity::find()
+                .filter(api_key::Column::TenantId.eq(t.id))
+                .filter(api_key::Column::RevokedAt.is_null())
+                .count(&self.db)
+                .await?;
+            out.push(TenantInfo {
+                id: t.id,
+                name: t.name,
+                created_at: t.created_at,
+                active_keys,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Number of tenants; zero means a brand-new installation.
+    pub async fn tenant_count(&self) -> Result<u64, StoreError> {
+        Ok(tenant::Entity::find().count(&self.db).await?)
+    }
+
+    /// Finds a tenant by name or by id.
+    pub async fn find_tenant(&self, name_or_id: &str) -> Result<TenantInfo, StoreError> {
+        let cond = match Uuid::parse_str(name_or_id) {
+            Ok(id) => tenant::Column::Id.eq(id),
+            Err(_) => tenant::Column::Name.eq(name_or_id),
+        };
+        let t = tenant::Entity::find()
+            .filter(cond)
+            .one(&self.db)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let active_keys = api_key::Entity::find()
+            .filter(api_key::Column::TenantId.eq(t.id))
+            .filter(api_key::Column::RevokedAt.is_null())
+            .count(&self.db)
+            .await?;
+        Ok(TenantInfo {
+            id: t.id,
+            name: t.name,
+            created_at: t.created_at,
+            active_keys,
+        })
+    }
+
+    /// Adds a key to a tenant (named or by id).
+    pub async fn create_key(&self, tenant: &str, key: &IssuedKey) -> Result<KeyInfo, StoreError> {
+        let t = self.find_tenant(tenant).await?;
+        insert_key(&self.db, t.id, key).await
+    }
+
+    /// The keys of a tenant, newest first, revoked ones included.
+    pub async fn list_keys(&self, tenant: &str) -> Result<Vec<KeyInfo>, StoreError> {
+        let t = self.find_tenant(tenant).await?;
+        Ok(api_key::Entity::find()
+            .filter(api_key::Column::TenantId.eq(t.id))
+            .order_by_desc(api_key::Column::CreatedAt)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(KeyInfo::from)
+            .collect())
+    }
+
+    /// Revokes the one working key whose prefix is `prefix`.
+    pub async fn revoke_key(&self, prefix: &str) -> Result<KeyInfo, StoreError> {
+        let matches = api_key::Entity::find()
+            .filter(api_key::Column::Prefix.eq(prefix))
+            .filter(api_key::Column::RevokedAt.is_null())
+            .all(&self.db)
+            .await?;
+        let key = match matches.len() {
+            0 => return Err(StoreError::NotFound),
+            1 => matches.into_iter().next().ok_or(StoreError::NotFound)?,
+            n => {
+                return Err(StoreError::Conflict(format!(
+                    "{n} working keys share the prefix {prefix:?}; revoke them by creating new keys first"
+                )))
+            }
+        };
+        let revoked_at = now();
+        api_key::Entity::update_many()
+            .col_expr(api_key::Column::RevokedAt, Expr::value(revoked_at))
+            .filter(api_key::Column::Id.eq(key.id))
+            .exec(&self.db)
+            .await?;
+        Ok(KeyInfo {
+            revoked_at: Some(revoked_at),
+            ..KeyInfo::from(key)
+        })
+    }
+
+    /// The tenant a key belongs to, if the key exists and is not revoked.
+    pub async fn authenticate(&self, key_hash: &str) -> Result<Option<TenantId>, StoreError> {
+        Ok(api_key::Entity::find()
+            .filter(api_key::Column::KeyHash.eq(key_hash))
+            .filter(api_key::Column::RevokedAt.is_null())
+            .one(&self.db)
+            .await?
+            .map(|k| TenantId(k.tenant_id)))
+    }
+}
+
+async fn insert_key<C: sea_orm::ConnectionTrait>(
+    db: &C,
+    tenant_id: Uuid,
+    key: &IssuedKey,
+) -> Result<KeyInfo, StoreError> {
+    let inserted = api_key::Entity::insert(key_row(tenant_id, key))
+        .on_conflict(
+            OnConflict::column(api_key::Column::KeyHash)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await?;
+    if inserted == 0 {
+        return Err(StoreError::Conflict(
+            "this API key is already in use".into(),
+        ));
+    }
+    let row = api_key::Entity::find()
+        .filter(api_key::Column::KeyHash.eq(key.hash.as_str()))
+        .one(db)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    Ok(row.into())
+}

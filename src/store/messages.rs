@@ -1,0 +1,125 @@
+//! Messages of one tenant's chats.
+
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, TransactionTrait,
+};
+use uuid::Uuid;
+
+use super::chats::find_chat_in;
+use super::entity::{chat, message};
+use super::json::{decode_object, encode_object};
+use super::{StoreError, TenantScope};
+use crate::domain::{now, Message, MessageStatus, NewMessage, Order, Page, PageRequest, Role};
+
+fn message_from_row(m: message::Model) -> Result<Message, StoreError> {
+    let role = Role::parse(&m.role)
+        .ok_or_else(|| StoreError::Corrupt(format!("message {} has role {:?}", m.id, m.role)))?;
+    let status = MessageStatus::parse(&m.status).ok_or_else(|| {
+        StoreError::Corrupt(format!("message {} has status {:?}", m.id, m.status))
+    })?;
+    let metadata = decode_object(&m.metadata, &format_args!("message {} metadata", m.id))?;
+    Ok(Message {
+        id: m.id,
+        chat_id: m.chat_id,
+        seq: m.seq,
+        role,
+        content: m.content,
+        metadata,
+        status,
+        prompt_tokens: m.prompt_tokens,
+        completion_tokens: m.completion_tokens,
+        created_at: m.created_at,
+        updated_at: m.updated_at,
+    })
+}
+
+impl TenantScope<'_> {
+    /// A window of a chat's messages in sequence order.
+    pub async fn list_messages(
+        &self,
+        chat_id: Uuid,
+        page: PageRequest,
+    ) -> Result<Page<Message>, StoreError> {
+        find_chat_in(self.db, self.tenant, chat_id).await?;
+        let base = message::Entity::find()
+            .filter(message::Column::TenantId.eq(self.tenant))
+            .filter(message::Column::ChatId.eq(chat_id));
+        let total = base.clone().count(self.db).await?;
+        let ordered = match page.order {
+            Order::Asc => base.order_by_asc(message::Column::Seq),
+            Order::Desc => base.order_by_desc(message::Column::Seq),
+        };
+        let rows = ordered
+            .offset(page.offset)
+            .limit(page.limit)
+            .all(self.db)
+            .await?;
+        let items = rows
+            .into_iter()
+            .map(message_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Page {
+            items,
+            total,
+            offset: page.offset,
+            limit: page.limit,
+        })
+    }
+
+    /// Appends a message to a chat, giving it the chat's next sequence number.
+    ///
+    /// The counter update comes first in the transaction: it takes the write lock (SQLite) or
+    /// the row lock (PostgreSQL) at once, so concurrent appends queue up instead of failing.
+    pub async fn append_message(
+        &self,
+        chat_id: Uuid,
+        new: NewMessage,
+    ) -> Result<Message, StoreError> {
+        let tenant = self.tenant;
+        self.db
+            .transaction::<_, Message, StoreError>(|txn| {
+                Box::pin(async move {
+                    let ts = now();
+                    let res = chat::Entity::update_many()
+                        .col_expr(
+                            chat::Column::MessageCount,
+                            Expr::col(chat::Column::MessageCount).add(1),
+                        )
+                        .col_expr(chat::Column::LastActivityAt, Expr::value(ts))
+                        .filter(chat::Column::Id.eq(chat_id))
+                        .filter(chat::Column::TenantId.eq(tenant))
+                        .exec(txn)
+                        .await?;
+                    if res.rows_affected == 0 {
+                        return Err(StoreError::NotFound);
+                    }
+                    let seq = find_chat_in(txn, tenant, chat_id).await?.message_count;
+                    let row = message::ActiveModel {
+                        id: Set(Uuid::now_v7()),
+                        tenant_id: Set(tenant),
+                        chat_id: Set(chat_id),
+                        seq: Set(seq),
+                        role: Set(new.role.as_str().to_string()),
+                        content: Set(new.content),
+                        metadata: Set(encode_object(&new.metadata)),
+                        status: Set(new.status.as_str().to_string()),
+                        prompt_tokens: Set(None),
+                        completion_tokens: Set(None),
+                        created_at: Set(ts),
+                        updated_at: Set(ts),
+                    };
+                    let id = message::Entity::insert(row).exec(txn).await?.last_insert_id;
+                    let m = message::Entity::find_by_id(id)
+                        .filter(message::Column::TenantId.eq(tenant))
+                        .one(txn)
+                        .await?
+                        .ok_or(StoreError::NotFound)?;
+                    message_from_row(m)
+                })
+            })
+            .await
+            .map_err(StoreError::from)
+    }
+}

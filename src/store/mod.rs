@@ -1,0 +1,168 @@
+//! Persistence on sea-orm, for SQLite and PostgreSQL with the same code.
+//!
+//! Tenant data is reached only through [`TenantScope`], which every query of chats, users and
+//! messages goes through and which adds the tenant filter itself. A [`TenantId`] cannot be
+//! made outside this crate except by authenticating a key, so a handler cannot reach another
+//! tenant's rows, and code that forgets the tenant does not compile.
+
+mod admin;
+mod chats;
+mod entity;
+mod error;
+mod json;
+mod messages;
+
+pub use admin::{KeyInfo, TenantInfo};
+pub use error::StoreError;
+
+use std::time::Duration;
+
+use migration::{Migrator, MigratorTrait};
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
+use uuid::Uuid;
+
+/// The id of an authenticated tenant. Only the store hands these out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TenantId(Uuid);
+
+impl TenantId {
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+}
+
+impl std::fmt::Display for TenantId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Connection settings for [`Store::connect`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub max_connections: u32,
+    /// How long a request waits for a pooled connection before it is told the database is
+    /// unavailable; keeps an outage from turning into hung requests.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The database, migrated and ready. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+}
+
+/// Which database a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn of_url(url: &str) -> Option<Backend> {
+        if url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Backend::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+impl Store {
+    /// Connects, applies pending migrations and returns the store.
+    ///
+    /// SQLite runs in WAL mode (readers never wait for the writer) with a busy timeout, and
+    /// with foreign keys on so that deleting a chat takes its messages along.
+    pub async fn connect(url: &str, opts: &StoreOptions) -> Result<Store, StoreError> {
+        let backend = Backend::of_url(url).ok_or_else(|| {
+            StoreError::Config(format!(
+                "unsupported database URL {:?}: use sqlite://PATH?mode=rwc or postgres://USER@HOST/DB",
+                redact_url(url)
+            ))
+        })?;
+        let mut co = ConnectOptions::new(url.to_string());
+        co.max_connections(opts.max_connections)
+            .min_connections(1)
+            .acquire_timeout(opts.acquire_timeout)
+            .connect_timeout(opts.acquire_timeout)
+            .sqlx_logging(false);
+        if backend == Backend::Sqlite {
+            co.map_sqlx_sqlite_opts(|o| {
+                o.journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .busy_timeout(Duration::from_secs(10))
+                    .foreign_keys(true)
+                    .create_if_missing(true)
+            });
+        }
+        let db = Database::connect(co).await.map_err(StoreError::from)?;
+        Migrator::up(&db, None).await.map_err(StoreError::from)?;
+        Ok(Store { db })
+    }
+
+    /// The store seen by one tenant.
+    pub fn tenant(&self, tenant: TenantId) -> TenantScope<'_> {
+        TenantScope {
+            db: &self.db,
+            tenant: tenant.0,
+        }
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db.ping().await.map_err(StoreError::from)
+    }
+
+    /// Closes the pool (used at shutdown so SQLite checkpoints its WAL).
+    pub async fn close(self) -> Result<(), StoreError> {
+        self.db.close().await.map_err(StoreError::from)
+    }
+}
+
+/// Every read and write of one tenant's chats, users and messages.
+pub struct TenantScope<'a> {
+    db: &'a DatabaseConnection,
+    tenant: Uuid,
+}
+
+/// Hides the password of a database URL for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite://data/x.db"), "sqlite://data/x.db");
+    }
+}

@@ -1,0 +1,166 @@
+//! The `confab` binary itself: admin subcommands, `openapi`, and `serve` with bootstrap.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::common::{fresh_store, Backend};
+
+const BIN: &str = env!("CARGO_BIN_EXE_confab");
+
+fn confab(url: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env("CONFAB_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run confab");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn admin_commands(b: Backend) {
+    let (_store, url, _guard) = fresh_store(b).await;
+    let url2 = url.clone();
+    tokio::task::spawn_blocking(move || {
+        let url = url2;
+        let (ok, out, err) = confab(&url, &["tenant", "create", "acme", "--json"]);
+        assert!(ok, "{err}");
+        let v: Value = serde_json::from_str(out.trim()).expect("json");
+        let key = v["api_key"].as_str().unwrap().to_string();
+        assert!(key.starts_with("cfk_") && key.len() == 44);
+        assert!(v["tenant_id"]
+            .as_str()
+            .unwrap()
+            .parse::<uuid::Uuid>()
+            .is_ok());
+
+        let (ok, _, err) = confab(&url, &["tenant", "create", "acme"]);
+        assert!(!ok);
+        assert!(err.contains("already exists"), "{err}");
+        let (ok, _, err) = confab(&url, &["tenant", "create", "bad name!"]);
+        assert!(!ok);
+        assert!(err.contains("invalid tenant name"), "{err}");
+
+        let (ok, out, _) = confab(&url, &["tenant", "list", "--json"]);
+        assert!(ok);
+        let list: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(list[0]["name"], "acme");
+        assert_eq!(list[0]["active_keys"], 1);
+
+        let (ok, out, err) = confab(&url, &["key", "create", "acme", "--json"]);
+        assert!(ok, "{err}");
+        let k2: Value = serde_json::from_str(out.trim()).unwrap();
+        let (ok, out, _) = confab(&url, &["key", "list", "acme", "--json"]);
+        assert!(ok);
+        let keys: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(keys.as_array().unwrap().len(), 2);
+        assert!(!out.contains(&key), "listings never show secrets");
+
+        let prefix = k2["prefix"].as_str().unwrap();
+        let (ok, out, err) = confab(&url, &["key", "revoke", prefix]);
+        assert!(ok, "{err}");
+        assert!(out.contains("revoked"));
+        let (ok, _, err) = confab(&url, &["key", "revoke", prefix]);
+        assert!(!ok);
+        assert!(err.contains("no working key"), "{err}");
+        let (ok, _, err) = confab(&url, &["key", "create", "ghost"]);
+        assert!(!ok);
+        assert!(err.contains("no tenant named"), "{err}");
+        let (ok, out, _) = confab(&url, &["tenant", "list", "--json"]);
+        assert!(ok);
+        let list: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(list[0]["active_keys"], 1);
+    })
+    .await
+    .unwrap();
+}
+
+async fn serve_bootstraps_and_stops(b: Backend) {
+    let (_store, url, _guard) = fresh_store(b).await;
+    let key = "ci-known-key-0123456789abcdef";
+    let mut child = Command::new(BIN)
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .env("DATABASE_URL", &url)
+        .env("CONFAB_BOOTSTRAP_API_KEY", key)
+        .env("CONFAB_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().unwrap();
+    let (base, banner) = tokio::task::spawn_blocking(move || {
+        let mut banner = String::new();
+        for line in BufReader::new(stdout).lines().take(50) {
+            let line = line.expect("line");
+            banner.push_str(&line);
+            banner.push('\n');
+            if let Some(rest) = line.strip_prefix("confab listening on ") {
+                let base = rest.split_whitespace().next().unwrap().to_string();
+                return (base, banner);
+            }
+        }
+        panic!("no listening line in: {banner}");
+    })
+    .await
+    .unwrap();
+    assert!(banner.contains("created tenant \"default\""), "{banner}");
+    assert!(banner.contains("/docs"), "{banner}");
+    assert!(!banner.contains(key), "a chosen key is not echoed");
+
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{base}/api/v1/chats/"))
+        .header("X-API-Key", key)
+        .json(&json!({"user_id": "u"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::task::spawn_blocking(move || {
+        for _ in 0..200 {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.kill().ok();
+        panic!("server did not stop within 10 s of SIGTERM");
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+
+    // A second start finds the tenant and does not bootstrap again.
+    let (ok, out, _) = confab(&url, &["tenant", "list", "--json"]);
+    assert!(ok);
+    let list: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn openapi_command_prints_the_committed_spec() {
+    let out = Command::new(BIN).arg("openapi").output().unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        printed.trim_end(),
+        include_str!("../../openapi/openapi.json").trim_end()
+    );
+}
+
+crate::backend_tests!(admin_commands, serve_bootstraps_and_stops);

@@ -1,0 +1,291 @@
+//! The test harness: a real server on 127.0.0.1:0 over a fresh database per test, SQLite
+//! (a temporary file) or PostgreSQL (a new database, dropped afterwards).
+
+use std::time::Duration;
+
+use confab::credentials;
+use confab::domain::{MessageStatus, NewMessage, Role};
+use confab::store::{Store, StoreOptions, TenantId};
+use confab::ServerSettings;
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL server tests use; its `postgres` database is only used to create and drop
+/// the per-test databases.
+pub fn pg_admin_url() -> String {
+    std::env::var("CONFAB_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn pg_url_for(db: &str) -> String {
+    let admin = pg_admin_url();
+    let base = admin
+        .rsplit_once('/')
+        .map(|(b, _)| b.to_string())
+        .unwrap_or(admin);
+    format!("{base}/{db}")
+}
+
+async fn pg_exec(sql: &str) {
+    use sea_orm::{ConnectionTrait, Database};
+    let db = Database::connect(pg_admin_url()).await.unwrap_or_else(|e| {
+        panic!(
+            "PostgreSQL is needed for the postgres tests and is not reachable at {} ({e}). \
+             Start it (pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start) \
+             or point CONFAB_TEST_POSTGRES_URL at one.",
+            pg_admin_url()
+        )
+    });
+    db.execute_unprepared(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    db.close().await.ok();
+}
+
+/// Where a test's data lives; removed when the test ends.
+enum Scratch {
+    Sqlite(#[allow(dead_code)] tempfile::TempDir),
+    Postgres(String),
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Scratch::Postgres(name) = self {
+            let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+            // Drop runs outside any runtime we may block; use a thread with its own.
+            let _ = std::thread::spawn(move || {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    rt.block_on(pg_exec(&sql));
+                }
+            })
+            .join();
+        }
+    }
+}
+
+/// A fresh, migrated database of the given kind.
+pub async fn fresh_store(backend: Backend) -> (Store, String, ScratchGuard) {
+    let (url, scratch) = match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let url = format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("confab.db").display()
+            );
+            (url, Scratch::Sqlite(dir))
+        }
+        Backend::Postgres => {
+            let name = format!("confab_test_{}", Uuid::new_v4().simple());
+            pg_exec(&format!("CREATE DATABASE \"{name}\"")).await;
+            (pg_url_for(&name), Scratch::Postgres(name))
+        }
+    };
+    let store = Store::connect(&url, &StoreOptions::default())
+        .await
+        .expect("connect and migrate");
+    (store, url, ScratchGuard(scratch))
+}
+
+/// Keeps a test's database alive; removes it on drop.
+pub struct ScratchGuard(#[allow(dead_code)] Scratch);
+
+pub struct TestServer {
+    pub base: String,
+    pub store: Store,
+    pub http: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    _scratch: ScratchGuard,
+}
+
+/// A tenant made for a test.
+pub struct Tenant {
+    pub id: TenantId,
+    pub key: String,
+}
+
+impl TestServer {
+    pub async fn start(backend: Backend) -> TestServer {
+        Self::start_with(backend, ServerSettings::default()).await
+    }
+
+    pub async fn start_with(backend: Backend, settings: ServerSettings) -> TestServer {
+        let (store, _url, scratch) = fresh_store(backend).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(confab::run(store.clone(), settings, listener, async move {
+            let _ = rx.await;
+        }));
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
+        TestServer {
+            base: format!("http://{addr}"),
+            store,
+            http,
+            shutdown: Some(tx),
+            task: Some(task),
+            _scratch: scratch,
+        }
+    }
+
+    pub async fn tenant(&self, name: &str) -> Tenant {
+        let key = credentials::generate();
+        self.store
+            .create_tenant(name, &key)
+            .await
+            .expect("create tenant");
+        let id = self
+            .store
+            .authenticate(&key.hash)
+            .await
+            .expect("lookup")
+            .expect("key works");
+        Tenant {
+            id,
+            key: key.secret,
+        }
+    }
+
+    /// Sends a request with an optional key and JSON body; returns status and JSON body
+    /// (Null when the body is empty).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(k) = key {
+            req = req.header("X-API-Key", k);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let text = resp.text().await.expect("body");
+        let json = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("non-JSON body ({e}) for {path}: {text}"))
+        };
+        (status, json)
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, path, Some(key), None).await
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, path, Some(key), Some(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, key: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::PATCH, path, Some(key), Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str, key: &str) -> (StatusCode, Value) {
+        self.call(Method::DELETE, path, Some(key), None).await
+    }
+
+    /// Creates a chat and returns its JSON.
+    pub async fn create_chat(&self, key: &str, body: Value) -> Value {
+        let (s, v) = self.post("/api/v1/chats/", key, body).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v
+    }
+
+    /// Stores `n` alternating user/assistant messages directly (the REST API has no write
+    /// route for messages; the WebSocket chat creates them).
+    pub async fn add_messages(&self, tenant: TenantId, chat_id: &str, n: usize) {
+        let chat_id: Uuid = chat_id.parse().expect("uuid");
+        for i in 0..n {
+            let role = if i % 2 == 0 {
+                Role::User
+            } else {
+                Role::Assistant
+            };
+            self.store
+                .tenant(tenant)
+                .append_message(
+                    chat_id,
+                    NewMessage {
+                        role,
+                        content: format!("message {}", i + 1),
+                        metadata: Default::default(),
+                        status: MessageStatus::Complete,
+                    },
+                )
+                .await
+                .expect("append");
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("server task").expect("server result");
+        }
+    }
+}
+
+/// Asserts the error shape and code of a response and returns its `details`.
+pub fn assert_error(status: StatusCode, body: &Value, want_status: u16, want_code: &str) -> Value {
+    assert_eq!(status.as_u16(), want_status, "{body}");
+    let err = &body["error"];
+    assert_eq!(err["code"], want_code, "{body}");
+    assert!(
+        err["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(err["details"].is_object(), "{body}");
+    assert_eq!(
+        body.as_object().map(|o| o.len()),
+        Some(1),
+        "only `error` at top level: {body}"
+    );
+    err["details"].clone()
+}
+
+/// Runs each listed `async fn(Backend)` as two tests, `sqlite::NAME` and `postgres::NAME`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}

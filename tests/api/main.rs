@@ -1,0 +1,12 @@
+//! Integration tests of the REST API against the real server, on SQLite and PostgreSQL.
+//! One test binary, so the suite links once.
+
+mod common;
+
+mod auth;
+mod binary;
+mod chats;
+mod errors;
+mod isolation;
+mod messages;
+mod openapi;

@@ -82,12 +82,17 @@ async fn admin_commands(b: Backend) {
     .unwrap();
 }
 
-async fn serve_bootstraps_and_stops(b: Backend) {
-    let (_store, url, _guard) = fresh_store(b).await;
-    let key = "ci-known-key-0123456789abcdef";
+/// A `confab serve` child process on a free port.
+struct Served {
+    child: std::process::Child,
+    base: String,
+    banner: String,
+}
+
+async fn serve(url: &str, key: &str) -> Served {
     let mut child = Command::new(BIN)
         .args(["serve", "--bind", "127.0.0.1:0"])
-        .env("DATABASE_URL", &url)
+        .env("DATABASE_URL", url)
         .env("CONFAB_BOOTSTRAP_API_KEY", key)
         .env("CONFAB_LOG", "warn")
         .stdin(Stdio::null())
@@ -111,20 +116,15 @@ async fn serve_bootstraps_and_stops(b: Backend) {
     })
     .await
     .unwrap();
-    assert!(banner.contains("created tenant \"default\""), "{banner}");
-    assert!(banner.contains("/docs"), "{banner}");
-    assert!(!banner.contains(key), "a chosen key is not echoed");
+    Served {
+        child,
+        base,
+        banner,
+    }
+}
 
-    let http = reqwest::Client::new();
-    let resp = http
-        .post(format!("{base}/api/v1/chats/"))
-        .header("X-API-Key", key)
-        .json(&json!({"user_id": "u"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201);
-
+/// Sends SIGTERM and waits (bounded) for a clean exit.
+async fn stop(mut child: std::process::Child) {
     let pid = child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
@@ -144,12 +144,80 @@ async fn serve_bootstraps_and_stops(b: Backend) {
     .await
     .unwrap();
     assert!(status.success(), "clean exit on SIGTERM: {status}");
+}
+
+async fn serve_bootstraps_and_stops(b: Backend) {
+    let (_store, url, _guard) = fresh_store(b).await;
+    let key = "ci-known-key-0123456789abcdef";
+    let Served {
+        child,
+        base,
+        banner,
+    } = serve(&url, key).await;
+    assert!(banner.contains("created tenant \"default\""), "{banner}");
+    assert!(banner.contains("/docs"), "{banner}");
+    assert!(!banner.contains(key), "a chosen key is not echoed");
+
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{base}/api/v1/chats/"))
+        .header("X-API-Key", key)
+        .json(&json!({"user_id": "u"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+
+    stop(child).await;
 
     // A second start finds the tenant and does not bootstrap again.
     let (ok, out, _) = confab(&url, &["tenant", "list", "--json"]);
     assert!(ok);
     let list: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1);
+}
+
+/// The README's curl examples, run as written against a live server.
+async fn readme_curl_examples_work(b: Backend) {
+    let readme = include_str!("../../README.md");
+    let after = readme
+        .split("<!-- curl-examples -->")
+        .nth(1)
+        .expect("marker in README");
+    let script = after
+        .split("```bash")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("bash block");
+    let (_store, url, _guard) = fresh_store(b).await;
+    let key = "readme-key-0123456789abcdef";
+    let Served { child, base, .. } = serve(&url, key).await;
+    let script = script.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("bash")
+            .args(["-euo", "pipefail", "-c", &script])
+            .env("CONFAB", &base)
+            .env("KEY", key)
+            .stdin(Stdio::null())
+            .output()
+            .expect("bash")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "README examples failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("chat: "), "{stdout}");
+    assert!(
+        stdout.contains("\"title\":\"Billing (resolved)\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("204"), "{stdout}");
+    assert!(stdout.contains("\"status\":\"ready\""), "{stdout}");
+    stop(child).await;
 }
 
 #[test]
@@ -163,4 +231,8 @@ fn openapi_command_prints_the_committed_spec() {
     );
 }
 
-crate::backend_tests!(admin_commands, serve_bootstraps_and_stops);
+crate::backend_tests!(
+    admin_commands,
+    serve_bootstraps_and_stops,
+    readme_curl_examples_work
+);

@@ -6,8 +6,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde_json::json;
 
-use crate::config::{Cli, Command, DbArgs, KeyCommand, ServeArgs, TenantCommand};
+use crate::config::{BenchArgs, Cli, Command, DbArgs, KeyCommand, ServeArgs, TenantCommand};
 use crate::credentials;
+use crate::engine::source::ModelSource;
+use crate::engine::{ModelSlot, ModelStatus};
 use crate::store::{redact_url, Store, StoreError, StoreOptions};
 use crate::ServerSettings;
 
@@ -21,6 +23,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(&cli.db, args).await,
         Command::Tenant(cmd) => tenant(&open(&cli.db).await?, cmd).await,
         Command::Key(cmd) => key(&open(&cli.db).await?, cmd).await,
+        Command::Bench(args) => bench(args).await,
     }
 }
 
@@ -40,7 +43,38 @@ pub async fn open(db: &DbArgs) -> anyhow::Result<Store> {
         .with_context(|| format!("cannot open database {}", redact_url(&url)))
 }
 
+/// Resolves the model file and checks its header now, so a missing file or an unsupported
+/// architecture stops start-up with a clear message; the weights load in the background
+/// while the server already answers (`/readyz` says when the model is ready).
+fn start_model(args: &crate::config::ModelArgs) -> anyhow::Result<ModelSlot> {
+    let path = ModelSource::parse(&args.model)?.resolve()?;
+    crate::engine::gguf::GgufFile::open(&path)?;
+    let slot = ModelSlot::new(ModelStatus::Loading);
+    let opts = args.engine_options();
+    let background = slot.clone();
+    std::thread::Builder::new()
+        .name("confab-model-load".into())
+        .spawn(move || match crate::engine::load(path.clone(), opts) {
+            Ok(handle) => {
+                tracing::info!(
+                    model = %handle.info.name,
+                    path = %path.display(),
+                    context = handle.info.context_length,
+                    load_ms = handle.info.load_time.as_millis() as u64,
+                    "model loaded"
+                );
+                background.set(ModelStatus::Ready(handle));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, path = %path.display(), "model failed to load");
+                background.set(ModelStatus::Failed(e.to_string()));
+            }
+        })?;
+    Ok(slot)
+}
+
 async fn serve(db: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
+    let model = start_model(&args.model)?;
     let store = open(db).await?;
     tracing::info!(database = %redact_url(&db.url()), "database ready");
     let listener = tokio::net::TcpListener::bind(args.bind)
@@ -54,7 +88,7 @@ async fn serve(db: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
         limits: (&args.limits).into(),
         auth_cache_ttl: Duration::from_secs(args.auth_cache_ttl_secs),
     };
-    crate::run(store.clone(), settings, listener, shutdown_signal()).await?;
+    crate::run(store.clone(), model, settings, listener, shutdown_signal()).await?;
     store.close().await.ok();
     tracing::info!("stopped");
     Ok(())
@@ -234,4 +268,44 @@ fn tenant_error(e: StoreError, tenant: &str) -> anyhow::Error {
         }
         other => admin_error(other),
     }
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let path = ModelSource::parse(&args.model.model)?.resolve()?;
+    let opts = args.model.engine_options();
+    let cfg = crate::engine::bench::BenchConfig {
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+        reps: args.reps.max(1),
+    };
+    let report = tokio::task::spawn_blocking(move || crate::engine::bench::run(&path, &opts, &cfg))
+        .await??;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let s = |x: &crate::engine::bench::Stat| {
+            format!("{:>8.1} (min {:.1}, max {:.1})", x.median, x.min, x.max)
+        };
+        println!("model   {}  device {}", report.model, report.device);
+        println!("load    {:.2} s", report.load_seconds);
+        println!(
+            "pp{:<5} {} tok/s",
+            report.prompt_tokens,
+            s(&report.pp_tokens_per_second)
+        );
+        println!(
+            "tg{:<5} {} tok/s",
+            report.gen_tokens,
+            s(&report.tg_tokens_per_second)
+        );
+        println!(
+            "ttft    {} ms  ({}-token prompt)",
+            s(&report.time_to_first_token_ms),
+            report.prompt_tokens
+        );
+        if let Some(m) = report.peak_rss_mib {
+            println!("peak    {m:.0} MiB resident");
+        }
+    }
+    Ok(())
 }

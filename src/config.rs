@@ -71,6 +71,59 @@ pub enum Command {
     Key(KeyCommand),
     /// Print the OpenAPI document.
     Openapi,
+    /// Measure the engine's speed (prompt processing, generation, time to first token).
+    Bench(BenchArgs),
+}
+
+/// Which model to run, and how.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// The model: a local GGUF path, or `hf:OWNER/REPO/FILE.gguf` (downloaded into the
+    /// Hugging Face cache; set HF_HUB_OFFLINE=1 to use only the cache).
+    #[arg(
+        long,
+        env = "CONFAB_MODEL",
+        default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
+    pub model: String,
+    /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+    #[arg(long, env = "CONFAB_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Use at most this many tokens of context (default: the model's own length).
+    #[arg(long, env = "CONFAB_MAX_CONTEXT")]
+    pub max_context: Option<usize>,
+    /// Prompt tokens processed per step; cancellation is noticed between steps.
+    #[arg(long, env = "CONFAB_PREFILL_CHUNK", default_value_t = 256)]
+    pub prefill_chunk: usize,
+}
+
+impl ModelArgs {
+    pub fn engine_options(&self) -> crate::engine::EngineOptions {
+        crate::engine::EngineOptions {
+            device: self.device.clone(),
+            max_context: self.max_context,
+            prefill_chunk: self.prefill_chunk,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt length for prompt processing (pp) and time to first token.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens to generate for the generation figure (tg).
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// Timed repetitions (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -140,6 +193,8 @@ pub struct ServeArgs {
     pub auth_cache_ttl_secs: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 /// Input limits.

@@ -8,6 +8,8 @@
 //! - [`domain`]: typed chats, messages, settings, paging and input rules.
 //! - [`store`]: sea-orm persistence (SQLite or PostgreSQL); every tenant query is scoped.
 //! - [`credentials`]: API key generation and hashing.
+//! - [`engine`]: the in-process model: GGUF loading, tokenizer, chat template, sampling, the
+//!   engine thread and its handle.
 //!
 //! [`run`] serves the application on a listener until a shutdown future completes: the binary
 //! passes Ctrl-C/SIGTERM, tests pass a oneshot and bind `127.0.0.1:0`.
@@ -17,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod domain;
+pub mod engine;
 pub mod error;
 pub mod store;
 
@@ -51,6 +54,7 @@ impl Default for ServerSettings {
 /// (for at most 10 seconds).
 pub async fn run(
     store: Store,
+    model: engine::ModelSlot,
     settings: ServerSettings,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
@@ -60,6 +64,7 @@ pub async fn run(
         store,
         auth,
         limits: settings.limits,
+        model,
     };
     let app = api::app(state);
     Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?)

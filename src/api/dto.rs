@@ -379,4 +379,8 @@ pub struct ReadyDto {
     pub status: String,
     /// `ok` when the database answers.
     pub database: String,
+    /// `ready` when the model is loaded (`not_configured` when the server runs without one).
+    pub model: String,
+    /// The loaded model's name.
+    pub model_name: Option<String>,
 }

@@ -7,6 +7,7 @@ use serde_json::{json, Map};
 
 use super::dto::{HealthDto, ReadyDto};
 use super::{ApiTags, AppState};
+use crate::engine::ModelStatus;
 use crate::error::{ApiError, Failure, Readiness};
 
 #[derive(ApiResponse)]
@@ -41,20 +42,38 @@ impl HealthApi {
 
     /// Readiness
     ///
-    /// Ready when the database answers.
+    /// Ready when the database answers and the model is loaded. While not ready, the 503
+    /// body's `details` say which part is missing (`database`, `model`).
     #[oai(path = "/readyz", method = "get", operation_id = "readyz")]
     async fn readyz(&self, state: Data<&AppState>) -> Result<Ready, Failure<Readiness>> {
-        match state.store.ping().await {
-            Ok(()) => Ok(Ready::Ok(Json(ReadyDto {
-                status: "ready".into(),
-                database: "ok".into(),
-            }))),
+        let mut checks = Map::new();
+        let database = match state.store.ping().await {
+            Ok(()) => "ok",
             Err(e) => {
-                tracing::warn!(error = %e, "readiness check failed");
-                let mut checks = Map::new();
-                checks.insert("database".into(), json!("unavailable"));
-                Err(ApiError::NotReady(checks).into())
+                tracing::warn!(error = %e, "readiness: database");
+                "unavailable"
             }
+        };
+        checks.insert("database".into(), json!(database));
+        let (model, model_name) = match state.model.status() {
+            ModelStatus::Ready(h) => ("ready", Some(h.info.name.clone())),
+            ModelStatus::NotConfigured => ("not_configured", None),
+            ModelStatus::Loading => ("loading", None),
+            ModelStatus::Failed(reason) => {
+                checks.insert("model_error".into(), json!(reason));
+                ("failed", None)
+            }
+        };
+        checks.insert("model".into(), json!(model));
+        if database == "ok" && matches!(model, "ready" | "not_configured") {
+            Ok(Ready::Ok(Json(ReadyDto {
+                status: "ready".into(),
+                database: database.into(),
+                model: model.into(),
+                model_name,
+            })))
+        } else {
+            Err(ApiError::NotReady(checks).into())
         }
     }
 }

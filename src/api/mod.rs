@@ -10,11 +10,12 @@ pub mod types;
 
 pub use auth::Authenticator;
 
-use poem::middleware::{NormalizePath, TrailingSlash};
+use poem::middleware::{CatchPanic, NormalizePath, TrailingSlash};
 use poem::{Endpoint, EndpointExt, Route};
 use poem_openapi::{OpenApiService, Tags};
 
 use crate::domain::Limits;
+use crate::engine::ModelSlot;
 use crate::store::Store;
 
 /// What every handler needs, shared by cheap clones.
@@ -23,6 +24,8 @@ pub struct AppState {
     pub store: Store,
     pub auth: Authenticator,
     pub limits: Limits,
+    /// The model's state; handlers that generate need it `Ready`.
+    pub model: ModelSlot,
 }
 
 #[derive(Tags)]
@@ -66,5 +69,10 @@ pub fn app(state: AppState) -> impl Endpoint {
         // `/api/v1/chats/` and `/api/v1/chats` are the same route (the seed documents the
         // former; OpenAPI paths carry no trailing slash).
         .with(NormalizePath::new(TrailingSlash::Trim))
+        // A bug that panics in a handler still answers with the one error shape.
+        .with(CatchPanic::new().with_handler(|_| {
+            tracing::error!("handler panicked");
+            poem::IntoResponse::into_response(crate::error::ApiError::Internal)
+        }))
         .around(move |ep, req| middleware::around(ep, req, body_limit, params.clone()))
 }

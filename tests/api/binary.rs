@@ -89,9 +89,13 @@ struct Served {
     banner: String,
 }
 
-async fn serve(url: &str, key: &str) -> Served {
+/// Starts `confab serve` with the tiny model (written into `dir`) and returns once it is
+/// listening and `/readyz` says ready.
+async fn serve(url: &str, key: &str, dir: &std::path::Path) -> Served {
+    let model = crate::tiny::write(dir, "llama");
     let mut child = Command::new(BIN)
-        .args(["serve", "--bind", "127.0.0.1:0"])
+        .args(["serve", "--bind", "127.0.0.1:0", "--model"])
+        .arg(&model)
         .env("DATABASE_URL", url)
         .env("CONFAB_BOOTSTRAP_API_KEY", key)
         .env("CONFAB_LOG", "warn")
@@ -149,11 +153,12 @@ async fn stop(mut child: std::process::Child) {
 async fn serve_bootstraps_and_stops(b: Backend) {
     let (_store, url, _guard) = fresh_store(b).await;
     let key = "ci-known-key-0123456789abcdef";
+    let dir = tempfile::tempdir().unwrap();
     let Served {
         child,
         base,
         banner,
-    } = serve(&url, key).await;
+    } = serve(&url, key, dir.path()).await;
     assert!(banner.contains("created tenant \"default\""), "{banner}");
     assert!(banner.contains("/docs"), "{banner}");
     assert!(!banner.contains(key), "a chosen key is not echoed");
@@ -191,7 +196,8 @@ async fn readme_curl_examples_work(b: Backend) {
         .expect("bash block");
     let (_store, url, _guard) = fresh_store(b).await;
     let key = "readme-key-0123456789abcdef";
-    let Served { child, base, .. } = serve(&url, key).await;
+    let dir = tempfile::tempdir().unwrap();
+    let Served { child, base, .. } = serve(&url, key, dir.path()).await;
     let script = script.to_string();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("bash")
@@ -218,6 +224,57 @@ async fn readme_curl_examples_work(b: Backend) {
     assert!(stdout.contains("204"), "{stdout}");
     assert!(stdout.contains("\"status\":\"ready\""), "{stdout}");
     stop(child).await;
+}
+
+#[test]
+fn serve_refuses_a_missing_or_unsupported_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("db.sqlite").display()
+    );
+    let (ok, _, err) = confab(
+        &url,
+        &[
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--model",
+            "/nonexistent/model.gguf",
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("/nonexistent/model.gguf") && err.contains("models/fetch"),
+        "{err}"
+    );
+    let mamba = crate::tiny::write(dir.path(), "mamba");
+    let (ok, _, err) = confab(
+        &url,
+        &[
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--model",
+            mamba.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("\"mamba\" is not supported"), "{err}");
+    let out = Command::new(BIN)
+        .args(["serve", "--model", "hf:owner/repo/file.gguf"])
+        .env("DATABASE_URL", &url)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "offline hub reference must fail");
+    assert!(
+        err.contains("HF_HUB_OFFLINE") && err.contains("--model"),
+        "says how to supply the file: {err}"
+    );
 }
 
 #[test]

@@ -127,9 +127,16 @@ impl TestServer {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(confab::run(store.clone(), settings, listener, async move {
-            let _ = rx.await;
-        }));
+        let model = confab::engine::ModelSlot::new(confab::engine::ModelStatus::NotConfigured);
+        let task = tokio::spawn(confab::run(
+            store.clone(),
+            model,
+            settings,
+            listener,
+            async move {
+                let _ = rx.await;
+            },
+        ));
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()

@@ -1,0 +1,165 @@
+//! `confab bench`: the engine's speed in llama-bench's terms.
+//!
+//! - pp N: prompt processing, N random tokens in one go from an empty cache, tokens/s.
+//! - tg N: generation, N tokens one at a time from an empty cache, tokens/s.
+//! - time to first token: an N-token prompt processed and the first token sampled.
+//! - load time and peak resident memory.
+//!
+//! Each figure is measured `reps` times; the report gives median and spread (min–max).
+
+use std::path::Path;
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use super::sampler::{Sampler, SamplingParams};
+use super::worker::{EngineOptions, LoadedEngine};
+use super::EngineError;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub reps: usize,
+}
+
+/// A measured quantity over repetitions.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub samples: Vec<f64>,
+}
+
+impl Stat {
+    fn of(mut samples: Vec<f64>) -> Stat {
+        samples.sort_by(f64::total_cmp);
+        let n = samples.len();
+        let median = if n == 0 {
+            0.0
+        } else if n % 2 == 1 {
+            samples[n / 2]
+        } else {
+            (samples[n / 2 - 1] + samples[n / 2]) / 2.0
+        };
+        Stat {
+            median,
+            min: samples.first().copied().unwrap_or(0.0),
+            max: samples.last().copied().unwrap_or(0.0),
+            samples,
+        }
+    }
+}
+
+/// The benchmark's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub device: String,
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub load_seconds: f64,
+    /// Prompt processing, tokens/s.
+    pub pp_tokens_per_second: Stat,
+    /// Generation, tokens/s.
+    pub tg_tokens_per_second: Stat,
+    pub time_to_first_token_ms: Stat,
+    /// Peak resident memory of the process (VmHWM), MiB.
+    pub peak_rss_mib: Option<f64>,
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Random ordinary tokens (llama-bench also uses random tokens).
+fn random_tokens(engine: &LoadedEngine, n: usize, seed: u64) -> Vec<u32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let vocab = engine.model.spec().vocab_size as u32;
+    (0..n)
+        .map(|_| loop {
+            let t = rng.random_range(0..vocab);
+            if !engine.tokenizer.is_stop(t) {
+                break t;
+            }
+        })
+        .collect()
+}
+
+pub fn run(
+    model: &Path,
+    opts: &EngineOptions,
+    cfg: &BenchConfig,
+) -> Result<BenchReport, EngineError> {
+    let t0 = Instant::now();
+    let engine = LoadedEngine::open(model, opts)?;
+    let load_seconds = t0.elapsed().as_secs_f64();
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+        repeat_penalty: 1.0,
+        repeat_last_n: 0,
+        seed: 0,
+    };
+    let (mut pp, mut tg, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
+    // One untimed warm-up of each kind.
+    for rep in 0..=cfg.reps {
+        let prompt = random_tokens(&engine, cfg.prompt_tokens.max(1), rep as u64);
+        let mut cache = engine.model.new_cache(prompt.len() + 1)?;
+        let t = Instant::now();
+        let mut logits = engine.model.forward(&prompt, &mut cache)?;
+        let prefill = t.elapsed().as_secs_f64();
+        Sampler::new(greedy.clone()).sample(&mut logits, &prompt);
+        let first = t.elapsed().as_secs_f64();
+
+        let mut cache = engine.model.new_cache(cfg.gen_tokens.max(1) + 1)?;
+        let mut sampler = Sampler::new(greedy.clone());
+        let mut token = random_tokens(&engine, 1, 1000 + rep as u64)[0];
+        let t = Instant::now();
+        for _ in 0..cfg.gen_tokens.max(1) {
+            let mut logits = engine.model.forward(&[token], &mut cache)?;
+            token = sampler.sample(&mut logits, &[]);
+        }
+        let gen = t.elapsed().as_secs_f64();
+        if rep > 0 {
+            pp.push(prompt.len() as f64 / prefill);
+            ttft.push(first * 1000.0);
+            tg.push(cfg.gen_tokens.max(1) as f64 / gen);
+        }
+    }
+    Ok(BenchReport {
+        model: engine
+            .model
+            .spec()
+            .name
+            .clone()
+            .unwrap_or_else(|| model.display().to_string()),
+        device: opts.device.clone(),
+        prompt_tokens: cfg.prompt_tokens,
+        gen_tokens: cfg.gen_tokens,
+        load_seconds,
+        pp_tokens_per_second: Stat::of(pp),
+        tg_tokens_per_second: Stat::of(tg),
+        time_to_first_token_ms: Stat::of(ttft),
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats() {
+        let s = Stat::of(vec![3.0, 1.0, 2.0]);
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(Stat::of(vec![1.0, 4.0]).median, 2.5);
+    }
+}

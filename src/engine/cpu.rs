@@ -1,0 +1,345 @@
+//! The llama forward pass on the CPU in plain Rust, around the kernels of [`super::kernels`].
+//!
+//! Same model as [`super::llama`] (the candle version, used on GPUs), but with f32
+//! activations throughout (see `kernels` for why), 4-bit weights kept as stored, the token
+//! embedding looked up row by row instead of held as a 113 MB f32 copy, and no per-op tensor
+//! allocation. Layout of the KV cache: `[layer][kv_head][position][head_dim]`, allocated
+//! once per sequence.
+
+use std::io::{Read, Seek};
+
+use rayon::prelude::*;
+
+use super::gguf::{GgufFile, ModelSpec};
+use super::kernels::QMat;
+use super::EngineError;
+
+/// Projections of the same input, run as one matrix when their formats allow.
+enum Fused {
+    One(QMat),
+    Separate(Vec<QMat>),
+}
+
+impl Fused {
+    fn new(parts: Vec<QMat>) -> Fused {
+        match QMat::stack(parts) {
+            Ok(m) => Fused::One(m),
+            Err(parts) => Fused::Separate(parts),
+        }
+    }
+
+    /// `out` is n × (sum of the parts' rows), the parts side by side in each row.
+    fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        match self {
+            Fused::One(m) => m.matmul(x, n, out),
+            Fused::Separate(parts) => {
+                let total: usize = parts.iter().map(QMat::rows).sum();
+                let mut at = 0;
+                for p in parts {
+                    let mut tmp = vec![0f32; n * p.rows()];
+                    p.matmul(x, n, &mut tmp);
+                    for i in 0..n {
+                        out[i * total + at..i * total + at + p.rows()]
+                            .copy_from_slice(&tmp[i * p.rows()..(i + 1) * p.rows()]);
+                    }
+                    at += p.rows();
+                }
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Fused::One(m) => m.bytes(),
+            Fused::Separate(p) => p.iter().map(QMat::bytes).sum(),
+        }
+    }
+}
+
+struct Layer {
+    /// Query, key and value projections, stacked.
+    wqkv: Fused,
+    wo: QMat,
+    /// Gate and up projections, stacked.
+    w_gate_up: Fused,
+    w_down: QMat,
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+}
+
+/// Model weights for the CPU path.
+pub struct CpuLlama {
+    pub spec: ModelSpec,
+    embed: QMat,
+    /// None: tied to the embedding.
+    output: Option<QMat>,
+    norm: Vec<f32>,
+    layers: Vec<Layer>,
+    /// cos/sin of position × frequency, `context_length × head_dim/2` each.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// One sequence's keys and values.
+pub struct CpuCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    pub len: usize,
+    pub capacity: usize,
+}
+
+fn vector<R: Read + Seek>(
+    file: &GgufFile,
+    reader: &mut R,
+    name: &str,
+) -> Result<Vec<f32>, EngineError> {
+    let t = file
+        .content
+        .tensor(reader, name, &candle_core::Device::Cpu)
+        .map_err(|e| EngineError::Model(format!("tensor {name}: {e}")))?;
+    t.dequantize(&candle_core::Device::Cpu)
+        .and_then(|x| x.flatten_all())
+        .and_then(|x| x.to_vec1())
+        .map_err(|e| EngineError::Model(format!("tensor {name}: {e}")))
+}
+
+fn matrix<R: Read + Seek>(
+    file: &GgufFile,
+    reader: &mut R,
+    name: &str,
+) -> Result<QMat, EngineError> {
+    let t = file
+        .content
+        .tensor(reader, name, &candle_core::Device::Cpu)
+        .map_err(|e| EngineError::Model(format!("tensor {name}: {e}")))?;
+    QMat::from_qtensor(&t)
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let s = 1.0 / (ms + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * s * g;
+    }
+}
+
+impl CpuLlama {
+    pub fn load<R: Read + Seek>(file: &GgufFile, reader: &mut R) -> Result<CpuLlama, EngineError> {
+        let spec = file.spec.clone();
+        let embed = matrix(file, reader, "token_embd.weight")?;
+        let output = if file.content.tensor_infos.contains_key("output.weight") {
+            Some(matrix(file, reader, "output.weight")?)
+        } else {
+            None
+        };
+        let norm = vector(file, reader, "output_norm.weight")?;
+        let mut layers = Vec::with_capacity(spec.n_layer);
+        for i in 0..spec.n_layer {
+            let p = |n: &str| format!("blk.{i}.{n}.weight");
+            layers.push(Layer {
+                wqkv: Fused::new(vec![
+                    matrix(file, reader, &p("attn_q"))?,
+                    matrix(file, reader, &p("attn_k"))?,
+                    matrix(file, reader, &p("attn_v"))?,
+                ]),
+                wo: matrix(file, reader, &p("attn_output"))?,
+                w_gate_up: Fused::new(vec![
+                    matrix(file, reader, &p("ffn_gate"))?,
+                    matrix(file, reader, &p("ffn_up"))?,
+                ]),
+                w_down: matrix(file, reader, &p("ffn_down"))?,
+                attn_norm: vector(file, reader, &p("attn_norm"))?,
+                ffn_norm: vector(file, reader, &p("ffn_norm"))?,
+            });
+        }
+        let half = spec.head_dim / 2;
+        let mut cos = Vec::with_capacity(spec.context_length * half);
+        let mut sin = Vec::with_capacity(spec.context_length * half);
+        for pos in 0..spec.context_length {
+            for i in 0..half {
+                let theta =
+                    1.0 / (spec.rope_freq_base as f64).powf(2.0 * i as f64 / spec.head_dim as f64);
+                let a = pos as f64 * theta;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok(CpuLlama {
+            spec,
+            embed,
+            output,
+            norm,
+            layers,
+            cos,
+            sin,
+        })
+    }
+
+    /// Bytes of weights held.
+    pub fn weight_bytes(&self) -> usize {
+        let l: usize = self
+            .layers
+            .iter()
+            .map(|l| l.wqkv.bytes() + l.wo.bytes() + l.w_gate_up.bytes() + l.w_down.bytes())
+            .sum();
+        l + self.embed.bytes() + self.output.as_ref().map_or(0, QMat::bytes)
+    }
+
+    pub fn new_cache(&self, capacity: usize) -> CpuCache {
+        let capacity = capacity.clamp(1, self.spec.context_length);
+        let n = self.spec.n_layer * self.spec.n_kv_head * capacity * self.spec.head_dim;
+        CpuCache {
+            k: vec![0.0; n],
+            v: vec![0.0; n],
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Runs `tokens` after what the cache holds; returns the last position's logits.
+    pub fn forward(&self, tokens: &[u32], cache: &mut CpuCache) -> Result<Vec<f32>, EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::Model(
+                "forward needs at least one token".into(),
+            ));
+        }
+        if cache.len + tokens.len() > cache.capacity {
+            return Err(EngineError::ContextFull {
+                capacity: cache.capacity,
+            });
+        }
+        let s = &self.spec;
+        let vocab = self.embed.rows();
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::Model(format!(
+                "token id {bad} is outside the vocabulary ({vocab})"
+            )));
+        }
+        let (n, d, hd) = (tokens.len(), s.n_embd, s.head_dim);
+        let kv_dim = s.n_kv_head * hd;
+        let eps = s.rms_norm_eps as f32;
+        let pos0 = cache.len;
+        let mut x = vec![0f32; n * d];
+        for (t, row) in tokens.iter().zip(x.chunks_exact_mut(d)) {
+            self.embed.row(*t as usize, row);
+        }
+        let mut h = vec![0f32; n * d];
+        let qkv_w = d + 2 * kv_dim;
+        let mut qkv = vec![0f32; n * qkv_w];
+        let mut q = vec![0f32; n * d];
+        let mut att = vec![0f32; n * d];
+        let mut tmp = vec![0f32; n * d];
+        let mut gate_up = vec![0f32; n * 2 * s.n_ff];
+        let mut act = vec![0f32; n * s.n_ff];
+        let layer_stride = s.n_kv_head * cache.capacity * hd;
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (xi, hi) in x.chunks_exact(d).zip(h.chunks_exact_mut(d)) {
+                rms_norm(xi, &layer.attn_norm, eps, hi);
+            }
+            layer.wqkv.matmul(&h, n, &mut qkv);
+            for i in 0..n {
+                let pos = pos0 + i;
+                let row = &mut qkv[i * qkv_w..(i + 1) * qkv_w];
+                let (qr, kv) = row.split_at_mut(d);
+                let (kr, vr) = kv.split_at_mut(kv_dim);
+                self.rope(qr, pos);
+                self.rope(kr, pos);
+                q[i * d..(i + 1) * d].copy_from_slice(qr);
+                for kvh in 0..s.n_kv_head {
+                    let at = l * layer_stride + (kvh * cache.capacity + pos) * hd;
+                    cache.k[at..at + hd].copy_from_slice(&kr[kvh * hd..(kvh + 1) * hd]);
+                    cache.v[at..at + hd].copy_from_slice(&vr[kvh * hd..(kvh + 1) * hd]);
+                }
+            }
+            self.attention(l, cache, pos0, n, &q, &mut att);
+            layer.wo.matmul(&att, n, &mut tmp);
+            x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
+            for (xi, hi) in x.chunks_exact(d).zip(h.chunks_exact_mut(d)) {
+                rms_norm(xi, &layer.ffn_norm, eps, hi);
+            }
+            layer.w_gate_up.matmul(&h, n, &mut gate_up);
+            for (a, gu) in act
+                .chunks_exact_mut(s.n_ff)
+                .zip(gate_up.chunks_exact(2 * s.n_ff))
+            {
+                let (g, u) = gu.split_at(s.n_ff);
+                for ((o, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+            layer.w_down.matmul(&act, n, &mut tmp);
+            x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
+        }
+        cache.len += n;
+        let mut last = vec![0f32; d];
+        rms_norm(&x[(n - 1) * d..], &self.norm, eps, &mut last);
+        let out = self.output.as_ref().unwrap_or(&self.embed);
+        let mut logits = vec![0f32; out.rows()];
+        out.matmul(&last, 1, &mut logits);
+        Ok(logits)
+    }
+
+    /// Rotates each head's consecutive pairs (GGUF llama layout) by the position's angles.
+    fn rope(&self, v: &mut [f32], pos: usize) {
+        let half = self.spec.head_dim / 2;
+        let (cos, sin) = (
+            &self.cos[pos * half..(pos + 1) * half],
+            &self.sin[pos * half..(pos + 1) * half],
+        );
+        for head in v.chunks_exact_mut(self.spec.head_dim) {
+            for i in 0..half {
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * cos[i] - b * sin[i];
+                head[2 * i + 1] = a * sin[i] + b * cos[i];
+            }
+        }
+    }
+
+    /// Causal attention of `n` new queries (at `pos0..`) over the cache, into `out`.
+    fn attention(
+        &self,
+        l: usize,
+        cache: &CpuCache,
+        pos0: usize,
+        n: usize,
+        q: &[f32],
+        out: &mut [f32],
+    ) {
+        let s = &self.spec;
+        let (d, hd) = (s.n_embd, s.head_dim);
+        let group = s.n_head / s.n_kv_head;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let layer_stride = s.n_kv_head * cache.capacity * hd;
+        let work = |(idx, o): (usize, &mut [f32])| {
+            let (i, head) = (idx / s.n_head, idx % s.n_head);
+            let kvh = head / group;
+            let base = l * layer_stride + kvh * cache.capacity * hd;
+            let qh = &q[i * d + head * hd..i * d + (head + 1) * hd];
+            let len = pos0 + i + 1;
+            let mut scores: Vec<f32> = (0..len)
+                .map(|p| {
+                    let kp = &cache.k[base + p * hd..base + (p + 1) * hd];
+                    qh.iter().zip(kp).map(|(a, b)| a * b).sum::<f32>() * scale
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            o.fill(0.0);
+            for (p, sc) in scores.iter().enumerate() {
+                let w = sc / sum;
+                let vp = &cache.v[base + p * hd..base + (p + 1) * hd];
+                o.iter_mut().zip(vp).for_each(|(a, b)| *a += w * b);
+            }
+        };
+        // `out` is n × n_head × head_dim: one chunk per (query, head).
+        if n * pos0.max(n) > 4096 {
+            out.par_chunks_mut(hd).enumerate().for_each(work);
+        } else {
+            out.chunks_mut(hd).enumerate().for_each(work);
+        }
+    }
+}

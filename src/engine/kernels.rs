@@ -1,0 +1,750 @@
+//! Matrix products of quantized weights with f32 activations, for the CPU path.
+//!
+//! Why not candle's quantized matmul: it quantizes the activations to 8 bits per block of
+//! 32 before the dot product. SmolLM2 has "massive activations" (single values in the tens
+//! of thousands), and a block that holds one loses every other value in it; stacked over
+//! 30 layers this turns the answer into nonsense (measured: "The capital of France is
+//! Paris." with f32 activations, French gibberish with 8-bit ones). Here the weights are
+//! dequantized on the fly and multiplied with the activations as they are.
+//!
+//! Speed: decoding is memory-bound, so keeping the weights 4-bit (Q4_1: 20 bytes per 32)
+//! is what makes it fast; the AVX2/FMA kernels (chosen at run time, with a scalar fallback)
+//! keep the arithmetic below the memory time. Rows are spread over the CPU cores with rayon.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use half::f16;
+use rayon::prelude::*;
+
+use super::EngineError;
+
+const QK: usize = 32;
+
+/// GGML Q4_1 block: `x = d * q + m`, q in 0..16; `qs[j]` holds element j in its low
+/// nibble and element j + 16 in its high nibble.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ4_1 {
+    d: f16,
+    m: f16,
+    qs: [u8; 16],
+}
+
+/// GGML Q8_0 block: `x = d * q`, q in -127..=127.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ8_0 {
+    d: f16,
+    qs: [i8; 32],
+}
+
+/// A weight matrix of `rows` outputs by `cols` inputs, row-major in blocks of 32.
+pub enum QMat {
+    Q4_1 {
+        blocks: Vec<BlockQ4_1>,
+        rows: usize,
+        cols: usize,
+    },
+    Q8_0 {
+        blocks: Vec<BlockQ8_0>,
+        rows: usize,
+        cols: usize,
+    },
+    F32 {
+        data: Vec<f32>,
+        rows: usize,
+        cols: usize,
+    },
+}
+
+fn read_blocks<T: Copy, const N: usize>(bytes: &[u8], decode: impl Fn(&[u8; N]) -> T) -> Vec<T> {
+    bytes
+        .chunks_exact(N)
+        .map(|c| decode(c.try_into().expect("exact chunk")))
+        .collect()
+}
+
+/// Quantizes f32 rows to Q8_0 (for weights stored in formats without a kernel here).
+fn quantize_q8_0(data: &[f32]) -> Vec<BlockQ8_0> {
+    data.chunks_exact(QK)
+        .map(|c| {
+            let amax = c.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut qs = [0i8; 32];
+            for (q, &v) in qs.iter_mut().zip(c) {
+                *q = (v * id).round() as i8;
+            }
+            BlockQ8_0 {
+                d: f16::from_f32(d),
+                qs,
+            }
+        })
+        .collect()
+}
+
+impl QMat {
+    /// Takes a GGUF tensor as is when a kernel exists for its format (Q4_1, Q8_0, F32),
+    /// else converts it to Q8_0 (or F32 when its rows are not whole blocks).
+    pub fn from_qtensor(t: &QTensor) -> Result<QMat, EngineError> {
+        let dims = t.shape().dims();
+        let (rows, cols) = match dims {
+            [r, c] => (*r, *c),
+            [c] => (1, *c),
+            _ => {
+                return Err(EngineError::Model(format!(
+                    "expected a matrix, got shape {dims:?}"
+                )))
+            }
+        };
+        let err = |e: candle_core::Error| EngineError::Model(e.to_string());
+        match t.dtype() {
+            GgmlDType::Q4_1 => {
+                let bytes = t.data().map_err(err)?;
+                let blocks = read_blocks::<_, 20>(&bytes, |b| BlockQ4_1 {
+                    d: f16::from_le_bytes([b[0], b[1]]),
+                    m: f16::from_le_bytes([b[2], b[3]]),
+                    qs: b[4..20].try_into().expect("16 bytes"),
+                });
+                Ok(QMat::Q4_1 { blocks, rows, cols })
+            }
+            GgmlDType::Q8_0 => {
+                let bytes = t.data().map_err(err)?;
+                let blocks = read_blocks::<_, 34>(&bytes, |b| BlockQ8_0 {
+                    d: f16::from_le_bytes([b[0], b[1]]),
+                    qs: std::array::from_fn(|i| b[2 + i] as i8),
+                });
+                Ok(QMat::Q8_0 { blocks, rows, cols })
+            }
+            _ => {
+                let data: Vec<f32> = t
+                    .dequantize(&candle_core::Device::Cpu)
+                    .and_then(|x| x.flatten_all())
+                    .and_then(|x| x.to_vec1())
+                    .map_err(err)?;
+                if cols % QK == 0 && t.dtype() != GgmlDType::F32 {
+                    Ok(QMat::Q8_0 {
+                        blocks: quantize_q8_0(&data),
+                        rows,
+                        cols,
+                    })
+                } else {
+                    Ok(QMat::F32 { data, rows, cols })
+                }
+            }
+        }
+    }
+
+    /// Stacks matrices with the same input width and format into one, so that several
+    /// projections of the same input cost one pass (and one round of thread wake-ups).
+    pub fn stack(parts: Vec<QMat>) -> Result<QMat, Vec<QMat>> {
+        let cols = parts.first().map(QMat::cols).unwrap_or(0);
+        let same_format =
+            |a: &QMat, b: &QMat| std::mem::discriminant(a) == std::mem::discriminant(b);
+        if parts.is_empty()
+            || parts
+                .iter()
+                .any(|p| p.cols() != cols || !same_format(p, &parts[0]))
+        {
+            return Err(parts);
+        }
+        let rows = parts.iter().map(QMat::rows).sum();
+        Ok(match &parts[0] {
+            QMat::Q4_1 { .. } => QMat::Q4_1 {
+                blocks: parts
+                    .into_iter()
+                    .flat_map(|p| {
+                        if let QMat::Q4_1 { blocks, .. } = p {
+                            blocks
+                        } else {
+                            vec![]
+                        }
+                    })
+                    .collect(),
+                rows,
+                cols,
+            },
+            QMat::Q8_0 { .. } => QMat::Q8_0 {
+                blocks: parts
+                    .into_iter()
+                    .flat_map(|p| {
+                        if let QMat::Q8_0 { blocks, .. } = p {
+                            blocks
+                        } else {
+                            vec![]
+                        }
+                    })
+                    .collect(),
+                rows,
+                cols,
+            },
+            QMat::F32 { .. } => QMat::F32 {
+                data: parts
+                    .into_iter()
+                    .flat_map(|p| {
+                        if let QMat::F32 { data, .. } = p {
+                            data
+                        } else {
+                            vec![]
+                        }
+                    })
+                    .collect(),
+                rows,
+                cols,
+            },
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        match self {
+            QMat::Q4_1 { rows, .. } | QMat::Q8_0 { rows, .. } | QMat::F32 { rows, .. } => *rows,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            QMat::Q4_1 { cols, .. } | QMat::Q8_0 { cols, .. } | QMat::F32 { cols, .. } => *cols,
+        }
+    }
+
+    /// Bytes the weights take.
+    pub fn bytes(&self) -> usize {
+        match self {
+            QMat::Q4_1 { blocks, .. } => blocks.len() * 20,
+            QMat::Q8_0 { blocks, .. } => blocks.len() * 34,
+            QMat::F32 { data, .. } => data.len() * 4,
+        }
+    }
+
+    /// Row `r` as f32 (embedding lookup).
+    pub fn row(&self, r: usize, out: &mut [f32]) {
+        let cols = self.cols();
+        match self {
+            QMat::Q4_1 { blocks, .. } => {
+                let nb = cols / QK;
+                for (b, o) in blocks[r * nb..(r + 1) * nb]
+                    .iter()
+                    .zip(out.chunks_exact_mut(QK))
+                {
+                    let (d, m) = (b.d.to_f32(), b.m.to_f32());
+                    for j in 0..16 {
+                        o[j] = d * (b.qs[j] & 0x0F) as f32 + m;
+                        o[j + 16] = d * (b.qs[j] >> 4) as f32 + m;
+                    }
+                }
+            }
+            QMat::Q8_0 { blocks, .. } => {
+                let nb = cols / QK;
+                for (b, o) in blocks[r * nb..(r + 1) * nb]
+                    .iter()
+                    .zip(out.chunks_exact_mut(QK))
+                {
+                    let d = b.d.to_f32();
+                    for (v, &q) in o.iter_mut().zip(&b.qs) {
+                        *v = d * q as f32;
+                    }
+                }
+            }
+            QMat::F32 { data, .. } => out[..cols].copy_from_slice(&data[r * cols..(r + 1) * cols]),
+        }
+    }
+
+    /// `out[i][r] = Σ_c self[r][c] · x[i][c]` for `n` activation rows `x` (n × cols);
+    /// `out` is n × rows.
+    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        let (rows, cols) = (self.rows(), self.cols());
+        debug_assert_eq!(x.len(), n * cols);
+        debug_assert_eq!(out.len(), n * rows);
+        // Enough rows per task that the scheduling cost stays small.
+        let chunk = (rows / (rayon::current_num_threads() * 8)).clamp(16, 256);
+        if n == 1 {
+            // One task per core: each matrix is small, and waking a thread costs more than a
+            // few hundred rows of work.
+            let per = rows.div_ceil(rayon::current_num_threads().max(1)).max(64);
+            out.par_chunks_mut(per)
+                .enumerate()
+                .for_each(|(ci, o)| self.matvec_rows(ci * per, x, o));
+            return;
+        }
+        // Several activation rows: each task computes a band of output columns for all rows
+        // (so each weight row is dequantized once per band of 4 activation rows).
+        let bands: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(chunk))
+            .into_par_iter()
+            .map(|ci| {
+                let r0 = ci * chunk;
+                let r1 = (r0 + chunk).min(rows);
+                let mut local = vec![0f32; n * (r1 - r0)];
+                let w = r1 - r0;
+                let mut i = 0;
+                while i < n {
+                    let t = (n - i).min(4);
+                    for r in r0..r1 {
+                        let mut acc = [0f32; 4];
+                        self.dot_tile(r, &x[i * cols..(i + t) * cols], t, &mut acc);
+                        for (k, a) in acc[..t].iter().enumerate() {
+                            local[(i + k) * w + (r - r0)] = *a;
+                        }
+                    }
+                    i += t;
+                }
+                (r0, local)
+            })
+            .collect();
+        for (r0, local) in bands {
+            let w = local.len() / n;
+            for i in 0..n {
+                out[i * rows + r0..i * rows + r0 + w].copy_from_slice(&local[i * w..(i + 1) * w]);
+            }
+        }
+    }
+
+    /// `out[k] = row(r0 + k) · x` for one activation row.
+    fn matvec_rows(&self, r0: usize, x: &[f32], out: &mut [f32]) {
+        let cols = self.cols();
+        let nb = cols / QK;
+        match self {
+            QMat::Q4_1 { blocks, .. } => {
+                #[cfg(target_arch = "x86_64")]
+                if simd::available() {
+                    // SAFETY: AVX2, FMA and F16C are present (checked at run time); the rows
+                    // r0..r0+out.len() exist and x holds `cols` values.
+                    unsafe {
+                        simd::q4_1_matvec(&blocks[r0 * nb..(r0 + out.len()) * nb], nb, x, out)
+                    };
+                    return;
+                }
+                for (k, o) in out.iter_mut().enumerate() {
+                    let mut acc = [0f32; 4];
+                    scalar::q4_1_tile(
+                        &blocks[(r0 + k) * nb..(r0 + k + 1) * nb],
+                        x,
+                        cols,
+                        1,
+                        &mut acc,
+                    );
+                    *o = acc[0];
+                }
+            }
+            QMat::Q8_0 { blocks, .. } => {
+                #[cfg(target_arch = "x86_64")]
+                if simd::available() {
+                    // SAFETY: as above.
+                    unsafe {
+                        simd::q8_0_matvec(&blocks[r0 * nb..(r0 + out.len()) * nb], nb, x, out)
+                    };
+                    return;
+                }
+                for (k, o) in out.iter_mut().enumerate() {
+                    let mut acc = [0f32; 4];
+                    scalar::q8_0_tile(
+                        &blocks[(r0 + k) * nb..(r0 + k + 1) * nb],
+                        x,
+                        cols,
+                        1,
+                        &mut acc,
+                    );
+                    *o = acc[0];
+                }
+            }
+            QMat::F32 { .. } => {
+                for (k, o) in out.iter_mut().enumerate() {
+                    let mut acc = [0f32; 4];
+                    self.dot_tile(r0 + k, x, 1, &mut acc);
+                    *o = acc[0];
+                }
+            }
+        }
+    }
+
+    /// Dot products of weight row `r` with `t` (1..=4) activation rows packed in `x`.
+    fn dot_tile(&self, r: usize, x: &[f32], t: usize, acc: &mut [f32; 4]) {
+        let cols = self.cols();
+        match self {
+            QMat::Q4_1 { blocks, .. } => {
+                let nb = cols / QK;
+                let row = &blocks[r * nb..(r + 1) * nb];
+                #[cfg(target_arch = "x86_64")]
+                if simd::available() {
+                    // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time), and the
+                    // slices hold `t` rows of `cols` values each.
+                    unsafe { simd::q4_1_tile(row, x, cols, t, acc) };
+                    return;
+                }
+                scalar::q4_1_tile(row, x, cols, t, acc);
+            }
+            QMat::Q8_0 { blocks, .. } => {
+                let nb = cols / QK;
+                let row = &blocks[r * nb..(r + 1) * nb];
+                #[cfg(target_arch = "x86_64")]
+                if simd::available() {
+                    // SAFETY: as above.
+                    unsafe { simd::q8_0_tile(row, x, cols, t, acc) };
+                    return;
+                }
+                scalar::q8_0_tile(row, x, cols, t, acc);
+            }
+            QMat::F32 { data, .. } => {
+                let w = &data[r * cols..(r + 1) * cols];
+                for (k, a) in acc[..t].iter_mut().enumerate() {
+                    *a = w
+                        .iter()
+                        .zip(&x[k * cols..(k + 1) * cols])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                }
+            }
+        }
+    }
+}
+
+mod scalar {
+    use super::{BlockQ4_1, BlockQ8_0, QK};
+
+    pub fn q4_1_tile(row: &[BlockQ4_1], x: &[f32], cols: usize, t: usize, acc: &mut [f32; 4]) {
+        for (bi, b) in row.iter().enumerate() {
+            let (d, m) = (b.d.to_f32(), b.m.to_f32());
+            let mut w = [0f32; 32];
+            for j in 0..16 {
+                w[j] = d * (b.qs[j] & 0x0F) as f32 + m;
+                w[j + 16] = d * (b.qs[j] >> 4) as f32 + m;
+            }
+            for (k, a) in acc[..t].iter_mut().enumerate() {
+                let xs = &x[k * cols + bi * QK..k * cols + (bi + 1) * QK];
+                *a += w.iter().zip(xs).map(|(w, x)| w * x).sum::<f32>();
+            }
+        }
+    }
+
+    pub fn q8_0_tile(row: &[BlockQ8_0], x: &[f32], cols: usize, t: usize, acc: &mut [f32; 4]) {
+        for (bi, b) in row.iter().enumerate() {
+            let d = b.d.to_f32();
+            for (k, a) in acc[..t].iter_mut().enumerate() {
+                let xs = &x[k * cols + bi * QK..k * cols + (bi + 1) * QK];
+                *a += d * b.qs.iter().zip(xs).map(|(&q, x)| q as f32 * x).sum::<f32>();
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    use super::{BlockQ4_1, BlockQ8_0, QK};
+
+    pub fn available() -> bool {
+        static OK: OnceLock<bool> = OnceLock::new();
+        *OK.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `t` (1..=4) activation rows: dispatch to a version with the count fixed at compile
+    /// time, so the accumulators live in registers.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_1_tile(
+        row: &[BlockQ4_1],
+        x: &[f32],
+        cols: usize,
+        t: usize,
+        acc: &mut [f32; 4],
+    ) {
+        match t {
+            1 => q4_1_t::<1>(row, x, cols, acc),
+            2 => q4_1_t::<2>(row, x, cols, acc),
+            3 => q4_1_t::<3>(row, x, cols, acc),
+            _ => q4_1_t::<4>(row, x, cols, acc),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8_0_tile(
+        row: &[BlockQ8_0],
+        x: &[f32],
+        cols: usize,
+        t: usize,
+        acc: &mut [f32; 4],
+    ) {
+        match t {
+            1 => q8_0_t::<1>(row, x, cols, acc),
+            2 => q8_0_t::<2>(row, x, cols, acc),
+            3 => q8_0_t::<3>(row, x, cols, acc),
+            _ => q8_0_t::<4>(row, x, cols, acc),
+        }
+    }
+
+    /// Q4_1 rows × one f32 row: `Σ (d q + m) x = d Σ q x + m Σ x`, with `Σ x` per block
+    /// computed once for all rows, so the inner loop is conversions and one FMA per 8.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_1_matvec(blocks: &[BlockQ4_1], nb: usize, x: &[f32], out: &mut [f32]) {
+        let mask = _mm_set1_epi8(0x0F);
+        let xp = x.as_ptr();
+        let mut xsum = [0f32; 512];
+        let xsum: &mut [f32] = if nb <= 512 {
+            &mut xsum[..nb]
+        } else {
+            return q4_1_matvec_big(blocks, nb, x, out);
+        };
+        for (b, s) in xsum.iter_mut().enumerate() {
+            let p = xp.add(b * QK);
+            let v = _mm256_add_ps(
+                _mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))),
+                _mm256_add_ps(_mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))),
+            );
+            *s = hsum(v);
+        }
+        for (k, o) in out.iter_mut().enumerate() {
+            let row = blocks.as_ptr().add(k * nb);
+            let mut acc = _mm256_setzero_ps();
+            let mut msum = 0f32;
+            for b in 0..nb {
+                let blk = &*row.add(b);
+                let raw = _mm_loadu_si128(blk.qs.as_ptr() as *const __m128i);
+                let lo = _mm_and_si128(raw, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+                let p = xp.add(b * QK);
+                let q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+                let q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+                let q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+                let q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+                let mut s = _mm256_mul_ps(q0, _mm256_loadu_ps(p));
+                s = _mm256_fmadd_ps(q1, _mm256_loadu_ps(p.add(8)), s);
+                s = _mm256_fmadd_ps(q2, _mm256_loadu_ps(p.add(16)), s);
+                s = _mm256_fmadd_ps(q3, _mm256_loadu_ps(p.add(24)), s);
+                acc = _mm256_fmadd_ps(s, _mm256_set1_ps(f16_to_f32(blk.d)), acc);
+                msum += f16_to_f32(blk.m) * *xsum.get_unchecked(b);
+            }
+            *o = hsum(acc) + msum;
+        }
+    }
+
+    /// Rows longer than 16384 values: the tile kernel, one row at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_1_matvec_big(blocks: &[BlockQ4_1], nb: usize, x: &[f32], out: &mut [f32]) {
+        for (k, o) in out.iter_mut().enumerate() {
+            let mut acc = [0f32; 4];
+            q4_1_t::<1>(&blocks[k * nb..(k + 1) * nb], x, nb * QK, &mut acc);
+            *o = acc[0];
+        }
+    }
+
+    /// Q8_0 rows × one f32 row: `d Σ q x` per block.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8_0_matvec(blocks: &[BlockQ8_0], nb: usize, x: &[f32], out: &mut [f32]) {
+        let xp = x.as_ptr();
+        for (k, o) in out.iter_mut().enumerate() {
+            let row = blocks.as_ptr().add(k * nb);
+            let mut acc = _mm256_setzero_ps();
+            for b in 0..nb {
+                let blk = &*row.add(b);
+                let q = blk.qs.as_ptr() as *const __m128i;
+                let raw0 = _mm_loadu_si128(q);
+                let raw1 = _mm_loadu_si128(q.add(1));
+                let p = xp.add(b * QK);
+                let mut s = _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw0)),
+                    _mm256_loadu_ps(p),
+                );
+                s = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw0, 8))),
+                    _mm256_loadu_ps(p.add(8)),
+                    s,
+                );
+                s = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw1)),
+                    _mm256_loadu_ps(p.add(16)),
+                    s,
+                );
+                s = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw1, 8))),
+                    _mm256_loadu_ps(p.add(24)),
+                    s,
+                );
+                acc = _mm256_fmadd_ps(s, _mm256_set1_ps(f16_to_f32(blk.d)), acc);
+            }
+            *o = hsum(acc);
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16_to_f32(h: half::f16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
+    }
+
+    /// Q4_1 row × T f32 rows. The 32 weights of a block are dequantized once
+    /// (`d * q + m`) into four vectors and reused for every activation row.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_1_t<const T: usize>(
+        row: &[BlockQ4_1],
+        x: &[f32],
+        cols: usize,
+        acc: &mut [f32; 4],
+    ) {
+        let mask = _mm_set1_epi8(0x0F);
+        let mut sums = [_mm256_setzero_ps(); T];
+        let xp = x.as_ptr();
+        for (bi, b) in row.iter().enumerate() {
+            let d = _mm256_set1_ps(f16_to_f32(b.d));
+            let m = _mm256_set1_ps(f16_to_f32(b.m));
+            let raw = _mm_loadu_si128(b.qs.as_ptr() as *const __m128i);
+            let lo = _mm_and_si128(raw, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+            let q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+            let q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+            let q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+            let q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+            let w0 = _mm256_fmadd_ps(q0, d, m);
+            let w1 = _mm256_fmadd_ps(q1, d, m);
+            let w2 = _mm256_fmadd_ps(q2, d, m);
+            let w3 = _mm256_fmadd_ps(q3, d, m);
+            for (k, s) in sums.iter_mut().enumerate() {
+                let p = xp.add(k * cols + bi * QK);
+                *s = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p), *s);
+                *s = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p.add(8)), *s);
+                *s = _mm256_fmadd_ps(w2, _mm256_loadu_ps(p.add(16)), *s);
+                *s = _mm256_fmadd_ps(w3, _mm256_loadu_ps(p.add(24)), *s);
+            }
+        }
+        for k in 0..T {
+            acc[k] = hsum(sums[k]);
+        }
+    }
+
+    /// Q8_0 row × T f32 rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_t<const T: usize>(
+        row: &[BlockQ8_0],
+        x: &[f32],
+        cols: usize,
+        acc: &mut [f32; 4],
+    ) {
+        let mut sums = [_mm256_setzero_ps(); T];
+        let xp = x.as_ptr();
+        for (bi, b) in row.iter().enumerate() {
+            let d = _mm256_set1_ps(f16_to_f32(b.d));
+            let q = b.qs.as_ptr() as *const __m128i;
+            let raw0 = _mm_loadu_si128(q);
+            let raw1 = _mm_loadu_si128(q.add(1));
+            let w0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw0)));
+            let w1 = _mm256_mul_ps(
+                d,
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw0, 8))),
+            );
+            let w2 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw1)));
+            let w3 = _mm256_mul_ps(
+                d,
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw1, 8))),
+            );
+            for (k, s) in sums.iter_mut().enumerate() {
+                let p = xp.add(k * cols + bi * QK);
+                *s = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p), *s);
+                *s = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p.add(8)), *s);
+                *s = _mm256_fmadd_ps(w2, _mm256_loadu_ps(p.add(16)), *s);
+                *s = _mm256_fmadd_ps(w3, _mm256_loadu_ps(p.add(24)), *s);
+            }
+        }
+        for k in 0..T {
+            acc[k] = hsum(sums[k]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn matrix(rows: usize, cols: usize, dtype: GgmlDType) -> (QMat, Vec<f32>) {
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
+            .collect();
+        let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, dtype).unwrap();
+        let deq: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        (QMat::from_qtensor(&q).unwrap(), deq)
+    }
+
+    fn reference(w: &[f32], x: &[f32], rows: usize, cols: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n * rows];
+        for i in 0..n {
+            for r in 0..rows {
+                out[i * rows + r] = (0..cols).map(|c| w[r * cols + c] * x[i * cols + c]).sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn kernels_match_dequantized_reference() {
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::F32,
+        ] {
+            let (rows, cols) = (70, 96);
+            let (m, w) = matrix(rows, cols, dtype);
+            for n in [1, 3, 4, 9] {
+                // Activations with a "massive" outlier, as the model has.
+                let mut x: Vec<f32> = (0..n * cols)
+                    .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
+                    .collect();
+                x[5] = 3000.0;
+                let mut out = vec![0f32; n * rows];
+                m.matmul(&x, n, &mut out);
+                let want = reference(&w, &x, rows, cols, n);
+                for (a, b) in out.iter().zip(&want) {
+                    // Q4_0 is converted to Q8_0, which is close to but not exactly the source.
+                    let tol = if dtype == GgmlDType::Q4_0 { 20.0 } else { 1e-2 };
+                    assert!(
+                        (a - b).abs() <= tol * (1.0 + b.abs() * 1e-3),
+                        "{dtype:?} n={n}: {a} vs {b}"
+                    );
+                }
+            }
+            let mut row = vec![0f32; cols];
+            m.row(3, &mut row);
+            if dtype != GgmlDType::Q4_0 {
+                assert_eq!(row, w[3 * cols..4 * cols]);
+            }
+        }
+    }
+
+    #[test]
+    fn simd_and_scalar_agree() {
+        let (m, _) = matrix(8, 64, GgmlDType::Q4_1);
+        let x: Vec<f32> = (0..4 * 64).map(|i| (i as f32).sin()).collect();
+        if let QMat::Q4_1 { blocks, .. } = &m {
+            let mut a = [0f32; 4];
+            scalar::q4_1_tile(&blocks[0..2], &x, 64, 4, &mut a);
+            let mut b = [0f32; 4];
+            b.copy_from_slice(&[0.0; 4]);
+            m.dot_tile(0, &x, 4, &mut b);
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() < 1e-4, "{p} vs {q}");
+            }
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! The in-process inference engine.
+//!
+//! One dedicated OS thread owns the model (candle and tokenization never run on a tokio
+//! worker). The rest of the server holds an [`EngineHandle`]: cheap to clone, it submits a
+//! [`GenerateRequest`] over a bounded channel and gets back a [`Generation`], whose own
+//! channel streams [`GenerationEvent`]s. Cancelling (or dropping the receiver) is noticed at
+//! every token and between prompt chunks, and frees the engine at once.
+//!
+//! Pieces: [`gguf`] (file header, model shape), [`tokenizer`] (from the GGUF's metadata,
+//! UTF-8-safe deltas), [`template`] (the model's Jinja chat template), [`model`] (the CPU
+//! path [`cpu`] on [`kernels`], or candle's [`llama`] on a GPU),
+//! [`sampler`], [`stop`] (stop strings), [`worker`] (the thread and its generation loop),
+//! [`source`] (model file location: path or Hugging Face), [`bench`].
+
+pub mod bench;
+pub mod cpu;
+pub mod gguf;
+pub mod kernels;
+pub mod llama;
+pub mod model;
+pub mod sampler;
+pub mod source;
+pub mod stop;
+pub mod template;
+pub mod tokenizer;
+mod worker;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+pub use sampler::SamplingParams;
+pub use worker::{load, EngineOptions, LoadedEngine};
+
+use crate::domain::Role;
+
+/// Everything that can go wrong in the engine.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("model architecture {0:?} is not supported (supported: llama)")]
+    UnsupportedArchitecture(String),
+    #[error("model: {0}")]
+    Model(String),
+    #[error("model file: {0}")]
+    Source(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("device: {0}")]
+    Device(String),
+    #[error("the prompt needs {tokens} tokens but the context holds {context}")]
+    PromptTooLong { tokens: usize, context: usize },
+    #[error("the sequence is full ({capacity} tokens)")]
+    ContextFull { capacity: usize },
+    #[error("the engine queue is full")]
+    QueueFull,
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// One message of the conversation to continue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+/// A request to generate the assistant's next message.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// The conversation, oldest first; leading system messages are never dropped.
+    pub messages: Vec<ChatMessage>,
+    pub sampling: SamplingParams,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Strings that end the reply (not included in it).
+    pub stop: Vec<String>,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model ended its turn, or a stop string appeared.
+    Stop,
+    /// `max_tokens` (or the context) was reached.
+    Length,
+    Cancelled,
+    Error,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Error => "error",
+        }
+    }
+}
+
+/// The outcome of a generation.
+#[derive(Debug, Clone)]
+pub struct GenerationSummary {
+    pub finish_reason: FinishReason,
+    /// The whole reply, as streamed.
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Oldest history messages left out so the prompt fits the context.
+    pub dropped_messages: usize,
+    /// From the engine picking the request up to the first token.
+    pub time_to_first_token: Option<Duration>,
+    /// Generated tokens per second after the first.
+    pub tokens_per_second: f64,
+    /// Set when `finish_reason` is `Error`.
+    pub error: Option<String>,
+}
+
+/// What a generation reports while it runs.
+#[derive(Debug, Clone)]
+pub enum GenerationEvent {
+    /// The prompt is built; processing it starts.
+    Started {
+        prompt_tokens: usize,
+        dropped_messages: usize,
+    },
+    /// New text; never splits a character, never includes stop strings.
+    Delta {
+        text: String,
+        index: usize,
+    },
+    Finished(GenerationSummary),
+}
+
+/// Stops a generation from any thread.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A running generation: its events and its cancel switch. Dropping `events` cancels too.
+pub struct Generation {
+    pub events: tokio::sync::mpsc::UnboundedReceiver<GenerationEvent>,
+    pub cancel: CancelToken,
+}
+
+/// Facts about the loaded model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    pub architecture: String,
+    /// Context the engine uses (the model's, or less when configured).
+    pub context_length: usize,
+    pub load_time: Duration,
+    pub device: String,
+}
+
+/// The cheap, cloneable way to talk to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: std::sync::mpsc::SyncSender<worker::Job>,
+    pub info: Arc<ModelInfo>,
+}
+
+impl EngineHandle {
+    /// Queues a generation; fails at once when the queue is full.
+    pub fn generate(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
+        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let cancel = CancelToken::default();
+        let job = worker::Job {
+            request,
+            events: events_tx,
+            cancel: cancel.clone(),
+        };
+        self.tx.try_send(job).map_err(|e| match e {
+            std::sync::mpsc::TrySendError::Full(_) => EngineError::QueueFull,
+            std::sync::mpsc::TrySendError::Disconnected(_) => EngineError::Stopped,
+        })?;
+        Ok(Generation { events, cancel })
+    }
+}
+
+/// Where the model is in its life, as `/readyz` reports it.
+#[derive(Clone)]
+pub enum ModelStatus {
+    /// The server runs without a model (library use, e.g. storage-only tests).
+    NotConfigured,
+    Loading,
+    Ready(EngineHandle),
+    Failed(String),
+}
+
+/// Shared, updatable model status.
+#[derive(Clone)]
+pub struct ModelSlot(Arc<RwLock<ModelStatus>>);
+
+impl ModelSlot {
+    pub fn new(status: ModelStatus) -> ModelSlot {
+        ModelSlot(Arc::new(RwLock::new(status)))
+    }
+
+    pub fn set(&self, status: ModelStatus) {
+        if let Ok(mut s) = self.0.write() {
+            *s = status;
+        }
+    }
+
+    pub fn status(&self) -> ModelStatus {
+        self.0
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// The engine, when loaded.
+    pub fn engine(&self) -> Option<EngineHandle> {
+        match self.status() {
+            ModelStatus::Ready(h) => Some(h),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! The engine thread: loads the model, then runs queued generations one at a time.
+//!
+//! The loop is written around one [`Sequence`] per request (its own KV cache, sampler and
+//! stream state) so that a scheduler can later step several sequences together.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Device;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::gguf::{md_string, GgufFile};
+use super::model::Model;
+use super::sampler::Sampler;
+use super::stop::{StopMatcher, StopOutcome};
+use super::template::{ChatTemplate, TemplateMessage};
+use super::tokenizer::{DeltaDecoder, TextTokenizer};
+use super::{
+    CancelToken, ChatMessage, EngineError, EngineHandle, FinishReason, GenerateRequest,
+    GenerationEvent, GenerationSummary, ModelInfo,
+};
+use crate::domain::Role;
+
+/// How to load and run the model.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Use at most this much context (default: the model's).
+    pub max_context: Option<usize>,
+    /// Prompt tokens processed per step; cancellation is checked between steps.
+    pub prefill_chunk: usize,
+    /// Requests waiting for the engine before new ones are refused.
+    pub queue_capacity: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            device: "cpu".into(),
+            max_context: None,
+            prefill_chunk: 256,
+            queue_capacity: 64,
+        }
+    }
+}
+
+/// A queued request.
+pub(super) struct Job {
+    pub request: GenerateRequest,
+    pub events: UnboundedSender<GenerationEvent>,
+    pub cancel: CancelToken,
+}
+
+/// The model, tokenizer and template, owned by the engine thread.
+pub struct LoadedEngine {
+    pub model: Model,
+    pub tokenizer: TextTokenizer,
+    pub template: ChatTemplate,
+    pub context_length: usize,
+    pub prefill_chunk: usize,
+}
+
+/// Parses `cpu`, `cuda`, `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device, EngineError> {
+    let spec = spec.trim().to_ascii_lowercase();
+    if spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match spec.as_str() {
+        "cuda" => 0,
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => {
+                return Err(EngineError::Device(format!(
+                    "unknown device {spec:?}: use cpu, cuda or cuda:N"
+                )))
+            }
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(EngineError::Device(
+            "this build of confab has no CUDA support; rebuild with `cargo build --release --features cuda`".into(),
+        ));
+    }
+    Device::new_cuda(ordinal).map_err(|e| EngineError::Device(format!("cuda:{ordinal}: {e}")))
+}
+
+impl LoadedEngine {
+    /// Reads a GGUF file: header check first (so an unsupported architecture is refused
+    /// before any tensor is read), then tokenizer, template and weights.
+    pub fn open(path: &Path, opts: &EngineOptions) -> Result<LoadedEngine, EngineError> {
+        let device = parse_device(&opts.device)?;
+        let (file, mut reader) = GgufFile::open(path)?;
+        let md = &file.content.metadata;
+        let tokenizer = TextTokenizer::load(path, md)?;
+        let bos = tokenizer
+            .bos
+            .as_ref()
+            .map(|(_, t)| t.as_str())
+            .unwrap_or("");
+        let eos = tokenizer
+            .eos
+            .as_ref()
+            .map(|(_, t)| t.as_str())
+            .unwrap_or("");
+        let template = ChatTemplate::new(md_string(md, "tokenizer.chat_template"), bos, eos)?;
+        let model = Model::load(&file, &mut reader, &device)?;
+        let context_length = opts.max_context.map_or(model.spec().context_length, |m| {
+            m.clamp(1, model.spec().context_length)
+        });
+        Ok(LoadedEngine {
+            model,
+            tokenizer,
+            template,
+            context_length,
+            prefill_chunk: opts.prefill_chunk.max(1),
+        })
+    }
+
+    /// Renders and tokenizes the conversation, leaving out the oldest messages (never the
+    /// leading system messages) until prompt + `max_tokens` fits the context. Returns the
+    /// prompt, how many messages were left out, and how many tokens may be generated
+    /// (less than asked only when even the shortest prompt leaves less room).
+    pub fn build_prompt(
+        &self,
+        messages: &[ChatMessage],
+        max_tokens: usize,
+    ) -> Result<(Vec<u32>, usize, usize), EngineError> {
+        let n_system = messages
+            .iter()
+            .take_while(|m| m.role == Role::System)
+            .count();
+        let (system, history) = messages.split_at(n_system);
+        // A prompt may start at any user message (or at the very beginning).
+        let mut starts: Vec<usize> = (0..history.len())
+            .filter(|&i| i == 0 || history[i].role == Role::User)
+            .collect();
+        if starts.is_empty() {
+            starts.push(0);
+        }
+        let render = |start: usize| -> Result<Vec<u32>, EngineError> {
+            let msgs: Vec<TemplateMessage> = system
+                .iter()
+                .chain(&history[start..])
+                .map(|m| TemplateMessage {
+                    role: m.role.as_str().to_string(),
+                    content: m.content.clone(),
+                })
+                .collect();
+            self.tokenizer.encode(&self.template.render(&msgs, true)?)
+        };
+        let fits = |ids: &[u32]| ids.len() + max_tokens <= self.context_length;
+        let full = render(starts[0])?;
+        if fits(&full) {
+            return Ok((full, 0, max_tokens));
+        }
+        // Fewer messages never make a longer prompt: binary search for the earliest start
+        // that fits, keeping at least the last user turn.
+        let (mut lo, mut hi) = (0, starts.len() - 1);
+        let mut best: Option<(usize, Vec<u32>)> = None;
+        while lo <= hi {
+            let mid = (lo + hi) / 2;
+            let ids = render(starts[mid])?;
+            if fits(&ids) {
+                best = Some((mid, ids));
+                if mid == 0 {
+                    break;
+                }
+                hi = mid - 1;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        match best {
+            Some((i, ids)) => Ok((ids, starts[i], max_tokens)),
+            None => {
+                let last = *starts.last().unwrap_or(&0);
+                let ids = render(last)?;
+                if ids.len() < self.context_length {
+                    let room = self.context_length - ids.len();
+                    Ok((ids, last, room))
+                } else {
+                    Err(EngineError::PromptTooLong {
+                        tokens: ids.len(),
+                        context: self.context_length,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Runs one generation to its end, streaming events.
+    fn run(&self, job: Job) {
+        let started = Instant::now();
+        let Job {
+            request,
+            events,
+            cancel,
+            ..
+        } = job;
+        let mut summary = GenerationSummary {
+            finish_reason: FinishReason::Stop,
+            text: String::new(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            dropped_messages: 0,
+            time_to_first_token: None,
+            tokens_per_second: 0.0,
+            error: None,
+        };
+        if let Err(e) = self.generate(&request, &events, &cancel, started, &mut summary) {
+            summary.finish_reason = FinishReason::Error;
+            summary.error = Some(e.to_string());
+        }
+        let _ = events.send(GenerationEvent::Finished(summary));
+    }
+
+    fn generate(
+        &self,
+        req: &GenerateRequest,
+        events: &UnboundedSender<GenerationEvent>,
+        cancel: &CancelToken,
+        started: Instant,
+        summary: &mut GenerationSummary,
+    ) -> Result<(), EngineError> {
+        let stopped = |cancel: &CancelToken| cancel.is_cancelled() || events.is_closed();
+        let (prompt, dropped, max_new) = self.build_prompt(&req.messages, req.max_tokens.max(1))?;
+        summary.prompt_tokens = prompt.len();
+        summary.dropped_messages = dropped;
+        let _ = events.send(GenerationEvent::Started {
+            prompt_tokens: prompt.len(),
+            dropped_messages: dropped,
+        });
+        let mut cache = self.model.new_cache(prompt.len() + max_new)?;
+        let mut logits = Vec::new();
+        for chunk in prompt.chunks(self.prefill_chunk) {
+            if stopped(cancel) {
+                summary.finish_reason = FinishReason::Cancelled;
+                return Ok(());
+            }
+            logits = self.model.forward(chunk, &mut cache)?;
+        }
+        let mut sampler = Sampler::new(req.sampling.clone());
+        let mut decoder = DeltaDecoder::default();
+        let mut stops = StopMatcher::new(&req.stop);
+        let mut history = prompt.clone();
+        let mut first_token_at: Option<Instant> = None;
+        let mut index = 0usize;
+        let emit = |text: String, index: &mut usize, summary: &mut GenerationSummary| {
+            if !text.is_empty() {
+                summary.text.push_str(&text);
+                let _ = events.send(GenerationEvent::Delta {
+                    text,
+                    index: *index,
+                });
+                *index += 1;
+            }
+        };
+        summary.finish_reason = FinishReason::Length;
+        while summary.completion_tokens < max_new {
+            if stopped(cancel) {
+                summary.finish_reason = FinishReason::Cancelled;
+                break;
+            }
+            let token = sampler.sample(&mut logits, &history);
+            summary.completion_tokens += 1;
+            first_token_at.get_or_insert_with(Instant::now);
+            if self.tokenizer.is_stop(token) {
+                summary.finish_reason = FinishReason::Stop;
+                break;
+            }
+            history.push(token);
+            if let Some(text) = decoder.push(&self.tokenizer, token)? {
+                match stops.push(&text) {
+                    StopOutcome::Continue(t) => emit(t, &mut index, summary),
+                    StopOutcome::Stop(t) => {
+                        emit(t, &mut index, summary);
+                        summary.finish_reason = FinishReason::Stop;
+                        break;
+                    }
+                }
+            }
+            if summary.completion_tokens >= max_new || cache.len() >= cache.capacity() {
+                break;
+            }
+            logits = self.model.forward(&[token], &mut cache)?;
+        }
+        if summary.finish_reason != FinishReason::Stop {
+            let tail = decoder.finish(&self.tokenizer)?.unwrap_or_default();
+            let rest = match stops.push(&tail) {
+                StopOutcome::Continue(t) => t + &stops.flush(),
+                StopOutcome::Stop(t) => t,
+            };
+            if summary.finish_reason != FinishReason::Cancelled {
+                emit(rest, &mut index, summary);
+            }
+        }
+        if let Some(t) = first_token_at {
+            summary.time_to_first_token = Some(t - started);
+            let gen_time = t.elapsed().as_secs_f64();
+            if summary.completion_tokens > 1 && gen_time > 0.0 {
+                summary.tokens_per_second = (summary.completion_tokens - 1) as f64 / gen_time;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Loads the model on a new thread and starts the engine loop there. Returns once the
+/// model is loaded (or failed to load).
+pub fn load(path: PathBuf, opts: EngineOptions) -> Result<EngineHandle, EngineError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(opts.queue_capacity.max(1));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ModelInfo, EngineError>>();
+    std::thread::Builder::new()
+        .name("confab-engine".into())
+        .spawn(move || {
+            let t0 = Instant::now();
+            let engine = match LoadedEngine::open(&path, &opts) {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let info = ModelInfo {
+                name: engine.model.spec().name.clone().unwrap_or_else(|| {
+                    path.file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                }),
+                architecture: engine.model.spec().architecture.clone(),
+                context_length: engine.context_length,
+                load_time: t0.elapsed(),
+                device: opts.device.clone(),
+            };
+            let _ = ready_tx.send(Ok(info));
+            // Runs until every handle is dropped.
+            while let Ok(job) = rx.recv() {
+                if job.cancel.is_cancelled() || job.events.is_closed() {
+                    continue;
+                }
+                engine.run(job);
+            }
+        })
+        .map_err(|e| EngineError::Model(format!("cannot start the engine thread: {e}")))?;
+    let info = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
+    Ok(EngineHandle {
+        tx,
+        info: Arc::new(info),
+    })
+}

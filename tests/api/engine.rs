@@ -1,0 +1,276 @@
+//! The engine on the tiny generated model: loading, tokenizer, template, sampling, stop
+//! strings, cancellation, context fitting, refusal of unknown architectures.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use confab::domain::Role;
+use confab::engine::{
+    self, ChatMessage, EngineError, EngineHandle, EngineOptions, FinishReason, GenerateRequest,
+    GenerationEvent, GenerationSummary, SamplingParams,
+};
+
+use crate::tiny;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = tiny::write(dir.path(), "llama");
+        Fixture { _dir: dir, path }
+    })
+}
+
+fn handle() -> EngineHandle {
+    engine::load(fixture().path.clone(), EngineOptions::default()).expect("load tiny model")
+}
+
+fn user(text: &str) -> ChatMessage {
+    ChatMessage {
+        role: Role::User,
+        content: text.into(),
+    }
+}
+
+fn greedy() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+        repeat_penalty: 1.0,
+        repeat_last_n: 0,
+        seed: 0,
+    }
+}
+
+fn req(messages: Vec<ChatMessage>, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        messages,
+        sampling: greedy(),
+        max_tokens,
+        stop: vec![],
+    }
+}
+
+async fn collect(
+    h: &EngineHandle,
+    r: GenerateRequest,
+) -> (GenerationSummary, Vec<String>, Option<(usize, usize)>) {
+    let mut g = h.generate(r).expect("queued");
+    let (mut deltas, mut started) = (Vec::new(), None);
+    while let Some(ev) = g.events.recv().await {
+        match ev {
+            GenerationEvent::Started {
+                prompt_tokens,
+                dropped_messages,
+            } => started = Some((prompt_tokens, dropped_messages)),
+            GenerationEvent::Delta { text, index } => {
+                assert_eq!(index, deltas.len(), "indices count up from 0");
+                deltas.push(text);
+            }
+            GenerationEvent::Finished(s) => return (s, deltas, started),
+        }
+    }
+    panic!("no Finished event");
+}
+
+#[test]
+fn loads_and_reports_the_model() {
+    let h = handle();
+    assert_eq!(h.info.architecture, "llama");
+    assert_eq!(h.info.name, "tiny-test");
+    assert_eq!(h.info.context_length, tiny::CONTEXT);
+}
+
+#[test]
+fn tokenizer_and_template_from_gguf_metadata() {
+    let e = engine::LoadedEngine::open(&fixture().path, &EngineOptions::default()).expect("open");
+    let t = &e.tokenizer;
+    for text in [
+        "hello there",
+        "ünïcödé 漢字 🎉",
+        "  spaces\n\ttabs  ",
+        "the theme",
+    ] {
+        assert_eq!(t.decode(&t.encode(text).unwrap()).unwrap(), text);
+    }
+    // Merges apply ("Ġt" is one token), specials stay single tokens.
+    assert_eq!(t.encode(" t").unwrap(), vec![256]);
+    assert_eq!(t.encode("<|im_start|>").unwrap(), vec![259]);
+    assert!(t.is_stop(260) && t.is_stop(258) && !t.is_stop(100));
+    // No template in the file: ChatML.
+    let p = e
+        .template
+        .render(
+            &[engine::template::TemplateMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
+            true,
+        )
+        .unwrap();
+    assert_eq!(p, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+}
+
+#[tokio::test]
+async fn greedy_is_deterministic_and_respects_max_tokens() {
+    let h = handle();
+    let (a, deltas, started) = collect(&h, req(vec![user("hello")], 12)).await;
+    let (b, _, _) = collect(&h, req(vec![user("hello")], 12)).await;
+    assert_eq!(a.text, b.text);
+    assert_eq!(a.finish_reason, FinishReason::Length);
+    assert_eq!(a.completion_tokens, 12);
+    assert_eq!(deltas.concat(), a.text, "deltas add up to the text");
+    let (prompt_tokens, dropped) = started.expect("Started event");
+    assert_eq!((prompt_tokens, dropped), (a.prompt_tokens, 0));
+    assert!(a.time_to_first_token.is_some() && a.tokens_per_second > 0.0);
+}
+
+#[tokio::test]
+async fn seeds_repeat_and_differ() {
+    let h = handle();
+    let sampled = |seed| GenerateRequest {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_k: Some(50),
+            top_p: Some(0.9),
+            repeat_penalty: 1.1,
+            repeat_last_n: 16,
+            seed,
+        },
+        ..req(vec![user("hello")], 16)
+    };
+    let (a, _, _) = collect(&h, sampled(1)).await;
+    let (b, _, _) = collect(&h, sampled(1)).await;
+    let (c, _, _) = collect(&h, sampled(2)).await;
+    assert_eq!(a.text, b.text);
+    assert_ne!(a.text, c.text);
+}
+
+#[tokio::test]
+async fn stop_strings_end_the_reply_before_them() {
+    let h = handle();
+    let (full, _, _) = collect(&h, req(vec![user("hello")], 30)).await;
+    let chars: Vec<char> = full.text.chars().collect();
+    assert!(chars.len() > 6, "{:?}", full.text);
+    let stop: String = chars[3..5].iter().collect();
+    let expect: String = full.text[..full.text.find(&stop).unwrap()].to_string();
+    let (s, deltas, _) = collect(
+        &h,
+        GenerateRequest {
+            stop: vec![stop.clone()],
+            ..req(vec![user("hello")], 30)
+        },
+    )
+    .await;
+    assert_eq!(s.finish_reason, FinishReason::Stop);
+    assert_eq!(s.text, expect);
+    assert!(!deltas.concat().contains(&stop));
+}
+
+#[tokio::test]
+async fn cancellation_frees_the_engine() {
+    let h = handle();
+    let mut g = h.generate(req(vec![user("hello")], 200)).expect("queued");
+    // Cancel once the first token arrives.
+    let mut finished = None;
+    while let Some(ev) = g.events.recv().await {
+        match ev {
+            GenerationEvent::Delta { .. } => g.cancel.cancel(),
+            GenerationEvent::Finished(s) => {
+                finished = Some(s);
+                break;
+            }
+            GenerationEvent::Started { .. } => {}
+        }
+    }
+    let s = finished.expect("finished");
+    assert_eq!(s.finish_reason, FinishReason::Cancelled);
+    assert!(s.completion_tokens < 200);
+    // A dropped receiver cancels too, and the next request runs at once.
+    let dropped = h.generate(req(vec![user("hello")], 200)).expect("queued");
+    drop(dropped);
+    let next = tokio::time::timeout(
+        Duration::from_secs(30),
+        collect(&h, req(vec![user("hi")], 3)),
+    )
+    .await
+    .expect("not stuck");
+    assert_eq!(next.0.completion_tokens, 3);
+}
+
+#[tokio::test]
+async fn old_turns_are_dropped_to_fit_the_context() {
+    let h = handle();
+    // Each turn is ~60 tokens; the context is 256.
+    let mut messages = vec![ChatMessage {
+        role: Role::System,
+        content: "be nice".into(),
+    }];
+    for i in 0..8 {
+        messages.push(user(&format!("question {i} {}", "x".repeat(40))));
+        messages.push(ChatMessage {
+            role: Role::Assistant,
+            content: format!("answer {i} {}", "y".repeat(40)),
+        });
+    }
+    messages.push(user("last question"));
+    let (s, _, started) = collect(&h, req(messages, 32)).await;
+    assert_eq!(s.finish_reason, FinishReason::Length, "{:?}", s.error);
+    let (prompt, dropped) = started.unwrap();
+    assert!(
+        dropped > 0 && dropped % 2 == 0,
+        "whole turns dropped: {dropped}"
+    );
+    assert!(prompt + 32 <= tiny::CONTEXT, "{prompt}");
+    assert_eq!(s.dropped_messages, dropped);
+    // The system prompt stays: the fitted prompt starts with it.
+    let e = engine::LoadedEngine::open(&fixture().path, &EngineOptions::default()).unwrap();
+    let msgs = vec![
+        ChatMessage {
+            role: Role::System,
+            content: "be nice".into(),
+        },
+        user(&"z".repeat(100)),
+        user("end"),
+    ];
+    let (ids, dropped, _) = e.build_prompt(&msgs, 200).unwrap();
+    assert_eq!(dropped, 1);
+    assert!(e
+        .tokenizer
+        .decode(&ids)
+        .unwrap()
+        .starts_with("system\nbe nice"));
+}
+
+#[tokio::test]
+async fn a_prompt_that_cannot_fit_fails_clearly() {
+    let h = handle();
+    let (s, _, _) = collect(&h, req(vec![user(&"w".repeat(400))], 10)).await;
+    assert_eq!(s.finish_reason, FinishReason::Error);
+    assert!(
+        s.error.as_deref().unwrap_or("").contains("context"),
+        "{:?}",
+        s.error
+    );
+}
+
+#[test]
+fn unsupported_architectures_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny::write(dir.path(), "mamba");
+    match engine::load(path, EngineOptions::default()) {
+        Err(EngineError::UnsupportedArchitecture(a)) => assert_eq!(a, "mamba"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("loaded a mamba model"),
+    }
+    let e = engine::load("/nonexistent.gguf".into(), EngineOptions::default())
+        .err()
+        .expect("error");
+    assert!(e.to_string().contains("/nonexistent.gguf"), "{e}");
+}

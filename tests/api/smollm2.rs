@@ -1,0 +1,186 @@
+//! The engine with the real SmolLM2-135M-Instruct file (CI fetches it with models/fetch):
+//! tokenizer, chat template, coherent deterministic greedy output, repeatable sampling.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use confab::domain::Role;
+use confab::engine::{
+    self, ChatMessage, EngineHandle, EngineOptions, FinishReason, GenerateRequest, GenerationEvent,
+    GenerationSummary, SamplingParams,
+};
+
+fn model_path() -> PathBuf {
+    let p = std::env::var_os("CONFAB_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+            ))
+        });
+    assert!(
+        p.is_file(),
+        "{} is missing: run ./models/fetch (CI does)",
+        p.display()
+    );
+    p
+}
+
+/// One engine for all tests of this file (loading takes a second).
+fn engine() -> &'static EngineHandle {
+    static E: OnceLock<EngineHandle> = OnceLock::new();
+    E.get_or_init(|| engine::load(model_path(), EngineOptions::default()).expect("load SmolLM2"))
+}
+
+fn loaded() -> &'static engine::LoadedEngine {
+    static E: OnceLock<engine::LoadedEngine> = OnceLock::new();
+    E.get_or_init(|| {
+        engine::LoadedEngine::open(&model_path(), &EngineOptions::default()).expect("open")
+    })
+}
+
+fn msg(role: Role, content: &str) -> ChatMessage {
+    ChatMessage {
+        role,
+        content: content.to_string(),
+    }
+}
+
+pub async fn run(req: GenerateRequest) -> (GenerationSummary, Vec<String>) {
+    let mut g = engine().generate(req).expect("queued");
+    let mut deltas = Vec::new();
+    while let Some(ev) = g.events.recv().await {
+        match ev {
+            GenerationEvent::Delta { text, index } => {
+                assert_eq!(index, deltas.len());
+                deltas.push(text);
+            }
+            GenerationEvent::Finished(s) => return (s, deltas),
+            GenerationEvent::Started { .. } => {}
+        }
+    }
+    panic!("stream ended without Finished");
+}
+
+fn greedy() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+        repeat_penalty: 1.0,
+        repeat_last_n: 0,
+        seed: 0,
+    }
+}
+
+#[test]
+fn tokenizer_matches_the_model() {
+    let t = &loaded().tokenizer;
+    // Pinned ids (the Hugging Face tokenizer of SmolLM2 gives the same).
+    assert_eq!(t.encode("Hello, world!").unwrap(), vec![19556, 28, 905, 17]);
+    assert_eq!(
+        t.encode("<|im_start|>user\nHi<|im_end|>\n").unwrap(),
+        vec![1, 4093, 198, 26843, 2, 198]
+    );
+    assert_eq!(
+        t.encode("2024").unwrap().len(),
+        4,
+        "digits are split one by one"
+    );
+    for text in [
+        "The quick brown fox jumps over the lazy dog.",
+        "fn main() {\n    println!(\"{}\", 1 + 2);\n}\n",
+        "Emoji: 🎉🚀👩‍💻 done",
+        "中文测试，日本語のテキスト、한국어",
+        "  leading and trailing spaces  ",
+    ] {
+        let ids = t.encode(text).unwrap();
+        assert_eq!(t.decode(&ids).unwrap(), text, "round trip of {text:?}");
+    }
+}
+
+#[test]
+fn chat_template_renders_exactly() {
+    use confab::engine::template::TemplateMessage;
+    let m = |r: &str, c: &str| TemplateMessage {
+        role: r.into(),
+        content: c.into(),
+    };
+    let p = loaded()
+        .template
+        .render(
+            &[
+                m("system", "Be brief."),
+                m("user", "Hi"),
+                m("assistant", "Hello!"),
+                m("user", "2+2?"),
+            ],
+            true,
+        )
+        .unwrap();
+    assert_eq!(
+        p,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // Without a system message the model's template inserts its default one.
+    let p = loaded().template.render(&[m("user", "Hi")], true).unwrap();
+    assert!(
+        p.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"),
+        "{p}"
+    );
+}
+
+#[tokio::test]
+async fn greedy_answer_is_coherent_and_deterministic() {
+    let req = GenerateRequest {
+        messages: vec![msg(Role::User, "What is the capital of France?")],
+        sampling: greedy(),
+        max_tokens: 48,
+        stop: vec![],
+    };
+    let (a, deltas) = run(req.clone()).await;
+    let (b, _) = run(req).await;
+    assert_eq!(a.text, b.text, "greedy output repeats");
+    assert_eq!(deltas.concat(), a.text);
+    assert!(a.text.contains("Paris"), "{:?}", a.text);
+    assert!(
+        !a.text.contains("<|im") && !a.text.contains("<|endoftext"),
+        "{:?}",
+        a.text
+    );
+    assert_eq!(
+        a.finish_reason,
+        FinishReason::Stop,
+        "ends its turn: {:?}",
+        a.text
+    );
+    assert!(a.completion_tokens < 48);
+    assert!(a.prompt_tokens > 10);
+    assert!(a.time_to_first_token.is_some());
+}
+
+#[tokio::test]
+async fn seeded_sampling_repeats() {
+    let req = |seed| GenerateRequest {
+        messages: vec![
+            msg(Role::System, "You are a poet."),
+            msg(Role::User, "Write a line about the sea."),
+        ],
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_k: Some(50),
+            top_p: Some(0.95),
+            repeat_penalty: 1.1,
+            repeat_last_n: 64,
+            seed,
+        },
+        max_tokens: 24,
+        stop: vec![],
+    };
+    let (a, _) = run(req(42)).await;
+    let (b, _) = run(req(42)).await;
+    assert_eq!(a.text, b.text);
+    let (c, _) = run(req(43)).await;
+    assert_ne!(a.text, c.text, "another seed, another line");
+}

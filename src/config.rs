@@ -95,6 +95,9 @@ pub struct ModelArgs {
     /// Prompt tokens processed per step; cancellation is noticed between steps.
     #[arg(long, env = "CONFAB_PREFILL_CHUNK", default_value_t = 256)]
     pub prefill_chunk: usize,
+    /// CPU threads for the model (default: all cores).
+    #[arg(long, env = "CONFAB_THREADS")]
+    pub threads: Option<usize>,
 }
 
 impl ModelArgs {
@@ -103,6 +106,7 @@ impl ModelArgs {
             device: self.device.clone(),
             max_context: self.max_context,
             prefill_chunk: self.prefill_chunk,
+            threads: self.threads,
             ..Default::default()
         }
     }

@@ -100,14 +100,7 @@ pub fn run(
     let t0 = Instant::now();
     let engine = LoadedEngine::open(model, opts)?;
     let load_seconds = t0.elapsed().as_secs_f64();
-    let greedy = SamplingParams {
-        temperature: 0.0,
-        top_k: None,
-        top_p: None,
-        repeat_penalty: 1.0,
-        repeat_last_n: 0,
-        seed: 0,
-    };
+    let greedy = SamplingParams::greedy();
     let (mut pp, mut tg, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
     // One untimed warm-up of each kind.
     for rep in 0..=cfg.reps {

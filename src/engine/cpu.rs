@@ -115,6 +115,34 @@ fn matrix<R: Read + Seek>(
     QMat::from_qtensor(&t)
 }
 
+/// Dot product with eight independent accumulators, so the compiler can vectorise it
+/// (a plain `sum()` must keep the sequential order and stays scalar).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `out += w * v`.
+#[inline]
+fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
+    for (o, x) in out.iter_mut().zip(v) {
+        *o += w * x;
+    }
+}
+
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     let s = 1.0 / (ms + eps).sqrt();
@@ -317,10 +345,7 @@ impl CpuLlama {
             let qh = &q[i * d + head * hd..i * d + (head + 1) * hd];
             let len = pos0 + i + 1;
             let mut scores: Vec<f32> = (0..len)
-                .map(|p| {
-                    let kp = &cache.k[base + p * hd..base + (p + 1) * hd];
-                    qh.iter().zip(kp).map(|(a, b)| a * b).sum::<f32>() * scale
-                })
+                .map(|p| dot(qh, &cache.k[base + p * hd..base + (p + 1) * hd]) * scale)
                 .collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0;
@@ -330,9 +355,7 @@ impl CpuLlama {
             }
             o.fill(0.0);
             for (p, sc) in scores.iter().enumerate() {
-                let w = sc / sum;
-                let vp = &cache.v[base + p * hd..base + (p + 1) * hd];
-                o.iter_mut().zip(vp).for_each(|(a, b)| *a += w * b);
+                axpy(o, sc / sum, &cache.v[base + p * hd..base + (p + 1) * hd]);
             }
         };
         // `out` is n × n_head × head_dim: one chunk per (query, head).

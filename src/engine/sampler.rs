@@ -35,6 +35,20 @@ impl Default for SamplingParams {
     }
 }
 
+impl SamplingParams {
+    /// Always the most likely token, no penalties: deterministic, for tests and benchmarks.
+    pub fn greedy() -> SamplingParams {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            repeat_penalty: 1.0,
+            repeat_last_n: 0,
+            seed: 0,
+        }
+    }
+}
+
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,

@@ -33,6 +33,8 @@ pub struct EngineOptions {
     pub prefill_chunk: usize,
     /// Requests waiting for the engine before new ones are refused.
     pub queue_capacity: usize,
+    /// CPU threads for the model (default: all cores).
+    pub threads: Option<usize>,
 }
 
 impl Default for EngineOptions {
@@ -42,6 +44,7 @@ impl Default for EngineOptions {
             max_context: None,
             prefill_chunk: 256,
             queue_capacity: 64,
+            threads: None,
         }
     }
 }
@@ -308,41 +311,58 @@ impl LoadedEngine {
     }
 }
 
+/// The threads the model computes on: `threads`, or one per core.
+pub fn model_pool(threads: Option<usize>) -> Result<rayon::ThreadPool, EngineError> {
+    let threads = threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("confab-model-{i}"))
+        .build()
+        .map_err(|e| EngineError::Model(format!("cannot start the model threads: {e}")))
+}
+
 /// Loads the model on a new thread and starts the engine loop there. Returns once the
 /// model is loaded (or failed to load).
 pub fn load(path: PathBuf, opts: EngineOptions) -> Result<EngineHandle, EngineError> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(opts.queue_capacity.max(1));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ModelInfo, EngineError>>();
+    let pool = model_pool(opts.threads)?;
     std::thread::Builder::new()
         .name("confab-engine".into())
         .spawn(move || {
-            let t0 = Instant::now();
-            let engine = match LoadedEngine::open(&path, &opts) {
-                Ok(e) => e,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
+            // The loop runs on one of the pool's own threads: the matrix products it starts
+            // then split between that thread and the others without a hand-off per call.
+            pool.install(move || {
+                let t0 = Instant::now();
+                let engine = match LoadedEngine::open(&path, &opts) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let info = ModelInfo {
+                    name: engine.model.spec().name.clone().unwrap_or_else(|| {
+                        path.file_stem()
+                            .map(|s| s.to_string_lossy().into_owned())
+                            .unwrap_or_default()
+                    }),
+                    architecture: engine.model.spec().architecture.clone(),
+                    context_length: engine.context_length,
+                    load_time: t0.elapsed(),
+                    device: opts.device.clone(),
+                };
+                let _ = ready_tx.send(Ok(info));
+                // Runs until every handle is dropped.
+                while let Ok(job) = rx.recv() {
+                    if job.cancel.is_cancelled() || job.events.is_closed() {
+                        continue;
+                    }
+                    engine.run(job);
                 }
-            };
-            let info = ModelInfo {
-                name: engine.model.spec().name.clone().unwrap_or_else(|| {
-                    path.file_stem()
-                        .map(|s| s.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                }),
-                architecture: engine.model.spec().architecture.clone(),
-                context_length: engine.context_length,
-                load_time: t0.elapsed(),
-                device: opts.device.clone(),
-            };
-            let _ = ready_tx.send(Ok(info));
-            // Runs until every handle is dropped.
-            while let Ok(job) = rx.recv() {
-                if job.cancel.is_cancelled() || job.events.is_closed() {
-                    continue;
-                }
-                engine.run(job);
-            }
+            })
         })
         .map_err(|e| EngineError::Model(format!("cannot start the engine thread: {e}")))?;
     let info = ready_rx.recv().map_err(|_| EngineError::Stopped)??;

@@ -37,21 +37,10 @@ fn user(text: &str) -> ChatMessage {
     }
 }
 
-fn greedy() -> SamplingParams {
-    SamplingParams {
-        temperature: 0.0,
-        top_k: None,
-        top_p: None,
-        repeat_penalty: 1.0,
-        repeat_last_n: 0,
-        seed: 0,
-    }
-}
-
 fn req(messages: Vec<ChatMessage>, max_tokens: usize) -> GenerateRequest {
     GenerateRequest {
         messages,
-        sampling: greedy(),
+        sampling: SamplingParams::greedy(),
         max_tokens,
         stop: vec![],
     }
@@ -273,4 +262,40 @@ fn unsupported_architectures_are_refused_by_name() {
         .err()
         .expect("error");
     assert!(e.to_string().contains("/nonexistent.gguf"), "{e}");
+}
+
+/// The candle model (used on GPUs) runs on the CPU too; it must agree with the CPU path.
+#[test]
+fn candle_path_agrees_with_the_cpu_path() {
+    use confab::engine::gguf::GgufFile;
+    use confab::engine::llama::Llama;
+    use confab::engine::model::Model;
+    let path = &fixture().path;
+    let (file, mut reader) = GgufFile::open(path).unwrap();
+    let cpu = Model::load(&file, &mut reader, &candle_core::Device::Cpu).unwrap();
+    let (file, mut reader) = GgufFile::open(path).unwrap();
+    let candle = Model::Device(Llama::load(&file, &mut reader, &candle_core::Device::Cpu).unwrap());
+    let tokens = [72u32, 101, 108, 108, 111, 32, 256, 257];
+    for model_steps in [
+        vec![&tokens[..]],
+        vec![&tokens[..5], &tokens[5..6], &tokens[6..]],
+    ] {
+        let mut c1 = cpu.new_cache(32).unwrap();
+        let mut c2 = candle.new_cache(32).unwrap();
+        let (mut a, mut b) = (vec![], vec![]);
+        for chunk in model_steps {
+            a = cpu.forward(chunk, &mut c1).unwrap();
+            b = candle.forward(chunk, &mut c2).unwrap();
+        }
+        assert_eq!(c1.len(), tokens.len());
+        assert_eq!(c2.len(), tokens.len());
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        // candle rounds activations to 8 bits; on this small random model that stays within a
+        // few percent.
+        assert!(diff <= 0.05 * scale, "max diff {diff} vs scale {scale}");
+    }
 }

@@ -63,17 +63,6 @@ pub async fn run(req: GenerateRequest) -> (GenerationSummary, Vec<String>) {
     panic!("stream ended without Finished");
 }
 
-fn greedy() -> SamplingParams {
-    SamplingParams {
-        temperature: 0.0,
-        top_k: None,
-        top_p: None,
-        repeat_penalty: 1.0,
-        repeat_last_n: 0,
-        seed: 0,
-    }
-}
-
 #[test]
 fn tokenizer_matches_the_model() {
     let t = &loaded().tokenizer;
@@ -135,7 +124,7 @@ fn chat_template_renders_exactly() {
 async fn greedy_answer_is_coherent_and_deterministic() {
     let req = GenerateRequest {
         messages: vec![msg(Role::User, "What is the capital of France?")],
-        sampling: greedy(),
+        sampling: SamplingParams::greedy(),
         max_tokens: 48,
         stop: vec![],
     };

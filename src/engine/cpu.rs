@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::gguf::{GgufFile, ModelSpec};
 use super::kernels::QMat;
+use super::team::Team;
 use super::EngineError;
 
 /// Projections of the same input, run as one matrix when their formats allow.
@@ -29,15 +30,15 @@ impl Fused {
     }
 
     /// `out` is n × (sum of the parts' rows), the parts side by side in each row.
-    fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+    fn matmul(&self, x: &[f32], n: usize, out: &mut [f32], team: &Team) {
         match self {
-            Fused::One(m) => m.matmul(x, n, out),
+            Fused::One(m) => m.matmul(x, n, out, team),
             Fused::Separate(parts) => {
                 let total: usize = parts.iter().map(QMat::rows).sum();
                 let mut at = 0;
                 for p in parts {
                     let mut tmp = vec![0f32; n * p.rows()];
-                    p.matmul(x, n, &mut tmp);
+                    p.matmul(x, n, &mut tmp, team);
                     for i in 0..n {
                         out[i * total + at..i * total + at + p.rows()]
                             .copy_from_slice(&tmp[i * p.rows()..(i + 1) * p.rows()]);
@@ -78,6 +79,8 @@ pub struct CpuLlama {
     /// cos/sin of position × frequency, `context_length × head_dim/2` each.
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// The threads the matrix products run on.
+    team: Team,
 }
 
 /// One sequence's keys and values.
@@ -152,7 +155,11 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 impl CpuLlama {
-    pub fn load<R: Read + Seek>(file: &GgufFile, reader: &mut R) -> Result<CpuLlama, EngineError> {
+    pub fn load<R: Read + Seek>(
+        file: &GgufFile,
+        reader: &mut R,
+        threads: usize,
+    ) -> Result<CpuLlama, EngineError> {
         let spec = file.spec.clone();
         let embed = matrix(file, reader, "token_embd.weight")?;
         let output = if file.content.tensor_infos.contains_key("output.weight") {
@@ -200,6 +207,7 @@ impl CpuLlama {
             layers,
             cos,
             sin,
+            team: Team::new(threads),
         })
     }
 
@@ -264,7 +272,7 @@ impl CpuLlama {
             for (xi, hi) in x.chunks_exact(d).zip(h.chunks_exact_mut(d)) {
                 rms_norm(xi, &layer.attn_norm, eps, hi);
             }
-            layer.wqkv.matmul(&h, n, &mut qkv);
+            layer.wqkv.matmul(&h, n, &mut qkv, &self.team);
             for i in 0..n {
                 let pos = pos0 + i;
                 let row = &mut qkv[i * qkv_w..(i + 1) * qkv_w];
@@ -280,12 +288,12 @@ impl CpuLlama {
                 }
             }
             self.attention(l, cache, pos0, n, &q, &mut att);
-            layer.wo.matmul(&att, n, &mut tmp);
+            layer.wo.matmul(&att, n, &mut tmp, &self.team);
             x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
             for (xi, hi) in x.chunks_exact(d).zip(h.chunks_exact_mut(d)) {
                 rms_norm(xi, &layer.ffn_norm, eps, hi);
             }
-            layer.w_gate_up.matmul(&h, n, &mut gate_up);
+            layer.w_gate_up.matmul(&h, n, &mut gate_up, &self.team);
             for (a, gu) in act
                 .chunks_exact_mut(s.n_ff)
                 .zip(gate_up.chunks_exact(2 * s.n_ff))
@@ -295,7 +303,7 @@ impl CpuLlama {
                     *o = g / (1.0 + (-g).exp()) * u;
                 }
             }
-            layer.w_down.matmul(&act, n, &mut tmp);
+            layer.w_down.matmul(&act, n, &mut tmp, &self.team);
             x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
         }
         cache.len += n;
@@ -303,7 +311,7 @@ impl CpuLlama {
         rms_norm(&x[(n - 1) * d..], &self.norm, eps, &mut last);
         let out = self.output.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; out.rows()];
-        out.matmul(&last, 1, &mut logits);
+        out.matmul(&last, 1, &mut logits, &self.team);
         Ok(logits)
     }
 

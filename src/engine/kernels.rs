@@ -13,11 +13,17 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
-use rayon::prelude::*;
+
+use super::team::Team;
 
 use super::EngineError;
 
 const QK: usize = 32;
+
+/// The output buffer, shared by the team; each thread writes its own disjoint cells.
+struct SyncPtr(*mut f32);
+// SAFETY: see the writes in `QMat::matmul`: every cell is written by exactly one thread.
+unsafe impl Sync for SyncPtr {}
 
 /// GGML Q4_1 block: `x = d * q + m`, q in 0..16; `qs[j]` holds element j in its low
 /// nibble and element j + 16 in its high nibble.
@@ -250,51 +256,41 @@ impl QMat {
 
     /// `out[i][r] = Σ_c self[r][c] · x[i][c]` for `n` activation rows `x` (n × cols);
     /// `out` is n × rows.
-    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32], team: &Team) {
         let (rows, cols) = (self.rows(), self.cols());
         debug_assert_eq!(x.len(), n * cols);
         debug_assert_eq!(out.len(), n * rows);
-        // Enough rows per task that the scheduling cost stays small.
-        let chunk = (rows / (rayon::current_num_threads() * 8)).clamp(16, 256);
-        if n == 1 {
-            // One task per core: each matrix is small, and waking a thread costs more than a
-            // few hundred rows of work.
-            let per = rows.div_ceil(rayon::current_num_threads().max(1)).max(64);
-            out.par_chunks_mut(per)
-                .enumerate()
-                .for_each(|(ci, o)| self.matvec_rows(ci * per, x, o));
-            return;
-        }
-        // Several activation rows: each task computes a band of output columns for all rows
-        // (so each weight row is dequantized once per band of 4 activation rows).
-        let bands: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(chunk))
-            .into_par_iter()
-            .map(|ci| {
-                let r0 = ci * chunk;
-                let r1 = (r0 + chunk).min(rows);
-                let mut local = vec![0f32; n * (r1 - r0)];
-                let w = r1 - r0;
-                let mut i = 0;
-                while i < n {
-                    let t = (n - i).min(4);
-                    for r in r0..r1 {
-                        let mut acc = [0f32; 4];
-                        self.dot_tile(r, &x[i * cols..(i + t) * cols], t, &mut acc);
-                        for (k, a) in acc[..t].iter().enumerate() {
-                            local[(i + k) * w + (r - r0)] = *a;
-                        }
-                    }
-                    i += t;
-                }
-                (r0, local)
-            })
-            .collect();
-        for (r0, local) in bands {
-            let w = local.len() / n;
-            for i in 0..n {
-                out[i * rows + r0..i * rows + r0 + w].copy_from_slice(&local[i * w..(i + 1) * w]);
+        // Each thread takes one band of weight rows (output columns) for all activation rows.
+        let per = rows.div_ceil(team.size());
+        let out_ptr = SyncPtr(out.as_mut_ptr());
+        team.run(&|tid| {
+            let r0 = (tid * per).min(rows);
+            let r1 = (r0 + per).min(rows);
+            if r0 == r1 {
+                return;
             }
-        }
+            let ptr = &out_ptr;
+            if n == 1 {
+                // SAFETY: bands are disjoint, and `out` outlives `team.run`.
+                let o = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(r0), r1 - r0) };
+                self.matvec_rows(r0, x, o);
+                return;
+            }
+            // Four activation rows at a time, so each weight row is dequantized once per four.
+            let mut i = 0;
+            while i < n {
+                let t = (n - i).min(4);
+                for r in r0..r1 {
+                    let mut acc = [0f32; 4];
+                    self.dot_tile(r, &x[i * cols..(i + t) * cols], t, &mut acc);
+                    for (k, a) in acc[..t].iter().enumerate() {
+                        // SAFETY: column r belongs to this thread's band only.
+                        unsafe { *ptr.0.add((i + k) * rows + r) = *a };
+                    }
+                }
+                i += t;
+            }
+        });
     }
 
     /// `out[k] = row(r0 + k) · x` for one activation row.
@@ -713,7 +709,7 @@ mod tests {
                     .collect();
                 x[5] = 3000.0;
                 let mut out = vec![0f32; n * rows];
-                m.matmul(&x, n, &mut out);
+                m.matmul(&x, n, &mut out, &Team::new(2));
                 let want = reference(&w, &x, rows, cols, n);
                 for (a, b) in out.iter().zip(&want) {
                     // Q4_0 is converted to Q8_0, which is close to but not exactly the source.

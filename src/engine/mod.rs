@@ -21,6 +21,7 @@ pub mod model;
 pub mod sampler;
 pub mod source;
 pub mod stop;
+pub mod team;
 pub mod template;
 pub mod tokenizer;
 mod worker;

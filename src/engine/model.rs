@@ -42,13 +42,15 @@ impl KvCache {
 }
 
 impl Model {
+    /// `threads`: CPU threads for the matrix products (CPU path only).
     pub fn load<R: Read + Seek>(
         file: &GgufFile,
         reader: &mut R,
         device: &Device,
+        threads: usize,
     ) -> Result<Model, EngineError> {
         if device.is_cpu() {
-            Ok(Model::Cpu(CpuLlama::load(file, reader)?))
+            Ok(Model::Cpu(CpuLlama::load(file, reader, threads)?))
         } else {
             Ok(Model::Device(Llama::load(file, reader, device)?))
         }

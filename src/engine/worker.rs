@@ -109,7 +109,7 @@ impl LoadedEngine {
             .map(|(_, t)| t.as_str())
             .unwrap_or("");
         let template = ChatTemplate::new(md_string(md, "tokenizer.chat_template"), bos, eos)?;
-        let model = Model::load(&file, &mut reader, &device)?;
+        let model = Model::load(&file, &mut reader, &device, thread_count(opts.threads))?;
         let context_length = opts.max_context.map_or(model.spec().context_length, |m| {
             m.clamp(1, model.spec().context_length)
         });
@@ -311,11 +311,16 @@ impl LoadedEngine {
     }
 }
 
+/// `threads`, or one per core.
+pub fn thread_count(threads: Option<usize>) -> usize {
+    threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1)
+}
+
 /// The threads the model computes on: `threads`, or one per core.
 pub fn model_pool(threads: Option<usize>) -> Result<rayon::ThreadPool, EngineError> {
-    let threads = threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
+    let threads = thread_count(threads);
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("confab-model-{i}"))

@@ -48,13 +48,6 @@ impl Fused {
             }
         }
     }
-
-    fn bytes(&self) -> usize {
-        match self {
-            Fused::One(m) => m.bytes(),
-            Fused::Separate(p) => p.iter().map(QMat::bytes).sum(),
-        }
-    }
 }
 
 struct Layer {
@@ -209,16 +202,6 @@ impl CpuLlama {
             sin,
             team: Team::new(threads),
         })
-    }
-
-    /// Bytes of weights held.
-    pub fn weight_bytes(&self) -> usize {
-        let l: usize = self
-            .layers
-            .iter()
-            .map(|l| l.wqkv.bytes() + l.wo.bytes() + l.w_gate_up.bytes() + l.w_down.bytes())
-            .sum();
-        l + self.embed.bytes() + self.output.as_ref().map_or(0, QMat::bytes)
     }
 
     pub fn new_cache(&self, capacity: usize) -> CpuCache {

@@ -263,19 +263,4 @@ impl Llama {
         }
         Tensor::from_vec(m, (group * seq, kv_len), &self.device)
     }
-
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-}
-
-/// The index of the largest logit: greedy decoding. Ties go to the lowest id.
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }

@@ -49,6 +49,17 @@ impl SamplingParams {
     }
 }
 
+/// The index of the largest logit: greedy decoding. Ties go to the lowest id.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
@@ -80,7 +91,7 @@ impl Sampler {
             }
         }
         if p.temperature <= 0.0 {
-            return super::llama::argmax(logits);
+            return argmax(logits);
         }
         // Candidates sorted by logit, highest first, cut to top_k.
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();

@@ -216,17 +216,12 @@ impl CpuLlama {
     }
 
     /// Runs `tokens` after what the cache holds; returns the last position's logits.
-    pub fn forward(&self, tokens: &[u32], cache: &mut CpuCache) -> Result<Vec<f32>, EngineError> {
-        if tokens.is_empty() {
-            return Err(EngineError::Model(
-                "forward needs at least one token".into(),
-            ));
-        }
-        if cache.len + tokens.len() > cache.capacity {
-            return Err(EngineError::ContextFull {
-                capacity: cache.capacity,
-            });
-        }
+    /// Reached through `Model::forward`, which checks the chunk is non-empty and fits.
+    pub(super) fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut CpuCache,
+    ) -> Result<Vec<f32>, EngineError> {
         let s = &self.spec;
         let vocab = self.embed.rows();
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {

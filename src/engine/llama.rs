@@ -168,18 +168,12 @@ impl Llama {
     }
 
     /// Runs `tokens` (appended after what the cache holds) and returns the logits of the
-    /// last one.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, EngineError> {
-        if tokens.is_empty() {
-            return Err(EngineError::Model(
-                "forward needs at least one token".into(),
-            ));
-        }
-        if cache.len + tokens.len() > cache.capacity {
-            return Err(EngineError::ContextFull {
-                capacity: cache.capacity,
-            });
-        }
+    /// last one. Reached through `Model::forward`, which checks the chunk is non-empty and fits.
+    pub(super) fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>, EngineError> {
         self.forward_inner(tokens, cache).map_err(model_err)
     }
 

@@ -72,6 +72,17 @@ impl Model {
 
     /// Runs `tokens` after what `cache` holds and returns the last position's logits.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, EngineError> {
+        // Checked here once for both models, which assume a non-empty chunk that fits.
+        if tokens.is_empty() {
+            return Err(EngineError::Model(
+                "forward needs at least one token".into(),
+            ));
+        }
+        if cache.len() + tokens.len() > cache.capacity() {
+            return Err(EngineError::ContextFull {
+                capacity: cache.capacity(),
+            });
+        }
         match (self, cache) {
             (Model::Cpu(m), KvCache::Cpu(c)) => m.forward(tokens, c),
             (Model::Device(m), KvCache::Device(c)) => m.forward(tokens, c),

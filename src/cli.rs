@@ -87,6 +87,7 @@ async fn serve(db: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
     let settings = ServerSettings {
         limits: (&args.limits).into(),
         auth_cache_ttl: Duration::from_secs(args.auth_cache_ttl_secs),
+        chat: args.chat.settings((&args.limits).into()),
     };
     crate::run(store.clone(), model, settings, listener, shutdown_signal()).await?;
     store.close().await.ok();

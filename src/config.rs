@@ -198,7 +198,73 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
+    pub chat: ChatArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
+}
+
+/// Live chat (WebSocket) settings.
+#[derive(Debug, Clone, Args)]
+pub struct ChatArgs {
+    /// Replies a tenant may have waiting for the model; more get `queue_full`.
+    #[arg(long, env = "CONFAB_QUEUE_PER_TENANT", default_value_t = 16)]
+    pub queue_per_tenant: usize,
+    /// Share of the model's reply slots one tenant may hold (0–1; at least one slot).
+    #[arg(long, env = "CONFAB_TENANT_SLOT_SHARE", default_value_t = 0.5)]
+    pub tenant_slot_share: f64,
+    /// Open WebSocket connections per tenant; more are closed with 4429.
+    #[arg(long, env = "CONFAB_MAX_CONNECTIONS_PER_TENANT", default_value_t = 50)]
+    pub max_connections_per_tenant: usize,
+    /// Messages per second per connection (token bucket; the burst is the same number).
+    #[arg(long, env = "CONFAB_WS_MESSAGES_PER_SECOND", default_value_t = 10)]
+    pub ws_messages_per_second: u32,
+    /// Largest WebSocket text frame in bytes.
+    #[arg(long, env = "CONFAB_WS_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub ws_max_frame_bytes: usize,
+    /// Longest message `content` in characters.
+    #[arg(long, env = "CONFAB_MAX_CONTENT_CHARS", default_value_t = 16 * 1024)]
+    pub max_content_chars: usize,
+    /// `max_tokens` of chats that set none.
+    #[arg(long, env = "CONFAB_DEFAULT_MAX_TOKENS", default_value_t = 512)]
+    pub default_max_tokens: u32,
+    /// Most stored messages a prompt is built from.
+    #[arg(long, env = "CONFAB_HISTORY_MESSAGES", default_value_t = 200)]
+    pub history_messages: u64,
+    /// Milliseconds between saves of a reply's growing text.
+    #[arg(long, env = "CONFAB_SAVE_INTERVAL_MS", default_value_t = 1000)]
+    pub save_interval_ms: u64,
+    /// Seconds of silence before the server pings a socket; three times that and it is dropped.
+    #[arg(long, env = "CONFAB_WS_PING_SECS", default_value_t = 30)]
+    pub ws_ping_secs: u64,
+    /// On shutdown, seconds running replies get to finish.
+    #[arg(long, env = "CONFAB_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl ChatArgs {
+    pub fn settings(&self, limits: Limits) -> crate::chat::ChatSettings {
+        use std::time::Duration;
+        let d = crate::chat::ChatSettings::default();
+        crate::chat::ChatSettings {
+            queue_per_tenant: self.queue_per_tenant,
+            tenant_slot_share: self.tenant_slot_share,
+            max_connections_per_tenant: self.max_connections_per_tenant,
+            messages_per_second: f64::from(self.ws_messages_per_second),
+            message_burst: self.ws_messages_per_second,
+            messages: crate::chat::protocol::MessageLimits {
+                max_frame_bytes: self.ws_max_frame_bytes,
+                max_content_chars: self.max_content_chars,
+                fields: limits,
+            },
+            default_max_tokens: self.default_max_tokens,
+            history_messages: self.history_messages,
+            save_interval: Duration::from_millis(self.save_interval_ms),
+            ping_interval: Duration::from_secs(self.ws_ping_secs.max(1)),
+            idle_timeout: Duration::from_secs(self.ws_ping_secs.max(1) * 3),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            ..d
+        }
+    }
 }
 
 /// Input limits.

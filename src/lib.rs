@@ -10,17 +10,21 @@
 //! - [`credentials`]: API key generation and hashing.
 //! - [`engine`]: the in-process model: GGUF loading, tokenizer, chat template, sampling, the
 //!   engine thread and its handle.
+//! - [`chat`]: live chat over WebSocket: rooms, per-tenant queues, streamed and saved replies.
+//! - [`ratelimit`]: token buckets.
 //!
 //! [`run`] serves the application on a listener until a shutdown future completes: the binary
 //! passes Ctrl-C/SIGTERM, tests pass a oneshot and bind `127.0.0.1:0`.
 
 pub mod api;
+pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod domain;
 pub mod engine;
 pub mod error;
+pub mod ratelimit;
 pub mod store;
 
 use std::future::Future;
@@ -39,6 +43,7 @@ pub struct ServerSettings {
     pub limits: Limits,
     /// How long a key lookup is cached (bounds how long a revoked key keeps working).
     pub auth_cache_ttl: Duration,
+    pub chat: chat::ChatSettings,
 }
 
 impl Default for ServerSettings {
@@ -46,12 +51,16 @@ impl Default for ServerSettings {
         ServerSettings {
             limits: Limits::default(),
             auth_cache_ttl: Duration::from_secs(5),
+            chat: chat::ChatSettings::default(),
         }
     }
 }
 
-/// Serves the API on `listener` until `shutdown` completes, then drains open requests
-/// (for at most 10 seconds).
+/// Serves the API on `listener` until `shutdown` completes. Then: no new connections or
+/// messages, running replies get `chat.shutdown_grace` to finish (the rest are saved as
+/// `interrupted`), sockets are closed with 1001, and open requests drain.
+///
+/// First, replies left `streaming` by a previous process that died are marked `interrupted`.
 pub async fn run(
     store: Store,
     model: engine::ModelSlot,
@@ -59,15 +68,30 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    let interrupted = store
+        .interrupt_streaming()
+        .await
+        .map_err(|e| std::io::Error::other(format!("cannot recover unfinished replies: {e}")))?;
+    if interrupted > 0 {
+        tracing::warn!(replies = interrupted, "replies cut off by the last stop marked interrupted");
+    }
     let auth = Authenticator::new(store.clone(), settings.auth_cache_ttl, 100_000);
+    let grace = settings.chat.shutdown_grace;
+    let chat = chat::ChatService::new(store.clone(), model.clone(), settings.chat);
     let state = AppState {
         store,
         auth,
         limits: settings.limits,
         model,
+        chat: chat.clone(),
     };
     let app = api::app(state);
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing running replies");
+        chat.shutdown().await;
+    };
     Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?)
-        .run_with_graceful_shutdown(app, shutdown, Some(Duration::from_secs(10)))
+        .run_with_graceful_shutdown(app, shutdown, Some(grace + Duration::from_secs(10)))
         .await
 }

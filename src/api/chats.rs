@@ -254,6 +254,7 @@ impl ChatsApi {
             .delete_chat(chat_id.0)
             .await
             .map_err(ApiError::for_chat(chat_id.0))?;
+        state.chat.chat_deleted(auth.0, chat_id.0);
         Ok(Deleted::NoContent)
     }
 }

@@ -7,6 +7,7 @@ pub mod dto;
 mod health;
 mod middleware;
 pub mod types;
+mod ws;
 
 pub use auth::Authenticator;
 
@@ -14,6 +15,7 @@ use poem::middleware::{CatchPanic, NormalizePath, TrailingSlash};
 use poem::{Endpoint, EndpointExt, Route};
 use poem_openapi::{OpenApiService, Tags};
 
+use crate::chat::ChatService;
 use crate::domain::Limits;
 use crate::engine::ModelSlot;
 use crate::store::Store;
@@ -26,6 +28,8 @@ pub struct AppState {
     pub limits: Limits,
     /// The model's state; handlers that generate need it `Ready`.
     pub model: ModelSlot,
+    /// Live chat: rooms, queues, replies.
+    pub chat: ChatService,
 }
 
 #[derive(Tags)]
@@ -65,6 +69,7 @@ pub fn app(state: AppState) -> impl Endpoint {
         .nest("/", api)
         .at("/openapi.json", spec)
         .nest("/docs", docs)
+        .at("/ws/chat", poem::get(ws::ws_chat))
         .data(state)
         // `/api/v1/chats/` and `/api/v1/chats` are the same route (the seed documents the
         // former; OpenAPI paths carry no trailing slash).

@@ -176,8 +176,17 @@ pub struct EngineHandle {
 impl EngineHandle {
     /// Queues a generation; fails at once when the queue is full.
     pub fn generate(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
+        self.generate_with(request, CancelToken::default())
+    }
+
+    /// Like [`Self::generate`], stopped by a token the caller already holds (a chat's
+    /// reply can be cancelled before it reaches the engine).
+    pub fn generate_with(
+        &self,
+        request: GenerateRequest,
+        cancel: CancelToken,
+    ) -> Result<Generation, EngineError> {
         let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
-        let cancel = CancelToken::default();
         let job = worker::Job {
             request,
             events: events_tx,

@@ -122,4 +122,77 @@ impl TenantScope<'_> {
             .await
             .map_err(StoreError::from)
     }
+
+    /// The last `limit` messages of a chat, oldest first: the history a prompt is built from.
+    pub async fn recent_messages(
+        &self,
+        chat_id: Uuid,
+        limit: u64,
+    ) -> Result<Vec<Message>, StoreError> {
+        let mut rows = message::Entity::find()
+            .filter(message::Column::TenantId.eq(self.tenant))
+            .filter(message::Column::ChatId.eq(chat_id))
+            .order_by_desc(message::Column::Seq)
+            .limit(limit)
+            .all(self.db)
+            .await?;
+        rows.reverse();
+        rows.into_iter().map(message_from_row).collect()
+    }
+
+    /// Saves a reply's text so far, or its final state: text, status and token counts.
+    /// `NotFound` when the message (or its chat) is gone.
+    pub async fn update_reply(
+        &self,
+        message_id: Uuid,
+        update: ReplyUpdate,
+    ) -> Result<(), StoreError> {
+        let mut q = message::Entity::update_many()
+            .col_expr(message::Column::Content, Expr::value(update.content))
+            .col_expr(
+                message::Column::Status,
+                Expr::value(update.status.as_str().to_string()),
+            )
+            .col_expr(message::Column::UpdatedAt, Expr::value(now()));
+        if let Some((prompt, completion)) = update.usage {
+            q = q
+                .col_expr(message::Column::PromptTokens, Expr::value(prompt))
+                .col_expr(message::Column::CompletionTokens, Expr::value(completion));
+        }
+        let res = q
+            .filter(message::Column::TenantId.eq(self.tenant))
+            .filter(message::Column::Id.eq(message_id))
+            .exec(self.db)
+            .await?;
+        if res.rows_affected == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+}
+
+/// The state of a reply to save.
+#[derive(Debug, Clone)]
+pub struct ReplyUpdate {
+    pub content: String,
+    pub status: MessageStatus,
+    /// Prompt and completion tokens, once known.
+    pub usage: Option<(i32, i32)>,
+}
+
+impl super::Store {
+    /// Marks replies that were streaming when the server stopped as `interrupted` (their
+    /// text, saved as it grew, stays). Run at start-up, before anything can stream.
+    pub async fn interrupt_streaming(&self) -> Result<u64, StoreError> {
+        let res = message::Entity::update_many()
+            .col_expr(
+                message::Column::Status,
+                Expr::value(MessageStatus::Interrupted.as_str().to_string()),
+            )
+            .col_expr(message::Column::UpdatedAt, Expr::value(now()))
+            .filter(message::Column::Status.eq(MessageStatus::Streaming.as_str()))
+            .exec(&self.db)
+            .await?;
+        Ok(res.rows_affected)
+    }
 }

@@ -14,6 +14,7 @@ mod messages;
 
 pub use admin::{KeyInfo, TenantInfo};
 pub use error::StoreError;
+pub use messages::ReplyUpdate;
 
 use std::time::Duration;
 
@@ -29,6 +30,12 @@ pub struct TenantId(Uuid);
 impl TenantId {
     pub fn as_uuid(&self) -> Uuid {
         self.0
+    }
+
+    /// Unit tests of code above the store need ids without a database.
+    #[cfg(test)]
+    pub(crate) fn from_uuid(id: Uuid) -> TenantId {
+        TenantId(id)
     }
 }
 

@@ -1,0 +1,339 @@
+//! `GET /ws/chat`: the WebSocket end of live chat.
+//!
+//! The upgrade is always accepted, even with bad credentials: browsers cannot read the
+//! status of a refused handshake, so the refusal comes as one `error` event followed by a
+//! close frame whose code says what went wrong (4400 bad or missing parameter, 4401 key,
+//! 4404 chat, 4429 too many connections) and whose reason is the error code.
+//!
+//! After that the socket task is a loop over four sources: client frames, the chat room's
+//! events, a ping timer and the server's shutdown phase. Everything a client sends is checked
+//! by `chat::protocol`; the work is done by `chat::ChatService`.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use poem::web::websocket::{CloseCode, Message, WebSocket, WebSocketConfig, WebSocketStream};
+use poem::web::Data;
+use poem::{handler, IntoResponse, Request};
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+use uuid::Uuid;
+
+use super::AppState;
+use crate::chat::protocol::{parse_client_message, ClientMessage, Event, FrameError};
+use crate::chat::{ChatError, ConnectionGuard, Membership, Outbound, Phase};
+use crate::domain::validate_user_id;
+use crate::error::ApiError;
+use crate::ratelimit::TokenBucket;
+use crate::store::TenantId;
+
+/// What the client presented: query parameters first, then `X-…` headers.
+#[derive(Debug, Default)]
+struct Credentials {
+    api_key: Option<String>,
+    user_id: Option<String>,
+    chat_id: Option<String>,
+}
+
+impl Credentials {
+    fn from_request(req: &Request) -> Credentials {
+        let mut c = Credentials::default();
+        if let Some(q) = req.uri().query() {
+            for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+                let slot = match &*k {
+                    "api_key" => &mut c.api_key,
+                    "user_id" => &mut c.user_id,
+                    "chat_id" => &mut c.chat_id,
+                    _ => continue,
+                };
+                slot.get_or_insert_with(|| v.into_owned());
+            }
+        }
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        c.api_key = c.api_key.or_else(|| header("X-API-Key"));
+        c.user_id = c.user_id.or_else(|| header("X-User-ID"));
+        c.chat_id = c.chat_id.or_else(|| header("X-Chat-ID"));
+        c
+    }
+}
+
+/// A refused connection: the event to send and the close code.
+struct Refusal {
+    event: Event,
+    close: u16,
+}
+
+impl Refusal {
+    fn missing(parameter: &'static str) -> Refusal {
+        Refusal {
+            event: Event::error(
+                "missing_parameter",
+                format!(
+                    "{parameter} is required: pass it as a query parameter or as the X-{} header.",
+                    match parameter {
+                        "user_id" => "User-ID",
+                        _ => "Chat-ID",
+                    }
+                ),
+                json!({"parameter": parameter}),
+            ),
+            close: 4400,
+        }
+    }
+
+    fn api(e: ApiError) -> Refusal {
+        let close = match e.code() {
+            "missing_api_key" | "invalid_api_key" => 4401,
+            "chat_not_found" => 4404,
+            "validation_error" => 4400,
+            _ => 1011,
+        };
+        Refusal {
+            event: Event::Error {
+                code: e.code(),
+                message: e.message(),
+                details: serde_json::Value::Object(e.details()),
+            },
+            close,
+        }
+    }
+
+    fn chat(e: ChatError) -> Refusal {
+        let close = match e {
+            ChatError::TooManyConnections { .. } => 4429,
+            ChatError::ChatNotFound | ChatError::Store(crate::store::StoreError::NotFound) => 4404,
+            ChatError::ShuttingDown => 1001,
+            _ => 1011,
+        };
+        Refusal {
+            event: e.to_event(),
+            close,
+        }
+    }
+}
+
+/// An accepted connection.
+struct Session {
+    tenant: TenantId,
+    user_id: String,
+    chat_id: Uuid,
+    user_created: bool,
+    _guard: ConnectionGuard,
+}
+
+async fn open(state: &AppState, creds: Credentials) -> Result<Session, Refusal> {
+    let key = creds
+        .api_key
+        .ok_or_else(|| Refusal::api(ApiError::MissingApiKey))?;
+    let user_id = creds.user_id.ok_or_else(|| Refusal::missing("user_id"))?;
+    let chat_id = creds.chat_id.ok_or_else(|| Refusal::missing("chat_id"))?;
+    let tenant = state.auth.authenticate(&key).await.map_err(Refusal::api)?;
+    validate_user_id("user_id", &user_id).map_err(|e| Refusal {
+        event: Event::error("validation_error", e.to_string(), json!({"parameter": "user_id", "rule": e.rule})),
+        close: 4400,
+    })?;
+    let chat_id = Uuid::parse_str(&chat_id).map_err(|_| Refusal {
+        event: Event::error(
+            "validation_error",
+            "chat_id must be a UUID.",
+            json!({"parameter": "chat_id", "expected": "uuid"}),
+        ),
+        close: 4400,
+    })?;
+    let guard = state.chat.connect(tenant).map_err(Refusal::chat)?;
+    let scope = state.store.tenant(tenant);
+    let chat = scope
+        .get_chat(chat_id)
+        .await
+        .map_err(|e| Refusal::chat(e.into()))?;
+    // Another user's chat is as invisible as another tenant's.
+    if chat.user_id != user_id {
+        return Err(Refusal::chat(ChatError::ChatNotFound));
+    }
+    let user_created = scope
+        .ensure_user(&user_id)
+        .await
+        .map_err(|e| Refusal::chat(e.into()))?;
+    Ok(Session {
+        tenant,
+        user_id,
+        chat_id,
+        user_created,
+        _guard: guard,
+    })
+}
+
+/// The upgrade handler.
+#[handler]
+pub async fn ws_chat(req: &Request, ws: WebSocket, state: Data<&AppState>) -> impl IntoResponse {
+    let creds = Credentials::from_request(req);
+    let state = state.0.clone();
+    let max_frame = state.chat.settings().messages.max_frame_bytes;
+    // Frames a little over the limit are read and answered with `message_too_large`
+    // (the connection stays usable); far larger ones end the connection (1009).
+    let hard_limit = max_frame.saturating_mul(4).max(1024 * 1024);
+    let mut config = WebSocketConfig::default();
+    config.max_message_size = Some(hard_limit);
+    config.max_frame_size = Some(hard_limit);
+    ws.config(config).on_upgrade(move |socket| async move {
+        run_socket(state, creds, socket).await;
+    })
+}
+
+async fn send(sink: &mut (impl SinkExt<Message> + Unpin), event: &Event) -> bool {
+    sink.send(Message::Text(event.to_json())).await.is_ok()
+}
+
+async fn close(sink: &mut (impl SinkExt<Message> + Unpin), code: u16, reason: &str) {
+    let _ = sink
+        .send(Message::Close(Some((CloseCode::from(code), reason.to_string()))))
+        .await;
+}
+
+async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream) {
+    let (mut sink, mut stream) = socket.split();
+    let session = match open(&state, creds).await {
+        Ok(s) => s,
+        Err(r) => {
+            let reason = match &r.event {
+                Event::Error { code, .. } => *code,
+                _ => "error",
+            };
+            send(&mut sink, &r.event).await;
+            close(&mut sink, r.close, reason).await;
+            return;
+        }
+    };
+    let service = state.chat.clone();
+    let established = Event::ConnectionEstablished {
+        user_id: session.user_id.clone(),
+        chat_id: session.chat_id,
+        tenant_id: session.tenant.as_uuid(),
+    };
+    if !send(&mut sink, &established).await {
+        return;
+    }
+    if session.user_created
+        && !send(&mut sink, &Event::UserCreated { user_id: session.user_id.clone() }).await
+    {
+        return;
+    }
+    let (mut membership, catch_up): (Membership, _) = service.join(session.tenant, session.chat_id);
+    for e in catch_up {
+        if !send(&mut sink, &e).await {
+            return;
+        }
+    }
+    let settings = service.settings().clone();
+    let room = membership.room.clone();
+    let mut bucket = TokenBucket::new(settings.messages_per_second, settings.message_burst);
+    let mut phase = service.phase();
+    let mut last_heard = Instant::now();
+    let tick = settings.ping_interval.min(settings.idle_timeout).max(Duration::from_millis(50));
+    let mut ticker = tokio::time::interval(tick);
+    ticker.reset();
+    loop {
+        tokio::select! {
+            frame = stream.next() => {
+                let Some(Ok(frame)) = frame else { break };
+                last_heard = Instant::now();
+                let reply = match frame {
+                    Message::Text(text) => {
+                        match parse_client_message(&text, &settings.messages) {
+                            Err(e) => Some(e.into_event()),
+                            Ok(ClientMessage::Cancel) => service.cancel(&room).err().map(|e| e.to_event()),
+                            Ok(other) => match bucket.take() {
+                                Err(wait) => Some(rate_limited(wait, &settings)),
+                                Ok(()) => match other {
+                                    ClientMessage::Ping => Some(Event::Pong),
+                                    ClientMessage::Message { content, metadata } => service
+                                        .submit(&room, content, metadata)
+                                        .await
+                                        .err()
+                                        .map(|e| e.to_event()),
+                                    ClientMessage::Cancel => None,
+                                },
+                            },
+                        }
+                    }
+                    Message::Binary(data) => Some(
+                        if data.len() > settings.messages.max_frame_bytes {
+                            FrameError::too_large(data.len(), &settings.messages)
+                        } else {
+                            FrameError::binary()
+                        }
+                        .into_event(),
+                    ),
+                    Message::Close(_) => break,
+                    Message::Ping(_) | Message::Pong(_) => None,
+                };
+                if let Some(event) = reply {
+                    if !send(&mut sink, &event).await {
+                        break;
+                    }
+                }
+            }
+            out = membership.events.recv() => match out {
+                Ok(Outbound::Event(json)) => {
+                    if sink.send(Message::Text(json.to_string())).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Outbound::Close { code, reason }) => {
+                    close(&mut sink, code, reason).await;
+                    break;
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    // The client reads too slowly to keep up; it can reconnect and catch up.
+                    let event = Event::error(
+                        "slow_consumer",
+                        "The connection fell too far behind the reply stream; reconnect to catch up.",
+                        json!({"missed_events": missed}),
+                    );
+                    send(&mut sink, &event).await;
+                    close(&mut sink, 1008, "slow_consumer").await;
+                    break;
+                }
+                Err(RecvError::Closed) => break,
+            },
+            _ = ticker.tick() => {
+                let quiet = last_heard.elapsed();
+                if quiet >= settings.idle_timeout {
+                    tracing::debug!(chat = %session.chat_id, "dropping a silent socket");
+                    break;
+                }
+                if quiet >= settings.ping_interval && sink.send(Message::Ping(Vec::new())).await.is_err() {
+                    break;
+                }
+            }
+            changed = phase.changed() => {
+                if changed.is_err() || *phase.borrow() == Phase::Closed {
+                    close(&mut sink, 1001, "server_shutdown").await;
+                    break;
+                }
+            }
+        }
+    }
+    drop(membership);
+}
+
+fn rate_limited(wait: Duration, settings: &crate::chat::ChatSettings) -> Event {
+    let retry_after_ms = wait.as_millis().min(u64::MAX as u128) as u64;
+    Event::error(
+        "rate_limited",
+        format!(
+            "Too many messages: at most {} per second on one connection. The message was not processed.",
+            settings.messages_per_second
+        ),
+        json!({
+            "retry_after_ms": retry_after_ms.max(1),
+            "limit_per_second": settings.messages_per_second,
+            "burst": settings.message_burst,
+        }),
+    )
+}

@@ -1,0 +1,553 @@
+//! Live chat: user messages in, streamed replies out, everything saved.
+//!
+//! The [`ChatService`] sits between the WebSocket layer (`api::ws`), the store and the
+//! engine. It owns:
+//! - the rooms ([`room`]): per chat, the sockets watching it and its one reply in progress;
+//! - the [`scheduler`]: per-tenant bounded queues of replies waiting for the engine, served
+//!   least-recently-served tenant first;
+//! - the reply tasks ([`reply`]): build the prompt from the stored history, stream the
+//!   engine's tokens to the room, save the text as it grows and the outcome at the end;
+//! - per-tenant connection counts and the shutdown sequence.
+//!
+//! A reply is not tied to a socket: closing every socket does not stop it, so a client that
+//! reconnects finds it finished in the history. Only `cancel`, deleting the chat or a
+//! shutdown past its grace period stop it.
+
+pub mod protocol;
+mod reply;
+mod room;
+pub mod scheduler;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+use tokio::sync::{broadcast, watch, Notify};
+use uuid::Uuid;
+
+use crate::domain::{MessageStatus, NewMessage, Role};
+use crate::engine::{CancelToken, ModelSlot};
+use crate::store::{Store, StoreError, TenantId};
+use protocol::{Event, MessageLimits};
+pub use room::{Outbound, Room};
+use scheduler::{Scheduler, SchedulerLimits};
+
+/// Settings of live chat; every one has a flag and an environment variable.
+#[derive(Debug, Clone)]
+pub struct ChatSettings {
+    /// Replies generated at the same time.
+    pub slots: usize,
+    /// Replies a tenant may have waiting for the engine.
+    pub queue_per_tenant: usize,
+    /// Share of the slots one tenant may hold (at least one slot).
+    pub tenant_slot_share: f64,
+    /// Open WebSocket connections per tenant.
+    pub max_connections_per_tenant: usize,
+    /// How often a growing reply's text is saved.
+    pub save_interval: Duration,
+    /// Most stored messages a prompt is built from (older ones are not even read).
+    pub history_messages: u64,
+    /// `max_tokens` of chats that set none.
+    pub default_max_tokens: u32,
+    /// On shutdown, how long running replies may take to finish.
+    pub shutdown_grace: Duration,
+    /// Events buffered per socket before a slow one is dropped.
+    pub socket_buffer: usize,
+    pub messages: MessageLimits,
+    /// Messages per second per connection (token bucket), and the burst it allows.
+    pub messages_per_second: f64,
+    pub message_burst: u32,
+    /// The server pings a socket it has not heard from for this long...
+    pub ping_interval: Duration,
+    /// ...and drops it after this long without any frame.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ChatSettings {
+    fn default() -> Self {
+        ChatSettings {
+            slots: 1,
+            queue_per_tenant: 16,
+            tenant_slot_share: 0.5,
+            max_connections_per_tenant: 50,
+            save_interval: Duration::from_secs(1),
+            history_messages: 200,
+            default_max_tokens: 512,
+            shutdown_grace: Duration::from_secs(10),
+            socket_buffer: 4096,
+            messages: MessageLimits {
+                max_frame_bytes: 64 * 1024,
+                max_content_chars: 16 * 1024,
+                fields: Default::default(),
+            },
+            messages_per_second: 10.0,
+            message_burst: 10,
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+impl ChatSettings {
+    fn scheduler_limits(&self) -> SchedulerLimits {
+        let slots = self.slots.max(1);
+        let share = (slots as f64 * self.tenant_slot_share.clamp(0.0, 1.0)).floor() as usize;
+        SchedulerLimits {
+            slots,
+            queue_per_tenant: self.queue_per_tenant.max(1),
+            max_running_per_tenant: share.clamp(1, slots),
+        }
+    }
+}
+
+/// Why a client's request was refused. Each has a stable code; the connection stays open.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error("a reply is already being generated in this chat")]
+    GenerationInProgress,
+    #[error("the tenant's reply queue is full")]
+    QueueFull { capacity: usize },
+    #[error("the model is not loaded")]
+    ModelNotReady,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("the chat does not exist")]
+    ChatNotFound,
+    #[error("no reply to cancel")]
+    NothingToCancel,
+    #[error("too many connections")]
+    TooManyConnections { limit: usize },
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl ChatError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ChatError::GenerationInProgress => "generation_in_progress",
+            ChatError::QueueFull { .. } => "queue_full",
+            ChatError::ModelNotReady => "model_not_ready",
+            ChatError::ShuttingDown => "shutting_down",
+            ChatError::ChatNotFound | ChatError::Store(StoreError::NotFound) => "chat_not_found",
+            ChatError::NothingToCancel => "nothing_to_cancel",
+            ChatError::TooManyConnections { .. } => "too_many_connections",
+            ChatError::Store(StoreError::Unavailable(_)) => "database_unavailable",
+            ChatError::Store(_) => "internal_error",
+        }
+    }
+
+    /// The error as an `error` event; internals are logged, not sent.
+    pub fn to_event(&self) -> Event {
+        let (message, details): (String, Value) = match self {
+            ChatError::GenerationInProgress => (
+                "A reply is being generated in this chat; wait for it to end or cancel it. The message was not saved.".into(),
+                json!({}),
+            ),
+            ChatError::QueueFull { capacity } => (
+                "Too many replies are waiting for this tenant; try again shortly. The message was not saved.".into(),
+                json!({"queue_capacity": capacity}),
+            ),
+            ChatError::ModelNotReady => (
+                "The model is not loaded yet; try again shortly. The message was not saved.".into(),
+                json!({}),
+            ),
+            ChatError::ShuttingDown => (
+                "The server is shutting down. The message was not saved.".into(),
+                json!({}),
+            ),
+            ChatError::ChatNotFound | ChatError::Store(StoreError::NotFound) => {
+                ("The chat does not exist (it may have been deleted).".into(), json!({}))
+            }
+            ChatError::NothingToCancel => (
+                "There is no reply in progress in this chat.".into(),
+                json!({}),
+            ),
+            ChatError::TooManyConnections { limit } => (
+                format!("The tenant already has {limit} open connections."),
+                json!({"limit": limit}),
+            ),
+            ChatError::Store(StoreError::Unavailable(_)) => (
+                "The database is unavailable; try again shortly. The message was not saved.".into(),
+                json!({}),
+            ),
+            ChatError::Store(e) => {
+                tracing::error!(error = %e, "chat storage error");
+                ("An internal error occurred; it has been logged.".into(), json!({}))
+            }
+        };
+        Event::Error {
+            code: self.code(),
+            message,
+            details,
+        }
+    }
+}
+
+/// A waiting reply.
+struct Queued {
+    room: Arc<Room>,
+    user_message: Uuid,
+    enqueued_at: Instant,
+}
+
+/// Where the server is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Serving,
+    /// No new messages; running replies get their grace period.
+    Draining,
+    /// Sockets are told to close.
+    Closed,
+}
+
+struct Inner {
+    store: Store,
+    model: ModelSlot,
+    settings: ChatSettings,
+    rooms: Mutex<HashMap<Uuid, Arc<Room>>>,
+    scheduler: Mutex<Scheduler<Queued>>,
+    connections: Mutex<HashMap<TenantId, usize>>,
+    phase: watch::Sender<Phase>,
+    /// Notified whenever a reply ends (shutdown waits on it).
+    reply_ended: Notify,
+}
+
+/// The live chat service; cheap to clone.
+#[derive(Clone)]
+pub struct ChatService(Arc<Inner>);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One open connection of a tenant; dropping it frees the place.
+pub struct ConnectionGuard {
+    service: ChatService,
+    tenant: TenantId,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let mut c = lock(&self.service.0.connections);
+        if let Some(n) = c.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// A socket's membership of a room; dropping it leaves.
+pub struct Membership {
+    service: ChatService,
+    pub room: Arc<Room>,
+    pub events: broadcast::Receiver<Outbound>,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.room.lock().sockets -= 1;
+        self.service.forget_room_if_idle(&self.room);
+    }
+}
+
+impl ChatService {
+    pub fn new(store: Store, model: ModelSlot, settings: ChatSettings) -> ChatService {
+        let scheduler = Scheduler::new(settings.scheduler_limits());
+        ChatService(Arc::new(Inner {
+            store,
+            model,
+            settings,
+            rooms: Mutex::new(HashMap::new()),
+            scheduler: Mutex::new(scheduler),
+            connections: Mutex::new(HashMap::new()),
+            phase: watch::channel(Phase::Serving).0,
+            reply_ended: Notify::new(),
+        }))
+    }
+
+    pub fn settings(&self) -> &ChatSettings {
+        &self.0.settings
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.0.store
+    }
+
+    /// Follows the server's phase (sockets close when it becomes `Closed`).
+    pub fn phase(&self) -> watch::Receiver<Phase> {
+        self.0.phase.subscribe()
+    }
+
+    /// Counts a new connection of `tenant`, refusing it over the limit.
+    pub fn connect(&self, tenant: TenantId) -> Result<ConnectionGuard, ChatError> {
+        if *self.0.phase.borrow() != Phase::Serving {
+            return Err(ChatError::ShuttingDown);
+        }
+        let limit = self.0.settings.max_connections_per_tenant;
+        let mut c = lock(&self.0.connections);
+        let n = c.entry(tenant).or_insert(0);
+        if *n >= limit {
+            return Err(ChatError::TooManyConnections { limit });
+        }
+        *n += 1;
+        Ok(ConnectionGuard {
+            service: self.clone(),
+            tenant,
+        })
+    }
+
+    /// Joins a chat's room (the caller checked the chat belongs to the tenant and user).
+    /// Returns the membership and the events that bring the socket up to date.
+    pub fn join(&self, tenant: TenantId, chat_id: Uuid) -> (Membership, Vec<Event>) {
+        let room = {
+            let mut rooms = lock(&self.0.rooms);
+            rooms
+                .entry(chat_id)
+                .or_insert_with(|| {
+                    Arc::new(Room::new(tenant, chat_id, self.0.settings.socket_buffer))
+                })
+                .clone()
+        };
+        let (events, catch_up) = room.join();
+        (
+            Membership {
+                service: self.clone(),
+                room,
+                events,
+            },
+            catch_up,
+        )
+    }
+
+    fn forget_room_if_idle(&self, room: &Arc<Room>) {
+        let mut rooms = lock(&self.0.rooms);
+        let st = room.lock();
+        if st.sockets == 0 && st.reply.is_none() {
+            if let Some(r) = rooms.get(&room.chat_id) {
+                if Arc::ptr_eq(r, room) {
+                    rooms.remove(&room.chat_id);
+                }
+            }
+        }
+    }
+
+    /// Saves a user message and queues its reply. Refused (and not saved) when the chat
+    /// already has a reply in progress, the tenant's queue is full, the model is not
+    /// loaded or the server is stopping.
+    pub async fn submit(
+        &self,
+        room: &Arc<Room>,
+        content: String,
+        metadata: Map<String, Value>,
+    ) -> Result<(), ChatError> {
+        if *self.0.phase.borrow() != Phase::Serving {
+            return Err(ChatError::ShuttingDown);
+        }
+        if self.0.model.engine().is_none() {
+            return Err(ChatError::ModelNotReady);
+        }
+        {
+            let mut st = room.lock();
+            if st.deleted {
+                return Err(ChatError::ChatNotFound);
+            }
+            if st.reply.is_some() {
+                return Err(ChatError::GenerationInProgress);
+            }
+            lock(&self.0.scheduler)
+                .reserve(room.tenant)
+                .map_err(|e| ChatError::QueueFull {
+                    capacity: e.capacity,
+                })?;
+            st.reply = Some(room::Reply {
+                user_message: None,
+                cancel: CancelToken::default(),
+                interrupted: false,
+                queue_position: None,
+                stream: None,
+            });
+        }
+        let saved = self
+            .0
+            .store
+            .tenant(room.tenant)
+            .append_message(
+                room.chat_id,
+                NewMessage {
+                    role: Role::User,
+                    content,
+                    metadata,
+                    status: MessageStatus::Complete,
+                },
+            )
+            .await;
+        let message = match saved {
+            Ok(m) => m,
+            Err(e) => {
+                room.lock().reply = None;
+                lock(&self.0.scheduler).unreserve(room.tenant);
+                self.forget_room_if_idle(room);
+                return Err(e.into());
+            }
+        };
+        {
+            let mut st = room.lock();
+            if let Some(reply) = st.reply.as_mut() {
+                reply.user_message = Some(message.id);
+            }
+            room.send(&Event::MessageReceived {
+                message_id: message.id,
+                chat_id: room.chat_id,
+            });
+        }
+        lock(&self.0.scheduler).enqueue(
+            room.tenant,
+            Queued {
+                room: room.clone(),
+                user_message: message.id,
+                enqueued_at: Instant::now(),
+            },
+        );
+        self.pump();
+        Ok(())
+    }
+
+    /// Cancels the chat's reply: a waiting one ends at once (saved as an empty cancelled
+    /// reply, so every user message gets its start and end events); a streaming one stops
+    /// at the next token, keeping its text.
+    pub fn cancel(&self, room: &Arc<Room>) -> Result<(), ChatError> {
+        let dequeued = {
+            let st = room.lock();
+            let Some(reply) = st.reply.as_ref() else {
+                return Err(ChatError::NothingToCancel);
+            };
+            reply.cancel.cancel();
+            if reply.stream.is_some() {
+                None
+            } else {
+                let chat = room.chat_id;
+                lock(&self.0.scheduler).remove(room.tenant, |q| q.room.chat_id == chat)
+            }
+        };
+        // Not found in the queue: still being saved (`submit` will queue it and the reply
+        // task sees the cancel) or just dispatched (the reply task sees it).
+        if let Some(q) = dequeued {
+            self.spawn_reply(q, false);
+            self.pump();
+        }
+        Ok(())
+    }
+
+    /// The chat was deleted (REST): cancel its reply and close its sockets.
+    pub fn chat_deleted(&self, tenant: TenantId, chat_id: Uuid) {
+        let room = {
+            let mut rooms = lock(&self.0.rooms);
+            match rooms.get(&chat_id) {
+                Some(r) if r.tenant == tenant => rooms.remove(&chat_id),
+                _ => None,
+            }
+        };
+        let Some(room) = room else { return };
+        let dequeued = {
+            let mut st = room.lock();
+            st.deleted = true;
+            if let Some(reply) = &st.reply {
+                reply.cancel.cancel();
+            }
+            room.send(&ChatError::ChatNotFound.to_event());
+            room.close_all(4404, "chat_not_found");
+            lock(&self.0.scheduler).remove(room.tenant, |q| q.room.chat_id == chat_id)
+        };
+        if let Some(q) = dequeued {
+            self.spawn_reply(q, false);
+            self.pump();
+        }
+    }
+
+    /// Starts waiting replies while slots are free, then tells the ones still waiting
+    /// their new places.
+    fn pump(&self) {
+        if *self.0.phase.borrow() != Phase::Serving {
+            return;
+        }
+        let mut started = Vec::new();
+        let mut moved = Vec::new();
+        {
+            let mut sched = lock(&self.0.scheduler);
+            while let Some((_, q)) = sched.next() {
+                started.push(q);
+            }
+            for (q, position) in sched.positions() {
+                moved.push((q.room.clone(), q.user_message, position));
+            }
+        }
+        for q in started {
+            q.room.lock().reply.as_mut().map(|r| r.queue_position = None);
+            self.spawn_reply(q, true);
+        }
+        for (room, user_message, position) in moved {
+            let st = &mut *room.lock();
+            if let Some(reply) = st.reply.as_mut() {
+                if reply.queue_position != Some(position) && reply.stream.is_none() {
+                    reply.queue_position = Some(position);
+                    room.send(&Event::MessageQueued {
+                        message_id: user_message,
+                        position,
+                    });
+                }
+            }
+        }
+    }
+
+    fn spawn_reply(&self, q: Queued, holds_slot: bool) {
+        let service = self.clone();
+        tokio::spawn(async move {
+            let room = q.room.clone();
+            // Ends the room's reply on every path.
+            reply::run(&service, q).await;
+            if holds_slot {
+                lock(&service.0.scheduler).finish(room.tenant);
+            }
+            service.forget_room_if_idle(&room);
+            service.0.reply_ended.notify_waiters();
+            service.pump();
+        });
+    }
+
+    /// Stops taking messages, gives running replies `shutdown_grace` to finish, then
+    /// stops the rest (saved as `interrupted`) and closes every socket with 1001.
+    pub async fn shutdown(&self) {
+        self.0.phase.send_replace(Phase::Draining);
+        let deadline = tokio::time::Instant::now() + self.0.settings.shutdown_grace;
+        let mut interrupted = false;
+        loop {
+            let ended = self.0.reply_ended.notified();
+            let busy = lock(&self.0.rooms)
+                .values()
+                .any(|r| r.lock().reply.as_ref().is_some_and(|r| r.stream.is_some()))
+                || lock(&self.0.scheduler).running() > 0;
+            // A reply stuck on the database gets a few more seconds, not forever.
+            if !busy || tokio::time::Instant::now() >= deadline + Duration::from_secs(5) {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline && !interrupted {
+                interrupted = true;
+                for room in lock(&self.0.rooms).values() {
+                    if let Some(reply) = room.lock().reply.as_mut() {
+                        reply.interrupted = true;
+                        reply.cancel.cancel();
+                    }
+                }
+            }
+            // Re-check at least every 100 ms: replies end on their own threads.
+            let _ = tokio::time::timeout(Duration::from_millis(100), ended).await;
+        }
+        self.0.phase.send_replace(Phase::Closed);
+        for room in lock(&self.0.rooms).values() {
+            room.close_all(1001, "server_shutdown");
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! The WebSocket protocol's vocabulary: the events the server sends and the messages a
+//! client may send, with the parser that turns a text frame into one (or a precise error).
+//!
+//! Kept free of I/O so it can be tested (and fuzzed) on its own.
+
+use chrono::{SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use crate::domain::{validate_metadata, Limits};
+
+/// Token counts of a reply.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// How long a reply waited and how fast it came.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Timings {
+    /// From the user message being queued to the reply starting.
+    pub queue_ms: u64,
+    /// From the reply starting to its first token (prompt processing); null if none came.
+    pub time_to_first_token_ms: Option<u64>,
+    pub tokens_per_second: f64,
+}
+
+/// A server event. Serialized with its `event_type` and a `timestamp` by [`Event::to_json`].
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event_type", rename_all = "snake_case")]
+pub enum Event {
+    ConnectionEstablished {
+        user_id: String,
+        chat_id: Uuid,
+        tenant_id: Uuid,
+    },
+    UserCreated {
+        user_id: String,
+    },
+    /// The user message is saved.
+    MessageReceived {
+        message_id: Uuid,
+        chat_id: Uuid,
+    },
+    /// The reply to `message_id` (a user message) waits; `position` 1 is next.
+    MessageQueued {
+        message_id: Uuid,
+        position: usize,
+    },
+    MessageStreamStarted {
+        message_id: Uuid,
+        chat_id: Uuid,
+        reply_to: Uuid,
+    },
+    /// `index` counts deltas from 0. A socket that joins mid-reply first gets the text so
+    /// far as one token event carrying the index of the last delta it covers.
+    MessageStreamToken {
+        message_id: Uuid,
+        token: String,
+        index: usize,
+    },
+    MessageStreamEnded {
+        message_id: Uuid,
+        content: String,
+        finish_reason: &'static str,
+        usage: Usage,
+        timings: Timings,
+    },
+    Pong,
+    Error {
+        code: &'static str,
+        message: String,
+        details: Value,
+    },
+}
+
+#[derive(Serialize)]
+struct Stamped<'a> {
+    #[serde(flatten)]
+    event: &'a Event,
+    timestamp: String,
+}
+
+impl Event {
+    /// The event as one JSON text frame, stamped with the current time (RFC 3339, UTC,
+    /// milliseconds).
+    pub fn to_json(&self) -> String {
+        let stamped = Stamped {
+            event: self,
+            timestamp: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+        };
+        // Serializing plain structs, strings and numbers cannot fail.
+        serde_json::to_string(&stamped).unwrap_or_else(|_| "{}".into())
+    }
+
+    pub fn error(code: &'static str, message: impl Into<String>, details: Value) -> Event {
+        Event::Error {
+            code,
+            message: message.into(),
+            details,
+        }
+    }
+}
+
+/// What a client asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientMessage {
+    /// A user message to save and answer.
+    Message {
+        content: String,
+        metadata: Map<String, Value>,
+    },
+    /// Stop the chat's reply (queued or streaming).
+    Cancel,
+    Ping,
+}
+
+/// Input bounds of client messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageLimits {
+    /// Largest text frame, in bytes.
+    pub max_frame_bytes: usize,
+    /// Longest `content`, in characters.
+    pub max_content_chars: usize,
+    /// Bounds of `metadata` (shared with the REST API).
+    pub fields: Limits,
+}
+
+/// Why a client frame was refused; the connection stays open.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrameError {
+    pub code: &'static str,
+    pub message: String,
+    pub details: Value,
+}
+
+impl FrameError {
+    fn new(code: &'static str, message: impl Into<String>, details: Value) -> FrameError {
+        FrameError {
+            code,
+            message: message.into(),
+            details,
+        }
+    }
+
+    pub fn into_event(self) -> Event {
+        Event::Error {
+            code: self.code,
+            message: self.message,
+            details: self.details,
+        }
+    }
+
+    /// A binary frame: the protocol is JSON text only.
+    pub fn binary() -> FrameError {
+        FrameError::new(
+            "unsupported_message",
+            "Binary frames are not supported; send JSON text frames.",
+            json!({"frame": "binary"}),
+        )
+    }
+
+    pub fn too_large(bytes: usize, limits: &MessageLimits) -> FrameError {
+        FrameError::new(
+            "message_too_large",
+            format!(
+                "The frame is {bytes} bytes; at most {} are accepted.",
+                limits.max_frame_bytes
+            ),
+            json!({"bytes": bytes, "max_bytes": limits.max_frame_bytes}),
+        )
+    }
+}
+
+/// Parses one text frame.
+pub fn parse_client_message(
+    text: &str,
+    limits: &MessageLimits,
+) -> Result<ClientMessage, FrameError> {
+    if text.len() > limits.max_frame_bytes {
+        return Err(FrameError::too_large(text.len(), limits));
+    }
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        FrameError::new(
+            "invalid_json",
+            format!("The message is not valid JSON: {e}."),
+            json!({"line": e.line(), "column": e.column()}),
+        )
+    })?;
+    let Value::Object(mut obj) = value else {
+        return Err(FrameError::new(
+            "validation_error",
+            "A message must be a JSON object such as {\"content\": \"Hello\"}.",
+            json!({"field": "", "expected": "object"}),
+        ));
+    };
+    match obj.get("type") {
+        None => {}
+        Some(Value::String(t)) if t == "message" => {}
+        Some(Value::String(t)) if t == "cancel" => return Ok(ClientMessage::Cancel),
+        Some(Value::String(t)) if t == "ping" => return Ok(ClientMessage::Ping),
+        Some(other) => {
+            return Err(FrameError::new(
+                "unsupported_message",
+                format!("Unknown message type {other}; use \"message\", \"cancel\" or \"ping\"."),
+                json!({"field": "type", "supported": ["message", "cancel", "ping"]}),
+            ))
+        }
+    }
+    let content = match obj.remove("content") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s,
+        Some(Value::String(_)) => {
+            return Err(FrameError::new(
+                "validation_error",
+                "content must not be empty.",
+                json!({"field": "content", "min_chars": 1}),
+            ))
+        }
+        None | Some(Value::Null) => {
+            return Err(FrameError::new(
+                "validation_error",
+                "content is required: send {\"content\": \"…\"}.",
+                json!({"field": "content", "expected": "string"}),
+            ))
+        }
+        Some(_) => {
+            return Err(FrameError::new(
+                "validation_error",
+                "content must be a string.",
+                json!({"field": "content", "expected": "string"}),
+            ))
+        }
+    };
+    let chars = content.chars().count();
+    if chars > limits.max_content_chars {
+        return Err(FrameError::new(
+            "content_too_long",
+            format!(
+                "content is {chars} characters; at most {} are accepted.",
+                limits.max_content_chars
+            ),
+            json!({"field": "content", "chars": chars, "max_chars": limits.max_content_chars}),
+        ));
+    }
+    let metadata = match obj.remove("metadata") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            return Err(FrameError::new(
+                "validation_error",
+                "metadata must be a JSON object.",
+                json!({"field": "metadata", "expected": "object"}),
+            ))
+        }
+    };
+    validate_metadata(&limits.fields, &metadata).map_err(|e| {
+        FrameError::new(
+            "validation_error",
+            e.to_string(),
+            json!({"field": e.field, "rule": e.rule}),
+        )
+    })?;
+    Ok(ClientMessage::Message { content, metadata })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> MessageLimits {
+        MessageLimits {
+            max_frame_bytes: 1000,
+            max_content_chars: 10,
+            fields: Limits::default(),
+        }
+    }
+
+    fn code(text: &str) -> &'static str {
+        parse_client_message(text, &limits()).unwrap_err().code
+    }
+
+    #[test]
+    fn parses_the_three_kinds() {
+        let m = parse_client_message(r#"{"content":"héllo","metadata":{"a":1}}"#, &limits());
+        assert_eq!(
+            m.unwrap(),
+            ClientMessage::Message {
+                content: "héllo".into(),
+                metadata: json!({"a": 1}).as_object().unwrap().clone()
+            }
+        );
+        assert!(matches!(
+            parse_client_message(r#"{"type":"message","content":"x"}"#, &limits()),
+            Ok(ClientMessage::Message { .. })
+        ));
+        assert_eq!(
+            parse_client_message(r#"{"type":"cancel"}"#, &limits()),
+            Ok(ClientMessage::Cancel)
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"ping"}"#, &limits()),
+            Ok(ClientMessage::Ping)
+        );
+    }
+
+    #[test]
+    fn each_bad_input_has_its_code() {
+        assert_eq!(code("{"), "invalid_json");
+        assert_eq!(code("[1]"), "validation_error");
+        assert_eq!(code(r#"{"metadata":{}}"#), "validation_error");
+        assert_eq!(code(r#"{"content":""}"#), "validation_error");
+        assert_eq!(code(r#"{"content":"  \n"}"#), "validation_error");
+        assert_eq!(code(r#"{"content":5}"#), "validation_error");
+        assert_eq!(code(r#"{"content":"x","metadata":[1]}"#), "validation_error");
+        assert_eq!(code(r#"{"content":"01234567890"}"#), "content_too_long");
+        assert_eq!(code(r#"{"type":"shout","content":"x"}"#), "unsupported_message");
+        assert_eq!(code(r#"{"type":7}"#), "unsupported_message");
+        assert_eq!(code(&format!(r#"{{"content":"{}"}}"#, "x".repeat(1000))), "message_too_large");
+    }
+
+    #[test]
+    fn events_carry_type_and_millisecond_utc_timestamp() {
+        let e = Event::MessageQueued {
+            message_id: Uuid::nil(),
+            position: 2,
+        };
+        let v: Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(v["event_type"], "message_queued");
+        assert_eq!(v["position"], 2);
+        let ts = v["timestamp"].as_str().unwrap();
+        assert!(ts.ends_with('Z') && ts.len() == 24, "{ts}");
+        let v: Value = serde_json::from_str(&Event::Pong.to_json()).unwrap();
+        assert_eq!(v["event_type"], "pong");
+    }
+}

@@ -1,0 +1,300 @@
+//! One reply, from the moment it leaves the queue to its saved end.
+//!
+//! Order of things: read the chat's settings and history; save the assistant message as
+//! `streaming` (so the stream has an id and a crash leaves a row to mark `interrupted`);
+//! announce the stream; relay the engine's deltas to the room, saving the text at least every
+//! `save_interval`; save the outcome; announce the end. Every path ends the room's reply.
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde_json::{json, Map};
+use uuid::Uuid;
+
+use super::protocol::{Event, Timings, Usage};
+use super::room::Streamed;
+use super::{ChatService, Queued};
+use crate::domain::{Chat, Message, MessageStatus, NewMessage, Role};
+use crate::engine::{
+    CancelToken, ChatMessage, FinishReason, GenerateRequest, GenerationEvent, SamplingParams,
+};
+use crate::store::{ReplyUpdate, StoreError, TenantScope};
+
+/// How a reply ended.
+struct Outcome {
+    finish: FinishReason,
+    text: String,
+    usage: Usage,
+    time_to_first_token: Option<Duration>,
+    tokens_per_second: f64,
+}
+
+impl Outcome {
+    fn empty(finish: FinishReason) -> Outcome {
+        Outcome {
+            finish,
+            text: String::new(),
+            usage: Usage {
+                prompt_tokens: 0,
+                completion_tokens: 0,
+            },
+            time_to_first_token: None,
+            tokens_per_second: 0.0,
+        }
+    }
+}
+
+/// The chat's settings as engine parameters (server defaults where the chat sets none).
+fn request_for(chat: &Chat, history: Vec<Message>, default_max_tokens: u32) -> GenerateRequest {
+    let c = &chat.config;
+    let d = SamplingParams::default();
+    let sampling = SamplingParams {
+        temperature: c.temperature.map_or(d.temperature, |t| t as f32),
+        top_k: match c.top_k {
+            Some(0) => None,
+            Some(k) => Some(k as usize),
+            None => d.top_k,
+        },
+        top_p: c.top_p.map(|p| p as f32).or(d.top_p),
+        repeat_penalty: c.repeat_penalty.map_or(d.repeat_penalty, |p| p as f32),
+        repeat_last_n: d.repeat_last_n,
+        seed: c.seed.unwrap_or_else(|| rand::rng().random()),
+    };
+    let mut messages = Vec::with_capacity(history.len() + 1);
+    if let Some(system) = c.system_prompt.as_ref().filter(|s| !s.is_empty()) {
+        messages.push(ChatMessage {
+            role: Role::System,
+            content: system.clone(),
+        });
+    }
+    // Replies that produced no text (failed, cancelled at once) would only confuse the model.
+    messages.extend(
+        history
+            .into_iter()
+            .filter(|m| !(m.role == Role::Assistant && m.content.is_empty()))
+            .map(|m| ChatMessage {
+                role: m.role,
+                content: m.content,
+            }),
+    );
+    GenerateRequest {
+        messages,
+        sampling,
+        max_tokens: c.max_tokens.unwrap_or(default_max_tokens).max(1) as usize,
+        stop: c.stop.clone().unwrap_or_default(),
+    }
+}
+
+/// Runs the reply of `q` to its end.
+pub(super) async fn run(service: &ChatService, q: Queued) {
+    let room = q.room.clone();
+    let queue_ms = q.enqueued_at.elapsed().as_millis() as u64;
+    let scope = service.store().tenant(room.tenant);
+    let cancel = match room.lock().reply.as_ref() {
+        Some(r) => r.cancel.clone(),
+        None => return,
+    };
+    let chat_and_history = async {
+        let chat = scope.get_chat(room.chat_id).await?;
+        let history = scope
+            .recent_messages(room.chat_id, service.settings().history_messages)
+            .await?;
+        let message = scope
+            .append_message(
+                room.chat_id,
+                NewMessage {
+                    role: Role::Assistant,
+                    content: String::new(),
+                    metadata: Map::new(),
+                    status: MessageStatus::Streaming,
+                },
+            )
+            .await?;
+        Ok::<_, StoreError>((chat, history, message.id))
+    }
+    .await;
+    let (chat, history, message_id) = match chat_and_history {
+        Ok(x) => x,
+        Err(e) => {
+            // No assistant message could be saved: the user message stays unanswered and
+            // the client is told why.
+            let mut st = room.lock();
+            st.reply = None;
+            if !st.deleted {
+                if !matches!(e, StoreError::NotFound) {
+                    tracing::warn!(chat = %room.chat_id, error = %e, "reply could not start");
+                }
+                room.send(&super::ChatError::Store(e).to_event());
+            }
+            return;
+        }
+    };
+    {
+        let mut st = room.lock();
+        let reply_to = q.user_message;
+        if let Some(r) = st.reply.as_mut() {
+            r.queue_position = None;
+            r.stream = Some(Streamed {
+                message_id,
+                text: String::new(),
+                next_index: 0,
+            });
+        }
+        room.send(&Event::MessageStreamStarted {
+            message_id,
+            chat_id: room.chat_id,
+            reply_to,
+        });
+    }
+    let request = request_for(&chat, history, service.settings().default_max_tokens);
+    let outcome = stream(service, &q, &scope, message_id, request, &cancel).await;
+    let interrupted = room.lock().reply.as_ref().is_some_and(|r| r.interrupted);
+    let status = match outcome.finish {
+        _ if interrupted => MessageStatus::Interrupted,
+        FinishReason::Stop | FinishReason::Length => MessageStatus::Complete,
+        FinishReason::Cancelled => MessageStatus::Cancelled,
+        FinishReason::Error => MessageStatus::Failed,
+    };
+    let saved = scope
+        .update_reply(
+            message_id,
+            ReplyUpdate {
+                content: outcome.text.clone(),
+                status,
+                usage: Some((
+                    outcome.usage.prompt_tokens as i32,
+                    outcome.usage.completion_tokens as i32,
+                )),
+            },
+        )
+        .await;
+    if let Err(e) = &saved {
+        if !matches!(e, StoreError::NotFound) {
+            tracing::error!(chat = %room.chat_id, message = %message_id, error = %e, "reply not saved");
+        }
+    }
+    let mut st = room.lock();
+    st.reply = None;
+    if st.deleted {
+        return;
+    }
+    if let Err(e) = saved {
+        room.send(&super::ChatError::Store(e).to_event());
+    }
+    room.send(&Event::MessageStreamEnded {
+        message_id,
+        content: outcome.text,
+        finish_reason: outcome.finish.as_str(),
+        usage: outcome.usage,
+        timings: Timings {
+            queue_ms,
+            time_to_first_token_ms: outcome.time_to_first_token.map(|d| d.as_millis() as u64),
+            tokens_per_second: (outcome.tokens_per_second * 10.0).round() / 10.0,
+        },
+    });
+}
+
+/// Relays the engine's deltas to the room and saves the growing text.
+async fn stream(
+    service: &ChatService,
+    q: &Queued,
+    scope: &TenantScope<'_>,
+    message_id: Uuid,
+    request: GenerateRequest,
+    cancel: &CancelToken,
+) -> Outcome {
+    let room = &q.room;
+    if cancel.is_cancelled() {
+        return Outcome::empty(FinishReason::Cancelled);
+    }
+    let Some(engine) = service.0.model.engine() else {
+        room.send(&Event::error(
+            "model_not_ready",
+            "The model is not loaded; the reply failed.",
+            json!({}),
+        ));
+        return Outcome::empty(FinishReason::Error);
+    };
+    let mut generation = match engine.generate_with(request, cancel.clone()) {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!(chat = %room.chat_id, error = %e, "engine refused a reply");
+            room.send(&Event::error(
+                "generation_failed",
+                format!("The model could not start the reply: {e}."),
+                json!({}),
+            ));
+            return Outcome::empty(FinishReason::Error);
+        }
+    };
+    let interval = service.settings().save_interval;
+    let mut last_save = Instant::now();
+    let mut saving = true;
+    while let Some(event) = generation.events.recv().await {
+        match event {
+            GenerationEvent::Started { .. } => {}
+            GenerationEvent::Delta { text, .. } => {
+                let snapshot = {
+                    let mut st = room.lock();
+                    let Some(s) = st.reply.as_mut().and_then(|r| r.stream.as_mut()) else {
+                        continue;
+                    };
+                    s.text.push_str(&text);
+                    let index = s.next_index;
+                    s.next_index += 1;
+                    room.send(&Event::MessageStreamToken {
+                        message_id,
+                        token: text,
+                        index,
+                    });
+                    (saving && last_save.elapsed() >= interval).then(|| s.text.clone())
+                };
+                if let Some(content) = snapshot {
+                    last_save = Instant::now();
+                    let update = ReplyUpdate {
+                        content,
+                        status: MessageStatus::Streaming,
+                        usage: None,
+                    };
+                    if let Err(e) = scope.update_reply(message_id, update).await {
+                        // Gone (chat deleted): stop saving; the cancel is on its way.
+                        saving = !matches!(e, StoreError::NotFound);
+                        tracing::warn!(chat = %room.chat_id, error = %e, "partial reply not saved");
+                    }
+                }
+            }
+            GenerationEvent::Finished(summary) => {
+                if let Some(error) = &summary.error {
+                    tracing::error!(chat = %room.chat_id, error = %error, "generation failed");
+                    room.send(&Event::error(
+                        "generation_failed",
+                        format!("The model failed while replying: {error}."),
+                        json!({}),
+                    ));
+                }
+                return Outcome {
+                    finish: summary.finish_reason,
+                    text: summary.text,
+                    usage: Usage {
+                        prompt_tokens: summary.prompt_tokens,
+                        completion_tokens: summary.completion_tokens,
+                    },
+                    time_to_first_token: summary.time_to_first_token,
+                    tokens_per_second: summary.tokens_per_second,
+                };
+            }
+        }
+    }
+    // The engine dropped the stream without a summary (its thread died).
+    let text = room
+        .lock()
+        .reply
+        .as_ref()
+        .and_then(|r| r.stream.as_ref())
+        .map(|s| s.text.clone())
+        .unwrap_or_default();
+    Outcome {
+        text,
+        ..Outcome::empty(FinishReason::Error)
+    }
+}

@@ -1,0 +1,311 @@
+//! Who gets the engine next: one bounded queue of waiting replies per tenant, served
+//! least-recently-served tenant first.
+//!
+//! Plain round-robin over a list of tenants has a flaw: a tenant that was just served goes to
+//! the back, but a tenant that arrives *after* that goes behind it. Ordering by "when was this
+//! tenant last given a slot" instead puts a newcomer (never served, or served long ago) ahead
+//! of a tenant that is working through a backlog, so one tenant's backlog delays another's
+//! reply by at most the replies already running. Tenants with backlogs alternate.
+//!
+//! Pure bookkeeping, no I/O and no locks: the chat service wraps it in a mutex.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::store::TenantId;
+
+/// How many replies may wait and run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerLimits {
+    /// Replies generated at the same time (the engine's capacity).
+    pub slots: usize,
+    /// Replies one tenant may have waiting (reserved ones included).
+    pub queue_per_tenant: usize,
+    /// Slots one tenant may hold at once.
+    pub max_running_per_tenant: usize,
+}
+
+/// The tenant's queue is full: the new reply is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueFull {
+    pub capacity: usize,
+}
+
+#[derive(Debug)]
+struct TenantQueue<T> {
+    waiting: VecDeque<T>,
+    /// Places promised to replies whose user message is still being saved.
+    reserved: usize,
+    running: usize,
+    /// Value of the dispatch counter when this tenant last got a slot (0: never).
+    last_served: u64,
+    /// Tie-break among tenants never served: first come, first served.
+    arrival: u64,
+}
+
+/// Per-tenant queues of items `T` (one per waiting reply), keyed by `K` for removal.
+#[derive(Debug)]
+pub struct Scheduler<T> {
+    limits: SchedulerLimits,
+    tenants: HashMap<TenantId, TenantQueue<T>>,
+    running: usize,
+    dispatched: u64,
+    arrivals: u64,
+}
+
+impl<T> Scheduler<T> {
+    pub fn new(limits: SchedulerLimits) -> Scheduler<T> {
+        Scheduler {
+            limits: SchedulerLimits {
+                slots: limits.slots.max(1),
+                queue_per_tenant: limits.queue_per_tenant.max(1),
+                max_running_per_tenant: limits.max_running_per_tenant.max(1),
+            },
+            tenants: HashMap::new(),
+            running: 0,
+            dispatched: 0,
+            arrivals: 0,
+        }
+    }
+
+    pub fn limits(&self) -> SchedulerLimits {
+        self.limits
+    }
+
+    fn tenant(&mut self, tenant: TenantId) -> &mut TenantQueue<T> {
+        let arrivals = &mut self.arrivals;
+        self.tenants.entry(tenant).or_insert_with(|| {
+            *arrivals += 1;
+            TenantQueue {
+                waiting: VecDeque::new(),
+                reserved: 0,
+                running: 0,
+                last_served: 0,
+                arrival: *arrivals,
+            }
+        })
+    }
+
+    /// Promises a place in the tenant's queue (the item follows with [`Self::enqueue`] or
+    /// the promise is taken back with [`Self::unreserve`]).
+    pub fn reserve(&mut self, tenant: TenantId) -> Result<(), QueueFull> {
+        let capacity = self.limits.queue_per_tenant;
+        let q = self.tenant(tenant);
+        if q.waiting.len() + q.reserved >= capacity {
+            return Err(QueueFull { capacity });
+        }
+        q.reserved += 1;
+        Ok(())
+    }
+
+    pub fn unreserve(&mut self, tenant: TenantId) {
+        if let Some(q) = self.tenants.get_mut(&tenant) {
+            q.reserved = q.reserved.saturating_sub(1);
+        }
+        self.forget_idle(tenant);
+    }
+
+    /// Turns a reservation into a waiting item.
+    pub fn enqueue(&mut self, tenant: TenantId, item: T) {
+        let q = self.tenant(tenant);
+        q.reserved = q.reserved.saturating_sub(1);
+        q.waiting.push_back(item);
+    }
+
+    /// The next item to run, if a slot is free: from the eligible tenant served least
+    /// recently. The slot stays taken until [`Self::finish`].
+    pub fn next(&mut self) -> Option<(TenantId, T)> {
+        if self.running >= self.limits.slots {
+            return None;
+        }
+        let cap = self.limits.max_running_per_tenant;
+        let tenant = self
+            .tenants
+            .iter()
+            .filter(|(_, q)| !q.waiting.is_empty() && q.running < cap)
+            .min_by_key(|(_, q)| (q.last_served, q.arrival))
+            .map(|(t, _)| *t)?;
+        self.dispatched += 1;
+        self.running += 1;
+        let stamp = self.dispatched;
+        let q = self.tenants.get_mut(&tenant)?;
+        q.running += 1;
+        q.last_served = stamp;
+        q.waiting.pop_front().map(|item| (tenant, item))
+    }
+
+    /// A running item of `tenant` ended; its slot is free.
+    pub fn finish(&mut self, tenant: TenantId) {
+        if let Some(q) = self.tenants.get_mut(&tenant) {
+            q.running = q.running.saturating_sub(1);
+            self.running = self.running.saturating_sub(1);
+        }
+        self.forget_idle(tenant);
+    }
+
+    /// Takes a waiting item out (its reply was cancelled before it started).
+    pub fn remove(&mut self, tenant: TenantId, matches: impl Fn(&T) -> bool) -> Option<T> {
+        let q = self.tenants.get_mut(&tenant)?;
+        let at = q.waiting.iter().position(matches)?;
+        let item = q.waiting.remove(at);
+        self.forget_idle(tenant);
+        item
+    }
+
+    /// Drops the bookkeeping of a tenant with nothing waiting, reserved or running, so the
+    /// map does not grow with every tenant ever seen. Its `last_served` goes too, which only
+    /// ever moves it ahead: a tenant idle long enough to be forgotten deserves the next slot.
+    fn forget_idle(&mut self, tenant: TenantId) {
+        if let Some(q) = self.tenants.get(&tenant) {
+            if q.waiting.is_empty() && q.reserved == 0 && q.running == 0 {
+                self.tenants.remove(&tenant);
+            }
+        }
+    }
+
+    /// Replies running now.
+    pub fn running(&self) -> usize {
+        self.running
+    }
+
+    /// Replies waiting, all tenants together.
+    pub fn waiting(&self) -> usize {
+        self.tenants.values().map(|q| q.waiting.len()).sum()
+    }
+
+    /// Every waiting item with its place in line (1 = next), in that order, assuming no
+    /// new arrivals: the order [`Self::next`] would hand them out.
+    pub fn positions(&self) -> Vec<(&T, usize)> {
+        let mut cursors: Vec<(u64, u64, &TenantQueue<T>, usize)> = self
+            .tenants
+            .values()
+            .filter(|q| !q.waiting.is_empty())
+            .map(|q| (q.last_served, q.arrival, q, 0))
+            .collect();
+        let mut out = Vec::with_capacity(self.waiting());
+        let mut stamp = self.dispatched;
+        loop {
+            let Some(best) = cursors
+                .iter_mut()
+                .filter(|c| c.3 < c.2.waiting.len())
+                .min_by_key(|c| (c.0, c.1))
+            else {
+                break;
+            };
+            stamp += 1;
+            best.0 = stamp;
+            out.push((&best.2.waiting[best.3], out.len() + 1));
+            best.3 += 1;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn tenant() -> TenantId {
+        TenantId::from_uuid(Uuid::new_v4())
+    }
+
+    fn limits(slots: usize, queue: usize, share: usize) -> SchedulerLimits {
+        SchedulerLimits {
+            slots,
+            queue_per_tenant: queue,
+            max_running_per_tenant: share,
+        }
+    }
+
+    fn push<T>(s: &mut Scheduler<T>, t: TenantId, item: T) {
+        s.reserve(t).unwrap();
+        s.enqueue(t, item);
+    }
+
+    #[test]
+    fn a_newcomer_goes_before_a_backlog() {
+        let (a, b) = (tenant(), tenant());
+        let mut s = Scheduler::new(limits(1, 16, 1));
+        for i in 0..16 {
+            push(&mut s, a, ("a", i));
+        }
+        assert_eq!(s.next(), Some((a, ("a", 0))));
+        assert!(s.next().is_none(), "one slot");
+        push(&mut s, b, ("b", 0));
+        let pos = s.positions();
+        assert_eq!(pos[0], (&("b", 0), 1), "b is next: {pos:?}");
+        s.finish(a);
+        assert_eq!(s.next(), Some((b, ("b", 0))));
+        s.finish(b);
+        assert_eq!(s.next(), Some((a, ("a", 1))));
+    }
+
+    #[test]
+    fn backlogs_alternate() {
+        let (a, b) = (tenant(), tenant());
+        let mut s = Scheduler::new(limits(1, 16, 1));
+        for i in 0..3 {
+            push(&mut s, a, ('a', i));
+            push(&mut s, b, ('b', i));
+        }
+        let predicted: Vec<_> = s.positions().into_iter().map(|(x, _)| *x).collect();
+        let mut got = vec![];
+        while let Some((t, item)) = s.next() {
+            got.push(item);
+            s.finish(t);
+        }
+        assert_eq!(got, predicted);
+        assert_eq!(
+            got.iter().map(|x| x.0).collect::<String>(),
+            "ababab",
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn queue_is_bounded_and_reservations_count() {
+        let a = tenant();
+        let mut s: Scheduler<u32> = Scheduler::new(limits(1, 2, 1));
+        s.reserve(a).unwrap();
+        s.reserve(a).unwrap();
+        assert_eq!(s.reserve(a), Err(QueueFull { capacity: 2 }));
+        s.unreserve(a);
+        s.reserve(a).unwrap();
+        s.enqueue(a, 1);
+        s.enqueue(a, 2);
+        assert!(s.reserve(a).is_err());
+        assert_eq!(s.next(), Some((a, 1)));
+        s.reserve(a).unwrap();
+    }
+
+    #[test]
+    fn a_tenant_holds_at_most_its_share_of_slots() {
+        let (a, b) = (tenant(), tenant());
+        let mut s = Scheduler::new(limits(4, 16, 2));
+        for i in 0..5 {
+            push(&mut s, a, i);
+        }
+        assert!(s.next().is_some());
+        assert!(s.next().is_some());
+        assert!(s.next().is_none(), "a holds its two slots, b has nothing");
+        push(&mut s, b, 100);
+        assert_eq!(s.next(), Some((b, 100)));
+        assert_eq!(s.running(), 3);
+        s.finish(a);
+        assert_eq!(s.next().map(|x| x.0), Some(a));
+    }
+
+    #[test]
+    fn removal_and_idle_tenants_are_forgotten() {
+        let a = tenant();
+        let mut s = Scheduler::new(limits(1, 4, 1));
+        push(&mut s, a, 1);
+        push(&mut s, a, 2);
+        assert_eq!(s.next(), Some((a, 1)));
+        assert_eq!(s.remove(a, |x| *x == 2), Some(2));
+        assert_eq!(s.remove(a, |x| *x == 2), None);
+        s.finish(a);
+        assert!(s.tenants.is_empty());
+        assert_eq!(s.running(), 0);
+    }
+}

@@ -98,6 +98,9 @@ pub struct ModelArgs {
     /// CPU threads for the model (default: all cores).
     #[arg(long, env = "CONFAB_THREADS")]
     pub threads: Option<usize>,
+    /// Testing aid: at most one generated token per this many milliseconds.
+    #[arg(long, env = "CONFAB_DEBUG_TOKEN_INTERVAL_MS", hide = true)]
+    pub debug_token_interval_ms: Option<u64>,
 }
 
 impl ModelArgs {
@@ -107,6 +110,9 @@ impl ModelArgs {
             max_context: self.max_context,
             prefill_chunk: self.prefill_chunk,
             threads: self.threads,
+            min_token_interval: self
+                .debug_token_interval_ms
+                .map(std::time::Duration::from_millis),
             ..Default::default()
         }
     }

@@ -73,7 +73,10 @@ pub async fn run(
         .await
         .map_err(|e| std::io::Error::other(format!("cannot recover unfinished replies: {e}")))?;
     if interrupted > 0 {
-        tracing::warn!(replies = interrupted, "replies cut off by the last stop marked interrupted");
+        tracing::warn!(
+            replies = interrupted,
+            "replies cut off by the last stop marked interrupted"
+        );
     }
     let auth = Authenticator::new(store.clone(), settings.auth_cache_ttl, 100_000);
     let grace = settings.chat.shutdown_grace;

@@ -134,7 +134,11 @@ async fn open(state: &AppState, creds: Credentials) -> Result<Session, Refusal> 
     let chat_id = creds.chat_id.ok_or_else(|| Refusal::missing("chat_id"))?;
     let tenant = state.auth.authenticate(&key).await.map_err(Refusal::api)?;
     validate_user_id("user_id", &user_id).map_err(|e| Refusal {
-        event: Event::error("validation_error", e.to_string(), json!({"parameter": "user_id", "rule": e.rule})),
+        event: Event::error(
+            "validation_error",
+            e.to_string(),
+            json!({"parameter": "user_id", "rule": e.rule}),
+        ),
         close: 4400,
     })?;
     let chat_id = Uuid::parse_str(&chat_id).map_err(|_| Refusal {
@@ -191,7 +195,10 @@ async fn send(sink: &mut (impl SinkExt<Message> + Unpin), event: &Event) -> bool
 
 async fn close(sink: &mut (impl SinkExt<Message> + Unpin), code: u16, reason: &str) {
     let _ = sink
-        .send(Message::Close(Some((CloseCode::from(code), reason.to_string()))))
+        .send(Message::Close(Some((
+            CloseCode::from(code),
+            reason.to_string(),
+        ))))
         .await;
 }
 
@@ -219,7 +226,13 @@ async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream
         return;
     }
     if session.user_created
-        && !send(&mut sink, &Event::UserCreated { user_id: session.user_id.clone() }).await
+        && !send(
+            &mut sink,
+            &Event::UserCreated {
+                user_id: session.user_id.clone(),
+            },
+        )
+        .await
     {
         return;
     }
@@ -234,11 +247,39 @@ async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream
     let mut bucket = TokenBucket::new(settings.messages_per_second, settings.message_burst);
     let mut phase = service.phase();
     let mut last_heard = Instant::now();
-    let tick = settings.ping_interval.min(settings.idle_timeout).max(Duration::from_millis(50));
+    let tick = settings
+        .ping_interval
+        .min(settings.idle_timeout)
+        .max(Duration::from_millis(50));
     let mut ticker = tokio::time::interval(tick);
     ticker.reset();
     loop {
         tokio::select! {
+            // Room events first: what a reply said before a close must reach the client.
+            biased;
+            out = membership.events.recv() => match out {
+                Ok(Outbound::Event(json)) => {
+                    if sink.send(Message::Text(json.to_string())).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Outbound::Close { code, reason }) => {
+                    close(&mut sink, code, reason).await;
+                    break;
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    // The client reads too slowly to keep up; it can reconnect and catch up.
+                    let event = Event::error(
+                        "slow_consumer",
+                        "The connection fell too far behind the reply stream; reconnect to catch up.",
+                        json!({"missed_events": missed}),
+                    );
+                    send(&mut sink, &event).await;
+                    close(&mut sink, 1008, "slow_consumer").await;
+                    break;
+                }
+                Err(RecvError::Closed) => break,
+            },
             frame = stream.next() => {
                 let Some(Ok(frame)) = frame else { break };
                 last_heard = Instant::now();
@@ -278,29 +319,6 @@ async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream
                     }
                 }
             }
-            out = membership.events.recv() => match out {
-                Ok(Outbound::Event(json)) => {
-                    if sink.send(Message::Text(json.to_string())).await.is_err() {
-                        break;
-                    }
-                }
-                Ok(Outbound::Close { code, reason }) => {
-                    close(&mut sink, code, reason).await;
-                    break;
-                }
-                Err(RecvError::Lagged(missed)) => {
-                    // The client reads too slowly to keep up; it can reconnect and catch up.
-                    let event = Event::error(
-                        "slow_consumer",
-                        "The connection fell too far behind the reply stream; reconnect to catch up.",
-                        json!({"missed_events": missed}),
-                    );
-                    send(&mut sink, &event).await;
-                    close(&mut sink, 1008, "slow_consumer").await;
-                    break;
-                }
-                Err(RecvError::Closed) => break,
-            },
             _ = ticker.tick() => {
                 let quiet = last_heard.elapsed();
                 if quiet >= settings.idle_timeout {
@@ -313,6 +331,12 @@ async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream
             }
             changed = phase.changed() => {
                 if changed.is_err() || *phase.borrow() == Phase::Closed {
+                    // Events sent before the phase changed still go out first.
+                    while let Ok(Outbound::Event(json)) = membership.events.try_recv() {
+                        if sink.send(Message::Text(json.to_string())).await.is_err() {
+                            break;
+                        }
+                    }
                     close(&mut sink, 1001, "server_shutdown").await;
                     break;
                 }

@@ -485,7 +485,11 @@ impl ChatService {
             }
         }
         for q in started {
-            q.room.lock().reply.as_mut().map(|r| r.queue_position = None);
+            q.room
+                .lock()
+                .reply
+                .as_mut()
+                .map(|r| r.queue_position = None);
             self.spawn_reply(q, true);
         }
         for (room, user_message, position) in moved {

@@ -313,11 +313,20 @@ mod tests {
         assert_eq!(code(r#"{"content":""}"#), "validation_error");
         assert_eq!(code(r#"{"content":"  \n"}"#), "validation_error");
         assert_eq!(code(r#"{"content":5}"#), "validation_error");
-        assert_eq!(code(r#"{"content":"x","metadata":[1]}"#), "validation_error");
+        assert_eq!(
+            code(r#"{"content":"x","metadata":[1]}"#),
+            "validation_error"
+        );
         assert_eq!(code(r#"{"content":"01234567890"}"#), "content_too_long");
-        assert_eq!(code(r#"{"type":"shout","content":"x"}"#), "unsupported_message");
+        assert_eq!(
+            code(r#"{"type":"shout","content":"x"}"#),
+            "unsupported_message"
+        );
         assert_eq!(code(r#"{"type":7}"#), "unsupported_message");
-        assert_eq!(code(&format!(r#"{{"content":"{}"}}"#, "x".repeat(1000))), "message_too_large");
+        assert_eq!(
+            code(&format!(r#"{{"content":"{}"}}"#, "x".repeat(1000))),
+            "message_too_large"
+        );
     }
 
     #[test]

@@ -19,10 +19,7 @@ pub enum Outbound {
     /// A serialized event.
     Event(Arc<str>),
     /// Close the socket: the chat is gone or the server stops.
-    Close {
-        code: u16,
-        reason: &'static str,
-    },
+    Close { code: u16, reason: &'static str },
 }
 
 /// A reply in progress (queued or streaming).

@@ -35,6 +35,9 @@ pub struct EngineOptions {
     pub queue_capacity: usize,
     /// CPU threads for the model (default: all cores).
     pub threads: Option<usize>,
+    /// Generate at most one token per this interval. Off in normal use; it makes a tiny
+    /// test model's replies last long enough to cancel, join or kill them mid-stream.
+    pub min_token_interval: Option<std::time::Duration>,
 }
 
 impl Default for EngineOptions {
@@ -45,6 +48,7 @@ impl Default for EngineOptions {
             prefill_chunk: 256,
             queue_capacity: 64,
             threads: None,
+            min_token_interval: None,
         }
     }
 }
@@ -63,6 +67,7 @@ pub struct LoadedEngine {
     pub template: ChatTemplate,
     pub context_length: usize,
     pub prefill_chunk: usize,
+    pub min_token_interval: Option<std::time::Duration>,
 }
 
 /// Parses `cpu`, `cuda`, `cuda:N`.
@@ -119,6 +124,7 @@ impl LoadedEngine {
             template,
             context_length,
             prefill_chunk: opts.prefill_chunk.max(1),
+            min_token_interval: opts.min_token_interval,
         })
     }
 
@@ -287,6 +293,9 @@ impl LoadedEngine {
             }
             if summary.completion_tokens >= max_new || cache.len() >= cache.capacity() {
                 break;
+            }
+            if let Some(pace) = self.min_token_interval {
+                std::thread::sleep(pace);
             }
             logits = self.model.forward(&[token], &mut cache)?;
         }

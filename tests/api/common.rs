@@ -121,13 +121,22 @@ impl TestServer {
     }
 
     pub async fn start_with(backend: Backend, settings: ServerSettings) -> TestServer {
+        let model = confab::engine::ModelSlot::new(confab::engine::ModelStatus::NotConfigured);
+        Self::start_full(backend, settings, model).await
+    }
+
+    /// A server with a model (see `ws::tiny_model`).
+    pub async fn start_full(
+        backend: Backend,
+        settings: ServerSettings,
+        model: confab::engine::ModelSlot,
+    ) -> TestServer {
         let (store, _url, scratch) = fresh_store(backend).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
-        let model = confab::engine::ModelSlot::new(confab::engine::ModelStatus::NotConfigured);
         let task = tokio::spawn(confab::run(
             store.clone(),
             model,

@@ -13,3 +13,4 @@ mod messages;
 mod openapi;
 mod smollm2;
 mod tiny;
+mod ws;

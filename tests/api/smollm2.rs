@@ -10,7 +10,7 @@ use confab::engine::{
     GenerationSummary, SamplingParams,
 };
 
-fn model_path() -> PathBuf {
+pub fn model_path() -> PathBuf {
     let p = std::env::var_os("CONFAB_TEST_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| {

@@ -1,0 +1,674 @@
+//! Live chat over `/ws/chat` with a real WebSocket client against the real server, on
+//! SQLite and PostgreSQL, with the tiny generated model (paced where a reply must last).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use confab::chat::ChatSettings;
+use confab::engine::{self, EngineOptions, ModelSlot, ModelStatus};
+use confab::ServerSettings;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::backend_tests;
+use crate::common::{Backend, TestServer};
+
+/// Bound on every wait for an event.
+const WAIT: Duration = Duration::from_secs(20);
+
+fn tiny_path() -> &'static std::path::Path {
+    static P: OnceLock<(tempfile::TempDir, std::path::PathBuf)> = OnceLock::new();
+    &P.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = crate::tiny::write(dir.path(), "llama");
+        (dir, path)
+    })
+    .1
+}
+
+/// The tiny model, generating at most one token per `pace` (so a reply can be caught
+/// mid-stream).
+pub fn tiny_model(pace: Option<Duration>) -> ModelSlot {
+    let opts = EngineOptions {
+        min_token_interval: pace,
+        threads: Some(1),
+        ..Default::default()
+    };
+    let handle = engine::load(tiny_path().to_path_buf(), opts).expect("load tiny model");
+    ModelSlot::new(ModelStatus::Ready(handle))
+}
+
+fn settings(chat: ChatSettings) -> ServerSettings {
+    ServerSettings {
+        chat,
+        ..Default::default()
+    }
+}
+
+async fn server(b: Backend, chat: ChatSettings, pace: Option<Duration>) -> TestServer {
+    TestServer::start_full(b, settings(chat), tiny_model(pace)).await
+}
+
+/// A chat with greedy decoding and `max_tokens`.
+async fn chat(s: &TestServer, key: &str, user: &str, max_tokens: u32) -> String {
+    let c = s
+        .create_chat(
+            key,
+            json!({"user_id": user, "config": {"temperature": 0, "max_tokens": max_tokens}}),
+        )
+        .await;
+    c["id"].as_str().unwrap().to_string()
+}
+
+pub struct Ws {
+    inner: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// A close frame: code and reason.
+pub type Closed = (u16, String);
+
+impl Ws {
+    pub async fn connect_query(s: &TestServer, query: &str) -> Ws {
+        let url = format!("{}/ws/chat?{query}", s.base.replacen("http", "ws", 1));
+        let (inner, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect in time")
+            .expect("upgrade accepted");
+        Ws { inner }
+    }
+
+    pub async fn connect(s: &TestServer, key: &str, user: &str, chat: &str) -> Ws {
+        Self::connect_query(s, &format!("api_key={key}&user_id={user}&chat_id={chat}")).await
+    }
+
+    async fn connect_headers(s: &TestServer, headers: &[(&'static str, &str)]) -> Ws {
+        let url = format!("{}/ws/chat", s.base.replacen("http", "ws", 1));
+        let mut req = url.into_client_request().unwrap();
+        for (k, v) in headers {
+            req.headers_mut().insert(*k, v.parse().unwrap());
+        }
+        let (inner, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+            .await
+            .expect("connect in time")
+            .expect("upgrade accepted");
+        Ws { inner }
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.inner.send(Message::text(v.to_string())).await.unwrap();
+    }
+
+    async fn send_raw(&mut self, m: Message) {
+        self.inner.send(m).await.unwrap();
+    }
+
+    /// The next event, or the close frame.
+    pub async fn recv(&mut self) -> Result<Value, Closed> {
+        loop {
+            let frame = tokio::time::timeout(WAIT, self.inner.next())
+                .await
+                .expect("a frame in time");
+            match frame {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(&t).expect("JSON event");
+                    check_envelope(&v);
+                    return Ok(v);
+                }
+                Some(Ok(Message::Close(c))) => {
+                    return Err(c.map_or((1005, String::new()), |c| {
+                        (u16::from(c.code), c.reason.to_string())
+                    }))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err((1006, e.to_string())),
+                None => return Err((1006, "ended".into())),
+            }
+        }
+    }
+
+    pub async fn event(&mut self) -> Value {
+        self.recv().await.expect("an event, not a close")
+    }
+
+    /// Skips events until one of `kind` (bounded by the number of frames and by time).
+    pub async fn until(&mut self, kind: &str) -> Value {
+        for _ in 0..10_000 {
+            let e = self.event().await;
+            if e["event_type"] == kind {
+                return e;
+            }
+        }
+        panic!("no {kind} event");
+    }
+
+    /// Expects an error event with `code`; returns it.
+    async fn error(&mut self, code: &str) -> Value {
+        let e = self.event().await;
+        assert_eq!(e["event_type"], "error", "{e}");
+        assert_eq!(e["code"], code, "{e}");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+        assert!(e["details"].is_object(), "{e}");
+        e
+    }
+
+    /// A refused connection: one error event, then the close frame.
+    async fn refused(&mut self, code: &str, close: u16) {
+        self.error(code).await;
+        let c = self.recv().await.expect_err("closed after the error");
+        assert_eq!(c, (close, code.to_string()));
+    }
+
+    async fn close(mut self) {
+        let _ = self.inner.close(None).await;
+    }
+}
+
+/// Every event has `event_type` and a millisecond UTC RFC 3339 timestamp.
+fn check_envelope(v: &Value) {
+    assert!(v["event_type"].is_string(), "{v}");
+    let ts = v["timestamp"]
+        .as_str()
+        .unwrap_or_else(|| panic!("timestamp: {v}"));
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(ts).is_ok() && ts.ends_with('Z') && ts.len() == 24,
+        "timestamp {ts}"
+    );
+}
+
+/// Reads a whole reply after `message_received`: returns (started, tokens, ended).
+async fn read_reply(ws: &mut Ws) -> (Value, Vec<Value>, Value) {
+    let started = ws.until("message_stream_started").await;
+    let mut tokens = Vec::new();
+    loop {
+        let e = ws.event().await;
+        match e["event_type"].as_str() {
+            Some("message_stream_token") => tokens.push(e),
+            Some("message_stream_ended") => return (started, tokens, e),
+            _ => panic!("unexpected during a reply: {e}"),
+        }
+    }
+}
+
+async fn messages(s: &TestServer, key: &str, chat: &str) -> Vec<Value> {
+    let (st, v) = s
+        .get(&format!("/api/v1/chats/{chat}/messages?limit=100"), key)
+        .await;
+    assert_eq!(st.as_u16(), 200, "{v}");
+    v["messages"].as_array().unwrap().clone()
+}
+
+async fn a_reply_streams_and_both_sides_are_saved(b: Backend) {
+    let s = server(b, ChatSettings::default(), None).await;
+    let t = s.tenant("acme").await;
+    let chat_id = chat(&s, &t.key, "alice", 12).await;
+    let mut ws = Ws::connect(&s, &t.key, "alice", &chat_id).await;
+    let hello = ws.event().await;
+    assert_eq!(hello["event_type"], "connection_established");
+    assert_eq!(hello["user_id"], "alice");
+    assert_eq!(hello["chat_id"], chat_id.as_str());
+    assert_eq!(hello["tenant_id"], t.id.to_string());
+
+    ws.send(json!({"content": "Hello there", "metadata": {"source": "test", "n": [1, 2]}}))
+        .await;
+    let received = ws.event().await;
+    assert_eq!(received["event_type"], "message_received", "{received}");
+    assert_eq!(received["chat_id"], chat_id.as_str());
+    let user_msg = received["message_id"].as_str().unwrap().to_string();
+    let (started, tokens, ended) = read_reply(&mut ws).await;
+    assert_eq!(started["chat_id"], chat_id.as_str());
+    assert_eq!(started["reply_to"], user_msg.as_str());
+    let reply_id = started["message_id"].as_str().unwrap();
+    let mut text = String::new();
+    for (i, tok) in tokens.iter().enumerate() {
+        assert_eq!(tok["message_id"], reply_id);
+        assert_eq!(tok["index"], i, "{tok}");
+        text.push_str(tok["token"].as_str().unwrap());
+    }
+    assert!(!text.is_empty());
+    assert_eq!(ended["message_id"], reply_id);
+    assert_eq!(ended["content"], text.as_str());
+    assert_eq!(ended["finish_reason"], "length");
+    assert_eq!(ended["usage"]["completion_tokens"], 12);
+    assert!(ended["usage"]["prompt_tokens"].as_u64().unwrap() > 3);
+    let timings = &ended["timings"];
+    assert!(timings["queue_ms"].is_u64(), "{ended}");
+    assert!(timings["time_to_first_token_ms"].is_u64(), "{ended}");
+    assert!(
+        timings["tokens_per_second"].as_f64().unwrap() > 0.0,
+        "{ended}"
+    );
+
+    // Both sides are in the history, in order, with what was sent and streamed.
+    let saved = messages(&s, &t.key, &chat_id).await;
+    assert_eq!(saved.len(), 2, "{saved:?}");
+    assert_eq!(saved[0]["id"], user_msg.as_str());
+    assert_eq!(saved[0]["role"], "user");
+    assert_eq!(saved[0]["content"], "Hello there");
+    assert_eq!(saved[0]["metadata"], json!({"source": "test", "n": [1, 2]}));
+    assert_eq!(saved[1]["id"], reply_id);
+    assert_eq!(saved[1]["role"], "assistant");
+    assert_eq!(saved[1]["content"], text.as_str());
+    assert_eq!(saved[1]["status"], "complete");
+
+    // Ping, and a second turn that sees the first (its prompt is longer).
+    ws.send(json!({"type": "ping"})).await;
+    assert_eq!(ws.event().await["event_type"], "pong");
+    ws.send(json!({"type": "message", "content": "And again"}))
+        .await;
+    let (_, _, ended2) = read_reply(&mut ws).await;
+    assert!(
+        ended2["usage"]["prompt_tokens"].as_u64() > ended["usage"]["prompt_tokens"].as_u64(),
+        "the second prompt holds the first turn"
+    );
+    assert_eq!(messages(&s, &t.key, &chat_id).await.len(), 4);
+    ws.close().await;
+
+    // Credentials as headers work too.
+    let mut ws = Ws::connect_headers(
+        &s,
+        &[
+            ("X-API-Key", &t.key),
+            ("X-User-ID", "alice"),
+            ("X-Chat-ID", &chat_id),
+        ],
+    )
+    .await;
+    assert_eq!(ws.event().await["event_type"], "connection_established");
+    ws.close().await;
+    s.stop().await;
+}
+
+async fn refused_connections_get_an_error_and_a_close_code(b: Backend) {
+    let chat_settings = ChatSettings {
+        max_connections_per_tenant: 2,
+        ..Default::default()
+    };
+    let s = server(b, chat_settings, None).await;
+    let t = s.tenant("acme").await;
+    let other = s.tenant("other").await;
+    let chat_id = chat(&s, &t.key, "alice", 4).await;
+    let foreign = chat(&s, &other.key, "alice", 4).await;
+    let k = &t.key;
+    let cases: Vec<(String, &str, u16)> = vec![
+        (
+            format!("user_id=alice&chat_id={chat_id}"),
+            "missing_api_key",
+            4401,
+        ),
+        (
+            format!("api_key=cfk_nope&user_id=alice&chat_id={chat_id}"),
+            "invalid_api_key",
+            4401,
+        ),
+        (
+            format!("api_key={k}&chat_id={chat_id}"),
+            "missing_parameter",
+            4400,
+        ),
+        (
+            format!("api_key={k}&user_id=alice"),
+            "missing_parameter",
+            4400,
+        ),
+        (
+            format!("api_key={k}&user_id=alice&chat_id=nope"),
+            "validation_error",
+            4400,
+        ),
+        (
+            format!("api_key={k}&user_id=a%20b&chat_id={chat_id}"),
+            "validation_error",
+            4400,
+        ),
+        (
+            format!("api_key={k}&user_id=alice&chat_id={}", uuid::Uuid::new_v4()),
+            "chat_not_found",
+            4404,
+        ),
+        (
+            format!("api_key={k}&user_id=bob&chat_id={chat_id}"),
+            "chat_not_found",
+            4404,
+        ),
+        (
+            format!("api_key={k}&user_id=alice&chat_id={foreign}"),
+            "chat_not_found",
+            4404,
+        ),
+    ];
+    for (query, code, close) in cases {
+        let mut ws = Ws::connect_query(&s, &query).await;
+        ws.refused(code, close).await;
+    }
+    // The tenant's connection limit; another tenant is not affected; a freed place is reusable.
+    let mut a = Ws::connect(&s, k, "alice", &chat_id).await;
+    a.event().await;
+    let mut b2 = Ws::connect(&s, k, "alice", &chat_id).await;
+    b2.event().await;
+    let mut c = Ws::connect(&s, k, "alice", &chat_id).await;
+    c.refused("too_many_connections", 4429).await;
+    let mut o = Ws::connect(&s, &other.key, "alice", &foreign).await;
+    assert_eq!(o.event().await["event_type"], "connection_established");
+    a.close().await;
+    let mut again = None;
+    for _ in 0..100 {
+        let mut d = Ws::connect(&s, k, "alice", &chat_id).await;
+        if d.event().await["event_type"] == "connection_established" {
+            again = Some(d);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "a closed connection frees its place");
+    s.stop().await;
+}
+
+async fn bad_input_is_refused_and_the_connection_stays_usable(b: Backend) {
+    let mut chat_settings = ChatSettings {
+        messages_per_second: 1000.0,
+        message_burst: 1000,
+        ..Default::default()
+    };
+    chat_settings.messages.max_frame_bytes = 2048;
+    chat_settings.messages.max_content_chars = 100;
+    let s = server(b, chat_settings, None).await;
+    let t = s.tenant("acme").await;
+    let chat_id = chat(&s, &t.key, "alice", 4).await;
+    let mut ws = Ws::connect(&s, &t.key, "alice", &chat_id).await;
+    ws.event().await;
+    let cases: Vec<(Message, &str)> = vec![
+        (Message::text("{not json"), "invalid_json"),
+        (Message::text("[1,2]"), "validation_error"),
+        (Message::text(r#"{"metadata":{}}"#), "validation_error"),
+        (Message::text(r#"{"content":""}"#), "validation_error"),
+        (Message::text(r#"{"content":42}"#), "validation_error"),
+        (
+            Message::text(r#"{"content":"hi","metadata":"x"}"#),
+            "validation_error",
+        ),
+        (
+            Message::text(json!({"content": "x".repeat(101)}).to_string()),
+            "content_too_long",
+        ),
+        (
+            Message::text(json!({"content": "x".repeat(3000)}).to_string()),
+            "message_too_large",
+        ),
+        (Message::binary(vec![1u8, 2, 3]), "unsupported_message"),
+        (
+            Message::text(r#"{"type":"shout","content":"hi"}"#),
+            "unsupported_message",
+        ),
+        (Message::text(r#"{"type":"cancel"}"#), "nothing_to_cancel"),
+    ];
+    for (frame, code) in cases {
+        ws.send_raw(frame).await;
+        ws.error(code).await;
+    }
+    // Nothing was saved, and the connection still works.
+    assert!(messages(&s, &t.key, &chat_id).await.is_empty());
+    ws.send(json!({"content": "fine"})).await;
+    assert_eq!(ws.event().await["event_type"], "message_received");
+    let (_, _, ended) = read_reply(&mut ws).await;
+    assert_eq!(ended["finish_reason"], "length");
+    s.stop().await;
+}
+
+async fn messages_over_the_rate_are_refused(b: Backend) {
+    let s = server(b, ChatSettings::default(), None).await;
+    let t = s.tenant("acme").await;
+    let chat_id = chat(&s, &t.key, "alice", 4).await;
+    let mut ws = Ws::connect(&s, &t.key, "alice", &chat_id).await;
+    ws.event().await;
+    for _ in 0..15 {
+        ws.send(json!({"type": "ping"})).await;
+    }
+    let (mut pongs, mut limited) = (0, 0);
+    let mut wait = 0;
+    for _ in 0..15 {
+        let e = ws.event().await;
+        match e["event_type"].as_str() {
+            Some("pong") => pongs += 1,
+            Some("error") => {
+                assert_eq!(e["code"], "rate_limited", "{e}");
+                wait = e["details"]["retry_after_ms"].as_u64().unwrap();
+                assert!(wait > 0 && wait <= 1000, "{e}");
+                limited += 1;
+            }
+            _ => panic!("{e}"),
+        }
+    }
+    // The burst is 10; a few may refill while the 15 frames arrive.
+    assert!((10..=12).contains(&pongs), "{pongs} pongs");
+    assert_eq!(pongs + limited, 15);
+    tokio::time::sleep(Duration::from_millis(wait + 50)).await;
+    ws.send(json!({"type": "ping"})).await;
+    assert_eq!(ws.event().await["event_type"], "pong");
+    s.stop().await;
+}
+
+async fn cancel_stops_a_reply_and_one_reply_runs_per_chat(b: Backend) {
+    let s = server(b, ChatSettings::default(), Some(Duration::from_millis(10))).await;
+    let t = s.tenant("acme").await;
+    let chat_id = chat(&s, &t.key, "alice", 200).await;
+    let mut ws = Ws::connect(&s, &t.key, "alice", &chat_id).await;
+    ws.event().await;
+    ws.send(json!({"content": "Tell me a long story"})).await;
+    ws.until("message_stream_started").await;
+    let first = ws.until("message_stream_token").await;
+    let mut text = first["token"].as_str().unwrap().to_string();
+    ws.send(json!({"content": "Another one"})).await;
+    // Tokens keep coming; the refusal arrives among them.
+    let mut refused = false;
+    for _ in 0..1000 {
+        let e = ws.event().await;
+        if e["event_type"] == "error" {
+            assert_eq!(e["code"], "generation_in_progress", "{e}");
+            refused = true;
+            break;
+        }
+        text.push_str(e["token"].as_str().unwrap());
+    }
+    assert!(refused);
+    ws.send(json!({"type": "cancel"})).await;
+    let ended = loop {
+        let e = ws.event().await;
+        match e["event_type"].as_str() {
+            Some("message_stream_token") => text.push_str(e["token"].as_str().unwrap()),
+            Some("message_stream_ended") => break e,
+            _ => panic!("{e}"),
+        }
+    };
+    assert_eq!(ended["finish_reason"], "cancelled");
+    assert_eq!(ended["content"], text.as_str());
+    let n = ended["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(n > 0 && n < 200, "stopped early: {n}");
+    let saved = messages(&s, &t.key, &chat_id).await;
+    assert_eq!(
+        saved.len(),
+        2,
+        "the refused message was not saved: {saved:?}"
+    );
+    assert_eq!(saved[1]["status"], "cancelled");
+    assert_eq!(saved[1]["content"], text.as_str());
+    s.stop().await;
+}
+
+async fn replies_outlive_their_socket_and_late_sockets_catch_up(b: Backend) {
+    let s = server(b, ChatSettings::default(), Some(Duration::from_millis(8))).await;
+    let t = s.tenant("acme").await;
+    let chat_id = chat(&s, &t.key, "alice", 80).await;
+    let mut first = Ws::connect(&s, &t.key, "alice", &chat_id).await;
+    first.event().await;
+    first.send(json!({"content": "Hi"})).await;
+    let started = first.until("message_stream_started").await;
+    for _ in 0..3 {
+        first.until("message_stream_token").await;
+    }
+    // A second tab joins mid-reply: it gets the start and the text so far, then live tokens.
+    let mut second = Ws::connect(&s, &t.key, "alice", &chat_id).await;
+    assert_eq!(second.event().await["event_type"], "connection_established");
+    let joined = second.event().await;
+    assert_eq!(joined["event_type"], "message_stream_started", "{joined}");
+    assert_eq!(joined["message_id"], started["message_id"]);
+    // The first socket goes away; the reply goes on.
+    first.close().await;
+    let mut text = String::new();
+    let mut last_index = None;
+    let ended = loop {
+        let e = second.event().await;
+        match e["event_type"].as_str() {
+            Some("message_stream_token") => {
+                let i = e["index"].as_u64().unwrap();
+                assert!(last_index.is_none_or(|l| i > l), "indices grow: {e}");
+                last_index = Some(i);
+                text.push_str(e["token"].as_str().unwrap());
+            }
+            Some("message_stream_ended") => break e,
+            _ => panic!("{e}"),
+        }
+    };
+    assert_eq!(
+        ended["content"],
+        text.as_str(),
+        "catch-up + live tokens = the reply"
+    );
+    assert_eq!(ended["finish_reason"], "length");
+    second.close().await;
+    // A client that reconnects finds the finished reply in the history.
+    let saved = messages(&s, &t.key, &chat_id).await;
+    assert_eq!(saved[1]["status"], "complete");
+    assert_eq!(saved[1]["content"], text.as_str());
+    s.stop().await;
+}
+
+async fn queues_are_bounded_and_tenants_take_turns(b: Backend) {
+    // 16 waiting replies per tenant (the default), one slot; replies of ~10 tokens.
+    let s = server(b, ChatSettings::default(), Some(Duration::from_millis(3))).await;
+    let a = s.tenant("a").await;
+    let bt = s.tenant("b").await;
+    let mut a_socks = Vec::new();
+    for _ in 0..18 {
+        let id = chat(&s, &a.key, "u", 10).await;
+        let mut ws = Ws::connect(&s, &a.key, "u", &id).await;
+        ws.event().await;
+        a_socks.push((id, ws));
+    }
+    // One runs at once, sixteen wait; the eighteenth is refused and not saved.
+    for (_, ws) in a_socks.iter_mut().take(17) {
+        ws.send(json!({"content": "go"})).await;
+        assert_eq!(ws.event().await["event_type"], "message_received");
+    }
+    let (full_id, full_ws) = a_socks.last_mut().unwrap();
+    full_ws.send(json!({"content": "go"})).await;
+    let e = full_ws.error("queue_full").await;
+    assert_eq!(e["details"]["queue_capacity"], 16);
+    assert!(messages(&s, &a.key, full_id).await.is_empty());
+
+    // Tenant B's single reply goes before A's backlog: next in line.
+    let b_chat = chat(&s, &bt.key, "u", 10).await;
+    let mut bws = Ws::connect(&s, &bt.key, "u", &b_chat).await;
+    bws.event().await;
+    bws.send(json!({"content": "me too"})).await;
+    assert_eq!(bws.event().await["event_type"], "message_received");
+    let queued = bws.event().await;
+    if queued["event_type"] == "message_queued" {
+        assert_eq!(queued["position"], 1, "{queued}");
+    } else {
+        // A's running reply ended in between: B started at once.
+        assert_eq!(queued["event_type"], "message_stream_started", "{queued}");
+    }
+    read_reply(&mut bws).await;
+    for (_, ws) in a_socks.iter_mut().take(17) {
+        let (_, _, end) = read_reply(ws).await;
+        assert_eq!(end["finish_reason"], "length");
+    }
+    // B's reply started after at most the A reply running when B arrived (and one more if
+    // that one ended while B's message was being saved), never after A's backlog.
+    let started_at = |m: &Value| {
+        chrono::DateTime::parse_from_rfc3339(m["created_at"].as_str().unwrap()).unwrap()
+    };
+    let b_start = started_at(&messages(&s, &bt.key, &b_chat).await[1]);
+    let mut a_before = 0;
+    for (id, _) in a_socks.iter().take(17) {
+        let saved = messages(&s, &a.key, id).await;
+        assert_eq!(saved[1]["status"], "complete");
+        if started_at(&saved[1]) < b_start {
+            a_before += 1;
+        }
+    }
+    assert!(
+        a_before <= 2,
+        "{a_before} of A's replies started before B's"
+    );
+    s.stop().await;
+}
+
+async fn deleting_a_chat_stops_its_reply_and_closes_its_sockets(b: Backend) {
+    let s = server(b, ChatSettings::default(), Some(Duration::from_millis(10))).await;
+    let t = s.tenant("acme").await;
+    let chat_id = chat(&s, &t.key, "alice", 200).await;
+    let mut ws = Ws::connect(&s, &t.key, "alice", &chat_id).await;
+    ws.event().await;
+    ws.send(json!({"content": "Hi"})).await;
+    ws.until("message_stream_token").await;
+    let (st, _) = s.delete(&format!("/api/v1/chats/{chat_id}"), &t.key).await;
+    assert_eq!(st.as_u16(), 204);
+    let closed = loop {
+        match ws.recv().await {
+            Ok(e) if e["event_type"] == "message_stream_token" => continue,
+            Ok(e) => {
+                assert_eq!(e["code"], "chat_not_found", "{e}");
+            }
+            Err(c) => break c,
+        }
+    };
+    assert_eq!(closed, (4404, "chat_not_found".to_string()));
+    s.stop().await;
+}
+
+async fn shutdown_lets_running_replies_finish(b: Backend) {
+    let s = server(b, ChatSettings::default(), Some(Duration::from_millis(10))).await;
+    let t = s.tenant("acme").await;
+    let chat_id = chat(&s, &t.key, "alice", 30).await;
+    let mut ws = Ws::connect(&s, &t.key, "alice", &chat_id).await;
+    ws.event().await;
+    ws.send(json!({"content": "Hi"})).await;
+    ws.until("message_stream_token").await;
+    let store = s.store.clone();
+    let tenant = t.id;
+    let stopping = tokio::spawn(s.stop());
+    let ended = ws.until("message_stream_ended").await;
+    assert_eq!(
+        ended["finish_reason"], "length",
+        "finished within the grace period"
+    );
+    let closed = ws.recv().await.expect_err("closed after the reply");
+    assert_eq!(closed.0, 1001);
+    tokio::time::timeout(WAIT, stopping)
+        .await
+        .expect("stops")
+        .unwrap();
+    let saved = store
+        .tenant(tenant)
+        .recent_messages(chat_id.parse().unwrap(), 10)
+        .await
+        .unwrap();
+    assert_eq!(saved[1].status, confab::domain::MessageStatus::Complete);
+}
+
+backend_tests!(
+    a_reply_streams_and_both_sides_are_saved,
+    refused_connections_get_an_error_and_a_close_code,
+    bad_input_is_refused_and_the_connection_stays_usable,
+    messages_over_the_rate_are_refused,
+    cancel_stops_a_reply_and_one_reply_runs_per_chat,
+    replies_outlive_their_socket_and_late_sockets_catch_up,
+    queues_are_bounded_and_tenants_take_turns,
+    deleting_a_chat_stops_its_reply_and_closes_its_sockets,
+    shutdown_lets_running_replies_finish,
+);

@@ -92,10 +92,15 @@ struct Served {
 /// Starts `confab serve` with the tiny model (written into `dir`) and returns once it is
 /// listening and `/readyz` says ready.
 async fn serve(url: &str, key: &str, dir: &std::path::Path) -> Served {
+    serve_with(url, key, dir, &[]).await
+}
+
+async fn serve_with(url: &str, key: &str, dir: &std::path::Path, env: &[(&str, &str)]) -> Served {
     let model = crate::tiny::write(dir, "llama");
     let mut child = Command::new(BIN)
         .args(["serve", "--bind", "127.0.0.1:0", "--model"])
         .arg(&model)
+        .envs(env.iter().copied())
         .env("DATABASE_URL", url)
         .env("CONFAB_BOOTSTRAP_API_KEY", key)
         .env("CONFAB_LOG", "warn")
@@ -288,7 +293,103 @@ fn openapi_command_prints_the_committed_spec() {
     );
 }
 
+/// Polls `/readyz` until the model is loaded (bounded).
+async fn wait_ready(base: &str) {
+    let http = reqwest::Client::new();
+    for _ in 0..200 {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{base} did not become ready");
+}
+
+/// kill -9 while a reply streams; the next start marks it `interrupted`, keeping the text
+/// saved so far, and serves again.
+async fn a_kill_during_a_reply_leaves_it_interrupted(b: Backend) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (_store, url, _guard) = fresh_store(b).await;
+    let key = "ci-known-key-0123456789abcdef";
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("CONFAB_DEBUG_TOKEN_INTERVAL_MS", "20"),
+        ("CONFAB_SAVE_INTERVAL_MS", "50"),
+    ];
+    let Served {
+        mut child, base, ..
+    } = serve_with(&url, key, dir.path(), &env).await;
+    wait_ready(&base).await;
+    let http = reqwest::Client::new();
+    let chat: Value = http
+        .post(format!("{base}/api/v1/chats/"))
+        .header("X-API-Key", key)
+        .json(&json!({"user_id": "u", "config": {"temperature": 0, "max_tokens": 200}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let chat_id = chat["id"].as_str().unwrap().to_string();
+    let ws_url = format!(
+        "{}/ws/chat?api_key={key}&user_id=u&chat_id={chat_id}",
+        base.replacen("http", "ws", 1)
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    ws.send(Message::text(json!({"content": "Hi"}).to_string()))
+        .await
+        .unwrap();
+    let mut streamed = String::new();
+    let mut tokens = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokens < 15 {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("tokens in time")
+            .expect("open")
+            .unwrap();
+        if let Message::Text(t) = frame {
+            let e: Value = serde_json::from_str(&t).unwrap();
+            if e["event_type"] == "message_stream_token" {
+                streamed.push_str(e["token"].as_str().unwrap());
+                tokens += 1;
+            }
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(ws);
+
+    let Served { child, base, .. } = serve_with(&url, key, dir.path(), &env).await;
+    let (status, page) = {
+        let r = http
+            .get(format!("{base}/api/v1/chats/{chat_id}/messages"))
+            .header("X-API-Key", key)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(status.as_u16(), 200, "serves again: {page}");
+    let msgs = page["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 2, "{page}");
+    assert_eq!(msgs[0]["content"], "Hi");
+    assert_eq!(msgs[1]["status"], "interrupted", "{page}");
+    let saved = msgs[1]["content"].as_str().unwrap();
+    assert!(!saved.is_empty(), "partial text kept");
+    assert!(
+        streamed.starts_with(saved) || saved.starts_with(&streamed),
+        "saved {saved:?} vs streamed {streamed:?}"
+    );
+    stop(child).await;
+}
+
 crate::backend_tests!(
+    a_kill_during_a_reply_leaves_it_interrupted,
     admin_commands,
     serve_bootstraps_and_stops,
     readme_curl_examples_work

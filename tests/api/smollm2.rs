@@ -28,7 +28,7 @@ pub fn model_path() -> PathBuf {
 }
 
 /// One engine for all tests of this file (loading takes a second).
-fn engine() -> &'static EngineHandle {
+pub fn engine() -> &'static EngineHandle {
     static E: OnceLock<EngineHandle> = OnceLock::new();
     E.get_or_init(|| engine::load(model_path(), EngineOptions::default()).expect("load SmolLM2"))
 }

@@ -672,3 +672,36 @@ backend_tests!(
     deleting_a_chat_stops_its_reply_and_closes_its_sockets,
     shutdown_lets_running_replies_finish,
 );
+
+/// The real SmolLM2 over the whole stack: a three-turn conversation in which each answer
+/// builds on the one before (greedy, so the text is fixed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_remembers_earlier_turns() {
+    let model = ModelSlot::new(ModelStatus::Ready(crate::smollm2::engine().clone()));
+    let s = TestServer::start_full(Backend::Sqlite, settings(ChatSettings::default()), model).await;
+    let t = s.tenant("acme").await;
+    let chat_id = chat(&s, &t.key, "alice", 100).await;
+    let mut ws = Ws::connect(&s, &t.key, "alice", &chat_id).await;
+    ws.event().await;
+    let mut answers = Vec::new();
+    for q in [
+        "What is the capital of France?",
+        "What is the most famous tower in that city?",
+        "How tall is it?",
+    ] {
+        ws.send(json!({ "content": q })).await;
+        let (_, _, ended) = read_reply(&mut ws).await;
+        assert_eq!(ended["finish_reason"], "stop", "{ended}");
+        let text = ended["content"].as_str().unwrap().to_string();
+        assert!(!text.contains("<|im_"), "no template tokens: {text}");
+        answers.push(text);
+    }
+    // "That city" and "it" only make sense with the earlier turns in the prompt.
+    assert!(answers[0].contains("Paris"), "{answers:?}");
+    assert!(answers[1].contains("Eiffel"), "{answers:?}");
+    assert!(answers[2].contains("Eiffel"), "{answers:?}");
+    let saved = messages(&s, &t.key, &chat_id).await;
+    assert_eq!(saved.len(), 6);
+    assert_eq!(saved[3]["content"], answers[1].as_str());
+    s.stop().await;
+}

@@ -477,7 +477,7 @@ impl ChatService {
         let mut moved = Vec::new();
         {
             let mut sched = lock(&self.0.scheduler);
-            while let Some((_, q)) = sched.next() {
+            while let Some((_, q)) = sched.dispatch() {
                 started.push(q);
             }
             for (q, position) in sched.positions() {
@@ -485,11 +485,9 @@ impl ChatService {
             }
         }
         for q in started {
-            q.room
-                .lock()
-                .reply
-                .as_mut()
-                .map(|r| r.queue_position = None);
+            if let Some(r) = q.room.lock().reply.as_mut() {
+                r.queue_position = None;
+            }
             self.spawn_reply(q, true);
         }
         for (room, user_message, position) in moved {

@@ -113,7 +113,7 @@ impl<T> Scheduler<T> {
 
     /// The next item to run, if a slot is free: from the eligible tenant served least
     /// recently. The slot stays taken until [`Self::finish`].
-    pub fn next(&mut self) -> Option<(TenantId, T)> {
+    pub fn dispatch(&mut self) -> Option<(TenantId, T)> {
         if self.running >= self.limits.slots {
             return None;
         }
@@ -173,7 +173,7 @@ impl<T> Scheduler<T> {
     }
 
     /// Every waiting item with its place in line (1 = next), in that order, assuming no
-    /// new arrivals: the order [`Self::next`] would hand them out.
+    /// new arrivals: the order [`Self::dispatch`] would hand them out.
     pub fn positions(&self) -> Vec<(&T, usize)> {
         let mut cursors: Vec<(u64, u64, &TenantQueue<T>, usize)> = self
             .tenants
@@ -183,14 +183,11 @@ impl<T> Scheduler<T> {
             .collect();
         let mut out = Vec::with_capacity(self.waiting());
         let mut stamp = self.dispatched;
-        loop {
-            let Some(best) = cursors
-                .iter_mut()
-                .filter(|c| c.3 < c.2.waiting.len())
-                .min_by_key(|c| (c.0, c.1))
-            else {
-                break;
-            };
+        while let Some(best) = cursors
+            .iter_mut()
+            .filter(|c| c.3 < c.2.waiting.len())
+            .min_by_key(|c| (c.0, c.1))
+        {
             stamp += 1;
             best.0 = stamp;
             out.push((&best.2.waiting[best.3], out.len() + 1));
@@ -229,15 +226,15 @@ mod tests {
         for i in 0..16 {
             push(&mut s, a, ("a", i));
         }
-        assert_eq!(s.next(), Some((a, ("a", 0))));
-        assert!(s.next().is_none(), "one slot");
+        assert_eq!(s.dispatch(), Some((a, ("a", 0))));
+        assert!(s.dispatch().is_none(), "one slot");
         push(&mut s, b, ("b", 0));
         let pos = s.positions();
         assert_eq!(pos[0], (&("b", 0), 1), "b is next: {pos:?}");
         s.finish(a);
-        assert_eq!(s.next(), Some((b, ("b", 0))));
+        assert_eq!(s.dispatch(), Some((b, ("b", 0))));
         s.finish(b);
-        assert_eq!(s.next(), Some((a, ("a", 1))));
+        assert_eq!(s.dispatch(), Some((a, ("a", 1))));
     }
 
     #[test]
@@ -250,7 +247,7 @@ mod tests {
         }
         let predicted: Vec<_> = s.positions().into_iter().map(|(x, _)| *x).collect();
         let mut got = vec![];
-        while let Some((t, item)) = s.next() {
+        while let Some((t, item)) = s.dispatch() {
             got.push(item);
             s.finish(t);
         }
@@ -274,7 +271,7 @@ mod tests {
         s.enqueue(a, 1);
         s.enqueue(a, 2);
         assert!(s.reserve(a).is_err());
-        assert_eq!(s.next(), Some((a, 1)));
+        assert_eq!(s.dispatch(), Some((a, 1)));
         s.reserve(a).unwrap();
     }
 
@@ -285,14 +282,17 @@ mod tests {
         for i in 0..5 {
             push(&mut s, a, i);
         }
-        assert!(s.next().is_some());
-        assert!(s.next().is_some());
-        assert!(s.next().is_none(), "a holds its two slots, b has nothing");
+        assert!(s.dispatch().is_some());
+        assert!(s.dispatch().is_some());
+        assert!(
+            s.dispatch().is_none(),
+            "a holds its two slots, b has nothing"
+        );
         push(&mut s, b, 100);
-        assert_eq!(s.next(), Some((b, 100)));
+        assert_eq!(s.dispatch(), Some((b, 100)));
         assert_eq!(s.running(), 3);
         s.finish(a);
-        assert_eq!(s.next().map(|x| x.0), Some(a));
+        assert_eq!(s.dispatch().map(|x| x.0), Some(a));
     }
 
     #[test]
@@ -301,7 +301,7 @@ mod tests {
         let mut s = Scheduler::new(limits(1, 4, 1));
         push(&mut s, a, 1);
         push(&mut s, a, 2);
-        assert_eq!(s.next(), Some((a, 1)));
+        assert_eq!(s.dispatch(), Some((a, 1)));
         assert_eq!(s.remove(a, |x| *x == 2), Some(2));
         assert_eq!(s.remove(a, |x| *x == 2), None);
         s.finish(a);

@@ -97,16 +97,22 @@ async fn serve(url: &str, key: &str, dir: &std::path::Path) -> Served {
 
 async fn serve_with(url: &str, key: &str, dir: &std::path::Path, env: &[(&str, &str)]) -> Served {
     let model = crate::tiny::write(dir, "llama");
+    // The log goes to `dir/confab.log` (appended across restarts).
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("confab.log"))
+        .expect("log file");
     let mut child = Command::new(BIN)
         .args(["serve", "--bind", "127.0.0.1:0", "--model"])
         .arg(&model)
+        .env("CONFAB_LOG", "warn")
         .envs(env.iter().copied())
         .env("DATABASE_URL", url)
         .env("CONFAB_BOOTSTRAP_API_KEY", key)
-        .env("CONFAB_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("spawn");
     let stdout = child.stdout.take().unwrap();
@@ -318,6 +324,7 @@ async fn a_kill_during_a_reply_leaves_it_interrupted(b: Backend) {
     let env = [
         ("CONFAB_DEBUG_TOKEN_INTERVAL_MS", "20"),
         ("CONFAB_SAVE_INTERVAL_MS", "50"),
+        ("CONFAB_LOG", "debug"),
     ];
     let Served {
         mut child, base, ..
@@ -386,6 +393,10 @@ async fn a_kill_during_a_reply_leaves_it_interrupted(b: Backend) {
         "saved {saved:?} vs streamed {streamed:?}"
     );
     stop(child).await;
+    // The key was in the WebSocket URL's query string; no log line shows it.
+    let log = std::fs::read_to_string(dir.path().join("confab.log")).unwrap();
+    assert!(log.contains("/ws/chat"), "the upgrade is logged: {log}");
+    assert!(!log.contains(key), "the API key leaked into the log");
 }
 
 crate::backend_tests!(

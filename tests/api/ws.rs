@@ -583,8 +583,21 @@ async fn queues_are_bounded_and_tenants_take_turns(b: Backend) {
         assert_eq!(queued["event_type"], "message_stream_started", "{queued}");
     }
     read_reply(&mut bws).await;
+    // The last of A's replies was told its place as it changed: 16th first, 1 at the end.
+    let mut positions = Vec::new();
+    loop {
+        let e = a_socks[16].1.event().await;
+        match e["event_type"].as_str() {
+            Some("message_queued") => positions.push(e["position"].as_u64().unwrap()),
+            Some("message_stream_started") => break,
+            _ => panic!("{e}"),
+        }
+    }
+    assert_eq!(positions.first(), Some(&16), "{positions:?}");
+    assert_eq!(positions.last(), Some(&1), "{positions:?}");
+    assert!(positions.windows(2).all(|w| w[0] != w[1]), "{positions:?}");
     for (_, ws) in a_socks.iter_mut().take(17) {
-        let (_, _, end) = read_reply(ws).await;
+        let end = ws.until("message_stream_ended").await;
         assert_eq!(end["finish_reason"], "length");
     }
     // B's reply started after at most the A reply running when B arrived (and one more if
@@ -661,7 +674,45 @@ async fn shutdown_lets_running_replies_finish(b: Backend) {
     assert_eq!(saved[1].status, confab::domain::MessageStatus::Complete);
 }
 
+async fn silent_sockets_are_pinged_then_dropped(b: Backend) {
+    let chat_settings = ChatSettings {
+        ping_interval: Duration::from_millis(100),
+        idle_timeout: Duration::from_millis(400),
+        ..Default::default()
+    };
+    let s = server(b, chat_settings, None).await;
+    let t = s.tenant("acme").await;
+    let chat_id = chat(&s, &t.key, "alice", 4).await;
+    let mut ws = Ws::connect(&s, &t.key, "alice", &chat_id).await;
+    ws.event().await;
+    // Not reading means not answering pings: the server gives up on this socket.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut pings = 0;
+    let end = loop {
+        match tokio::time::timeout(WAIT, ws.inner.next())
+            .await
+            .expect("in time")
+        {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            Some(Ok(other)) => panic!("{other:?}"),
+            Some(Err(_)) | None => break "dropped",
+        }
+    };
+    assert_eq!(end, "dropped");
+    assert!(pings >= 1, "pinged before being dropped");
+    // A socket that answers stays.
+    let mut ws = Ws::connect(&s, &t.key, "alice", &chat_id).await;
+    ws.event().await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ws.send(json!({"type": "ping"})).await;
+        assert_eq!(ws.event().await["event_type"], "pong");
+    }
+    s.stop().await;
+}
+
 backend_tests!(
+    silent_sockets_are_pinged_then_dropped,
     a_reply_streams_and_both_sides_are_saved,
     refused_connections_get_an_error_and_a_close_code,
     bad_input_is_refused_and_the_connection_stays_usable,

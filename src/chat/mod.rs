@@ -302,16 +302,19 @@ impl ChatService {
     /// Joins a chat's room (the caller checked the chat belongs to the tenant and user).
     /// Returns the membership and the events that bring the socket up to date.
     pub fn join(&self, tenant: TenantId, chat_id: Uuid) -> (Membership, Vec<Event>) {
-        let room = {
+        // Joined under the map's lock: a room is only forgotten with no sockets, so it must
+        // not be seen empty between being found here and being joined.
+        let (room, events, catch_up) = {
             let mut rooms = lock(&self.0.rooms);
-            rooms
+            let room = rooms
                 .entry(chat_id)
                 .or_insert_with(|| {
                     Arc::new(Room::new(tenant, chat_id, self.0.settings.socket_buffer))
                 })
-                .clone()
+                .clone();
+            let (events, catch_up) = room.join();
+            (room, events, catch_up)
         };
-        let (events, catch_up) = room.join();
         (
             Membership {
                 service: self.clone(),

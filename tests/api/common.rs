@@ -255,13 +255,15 @@ impl TestServer {
         }
     }
 
-    pub async fn stop(mut self) {
+    /// Shuts the server down gracefully; the returned guard keeps its database until dropped.
+    pub async fn stop(mut self) -> ScratchGuard {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         if let Some(t) = self.task.take() {
             t.await.expect("server task").expect("server result");
         }
+        self._scratch
     }
 }
 

@@ -662,7 +662,7 @@ async fn shutdown_lets_running_replies_finish(b: Backend) {
     );
     let closed = ws.recv().await.expect_err("closed after the reply");
     assert_eq!(closed.0, 1001);
-    tokio::time::timeout(WAIT, stopping)
+    let _db = tokio::time::timeout(WAIT, stopping)
         .await
         .expect("stops")
         .unwrap();

@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde_json::json;
 
-use crate::config::{BenchArgs, Cli, Command, DbArgs, KeyCommand, ServeArgs, TenantCommand};
+use crate::config::{
+    BenchArgs, Cli, Command, DbArgs, KeyCommand, LimitValue, ServeArgs, TenantCommand,
+};
 use crate::credentials;
 use crate::engine::source::ModelSource;
 use crate::engine::{ModelSlot, ModelStatus};
@@ -88,6 +90,13 @@ async fn serve(db: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
         limits: (&args.limits).into(),
         auth_cache_ttl: Duration::from_secs(args.auth_cache_ttl_secs),
         chat: args.chat.settings((&args.limits).into()),
+        requests_per_minute: args.requests_per_minute.max(1),
+        cors_origins: args
+            .cors_origins
+            .iter()
+            .map(|o| o.trim().to_string())
+            .filter(|o| !o.is_empty())
+            .collect(),
     };
     crate::run(store.clone(), model, settings, listener, shutdown_signal()).await?;
     store.close().await.ok();
@@ -177,7 +186,7 @@ async fn tenant(store: &Store, cmd: TenantCommand) -> anyhow::Result<()> {
             if json {
                 let rows: Vec<_> = ts
                     .iter()
-                    .map(|t| json!({"tenant_id": t.id, "name": t.name, "created_at": t.created_at, "active_keys": t.active_keys}))
+                    .map(|t| json!({"tenant_id": t.id, "name": t.name, "created_at": t.created_at, "active_keys": t.active_keys, "limits": t.limits}))
                     .collect();
                 println!("{}", serde_json::Value::Array(rows));
             } else {
@@ -191,6 +200,38 @@ async fn tenant(store: &Store, cmd: TenantCommand) -> anyhow::Result<()> {
                         t.created_at.to_rfc3339()
                     );
                 }
+            }
+        }
+        TenantCommand::SetLimits {
+            tenant,
+            requests_per_minute,
+            ws_messages_per_second,
+            max_connections,
+            json,
+        } => {
+            let patch = crate::domain::TenantLimitsPatch {
+                requests_per_minute: LimitValue::patch(requests_per_minute),
+                ws_messages_per_second: LimitValue::patch(ws_messages_per_second),
+                max_connections: LimitValue::patch(max_connections),
+            };
+            let t = store
+                .set_tenant_limits(&tenant, patch)
+                .await
+                .map_err(admin_error)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"tenant_id": t.id, "name": t.name, "limits": t.limits})
+                );
+            } else {
+                let show = |v: Option<u32>| v.map_or("default".to_string(), |n| n.to_string());
+                println!(
+                    "tenant {}: requests_per_minute={} ws_messages_per_second={} max_connections={}",
+                    t.name,
+                    show(t.limits.requests_per_minute),
+                    show(t.limits.ws_messages_per_second),
+                    show(t.limits.max_connections)
+                );
             }
         }
     }

@@ -151,6 +151,55 @@ pub enum TenantCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Set a tenant's own limits (a number, or `default` for the server-wide value).
+    SetLimits {
+        /// Tenant name or id.
+        tenant: String,
+        /// REST requests per minute.
+        #[arg(long)]
+        requests_per_minute: Option<LimitValue>,
+        /// WebSocket messages per second per connection.
+        #[arg(long)]
+        ws_messages_per_second: Option<LimitValue>,
+        /// Open WebSocket connections.
+        #[arg(long)]
+        max_connections: Option<LimitValue>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A limit on the command line: a positive number, or `default`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitValue {
+    Default,
+    Value(u32),
+}
+
+impl std::str::FromStr for LimitValue {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("default") {
+            return Ok(LimitValue::Default);
+        }
+        match s.parse::<u32>() {
+            Ok(n) if n >= 1 => Ok(LimitValue::Value(n)),
+            _ => Err(format!(
+                "{s:?} is not a limit: use a whole number from 1 to {} or `default`",
+                u32::MAX
+            )),
+        }
+    }
+}
+
+impl LimitValue {
+    pub fn patch(v: Option<LimitValue>) -> crate::domain::Patch<u32> {
+        match v {
+            None => crate::domain::Patch::Keep,
+            Some(LimitValue::Default) => crate::domain::Patch::Clear,
+            Some(LimitValue::Value(n)) => crate::domain::Patch::Set(n),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,6 +250,12 @@ pub struct ServeArgs {
     /// Seconds an API-key lookup is cached; a revoked key works at most this long.
     #[arg(long, env = "CONFAB_AUTH_CACHE_TTL_SECS", default_value_t = 5)]
     pub auth_cache_ttl_secs: u64,
+    /// REST requests per minute per tenant (a tenant may have its own: `tenant set-limits`).
+    #[arg(long, env = "CONFAB_REQUESTS_PER_MINUTE", default_value_t = 100)]
+    pub requests_per_minute: u32,
+    /// Browser origins allowed to call the API, comma-separated (CORS); none: CORS off.
+    #[arg(long, env = "CONFAB_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]

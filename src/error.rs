@@ -50,6 +50,8 @@ pub enum ApiError {
     MethodNotAllowed { method: String, path: String },
     #[error("{0}")]
     Conflict(String),
+    #[error("rate limited")]
+    RateLimited { limit: u32, retry_after_secs: u64 },
     #[error("database unavailable")]
     DatabaseUnavailable,
     #[error("not ready")]
@@ -74,6 +76,7 @@ impl ApiError {
             ApiError::NotFound { .. } => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
+            ApiError::RateLimited { .. } => "rate_limited",
             ApiError::DatabaseUnavailable => "database_unavailable",
             ApiError::NotReady(_) => "not_ready",
             ApiError::Internal => "internal_error",
@@ -92,6 +95,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::DatabaseUnavailable | ApiError::NotReady(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -124,6 +128,12 @@ impl ApiError {
                 format!("{path} does not accept {method}.")
             }
             ApiError::Conflict(m) => m.clone(),
+            ApiError::RateLimited {
+                limit,
+                retry_after_secs,
+            } => format!(
+                "Too many requests: this tenant may make {limit} per minute. Retry in {retry_after_secs} s."
+            ),
             ApiError::DatabaseUnavailable => {
                 "The database is unavailable; try again shortly.".into()
             }
@@ -163,6 +173,10 @@ impl ApiError {
             }
             ApiError::MethodNotAllowed { method, path } => json!({"method": method, "path": path}),
             ApiError::DatabaseUnavailable => json!({"retry_after_seconds": 5}),
+            ApiError::RateLimited {
+                limit,
+                retry_after_secs,
+            } => json!({"limit_per_minute": limit, "retry_after_seconds": retry_after_secs}),
             ApiError::NotReady(checks) => Value::Object(checks.clone()),
             ApiError::Conflict(_) | ApiError::Internal => json!({}),
         };
@@ -218,6 +232,15 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert("retry-after", poem::http::HeaderValue::from_static("5"));
         }
+        if let ApiError::RateLimited {
+            retry_after_secs, ..
+        } = self
+        {
+            resp.headers_mut().insert(
+                "retry-after",
+                poem::http::HeaderValue::from(retry_after_secs),
+            );
+        }
         resp
     }
 }
@@ -258,19 +281,19 @@ macro_rules! error_set {
 
 error_set!(
     /// Errors of an authenticated operation without a body or chat id.
-    Authed = [400, 401, 500, 503]
+    Authed = [400, 401, 429, 500, 503]
 );
 error_set!(
     /// Errors of an authenticated operation on one chat.
-    OnChat = [400, 401, 404, 500, 503]
+    OnChat = [400, 401, 404, 429, 500, 503]
 );
 error_set!(
     /// Errors of an authenticated operation with a JSON body.
-    WithBody = [400, 401, 413, 415, 500, 503]
+    WithBody = [400, 401, 413, 415, 429, 500, 503]
 );
 error_set!(
     /// Errors of an authenticated operation on one chat with a JSON body.
-    OnChatWithBody = [400, 401, 404, 413, 415, 500, 503]
+    OnChatWithBody = [400, 401, 404, 413, 415, 429, 500, 503]
 );
 error_set!(
     /// Errors of the readiness probe.
@@ -284,6 +307,7 @@ fn describe(status: u16) -> &'static str {
         404 => "The chat does not exist for this tenant (`chat_not_found`).",
         413 => "The request body is too large (`payload_too_large`).",
         415 => "The request body is not JSON (`unsupported_media_type`).",
+        429 => "The tenant made too many requests this minute (`rate_limited`); see Retry-After and the X-RateLimit-* headers.",
         500 => "An internal error (`internal_error`).",
         503 => "The database is unavailable or the server is not ready (`database_unavailable`, `not_ready`); see Retry-After.",
         _ => "Error.",

@@ -44,6 +44,10 @@ pub struct ServerSettings {
     /// How long a key lookup is cached (bounds how long a revoked key keeps working).
     pub auth_cache_ttl: Duration,
     pub chat: chat::ChatSettings,
+    /// REST requests per minute per tenant, unless the tenant has its own limit.
+    pub requests_per_minute: u32,
+    /// Browser origins allowed to call the API (CORS); empty: CORS off.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerSettings {
@@ -52,6 +56,8 @@ impl Default for ServerSettings {
             limits: Limits::default(),
             auth_cache_ttl: Duration::from_secs(5),
             chat: chat::ChatSettings::default(),
+            requests_per_minute: 100,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -79,6 +85,15 @@ pub async fn run(
         );
     }
     let auth = Authenticator::new(store.clone(), settings.auth_cache_ttl, 100_000);
+    let quotas = api::quota::Quotas::new(
+        store.clone(),
+        api::quota::QuotaDefaults {
+            requests_per_minute: settings.requests_per_minute,
+            ws_messages_per_second: settings.chat.messages_per_second.max(0.0) as u32,
+            max_connections: settings.chat.max_connections_per_tenant as u32,
+        },
+        settings.auth_cache_ttl,
+    );
     let grace = settings.chat.shutdown_grace;
     let chat = chat::ChatService::new(store.clone(), model.clone(), settings.chat);
     let state = AppState {
@@ -87,6 +102,8 @@ pub async fn run(
         limits: settings.limits,
         model,
         chat: chat.clone(),
+        quotas,
+        cors_origins: settings.cors_origins,
     };
     let app = api::app(state);
     let shutdown = async move {

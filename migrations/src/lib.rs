@@ -6,12 +6,16 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261126_000001_init;
+mod m20261127_000001_tenant_limits;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261126_000001_init::Migration)]
+        vec![
+            Box::new(m20261126_000001_init::Migration),
+            Box::new(m20261127_000001_tenant_limits::Migration),
+        ]
     }
 }

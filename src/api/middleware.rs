@@ -12,12 +12,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use poem::http::{header, Method, StatusCode};
+use poem::http::{header, HeaderValue, Method, StatusCode};
 use poem::{Body, Endpoint, IntoResponse, Request, Response};
 use poem_openapi::error::{
     AuthorizationError, ContentTypeError, ParseParamError, ParsePathError, ParseRequestPayloadError,
 };
 
+use super::quota::Decision;
+use super::AppState;
 use crate::error::ApiError;
 
 fn is_json(content_type: Option<&str>) -> bool {
@@ -199,19 +201,43 @@ fn classify(err: poem::Error, method: &Method, path: &str, params: &PathParams) 
 pub async fn around<E: Endpoint>(
     ep: Arc<E>,
     mut req: Request,
-    body_limit: usize,
+    state: AppState,
     params: Arc<PathParams>,
 ) -> poem::Result<Response> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let resp = match guard_body(&mut req, body_limit).await {
-        Err(e) => e.into_response(),
-        Ok(()) => match ep.call(req).await {
-            Ok(r) => r.into_response(),
-            Err(e) => classify(e, &method, &path, &params),
-        },
+    // The tenant's quota is counted before the body is read: a tenant over its limit costs
+    // no more than a key lookup (cached).
+    let quota = match rest_quota(&req, &path, &state).await {
+        Some(d) if !d.allowed => Err(d),
+        other => Ok(other),
     };
+    let mut resp = match quota {
+        Err(d) => {
+            let mut r = ApiError::RateLimited {
+                limit: d.limit,
+                retry_after_secs: d.reset_secs,
+            }
+            .into_response();
+            set_quota_headers(&mut r, &d);
+            r
+        }
+        Ok(decision) => {
+            let mut r = match guard_body(&mut req, state.limits.max_body_bytes).await {
+                Err(e) => e.into_response(),
+                Ok(()) => match ep.call(req).await {
+                    Ok(r) => r.into_response(),
+                    Err(e) => classify(e, &method, &path, &params),
+                },
+            };
+            if let Some(d) = decision {
+                set_quota_headers(&mut r, &d);
+            }
+            r
+        }
+    };
+    security_headers(&mut resp, &path);
     tracing::info!(
         target: "confab::access",
         method = %method,
@@ -220,6 +246,46 @@ pub async fn around<E: Endpoint>(
         latency_ms = started.elapsed().as_secs_f64() * 1000.0,
     );
     Ok(resp)
+}
+
+/// The quota verdict for an `/api` request that carries a working key; `None` otherwise
+/// (requests without a tenant are refused by authentication, not counted).
+async fn rest_quota(req: &Request, path: &str, state: &AppState) -> Option<Decision> {
+    if !path.starts_with("/api/") {
+        return None;
+    }
+    let key = req.headers().get("x-api-key")?.to_str().ok()?;
+    let tenant = state.auth.authenticate(key).await.ok()?;
+    Some(state.quotas.check_rest(tenant).await)
+}
+
+fn set_quota_headers(resp: &mut Response, d: &Decision) {
+    for (name, value) in d.headers() {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
+        }
+    }
+}
+
+/// Headers every response carries: no MIME sniffing, no framing, no referrer, and a content
+/// policy that allows nothing for the API and only same-origin assets for Swagger UI.
+fn security_headers(resp: &mut Response, path: &str) {
+    let h = resp.headers_mut();
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    let csp = if path.starts_with("/docs") {
+        "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'"
+    } else {
+        "default-src 'none'; frame-ancestors 'none'"
+    };
+    h.insert("content-security-policy", HeaderValue::from_static(csp));
+    if path.starts_with("/api/") && !h.contains_key("cache-control") {
+        h.insert("cache-control", HeaderValue::from_static("no-store"));
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ mod chats;
 pub mod dto;
 mod health;
 mod middleware;
+pub mod quota;
 pub mod types;
 mod ws;
 
@@ -30,6 +31,10 @@ pub struct AppState {
     pub model: ModelSlot,
     /// Live chat: rooms, queues, replies.
     pub chat: ChatService,
+    /// Per-tenant request rates and WebSocket limits.
+    pub quotas: quota::Quotas,
+    /// Browser origins allowed to call the API (CORS); empty: CORS off.
+    pub cors_origins: Vec<String>,
 }
 
 #[derive(Tags)]
@@ -63,7 +68,21 @@ pub fn app(state: AppState) -> impl Endpoint {
     let api = service();
     let spec = api.spec_endpoint();
     let docs = api.swagger_ui();
-    let body_limit = state.limits.max_body_bytes;
+    let cors = (!state.cors_origins.is_empty()).then(|| {
+        poem::middleware::Cors::new()
+            .allow_origins(state.cors_origins.iter().map(String::as_str))
+            .allow_methods(["GET", "POST", "PATCH", "DELETE"])
+            .allow_headers(["X-API-Key", "Content-Type", "Authorization"])
+            .expose_headers([
+                "X-RateLimit-Limit",
+                "X-RateLimit-Remaining",
+                "X-RateLimit-Reset",
+                "RateLimit-Policy",
+                "RateLimit",
+                "Retry-After",
+            ])
+    });
+    let around_state = state.clone();
     let params = std::sync::Arc::new(middleware::PathParams::from_spec(&api.spec()));
     Route::new()
         .nest("/", api)
@@ -79,5 +98,6 @@ pub fn app(state: AppState) -> impl Endpoint {
             tracing::error!("handler panicked");
             poem::IntoResponse::into_response(crate::error::ApiError::Internal)
         }))
-        .around(move |ep, req| middleware::around(ep, req, body_limit, params.clone()))
+        .around(move |ep, req| middleware::around(ep, req, around_state.clone(), params.clone()))
+        .with_if(cors.is_some(), cors.unwrap_or_default())
 }

@@ -120,6 +120,8 @@ impl Refusal {
 /// An accepted connection.
 struct Session {
     tenant: TenantId,
+    /// Messages per second this connection may send (the tenant's own, or the default).
+    messages_per_second: u32,
     user_id: String,
     chat_id: Uuid,
     user_created: bool,
@@ -149,7 +151,11 @@ async fn open(state: &AppState, creds: Credentials) -> Result<Session, Refusal> 
         ),
         close: 4400,
     })?;
-    let guard = state.chat.connect(tenant).map_err(Refusal::chat)?;
+    let limits = state.quotas.limits(tenant).await;
+    let guard = state
+        .chat
+        .connect(tenant, limits.max_connections as usize)
+        .map_err(Refusal::chat)?;
     let scope = state.store.tenant(tenant);
     let chat = scope
         .get_chat(chat_id)
@@ -165,6 +171,7 @@ async fn open(state: &AppState, creds: Credentials) -> Result<Session, Refusal> 
         .map_err(|e| Refusal::chat(e.into()))?;
     Ok(Session {
         tenant,
+        messages_per_second: limits.ws_messages_per_second,
         user_id,
         chat_id,
         user_created,
@@ -244,7 +251,16 @@ async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream
     }
     let settings = service.settings().clone();
     let room = membership.room.clone();
-    let mut bucket = TokenBucket::new(settings.messages_per_second, settings.message_burst);
+    // A tenant's own rate comes with a burst of the same size; the default keeps its burst.
+    let (rate, burst) = if f64::from(session.messages_per_second) == settings.messages_per_second {
+        (settings.messages_per_second, settings.message_burst)
+    } else {
+        (
+            f64::from(session.messages_per_second),
+            session.messages_per_second,
+        )
+    };
+    let mut bucket = TokenBucket::new(rate, burst);
     let mut phase = service.phase();
     let mut last_heard = Instant::now();
     let tick = settings
@@ -289,7 +305,7 @@ async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream
                             Err(e) => Some(e.into_event()),
                             Ok(ClientMessage::Cancel) => service.cancel(&room).err().map(|e| e.to_event()),
                             Ok(other) => match bucket.take() {
-                                Err(wait) => Some(rate_limited(wait, &settings)),
+                                Err(wait) => Some(rate_limited(wait, rate, burst)),
                                 Ok(()) => match other {
                                     ClientMessage::Ping => Some(Event::Pong),
                                     ClientMessage::Message { content, metadata } => service
@@ -346,18 +362,17 @@ async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream
     drop(membership);
 }
 
-fn rate_limited(wait: Duration, settings: &crate::chat::ChatSettings) -> Event {
+fn rate_limited(wait: Duration, rate: f64, burst: u32) -> Event {
     let retry_after_ms = wait.as_millis().min(u64::MAX as u128) as u64;
     Event::error(
         "rate_limited",
         format!(
-            "Too many messages: at most {} per second on one connection. The message was not processed.",
-            settings.messages_per_second
+            "Too many messages: at most {rate} per second on one connection. The message was not processed."
         ),
         json!({
             "retry_after_ms": retry_after_ms.max(1),
-            "limit_per_second": settings.messages_per_second,
-            "burst": settings.message_burst,
+            "limit_per_second": rate,
+            "burst": burst,
         }),
     )
 }

@@ -42,7 +42,7 @@ pub struct ChatSettings {
     pub queue_per_tenant: usize,
     /// Share of the slots one tenant may hold (at least one slot).
     pub tenant_slot_share: f64,
-    /// Open WebSocket connections per tenant.
+    /// Open WebSocket connections per tenant (default; a tenant may have its own).
     pub max_connections_per_tenant: usize,
     /// How often a growing reply's text is saved.
     pub save_interval: Duration,
@@ -55,7 +55,8 @@ pub struct ChatSettings {
     /// Events buffered per socket before a slow one is dropped.
     pub socket_buffer: usize,
     pub messages: MessageLimits,
-    /// Messages per second per connection (token bucket), and the burst it allows.
+    /// Messages per second per connection (token bucket), and the burst it allows
+    /// (defaults; a tenant may have its own rate, with a burst of the same size).
     pub messages_per_second: f64,
     pub message_burst: u32,
     /// The server pings a socket it has not heard from for this long...
@@ -281,12 +282,11 @@ impl ChatService {
         self.0.phase.subscribe()
     }
 
-    /// Counts a new connection of `tenant`, refusing it over the limit.
-    pub fn connect(&self, tenant: TenantId) -> Result<ConnectionGuard, ChatError> {
+    /// Counts a new connection of `tenant`, refusing it when the tenant already has `limit`.
+    pub fn connect(&self, tenant: TenantId, limit: usize) -> Result<ConnectionGuard, ChatError> {
         if *self.0.phase.borrow() != Phase::Serving {
             return Err(ChatError::ShuttingDown);
         }
-        let limit = self.0.settings.max_connections_per_tenant;
         let mut c = lock(&self.0.connections);
         let n = c.entry(tenant).or_insert(0);
         if *n >= limit {

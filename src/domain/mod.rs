@@ -7,11 +7,13 @@ mod config;
 mod limits;
 mod message;
 mod page;
+mod quota;
 
 pub use config::{ChatConfig, ChatConfigPatch, Patch};
 pub use limits::{validate_metadata, validate_title, validate_user_id, Limits, ValidationError};
 pub use message::{MessageStatus, Role};
 pub use page::{Order, Page, PageRequest};
+pub use quota::{TenantLimits, TenantLimitsPatch};
 
 use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::{Map, Value};

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::entity::{api_key, tenant};
 use super::{Store, StoreError, TenantId};
 use crate::credentials::IssuedKey;
-use crate::domain::now;
+use crate::domain::{now, TenantLimits, TenantLimitsPatch};
 
 /// A tenant as an operator sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +21,19 @@ pub struct TenantInfo {
     pub created_at: DateTime<Utc>,
     /// Keys that still work.
     pub active_keys: u64,
+    pub limits: TenantLimits,
+}
+
+fn limit_of(v: Option<i32>) -> Option<u32> {
+    v.and_then(|n| u32::try_from(n).ok())
+}
+
+fn limits_of(t: &tenant::Model) -> TenantLimits {
+    TenantLimits {
+        requests_per_minute: limit_of(t.requests_per_minute),
+        ws_messages_per_second: limit_of(t.ws_messages_per_second),
+        max_connections: limit_of(t.max_connections),
+    }
 }
 
 /// An API key as an operator sees it (never the secret).
@@ -90,6 +103,7 @@ impl Store {
                         id: Set(id),
                         name: Set(name.clone()),
                         created_at: Set(created_at),
+                        ..Default::default()
                     })
                     .on_conflict(
                         OnConflict::column(tenant::Column::Name)
@@ -109,6 +123,7 @@ impl Store {
                         name,
                         created_at,
                         active_keys: 1,
+                        limits: TenantLimits::default(),
                     })
                 })
             })
@@ -131,6 +146,7 @@ impl Store {
                 .count(&self.db)
                 .await?;
             out.push(TenantInfo {
+                limits: limits_of(&t),
                 id: t.id,
                 name: t.name,
                 created_at: t.created_at,
@@ -162,11 +178,50 @@ impl Store {
             .count(&self.db)
             .await?;
         Ok(TenantInfo {
+            limits: limits_of(&t),
             id: t.id,
             name: t.name,
             created_at: t.created_at,
             active_keys,
         })
+    }
+
+    /// Changes a tenant's own limits; returns the tenant as it is now.
+    pub async fn set_tenant_limits(
+        &self,
+        name_or_id: &str,
+        patch: TenantLimitsPatch,
+    ) -> Result<TenantInfo, StoreError> {
+        let t = self.find_tenant(name_or_id).await?;
+        let mut limits = t.limits;
+        limits.apply(patch);
+        let col = |v: Option<u32>| v.map(|n| n.min(i32::MAX as u32) as i32);
+        tenant::Entity::update_many()
+            .col_expr(
+                tenant::Column::RequestsPerMinute,
+                Expr::value(col(limits.requests_per_minute)),
+            )
+            .col_expr(
+                tenant::Column::WsMessagesPerSecond,
+                Expr::value(col(limits.ws_messages_per_second)),
+            )
+            .col_expr(
+                tenant::Column::MaxConnections,
+                Expr::value(col(limits.max_connections)),
+            )
+            .filter(tenant::Column::Id.eq(t.id))
+            .exec(&self.db)
+            .await?;
+        Ok(TenantInfo { limits, ..t })
+    }
+
+    /// The limits of an authenticated tenant.
+    pub async fn tenant_limits(&self, tenant: TenantId) -> Result<TenantLimits, StoreError> {
+        let t = tenant::Entity::find_by_id(tenant.0)
+            .one(&self.db)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        Ok(limits_of(&t))
     }
 
     /// Adds a key to a tenant (named or by id).

@@ -48,6 +48,42 @@ async fn admin_commands(b: Backend) {
         assert!(!ok);
         assert!(err.contains("invalid tenant name"), "{err}");
 
+        // Per-tenant limits: set, keep what is not named, back to the default.
+        let limits = |args: &[&str]| {
+            let mut all = vec!["tenant", "set-limits", "acme", "--json"];
+            all.extend_from_slice(args);
+            let (ok, out, err) = confab(&url, &all);
+            assert!(ok, "{err}");
+            let v: Value = serde_json::from_str(out.trim()).expect("json");
+            v["limits"].clone()
+        };
+        let l = limits(&["--requests-per-minute", "5", "--max-connections", "2"]);
+        assert_eq!(
+            l,
+            json!({"requests_per_minute": 5, "ws_messages_per_second": null, "max_connections": 2})
+        );
+        let l = limits(&[
+            "--ws-messages-per-second",
+            "3",
+            "--max-connections",
+            "default",
+        ]);
+        assert_eq!(
+            l,
+            json!({"requests_per_minute": 5, "ws_messages_per_second": 3, "max_connections": null})
+        );
+        let (ok, _, err) = confab(
+            &url,
+            &["tenant", "set-limits", "acme", "--requests-per-minute", "0"],
+        );
+        assert!(!ok);
+        assert!(err.contains("not a limit"), "{err}");
+        let (ok, _, err) = confab(
+            &url,
+            &["tenant", "set-limits", "nobody", "--max-connections", "1"],
+        );
+        assert!(!ok, "{err}");
+
         let (ok, out, _) = confab(&url, &["tenant", "list", "--json"]);
         assert!(ok);
         let list: Value = serde_json::from_str(out.trim()).unwrap();

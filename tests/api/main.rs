@@ -9,6 +9,7 @@ mod chats;
 mod engine;
 mod errors;
 mod isolation;
+mod limits;
 mod messages;
 mod openapi;
 mod smollm2;

@@ -711,7 +711,45 @@ async fn silent_sockets_are_pinged_then_dropped(b: Backend) {
     s.stop().await;
 }
 
+async fn a_tenant_can_have_its_own_socket_limits(b: Backend) {
+    let s = server(b, ChatSettings::default(), None).await;
+    let t = s.tenant("acme").await;
+    // Before any request: overrides are cached for the auth cache period once read.
+    s.store
+        .set_tenant_limits(
+            "acme",
+            confab::domain::TenantLimitsPatch {
+                ws_messages_per_second: confab::domain::Patch::Set(3),
+                max_connections: confab::domain::Patch::Set(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let chat_id = chat(&s, &t.key, "alice", 4).await;
+    let mut ws = Ws::connect(&s, &t.key, "alice", &chat_id).await;
+    ws.event().await;
+    let mut second = Ws::connect(&s, &t.key, "alice", &chat_id).await;
+    second.refused("too_many_connections", 4429).await;
+    for _ in 0..5 {
+        ws.send(json!({"type": "ping"})).await;
+    }
+    let mut pongs = 0;
+    for _ in 0..5 {
+        let e = ws.event().await;
+        if e["event_type"] == "pong" {
+            pongs += 1;
+        } else {
+            assert_eq!(e["code"], "rate_limited", "{e}");
+            assert_eq!(e["details"]["limit_per_second"], 3.0);
+        }
+    }
+    assert!((3..=4).contains(&pongs), "{pongs}");
+    s.stop().await;
+}
+
 backend_tests!(
+    a_tenant_can_have_its_own_socket_limits,
     silent_sockets_are_pinged_then_dropped,
     a_reply_streams_and_both_sides_are_saved,
     refused_connections_get_an_error_and_a_close_code,

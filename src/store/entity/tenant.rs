@@ -7,6 +7,9 @@ pub struct Model {
     pub id: Uuid,
     pub name: String,
     pub created_at: DateTimeUtc,
+    pub requests_per_minute: Option<i32>,
+    pub ws_messages_per_second: Option<i32>,
+    pub max_connections: Option<i32>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -196,6 +196,8 @@ pub struct ChatDto {
     pub id: Uuid,
     pub tenant_id: Uuid,
     pub user_id: String,
+    /// Null when the chat has none.
+    #[oai(nullable)]
     pub title: Option<String>,
     pub metadata: JsonObject,
     pub config: ChatConfigDto,
@@ -302,6 +304,7 @@ pub struct MessageDto {
     pub metadata: JsonObject,
     pub status: MessageStatusDto,
     /// Token counts of an assistant reply; null for other messages.
+    #[oai(nullable)]
     pub usage: Option<UsageDto>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
@@ -382,5 +385,6 @@ pub struct ReadyDto {
     /// `ready` when the model is loaded (`not_configured` when the server runs without one).
     pub model: String,
     /// The loaded model's name.
+    #[oai(nullable)]
     pub model_name: Option<String>,
 }

@@ -207,14 +207,17 @@ pub async fn around<E: Endpoint>(
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    // The tenant's quota is counted before the body is read: a tenant over its limit costs
-    // no more than a key lookup (cached).
+    // `/api` requests are authenticated and counted before anything else, the body
+    // included: a client without a working key learns nothing but 401, and a tenant over
+    // its quota costs no more than a (cached) key lookup.
     let quota = match rest_quota(&req, &path, &state).await {
-        Some(d) if !d.allowed => Err(d),
-        other => Ok(other),
+        Err(e) => Err(Err(e)),
+        Ok(Some(d)) if !d.allowed => Err(Ok(d)),
+        Ok(other) => Ok(other),
     };
     let mut resp = match quota {
-        Err(d) => {
+        Err(Err(e)) => e.into_response(),
+        Err(Ok(d)) => {
             let mut r = ApiError::RateLimited {
                 limit: d.limit,
                 retry_after_secs: d.reset_secs,
@@ -248,15 +251,24 @@ pub async fn around<E: Endpoint>(
     Ok(resp)
 }
 
-/// The quota verdict for an `/api` request that carries a working key; `None` otherwise
-/// (requests without a tenant are refused by authentication, not counted).
-async fn rest_quota(req: &Request, path: &str, state: &AppState) -> Option<Decision> {
+/// For an `/api` request: its tenant's quota verdict, or why it has no tenant. `None` for
+/// other paths.
+async fn rest_quota(
+    req: &Request,
+    path: &str,
+    state: &AppState,
+) -> Result<Option<Decision>, ApiError> {
     if !path.starts_with("/api/") {
-        return None;
+        return Ok(None);
     }
-    let key = req.headers().get("x-api-key")?.to_str().ok()?;
-    let tenant = state.auth.authenticate(key).await.ok()?;
-    Some(state.quotas.check_rest(tenant).await)
+    let key = req
+        .headers()
+        .get("x-api-key")
+        .ok_or(ApiError::MissingApiKey)?
+        .to_str()
+        .map_err(|_| ApiError::InvalidApiKey)?;
+    let tenant = state.auth.authenticate(key).await?;
+    Ok(Some(state.quotas.check_rest(tenant).await))
 }
 
 fn set_quota_headers(resp: &mut Response, d: &Decision) {

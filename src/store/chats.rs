@@ -69,6 +69,31 @@ pub(super) async fn find_chat_in<C: ConnectionTrait>(
         .ok_or(StoreError::NotFound)
 }
 
+/// Starts a write transaction on a chat by writing to its row first (a no-op update), and
+/// says whether it exists. Writing first matters on SQLite: a transaction that reads before
+/// it writes cannot wait for the write lock once another writer committed after its read
+/// ("database is locked"), while one that writes first simply queues. On PostgreSQL it takes
+/// the row lock, so concurrent changes of one chat apply one after the other.
+async fn lock_chat_in<C: ConnectionTrait>(
+    db: &C,
+    tenant: Uuid,
+    chat_id: Uuid,
+) -> Result<(), StoreError> {
+    let res = chat::Entity::update_many()
+        .col_expr(
+            chat::Column::UpdatedAt,
+            sea_orm::sea_query::Expr::col(chat::Column::UpdatedAt).into(),
+        )
+        .filter(chat::Column::Id.eq(chat_id))
+        .filter(chat::Column::TenantId.eq(tenant))
+        .exec(db)
+        .await?;
+    if res.rows_affected == 0 {
+        return Err(StoreError::NotFound);
+    }
+    Ok(())
+}
+
 impl TenantScope<'_> {
     /// Makes sure a user exists; true when it was created by this call.
     pub async fn ensure_user(&self, user_id: &str) -> Result<bool, StoreError> {
@@ -149,6 +174,7 @@ impl TenantScope<'_> {
         self.db
             .transaction::<_, Chat, StoreError>(|txn| {
                 Box::pin(async move {
+                    lock_chat_in(txn, tenant, chat_id).await?;
                     let row = find_chat_in(txn, tenant, chat_id).await?;
                     let mut chat = chat_from_row(row)?;
                     update.title.apply(&mut chat.title);
@@ -190,7 +216,7 @@ impl TenantScope<'_> {
         self.db
             .transaction::<_, (), StoreError>(|txn| {
                 Box::pin(async move {
-                    find_chat_in(txn, tenant, chat_id).await?;
+                    lock_chat_in(txn, tenant, chat_id).await?;
                     // Explicit, so the messages go even where foreign keys are not enforced.
                     super::entity::message::Entity::delete_many()
                         .filter(super::entity::message::Column::ChatId.eq(chat_id))

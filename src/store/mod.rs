@@ -88,6 +88,32 @@ impl Backend {
     }
 }
 
+/// Puts a SQLite database in WAL mode (persistent in the file), retrying briefly: the switch
+/// needs a moment without other connections in a transaction (another process, say).
+async fn enable_wal(url: &str) -> Result<(), StoreError> {
+    let mut co = ConnectOptions::new(url.to_string());
+    co.max_connections(1).min_connections(0).sqlx_logging(false);
+    co.map_sqlx_sqlite_opts(|o| {
+        o.journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(10))
+            .create_if_missing(true)
+    });
+    let mut last = None;
+    for attempt in 0..50u64 {
+        match Database::connect(co.clone()).await {
+            Ok(db) => {
+                db.close().await.ok();
+                return Ok(());
+            }
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(20 * (attempt + 1).min(10))).await;
+    }
+    Err(StoreError::from(last.unwrap_or_else(|| {
+        sea_orm::DbErr::Custom("cannot open the SQLite database".into())
+    })))
+}
+
 impl Store {
     /// Connects, applies pending migrations and returns the store.
     ///
@@ -107,9 +133,12 @@ impl Store {
             .connect_timeout(opts.acquire_timeout)
             .sqlx_logging(false);
         if backend == Backend::Sqlite {
+            enable_wal(url).await?;
+            // No journal_mode here: it is set once above. Setting it on every new pool
+            // connection needs a lock that busy_timeout does not wait for, and fails with
+            // "database is locked" when a connection opens while another one writes.
             co.map_sqlx_sqlite_opts(|o| {
-                o.journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Normal)
+                o.synchronous(SqliteSynchronous::Normal)
                     .busy_timeout(Duration::from_secs(10))
                     .foreign_keys(true)
                     .create_if_missing(true)

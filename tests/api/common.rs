@@ -50,6 +50,19 @@ async fn pg_exec(sql: &str) {
     db.close().await.ok();
 }
 
+/// Server warnings and errors go to the test's captured output, so a failing test shows
+/// what the server logged (`CONFAB_TEST_LOG` sets another filter).
+fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = std::env::var("CONFAB_TEST_LOG").unwrap_or_else(|_| "warn".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    });
+}
+
 /// Where a test's data lives; removed when the test ends.
 enum Scratch {
     Sqlite(#[allow(dead_code)] tempfile::TempDir),
@@ -131,6 +144,7 @@ impl TestServer {
         settings: ServerSettings,
         model: confab::engine::ModelSlot,
     ) -> TestServer {
+        init_logs();
         let (store, _url, scratch) = fresh_store(backend).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

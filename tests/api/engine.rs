@@ -164,7 +164,12 @@ async fn stop_strings_end_the_reply_before_them() {
 
 #[tokio::test]
 async fn cancellation_frees_the_engine() {
-    let h = handle();
+    // Paced, so the 200 tokens cannot all be out before the cancel lands.
+    let opts = EngineOptions {
+        min_token_interval: Some(Duration::from_millis(5)),
+        ..Default::default()
+    };
+    let h = engine::load(fixture().path.clone(), opts).expect("load tiny model");
     let mut g = h.generate(req(vec![user("hello")], 200)).expect("queued");
     // Cancel once the first token arrives.
     let mut finished = None;

@@ -138,14 +138,31 @@ impl TestServer {
         Self::start_full(backend, settings, model).await
     }
 
+    /// A server without a model over a store the test made itself (its database is the
+    /// test's business).
+    pub async fn start_on(store: Store, settings: ServerSettings) -> TestServer {
+        let model = confab::engine::ModelSlot::new(confab::engine::ModelStatus::NotConfigured);
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::serve(store, settings, model, ScratchGuard(Scratch::Sqlite(dir))).await
+    }
+
     /// A server with a model (see `ws::tiny_model`).
     pub async fn start_full(
         backend: Backend,
         settings: ServerSettings,
         model: confab::engine::ModelSlot,
     ) -> TestServer {
-        init_logs();
         let (store, _url, scratch) = fresh_store(backend).await;
+        Self::serve(store, settings, model, scratch).await
+    }
+
+    async fn serve(
+        store: Store,
+        settings: ServerSettings,
+        model: confab::engine::ModelSlot,
+        scratch: ScratchGuard,
+    ) -> TestServer {
+        init_logs();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

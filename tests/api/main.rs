@@ -8,6 +8,7 @@ mod binary;
 mod chats;
 mod engine;
 mod errors;
+mod faults;
 mod isolation;
 mod limits;
 mod messages;

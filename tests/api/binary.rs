@@ -435,7 +435,143 @@ async fn a_kill_during_a_reply_leaves_it_interrupted(b: Backend) {
     assert!(!log.contains(key), "the API key leaked into the log");
 }
 
+/// kill -9 while replies stream (one running, others queued) and REST writes run: after a
+/// restart every acknowledged write is there, no row is left half-done (`streaming`), and
+/// the running reply is `interrupted` with its text.
+async fn a_kill_under_load_loses_nothing_acknowledged(b: Backend) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (_store, url, _guard) = fresh_store(b).await;
+    let key = "ci-known-key-0123456789abcdef";
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("CONFAB_DEBUG_TOKEN_INTERVAL_MS", "10"),
+        ("CONFAB_SAVE_INTERVAL_MS", "50"),
+        ("CONFAB_REQUESTS_PER_MINUTE", "100000"),
+    ];
+    let Served {
+        mut child, base, ..
+    } = serve_with(&url, key, dir.path(), &env).await;
+    wait_ready(&base).await;
+    let http = reqwest::Client::new();
+    let create =
+        {
+            let (http, base) = (http.clone(), base.clone());
+            move |user: &'static str| {
+                let http = http.clone();
+                let base = base.clone();
+                async move {
+                    let r = http
+                .post(format!("{base}/api/v1/chats/"))
+                .header("X-API-Key", key)
+                .json(&json!({"user_id": user, "config": {"temperature": 0, "max_tokens": 200}}))
+                .send()
+                .await
+                .ok()?;
+                    if r.status().as_u16() != 201 {
+                        return None;
+                    }
+                    let v: Value = r.json().await.ok()?;
+                    Some(v["id"].as_str()?.to_string())
+                }
+            }
+        };
+    // Four chats, a message in each: one reply runs, three wait.
+    let mut sockets = Vec::new();
+    let mut acked = Vec::new();
+    for _ in 0..4 {
+        let chat = create("u").await.expect("chat");
+        let ws_url = format!(
+            "{}/ws/chat?api_key={key}&user_id=u&chat_id={chat}",
+            base.replacen("http", "ws", 1)
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+        ws.send(Message::text(json!({"content": "go"}).to_string()))
+            .await
+            .unwrap();
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(20), ws.next())
+                .await
+                .expect("in time")
+                .unwrap()
+                .unwrap();
+            if let Message::Text(t) = frame {
+                let e: Value = serde_json::from_str(&t).unwrap();
+                if e["event_type"] == "message_received" {
+                    acked.push((chat.clone(), e["message_id"].as_str().unwrap().to_string()));
+                    break;
+                }
+            }
+        }
+        sockets.push(ws);
+    }
+    // REST writes keep coming while the process dies.
+    let create2 = create.clone();
+    let writer = tokio::spawn(async move {
+        let create = create2;
+        let mut created = Vec::new();
+        for _ in 0..10_000 {
+            match create("w").await {
+                Some(id) => created.push(id),
+                None => break,
+            }
+        }
+        created
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let created = tokio::time::timeout(Duration::from_secs(20), writer)
+        .await
+        .expect("writer stops")
+        .unwrap();
+    assert!(!created.is_empty(), "REST writes ran");
+    drop(sockets);
+
+    let Served { child, base, .. } = serve_with(&url, key, dir.path(), &env).await;
+    let get = |path: String| {
+        let http = http.clone();
+        let base = base.clone();
+        async move {
+            let r = http
+                .get(format!("{base}{path}"))
+                .header("X-API-Key", key)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    for id in &created {
+        let (st, v) = get(format!("/api/v1/chats/{id}")).await;
+        assert_eq!(st, 200, "acknowledged chat {id} lost: {v}");
+    }
+    let mut interrupted = 0;
+    for (chat, user_msg) in &acked {
+        let (st, v) = get(format!("/api/v1/chats/{chat}/messages?limit=200")).await;
+        assert_eq!(st, 200, "{v}");
+        let msgs = v["messages"].as_array().unwrap();
+        assert_eq!(
+            msgs[0]["id"],
+            user_msg.as_str(),
+            "acknowledged message kept"
+        );
+        let (_, c) = get(format!("/api/v1/chats/{chat}")).await;
+        assert_eq!(c["message_count"], msgs.len(), "counter matches the rows");
+        for m in msgs {
+            assert_ne!(m["status"], "streaming", "half-done row: {m}");
+            if m["status"] == "interrupted" {
+                interrupted += 1;
+                assert!(!m["content"].as_str().unwrap().is_empty(), "{m}");
+            }
+        }
+    }
+    assert_eq!(interrupted, 1, "the running reply");
+    stop(child).await;
+}
+
 crate::backend_tests!(
+    a_kill_under_load_loses_nothing_acknowledged,
     a_kill_during_a_reply_leaves_it_interrupted,
     admin_commands,
     serve_bootstraps_and_stops,

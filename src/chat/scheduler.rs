@@ -87,10 +87,15 @@ impl<T> Scheduler<T> {
 
     /// Promises a place in the tenant's queue (the item follows with [`Self::enqueue`] or
     /// the promise is taken back with [`Self::unreserve`]).
+    /// A place is free when the tenant's waiting and reserved replies fit in its queue plus
+    /// the slots it could start at once (a reply that will not wait takes no queue place).
     pub fn reserve(&mut self, tenant: TenantId) -> Result<(), QueueFull> {
         let capacity = self.limits.queue_per_tenant;
+        let free_slots = self.limits.slots.saturating_sub(self.running);
+        let cap = self.limits.max_running_per_tenant;
         let q = self.tenant(tenant);
-        if q.waiting.len() + q.reserved >= capacity {
+        let startable = free_slots.min(cap.saturating_sub(q.running));
+        if q.waiting.len() + q.reserved >= capacity + startable {
             return Err(QueueFull { capacity });
         }
         q.reserved += 1;
@@ -263,6 +268,8 @@ mod tests {
     fn queue_is_bounded_and_reservations_count() {
         let a = tenant();
         let mut s: Scheduler<u32> = Scheduler::new(limits(1, 2, 1));
+        // Two queue places plus the free slot.
+        s.reserve(a).unwrap();
         s.reserve(a).unwrap();
         s.reserve(a).unwrap();
         assert_eq!(s.reserve(a), Err(QueueFull { capacity: 2 }));
@@ -270,8 +277,13 @@ mod tests {
         s.reserve(a).unwrap();
         s.enqueue(a, 1);
         s.enqueue(a, 2);
+        s.enqueue(a, 3);
         assert!(s.reserve(a).is_err());
         assert_eq!(s.dispatch(), Some((a, 1)));
+        // One running, two waiting: full until one starts.
+        assert!(s.reserve(a).is_err());
+        s.finish(a);
+        assert_eq!(s.dispatch(), Some((a, 2)));
         s.reserve(a).unwrap();
     }
 

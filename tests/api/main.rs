@@ -11,6 +11,7 @@ mod errors;
 mod faults;
 mod isolation;
 mod limits;
+mod load;
 mod messages;
 mod openapi;
 mod smollm2;

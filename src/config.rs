@@ -270,6 +270,9 @@ pub struct ChatArgs {
     /// Replies a tenant may have waiting for the model; more get `queue_full`.
     #[arg(long, env = "CONFAB_QUEUE_PER_TENANT", default_value_t = 16)]
     pub queue_per_tenant: usize,
+    /// Replies waiting for the model, all tenants together; more get `server_busy`.
+    #[arg(long, env = "CONFAB_MAX_WAITING_TOTAL", default_value_t = 256)]
+    pub max_waiting_total: usize,
     /// Share of the model's reply slots one tenant may hold (0–1; at least one slot).
     #[arg(long, env = "CONFAB_TENANT_SLOT_SHARE", default_value_t = 0.5)]
     pub tenant_slot_share: f64,
@@ -308,6 +311,7 @@ impl ChatArgs {
         let d = crate::chat::ChatSettings::default();
         crate::chat::ChatSettings {
             queue_per_tenant: self.queue_per_tenant,
+            max_waiting_total: self.max_waiting_total,
             tenant_slot_share: self.tenant_slot_share,
             max_connections_per_tenant: self.max_connections_per_tenant,
             messages_per_second: f64::from(self.ws_messages_per_second),

@@ -20,47 +20,11 @@ use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
 use super::AppState;
-use crate::chat::protocol::{parse_client_message, ClientMessage, Event, FrameError};
+use crate::chat::protocol::{parse_client_message, ClientMessage, Credentials, Event, FrameError};
 use crate::chat::{ChatError, ConnectionGuard, Membership, Outbound, Phase};
-use crate::domain::validate_user_id;
 use crate::error::ApiError;
 use crate::ratelimit::TokenBucket;
 use crate::store::TenantId;
-
-/// What the client presented: query parameters first, then `X-…` headers.
-#[derive(Debug, Default)]
-struct Credentials {
-    api_key: Option<String>,
-    user_id: Option<String>,
-    chat_id: Option<String>,
-}
-
-impl Credentials {
-    fn from_request(req: &Request) -> Credentials {
-        let mut c = Credentials::default();
-        if let Some(q) = req.uri().query() {
-            for (k, v) in form_urlencoded::parse(q.as_bytes()) {
-                let slot = match &*k {
-                    "api_key" => &mut c.api_key,
-                    "user_id" => &mut c.user_id,
-                    "chat_id" => &mut c.chat_id,
-                    _ => continue,
-                };
-                slot.get_or_insert_with(|| v.into_owned());
-            }
-        }
-        let header = |name: &str| {
-            req.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
-        c.api_key = c.api_key.or_else(|| header("X-API-Key"));
-        c.user_id = c.user_id.or_else(|| header("X-User-ID"));
-        c.chat_id = c.chat_id.or_else(|| header("X-Chat-ID"));
-        c
-    }
-}
 
 /// A refused connection: the event to send and the close code.
 struct Refusal {
@@ -69,23 +33,6 @@ struct Refusal {
 }
 
 impl Refusal {
-    fn missing(parameter: &'static str) -> Refusal {
-        Refusal {
-            event: Event::error(
-                "missing_parameter",
-                format!(
-                    "{parameter} is required: pass it as a query parameter or as the X-{} header.",
-                    match parameter {
-                        "user_id" => "User-ID",
-                        _ => "Chat-ID",
-                    }
-                ),
-                json!({"parameter": parameter}),
-            ),
-            close: 4400,
-        }
-    }
-
     fn api(e: ApiError) -> Refusal {
         let close = match e.code() {
             "missing_api_key" | "invalid_api_key" => 4401,
@@ -129,28 +76,10 @@ struct Session {
 }
 
 async fn open(state: &AppState, creds: Credentials) -> Result<Session, Refusal> {
-    let key = creds
-        .api_key
-        .ok_or_else(|| Refusal::api(ApiError::MissingApiKey))?;
-    let user_id = creds.user_id.ok_or_else(|| Refusal::missing("user_id"))?;
-    let chat_id = creds.chat_id.ok_or_else(|| Refusal::missing("chat_id"))?;
+    let (key, user_id, chat_id) = creds
+        .validate()
+        .map_err(|(event, close)| Refusal { event, close })?;
     let tenant = state.auth.authenticate(&key).await.map_err(Refusal::api)?;
-    validate_user_id("user_id", &user_id).map_err(|e| Refusal {
-        event: Event::error(
-            "validation_error",
-            e.to_string(),
-            json!({"parameter": "user_id", "rule": e.rule}),
-        ),
-        close: 4400,
-    })?;
-    let chat_id = Uuid::parse_str(&chat_id).map_err(|_| Refusal {
-        event: Event::error(
-            "validation_error",
-            "chat_id must be a UUID.",
-            json!({"parameter": "chat_id", "expected": "uuid"}),
-        ),
-        close: 4400,
-    })?;
     let limits = state.quotas.limits(tenant).await;
     let guard = state
         .chat
@@ -182,7 +111,9 @@ async fn open(state: &AppState, creds: Credentials) -> Result<Session, Refusal> 
 /// The upgrade handler.
 #[handler]
 pub async fn ws_chat(req: &Request, ws: WebSocket, state: Data<&AppState>) -> impl IntoResponse {
-    let creds = Credentials::from_request(req);
+    let creds = Credentials::parse(req.uri().query(), |name| {
+        req.headers().get(name).and_then(|v| v.to_str().ok())
+    });
     let state = state.0.clone();
     let max_frame = state.chat.settings().messages.max_frame_bytes;
     // Frames a little over the limit are read and answered with `message_too_large`

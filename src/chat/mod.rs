@@ -31,7 +31,7 @@ use crate::engine::{CancelToken, ModelSlot};
 use crate::store::{Store, StoreError, TenantId};
 use protocol::{Event, MessageLimits};
 pub use room::{Outbound, Room};
-use scheduler::{Scheduler, SchedulerLimits};
+use scheduler::{Refused, Scheduler, SchedulerLimits};
 
 /// Settings of live chat; every one has a flag and an environment variable.
 #[derive(Debug, Clone)]
@@ -40,6 +40,8 @@ pub struct ChatSettings {
     pub slots: usize,
     /// Replies a tenant may have waiting for the engine.
     pub queue_per_tenant: usize,
+    /// Replies waiting for the engine, all tenants together (server overload beyond it).
+    pub max_waiting_total: usize,
     /// Share of the slots one tenant may hold (at least one slot).
     pub tenant_slot_share: f64,
     /// Open WebSocket connections per tenant (default; a tenant may have its own).
@@ -70,6 +72,7 @@ impl Default for ChatSettings {
         ChatSettings {
             slots: 1,
             queue_per_tenant: 16,
+            max_waiting_total: 256,
             tenant_slot_share: 0.5,
             max_connections_per_tenant: 50,
             save_interval: Duration::from_secs(1),
@@ -98,6 +101,7 @@ impl ChatSettings {
             slots,
             queue_per_tenant: self.queue_per_tenant.max(1),
             max_running_per_tenant: share.clamp(1, slots),
+            max_waiting_total: self.max_waiting_total.max(1),
         }
     }
 }
@@ -109,6 +113,8 @@ pub enum ChatError {
     GenerationInProgress,
     #[error("the tenant's reply queue is full")]
     QueueFull { capacity: usize },
+    #[error("the server is overloaded")]
+    ServerBusy,
     #[error("the model is not loaded")]
     ModelNotReady,
     #[error("the server is shutting down")]
@@ -128,6 +134,7 @@ impl ChatError {
         match self {
             ChatError::GenerationInProgress => "generation_in_progress",
             ChatError::QueueFull { .. } => "queue_full",
+            ChatError::ServerBusy => "server_busy",
             ChatError::ModelNotReady => "model_not_ready",
             ChatError::ShuttingDown => "shutting_down",
             ChatError::ChatNotFound | ChatError::Store(StoreError::NotFound) => "chat_not_found",
@@ -148,6 +155,10 @@ impl ChatError {
             ChatError::QueueFull { capacity } => (
                 "Too many replies are waiting for this tenant; try again shortly. The message was not saved.".into(),
                 json!({"queue_capacity": capacity}),
+            ),
+            ChatError::ServerBusy => (
+                "The server has too many replies waiting, across all tenants; try again shortly. The message was not saved.".into(),
+                json!({"retry_after_ms": 1000}),
             ),
             ChatError::ModelNotReady => (
                 "The model is not loaded yet; try again shortly. The message was not saved.".into(),
@@ -362,8 +373,9 @@ impl ChatService {
             }
             lock(&self.0.scheduler)
                 .reserve(room.tenant)
-                .map_err(|e| ChatError::QueueFull {
-                    capacity: e.capacity,
+                .map_err(|e| match e {
+                    Refused::QueueFull { capacity } => ChatError::QueueFull { capacity },
+                    Refused::Overloaded { .. } => ChatError::ServerBusy,
                 })?;
             st.reply = Some(room::Reply {
                 user_message: None,

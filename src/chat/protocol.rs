@@ -265,6 +265,90 @@ pub fn parse_client_message(
     Ok(ClientMessage::Message { content, metadata })
 }
 
+/// What a client presented on connecting: query parameters first, then `X-…` headers.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub api_key: Option<String>,
+    pub user_id: Option<String>,
+    pub chat_id: Option<String>,
+}
+
+impl Credentials {
+    /// From the upgrade request's query string and a header lookup. The first occurrence
+    /// of a query parameter wins; a header fills in what the query left out.
+    pub fn parse<'a>(query: Option<&str>, header: impl Fn(&str) -> Option<&'a str>) -> Credentials {
+        let mut c = Credentials::default();
+        if let Some(q) = query {
+            for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+                let slot = match &*k {
+                    "api_key" => &mut c.api_key,
+                    "user_id" => &mut c.user_id,
+                    "chat_id" => &mut c.chat_id,
+                    _ => continue,
+                };
+                slot.get_or_insert_with(|| v.into_owned());
+            }
+        }
+        let from_header = |name: &str| header(name).map(str::to_string);
+        c.api_key = c.api_key.or_else(|| from_header("X-API-Key"));
+        c.user_id = c.user_id.or_else(|| from_header("X-User-ID"));
+        c.chat_id = c.chat_id.or_else(|| from_header("X-Chat-ID"));
+        c
+    }
+
+    /// Checks presence and form (not the key itself, which needs the store): the key, the
+    /// user id and the chat id as a UUID, or the refusal event and its close code.
+    pub fn validate(self) -> Result<(String, String, Uuid), (Event, u16)> {
+        let key = self.api_key.ok_or_else(|| {
+            (
+                Event::error(
+                    "missing_api_key",
+                    "An API key is required: pass api_key as a query parameter or the X-API-Key header.",
+                    json!({"parameter": "api_key", "header": "X-API-Key"}),
+                ),
+                4401,
+            )
+        })?;
+        let missing = |parameter: &'static str, header: &'static str| {
+            (
+                Event::error(
+                    "missing_parameter",
+                    format!("{parameter} is required: pass it as a query parameter or as the {header} header."),
+                    json!({"parameter": parameter, "header": header}),
+                ),
+                4400,
+            )
+        };
+        let user_id = self
+            .user_id
+            .ok_or_else(|| missing("user_id", "X-User-ID"))?;
+        let chat_id = self
+            .chat_id
+            .ok_or_else(|| missing("chat_id", "X-Chat-ID"))?;
+        crate::domain::validate_user_id("user_id", &user_id).map_err(|e| {
+            (
+                Event::error(
+                    "validation_error",
+                    e.to_string(),
+                    json!({"parameter": "user_id", "rule": e.rule}),
+                ),
+                4400,
+            )
+        })?;
+        let chat_id = Uuid::parse_str(&chat_id).map_err(|_| {
+            (
+                Event::error(
+                    "validation_error",
+                    "chat_id must be a UUID.",
+                    json!({"parameter": "chat_id", "expected": "uuid"}),
+                ),
+                4400,
+            )
+        })?;
+        Ok((key, user_id, chat_id))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,5 +426,32 @@ mod tests {
         assert!(ts.ends_with('Z') && ts.len() == 24, "{ts}");
         let v: Value = serde_json::from_str(&Event::Pong.to_json()).unwrap();
         assert_eq!(v["event_type"], "pong");
+    }
+
+    #[test]
+    fn credentials_from_query_then_headers() {
+        let headers = [("X-User-ID", "hdr-user"), ("X-Chat-ID", "hdr-chat")];
+        let lookup = |n: &str| headers.iter().find(|(k, _)| *k == n).map(|(_, v)| *v);
+        let c = Credentials::parse(
+            Some("api_key=k%20y&user_id=q-user&user_id=second&x=1"),
+            lookup,
+        );
+        assert_eq!(c.api_key.as_deref(), Some("k y"));
+        assert_eq!(c.user_id.as_deref(), Some("q-user"));
+        assert_eq!(c.chat_id.as_deref(), Some("hdr-chat"));
+        let (_, code) = c.validate().unwrap_err();
+        assert_eq!(code, 4400, "hdr-chat is no UUID");
+        let id = Uuid::new_v4();
+        let c = Credentials::parse(Some(&format!("api_key=k&user_id=u&chat_id={id}")), |_| None);
+        assert_eq!(c.validate().unwrap(), ("k".into(), "u".into(), id));
+        let (e, code) = Credentials::default().validate().unwrap_err();
+        assert_eq!(code, 4401);
+        assert!(matches!(
+            e,
+            Event::Error {
+                code: "missing_api_key",
+                ..
+            }
+        ));
     }
 }

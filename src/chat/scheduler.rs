@@ -22,12 +22,18 @@ pub struct SchedulerLimits {
     pub queue_per_tenant: usize,
     /// Slots one tenant may hold at once.
     pub max_running_per_tenant: usize,
+    /// Replies waiting (and reserved), all tenants together: past this the server is
+    /// overloaded, whatever each tenant's own queue says.
+    pub max_waiting_total: usize,
 }
 
-/// The tenant's queue is full: the new reply is refused.
+/// Why a new reply is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueFull {
-    pub capacity: usize,
+pub enum Refused {
+    /// The tenant's own queue is full.
+    QueueFull { capacity: usize },
+    /// All queues together are at the server's bound.
+    Overloaded { capacity: usize },
 }
 
 #[derive(Debug)]
@@ -59,6 +65,7 @@ impl<T> Scheduler<T> {
                 slots: limits.slots.max(1),
                 queue_per_tenant: limits.queue_per_tenant.max(1),
                 max_running_per_tenant: limits.max_running_per_tenant.max(1),
+                max_waiting_total: limits.max_waiting_total.max(1),
             },
             tenants: HashMap::new(),
             running: 0,
@@ -89,14 +96,24 @@ impl<T> Scheduler<T> {
     /// the promise is taken back with [`Self::unreserve`]).
     /// A place is free when the tenant's waiting and reserved replies fit in its queue plus
     /// the slots it could start at once (a reply that will not wait takes no queue place).
-    pub fn reserve(&mut self, tenant: TenantId) -> Result<(), QueueFull> {
+    pub fn reserve(&mut self, tenant: TenantId) -> Result<(), Refused> {
         let capacity = self.limits.queue_per_tenant;
         let free_slots = self.limits.slots.saturating_sub(self.running);
+        let total: usize = self
+            .tenants
+            .values()
+            .map(|q| q.waiting.len() + q.reserved)
+            .sum();
+        if total >= self.limits.max_waiting_total + free_slots {
+            return Err(Refused::Overloaded {
+                capacity: self.limits.max_waiting_total,
+            });
+        }
         let cap = self.limits.max_running_per_tenant;
         let q = self.tenant(tenant);
         let startable = free_slots.min(cap.saturating_sub(q.running));
         if q.waiting.len() + q.reserved >= capacity + startable {
-            return Err(QueueFull { capacity });
+            return Err(Refused::QueueFull { capacity });
         }
         q.reserved += 1;
         Ok(())
@@ -216,6 +233,7 @@ mod tests {
             slots,
             queue_per_tenant: queue,
             max_running_per_tenant: share,
+            max_waiting_total: 1000,
         }
     }
 
@@ -272,7 +290,7 @@ mod tests {
         s.reserve(a).unwrap();
         s.reserve(a).unwrap();
         s.reserve(a).unwrap();
-        assert_eq!(s.reserve(a), Err(QueueFull { capacity: 2 }));
+        assert_eq!(s.reserve(a), Err(Refused::QueueFull { capacity: 2 }));
         s.unreserve(a);
         s.reserve(a).unwrap();
         s.enqueue(a, 1);
@@ -285,6 +303,20 @@ mod tests {
         s.finish(a);
         assert_eq!(s.dispatch(), Some((a, 2)));
         s.reserve(a).unwrap();
+    }
+
+    #[test]
+    fn the_server_bound_covers_all_tenants() {
+        let mut s: Scheduler<u32> = Scheduler::new(SchedulerLimits {
+            max_waiting_total: 3,
+            ..limits(1, 16, 1)
+        });
+        let t: Vec<TenantId> = (0..4).map(|_| tenant()).collect();
+        // The free slot plus three waiting places, whoever asks.
+        for x in &t {
+            s.reserve(*x).unwrap();
+        }
+        assert_eq!(s.reserve(t[0]), Err(Refused::Overloaded { capacity: 3 }));
     }
 
     #[test]

@@ -748,7 +748,34 @@ async fn a_tenant_can_have_its_own_socket_limits(b: Backend) {
     s.stop().await;
 }
 
+async fn a_server_wide_bound_answers_server_busy(b: Backend) {
+    let chat_settings = ChatSettings {
+        max_waiting_total: 2,
+        ..Default::default()
+    };
+    let s = server(b, chat_settings, Some(Duration::from_millis(20))).await;
+    let a = s.tenant("a").await;
+    let bt = s.tenant("b").await;
+    let mut socks = Vec::new();
+    for (key, _) in [(&a.key, 0), (&a.key, 1), (&bt.key, 0), (&bt.key, 1)] {
+        let id = chat(&s, key, "u", 50).await;
+        let mut ws = Ws::connect(&s, key, "u", &id).await;
+        ws.event().await;
+        socks.push(ws);
+    }
+    // One runs, two wait (a's second, b's first): the server is at its bound for everyone.
+    for ws in socks.iter_mut().take(3) {
+        ws.send(json!({"content": "go"})).await;
+        assert_eq!(ws.event().await["event_type"], "message_received");
+    }
+    socks[3].send(json!({"content": "go"})).await;
+    let e = socks[3].error("server_busy").await;
+    assert!(e["details"]["retry_after_ms"].as_u64().unwrap() > 0, "{e}");
+    s.stop().await;
+}
+
 backend_tests!(
+    a_server_wide_bound_answers_server_busy,
     a_tenant_can_have_its_own_socket_limits,
     silent_sockets_are_pinged_then_dropped,
     a_reply_streams_and_both_sides_are_saved,

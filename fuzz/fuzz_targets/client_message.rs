@@ -1,0 +1,40 @@
+//! Any text frame: the parser returns a message or a refusal with a stable code, never
+//! panics, and a refusal becomes an event that serializes.
+#![no_main]
+
+use confab::chat::protocol::{parse_client_message, ClientMessage, MessageLimits};
+use libfuzzer_sys::fuzz_target;
+
+const CODES: &[&str] = &[
+    "invalid_json",
+    "validation_error",
+    "content_too_long",
+    "message_too_large",
+    "unsupported_message",
+];
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let limits = MessageLimits {
+        max_frame_bytes: 4096,
+        max_content_chars: 512,
+        fields: Default::default(),
+    };
+    match parse_client_message(text, &limits) {
+        Ok(ClientMessage::Message { content, metadata }) => {
+            assert!(!content.trim().is_empty());
+            assert!(content.chars().count() <= limits.max_content_chars);
+            assert!(serde_json::to_string(&metadata).unwrap().len() <= limits.fields.max_metadata_bytes);
+        }
+        Ok(_) => {}
+        Err(e) => {
+            assert!(CODES.contains(&e.code), "unexpected code {}", e.code);
+            assert!(!e.message.is_empty());
+            let json = e.into_event().to_json();
+            let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(v["event_type"], "error");
+        }
+    }
+});

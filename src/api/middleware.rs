@@ -8,9 +8,15 @@
 //!   parameter, schema mismatch) become [`ApiError`]s, so every non-2xx body has one shape.
 //! - The access log carries method, path (never the query string, which may hold a key),
 //!   status and latency.
+//! - `/api` requests are authenticated and counted against the tenant's quota first
+//!   (`X-RateLimit-*` headers); every response gets security headers and an `X-Request-ID`
+//!   (the client's, or a new one), which every log line of the request carries along with
+//!   the tenant id.
 
 use std::sync::Arc;
 use std::time::Instant;
+
+use tracing::Instrument;
 
 use poem::http::{header, HeaderValue, Method, StatusCode};
 use poem::{Body, Endpoint, IntoResponse, Request, Response};
@@ -200,10 +206,40 @@ fn classify(err: poem::Error, method: &Method, path: &str, params: &PathParams) 
 /// Wraps the whole application; see the module docs.
 pub async fn around<E: Endpoint>(
     ep: Arc<E>,
-    mut req: Request,
+    req: Request,
     state: AppState,
     params: Arc<PathParams>,
 ) -> poem::Result<Response> {
+    let request_id = request_id(&req);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        tenant_id = tracing::field::Empty
+    );
+    let mut resp = handle(ep, req, state, params).instrument(span).await;
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    Ok(resp)
+}
+
+/// The client's `X-Request-ID` when it is a sane token (1–128 visible ASCII characters),
+/// else a new UUID: every log line of the request and its response carry it.
+fn request_id(req: &Request) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+}
+
+async fn handle<E: Endpoint>(
+    ep: Arc<E>,
+    mut req: Request,
+    state: AppState,
+    params: Arc<PathParams>,
+) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -248,7 +284,7 @@ pub async fn around<E: Endpoint>(
         status = resp.status().as_u16(),
         latency_ms = started.elapsed().as_secs_f64() * 1000.0,
     );
-    Ok(resp)
+    resp
 }
 
 /// For an `/api` request: its tenant's quota verdict, or why it has no tenant. `None` for
@@ -268,6 +304,7 @@ async fn rest_quota(
         .to_str()
         .map_err(|_| ApiError::InvalidApiKey)?;
     let tenant = state.auth.authenticate(key).await?;
+    tracing::Span::current().record("tenant_id", tracing::field::display(tenant));
     Ok(Some(state.quotas.check_rest(tenant).await))
 }
 

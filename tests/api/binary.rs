@@ -361,6 +361,7 @@ async fn a_kill_during_a_reply_leaves_it_interrupted(b: Backend) {
         ("CONFAB_DEBUG_TOKEN_INTERVAL_MS", "20"),
         ("CONFAB_SAVE_INTERVAL_MS", "50"),
         ("CONFAB_LOG", "debug"),
+        ("CONFAB_LOG_FORMAT", "json"),
     ];
     let Served {
         mut child, base, ..
@@ -412,9 +413,11 @@ async fn a_kill_during_a_reply_leaves_it_interrupted(b: Backend) {
         let r = http
             .get(format!("{base}/api/v1/chats/{chat_id}/messages"))
             .header("X-API-Key", key)
+            .header("X-Request-ID", "req-check-42")
             .send()
             .await
             .unwrap();
+        assert_eq!(r.headers()["x-request-id"], "req-check-42");
         (r.status(), r.json::<Value>().await.unwrap())
     };
     assert_eq!(status.as_u16(), 200, "serves again: {page}");
@@ -433,6 +436,15 @@ async fn a_kill_during_a_reply_leaves_it_interrupted(b: Backend) {
     let log = std::fs::read_to_string(dir.path().join("confab.log")).unwrap();
     assert!(log.contains("/ws/chat"), "the upgrade is logged: {log}");
     assert!(!log.contains(key), "the API key leaked into the log");
+    // JSON lines; the access line of the request carries its id and the tenant's.
+    let tenant = chat["tenant_id"].as_str().unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("req-check-42") && l.contains("confab::access"))
+        .unwrap_or_else(|| panic!("no access line with the request id: {log}"));
+    let v: Value = serde_json::from_str(line).expect("a JSON log line");
+    assert_eq!(v["span"]["request_id"], "req-check-42", "{line}");
+    assert_eq!(v["span"]["tenant_id"], tenant, "{line}");
 }
 
 /// kill -9 while replies stream (one running, others queued) and REST writes run: after a

@@ -199,7 +199,30 @@ async fn cors_allows_only_configured_origins(b: Backend) {
     s.stop().await;
 }
 
+async fn every_response_has_a_request_id(b: Backend) {
+    let s = TestServer::start_with(b, settings(100)).await;
+    let a = s.tenant("a").await;
+    let (_, h, _) = get(&s, "/healthz", None).await;
+    let generated = header(&h, "x-request-id").to_string();
+    assert!(uuid::Uuid::parse_str(&generated).is_ok(), "{generated}");
+    let send = |id: &'static str| {
+        s.http
+            .get(format!("{}/api/v1/chats/user/u", s.base))
+            .header("X-API-Key", &a.key)
+            .header("X-Request-ID", id)
+            .send()
+    };
+    let r = send("client-id-1").await.unwrap();
+    assert_eq!(r.headers()["x-request-id"], "client-id-1");
+    // Not a sane token: replaced.
+    let r = send("has space").await.unwrap();
+    let got = r.headers()["x-request-id"].to_str().unwrap();
+    assert!(uuid::Uuid::parse_str(got).is_ok(), "{got}");
+    s.stop().await;
+}
+
 backend_tests!(
+    every_response_has_a_request_id,
     rest_requests_are_limited_per_tenant_with_headers,
     a_tenant_can_have_its_own_limits,
     responses_carry_security_headers_and_no_cors_by_default,

@@ -7,6 +7,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261126_000001_init;
 mod m20261127_000001_tenant_limits;
+mod m20261127_000002_usage;
 
 pub struct Migrator;
 
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261126_000001_init::Migration),
             Box::new(m20261127_000001_tenant_limits::Migration),
+            Box::new(m20261127_000002_usage::Migration),
         ]
     }
 }

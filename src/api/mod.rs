@@ -8,6 +8,7 @@ mod health;
 mod middleware;
 pub mod quota;
 pub mod types;
+mod usage;
 mod ws;
 
 pub use auth::Authenticator;
@@ -43,11 +44,13 @@ enum ApiTags {
     Chats,
     /// Liveness and readiness probes.
     Health,
+    /// Token usage accounting.
+    Usage,
 }
 
-fn service() -> OpenApiService<(chats::ChatsApi, health::HealthApi), ()> {
+fn service() -> OpenApiService<(chats::ChatsApi, usage::UsageApi, health::HealthApi), ()> {
     OpenApiService::new(
-        (chats::ChatsApi, health::HealthApi),
+        (chats::ChatsApi, usage::UsageApi, health::HealthApi),
         "confab",
         env!("CARGO_PKG_VERSION"),
     )

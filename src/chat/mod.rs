@@ -485,13 +485,23 @@ impl ChatService {
     /// Starts waiting replies while slots are free, then tells the ones still waiting
     /// their new places.
     fn pump(&self) {
-        if *self.0.phase.borrow() != Phase::Serving {
-            return;
-        }
+        self.finish_and_pump(None)
+    }
+
+    /// Frees the slot of a reply of `finished` (if any) and refills it in one step, so no
+    /// one sees a free slot that a waiting reply is about to take.
+    fn finish_and_pump(&self, finished: Option<TenantId>) {
+        let serving = *self.0.phase.borrow() == Phase::Serving;
         let mut started = Vec::new();
         let mut moved = Vec::new();
         {
             let mut sched = lock(&self.0.scheduler);
+            if let Some(t) = finished {
+                sched.finish(t);
+            }
+            if !serving {
+                return;
+            }
             while let Some((_, q)) = sched.dispatch() {
                 started.push(q);
             }
@@ -525,12 +535,9 @@ impl ChatService {
             let room = q.room.clone();
             // Ends the room's reply on every path.
             reply::run(&service, q).await;
-            if holds_slot {
-                lock(&service.0.scheduler).finish(room.tenant);
-            }
             service.forget_room_if_idle(&room);
+            service.finish_and_pump(holds_slot.then_some(room.tenant));
             service.0.reply_ended.notify_waiters();
-            service.pump();
         });
     }
 

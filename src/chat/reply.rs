@@ -173,6 +173,21 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
             tracing::error!(chat = %room.chat_id, message = %message_id, error = %e, "reply not saved");
         }
     }
+    // Tokens spent count whatever the outcome (a cancelled reply still cost its prompt).
+    let usage = outcome.usage;
+    if usage.prompt_tokens + usage.completion_tokens > 0 {
+        if let Err(e) = scope
+            .record_usage(
+                &chat.user_id,
+                chrono::Utc::now().date_naive(),
+                usage.prompt_tokens as i64,
+                usage.completion_tokens as i64,
+            )
+            .await
+        {
+            tracing::error!(chat = %room.chat_id, error = %e, "usage not recorded");
+        }
+    }
     let mut st = room.lock();
     st.reply = None;
     if st.deleted {

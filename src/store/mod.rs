@@ -11,10 +11,12 @@ mod entity;
 mod error;
 mod json;
 mod messages;
+mod usage;
 
 pub use admin::{KeyInfo, TenantInfo};
 pub use error::StoreError;
 pub use messages::ReplyUpdate;
+pub use usage::UserUsage;
 
 use std::time::Duration;
 

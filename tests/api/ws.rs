@@ -547,13 +547,14 @@ async fn replies_outlive_their_socket_and_late_sockets_catch_up(b: Backend) {
 }
 
 async fn queues_are_bounded_and_tenants_take_turns(b: Backend) {
-    // 16 waiting replies per tenant (the default), one slot; replies of ~10 tokens.
-    let s = server(b, ChatSettings::default(), Some(Duration::from_millis(3))).await;
+    // 16 waiting replies per tenant (the default), one slot. A's first reply lasts long
+    // enough (120 tokens, ~0.6 s) for everything below to queue behind it; the others are short.
+    let s = server(b, ChatSettings::default(), Some(Duration::from_millis(5))).await;
     let a = s.tenant("a").await;
     let bt = s.tenant("b").await;
     let mut a_socks = Vec::new();
-    for _ in 0..18 {
-        let id = chat(&s, &a.key, "u", 10).await;
+    for i in 0..18 {
+        let id = chat(&s, &a.key, "u", if i == 0 { 120 } else { 4 }).await;
         let mut ws = Ws::connect(&s, &a.key, "u", &id).await;
         ws.event().await;
         a_socks.push((id, ws));
@@ -570,7 +571,7 @@ async fn queues_are_bounded_and_tenants_take_turns(b: Backend) {
     assert!(messages(&s, &a.key, full_id).await.is_empty());
 
     // Tenant B's single reply goes before A's backlog: next in line.
-    let b_chat = chat(&s, &bt.key, "u", 10).await;
+    let b_chat = chat(&s, &bt.key, "u", 4).await;
     let mut bws = Ws::connect(&s, &bt.key, "u", &b_chat).await;
     bws.event().await;
     bws.send(json!({"content": "me too"})).await;
@@ -774,7 +775,67 @@ async fn a_server_wide_bound_answers_server_busy(b: Backend) {
     s.stop().await;
 }
 
+async fn usage_totals_match_the_replies(b: Backend) {
+    let s = server(b, ChatSettings::default(), None).await;
+    let t = s.tenant("acme").await;
+    let other = s.tenant("other").await;
+    let mut want: std::collections::BTreeMap<&str, (u64, u64, u64)> = Default::default();
+    for (user, n) in [("ann", 2), ("bob", 1)] {
+        let id = chat(&s, &t.key, user, 5).await;
+        let mut ws = Ws::connect(&s, &t.key, user, &id).await;
+        ws.event().await;
+        for i in 0..n {
+            ws.send(json!({ "content": format!("question {i}") })).await;
+            let (_, _, end) = read_reply(&mut ws).await;
+            let e = want.entry(user).or_default();
+            e.0 += end["usage"]["prompt_tokens"].as_u64().unwrap();
+            e.1 += end["usage"]["completion_tokens"].as_u64().unwrap();
+            e.2 += 1;
+        }
+        ws.close().await;
+        // Deleting the chat does not erase what it cost.
+        s.delete(&format!("/api/v1/chats/{id}"), &t.key).await;
+    }
+    let (st, v) = s.get("/api/v1/usage", &t.key).await;
+    assert_eq!(st.as_u16(), 200, "{v}");
+    let users = v["users"].as_array().unwrap();
+    assert_eq!(users.len(), 2, "{v}");
+    let mut totals = (0, 0, 0);
+    for u in users {
+        let w = want[u["user_id"].as_str().unwrap()];
+        assert_eq!(u["prompt_tokens"], w.0, "{v}");
+        assert_eq!(u["completion_tokens"], w.1, "{v}");
+        assert_eq!(u["replies"], w.2, "{v}");
+        totals = (totals.0 + w.0, totals.1 + w.1, totals.2 + w.2);
+    }
+    assert_eq!(
+        v["totals"],
+        json!({"prompt_tokens": totals.0, "completion_tokens": totals.1, "replies": totals.2})
+    );
+    let today = chrono::Utc::now().date_naive().to_string();
+    let (_, one) = s
+        .get(
+            &format!("/api/v1/usage?from={today}&to={today}&user_id=bob"),
+            &t.key,
+        )
+        .await;
+    assert_eq!(one["users"].as_array().unwrap().len(), 1, "{one}");
+    assert_eq!(one["totals"]["replies"], 1);
+    // Another tenant sees none of it; bad ranges are refused with the parameter named.
+    let (_, theirs) = s.get("/api/v1/usage", &other.key).await;
+    assert_eq!(theirs["totals"]["replies"], 0);
+    let (st, e) = s
+        .get("/api/v1/usage?from=2026-02-01&to=2026-01-01", &t.key)
+        .await;
+    let d = crate::common::assert_error(st, &e, 400, "validation_error");
+    assert_eq!(d["parameter"], "from");
+    let (st, e) = s.get("/api/v1/usage?from=yesterday", &t.key).await;
+    crate::common::assert_error(st, &e, 400, "validation_error");
+    s.stop().await;
+}
+
 backend_tests!(
+    usage_totals_match_the_replies,
     a_server_wide_bound_answers_server_busy,
     a_tenant_can_have_its_own_socket_limits,
     silent_sockets_are_pinged_then_dropped,

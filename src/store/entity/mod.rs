@@ -5,4 +5,5 @@ pub(crate) mod api_key;
 pub(crate) mod chat;
 pub(crate) mod message;
 pub(crate) mod tenant;
+pub(crate) mod usage;
 pub(crate) mod user;

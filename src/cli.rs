@@ -65,6 +65,9 @@ fn start_model(args: &crate::config::ModelArgs) -> anyhow::Result<ModelSlot> {
                     load_ms = handle.info.load_time.as_millis() as u64,
                     "model loaded"
                 );
+                crate::metrics::metrics()
+                    .model_load_seconds
+                    .set(handle.info.load_time.as_secs_f64());
                 background.set(ModelStatus::Ready(handle));
             }
             Err(e) => {

@@ -12,6 +12,7 @@
 //!   engine thread and its handle.
 //! - [`chat`]: live chat over WebSocket: rooms, per-tenant queues, streamed and saved replies.
 //! - [`ratelimit`]: token buckets.
+//! - [`metrics`]: Prometheus metrics (`GET /metrics`).
 //!
 //! [`run`] serves the application on a listener until a shutdown future completes: the binary
 //! passes Ctrl-C/SIGTERM, tests pass a oneshot and bind `127.0.0.1:0`.
@@ -24,6 +25,7 @@ pub mod credentials;
 pub mod domain;
 pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod ratelimit;
 pub mod store;
 

@@ -277,6 +277,16 @@ async fn handle<E: Endpoint>(
         }
     };
     security_headers(&mut resp, &path);
+    let m = crate::metrics::metrics();
+    m.observe_http(
+        crate::metrics::route_label(&path),
+        method.as_str(),
+        resp.status().as_u16(),
+        started.elapsed(),
+    );
+    if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+        m.rate_limited.with_label_values(&["rest"]).inc();
+    }
     tracing::info!(
         target: "confab::access",
         method = %method,

@@ -92,6 +92,7 @@ pub fn app(state: AppState) -> impl Endpoint {
         .at("/openapi.json", spec)
         .nest("/docs", docs)
         .at("/ws/chat", poem::get(ws::ws_chat))
+        .at("/metrics", poem::get(metrics_text))
         .data(state)
         // `/api/v1/chats/` and `/api/v1/chats` are the same route (the seed documents the
         // former; OpenAPI paths carry no trailing slash).
@@ -103,4 +104,13 @@ pub fn app(state: AppState) -> impl Endpoint {
         }))
         .around(move |ep, req| middleware::around(ep, req, around_state.clone(), params.clone()))
         .with_if(cors.is_some(), cors.unwrap_or_default())
+}
+
+/// `GET /metrics`: Prometheus text format. An operator endpoint: expose it only where
+/// Prometheus can reach it (it names tenant ids).
+#[poem::handler]
+fn metrics_text() -> poem::Response {
+    poem::Response::builder()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(crate::metrics::metrics().render())
 }

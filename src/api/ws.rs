@@ -155,6 +155,16 @@ async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream
         }
     };
     let service = state.chat.clone();
+    let metrics = crate::metrics::metrics();
+    metrics.ws_connections.inc();
+    // Decremented however the socket ends.
+    struct Open;
+    impl Drop for Open {
+        fn drop(&mut self) {
+            crate::metrics::metrics().ws_connections.dec();
+        }
+    }
+    let _open = Open;
     let established = Event::ConnectionEstablished {
         user_id: session.user_id.clone(),
         chat_id: session.chat_id,
@@ -236,7 +246,10 @@ async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream
                             Err(e) => Some(e.into_event()),
                             Ok(ClientMessage::Cancel) => service.cancel(&room).err().map(|e| e.to_event()),
                             Ok(other) => match bucket.take() {
-                                Err(wait) => Some(rate_limited(wait, rate, burst)),
+                                Err(wait) => {
+                                    metrics.rate_limited.with_label_values(&["ws"]).inc();
+                                    Some(rate_limited(wait, rate, burst))
+                                }
                                 Ok(()) => match other {
                                     ClientMessage::Ping => Some(Event::Pong),
                                     ClientMessage::Message { content, metadata } => service

@@ -508,6 +508,14 @@ impl ChatService {
             for (q, position) in sched.positions() {
                 moved.push((q.room.clone(), q.user_message, position));
             }
+            let m = crate::metrics::metrics();
+            m.running_generations.set(sched.running() as i64);
+            m.queue_depth.reset();
+            for (tenant, n) in sched.waiting_by_tenant() {
+                m.queue_depth
+                    .with_label_values(&[&tenant.to_string()])
+                    .set(n as i64);
+            }
         }
         for q in started {
             if let Some(r) = q.room.lock().reply.as_mut() {

@@ -175,6 +175,12 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
     }
     // Tokens spent count whatever the outcome (a cancelled reply still cost its prompt).
     let usage = outcome.usage;
+    let m = crate::metrics::metrics();
+    m.prompt_tokens.inc_by(usage.prompt_tokens as u64);
+    m.generated_tokens.inc_by(usage.completion_tokens as u64);
+    if let Some(t) = outcome.time_to_first_token {
+        m.time_to_first_token.observe(t.as_secs_f64());
+    }
     if usage.prompt_tokens + usage.completion_tokens > 0 {
         if let Err(e) = scope
             .record_usage(
@@ -245,10 +251,16 @@ async fn stream(
     let interval = service.settings().save_interval;
     let mut last_save = Instant::now();
     let mut saving = true;
+    let mut last_delta: Option<Instant> = None;
+    let inter_token = &crate::metrics::metrics().inter_token_latency;
     while let Some(event) = generation.events.recv().await {
         match event {
             GenerationEvent::Started { .. } => {}
             GenerationEvent::Delta { text, .. } => {
+                let now = Instant::now();
+                if let Some(prev) = last_delta.replace(now) {
+                    inter_token.observe((now - prev).as_secs_f64());
+                }
                 let snapshot = {
                     let mut st = room.lock();
                     let Some(s) = st.reply.as_mut().and_then(|r| r.stream.as_mut()) else {

@@ -189,6 +189,15 @@ impl<T> Scheduler<T> {
         self.running
     }
 
+    /// Replies waiting, per tenant with any.
+    pub fn waiting_by_tenant(&self) -> Vec<(TenantId, usize)> {
+        self.tenants
+            .iter()
+            .filter(|(_, q)| !q.waiting.is_empty())
+            .map(|(t, q)| (*t, q.waiting.len()))
+            .collect()
+    }
+
     /// Replies waiting, all tenants together.
     pub fn waiting(&self) -> usize {
         self.tenants.values().map(|q| q.waiting.len()).sum()

@@ -834,7 +834,81 @@ async fn usage_totals_match_the_replies(b: Backend) {
     s.stop().await;
 }
 
+/// `/metrics` parses as Prometheus text and its series move with traffic (the registry is
+/// process-wide and other tests run alongside, so movements are checked as lower bounds).
+async fn metrics_parse_and_move_with_traffic(b: Backend) {
+    let s = server(b, ChatSettings::default(), None).await;
+    let scrape = || async {
+        let r = s
+            .http
+            .get(format!("{}/metrics", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+        let text = r.text().await.unwrap();
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+            .expect("Prometheus text format")
+    };
+    let value = |sc: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]| -> f64 {
+        sc.samples
+            .iter()
+            .filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+            .map(|x| match x.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Histogram(ref h) => {
+                    h.iter().map(|c| c.count).fold(0.0, f64::max)
+                }
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let t = s.tenant("acme").await;
+    let before = scrape().await;
+    let id = chat(&s, &t.key, "u", 6).await;
+    let mut ws = Ws::connect(&s, &t.key, "u", &id).await;
+    ws.event().await;
+    let during = scrape().await;
+    assert!(value(&during, "confab_websocket_connections", &[]) >= 1.0);
+    ws.send(json!({"content": "hi"})).await;
+    let (_, _, end) = read_reply(&mut ws).await;
+    let after = scrape().await;
+    let created = [
+        ("route", "/api/v1/chats"),
+        ("method", "POST"),
+        ("status", "201"),
+    ];
+    assert!(
+        value(&after, "confab_http_requests_total", &created)
+            >= value(&before, "confab_http_requests_total", &created) + 1.0
+    );
+    let generated = end["usage"]["completion_tokens"].as_f64().unwrap();
+    assert!(
+        value(&after, "confab_generated_tokens_total", &[])
+            >= value(&before, "confab_generated_tokens_total", &[]) + generated
+    );
+    assert!(
+        value(&after, "confab_prompt_tokens_total", &[])
+            > value(&before, "confab_prompt_tokens_total", &[])
+    );
+    for name in [
+        "confab_time_to_first_token_seconds_count",
+        "confab_inter_token_latency_seconds_count",
+        "confab_http_request_duration_seconds_count",
+    ] {
+        let (a, b2) = (value(&after, name, &[]), value(&before, name, &[]));
+        assert!(a > b2, "{name}: {b2} -> {a}");
+    }
+    ws.close().await;
+    s.stop().await;
+}
+
 backend_tests!(
+    metrics_parse_and_move_with_traffic,
     usage_totals_match_the_replies,
     a_server_wide_bound_answers_server_busy,
     a_tenant_can_have_its_own_socket_limits,

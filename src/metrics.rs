@@ -1,0 +1,161 @@
+//! Prometheus metrics, served at `GET /metrics` in the text exposition format.
+//!
+//! One process-wide registry (a server is one process); every series has the `confab_`
+//! prefix. Route labels are route templates, never raw paths, so a client cannot grow the
+//! series count by inventing URLs; tenant labels are tenant ids (bounded by the operator).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric of the server.
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub ws_connections: IntGauge,
+    pub queue_depth: IntGaugeVec,
+    pub running_generations: IntGauge,
+    pub generated_tokens: IntCounter,
+    pub prompt_tokens: IntCounter,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub model_load_seconds: Gauge,
+    pub rate_limited: IntCounterVec,
+}
+
+fn build() -> Result<Metrics, prometheus::Error> {
+    let registry = Registry::new_custom(Some("confab".into()), None)?;
+    let latency = vec![
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    let m = Metrics {
+        http_requests: IntCounterVec::new(
+            Opts::new(
+                "http_requests_total",
+                "HTTP requests by route, method and status",
+            ),
+            &["route", "method", "status"],
+        )?,
+        http_duration: HistogramVec::new(
+            HistogramOpts::new("http_request_duration_seconds", "HTTP request latency")
+                .buckets(latency.clone()),
+            &["route"],
+        )?,
+        ws_connections: IntGauge::new("websocket_connections", "Open WebSocket connections")?,
+        queue_depth: IntGaugeVec::new(
+            Opts::new("queue_depth", "Replies waiting for the model, by tenant"),
+            &["tenant"],
+        )?,
+        running_generations: IntGauge::new("running_generations", "Replies being generated")?,
+        generated_tokens: IntCounter::new("generated_tokens_total", "Tokens generated")?,
+        prompt_tokens: IntCounter::new("prompt_tokens_total", "Prompt tokens processed")?,
+        time_to_first_token: Histogram::with_opts(
+            HistogramOpts::new("time_to_first_token_seconds", "Time to first token")
+                .buckets(latency.clone()),
+        )?,
+        inter_token_latency: Histogram::with_opts(
+            HistogramOpts::new(
+                "inter_token_latency_seconds",
+                "Time between streamed tokens",
+            )
+            .buckets(vec![
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
+            ]),
+        )?,
+        model_load_seconds: Gauge::new("model_load_seconds", "Time the model took to load")?,
+        rate_limited: IntCounterVec::new(
+            Opts::new(
+                "rate_limited_total",
+                "Requests and messages refused by a rate limit",
+            ),
+            &["kind"],
+        )?,
+        registry,
+    };
+    m.registry.register(Box::new(m.http_requests.clone()))?;
+    m.registry.register(Box::new(m.http_duration.clone()))?;
+    m.registry.register(Box::new(m.ws_connections.clone()))?;
+    m.registry.register(Box::new(m.queue_depth.clone()))?;
+    m.registry
+        .register(Box::new(m.running_generations.clone()))?;
+    m.registry.register(Box::new(m.generated_tokens.clone()))?;
+    m.registry.register(Box::new(m.prompt_tokens.clone()))?;
+    m.registry
+        .register(Box::new(m.time_to_first_token.clone()))?;
+    m.registry
+        .register(Box::new(m.inter_token_latency.clone()))?;
+    m.registry
+        .register(Box::new(m.model_load_seconds.clone()))?;
+    m.registry.register(Box::new(m.rate_limited.clone()))?;
+    Ok(m)
+}
+
+/// The server's metrics.
+pub fn metrics() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    // The names and labels above are fixed and valid: building cannot fail.
+    M.get_or_init(|| build().expect("metric definitions are valid"))
+}
+
+impl Metrics {
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    pub fn observe_http(&self, route: &str, method: &str, status: u16, took: Duration) {
+        self.http_requests
+            .with_label_values(&[route, method, &status.to_string()])
+            .inc();
+        self.http_duration
+            .with_label_values(&[route])
+            .observe(took.as_secs_f64());
+    }
+}
+
+/// The route template of a path (`/api/v1/chats/{chat_id}`), or `other`.
+pub fn route_label(path: &str) -> &'static str {
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["", "api", "v1", "chats"] => "/api/v1/chats",
+        ["", "api", "v1", "chats", "user", _] => "/api/v1/chats/user/{user_id}",
+        ["", "api", "v1", "chats", _] => "/api/v1/chats/{chat_id}",
+        ["", "api", "v1", "chats", _, "messages"] => "/api/v1/chats/{chat_id}/messages",
+        ["", "api", "v1", "usage"] => "/api/v1/usage",
+        ["", "ws", "chat"] => "/ws/chat",
+        ["", "healthz"] => "/healthz",
+        ["", "readyz"] => "/readyz",
+        ["", "metrics"] => "/metrics",
+        ["", "openapi.json"] => "/openapi.json",
+        ["", "docs", ..] => "/docs",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_templates() {
+        assert_eq!(route_label("/api/v1/chats/"), "/api/v1/chats");
+        assert_eq!(route_label("/api/v1/chats/abc"), "/api/v1/chats/{chat_id}");
+        assert_eq!(
+            route_label("/api/v1/chats/abc/messages"),
+            "/api/v1/chats/{chat_id}/messages"
+        );
+        assert_eq!(
+            route_label("/api/v1/chats/user/bob"),
+            "/api/v1/chats/user/{user_id}"
+        );
+        assert_eq!(route_label("/docs/index.css"), "/docs");
+        assert_eq!(route_label("/whatever/x"), "other");
+    }
+}

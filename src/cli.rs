@@ -22,7 +22,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("{}", crate::api::openapi_json());
             Ok(())
         }
-        Command::Serve(args) => serve(&cli.db, args).await,
+        Command::Serve(args) => serve(&cli.db, *args).await,
         Command::Tenant(cmd) => tenant(&open(&cli.db).await?, cmd).await,
         Command::Key(cmd) => key(&open(&cli.db).await?, cmd).await,
         Command::Bench(args) => bench(args).await,
@@ -100,6 +100,7 @@ async fn serve(db: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
             .map(|o| o.trim().to_string())
             .filter(|o| !o.is_empty())
             .collect(),
+        metrics_token: args.metrics_token.as_ref().map(|t| t.0.clone()),
     };
     crate::run(store.clone(), model, settings, listener, shutdown_signal()).await?;
     store.close().await.ok();

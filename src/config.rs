@@ -62,7 +62,7 @@ impl DbArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage tenants.
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -256,6 +256,9 @@ pub struct ServeArgs {
     /// Browser origins allowed to call the API, comma-separated (CORS); none: CORS off.
     #[arg(long, env = "CONFAB_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+    /// When set, `GET /metrics` needs `Authorization: Bearer <token>`.
+    #[arg(long, env = "CONFAB_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<Secret>,
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]

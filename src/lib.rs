@@ -50,6 +50,8 @@ pub struct ServerSettings {
     pub requests_per_minute: u32,
     /// Browser origins allowed to call the API (CORS); empty: CORS off.
     pub cors_origins: Vec<String>,
+    /// When set, `/metrics` needs `Authorization: Bearer <token>`.
+    pub metrics_token: Option<String>,
 }
 
 impl Default for ServerSettings {
@@ -60,6 +62,7 @@ impl Default for ServerSettings {
             chat: chat::ChatSettings::default(),
             requests_per_minute: 100,
             cors_origins: Vec::new(),
+            metrics_token: None,
         }
     }
 }
@@ -106,6 +109,7 @@ pub async fn run(
         chat: chat.clone(),
         quotas,
         cors_origins: settings.cors_origins,
+        metrics_token: settings.metrics_token,
     };
     let app = api::app(state);
     let shutdown = async move {

@@ -36,6 +36,8 @@ pub struct AppState {
     pub quotas: quota::Quotas,
     /// Browser origins allowed to call the API (CORS); empty: CORS off.
     pub cors_origins: Vec<String>,
+    /// When set, `/metrics` needs `Authorization: Bearer <token>`.
+    pub metrics_token: Option<String>,
 }
 
 #[derive(Tags)]
@@ -106,10 +108,31 @@ pub fn app(state: AppState) -> impl Endpoint {
         .with_if(cors.is_some(), cors.unwrap_or_default())
 }
 
-/// `GET /metrics`: Prometheus text format. An operator endpoint: expose it only where
-/// Prometheus can reach it (it names tenant ids).
+/// `GET /metrics`: Prometheus text format. An operator endpoint (it names tenant ids):
+/// protect it with `--metrics-token` or expose it only to Prometheus.
 #[poem::handler]
-fn metrics_text() -> poem::Response {
+fn metrics_text(req: &poem::Request, state: poem::web::Data<&AppState>) -> poem::Response {
+    if let Some(token) = &state.metrics_token {
+        let given = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // Compared by hash so the time taken does not depend on how much of it matched.
+        let ok = given.is_some_and(|g| {
+            crate::credentials::hash_key(g) == crate::credentials::hash_key(token)
+        });
+        if !ok {
+            return poem::Response::builder()
+                .status(poem::http::StatusCode::UNAUTHORIZED)
+                .header("www-authenticate", "Bearer")
+                .content_type("application/json")
+                .body(
+                    serde_json::json!({"error": {"code": "unauthorized", "message": "Send the metrics token as Authorization: Bearer <token>.", "details": {"header": "Authorization"}}})
+                        .to_string(),
+                );
+        }
+    }
     poem::Response::builder()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(crate::metrics::metrics().render())

@@ -221,7 +221,35 @@ async fn every_response_has_a_request_id(b: Backend) {
     s.stop().await;
 }
 
+async fn metrics_can_require_a_token(b: Backend) {
+    let settings = ServerSettings {
+        metrics_token: Some("metrics-secret-123".into()),
+        ..Default::default()
+    };
+    let s = TestServer::start_with(b, settings).await;
+    let url = format!("{}/metrics", s.base);
+    let r = s.http.get(&url).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = s.http.get(&url).bearer_auth("wrong").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = s
+        .http
+        .get(&url)
+        .bearer_auth("metrics-secret-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("confab_http_requests_total"));
+    s.stop().await;
+}
+
 backend_tests!(
+    metrics_can_require_a_token,
     every_response_has_a_request_id,
     rest_requests_are_limited_per_tenant_with_headers,
     a_tenant_can_have_its_own_limits,

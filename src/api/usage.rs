@@ -77,7 +77,10 @@ impl UsageApi {
         user_id: Query<Option<String>>,
     ) -> Result<UsageResponse, Failure<Authed>> {
         let to = to.0.unwrap_or_else(|| Utc::now().date_naive());
-        let from = from.0.unwrap_or(to - Duration::days(DEFAULT_DAYS - 1));
+        let from = from.0.unwrap_or_else(|| {
+            to.checked_sub_signed(Duration::days(DEFAULT_DAYS - 1))
+                .unwrap_or(NaiveDate::MIN)
+        });
         if from > to {
             return Err(ApiError::InvalidParameter {
                 name: "from".into(),

@@ -99,6 +99,11 @@ fn quantize_q8_0(data: &[f32]) -> Vec<BlockQ8_0> {
         .collect()
 }
 
+/// The storage of matrices of one format, end to end (`stack` checked the formats match).
+fn concat<T>(parts: Vec<QMat>, storage: impl Fn(QMat) -> Option<Vec<T>>) -> Vec<T> {
+    parts.into_iter().filter_map(storage).flatten().collect()
+}
+
 impl QMat {
     /// Takes a GGUF tensor as is when a kernel exists for its format (Q4_1, Q8_0, F32),
     /// else converts it to Q8_0 (or F32 when its rows are not whole blocks).
@@ -167,44 +172,26 @@ impl QMat {
         let rows = parts.iter().map(QMat::rows).sum();
         Ok(match &parts[0] {
             QMat::Q4_1 { .. } => QMat::Q4_1 {
-                blocks: parts
-                    .into_iter()
-                    .flat_map(|p| {
-                        if let QMat::Q4_1 { blocks, .. } = p {
-                            blocks
-                        } else {
-                            vec![]
-                        }
-                    })
-                    .collect(),
+                blocks: concat(parts, |p| match p {
+                    QMat::Q4_1 { blocks, .. } => Some(blocks),
+                    _ => None,
+                }),
                 rows,
                 cols,
             },
             QMat::Q8_0 { .. } => QMat::Q8_0 {
-                blocks: parts
-                    .into_iter()
-                    .flat_map(|p| {
-                        if let QMat::Q8_0 { blocks, .. } = p {
-                            blocks
-                        } else {
-                            vec![]
-                        }
-                    })
-                    .collect(),
+                blocks: concat(parts, |p| match p {
+                    QMat::Q8_0 { blocks, .. } => Some(blocks),
+                    _ => None,
+                }),
                 rows,
                 cols,
             },
             QMat::F32 { .. } => QMat::F32 {
-                data: parts
-                    .into_iter()
-                    .flat_map(|p| {
-                        if let QMat::F32 { data, .. } = p {
-                            data
-                        } else {
-                            vec![]
-                        }
-                    })
-                    .collect(),
+                data: concat(parts, |p| match p {
+                    QMat::F32 { data, .. } => Some(data),
+                    _ => None,
+                }),
                 rows,
                 cols,
             },

@@ -66,6 +66,10 @@ impl Authenticator {
 pub struct TenantAuth(pub TenantId);
 
 async fn check_key(req: &Request, key: ApiKey) -> poem::Result<TenantId> {
+    // The middleware authenticates every `/api` request before its quota check.
+    if let Some(done) = req.extensions().get::<super::middleware::Authenticated>() {
+        return Ok(done.0);
+    }
     let state = req.data::<super::AppState>().ok_or_else(|| {
         poem::Error::from(crate::error::Failure::<crate::error::Authed>::from(
             ApiError::Internal,

@@ -27,6 +27,7 @@ use poem_openapi::error::{
 use super::quota::Decision;
 use super::AppState;
 use crate::error::ApiError;
+use crate::store::TenantId;
 
 fn is_json(content_type: Option<&str>) -> bool {
     content_type
@@ -248,8 +249,13 @@ async fn handle<E: Endpoint>(
     // its quota costs no more than a (cached) key lookup.
     let quota = match rest_quota(&req, &path, &state).await {
         Err(e) => Err(Err(e)),
-        Ok(Some(d)) if !d.allowed => Err(Ok(d)),
-        Ok(other) => Ok(other),
+        Ok(Some((_, d))) if !d.allowed => Err(Ok(d)),
+        Ok(Some((tenant, d))) => {
+            // The operation's key check finds the tenant here instead of looking it up again.
+            req.extensions_mut().insert(Authenticated(tenant));
+            Ok(Some(d))
+        }
+        Ok(None) => Ok(None),
     };
     let mut resp = match quota {
         Err(Err(e)) => e.into_response(),
@@ -297,13 +303,17 @@ async fn handle<E: Endpoint>(
     resp
 }
 
-/// For an `/api` request: its tenant's quota verdict, or why it has no tenant. `None` for
+/// The tenant of an `/api` request whose key this layer already checked.
+#[derive(Debug, Clone, Copy)]
+pub struct Authenticated(pub TenantId);
+
+/// For an `/api` request: its tenant and quota verdict, or why it has no tenant. `None` for
 /// other paths.
 async fn rest_quota(
     req: &Request,
     path: &str,
     state: &AppState,
-) -> Result<Option<Decision>, ApiError> {
+) -> Result<Option<(TenantId, Decision)>, ApiError> {
     if !path.starts_with("/api/") {
         return Ok(None);
     }
@@ -315,7 +325,7 @@ async fn rest_quota(
         .map_err(|_| ApiError::InvalidApiKey)?;
     let tenant = state.auth.authenticate(key).await?;
     tracing::Span::current().record("tenant_id", tracing::field::display(tenant));
-    Ok(Some(state.quotas.check_rest(tenant).await))
+    Ok(Some((tenant, state.quotas.check_rest(tenant).await)))
 }
 
 fn set_quota_headers(resp: &mut Response, d: &Decision) {

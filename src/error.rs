@@ -56,6 +56,23 @@ pub enum ApiError {
     DatabaseUnavailable,
     #[error("not ready")]
     NotReady(Map<String, Value>),
+    #[error("model {model} not found")]
+    ModelNotFound {
+        model: String,
+        available: Vec<String>,
+    },
+    #[error("the model is not loaded")]
+    ModelNotReady,
+    #[error("the tenant's queue is full")]
+    QueueFull { capacity: usize },
+    #[error("the server is overloaded")]
+    ServerBusy,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("the prompt does not fit the context")]
+    ContextLengthExceeded { max_tokens: usize, context: usize },
+    #[error("generation failed: {0}")]
+    GenerationFailed(String),
     #[error("internal error")]
     Internal,
 }
@@ -79,6 +96,13 @@ impl ApiError {
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::DatabaseUnavailable => "database_unavailable",
             ApiError::NotReady(_) => "not_ready",
+            ApiError::ModelNotFound { .. } => "model_not_found",
+            ApiError::ModelNotReady => "model_not_ready",
+            ApiError::QueueFull { .. } => "queue_full",
+            ApiError::ServerBusy => "server_busy",
+            ApiError::ShuttingDown => "shutting_down",
+            ApiError::ContextLengthExceeded { .. } => "context_length_exceeded",
+            ApiError::GenerationFailed(_) => "generation_failed",
             ApiError::Internal => "internal_error",
         }
     }
@@ -86,7 +110,15 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::MissingApiKey | ApiError::InvalidApiKey => StatusCode::UNAUTHORIZED,
-            ApiError::ChatNotFound(_) | ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::ChatNotFound(_)
+            | ApiError::NotFound { .. }
+            | ApiError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::ContextLengthExceeded { .. } => StatusCode::BAD_REQUEST,
+            ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::ModelNotReady | ApiError::ServerBusy | ApiError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::GenerationFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Validation(_)
             | ApiError::InvalidParameter { .. }
             | ApiError::InvalidBody { .. }
@@ -138,6 +170,28 @@ impl ApiError {
                 "The database is unavailable; try again shortly.".into()
             }
             ApiError::NotReady(_) => "The server is not ready to serve requests yet.".into(),
+            ApiError::ModelNotFound { model, available } => format!(
+                "The model {model:?} does not exist on this server; use one of: {}.",
+                available.join(", ")
+            ),
+            ApiError::ModelNotReady => "The model is not loaded yet; try again shortly.".into(),
+            ApiError::QueueFull { capacity } => format!(
+                "Too many generations are waiting for this tenant (at most {capacity}); try again shortly."
+            ),
+            ApiError::ServerBusy => {
+                "The server has too many generations waiting, across all tenants; try again shortly."
+                    .into()
+            }
+            ApiError::ShuttingDown => "The server is shutting down.".into(),
+            ApiError::ContextLengthExceeded {
+                max_tokens,
+                context,
+            } => format!(
+                "The messages plus max_tokens ({max_tokens}) exceed the model's context of {context} tokens; shorten the messages or lower max_tokens."
+            ),
+            ApiError::GenerationFailed(_) => {
+                "The model failed while generating; the error has been logged.".into()
+            }
             ApiError::Internal => "An internal error occurred; it has been logged.".into(),
         }
     }
@@ -178,11 +232,38 @@ impl ApiError {
                 retry_after_secs,
             } => json!({"limit_per_minute": limit, "retry_after_seconds": retry_after_secs}),
             ApiError::NotReady(checks) => Value::Object(checks.clone()),
+            ApiError::ModelNotFound { model, available } => {
+                json!({"model": model, "available": available})
+            }
+            ApiError::QueueFull { capacity } => {
+                json!({"queue_capacity": capacity, "retry_after_seconds": 1})
+            }
+            ApiError::ServerBusy => json!({"retry_after_seconds": 1}),
+            ApiError::ModelNotReady | ApiError::ShuttingDown | ApiError::GenerationFailed(_) => {
+                json!({})
+            }
+            ApiError::ContextLengthExceeded {
+                max_tokens,
+                context,
+            } => json!({"max_tokens": max_tokens, "context_length": context}),
             ApiError::Conflict(_) | ApiError::Internal => json!({}),
         };
         match v {
             Value::Object(m) => m,
             _ => Map::new(),
+        }
+    }
+
+    /// Seconds a client should wait before retrying, sent as `Retry-After`.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            ApiError::QueueFull { .. } | ApiError::ServerBusy => Some(1),
+            ApiError::ShuttingDown => None,
+            _ if self.status() == StatusCode::SERVICE_UNAVAILABLE => Some(5),
+            _ => None,
         }
     }
 
@@ -224,22 +305,30 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::chat::ChatError> for ApiError {
+    fn from(e: crate::chat::ChatError) -> Self {
+        use crate::chat::ChatError as C;
+        match e {
+            C::QueueFull { capacity } => ApiError::QueueFull { capacity },
+            C::ServerBusy => ApiError::ServerBusy,
+            C::ModelNotReady => ApiError::ModelNotReady,
+            C::ShuttingDown => ApiError::ShuttingDown,
+            C::Store(s) => s.into(),
+            other => {
+                tracing::error!(error = %other, "unexpected chat error");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let mut resp = Json(self.body()).with_status(status).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if let Some(secs) = self.retry_after_secs() {
             resp.headers_mut()
-                .insert("retry-after", poem::http::HeaderValue::from_static("5"));
-        }
-        if let ApiError::RateLimited {
-            retry_after_secs, ..
-        } = self
-        {
-            resp.headers_mut().insert(
-                "retry-after",
-                poem::http::HeaderValue::from(retry_after_secs),
-            );
+                .insert("retry-after", poem::http::HeaderValue::from(secs));
         }
         resp
     }

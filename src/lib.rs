@@ -28,6 +28,7 @@ pub mod error;
 pub mod metrics;
 pub mod ratelimit;
 pub mod store;
+pub mod web;
 
 use std::future::Future;
 use std::time::Duration;

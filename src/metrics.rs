@@ -130,11 +130,16 @@ pub fn route_label(path: &str) -> &'static str {
         ["", "api", "v1", "chats", _, "messages"] => "/api/v1/chats/{chat_id}/messages",
         ["", "api", "v1", "usage"] => "/api/v1/usage",
         ["", "ws", "chat"] => "/ws/chat",
+        ["", "v1", "models"] => "/v1/models",
+        ["", "v1", "models", _] => "/v1/models/{id}",
+        ["", "v1", "chat", "completions"] => "/v1/chat/completions",
         ["", "healthz"] => "/healthz",
         ["", "readyz"] => "/readyz",
         ["", "metrics"] => "/metrics",
         ["", "openapi.json"] => "/openapi.json",
         ["", "docs", ..] => "/docs",
+        [""] | ["", ""] => "/",
+        ["", "assets", _] => "/assets/{file}",
         _ => "other",
     }
 }

@@ -147,8 +147,40 @@ impl PathParams {
     }
 }
 
+/// Which error shape a path answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Style {
+    /// `{"error": {"code", "message", "details"}}`: everything but the OpenAI routes.
+    Native,
+    /// OpenAI's `{"error": {"message", "type", "param", "code"}}` under `/v1/`.
+    OpenAi,
+}
+
+impl Style {
+    fn of(path: &str) -> Style {
+        if path.starts_with("/v1/") {
+            Style::OpenAi
+        } else {
+            Style::Native
+        }
+    }
+
+    fn render(self, e: ApiError) -> Response {
+        match self {
+            Style::Native => e.into_response(),
+            Style::OpenAi => super::openai::OpenAiError(e).into_response(),
+        }
+    }
+}
+
 /// Turns an error raised by poem or poem-openapi into our error.
-fn classify(err: poem::Error, method: &Method, path: &str, params: &PathParams) -> Response {
+fn classify(
+    err: poem::Error,
+    method: &Method,
+    path: &str,
+    params: &PathParams,
+    style: Style,
+) -> Response {
     if err.is_from_response() {
         return err.into_response();
     }
@@ -201,7 +233,7 @@ fn classify(err: poem::Error, method: &Method, path: &str, params: &PathParams) 
         tracing::error!(error = %err, "unhandled error");
         ApiError::Internal
     };
-    api.into_response()
+    style.render(api)
 }
 
 /// Wraps the whole application; see the module docs.
@@ -244,6 +276,7 @@ async fn handle<E: Endpoint>(
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let style = Style::of(&path);
     // `/api` requests are authenticated and counted before anything else, the body
     // included: a client without a working key learns nothing but 401, and a tenant over
     // its quota costs no more than a (cached) key lookup.
@@ -258,22 +291,21 @@ async fn handle<E: Endpoint>(
         Ok(None) => Ok(None),
     };
     let mut resp = match quota {
-        Err(Err(e)) => e.into_response(),
+        Err(Err(e)) => style.render(e),
         Err(Ok(d)) => {
-            let mut r = ApiError::RateLimited {
+            let mut r = style.render(ApiError::RateLimited {
                 limit: d.limit,
                 retry_after_secs: d.reset_secs,
-            }
-            .into_response();
+            });
             set_quota_headers(&mut r, &d);
             r
         }
         Ok(decision) => {
             let mut r = match guard_body(&mut req, state.limits.max_body_bytes).await {
-                Err(e) => e.into_response(),
+                Err(e) => style.render(e),
                 Ok(()) => match ep.call(req).await {
                     Ok(r) => r.into_response(),
-                    Err(e) => classify(e, &method, &path, &params),
+                    Err(e) => classify(e, &method, &path, &params, style),
                 },
             };
             if let Some(d) = decision {
@@ -307,22 +339,38 @@ async fn handle<E: Endpoint>(
 #[derive(Debug, Clone, Copy)]
 pub struct Authenticated(pub TenantId);
 
-/// For an `/api` request: its tenant and quota verdict, or why it has no tenant. `None` for
-/// other paths.
+/// For an `/api` or `/v1` request: its tenant and quota verdict, or why it has no tenant.
+/// `None` for other paths.
 async fn rest_quota(
     req: &Request,
     path: &str,
     state: &AppState,
 ) -> Result<Option<(TenantId, Decision)>, ApiError> {
-    if !path.starts_with("/api/") {
+    let openai = path.starts_with("/v1/");
+    if !path.starts_with("/api/") && !openai {
         return Ok(None);
     }
-    let key = req
-        .headers()
-        .get("x-api-key")
-        .ok_or(ApiError::MissingApiKey)?
-        .to_str()
-        .map_err(|_| ApiError::InvalidApiKey)?;
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .map(|v| v.to_str().map_err(|_| ApiError::InvalidApiKey))
+    };
+    // OpenAI clients send the key as a bearer token; `X-API-Key` works there too.
+    let bearer = if openai {
+        header("authorization").map(|v| {
+            v.and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+                    .map(str::trim)
+                    .ok_or(ApiError::InvalidApiKey)
+            })
+        })
+    } else {
+        None
+    };
+    let key = header("x-api-key")
+        .or(bearer)
+        .ok_or(ApiError::MissingApiKey)??;
     let tenant = state.auth.authenticate(key).await?;
     tracing::Span::current().record("tenant_id", tracing::field::display(tenant));
     Ok(Some((tenant, state.quotas.check_rest(tenant).await)))
@@ -346,13 +394,15 @@ fn security_headers(resp: &mut Response, path: &str) {
     );
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
-    let csp = if path.starts_with("/docs") {
+    let csp = if crate::web::is_page(path) {
+        crate::web::CSP
+    } else if path.starts_with("/docs") {
         "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'"
     } else {
         "default-src 'none'; frame-ancestors 'none'"
     };
     h.insert("content-security-policy", HeaderValue::from_static(csp));
-    if path.starts_with("/api/") && !h.contains_key("cache-control") {
+    if (path.starts_with("/api/") || path.starts_with("/v1/")) && !h.contains_key("cache-control") {
         h.insert("cache-control", HeaderValue::from_static("no-store"));
     }
 }

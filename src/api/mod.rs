@@ -6,6 +6,7 @@ mod chats;
 pub mod dto;
 mod health;
 mod middleware;
+pub mod openai;
 pub mod quota;
 pub mod types;
 mod usage;
@@ -14,7 +15,7 @@ mod ws;
 pub use auth::Authenticator;
 
 use poem::middleware::{CatchPanic, NormalizePath, TrailingSlash};
-use poem::{Endpoint, EndpointExt, Route};
+use poem::{Endpoint, EndpointExt, IntoEndpoint, Route};
 use poem_openapi::{OpenApiService, Tags};
 
 use crate::chat::ChatService;
@@ -89,12 +90,23 @@ pub fn app(state: AppState) -> impl Endpoint {
     });
     let around_state = state.clone();
     let params = std::sync::Arc::new(middleware::PathParams::from_spec(&api.spec()));
+    // The operations live under `/api/` plus the two probes; mounting the service at `/`
+    // would shadow the chat page there.
+    let operations = std::sync::Arc::new(api.into_endpoint());
     Route::new()
-        .nest("/", api)
+        .nest_no_strip("/api", operations.clone())
+        .at("/healthz", operations.clone())
+        .at("/readyz", operations)
+        .at("/", poem::get(crate::web::index))
+        .at("/assets/app.js", poem::get(crate::web::app_js))
+        .at("/assets/app.css", poem::get(crate::web::app_css))
         .at("/openapi.json", spec)
         .nest("/docs", docs)
         .at("/ws/chat", poem::get(ws::ws_chat))
         .at("/metrics", poem::get(metrics_text))
+        .at("/v1/models", poem::get(openai::models))
+        .at("/v1/models/:id", poem::get(openai::model_by_id))
+        .at("/v1/chat/completions", poem::post(openai::chat_completions))
         .data(state)
         // `/api/v1/chats/` and `/api/v1/chats` are the same route (the seed documents the
         // former; OpenAPI paths carry no trailing slash).

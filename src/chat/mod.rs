@@ -18,18 +18,20 @@ mod reply;
 mod room;
 pub mod scheduler;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
-use tokio::sync::{broadcast, watch, Notify};
+use tokio::sync::{broadcast, oneshot, watch, Notify};
 use uuid::Uuid;
 
 use crate::domain::{MessageStatus, NewMessage, Role};
 use crate::engine::{CancelToken, ModelSlot};
 use crate::store::{Store, StoreError, TenantId};
 use protocol::{Event, MessageLimits};
+pub use reply::sampling_for;
 pub use room::{Outbound, Room};
 use scheduler::{Refused, Scheduler, SchedulerLimits};
 
@@ -203,6 +205,66 @@ struct Queued {
     enqueued_at: Instant,
 }
 
+/// What waits in the scheduler's queues.
+enum Waiting {
+    /// A chat's reply (WebSocket).
+    Reply(Queued),
+    /// A stateless generation (the OpenAI-compatible API): its request handler waits for
+    /// the slot, then generates itself.
+    Slot {
+        id: u64,
+        grant: oneshot::Sender<Slot>,
+        enqueued_at: Instant,
+    },
+}
+
+impl Waiting {
+    fn is_reply_of(&self, chat: Uuid) -> bool {
+        matches!(self, Waiting::Reply(q) if q.room.chat_id == chat)
+    }
+
+    fn is_slot(&self, wanted: u64) -> bool {
+        matches!(self, Waiting::Slot { id, .. } if *id == wanted)
+    }
+}
+
+/// A generation slot held by a stateless request: dropping it frees the slot for the next
+/// waiting reply. Its `cancel` is pulled by a shutdown that outlives its grace period.
+pub struct Slot {
+    service: ChatService,
+    tenant: TenantId,
+    id: u64,
+    pub cancel: CancelToken,
+    /// How long the request waited for the slot.
+    pub queued: Duration,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.service.0.stateless).remove(&self.id);
+        self.service.finish_and_pump(Some(self.tenant));
+        self.service.0.reply_ended.notify_waiters();
+    }
+}
+
+/// A stateless request waiting for a slot; dropped (the client went away) it leaves the
+/// queue at once instead of holding a place until its turn.
+struct SlotWait {
+    service: ChatService,
+    tenant: TenantId,
+    id: u64,
+}
+
+impl Drop for SlotWait {
+    fn drop(&mut self) {
+        let removed = lock(&self.service.0.scheduler).remove(self.tenant, |w| w.is_slot(self.id));
+        if removed.is_some() {
+            drop(removed);
+            self.service.pump();
+        }
+    }
+}
+
 /// Where the server is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -218,7 +280,12 @@ struct Inner {
     model: ModelSlot,
     settings: ChatSettings,
     rooms: Mutex<HashMap<Uuid, Arc<Room>>>,
-    scheduler: Mutex<Scheduler<Queued>>,
+    scheduler: Mutex<Scheduler<Waiting>>,
+    /// Tenants whose queue depth the metrics show.
+    queue_reported: Mutex<HashSet<TenantId>>,
+    /// Cancel switches of the stateless generations holding slots, by slot id.
+    stateless: Mutex<HashMap<u64, CancelToken>>,
+    next_slot: AtomicU64,
     connections: Mutex<HashMap<TenantId, usize>>,
     phase: watch::Sender<Phase>,
     /// Notified whenever a reply ends (shutdown waits on it).
@@ -274,6 +341,9 @@ impl ChatService {
             settings,
             rooms: Mutex::new(HashMap::new()),
             scheduler: Mutex::new(scheduler),
+            stateless: Mutex::new(HashMap::new()),
+            queue_reported: Mutex::new(HashSet::new()),
+            next_slot: AtomicU64::new(1),
             connections: Mutex::new(HashMap::new()),
             phase: watch::channel(Phase::Serving).0,
             reply_ended: Notify::new(),
@@ -420,14 +490,87 @@ impl ChatService {
         }
         lock(&self.0.scheduler).enqueue(
             room.tenant,
-            Queued {
+            Waiting::Reply(Queued {
                 room: room.clone(),
                 user_message: message.id,
                 enqueued_at: Instant::now(),
-            },
+            }),
         );
         self.pump();
         Ok(())
+    }
+
+    /// Waits for a generation slot for a stateless request of `tenant`, in the same queues
+    /// (and with the same fairness and bounds) as chat replies.
+    pub async fn acquire(&self, tenant: TenantId) -> Result<Slot, ChatError> {
+        if self.0.model.engine().is_none() {
+            return Err(ChatError::ModelNotReady);
+        }
+        let id = self.0.next_slot.fetch_add(1, Ordering::Relaxed);
+        let (grant, granted) = oneshot::channel();
+        {
+            let mut sched = lock(&self.0.scheduler);
+            // Checked under the scheduler's lock: `shutdown` changes the phase, then takes
+            // this lock to turn away whoever waits.
+            if *self.0.phase.borrow() != Phase::Serving {
+                return Err(ChatError::ShuttingDown);
+            }
+            sched.reserve(tenant).map_err(|e| match e {
+                Refused::QueueFull { capacity } => ChatError::QueueFull { capacity },
+                Refused::Overloaded { .. } => ChatError::ServerBusy,
+            })?;
+            sched.enqueue(
+                tenant,
+                Waiting::Slot {
+                    id,
+                    grant,
+                    enqueued_at: Instant::now(),
+                },
+            );
+        }
+        let _waiting = SlotWait {
+            service: self.clone(),
+            tenant,
+            id,
+        };
+        self.pump();
+        granted.await.map_err(|_| ChatError::ShuttingDown)
+    }
+
+    /// Counts a finished generation's tokens: metrics, and the tenant's usage for `user_id`
+    /// today. Tokens spent count whatever the outcome (a cancelled reply still cost its
+    /// prompt).
+    pub async fn account(
+        &self,
+        tenant: TenantId,
+        user_id: &str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        time_to_first_token: Option<Duration>,
+    ) {
+        let m = crate::metrics::metrics();
+        m.prompt_tokens.inc_by(prompt_tokens as u64);
+        m.generated_tokens.inc_by(completion_tokens as u64);
+        if let Some(t) = time_to_first_token {
+            m.time_to_first_token.observe(t.as_secs_f64());
+        }
+        if prompt_tokens + completion_tokens == 0 {
+            return;
+        }
+        if let Err(e) = self
+            .0
+            .store
+            .tenant(tenant)
+            .record_usage(
+                user_id,
+                chrono::Utc::now().date_naive(),
+                prompt_tokens as i64,
+                completion_tokens as i64,
+            )
+            .await
+        {
+            tracing::error!(error = %e, "usage not recorded");
+        }
     }
 
     /// Cancels the chat's reply: a waiting one ends at once (saved as an empty cancelled
@@ -444,12 +587,12 @@ impl ChatService {
                 None
             } else {
                 let chat = room.chat_id;
-                lock(&self.0.scheduler).remove(room.tenant, |q| q.room.chat_id == chat)
+                lock(&self.0.scheduler).remove(room.tenant, |w| w.is_reply_of(chat))
             }
         };
         // Not found in the queue: still being saved (`submit` will queue it and the reply
         // task sees the cancel) or just dispatched (the reply task sees it).
-        if let Some(q) = dequeued {
+        if let Some(Waiting::Reply(q)) = dequeued {
             self.spawn_reply(q, false);
             self.pump();
         }
@@ -474,9 +617,9 @@ impl ChatService {
             }
             room.send(&ChatError::ChatNotFound.to_event());
             room.close_all(4404, "chat_not_found");
-            lock(&self.0.scheduler).remove(room.tenant, |q| q.room.chat_id == chat_id)
+            lock(&self.0.scheduler).remove(room.tenant, |w| w.is_reply_of(chat_id))
         };
-        if let Some(q) = dequeued {
+        if let Some(Waiting::Reply(q)) = dequeued {
             self.spawn_reply(q, false);
             self.pump();
         }
@@ -502,26 +645,55 @@ impl ChatService {
             if !serving {
                 return;
             }
-            while let Some((_, q)) = sched.dispatch() {
-                started.push(q);
+            while let Some(next) = sched.dispatch() {
+                started.push(next);
             }
-            for (q, position) in sched.positions() {
-                moved.push((q.room.clone(), q.user_message, position));
+            for (w, position) in sched.positions() {
+                if let Waiting::Reply(q) = w {
+                    moved.push((q.room.clone(), q.user_message, position));
+                }
             }
             let m = crate::metrics::metrics();
             m.running_generations.set(sched.running() as i64);
-            m.queue_depth.reset();
-            for (tenant, n) in sched.waiting_by_tenant() {
+            // Only this server's tenants are touched (the registry is process-wide): the
+            // ones waiting now are set, the ones that stopped waiting are removed.
+            let mut reported = lock(&self.0.queue_reported);
+            let now: HashMap<TenantId, usize> = sched.waiting_by_tenant().into_iter().collect();
+            for gone in reported.iter().filter(|t| !now.contains_key(t)) {
+                let _ = m.queue_depth.remove_label_values(&[&gone.to_string()]);
+            }
+            for (tenant, n) in &now {
                 m.queue_depth
                     .with_label_values(&[&tenant.to_string()])
-                    .set(n as i64);
+                    .set(*n as i64);
             }
+            *reported = now.into_keys().collect();
         }
-        for q in started {
-            if let Some(r) = q.room.lock().reply.as_mut() {
-                r.queue_position = None;
+        for (tenant, w) in started {
+            match w {
+                Waiting::Reply(q) => {
+                    if let Some(r) = q.room.lock().reply.as_mut() {
+                        r.queue_position = None;
+                    }
+                    self.spawn_reply(q, true);
+                }
+                Waiting::Slot {
+                    id,
+                    grant,
+                    enqueued_at,
+                } => {
+                    let cancel = CancelToken::default();
+                    lock(&self.0.stateless).insert(id, cancel.clone());
+                    // A request that went away meanwhile drops the slot, which frees it.
+                    let _ = grant.send(Slot {
+                        service: self.clone(),
+                        tenant,
+                        id,
+                        cancel,
+                        queued: enqueued_at.elapsed(),
+                    });
+                }
             }
-            self.spawn_reply(q, true);
         }
         for (room, user_message, position) in moved {
             let st = &mut *room.lock();
@@ -553,6 +725,10 @@ impl ChatService {
     /// stops the rest (saved as `interrupted`) and closes every socket with 1001.
     pub async fn shutdown(&self) {
         self.0.phase.send_replace(Phase::Draining);
+        // Stateless requests still waiting are turned away (their handlers answer
+        // `shutting_down`); chat replies waiting keep their saved user message.
+        let turned_away = lock(&self.0.scheduler).remove_all(|w| matches!(w, Waiting::Slot { .. }));
+        drop(turned_away);
         let deadline = tokio::time::Instant::now() + self.0.settings.shutdown_grace;
         let mut interrupted = false;
         loop {
@@ -572,6 +748,9 @@ impl ChatService {
                         reply.interrupted = true;
                         reply.cancel.cancel();
                     }
+                }
+                for cancel in lock(&self.0.stateless).values() {
+                    cancel.cancel();
                 }
             }
             // Re-check at least every 100 ms: replies end on their own threads.

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::protocol::{Event, Timings, Usage};
 use super::room::Streamed;
 use super::{ChatService, Queued};
-use crate::domain::{Chat, Message, MessageStatus, NewMessage, Role};
+use crate::domain::{Chat, ChatConfig, Message, MessageStatus, NewMessage, Role};
 use crate::engine::{
     CancelToken, ChatMessage, FinishReason, GenerateRequest, GenerationEvent, SamplingParams,
 };
@@ -44,11 +44,11 @@ impl Outcome {
     }
 }
 
-/// The chat's settings as engine parameters (server defaults where the chat sets none).
-fn request_for(chat: &Chat, history: Vec<Message>, default_max_tokens: u32) -> GenerateRequest {
-    let c = &chat.config;
+/// A chat's sampling settings as engine parameters, server defaults where it sets none (a
+/// random seed among them). The OpenAI-compatible API maps its fields through this too.
+pub fn sampling_for(c: &ChatConfig) -> SamplingParams {
     let d = SamplingParams::default();
-    let sampling = SamplingParams {
+    SamplingParams {
         temperature: c.temperature.map_or(d.temperature, |t| t as f32),
         top_k: match c.top_k {
             Some(0) => None,
@@ -59,7 +59,13 @@ fn request_for(chat: &Chat, history: Vec<Message>, default_max_tokens: u32) -> G
         repeat_penalty: c.repeat_penalty.map_or(d.repeat_penalty, |p| p as f32),
         repeat_last_n: d.repeat_last_n,
         seed: c.seed.unwrap_or_else(|| rand::rng().random()),
-    };
+    }
+}
+
+/// The chat's settings as engine parameters (server defaults where the chat sets none).
+fn request_for(chat: &Chat, history: Vec<Message>, default_max_tokens: u32) -> GenerateRequest {
+    let c = &chat.config;
+    let sampling = sampling_for(c);
     let mut messages = Vec::with_capacity(history.len() + 1);
     if let Some(system) = c.system_prompt.as_ref().filter(|s| !s.is_empty()) {
         messages.push(ChatMessage {
@@ -173,27 +179,16 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
             tracing::error!(chat = %room.chat_id, message = %message_id, error = %e, "reply not saved");
         }
     }
-    // Tokens spent count whatever the outcome (a cancelled reply still cost its prompt).
     let usage = outcome.usage;
-    let m = crate::metrics::metrics();
-    m.prompt_tokens.inc_by(usage.prompt_tokens as u64);
-    m.generated_tokens.inc_by(usage.completion_tokens as u64);
-    if let Some(t) = outcome.time_to_first_token {
-        m.time_to_first_token.observe(t.as_secs_f64());
-    }
-    if usage.prompt_tokens + usage.completion_tokens > 0 {
-        if let Err(e) = scope
-            .record_usage(
-                &chat.user_id,
-                chrono::Utc::now().date_naive(),
-                usage.prompt_tokens as i64,
-                usage.completion_tokens as i64,
-            )
-            .await
-        {
-            tracing::error!(chat = %room.chat_id, error = %e, "usage not recorded");
-        }
-    }
+    service
+        .account(
+            room.tenant,
+            &chat.user_id,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            outcome.time_to_first_token,
+        )
+        .await;
     let mut st = room.lock();
     st.reply = None;
     if st.deleted {

@@ -173,6 +173,23 @@ impl<T> Scheduler<T> {
         item
     }
 
+    /// Takes out every waiting item that `matches`, all tenants (a shutdown turning away
+    /// requests that would wait forever).
+    pub fn remove_all(&mut self, matches: impl Fn(&T) -> bool) -> Vec<T> {
+        let mut out = Vec::new();
+        let tenants: Vec<TenantId> = self.tenants.keys().copied().collect();
+        for t in tenants {
+            if let Some(q) = self.tenants.get_mut(&t) {
+                let (gone, kept): (VecDeque<T>, VecDeque<T>) =
+                    q.waiting.drain(..).partition(|item| matches(item));
+                q.waiting = kept;
+                out.extend(gone);
+            }
+            self.forget_idle(t);
+        }
+        out
+    }
+
     /// Drops the bookkeeping of a tenant with nothing waiting, reserved or running, so the
     /// map does not grow with every tenant ever seen. Its `last_served` goes too, which only
     /// ever moves it ahead: a tenant idle long enough to be forgotten deserves the next slot.

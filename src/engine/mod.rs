@@ -116,7 +116,7 @@ pub struct GenerationSummary {
     /// Generated tokens per second after the first.
     pub tokens_per_second: f64,
     /// Set when `finish_reason` is `Error`.
-    pub error: Option<String>,
+    pub error: Option<EngineError>,
 }
 
 /// What a generation reports while it runs.
@@ -159,11 +159,35 @@ pub struct Generation {
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
     pub name: String,
+    /// The file name without `.gguf`, as an identifier (lowercase, `-` for spaces): the
+    /// model id of the OpenAI-compatible API.
+    pub id: String,
+    /// When it was loaded, in seconds since the Unix epoch.
+    pub loaded_at: u64,
     pub architecture: String,
     /// Context the engine uses (the model's, or less when configured).
     pub context_length: usize,
     pub load_time: Duration,
     pub device: String,
+}
+
+/// A model name as an identifier: lowercase ASCII letters, digits, `.`, `_` and `-`, with
+/// every other run of characters turned into one `-`.
+pub fn model_id(name: &str) -> String {
+    let mut id = String::with_capacity(name.len());
+    for c in name.chars() {
+        if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+            id.push(c.to_ascii_lowercase());
+        } else if !id.ends_with('-') {
+            id.push('-');
+        }
+    }
+    let id = id.trim_matches('-');
+    if id.is_empty() {
+        "model".into()
+    } else {
+        id.into()
+    }
 }
 
 /// The cheap, cloneable way to talk to the engine thread.
@@ -238,5 +262,19 @@ impl ModelSlot {
             ModelStatus::Ready(h) => Some(h),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn model_ids() {
+        use super::model_id;
+        assert_eq!(
+            model_id("SmolLM2-135M-Instruct.Q4_1"),
+            "smollm2-135m-instruct.q4_1"
+        );
+        assert_eq!(model_id("My Model  (v2)"), "my-model-v2");
+        assert_eq!(model_id("??"), "model");
     }
 }

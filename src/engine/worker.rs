@@ -221,7 +221,7 @@ impl LoadedEngine {
         };
         if let Err(e) = self.generate(&request, &events, &cancel, started, &mut summary) {
             summary.finish_reason = FinishReason::Error;
-            summary.error = Some(e.to_string());
+            summary.error = Some(e);
         }
         let _ = events.send(GenerationEvent::Finished(summary));
     }
@@ -357,12 +357,24 @@ pub fn load(path: PathBuf, opts: EngineOptions) -> Result<EngineHandle, EngineEr
                         return;
                     }
                 };
+                let stem = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let name = engine
+                    .model
+                    .spec()
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| stem.clone());
                 let info = ModelInfo {
-                    name: engine.model.spec().name.clone().unwrap_or_else(|| {
-                        path.file_stem()
-                            .map(|s| s.to_string_lossy().into_owned())
-                            .unwrap_or_default()
-                    }),
+                    // The file is what an operator chose and knows by name; the GGUF's own
+                    // `general.name` is often a training-run label.
+                    id: super::model_id(if stem.is_empty() { &name } else { &stem }),
+                    name,
+                    loaded_at: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
                     architecture: engine.model.spec().architecture.clone(),
                     context_length: engine.context_length,
                     load_time: t0.elapsed(),

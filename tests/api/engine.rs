@@ -248,7 +248,9 @@ async fn a_prompt_that_cannot_fit_fails_clearly() {
     let (s, _, _) = collect(&h, req(vec![user(&"w".repeat(400))], 10)).await;
     assert_eq!(s.finish_reason, FinishReason::Error);
     assert!(
-        s.error.as_deref().unwrap_or("").contains("context"),
+        s.error
+            .as_ref()
+            .is_some_and(|e| e.to_string().contains("context")),
         "{:?}",
         s.error
     );

@@ -13,6 +13,7 @@ mod isolation;
 mod limits;
 mod load;
 mod messages;
+mod openai;
 mod openapi;
 mod smollm2;
 mod tiny;

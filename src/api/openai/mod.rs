@@ -1,0 +1,426 @@
+//! The OpenAI-compatible API: `GET /v1/models`, `GET /v1/models/{id}` and
+//! `POST /v1/chat/completions` (streamed as server-sent events, or whole).
+//!
+//! Stateless, as OpenAI clients expect: the conversation comes in the request and nothing
+//! is stored but the token usage. Authentication (`Authorization: Bearer <key>` or
+//! `X-API-Key`) and the tenant's request quota are the middleware's, as for `/api`; a
+//! generation waits in the same per-tenant queues as chat replies ([`ChatService::acquire`]),
+//! so both APIs share one engine fairly. Errors have OpenAI's shape
+//! (`{"error": {"message", "type", "param", "code"}}`), with our stable code as `code`.
+
+pub mod wire;
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use poem::http::{HeaderValue, StatusCode};
+use poem::web::sse::{Event as SseEvent, SSE};
+use poem::web::{Data, Json, Path};
+use poem::{Body, IntoResponse, Request, Response};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::middleware::Authenticated;
+use super::AppState;
+use crate::chat::{ChatService, Slot};
+use crate::engine::{EngineError, EngineHandle, Generation, GenerationEvent, GenerationSummary};
+use crate::error::ApiError;
+use crate::store::TenantId;
+use wire::{Chunk, ChunkChoice, Delta, UsageOut};
+
+/// An error on an OpenAI route: our error, in OpenAI's shape.
+#[derive(Debug)]
+pub struct OpenAiError(pub ApiError);
+
+impl From<ApiError> for OpenAiError {
+    fn from(e: ApiError) -> Self {
+        OpenAiError(e)
+    }
+}
+
+impl From<crate::chat::ChatError> for OpenAiError {
+    fn from(e: crate::chat::ChatError) -> Self {
+        OpenAiError(e.into())
+    }
+}
+
+impl OpenAiError {
+    /// OpenAI's error `type` for our status.
+    fn kind(&self) -> &'static str {
+        match self.0.status().as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            500..=599 => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The JSON body: OpenAI's four fields, plus our `details`.
+    pub fn body(&self) -> Value {
+        let e = &self.0;
+        let message = match e {
+            ApiError::MissingApiKey => "This endpoint needs the tenant API key as `Authorization: Bearer <key>` (or in the X-API-Key header).".to_string(),
+            other => other.message(),
+        };
+        let param = match e {
+            ApiError::Validation(v) => Some(v.field.clone()),
+            ApiError::InvalidParameter { name, .. } => Some(name.clone()),
+            ApiError::ModelNotFound { .. } => Some("model".into()),
+            _ => None,
+        };
+        json!({"error": {
+            "message": message,
+            "type": self.kind(),
+            "param": param,
+            "code": e.code(),
+            "details": e.details(),
+        }})
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let mut resp = Json(self.body())
+            .with_status(self.0.status())
+            .into_response();
+        if let Some(secs) = self.0.retry_after_secs() {
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from(secs));
+        }
+        if self.0.status() == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+type Result<T> = std::result::Result<T, OpenAiError>;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn tenant_of(req: &Request) -> Result<TenantId> {
+    // The middleware authenticated every `/v1` request before it got here.
+    req.extensions()
+        .get::<Authenticated>()
+        .map(|a| a.0)
+        .ok_or(OpenAiError(ApiError::Internal))
+}
+
+fn engine_of(state: &AppState) -> Result<EngineHandle> {
+    state
+        .model
+        .engine()
+        .ok_or(OpenAiError(ApiError::ModelNotReady))
+}
+
+fn model_object(engine: &EngineHandle) -> Value {
+    json!({
+        "id": engine.info.id,
+        "object": "model",
+        "created": engine.info.loaded_at,
+        "owned_by": "confab",
+    })
+}
+
+/// An answer or its error, as the response.
+fn respond(r: Result<Response>) -> Response {
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `GET /v1/models`: the loaded model.
+#[poem::handler]
+pub async fn models(req: &Request, state: Data<&AppState>) -> Response {
+    respond(list_models(req, &state))
+}
+
+fn list_models(req: &Request, state: &AppState) -> Result<Response> {
+    tenant_of(req)?;
+    let engine = engine_of(state)?;
+    Ok(Json(json!({"object": "list", "data": [model_object(&engine)]})).into_response())
+}
+
+/// `GET /v1/models/{id}`.
+#[poem::handler]
+pub async fn model_by_id(
+    req: &Request,
+    Path(id): Path<String>,
+    state: Data<&AppState>,
+) -> Response {
+    respond(find_model(req, &id, &state))
+}
+
+fn find_model(req: &Request, id: &str, state: &AppState) -> Result<Response> {
+    tenant_of(req)?;
+    let engine = engine_of(state)?;
+    check_model(&engine, id)?;
+    Ok(Json(model_object(&engine)).into_response())
+}
+
+fn check_model(engine: &EngineHandle, model: &str) -> Result<()> {
+    if model == engine.info.id {
+        Ok(())
+    } else {
+        Err(OpenAiError(ApiError::ModelNotFound {
+            model: model.to_string(),
+            available: vec![engine.info.id.clone()],
+        }))
+    }
+}
+
+/// What the generation task hands the request handler.
+enum Piece {
+    Started { dropped_messages: usize },
+    Delta(String),
+    Done(GenerationSummary),
+}
+
+/// `POST /v1/chat/completions`.
+#[poem::handler]
+pub async fn chat_completions(req: &Request, body: Body, state: Data<&AppState>) -> Response {
+    respond(complete(req, body, &state).await)
+}
+
+async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Response> {
+    let tenant = tenant_of(req)?;
+    let engine = engine_of(state)?;
+    let bytes = body.into_vec().await.map_err(|e| ApiError::InvalidBody {
+        reason: e.to_string(),
+    })?;
+    let context = engine.info.context_length;
+    let completion = wire::parse(&bytes, state.chat.settings().default_max_tokens, context)?;
+    check_model(&engine, &completion.model)?;
+    let max_tokens = completion.request.max_tokens;
+    let slot = state.chat.acquire(tenant).await?;
+    let generation = engine
+        .generate_with(completion.request, slot.cancel.clone())
+        .map_err(|e| match e {
+            EngineError::QueueFull => ApiError::ServerBusy,
+            EngineError::Stopped => ApiError::ModelNotReady,
+            other => ApiError::GenerationFailed(other.to_string()),
+        })?;
+    let cancel = generation.cancel.clone();
+    let mut pieces = drive(
+        state.chat.clone(),
+        tenant,
+        completion.user,
+        slot,
+        generation,
+    );
+
+    // Nothing is sent before the prompt is known to fit, so a request too long for the
+    // context gets a plain 400 even when it asked for a stream.
+    let too_long = || ApiError::ContextLengthExceeded {
+        max_tokens,
+        context,
+    };
+    let first = match pieces.recv().await {
+        Some(Piece::Started {
+            dropped_messages: 0,
+        }) => None,
+        Some(Piece::Started { .. }) => {
+            // The engine keeps a chat going by leaving out its oldest turns; a stateless
+            // client sent exactly the conversation it wants answered.
+            cancel.cancel();
+            return Err(too_long().into());
+        }
+        Some(Piece::Delta(t)) => Some(Piece::Delta(t)),
+        Some(Piece::Done(s)) => Some(Piece::Done(s)),
+        None => return Err(ApiError::GenerationFailed("the engine stopped".into()).into()),
+    };
+    if let Some(Piece::Done(s)) = &first {
+        if let Some(e) = &s.error {
+            return Err(match e {
+                EngineError::PromptTooLong { .. } | EngineError::ContextFull { .. } => too_long(),
+                other => ApiError::GenerationFailed(other.to_string()),
+            }
+            .into());
+        }
+    }
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let model = engine.info.id.clone();
+    let created = unix_now();
+    if completion.stream {
+        let events = sse_events(first, pieces, id, model, created, completion.include_usage);
+        return Ok(SSE::new(events)
+            .keep_alive(std::time::Duration::from_secs(15))
+            .into_response());
+    }
+    let mut pending = first;
+    let summary = loop {
+        match pending.take().or(pieces.recv().await) {
+            Some(Piece::Done(s)) => break s,
+            Some(_) => {}
+            None => return Err(ApiError::GenerationFailed("the engine stopped".into()).into()),
+        }
+    };
+    if let Some(e) = summary.error {
+        tracing::error!(error = %e, "generation failed");
+        return Err(ApiError::GenerationFailed(e.to_string()).into());
+    }
+    Ok(Json(wire::ChatCompletion {
+        id,
+        object: "chat.completion",
+        created,
+        model,
+        choices: vec![wire::Choice {
+            index: 0,
+            message: wire::MessageOut {
+                role: "assistant",
+                content: summary.text,
+            },
+            finish_reason: wire::finish_reason(summary.finish_reason),
+            logprobs: None,
+        }],
+        usage: UsageOut::new(summary.prompt_tokens, summary.completion_tokens),
+    })
+    .into_response())
+}
+
+/// Runs the generation to its end on its own task, holding the slot, and counts its
+/// tokens, whether or not the client stays: a client that leaves only cancels it.
+fn drive(
+    chat: ChatService,
+    tenant: TenantId,
+    user: String,
+    slot: Slot,
+    mut generation: Generation,
+) -> mpsc::UnboundedReceiver<Piece> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _slot = slot;
+        let inter_token = &crate::metrics::metrics().inter_token_latency;
+        let mut last_delta: Option<Instant> = None;
+        while let Some(event) = generation.events.recv().await {
+            let piece = match event {
+                GenerationEvent::Started {
+                    dropped_messages, ..
+                } => Piece::Started { dropped_messages },
+                GenerationEvent::Delta { text, .. } => {
+                    let now = Instant::now();
+                    if let Some(prev) = last_delta.replace(now) {
+                        inter_token.observe((now - prev).as_secs_f64());
+                    }
+                    Piece::Delta(text)
+                }
+                GenerationEvent::Finished(summary) => {
+                    chat.account(
+                        tenant,
+                        &user,
+                        summary.prompt_tokens,
+                        summary.completion_tokens,
+                        summary.time_to_first_token,
+                    )
+                    .await;
+                    let _ = tx.send(Piece::Done(summary));
+                    return;
+                }
+            };
+            if tx.send(piece).is_err() {
+                generation.cancel.cancel();
+            }
+        }
+    });
+    rx
+}
+
+/// The SSE body: a first chunk with the role, one chunk per delta, a last one with the
+/// finish reason (and the usage, when asked for), then `[DONE]`.
+fn sse_events(
+    first: Option<Piece>,
+    pieces: mpsc::UnboundedReceiver<Piece>,
+    id: String,
+    model: String,
+    created: u64,
+    include_usage: bool,
+) -> impl futures_util::Stream<Item = SseEvent> + Send + 'static {
+    let message = move |choices: Vec<ChunkChoice>, usage: Option<UsageOut>| {
+        let c = Chunk {
+            id: &id,
+            object: "chat.completion.chunk",
+            created,
+            model: &model,
+            choices,
+            usage,
+        };
+        SseEvent::message(serde_json::to_string(&c).unwrap_or_default())
+    };
+    let one = message.clone();
+    let chunk = move |delta: Delta, finish: Option<&'static str>| {
+        one(
+            vec![ChunkChoice {
+                index: 0,
+                delta,
+                finish_reason: finish,
+                logprobs: None,
+            }],
+            None,
+        )
+    };
+    let opening = chunk(
+        Delta {
+            role: Some("assistant"),
+            content: Some(String::new()),
+        },
+        None,
+    );
+    let state = (Some(first), pieces, false);
+    let rest = futures_util::stream::unfold(state, move |(mut first, mut pieces, ended)| {
+        let chunk = chunk.clone();
+        let message = message.clone();
+        async move {
+            if ended {
+                return None;
+            }
+            let piece = match first.take().flatten() {
+                Some(p) => Some(p),
+                None => pieces.recv().await,
+            };
+            let out: Vec<SseEvent> = match piece {
+                Some(Piece::Started { .. }) => Vec::new(),
+                Some(Piece::Delta(text)) => vec![chunk(
+                    Delta {
+                        role: None,
+                        content: Some(text),
+                    },
+                    None,
+                )],
+                Some(Piece::Done(s)) => {
+                    let mut out = Vec::new();
+                    if let Some(e) = &s.error {
+                        tracing::error!(error = %e, "generation failed mid-stream");
+                        let err = OpenAiError(ApiError::GenerationFailed(e.to_string()));
+                        out.push(SseEvent::message(err.body().to_string()));
+                    } else {
+                        out.push(chunk(
+                            Delta::default(),
+                            Some(wire::finish_reason(s.finish_reason)),
+                        ));
+                        // As OpenAI does it: a chunk of its own, with no choices.
+                        if include_usage {
+                            let usage = UsageOut::new(s.prompt_tokens, s.completion_tokens);
+                            out.push(message(Vec::new(), Some(usage)));
+                        }
+                    }
+                    out.push(SseEvent::message("[DONE]"));
+                    return Some((out, (None, pieces, true)));
+                }
+                None => {
+                    let err = OpenAiError(ApiError::GenerationFailed("the engine stopped".into()));
+                    return Some((
+                        vec![SseEvent::message(err.body().to_string())],
+                        (None, pieces, true),
+                    ));
+                }
+            };
+            Some((out, (None, pieces, false)))
+        }
+    });
+    futures_util::stream::once(async move { opening })
+        .chain(rest.flat_map(futures_util::stream::iter))
+}

@@ -1,0 +1,463 @@
+//! The OpenAI chat-completions wire format: what clients send, how it becomes an engine
+//! request, and what goes back.
+//!
+//! Requests are read field by field with the field's path in every error
+//! (`messages[2].content: invalid type…`), because OpenAI clients are generated code whose
+//! users need to know which of many fields was wrong. Unknown fields are ignored (clients
+//! send many we have no use for); known fields we cannot honour (`n > 1`, tools, logprobs,
+//! penalties we do not implement) are refused by name rather than silently dropped.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::chat::sampling_for;
+use crate::domain::{validate_user_id, ChatConfig, Role, ValidationError};
+use crate::engine::{ChatMessage, FinishReason, GenerateRequest};
+use crate::error::ApiError;
+
+/// Most stop strings a request may give (OpenAI's own limit).
+const MAX_STOP: usize = 4;
+/// Longest stop string, in characters.
+const MAX_STOP_CHARS: usize = 128;
+/// Usage of requests that name no `user` is counted under this user id.
+pub const ANONYMOUS_USER: &str = "(openai)";
+
+#[derive(Debug, Deserialize)]
+struct Request {
+    model: String,
+    messages: Vec<InMessage>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    /// Extension (llama.cpp, Ollama): keep only the k most likely tokens; 0 turns it off.
+    top_k: Option<u32>,
+    /// Extension (llama.cpp, Ollama): penalty for repeating recent tokens; 1 means none.
+    repeat_penalty: Option<f64>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    stop: Option<Stop>,
+    seed: Option<i64>,
+    n: Option<u64>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    logprobs: Option<bool>,
+    tools: Option<Vec<Value>>,
+    response_format: Option<ResponseFormat>,
+    user: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct InMessage {
+    role: String,
+    content: Option<Content>,
+    tool_calls: Option<Vec<Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+/// A validated chat-completion request.
+#[derive(Debug)]
+pub struct Completion {
+    pub model: String,
+    pub request: GenerateRequest,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Whose usage this is (the request's `user`, or [`ANONYMOUS_USER`]).
+    pub user: String,
+}
+
+fn invalid(field: &str, message: impl Into<String>, rule: Value) -> ApiError {
+    ApiError::Validation(ValidationError::new(field, message, rule))
+}
+
+fn unsupported(field: &str, what: &str) -> ApiError {
+    invalid(
+        field,
+        format!("is not supported by this server ({what})"),
+        json!({"supported": false}),
+    )
+}
+
+fn range(
+    field: &str,
+    v: Option<f64>,
+    min: f64,
+    min_inclusive: bool,
+    max: f64,
+) -> Result<(), ApiError> {
+    match v {
+        Some(x) if !x.is_finite() || x > max || x < min || (!min_inclusive && x == min) => {
+            let lower = if min_inclusive { "≥" } else { ">" };
+            Err(invalid(
+                field,
+                format!("must be {lower} {min} and ≤ {max}, got {x}"),
+                json!({"minimum": min, "exclusive_minimum": !min_inclusive, "maximum": max}),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Reads and checks a request body. `default_max_tokens` applies when the request sets no
+/// limit; `context` is the model's context length.
+pub fn parse(body: &[u8], default_max_tokens: u32, context: usize) -> Result<Completion, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let r: Request = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            return ApiError::InvalidJson {
+                reason: inner.to_string(),
+                line: inner.line(),
+                column: inner.column(),
+            };
+        }
+        let field = if path == "." {
+            "body".to_string()
+        } else {
+            path
+        };
+        let message = inner.to_string();
+        // serde's message ends with " at line L column C", which says nothing useful here.
+        let message = message
+            .rsplit_once(" at line ")
+            .map_or(message.as_str(), |(m, _)| m)
+            .to_string();
+        invalid(&field, message, json!({}))
+    })?;
+
+    if r.messages.is_empty() {
+        return Err(invalid(
+            "messages",
+            "must hold at least one message",
+            json!({"min_items": 1}),
+        ));
+    }
+    let mut messages = Vec::with_capacity(r.messages.len());
+    for (i, m) in r.messages.into_iter().enumerate() {
+        let field = |name: &str| format!("messages[{i}].{name}");
+        let role = match m.role.as_str() {
+            "system" | "developer" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            "tool" | "function" => return Err(unsupported(&field("role"), "no tool calling")),
+            other => {
+                return Err(invalid(
+                    &field("role"),
+                    format!("must be one of system, developer, user, assistant; got {other:?}"),
+                    json!({"allowed": ["system", "developer", "user", "assistant"]}),
+                ))
+            }
+        };
+        if m.tool_calls.is_some_and(|t| !t.is_empty()) {
+            return Err(unsupported(&field("tool_calls"), "no tool calling"));
+        }
+        let content = match m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for (j, p) in parts.into_iter().enumerate() {
+                    match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        ("text", None) => {
+                            return Err(invalid(
+                                &format!("messages[{i}].content[{j}].text"),
+                                "is required for a text part",
+                                json!({}),
+                            ))
+                        }
+                        (other, _) => {
+                            return Err(unsupported(
+                                &format!("messages[{i}].content[{j}].type"),
+                                &format!("only text parts, got {other:?}"),
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+        };
+        messages.push(ChatMessage { role, content });
+    }
+
+    if r.n.is_some_and(|n| n != 1) {
+        return Err(unsupported("n", "one choice per request"));
+    }
+    if r.logprobs == Some(true) {
+        return Err(unsupported("logprobs", "no log probabilities"));
+    }
+    if r.tools.is_some_and(|t| !t.is_empty()) {
+        return Err(unsupported("tools", "no tool calling"));
+    }
+    for (name, v) in [
+        ("presence_penalty", r.presence_penalty),
+        ("frequency_penalty", r.frequency_penalty),
+    ] {
+        if v.is_some_and(|v| v != 0.0) {
+            return Err(unsupported(name, "use repeat_penalty instead"));
+        }
+    }
+    if let Some(f) = &r.response_format {
+        if f.kind != "text" {
+            return Err(unsupported("response_format.type", "only \"text\""));
+        }
+    }
+    range("temperature", r.temperature, 0.0, true, 2.0)?;
+    range("top_p", r.top_p, 0.0, false, 1.0)?;
+    range("repeat_penalty", r.repeat_penalty, 0.0, false, 10.0)?;
+    let (limit_field, limit) = match (r.max_completion_tokens, r.max_tokens) {
+        (Some(n), _) => ("max_completion_tokens", Some(n)),
+        (None, n) => ("max_tokens", n),
+    };
+    if let Some(n) = limit {
+        if n == 0 || n >= context as u64 {
+            return Err(invalid(
+                limit_field,
+                format!("must be at least 1 and less than the model's context of {context} tokens, got {n}"),
+                json!({"minimum": 1, "maximum": context.saturating_sub(1)}),
+            ));
+        }
+    }
+    let stop = match r.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > MAX_STOP {
+        return Err(invalid(
+            "stop",
+            format!("may hold at most {MAX_STOP} strings, got {}", stop.len()),
+            json!({"max_items": MAX_STOP}),
+        ));
+    }
+    if let Some(s) = stop
+        .iter()
+        .find(|s| s.is_empty() || s.chars().count() > MAX_STOP_CHARS)
+    {
+        return Err(invalid(
+            "stop",
+            format!(
+                "strings must be 1 to {MAX_STOP_CHARS} characters long, got {}",
+                s.chars().count()
+            ),
+            json!({"min_length": 1, "max_length": MAX_STOP_CHARS}),
+        ));
+    }
+    let user = match r.user {
+        Some(u) => {
+            validate_user_id("user", &u).map_err(ApiError::Validation)?;
+            u
+        }
+        None => ANONYMOUS_USER.to_string(),
+    };
+
+    // The same mapping as a chat's settings, so both APIs sample alike.
+    let config = ChatConfig {
+        temperature: r.temperature,
+        top_p: r.top_p,
+        top_k: r.top_k,
+        repeat_penalty: r.repeat_penalty,
+        // OpenAI seeds are signed; the bits are what matter.
+        seed: r.seed.map(|s| s as u64),
+        ..Default::default()
+    };
+    let max_tokens = limit.map_or(default_max_tokens as usize, |n| n as usize);
+    Ok(Completion {
+        model: r.model,
+        request: GenerateRequest {
+            messages,
+            sampling: sampling_for(&config),
+            max_tokens,
+            stop,
+        },
+        stream: r.stream.unwrap_or(false),
+        include_usage: r
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+        user,
+    })
+}
+
+/// OpenAI's name for how a generation ended.
+pub fn finish_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Length => "length",
+        // A cancelled generation only reaches a client that is still there when the
+        // server stopped it (shutdown); it ended early like a stop.
+        FinishReason::Stop | FinishReason::Cancelled | FinishReason::Error => "stop",
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct UsageOut {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl UsageOut {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> UsageOut {
+        UsageOut {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct MessageOut {
+    pub role: &'static str,
+    pub content: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Choice {
+    pub index: u32,
+    pub message: MessageOut,
+    pub finish_reason: &'static str,
+    pub logprobs: Option<()>,
+}
+
+/// A whole (non-streamed) completion.
+#[derive(Debug, Serialize)]
+pub struct ChatCompletion {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<Choice>,
+    pub usage: UsageOut,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChunkChoice {
+    pub index: u32,
+    pub delta: Delta,
+    pub finish_reason: Option<&'static str>,
+    pub logprobs: Option<()>,
+}
+
+/// One streamed piece (`chat.completion.chunk`).
+#[derive(Debug, Serialize)]
+pub struct Chunk<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: Vec<ChunkChoice>,
+    /// Only on the last chunk, and only when the client asked (`stream_options`); `null`
+    /// on the others, as OpenAI sends it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageOut>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(body: Value) -> Result<Completion, ApiError> {
+        parse(body.to_string().as_bytes(), 64, 8192)
+    }
+
+    fn field_of(e: ApiError) -> String {
+        match e {
+            ApiError::Validation(v) => v.field,
+            other => panic!("not a validation error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_plain_request() {
+        let c = p(json!({"model": "m", "messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}
+        ], "stop": "\n", "seed": -1, "max_tokens": 5, "temperature": 0, "user": "ana"}))
+        .unwrap();
+        assert_eq!(c.request.messages[0].role, Role::System);
+        assert_eq!(c.request.messages[1].content, "hi there");
+        assert_eq!(c.request.stop, vec!["\n".to_string()]);
+        assert_eq!(c.request.sampling.seed, u64::MAX);
+        assert_eq!(c.request.sampling.temperature, 0.0);
+        assert_eq!(c.request.max_tokens, 5);
+        assert_eq!(c.user, "ana");
+        assert!(!c.stream);
+        let d = p(json!({"model": "m", "messages": [{"role": "user", "content": "x"}]})).unwrap();
+        assert_eq!(d.request.max_tokens, 64);
+        assert_eq!(d.user, ANONYMOUS_USER);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = p(json!({"model": "m", "messages": [{"role": "user", "content": 3}]}));
+        assert_eq!(field_of(e.unwrap_err()), "messages[0].content");
+        let e = p(json!({"model": "m", "messages": []}));
+        assert_eq!(field_of(e.unwrap_err()), "messages");
+        let e = p(json!({"messages": [{"role": "user", "content": "x"}]}));
+        assert_eq!(field_of(e.unwrap_err()), "body");
+        let e = p(json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]}));
+        assert_eq!(field_of(e.unwrap_err()), "messages[0].role");
+        let ok = json!([{"role": "user", "content": "x"}]);
+        for (k, v) in [
+            ("temperature", json!(2.5)),
+            ("top_p", json!(0)),
+            ("n", json!(2)),
+            ("max_tokens", json!(0)),
+            ("max_tokens", json!(8192)),
+            ("stop", json!(["a", "b", "c", "d", "e"])),
+            ("stop", json!([""])),
+            ("frequency_penalty", json!(0.5)),
+            ("user", json!("a b")),
+            ("tools", json!([{"type": "function"}])),
+        ] {
+            let mut body = json!({"model": "m", "messages": ok});
+            body[k] = v;
+            assert_eq!(field_of(p(body).unwrap_err()), k);
+        }
+        assert!(matches!(
+            parse(b"{\"model\": ", 1, 10),
+            Err(ApiError::InvalidJson { .. })
+        ));
+    }
+}

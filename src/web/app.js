@@ -1,0 +1,482 @@
+// confab's browser chat page: the REST API for chats and history, /ws/chat for live
+// replies. Plain JS, no build step, no third-party code (it is served by the binary and
+// works air-gapped).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const PAGE = 50;
+
+const state = {
+  key: localStorage.getItem("confab.key") || "",
+  user: localStorage.getItem("confab.user") || "",
+  chats: [],
+  chatsOffset: 0,
+  chat: null, // the open chat
+  oldestOffset: 0, // how many messages (newest first) are shown
+  ws: null,
+  wsWanted: false, // reconnect when it drops
+  retry: 0,
+  retryTimer: null,
+  streaming: null, // id of the assistant message streaming in the open chat
+  lastIndex: new Map(), // message id -> index of the last delta shown
+};
+
+// ---------- errors ----------
+
+const FRIENDLY = {
+  missing_api_key: "Paste the tenant API key first.",
+  invalid_api_key: "The API key was not accepted (wrong or revoked).",
+  rate_limited: "Too many requests — slow down a little.",
+  queue_full: "Too many replies are waiting for your tenant; try again in a moment.",
+  server_busy: "The server is busy with other replies; try again in a moment.",
+  generation_in_progress: "A reply is still being written; wait for it or press Stop.",
+  model_not_ready: "The model is still loading; try again shortly.",
+  database_unavailable: "The database is unavailable; try again shortly.",
+  chat_not_found: "This chat no longer exists.",
+  too_many_connections: "Too many open connections for your tenant; close another tab.",
+  content_too_long: "The message is too long.",
+  slow_consumer: "The connection fell behind; reconnecting.",
+  shutting_down: "The server is restarting.",
+};
+
+function describe(err) {
+  const code = err && err.code;
+  let text = FRIENDLY[code] || (err && err.message) || "Something went wrong.";
+  const d = (err && err.details) || {};
+  const ms = d.retry_after_ms || (d.retry_after_seconds && d.retry_after_seconds * 1000);
+  if (ms) text += ` (retry in ${Math.ceil(ms / 1000)} s)`;
+  return code ? `${text} [${code}]` : text;
+}
+
+function showError(err) {
+  $("banner-text").textContent = typeof err === "string" ? err : describe(err);
+  $("banner").hidden = false;
+}
+
+function clearError() {
+  $("banner").hidden = true;
+}
+
+// ---------- REST ----------
+
+async function api(method, path, body) {
+  const init = { method, headers: { "X-API-Key": state.key } };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let resp;
+  try {
+    resp = await fetch(path, init);
+  } catch (e) {
+    throw { code: "network", message: "The server cannot be reached." };
+  }
+  if (resp.status === 204) return null;
+  const data = await resp.json().catch(() => null);
+  if (!resp.ok) {
+    throw (data && data.error) || { code: "http_" + resp.status, message: resp.statusText };
+  }
+  return data;
+}
+
+const enc = encodeURIComponent;
+
+// ---------- chats ----------
+
+function chatLabel(c) {
+  return c.title || "Untitled chat";
+}
+
+function renderChats() {
+  const list = $("chats");
+  list.replaceChildren();
+  for (const c of state.chats) {
+    const li = document.createElement("li");
+    li.dataset.id = c.id;
+    if (state.chat && state.chat.id === c.id) li.className = "current";
+    const open = document.createElement("button");
+    open.type = "button";
+    open.className = "open";
+    open.textContent = chatLabel(c);
+    const when = document.createElement("small");
+    when.textContent = `${c.message_count} messages · ${new Date(c.last_activity_at).toLocaleString()}`;
+    open.append(when);
+    open.addEventListener("click", () => openChat(c));
+    const rename = document.createElement("button");
+    rename.type = "button";
+    rename.className = "tool rename";
+    rename.title = rename.ariaLabel = `Rename ${chatLabel(c)}`;
+    rename.textContent = "✎";
+    rename.addEventListener("click", () => startRename(li, c));
+    const del = document.createElement("button");
+    del.type = "button";
+    del.className = "tool delete";
+    del.title = del.ariaLabel = `Delete ${chatLabel(c)}`;
+    del.textContent = "✕";
+    del.addEventListener("click", () => deleteChat(c));
+    li.append(open, rename, del);
+    list.append(li);
+  }
+}
+
+async function loadChats(more) {
+  const offset = more ? state.chatsOffset : 0;
+  const page = await api("GET", `/api/v1/chats/user/${enc(state.user)}?offset=${offset}&limit=${PAGE}`);
+  state.chats = more ? state.chats.concat(page.chats) : page.chats;
+  state.chatsOffset = offset + page.chats.length;
+  $("more-chats").hidden = !page.has_more;
+  renderChats();
+}
+
+function startRename(li, c) {
+  const input = document.createElement("input");
+  input.value = c.title || "";
+  input.ariaLabel = "New title";
+  input.maxLength = 256;
+  li.replaceChildren(input);
+  input.focus();
+  let done = false;
+  const finish = async (save) => {
+    if (done) return;
+    done = true;
+    if (save) {
+      try {
+        const title = input.value.trim();
+        const updated = await api("PATCH", `/api/v1/chats/${c.id}`, { title: title || null });
+        Object.assign(c, updated);
+        if (state.chat && state.chat.id === c.id) {
+          state.chat = c;
+          $("chat-title").textContent = chatLabel(c);
+        }
+      } catch (e) {
+        showError(e);
+      }
+    }
+    renderChats();
+  };
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") finish(true);
+    if (e.key === "Escape") finish(false);
+  });
+  input.addEventListener("blur", () => finish(true));
+}
+
+async function deleteChat(c) {
+  if (!confirm(`Delete “${chatLabel(c)}” and all its messages?`)) return;
+  try {
+    await api("DELETE", `/api/v1/chats/${c.id}`);
+    if (state.chat && state.chat.id === c.id) closeChat();
+    await loadChats(false);
+  } catch (e) {
+    showError(e);
+  }
+}
+
+async function newChat() {
+  try {
+    const c = await api("POST", "/api/v1/chats/", { user_id: state.user, title: null });
+    await loadChats(false);
+    await openChat(c);
+    $("input").focus();
+  } catch (e) {
+    showError(e);
+  }
+}
+
+// ---------- messages ----------
+
+function messageNode(m) {
+  let li = document.querySelector(`li.msg[data-id="${m.id}"]`);
+  if (!li) {
+    li = document.createElement("li");
+    li.dataset.id = m.id;
+    const who = document.createElement("span");
+    who.className = "who";
+    const text = document.createElement("span");
+    text.className = "text";
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    li.append(who, text, meta);
+  }
+  li.className = `msg ${m.role} ${m.status || "complete"}`;
+  li.querySelector(".who").textContent = m.role === "user" ? "You" : "Assistant";
+  // A reply streaming over the socket knows more than a page of history fetched meanwhile.
+  if (!(m.status === "streaming" && state.lastIndex.has(m.id))) li.querySelector(".text").textContent = m.content;
+  li.querySelector(".meta").textContent = metaLine(m);
+  return li;
+}
+
+function metaLine(m) {
+  if (m.role !== "assistant") return "";
+  const parts = [];
+  if (m.status && !["complete", "streaming"].includes(m.status)) parts.push(m.status);
+  const t = m.timings;
+  if (t) {
+    if (t.time_to_first_token_ms != null) parts.push(`first token ${t.time_to_first_token_ms} ms`);
+    if (t.tokens_per_second) parts.push(`${t.tokens_per_second} tokens/s`);
+    if (t.queue_ms) parts.push(`queued ${t.queue_ms} ms`);
+  }
+  if (m.usage) parts.push(`${m.usage.completion_tokens} tokens`);
+  return parts.join(" · ");
+}
+
+function atBottom() {
+  const log = $("log");
+  return log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+}
+
+function scrollDown(force) {
+  const log = $("log");
+  if (force || atBottom()) log.scrollTop = log.scrollHeight;
+}
+
+async function loadLatest() {
+  const page = await api("GET", `/api/v1/chats/${state.chat.id}/messages?order=desc&limit=${PAGE}&offset=0`);
+  const list = $("messages");
+  list.replaceChildren(...page.messages.reverse().map(messageNode));
+  state.oldestOffset = page.messages.length;
+  $("older").hidden = !page.has_more;
+  scrollDown(true);
+}
+
+async function loadOlder() {
+  const page = await api(
+    "GET",
+    `/api/v1/chats/${state.chat.id}/messages?order=desc&limit=${PAGE}&offset=${state.oldestOffset}`,
+  );
+  const log = $("log");
+  const before = log.scrollHeight;
+  $("messages").prepend(...page.messages.reverse().map(messageNode));
+  state.oldestOffset += page.messages.length;
+  $("older").hidden = !page.has_more;
+  log.scrollTop += log.scrollHeight - before; // keep the view where it was
+}
+
+function closeChat() {
+  state.wsWanted = false;
+  if (state.ws) state.ws.close(1000, "closed");
+  state.ws = null;
+  state.chat = null;
+  setStreaming(null);
+  $("chat").hidden = true;
+  $("empty").hidden = false;
+}
+
+async function openChat(c) {
+  closeChat();
+  state.chat = c;
+  $("chat-title").textContent = chatLabel(c);
+  $("queue").textContent = "";
+  $("chat").hidden = false;
+  $("empty").hidden = true;
+  renderChats();
+  try {
+    await loadLatest();
+  } catch (e) {
+    showError(e);
+  }
+  state.wsWanted = true;
+  state.retry = 0;
+  connect();
+}
+
+// ---------- live chat ----------
+
+function setConn(text, ok) {
+  const el = $("conn");
+  el.textContent = text;
+  el.className = "conn " + (ok ? "ok" : "down");
+}
+
+function setStreaming(id) {
+  state.streaming = id;
+  $("stop").hidden = !id;
+  if (!id) $("queue").textContent = "";
+}
+
+function connect() {
+  clearTimeout(state.retryTimer);
+  if (!state.wsWanted || !state.chat) return;
+  const chat = state.chat;
+  const proto = location.protocol === "https:" ? "wss" : "ws";
+  const url = `${proto}://${location.host}/ws/chat?api_key=${enc(state.key)}&user_id=${enc(state.user)}&chat_id=${chat.id}`;
+  const ws = new WebSocket(url);
+  state.ws = ws;
+  setConn("connecting…", false);
+  let refused = null;
+  ws.onmessage = (m) => {
+    if (state.ws !== ws) return;
+    let ev;
+    try {
+      ev = JSON.parse(m.data);
+    } catch {
+      return;
+    }
+    if (ev.event_type === "error") refused = ev;
+    onEvent(ev);
+  };
+  ws.onopen = () => {
+    if (state.ws !== ws) return;
+    if (state.retry > 0) {
+      // Back after a drop: what finished meanwhile is in the history.
+      loadLatest().catch(showError);
+      loadChats(false).catch(() => {});
+    }
+    state.retry = 0;
+  };
+  ws.onclose = (e) => {
+    if (state.ws !== ws) return;
+    state.ws = null;
+    setStreaming(null);
+    // 44xx: the server refused (bad key, chat gone, too many connections): do not retry
+    // blindly, except for the connection limit, which frees up by itself.
+    if (e.code >= 4400 && e.code < 4500 && e.code !== 4429) {
+      setConn("disconnected", false);
+      if (!refused) showError({ code: e.reason, message: `Connection refused (${e.reason || e.code}).` });
+      state.wsWanted = false;
+      return;
+    }
+    if (!state.wsWanted || !state.chat || state.chat.id !== chat.id) {
+      setConn("disconnected", false);
+      return;
+    }
+    const delay = Math.min(10000, 500 * 2 ** state.retry);
+    state.retry += 1;
+    setConn(`connection lost — reconnecting in ${Math.round(delay / 1000)} s`, false);
+    state.retryTimer = setTimeout(connect, delay);
+  };
+}
+
+function onEvent(ev) {
+  const log = (m) => messageNode(m);
+  switch (ev.event_type) {
+    case "connection_established":
+      setConn("connected", true);
+      clearError();
+      break;
+    case "message_received": {
+      // The optimistic copy of the user's message gets its real id.
+      const pending = document.querySelector("li.msg.user.pending");
+      if (pending) {
+        pending.dataset.id = ev.message_id;
+        pending.classList.remove("pending");
+      }
+      break;
+    }
+    case "message_queued":
+      $("queue").textContent = `waiting for the model — position ${ev.position}`;
+      break;
+    case "message_stream_started": {
+      $("queue").textContent = "";
+      const node = log({ id: ev.message_id, role: "assistant", content: "", status: "streaming" });
+      if (!node.isConnected) $("messages").append(node);
+      state.lastIndex.set(ev.message_id, -1);
+      setStreaming(ev.message_id);
+      scrollDown(true);
+      break;
+    }
+    case "message_stream_token": {
+      const last = state.lastIndex.get(ev.message_id) ?? -1;
+      if (ev.index <= last) break;
+      state.lastIndex.set(ev.message_id, ev.index);
+      const node = document.querySelector(`li.msg[data-id="${ev.message_id}"] .text`);
+      if (node) {
+        const follow = atBottom();
+        node.textContent += ev.token;
+        if (follow) scrollDown(true);
+      }
+      break;
+    }
+    case "message_stream_ended": {
+      const status = { stop: "complete", length: "complete", cancelled: "cancelled", error: "failed" }[ev.finish_reason] || "complete";
+      const node = log({
+        id: ev.message_id,
+        role: "assistant",
+        content: ev.content,
+        status,
+        usage: ev.usage,
+        timings: ev.timings,
+      });
+      if (!node.isConnected) $("messages").append(node);
+      state.lastIndex.delete(ev.message_id);
+      if (state.streaming === ev.message_id) setStreaming(null);
+      scrollDown(false);
+      loadChats(false).catch(() => {});
+      break;
+    }
+    case "error":
+      if (ev.code === "generation_in_progress" || ev.code === "queue_full" || ev.code === "server_busy" || ev.code === "rate_limited") {
+        // The message was not saved: put it back in the box.
+        const pending = document.querySelector("li.msg.user.pending");
+        if (pending) {
+          $("input").value = pending.querySelector(".text").textContent;
+          pending.remove();
+        }
+      }
+      if (ev.code !== "nothing_to_cancel") showError(ev);
+      break;
+  }
+}
+
+function send(text) {
+  if (!state.ws || state.ws.readyState !== WebSocket.OPEN) {
+    showError("Not connected to the chat yet; wait a moment and send again.");
+    return false;
+  }
+  const node = messageNode({ id: "pending-" + Date.now(), role: "user", content: text, status: "complete" });
+  node.classList.add("pending");
+  $("messages").append(node);
+  scrollDown(true);
+  state.ws.send(JSON.stringify({ content: text, metadata: { source: "web" } }));
+  return true;
+}
+
+// ---------- wiring ----------
+
+async function login(e) {
+  e.preventDefault();
+  state.key = $("key").value.trim();
+  state.user = $("user").value.trim();
+  localStorage.setItem("confab.key", state.key);
+  localStorage.setItem("confab.user", state.user);
+  closeChat();
+  clearError();
+  try {
+    await loadChats(false);
+    $("new-chat").disabled = false;
+    setConn("signed in", true);
+  } catch (err) {
+    $("new-chat").disabled = true;
+    state.chats = [];
+    renderChats();
+    setConn("not connected", false);
+    showError(err);
+  }
+}
+
+function init() {
+  $("key").value = state.key;
+  $("user").value = state.user;
+  $("login").addEventListener("submit", login);
+  $("new-chat").addEventListener("click", newChat);
+  $("more-chats").addEventListener("click", () => loadChats(true).catch(showError));
+  $("older").addEventListener("click", () => loadOlder().catch(showError));
+  $("banner-close").addEventListener("click", clearError);
+  $("composer").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const text = $("input").value.trim();
+    if (text && send(text)) $("input").value = "";
+  });
+  $("input").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      $("composer").requestSubmit();
+    }
+  });
+  $("stop").addEventListener("click", () => {
+    if (state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify({ type: "cancel" }));
+  });
+  if (state.key && state.user) $("login").requestSubmit();
+}
+
+init();

@@ -1,0 +1,218 @@
+// End-to-end test of the chat page at `/` in headless Chromium: sign in, create a chat, send
+// a message and watch the reply stream, check it was saved, rename the chat, stop a long
+// reply, survive a server restart (the page reconnects by itself and shows the reply that
+// finished meanwhile), page through history, and see a readable error for a bad key.
+// Screenshots go to --out. Every wait is bounded; any failure exits non-zero.
+import { spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import net from "node:net";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { parseArgs } from "node:util";
+import { chromium } from "playwright-core";
+
+const { values: args } = parseArgs({
+  options: {
+    bin: { type: "string" },
+    model: { type: "string" },
+    chromium: { type: "string", default: "/usr/bin/chromium" },
+    out: { type: "string", default: "/var/tmp/confab-e2e" },
+  },
+});
+
+const KEY = "e2e-key-" + Math.random().toString(36).slice(2).padEnd(16, "x");
+const USER = "e2e-user";
+const data = mkdtempSync(path.join(tmpdir(), "confab-e2e-"));
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+const port = await freePort();
+const base = `http://127.0.0.1:${port}`;
+let server = null;
+let serverLog = "";
+
+async function startServer() {
+  server = spawn(args.bin, ["serve"], {
+    env: {
+      ...process.env,
+      CONFAB_DATA_DIR: data,
+      CONFAB_BIND: `127.0.0.1:${port}`,
+      CONFAB_BOOTSTRAP_API_KEY: KEY,
+      CONFAB_MODEL: args.model,
+      CONFAB_LOG: "warn",
+      // Paced so a long reply lasts long enough to be stopped and to outlive a restart.
+      CONFAB_DEBUG_TOKEN_INTERVAL_MS: "15",
+      CONFAB_SHUTDOWN_GRACE_SECS: "20",
+    },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  server.stdout.on("data", (d) => (serverLog += d));
+  server.stderr.on("data", (d) => (serverLog += d));
+  for (let i = 0; i < 150; i++) {
+    try {
+      const r = await fetch(`${base}/readyz`);
+      if (r.ok) return;
+    } catch {}
+    if (server.exitCode !== null) throw new Error("confab serve exited:\n" + serverLog);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  throw new Error("confab serve not ready:\n" + serverLog);
+}
+
+async function stopServer() {
+  if (!server || server.exitCode !== null) return;
+  const exited = new Promise((r) => server.once("exit", r));
+  server.kill("SIGTERM");
+  await Promise.race([exited, new Promise((r) => setTimeout(r, 30000))]);
+  if (server.exitCode === null) server.kill("SIGKILL");
+}
+
+async function rest(pathname) {
+  const r = await fetch(base + pathname, { headers: { "X-API-Key": KEY } });
+  if (!r.ok) throw new Error(`${pathname}: ${r.status} ${await r.text()}`);
+  return r.json();
+}
+
+function check(cond, what) {
+  if (!cond) throw new Error("check failed: " + what);
+  console.log("ok -", what);
+}
+
+let browser;
+let failed = false;
+try {
+  await startServer();
+  browser = await chromium.launch({
+    executablePath: args.chromium,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+  });
+  const page = await browser.newPage({ viewport: { width: 1200, height: 800 } });
+  const consoleErrors = [];
+  // Chromium logs refused connections and 4xx answers as console errors; those are
+  // expected here (the server restarts, a wrong key is tried). Anything else is a bug.
+  const expected = /WebSocket connection to|Failed to load resource/;
+  page.on("console", (m) => m.type() === "error" && !expected.test(m.text()) && consoleErrors.push(m.text()));
+  page.on("pageerror", (e) => consoleErrors.push(String(e)));
+  page.on("dialog", (d) => d.accept());
+  page.on("response", (r) => r.status() >= 400 && console.log("http", r.status(), r.url()));
+  page.setDefaultTimeout(20000);
+
+  // A bad key: a readable error, no chats.
+  await page.goto(base + "/");
+  await page.fill("#key", "cfk_not_a_real_key_at_all");
+  await page.fill("#user", USER);
+  await page.click("#login button[type=submit]");
+  await page.waitForSelector("#banner:not([hidden])");
+  check(
+    (await page.textContent("#banner-text")).includes("not accepted"),
+    "a wrong key shows a readable error",
+  );
+
+  // Sign in and start a chat.
+  await page.fill("#key", KEY);
+  await page.click("#login button[type=submit]");
+  await page.waitForSelector("#new-chat:not([disabled])");
+  await page.click("#new-chat");
+  await page.waitForSelector("#conn.ok >> text=connected");
+  check(await page.isHidden("#banner"), "the error is gone once signed in");
+
+  // Send a message; watch the reply stream in, token by token.
+  await page.fill("#input", "What is the capital of France?");
+  await page.press("#input", "Enter");
+  await page.waitForSelector("li.msg.assistant.streaming");
+  const lengths = new Set();
+  for (let i = 0; i < 200; i++) {
+    const s = await page.$("li.msg.assistant.streaming .text");
+    if (!s) break;
+    lengths.add((await s.textContent()).length);
+    await page.waitForTimeout(10);
+  }
+  await page.waitForSelector("li.msg.assistant.complete .meta >> text=tokens/s");
+  check(lengths.size >= 2, `the reply grew while streaming (${[...lengths].length} lengths seen)`);
+  const shown = (await page.textContent("li.msg.assistant.complete .text")).trim();
+  check(shown.length > 0, `the reply is shown: ${JSON.stringify(shown)}`);
+  const meta = await page.textContent("li.msg.assistant.complete .meta");
+  check(/first token \d+ ms/.test(meta), `timings are shown: ${meta}`);
+  await page.screenshot({ path: path.join(args.out, "chat.png") });
+
+  const chats = await rest(`/api/v1/chats/user/${USER}`);
+  check(chats.chats.length === 1, "the chat exists once");
+  const chatId = chats.chats[0].id;
+  let msgs = await rest(`/api/v1/chats/${chatId}/messages?order=asc`);
+  const saved = msgs.messages.find((m) => m.role === "assistant");
+  check(saved && saved.status === "complete", "the reply is saved as complete");
+  check(saved.content.trim() === shown, "the saved reply is what was shown");
+
+  // Rename the chat.
+  await page.click("li.current button.rename");
+  await page.fill("li.current input", "Geography");
+  await page.press("li.current input", "Enter");
+  await page.waitForSelector("#chat-title >> text=Geography");
+  check((await rest(`/api/v1/chats/${chatId}`)).title === "Geography", "the chat is renamed");
+
+  // Stop a long reply mid-stream.
+  await page.fill("#input", "Write a very long story about a dragon who learns to bake bread.");
+  await page.press("#input", "Enter");
+  await page.waitForFunction(() => {
+    const s = document.querySelector("li.msg.assistant.streaming .text");
+    return s && s.textContent.length > 10;
+  });
+  await page.click("#stop");
+  await page.waitForSelector("li.msg.assistant.cancelled");
+  check(await page.isHidden("#stop"), "Stop is hidden once the reply ended");
+  msgs = await rest(`/api/v1/chats/${chatId}/messages?order=desc&limit=1`);
+  check(msgs.messages[0].status === "cancelled", "the stopped reply is saved as cancelled");
+  check(msgs.messages[0].content.length > 10, "the stopped reply keeps its text");
+
+  // The connection drops (the server restarts) while a reply streams: the reply finishes
+  // within the shutdown grace period, and the page reconnects by itself and shows it.
+  await page.fill("#input", "Name three colours.");
+  await page.press("#input", "Enter");
+  await page.waitForSelector("li.msg.assistant.streaming");
+  await stopServer();
+  await page.waitForSelector("#conn.down");
+  check((await page.textContent("#conn")).includes("reconnecting"), "the page says it is reconnecting");
+  await startServer();
+  await page.waitForSelector("#conn.ok >> text=connected", { timeout: 30000 });
+  msgs = await rest(`/api/v1/chats/${chatId}/messages?order=desc&limit=1`);
+  const finished = msgs.messages[0];
+  check(finished.role === "assistant" && finished.status === "complete", "the reply finished during the restart");
+  await page.waitForFunction(
+    (id) => document.querySelector(`li.msg[data-id="${id}"].complete`),
+    finished.id,
+  );
+  check(
+    (await page.textContent(`li.msg[data-id="${finished.id}"] .text`)).trim() === finished.content.trim(),
+    "after reconnecting, the page shows the finished reply",
+  );
+
+  const db = await rest(`/api/v1/chats/${chatId}`);
+  check(db.message_count === 6, `six messages stored (${db.message_count})`);
+  await page.screenshot({ path: path.join(args.out, "after-restart.png") });
+
+  // Delete the chat.
+  await page.click("li.current button.delete");
+  await page.waitForSelector("#empty:not([hidden])");
+  check((await rest(`/api/v1/chats/user/${USER}`)).chats.length === 0, "the chat is deleted");
+
+  check(consoleErrors.length === 0, `no console errors (${consoleErrors.join(" | ")})`);
+  console.log(`screenshots: ${args.out}/chat.png, ${args.out}/after-restart.png`);
+} catch (e) {
+  failed = true;
+  console.error(e);
+  console.error("--- server log ---\n" + serverLog);
+} finally {
+  if (browser) await browser.close();
+  await stopServer();
+  rmSync(data, { recursive: true, force: true });
+}
+process.exit(failed ? 1 : 0);

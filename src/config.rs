@@ -98,6 +98,10 @@ pub struct ModelArgs {
     /// CPU threads for the model (default: all cores).
     #[arg(long, env = "CONFAB_THREADS")]
     pub threads: Option<usize>,
+    /// Bytes of attention state (KV cache) kept between a chat's turns, so a turn only runs
+    /// its new tokens through the model; least recently used chats are evicted. 0 keeps none.
+    #[arg(long, env = "CONFAB_KV_CACHE_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub kv_cache_bytes: u64,
     /// Testing aid: at most one generated token per this many milliseconds.
     #[arg(long, env = "CONFAB_DEBUG_TOKEN_INTERVAL_MS", hide = true)]
     pub debug_token_interval_ms: Option<u64>,
@@ -110,6 +114,7 @@ impl ModelArgs {
             max_context: self.max_context,
             prefill_chunk: self.prefill_chunk,
             threads: self.threads,
+            kv_cache_bytes: self.kv_cache_bytes,
             min_token_interval: self
                 .debug_token_interval_ms
                 .map(std::time::Duration::from_millis),

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub inter_token_latency: Histogram,
     pub model_load_seconds: Gauge,
     pub rate_limited: IntCounterVec,
+    pub kv_cache_lookups: IntCounterVec,
+    pub kv_cache_reused_tokens: IntCounter,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -75,6 +77,17 @@ fn build() -> Result<Metrics, prometheus::Error> {
             ),
             &["kind"],
         )?,
+        kv_cache_lookups: IntCounterVec::new(
+            Opts::new(
+                "kv_cache_lookups_total",
+                "Chat turns by what the kept attention state gave: hit, mismatch (nothing shared), miss (none kept)",
+            ),
+            &["result"],
+        )?,
+        kv_cache_reused_tokens: IntCounter::new(
+            "kv_cache_reused_tokens_total",
+            "Prompt tokens not run again thanks to a chat's kept attention state",
+        )?,
         registry,
     };
     m.registry.register(Box::new(m.http_requests.clone()))?;
@@ -92,6 +105,9 @@ fn build() -> Result<Metrics, prometheus::Error> {
     m.registry
         .register(Box::new(m.model_load_seconds.clone()))?;
     m.registry.register(Box::new(m.rate_limited.clone()))?;
+    m.registry.register(Box::new(m.kv_cache_lookups.clone()))?;
+    m.registry
+        .register(Box::new(m.kv_cache_reused_tokens.clone()))?;
     Ok(m)
 }
 

@@ -225,12 +225,16 @@ impl ChatsApi {
         body: Json<UpdateChatRequest>,
     ) -> Result<OneChat, Failure<OnChatWithBody>> {
         let update = body.0.into_domain(&state.limits)?;
+        let config_changed = update.config.is_some();
         let chat = state
             .store
             .tenant(auth.0)
             .update_chat(chat_id.0, update)
             .await
             .map_err(ApiError::for_chat(chat_id.0))?;
+        if config_changed {
+            state.chat.chat_changed(chat_id.0);
+        }
         Ok(OneChat::Ok(Json(ChatDto::new(auth.0.as_uuid(), chat))))
     }
 

@@ -599,8 +599,18 @@ impl ChatService {
         Ok(())
     }
 
-    /// The chat was deleted (REST): cancel its reply and close its sockets.
+    /// The chat's settings changed (REST): its kept attention state is dropped. (It could
+    /// not be misused anyway, reuse needs matching tokens; this frees the memory early.)
+    pub fn chat_changed(&self, chat_id: Uuid) {
+        if let Some(engine) = self.0.model.engine() {
+            engine.forget_chat(chat_id);
+        }
+    }
+
+    /// The chat was deleted (REST): cancel its reply, close its sockets and drop its kept
+    /// attention state.
     pub fn chat_deleted(&self, tenant: TenantId, chat_id: Uuid) {
+        self.chat_changed(chat_id);
         let room = {
             let mut rooms = lock(&self.0.rooms);
             match rooms.get(&chat_id) {

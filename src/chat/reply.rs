@@ -88,6 +88,7 @@ fn request_for(chat: &Chat, history: Vec<Message>, default_max_tokens: u32) -> G
         sampling,
         max_tokens: c.max_tokens.unwrap_or(default_max_tokens).max(1) as usize,
         stop: c.stop.clone().unwrap_or_default(),
+        cache_key: Some(chat.id),
     }
 }
 

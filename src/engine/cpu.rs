@@ -84,6 +84,12 @@ pub struct CpuCache {
     pub capacity: usize,
 }
 
+impl CpuCache {
+    pub fn bytes(&self) -> usize {
+        (self.k.len() + self.v.len()) * std::mem::size_of::<f32>()
+    }
+}
+
 fn vector<R: Read + Seek>(
     file: &GgufFile,
     reader: &mut R,
@@ -213,6 +219,27 @@ impl CpuLlama {
             len: 0,
             capacity,
         }
+    }
+
+    /// The first `keep` positions of `old` in a cache of at least `capacity` positions:
+    /// `old` itself, cut to `keep`, when it is big enough; else a copy into a bigger one.
+    pub fn reuse_cache(&self, mut old: CpuCache, keep: usize, capacity: usize) -> CpuCache {
+        let keep = keep.min(old.len);
+        if old.capacity >= capacity.min(self.spec.context_length) {
+            old.len = keep;
+            return old;
+        }
+        let mut new = self.new_cache(capacity.max(keep));
+        let hd = self.spec.head_dim;
+        // Layout: [layer][kv head][position][dim], so each (layer, head) row of positions
+        // is one contiguous run.
+        for row in 0..self.spec.n_layer * self.spec.n_kv_head {
+            let (src, dst) = (row * old.capacity * hd, row * new.capacity * hd);
+            new.k[dst..dst + keep * hd].copy_from_slice(&old.k[src..src + keep * hd]);
+            new.v[dst..dst + keep * hd].copy_from_slice(&old.v[src..src + keep * hd]);
+        }
+        new.len = keep;
+        new
     }
 
     /// Runs `tokens` after what the cache holds; returns the last position's logits.

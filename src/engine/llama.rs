@@ -67,6 +67,14 @@ impl KvCache {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+
+    pub fn bytes(&self) -> usize {
+        self.k
+            .iter()
+            .chain(&self.v)
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
 }
 
 fn model_err(e: candle_core::Error) -> EngineError {

@@ -18,6 +18,7 @@ pub mod gguf;
 pub mod kernels;
 pub mod llama;
 pub mod model;
+pub mod prefix;
 pub mod sampler;
 pub mod source;
 pub mod stop;
@@ -77,6 +78,10 @@ pub struct GenerateRequest {
     pub max_tokens: usize,
     /// Strings that end the reply (not included in it).
     pub stop: Vec<String>,
+    /// The chat this continues: its kept attention state is reused where the prompt
+    /// starts with the same tokens, and the state after this reply is kept for the next
+    /// turn. `None` for stateless requests.
+    pub cache_key: Option<uuid::Uuid>,
 }
 
 /// Why a generation ended.
@@ -111,6 +116,9 @@ pub struct GenerationSummary {
     pub completion_tokens: usize,
     /// Oldest history messages left out so the prompt fits the context.
     pub dropped_messages: usize,
+    /// Prompt tokens whose attention state was reused from the chat's previous turn (not
+    /// run through the model again).
+    pub cached_tokens: usize,
     /// From the engine picking the request up to the first token.
     pub time_to_first_token: Option<Duration>,
     /// Generated tokens per second after the first.
@@ -195,9 +203,20 @@ pub fn model_id(name: &str) -> String {
 pub struct EngineHandle {
     tx: std::sync::mpsc::SyncSender<worker::Job>,
     pub info: Arc<ModelInfo>,
+    prefixes: prefix::PrefixCache,
 }
 
 impl EngineHandle {
+    /// Drops the chat's kept attention state (it was edited or deleted).
+    pub fn forget_chat(&self, chat: uuid::Uuid) {
+        self.prefixes.forget(&chat);
+    }
+
+    /// Bytes of attention state kept for chats.
+    pub fn kept_cache_bytes(&self) -> u64 {
+        self.prefixes.bytes()
+    }
+
     /// Queues a generation; fails at once when the queue is full.
     pub fn generate(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
         self.generate_with(request, CancelToken::default())

@@ -39,6 +39,20 @@ impl KvCache {
             KvCache::Device(c) => c.capacity(),
         }
     }
+
+    /// Memory it holds, in bytes.
+    pub fn bytes(&self) -> usize {
+        match self {
+            KvCache::Cpu(c) => c.bytes(),
+            KvCache::Device(c) => c.bytes(),
+        }
+    }
+
+    /// Whether a later turn can continue from it ([`Model::reuse_cache`]); the GPU path
+    /// does not keep caches between turns yet.
+    pub fn reusable(&self) -> bool {
+        matches!(self, KvCache::Cpu(_))
+    }
 }
 
 impl Model {
@@ -67,6 +81,23 @@ impl Model {
         match self {
             Model::Cpu(m) => Ok(KvCache::Cpu(m.new_cache(capacity))),
             Model::Device(m) => Ok(KvCache::Device(m.new_cache(capacity)?)),
+        }
+    }
+
+    /// `old`'s first `keep` positions, in a cache of at least `capacity` positions: the
+    /// same memory when it is big enough, else a bigger copy. `None` where the model cannot
+    /// continue a kept cache (the GPU path).
+    pub fn reuse_cache(
+        &self,
+        old: KvCache,
+        keep: usize,
+        capacity: usize,
+    ) -> Result<Option<KvCache>, EngineError> {
+        match (self, old) {
+            (Model::Cpu(m), KvCache::Cpu(c)) => {
+                Ok(Some(KvCache::Cpu(m.reuse_cache(c, keep, capacity))))
+            }
+            _ => Ok(None),
         }
     }
 

@@ -11,7 +11,8 @@ use candle_core::Device;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::gguf::{md_string, GgufFile};
-use super::model::Model;
+use super::model::{KvCache, Model};
+use super::prefix::{common_prefix, Entry, PrefixCache};
 use super::sampler::Sampler;
 use super::stop::{StopMatcher, StopOutcome};
 use super::template::{ChatTemplate, TemplateMessage};
@@ -35,6 +36,9 @@ pub struct EngineOptions {
     pub queue_capacity: usize,
     /// CPU threads for the model (default: all cores).
     pub threads: Option<usize>,
+    /// Bytes of attention state kept between a chat's turns ([`super::prefix`]); 0 keeps
+    /// none.
+    pub kv_cache_bytes: u64,
     /// Generate at most one token per this interval. Off in normal use; it makes a tiny
     /// test model's replies last long enough to cancel, join or kill them mid-stream.
     pub min_token_interval: Option<std::time::Duration>,
@@ -48,6 +52,7 @@ impl Default for EngineOptions {
             prefill_chunk: 256,
             queue_capacity: 64,
             threads: None,
+            kv_cache_bytes: 512 * 1024 * 1024,
             min_token_interval: None,
         }
     }
@@ -68,6 +73,8 @@ pub struct LoadedEngine {
     pub context_length: usize,
     pub prefill_chunk: usize,
     pub min_token_interval: Option<std::time::Duration>,
+    /// Chats' kept attention state.
+    pub prefixes: PrefixCache,
 }
 
 /// Parses `cpu`, `cuda`, `cuda:N`.
@@ -125,6 +132,7 @@ impl LoadedEngine {
             context_length,
             prefill_chunk: opts.prefill_chunk.max(1),
             min_token_interval: opts.min_token_interval,
+            prefixes: PrefixCache::new(opts.kv_cache_bytes),
         })
     }
 
@@ -200,6 +208,37 @@ impl LoadedEngine {
         }
     }
 
+    /// A cache for `prompt` with room for `capacity` positions, and how many of the
+    /// prompt's tokens it already holds: the chat's kept state cut to the common prefix
+    /// (at least the last prompt token is run again, its logits start the reply), or an
+    /// empty cache.
+    fn cache_for(
+        &self,
+        chat: Option<uuid::Uuid>,
+        prompt: &[u32],
+        capacity: usize,
+    ) -> Result<(KvCache, usize), EngineError> {
+        let m = crate::metrics::metrics();
+        if let Some(chat) = chat {
+            match self.prefixes.take(&chat) {
+                Some(entry) => {
+                    let keep =
+                        common_prefix(&entry.tokens, prompt).min(prompt.len().saturating_sub(1));
+                    if keep > 0 {
+                        if let Some(cache) = self.model.reuse_cache(entry.cache, keep, capacity)? {
+                            m.kv_cache_lookups.with_label_values(&["hit"]).inc();
+                            m.kv_cache_reused_tokens.inc_by(keep as u64);
+                            return Ok((cache, keep));
+                        }
+                    }
+                    m.kv_cache_lookups.with_label_values(&["mismatch"]).inc();
+                }
+                None => m.kv_cache_lookups.with_label_values(&["miss"]).inc(),
+            }
+        }
+        Ok((self.model.new_cache(capacity)?, 0))
+    }
+
     /// Runs one generation to its end, streaming events.
     fn run(&self, job: Job) {
         let started = Instant::now();
@@ -215,6 +254,7 @@ impl LoadedEngine {
             prompt_tokens: 0,
             completion_tokens: 0,
             dropped_messages: 0,
+            cached_tokens: 0,
             time_to_first_token: None,
             tokens_per_second: 0.0,
             error: None,
@@ -242,9 +282,10 @@ impl LoadedEngine {
             prompt_tokens: prompt.len(),
             dropped_messages: dropped,
         });
-        let mut cache = self.model.new_cache(prompt.len() + max_new)?;
+        let (mut cache, reused) = self.cache_for(req.cache_key, &prompt, prompt.len() + max_new)?;
+        summary.cached_tokens = reused;
         let mut logits = Vec::new();
-        for chunk in prompt.chunks(self.prefill_chunk) {
+        for chunk in prompt[reused..].chunks(self.prefill_chunk) {
             if stopped(cancel) {
                 summary.finish_reason = FinishReason::Cancelled;
                 return Ok(());
@@ -309,6 +350,11 @@ impl LoadedEngine {
                 emit(rest, &mut index, summary);
             }
         }
+        if let Some(chat) = req.cache_key.filter(|_| cache.reusable()) {
+            // Every token the cache covers went through `history` first.
+            let tokens = history[..cache.len()].to_vec();
+            self.prefixes.put(chat, Entry { tokens, cache });
+        }
         if let Some(t) = first_token_at {
             summary.time_to_first_token = Some(t - started);
             let gen_time = t.elapsed().as_secs_f64();
@@ -341,7 +387,8 @@ pub fn model_pool(threads: Option<usize>) -> Result<rayon::ThreadPool, EngineErr
 /// model is loaded (or failed to load).
 pub fn load(path: PathBuf, opts: EngineOptions) -> Result<EngineHandle, EngineError> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(opts.queue_capacity.max(1));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ModelInfo, EngineError>>();
+    let (ready_tx, ready_rx) =
+        std::sync::mpsc::channel::<Result<(ModelInfo, PrefixCache), EngineError>>();
     let pool = model_pool(opts.threads)?;
     std::thread::Builder::new()
         .name("confab-engine".into())
@@ -380,7 +427,7 @@ pub fn load(path: PathBuf, opts: EngineOptions) -> Result<EngineHandle, EngineEr
                     load_time: t0.elapsed(),
                     device: opts.device.clone(),
                 };
-                let _ = ready_tx.send(Ok(info));
+                let _ = ready_tx.send(Ok((info, engine.prefixes.clone())));
                 // Runs until every handle is dropped.
                 while let Ok(job) = rx.recv() {
                     if job.cancel.is_cancelled() || job.events.is_closed() {
@@ -391,9 +438,10 @@ pub fn load(path: PathBuf, opts: EngineOptions) -> Result<EngineHandle, EngineEr
             })
         })
         .map_err(|e| EngineError::Model(format!("cannot start the engine thread: {e}")))?;
-    let info = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
+    let (info, prefixes) = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
     Ok(EngineHandle {
         tx,
         info: Arc::new(info),
+        prefixes,
     })
 }

@@ -43,6 +43,7 @@ fn req(messages: Vec<ChatMessage>, max_tokens: usize) -> GenerateRequest {
         sampling: SamplingParams::greedy(),
         max_tokens,
         stop: vec![],
+        cache_key: None,
     }
 }
 
@@ -153,6 +154,7 @@ async fn stop_strings_end_the_reply_before_them() {
         &h,
         GenerateRequest {
             stop: vec![stop.clone()],
+            cache_key: None,
             ..req(vec![user("hello")], 30)
         },
     )
@@ -305,4 +307,48 @@ fn candle_path_agrees_with_the_cpu_path() {
         // few percent.
         assert!(diff <= 0.05 * scale, "max diff {diff} vs scale {scale}");
     }
+}
+
+/// The tiny model with a kept cache that must grow (each turn needs more room than the
+/// last reply's cache had) and a conversation edited in the middle (a shorter common
+/// prefix): replies stay identical to cold starts.
+#[tokio::test]
+async fn kept_attention_state_grows_and_follows_edits() {
+    let h = handle();
+    let chat = uuid::Uuid::new_v4();
+    let mut conversation = vec![user("hello there")];
+    for turn in 0..4 {
+        let cold = req(conversation.clone(), 10);
+        let warm = GenerateRequest {
+            cache_key: Some(chat),
+            ..cold.clone()
+        };
+        let (w, w_deltas, _) = collect(&h, warm).await;
+        let (_, c_deltas, _) = collect(&h, cold).await;
+        assert_eq!(w_deltas, c_deltas, "turn {turn}");
+        assert_eq!(
+            w.cached_tokens > 0,
+            turn > 0,
+            "turn {turn}: {}",
+            w.cached_tokens
+        );
+        conversation.push(ChatMessage {
+            role: Role::Assistant,
+            content: w.text,
+        });
+        conversation.push(user("go on"));
+    }
+    // An earlier message changes: only the part before it is shared.
+    conversation[2] = user("something else entirely");
+    let (w, w_deltas, _) = collect(
+        &h,
+        GenerateRequest {
+            cache_key: Some(chat),
+            ..req(conversation.clone(), 10)
+        },
+    )
+    .await;
+    let (c, c_deltas, _) = collect(&h, req(conversation, 10)).await;
+    assert_eq!(w_deltas, c_deltas);
+    assert!(w.cached_tokens > 0 && w.cached_tokens < c.prompt_tokens / 2);
 }

@@ -127,6 +127,7 @@ async fn greedy_answer_is_coherent_and_deterministic() {
         sampling: SamplingParams::greedy(),
         max_tokens: 48,
         stop: vec![],
+        cache_key: None,
     };
     let (a, deltas) = run(req.clone()).await;
     let (b, _) = run(req).await;
@@ -166,10 +167,68 @@ async fn seeded_sampling_repeats() {
         },
         max_tokens: 24,
         stop: vec![],
+        cache_key: None,
     };
     let (a, _) = run(req(42)).await;
     let (b, _) = run(req(42)).await;
     assert_eq!(a.text, b.text);
     let (c, _) = run(req(43)).await;
     assert_ne!(a.text, c.text, "another seed, another line");
+}
+
+/// Turn after turn, a chat that continues from its kept attention state replies token for
+/// token as a cold start on the whole conversation does (greedy), while running only the new
+/// prompt tokens through the model.
+#[tokio::test]
+async fn kept_attention_state_changes_nothing_but_speed() {
+    let chat = uuid::Uuid::new_v4();
+    let questions = [
+        "What is the capital of France?",
+        "Name a famous tower in that city.",
+        "How tall is it?",
+        "Thanks! Who built it?",
+    ];
+    let mut conversation = Vec::new();
+    for (turn, q) in questions.iter().enumerate() {
+        conversation.push(msg(Role::User, q));
+        let cold = GenerateRequest {
+            messages: conversation.clone(),
+            sampling: SamplingParams::greedy(),
+            max_tokens: 40,
+            stop: vec![],
+            cache_key: None,
+        };
+        let warm = GenerateRequest {
+            cache_key: Some(chat),
+            ..cold.clone()
+        };
+        let (w, w_deltas) = run(warm).await;
+        let (c, c_deltas) = run(cold).await;
+        assert_eq!(w_deltas, c_deltas, "turn {turn}: the same tokens");
+        assert_eq!(c.cached_tokens, 0);
+        if turn == 0 {
+            assert_eq!(w.cached_tokens, 0);
+        } else {
+            // Everything up to the end of the previous reply is reused.
+            assert!(
+                w.cached_tokens > w.prompt_tokens / 2 && w.cached_tokens < w.prompt_tokens,
+                "turn {turn}: {} of {} prompt tokens reused",
+                w.cached_tokens,
+                w.prompt_tokens
+            );
+        }
+        conversation.push(msg(Role::Assistant, &w.text));
+    }
+    // Forgotten (the chat was edited or deleted): the next turn starts cold.
+    engine().forget_chat(chat);
+    conversation.push(msg(Role::User, "And how old is it?"));
+    let (w, _) = run(GenerateRequest {
+        messages: conversation,
+        sampling: SamplingParams::greedy(),
+        max_tokens: 4,
+        stop: vec![],
+        cache_key: Some(chat),
+    })
+    .await;
+    assert_eq!(w.cached_tokens, 0);
 }

@@ -301,6 +301,7 @@ pub fn parse(body: &[u8], default_max_tokens: u32, context: usize) -> Result<Com
             sampling: sampling_for(&config),
             max_tokens,
             stop,
+            cache_key: None,
         },
         stream: r.stream.unwrap_or(false),
         include_usage: r

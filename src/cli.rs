@@ -317,6 +317,23 @@ fn tenant_error(e: StoreError, tenant: &str) -> anyhow::Error {
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(crate::config::BenchTarget::Serve(a)) = args.target {
+        let cfg = crate::serve_bench::ServeBenchConfig {
+            url: a.url,
+            api_key: a.api_key,
+            chats: a.chats.max(1),
+            turns: a.turns.max(1),
+            max_tokens: a.max_tokens.max(1),
+            reply_timeout: std::time::Duration::from_secs(a.reply_timeout_secs.max(1)),
+        };
+        let report = crate::serve_bench::run(&cfg).await?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            crate::serve_bench::print(&report);
+        }
+        return Ok(());
+    }
     let path = ModelSource::parse(&args.model.model)?.resolve()?;
     let opts = args.model.engine_options();
     let cfg = crate::engine::bench::BenchConfig {

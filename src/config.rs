@@ -124,7 +124,11 @@ impl ModelArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    /// `serve`: benchmark a running server end to end instead of the engine alone.
+    #[command(subcommand)]
+    pub target: Option<BenchTarget>,
     #[command(flatten)]
     pub model: ModelArgs,
     /// Prompt length for prompt processing (pp) and time to first token.
@@ -136,6 +140,40 @@ pub struct BenchArgs {
     /// Timed repetitions (after one warm-up).
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum BenchTarget {
+    /// Drive a running server over its API like chat clients do: N chats at once, T turns
+    /// each, replies streamed over /ws/chat; reports time to first token per turn,
+    /// inter-token latency, aggregate tokens/s and errors.
+    Serve(ServeBenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeBenchArgs {
+    /// The server.
+    #[arg(long, env = "CONFAB_URL", default_value = "http://127.0.0.1:8000")]
+    pub url: String,
+    /// A tenant API key (the benchmark's REST calls are one chat creation and deletion
+    /// per chat; its WebSocket messages count against the per-connection rate).
+    #[arg(long, env = "CONFAB_API_KEY")]
+    pub api_key: String,
+    /// Chats running at the same time.
+    #[arg(long, default_value_t = 8)]
+    pub chats: usize,
+    /// Turns per chat.
+    #[arg(long, default_value_t = 10)]
+    pub turns: usize,
+    /// Most tokens per reply (greedy decoding).
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: u32,
+    /// Give up on a reply after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub reply_timeout_secs: u64,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

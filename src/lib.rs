@@ -27,6 +27,7 @@ pub mod engine;
 pub mod error;
 pub mod metrics;
 pub mod ratelimit;
+pub mod serve_bench;
 pub mod store;
 pub mod web;
 

@@ -956,3 +956,35 @@ async fn smollm2_remembers_earlier_turns() {
     assert_eq!(saved[3]["content"], answers[1].as_str());
     s.stop().await;
 }
+
+/// `confab bench serve` against a live server: every turn of every chat is measured, no
+/// errors, and its chats are gone afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_serve_measures_every_turn() {
+    let s = server(Backend::Sqlite, ChatSettings::default(), None).await;
+    let t = s.tenant("bench").await;
+    let cfg = confab::serve_bench::ServeBenchConfig {
+        url: s.base.clone(),
+        api_key: t.key.clone(),
+        chats: 3,
+        turns: 3,
+        max_tokens: 6,
+        reply_timeout: Duration::from_secs(30),
+    };
+    let r = confab::serve_bench::run(&cfg).await.expect("bench runs");
+    assert_eq!(r.errors, 0, "{:?}", r.error_samples);
+    assert_eq!(r.replies, 9);
+    assert!(r.generated_tokens > 0 && r.aggregate_tokens_per_second > 0.0);
+    assert_eq!(r.ttft_ms_by_turn.len(), 3);
+    for turn in &r.ttft_ms_by_turn {
+        let p = turn.as_ref().expect("every turn has a first token");
+        assert!(p.count >= 1 && p.p50 <= p.p99);
+    }
+    for i in 0..3 {
+        let (_, v) = s
+            .get(&format!("/api/v1/chats/user/bench-{i}"), &t.key)
+            .await;
+        assert_eq!(v["total"], 0, "bench chats are deleted: {v}");
+    }
+    s.stop().await;
+}

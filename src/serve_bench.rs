@@ -1,0 +1,334 @@
+//! `confab bench serve`: drives a running server over its public API the way chat clients
+//! do — N chats at once, T turns each, every reply streamed over `/ws/chat` — and reports
+//! what users feel: time to first token per turn number (so a TTFT that grows with the
+//! history shows), inter-token latency, aggregate generated tokens per second, and errors.
+//!
+//! Times are measured at the client, from sending the message to the first token (queue
+//! wait and prompt processing included). Chats are created with greedy decoding and a fixed
+//! `max_tokens`, and deleted at the end.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct ServeBenchConfig {
+    /// `http://HOST:PORT` of the server.
+    pub url: String,
+    pub api_key: String,
+    pub chats: usize,
+    pub turns: usize,
+    pub max_tokens: u32,
+    /// Bound on one reply, from sending to its end.
+    pub reply_timeout: Duration,
+}
+
+/// Percentiles of a set of durations, in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+}
+
+impl Percentiles {
+    fn of(mut ms: Vec<f64>) -> Option<Percentiles> {
+        if ms.is_empty() {
+            return None;
+        }
+        ms.sort_by(f64::total_cmp);
+        let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+        Some(Percentiles {
+            count: ms.len(),
+            p50: at(0.50),
+            p95: at(0.95),
+            p99: at(0.99),
+        })
+    }
+}
+
+/// The report.
+#[derive(Debug, Serialize)]
+pub struct ServeBenchReport {
+    pub chats: usize,
+    pub turns: usize,
+    pub max_tokens: u32,
+    pub wall_seconds: f64,
+    pub replies: usize,
+    pub generated_tokens: u64,
+    /// Generated tokens of all chats together per wall-clock second.
+    pub aggregate_tokens_per_second: f64,
+    /// Time to first token by turn number (index 0 = the first turn of every chat).
+    pub ttft_ms_by_turn: Vec<Option<Percentiles>>,
+    pub inter_token_ms: Option<Percentiles>,
+    pub errors: usize,
+    /// The first few errors, as the server described them.
+    pub error_samples: Vec<String>,
+}
+
+/// One reply as the client saw it.
+#[derive(Default)]
+struct Reply {
+    ttft: Option<Duration>,
+    gaps: Vec<Duration>,
+    completion_tokens: u64,
+    error: Option<String>,
+}
+
+#[derive(Default)]
+struct ChatResult {
+    replies: Vec<(usize, Reply)>,
+    error: Option<String>,
+}
+
+/// A question for turn `t`; different every turn so the history grows like a real chat's.
+fn question(chat: usize, turn: usize) -> String {
+    const TOPICS: [&str; 10] = [
+        "the moon",
+        "bread",
+        "rivers",
+        "bicycles",
+        "volcanoes",
+        "libraries",
+        "owls",
+        "glass",
+        "tea",
+        "bridges",
+    ];
+    let topic = TOPICS[(chat + turn) % TOPICS.len()];
+    format!("Tell me one interesting fact about {topic}.")
+}
+
+/// Runs the benchmark.
+pub async fn run(cfg: &ServeBenchConfig) -> anyhow::Result<ServeBenchReport> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let base = cfg.url.trim_end_matches('/').to_string();
+    let ready = http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {base}"))?;
+    if !ready.status().is_success() {
+        bail!("{base}/readyz answered {}", ready.status());
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..cfg.chats)
+        .map(|i| {
+            let (http, base, cfg) = (http.clone(), base.clone(), cfg.clone());
+            tokio::spawn(async move { one_chat(&http, &base, &cfg, i).await })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap_or_else(|e| ChatResult {
+            error: Some(format!("chat task failed: {e}")),
+            ..Default::default()
+        }));
+    }
+    let wall = started.elapsed().as_secs_f64();
+
+    let mut by_turn = vec![Vec::new(); cfg.turns];
+    let (mut gaps, mut errors, mut tokens, mut replies) = (Vec::new(), Vec::new(), 0, 0);
+    for r in results {
+        if let Some(e) = r.error {
+            errors.push(e);
+        }
+        for (turn, reply) in r.replies {
+            replies += 1;
+            tokens += reply.completion_tokens;
+            if let Some(t) = reply.ttft {
+                by_turn[turn].push(t.as_secs_f64() * 1000.0);
+            }
+            gaps.extend(reply.gaps.iter().map(|g| g.as_secs_f64() * 1000.0));
+            if let Some(e) = reply.error {
+                errors.push(e);
+            }
+        }
+    }
+    Ok(ServeBenchReport {
+        chats: cfg.chats,
+        turns: cfg.turns,
+        max_tokens: cfg.max_tokens,
+        wall_seconds: wall,
+        replies,
+        generated_tokens: tokens,
+        aggregate_tokens_per_second: if wall > 0.0 {
+            tokens as f64 / wall
+        } else {
+            0.0
+        },
+        ttft_ms_by_turn: by_turn.into_iter().map(Percentiles::of).collect(),
+        inter_token_ms: Percentiles::of(gaps),
+        errors: errors.len(),
+        error_samples: errors.into_iter().take(5).collect(),
+    })
+}
+
+async fn one_chat(
+    http: &reqwest::Client,
+    base: &str,
+    cfg: &ServeBenchConfig,
+    index: usize,
+) -> ChatResult {
+    let mut result = ChatResult::default();
+    let user = format!("bench-{index}");
+    let created = http
+        .post(format!("{base}/api/v1/chats/"))
+        .header("X-API-Key", &cfg.api_key)
+        .json(&json!({
+            "user_id": user,
+            "title": format!("bench chat {index}"),
+            "config": {"temperature": 0, "max_tokens": cfg.max_tokens},
+        }))
+        .send()
+        .await;
+    let chat: Value = match created {
+        Ok(r) if r.status().is_success() => match r.json().await {
+            Ok(v) => v,
+            Err(e) => {
+                result.error = Some(format!("create chat: {e}"));
+                return result;
+            }
+        },
+        Ok(r) => {
+            let status = r.status();
+            result.error = Some(format!(
+                "create chat: {status} {}",
+                r.text().await.unwrap_or_default()
+            ));
+            return result;
+        }
+        Err(e) => {
+            result.error = Some(format!("create chat: {e}"));
+            return result;
+        }
+    };
+    let chat_id = chat["id"].as_str().unwrap_or_default().to_string();
+    if let Err(e) = converse(base, cfg, index, &user, &chat_id, &mut result).await {
+        result.error = Some(e.to_string());
+    }
+    let _ = http
+        .delete(format!("{base}/api/v1/chats/{chat_id}"))
+        .header("X-API-Key", &cfg.api_key)
+        .send()
+        .await;
+    result
+}
+
+async fn converse(
+    base: &str,
+    cfg: &ServeBenchConfig,
+    index: usize,
+    user: &str,
+    chat_id: &str,
+    result: &mut ChatResult,
+) -> anyhow::Result<()> {
+    let ws_base = base
+        .replacen("http://", "ws://", 1)
+        .replacen("https://", "wss://", 1);
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("api_key", &cfg.api_key)
+        .append_pair("user_id", user)
+        .append_pair("chat_id", chat_id)
+        .finish();
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{ws_base}/ws/chat?{query}"))
+        .await
+        .context("WebSocket connect")?;
+    for turn in 0..cfg.turns {
+        let sent = Instant::now();
+        let msg = json!({"content": question(index, turn)}).to_string();
+        ws.send(Message::text(msg)).await?;
+        let mut reply = Reply::default();
+        let mut last: Option<Instant> = None;
+        let deadline = tokio::time::Instant::now() + cfg.reply_timeout;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, ws.next())
+                .await
+                .map_err(|_| anyhow!("turn {turn}: no reply end within {:?}", cfg.reply_timeout))?;
+            let text = match frame {
+                Some(Ok(Message::Text(t))) => t,
+                Some(Ok(Message::Close(c))) => bail!("turn {turn}: the server closed: {c:?}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => bail!("turn {turn}: {e}"),
+                None => bail!("turn {turn}: the connection ended"),
+            };
+            let ev: Value = serde_json::from_str(&text)?;
+            match ev["event_type"].as_str() {
+                Some("message_stream_token") => {
+                    let now = Instant::now();
+                    match last.replace(now) {
+                        None => reply.ttft = Some(now - sent),
+                        Some(prev) => reply.gaps.push(now - prev),
+                    }
+                }
+                Some("message_stream_ended") => {
+                    reply.completion_tokens =
+                        ev["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+                    if ev["finish_reason"] == "error" {
+                        reply.error = Some(format!("turn {turn}: the reply failed"));
+                    }
+                    break;
+                }
+                Some("error") => {
+                    reply.error = Some(format!(
+                        "turn {turn}: {} ({})",
+                        ev["code"].as_str().unwrap_or("?"),
+                        ev["message"].as_str().unwrap_or("")
+                    ));
+                    // A refused message gets no reply; a failed reply still ends.
+                    if ev["code"] != "generation_failed" {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        result.replies.push((turn, reply));
+    }
+    let _ = ws.close(None).await;
+    Ok(())
+}
+
+/// The report as a table.
+pub fn print(r: &ServeBenchReport) {
+    println!(
+        "{} chats × {} turns, max_tokens {}: {} replies, {} tokens in {:.1} s",
+        r.chats, r.turns, r.max_tokens, r.replies, r.generated_tokens, r.wall_seconds
+    );
+    println!(
+        "aggregate generation   {:.1} tokens/s",
+        r.aggregate_tokens_per_second
+    );
+    if let Some(p) = &r.inter_token_ms {
+        println!(
+            "inter-token latency    p50 {:.1} ms  p99 {:.1} ms",
+            p.p50, p.p99
+        );
+    }
+    println!("time to first token by turn (ms):");
+    println!("  turn      p50      p95      p99");
+    for (turn, p) in r.ttft_ms_by_turn.iter().enumerate() {
+        match p {
+            Some(p) => println!(
+                "  {:>4} {:>8.0} {:>8.0} {:>8.0}",
+                turn + 1,
+                p.p50,
+                p.p95,
+                p.p99
+            ),
+            None => println!("  {:>4}        -", turn + 1),
+        }
+    }
+    println!("errors                 {}", r.errors);
+    for e in &r.error_samples {
+        println!("  {e}");
+    }
+}

@@ -17,9 +17,10 @@ pub mod protocol;
 mod reply;
 mod room;
 pub mod scheduler;
+mod stateless;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,7 @@ use protocol::{Event, MessageLimits};
 pub use reply::sampling_for;
 pub use room::{Outbound, Room};
 use scheduler::{Refused, Scheduler, SchedulerLimits};
+pub use stateless::Slot;
 
 /// Settings of live chat; every one has a flag and an environment variable.
 #[derive(Debug, Clone)]
@@ -214,7 +216,6 @@ enum Waiting {
     Slot {
         id: u64,
         grant: oneshot::Sender<Slot>,
-        enqueued_at: Instant,
     },
 }
 
@@ -225,43 +226,6 @@ impl Waiting {
 
     fn is_slot(&self, wanted: u64) -> bool {
         matches!(self, Waiting::Slot { id, .. } if *id == wanted)
-    }
-}
-
-/// A generation slot held by a stateless request: dropping it frees the slot for the next
-/// waiting reply. Its `cancel` is pulled by a shutdown that outlives its grace period.
-pub struct Slot {
-    service: ChatService,
-    tenant: TenantId,
-    id: u64,
-    pub cancel: CancelToken,
-    /// How long the request waited for the slot.
-    pub queued: Duration,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        lock(&self.service.0.stateless).remove(&self.id);
-        self.service.finish_and_pump(Some(self.tenant));
-        self.service.0.reply_ended.notify_waiters();
-    }
-}
-
-/// A stateless request waiting for a slot; dropped (the client went away) it leaves the
-/// queue at once instead of holding a place until its turn.
-struct SlotWait {
-    service: ChatService,
-    tenant: TenantId,
-    id: u64,
-}
-
-impl Drop for SlotWait {
-    fn drop(&mut self) {
-        let removed = lock(&self.service.0.scheduler).remove(self.tenant, |w| w.is_slot(self.id));
-        if removed.is_some() {
-            drop(removed);
-            self.service.pump();
-        }
     }
 }
 
@@ -500,43 +464,6 @@ impl ChatService {
         Ok(())
     }
 
-    /// Waits for a generation slot for a stateless request of `tenant`, in the same queues
-    /// (and with the same fairness and bounds) as chat replies.
-    pub async fn acquire(&self, tenant: TenantId) -> Result<Slot, ChatError> {
-        if self.0.model.engine().is_none() {
-            return Err(ChatError::ModelNotReady);
-        }
-        let id = self.0.next_slot.fetch_add(1, Ordering::Relaxed);
-        let (grant, granted) = oneshot::channel();
-        {
-            let mut sched = lock(&self.0.scheduler);
-            // Checked under the scheduler's lock: `shutdown` changes the phase, then takes
-            // this lock to turn away whoever waits.
-            if *self.0.phase.borrow() != Phase::Serving {
-                return Err(ChatError::ShuttingDown);
-            }
-            sched.reserve(tenant).map_err(|e| match e {
-                Refused::QueueFull { capacity } => ChatError::QueueFull { capacity },
-                Refused::Overloaded { .. } => ChatError::ServerBusy,
-            })?;
-            sched.enqueue(
-                tenant,
-                Waiting::Slot {
-                    id,
-                    grant,
-                    enqueued_at: Instant::now(),
-                },
-            );
-        }
-        let _waiting = SlotWait {
-            service: self.clone(),
-            tenant,
-            id,
-        };
-        self.pump();
-        granted.await.map_err(|_| ChatError::ShuttingDown)
-    }
-
     /// Counts a finished generation's tokens: metrics, and the tenant's usage for `user_id`
     /// today. Tokens spent count whatever the outcome (a cancelled reply still cost its
     /// prompt).
@@ -687,21 +614,9 @@ impl ChatService {
                     }
                     self.spawn_reply(q, true);
                 }
-                Waiting::Slot {
-                    id,
-                    grant,
-                    enqueued_at,
-                } => {
-                    let cancel = CancelToken::default();
-                    lock(&self.0.stateless).insert(id, cancel.clone());
+                Waiting::Slot { id, grant } => {
                     // A request that went away meanwhile drops the slot, which frees it.
-                    let _ = grant.send(Slot {
-                        service: self.clone(),
-                        tenant,
-                        id,
-                        cancel,
-                        queued: enqueued_at.elapsed(),
-                    });
+                    let _ = grant.send(Slot::granted(self, tenant, id));
                 }
             }
         }

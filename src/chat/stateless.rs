@@ -1,0 +1,93 @@
+//! Generation slots for stateless requests (the OpenAI-compatible API): they wait in the
+//! same per-tenant queues as chat replies, but the request handler generates itself once
+//! its slot is granted, and gives the slot back by dropping it.
+
+use std::sync::atomic::Ordering;
+
+use tokio::sync::oneshot;
+
+use super::scheduler::Refused;
+use super::{lock, ChatError, ChatService, Phase, Waiting};
+use crate::engine::CancelToken;
+use crate::store::TenantId;
+
+/// A generation slot held by a stateless request: dropping it frees the slot for the next
+/// waiting reply. Its `cancel` is pulled by a shutdown that outlives its grace period.
+pub struct Slot {
+    service: ChatService,
+    tenant: TenantId,
+    id: u64,
+    pub cancel: CancelToken,
+}
+
+impl Slot {
+    /// The slot the scheduler just gave to request `id`.
+    pub(super) fn granted(service: &ChatService, tenant: TenantId, id: u64) -> Slot {
+        let cancel = CancelToken::default();
+        lock(&service.0.stateless).insert(id, cancel.clone());
+        Slot {
+            service: service.clone(),
+            tenant,
+            id,
+            cancel,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.service.0.stateless).remove(&self.id);
+        self.service.finish_and_pump(Some(self.tenant));
+        self.service.0.reply_ended.notify_waiters();
+    }
+}
+
+/// A stateless request waiting for a slot; dropped (the client went away) it leaves the
+/// queue at once instead of holding a place until its turn.
+struct SlotWait {
+    service: ChatService,
+    tenant: TenantId,
+    id: u64,
+}
+
+impl Drop for SlotWait {
+    fn drop(&mut self) {
+        let removed = lock(&self.service.0.scheduler).remove(self.tenant, |w| w.is_slot(self.id));
+        if removed.is_some() {
+            drop(removed);
+            self.service.pump();
+        }
+    }
+}
+
+impl ChatService {
+    /// Waits for a generation slot for a stateless request of `tenant`, in the same queues
+    /// (and with the same fairness and bounds) as chat replies.
+    pub async fn acquire(&self, tenant: TenantId) -> Result<Slot, ChatError> {
+        if self.0.model.engine().is_none() {
+            return Err(ChatError::ModelNotReady);
+        }
+        let id = self.0.next_slot.fetch_add(1, Ordering::Relaxed);
+        let (grant, granted) = oneshot::channel();
+        {
+            let mut sched = lock(&self.0.scheduler);
+            // Checked under the scheduler's lock: `shutdown` changes the phase, then takes
+            // this lock to turn away whoever waits.
+            if *self.0.phase.borrow() != Phase::Serving {
+                return Err(ChatError::ShuttingDown);
+            }
+            sched.reserve(tenant).map_err(|e| match e {
+                Refused::QueueFull { capacity } => ChatError::QueueFull { capacity },
+                Refused::Overloaded { .. } => ChatError::ServerBusy,
+            })?;
+            sched.enqueue(tenant, Waiting::Slot { id, grant });
+        }
+        let _waiting = SlotWait {
+            service: self.clone(),
+            tenant,
+            id,
+        };
+        self.pump();
+        granted.await.map_err(|_| ChatError::ShuttingDown)
+    }
+}

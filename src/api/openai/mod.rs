@@ -229,8 +229,7 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
             cancel.cancel();
             return Err(too_long().into());
         }
-        Some(Piece::Delta(t)) => Some(Piece::Delta(t)),
-        Some(Piece::Done(s)) => Some(Piece::Done(s)),
+        Some(p) => Some(p),
         None => return Err(ApiError::GenerationFailed("the engine stopped".into()).into()),
     };
     if let Some(Piece::Done(s)) = &first {
@@ -253,7 +252,11 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
     }
     let mut pending = first;
     let summary = loop {
-        match pending.take().or(pieces.recv().await) {
+        let next = match pending.take() {
+            Some(p) => Some(p),
+            None => pieces.recv().await,
+        };
+        match next {
             Some(Piece::Done(s)) => break s,
             Some(_) => {}
             None => return Err(ApiError::GenerationFailed("the engine stopped".into()).into()),

@@ -5,7 +5,7 @@
 //! series count by inventing URLs; tenant labels are tenant ids (bounded by the operator).
 
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -109,6 +109,22 @@ fn build() -> Result<Metrics, prometheus::Error> {
     m.registry
         .register(Box::new(m.kv_cache_reused_tokens.clone()))?;
     Ok(m)
+}
+
+/// Times the gaps between a stream's tokens into `inter_token_latency`.
+#[derive(Debug, Default)]
+pub struct TokenGaps(Option<Instant>);
+
+impl TokenGaps {
+    /// A token was streamed now.
+    pub fn tick(&mut self) {
+        let now = Instant::now();
+        if let Some(prev) = self.0.replace(now) {
+            metrics()
+                .inter_token_latency
+                .observe((now - prev).as_secs_f64());
+        }
+    }
 }
 
 /// The server's metrics.

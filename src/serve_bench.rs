@@ -180,38 +180,13 @@ async fn one_chat(
 ) -> ChatResult {
     let mut result = ChatResult::default();
     let user = format!("bench-{index}");
-    let created = http
-        .post(format!("{base}/api/v1/chats/"))
-        .header("X-API-Key", &cfg.api_key)
-        .json(&json!({
-            "user_id": user,
-            "title": format!("bench chat {index}"),
-            "config": {"temperature": 0, "max_tokens": cfg.max_tokens},
-        }))
-        .send()
-        .await;
-    let chat: Value = match created {
-        Ok(r) if r.status().is_success() => match r.json().await {
-            Ok(v) => v,
-            Err(e) => {
-                result.error = Some(format!("create chat: {e}"));
-                return result;
-            }
-        },
-        Ok(r) => {
-            let status = r.status();
-            result.error = Some(format!(
-                "create chat: {status} {}",
-                r.text().await.unwrap_or_default()
-            ));
-            return result;
-        }
+    let chat_id = match create_chat(http, base, cfg, &user, index).await {
+        Ok(id) => id,
         Err(e) => {
-            result.error = Some(format!("create chat: {e}"));
+            result.error = Some(format!("create chat: {e:#}"));
             return result;
         }
     };
-    let chat_id = chat["id"].as_str().unwrap_or_default().to_string();
     if let Err(e) = converse(base, cfg, index, &user, &chat_id, &mut result).await {
         result.error = Some(e.to_string());
     }
@@ -221,6 +196,35 @@ async fn one_chat(
         .send()
         .await;
     result
+}
+
+/// Creates the benchmark's chat `index` (greedy, `max_tokens` fixed) and returns its id.
+async fn create_chat(
+    http: &reqwest::Client,
+    base: &str,
+    cfg: &ServeBenchConfig,
+    user: &str,
+    index: usize,
+) -> anyhow::Result<String> {
+    let r = http
+        .post(format!("{base}/api/v1/chats/"))
+        .header("X-API-Key", &cfg.api_key)
+        .json(&json!({
+            "user_id": user,
+            "title": format!("bench chat {index}"),
+            "config": {"temperature": 0, "max_tokens": cfg.max_tokens},
+        }))
+        .send()
+        .await?;
+    let status = r.status();
+    if !status.is_success() {
+        bail!("{status} {}", r.text().await.unwrap_or_default());
+    }
+    let chat: Value = r.json().await?;
+    chat["id"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("no id in {chat}"))
 }
 
 async fn converse(

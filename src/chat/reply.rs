@@ -247,16 +247,12 @@ async fn stream(
     let interval = service.settings().save_interval;
     let mut last_save = Instant::now();
     let mut saving = true;
-    let mut last_delta: Option<Instant> = None;
-    let inter_token = &crate::metrics::metrics().inter_token_latency;
+    let mut gaps = crate::metrics::TokenGaps::default();
     while let Some(event) = generation.events.recv().await {
         match event {
             GenerationEvent::Started { .. } => {}
             GenerationEvent::Delta { text, .. } => {
-                let now = Instant::now();
-                if let Some(prev) = last_delta.replace(now) {
-                    inter_token.observe((now - prev).as_secs_f64());
-                }
+                gaps.tick();
                 let snapshot = {
                     let mut st = room.lock();
                     let Some(s) = st.reply.as_mut().and_then(|r| r.stream.as_mut()) else {

@@ -212,11 +212,6 @@ impl EngineHandle {
         self.prefixes.forget(&chat);
     }
 
-    /// Bytes of attention state kept for chats.
-    pub fn kept_cache_bytes(&self) -> u64 {
-        self.prefixes.bytes()
-    }
-
     /// Queues a generation; fails at once when the queue is full.
     pub fn generate(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
         self.generate_with(request, CancelToken::default())

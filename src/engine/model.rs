@@ -87,17 +87,12 @@ impl Model {
     /// `old`'s first `keep` positions, in a cache of at least `capacity` positions: the
     /// same memory when it is big enough, else a bigger copy. `None` where the model cannot
     /// continue a kept cache (the GPU path).
-    pub fn reuse_cache(
-        &self,
-        old: KvCache,
-        keep: usize,
-        capacity: usize,
-    ) -> Result<Option<KvCache>, EngineError> {
+    pub fn reuse_cache(&self, old: KvCache, keep: usize, capacity: usize) -> Option<KvCache> {
         match (self, old) {
             (Model::Cpu(m), KvCache::Cpu(c)) => {
-                Ok(Some(KvCache::Cpu(m.reuse_cache(c, keep, capacity))))
+                Some(KvCache::Cpu(m.reuse_cache(c, keep, capacity)))
             }
-            _ => Ok(None),
+            _ => None,
         }
     }
 

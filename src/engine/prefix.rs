@@ -72,14 +72,6 @@ impl PrefixCache {
             entries.invalidate(chat);
         }
     }
-
-    /// KV memory held now, in bytes (approximate until pending evictions run).
-    pub fn bytes(&self) -> u64 {
-        self.entries.as_ref().map_or(0, |e| {
-            e.run_pending_tasks();
-            e.weighted_size()
-        })
-    }
 }
 
 /// How many leading tokens `a` and `b` share.

@@ -225,7 +225,7 @@ impl LoadedEngine {
                     let keep =
                         common_prefix(&entry.tokens, prompt).min(prompt.len().saturating_sub(1));
                     if keep > 0 {
-                        if let Some(cache) = self.model.reuse_cache(entry.cache, keep, capacity)? {
+                        if let Some(cache) = self.model.reuse_cache(entry.cache, keep, capacity) {
                             m.kv_cache_lookups.with_label_values(&["hit"]).inc();
                             m.kv_cache_reused_tokens.inc_by(keep as u64);
                             return Ok((cache, keep));

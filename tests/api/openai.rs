@@ -69,6 +69,12 @@ async fn json_of(r: reqwest::Response) -> (StatusCode, Value) {
     (status, v)
 }
 
+/// `GET path` with a bearer key; status and JSON body.
+async fn get_v1(s: &TestServer, key: &str, path: &str) -> (StatusCode, Value) {
+    let r = s.http.get(format!("{}{path}", s.base)).bearer_auth(key);
+    json_of(r.send().await.expect("request")).await
+}
+
 /// Reads an SSE body to its end: the `data:` payloads, in order.
 async fn sse_data(r: reqwest::Response) -> Vec<String> {
     let text = tokio::time::timeout(Duration::from_secs(30), r.text())
@@ -196,15 +202,7 @@ async fn sse_format_and_both_key_headers(b: Backend) {
     assert_eq!(v["choices"][0]["message"]["content"], text.as_str());
     assert_eq!(v["choices"][0]["index"], 0);
 
-    let (st, v) = json_of(
-        s.http
-            .get(format!("{}/v1/models/{MODEL}", s.base))
-            .bearer_auth(&t.key)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (st, v) = get_v1(&s, &t.key, &format!("/v1/models/{MODEL}")).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["object"], "model");
     assert_eq!(v["owned_by"], "confab");
@@ -278,15 +276,7 @@ async fn errors_have_openai_shape(b: Backend) {
     let e = openai_error(st, &v, 400, "context_length_exceeded");
     assert_eq!(e["details"]["context_length"], 256);
 
-    let (st, v) = json_of(
-        s.http
-            .get(format!("{}/v1/nothing-here", s.base))
-            .bearer_auth(&t.key)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (st, v) = get_v1(&s, &t.key, "/v1/nothing-here").await;
     openai_error(st, &v, 404, "not_found");
     s.stop().await;
 }

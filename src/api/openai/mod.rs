@@ -10,7 +10,7 @@
 
 pub mod wire;
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use poem::http::{HeaderValue, StatusCode};
@@ -297,18 +297,14 @@ fn drive(
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let _slot = slot;
-        let inter_token = &crate::metrics::metrics().inter_token_latency;
-        let mut last_delta: Option<Instant> = None;
+        let mut gaps = crate::metrics::TokenGaps::default();
         while let Some(event) = generation.events.recv().await {
             let piece = match event {
                 GenerationEvent::Started {
                     dropped_messages, ..
                 } => Piece::Started { dropped_messages },
                 GenerationEvent::Delta { text, .. } => {
-                    let now = Instant::now();
-                    if let Some(prev) = last_delta.replace(now) {
-                        inter_token.observe((now - prev).as_secs_f64());
-                    }
+                    gaps.tick();
                     Piece::Delta(text)
                 }
                 GenerationEvent::Finished(summary) => {

@@ -92,7 +92,10 @@ async fn serve(db: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
     let settings = ServerSettings {
         limits: (&args.limits).into(),
         auth_cache_ttl: Duration::from_secs(args.auth_cache_ttl_secs),
-        chat: args.chat.settings((&args.limits).into()),
+        chat: crate::chat::ChatSettings {
+            slots: args.model.max_batch,
+            ..args.chat.settings((&args.limits).into())
+        },
         requests_per_minute: args.requests_per_minute.max(1),
         cors_origins: args
             .cors_origins

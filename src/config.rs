@@ -98,6 +98,10 @@ pub struct ModelArgs {
     /// CPU threads for the model (default: all cores).
     #[arg(long, env = "CONFAB_THREADS")]
     pub threads: Option<usize>,
+    /// Replies generated together (continuous batching: one forward pass per step for all
+    /// of them). Also the number of reply slots the per-tenant queues hand out.
+    #[arg(long, env = "CONFAB_MAX_BATCH", default_value_t = 8, value_parser = batch_size)]
+    pub max_batch: usize,
     /// Bytes of attention state (KV cache) kept between a chat's turns, so a turn only runs
     /// its new tokens through the model; least recently used chats are evicted. 0 keeps none.
     #[arg(long, env = "CONFAB_KV_CACHE_BYTES", default_value_t = 512 * 1024 * 1024)]
@@ -107,6 +111,16 @@ pub struct ModelArgs {
     pub debug_token_interval_ms: Option<u64>,
 }
 
+/// 1–256 sequences.
+fn batch_size(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=256).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{s:?} is not a batch size: use a whole number from 1 to 256"
+        )),
+    }
+}
+
 impl ModelArgs {
     pub fn engine_options(&self) -> crate::engine::EngineOptions {
         crate::engine::EngineOptions {
@@ -114,6 +128,7 @@ impl ModelArgs {
             max_context: self.max_context,
             prefill_chunk: self.prefill_chunk,
             threads: self.threads,
+            max_batch: self.max_batch,
             kv_cache_bytes: self.kv_cache_bytes,
             min_token_interval: self
                 .debug_token_interval_ms

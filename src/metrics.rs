@@ -28,6 +28,7 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     pub kv_cache_lookups: IntCounterVec,
     pub kv_cache_reused_tokens: IntCounter,
+    pub batch_size: Histogram,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -88,6 +89,13 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "kv_cache_reused_tokens_total",
             "Prompt tokens not run again thanks to a chat's kept attention state",
         )?,
+        batch_size: Histogram::with_opts(
+            HistogramOpts::new(
+                "engine_batch_size",
+                "Sequences run together per engine step (continuous batching)",
+            )
+            .buckets(vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0]),
+        )?,
         registry,
     };
     m.registry.register(Box::new(m.http_requests.clone()))?;
@@ -108,6 +116,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     m.registry.register(Box::new(m.kv_cache_lookups.clone()))?;
     m.registry
         .register(Box::new(m.kv_cache_reused_tokens.clone()))?;
+    m.registry.register(Box::new(m.batch_size.clone()))?;
     Ok(m)
 }
 

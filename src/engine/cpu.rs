@@ -11,7 +11,7 @@ use std::io::{Read, Seek};
 use rayon::prelude::*;
 
 use super::gguf::{GgufFile, ModelSpec};
-use super::kernels::QMat;
+use super::kernels::{QMat, Rows};
 use super::team::Team;
 use super::EngineError;
 
@@ -29,16 +29,17 @@ impl Fused {
         }
     }
 
-    /// `out` is n × (sum of the parts' rows), the parts side by side in each row.
-    fn matmul(&self, x: &[f32], n: usize, out: &mut [f32], team: &Team) {
+    /// `out` is n × (sum of the parts' rows), the parts side by side in each row; the
+    /// first `generated` rows of `x` are generated tokens (see [`product`]).
+    fn matmul(&self, x: &[f32], n: usize, generated: usize, out: &mut [f32], team: &Team) {
         match self {
-            Fused::One(m) => m.matmul(x, n, out, team),
+            Fused::One(m) => product(m, x, n, generated, out, team),
             Fused::Separate(parts) => {
                 let total: usize = parts.iter().map(QMat::rows).sum();
                 let mut at = 0;
                 for p in parts {
                     let mut tmp = vec![0f32; n * p.rows()];
-                    p.matmul(x, n, &mut tmp, team);
+                    product(p, x, n, generated, &mut tmp, team);
                     for i in 0..n {
                         out[i * total + at..i * total + at + p.rows()]
                             .copy_from_slice(&tmp[i * p.rows()..(i + 1) * p.rows()]);
@@ -48,6 +49,16 @@ impl Fused {
             }
         }
     }
+}
+
+/// `out = x · mᵀ` for the `n` rows of a step, of which the first `generated` are generated
+/// tokens and the rest prompt tokens: each kind takes its own kernel ([`Rows`]), so a row's
+/// result depends on what it is, never on what else is in the batch.
+fn product(m: &QMat, x: &[f32], n: usize, generated: usize, out: &mut [f32], team: &Team) {
+    let (xg, xp) = x.split_at(generated * m.cols());
+    let (og, op) = out.split_at_mut(generated * m.rows());
+    m.matmul(xg, generated, og, team, Rows::Generated);
+    m.matmul(xp, n - generated, op, team, Rows::Prompt);
 }
 
 struct Layer {
@@ -82,6 +93,12 @@ pub struct CpuCache {
     v: Vec<f32>,
     pub len: usize,
     pub capacity: usize,
+}
+
+/// One sequence's part of a batched step: `tokens` to run after what `cache` holds.
+pub struct CpuSegment<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut CpuCache,
 }
 
 impl CpuCache {
@@ -242,27 +259,50 @@ impl CpuLlama {
         new
     }
 
-    /// Runs `tokens` after what the cache holds; returns the last position's logits.
-    /// Reached through `Model::forward`, which checks the chunk is non-empty and fits.
-    pub(super) fn forward(
+    /// One step for a batch of sequences: each segment's tokens run after what its own
+    /// cache holds, and the logits of each segment's last token come back, in order.
+    ///
+    /// Why one pass for all of them: decoding one token is memory-bound (every weight is
+    /// read for one row of activations), so stacking the sequences' rows makes each weight
+    /// read serve them all. Only attention is per sequence, on its own cache and positions.
+    /// A prompt chunk is just a segment of many tokens, so prompts and decodes mix freely.
+    /// Reached through `Model::forward_batch`, which checks each segment is non-empty and fits.
+    pub(super) fn forward_batch(
         &self,
-        tokens: &[u32],
-        cache: &mut CpuCache,
-    ) -> Result<Vec<f32>, EngineError> {
+        segs: &mut [CpuSegment<'_>],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         let s = &self.spec;
         let vocab = self.embed.rows();
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        if let Some(&bad) = segs
+            .iter()
+            .flat_map(|g| g.tokens)
+            .find(|&&t| t as usize >= vocab)
+        {
             return Err(EngineError::Model(format!(
                 "token id {bad} is outside the vocabulary ({vocab})"
             )));
         }
-        let (n, d, hd) = (tokens.len(), s.n_embd, s.head_dim);
+        let (d, hd) = (s.n_embd, s.head_dim);
         let kv_dim = s.n_kv_head * hd;
         let eps = s.rms_norm_eps as f32;
-        let pos0 = cache.len;
+        // One-token segments (generated tokens) first, then prompt chunks: see `product`.
+        // A prompt's last token alone is a one-token segment too, alone or batched alike.
+        let (singles, chunks): (Vec<usize>, Vec<usize>) =
+            (0..segs.len()).partition(|&si| segs[si].tokens.len() == 1);
+        let generated = singles.len();
+        // Row r of the step is sequence `rows[r].0` at position `rows[r].1`.
+        let mut rows: Vec<(usize, usize)> = Vec::new();
+        let mut last_row = vec![0; segs.len()];
+        for &si in singles.iter().chain(&chunks) {
+            let g = &segs[si];
+            rows.extend((0..g.tokens.len()).map(|i| (si, g.cache.len + i)));
+            last_row[si] = rows.len() - 1;
+        }
+        let n = rows.len();
         let mut x = vec![0f32; n * d];
-        for (t, row) in tokens.iter().zip(x.chunks_exact_mut(d)) {
-            self.embed.row(*t as usize, row);
+        for (&(si, pos), row) in rows.iter().zip(x.chunks_exact_mut(d)) {
+            let g = &segs[si];
+            self.embed.row(g.tokens[pos - g.cache.len] as usize, row);
         }
         let mut h = vec![0f32; n * d];
         let qkv_w = d + 2 * kv_dim;
@@ -272,33 +312,36 @@ impl CpuLlama {
         let mut tmp = vec![0f32; n * d];
         let mut gate_up = vec![0f32; n * 2 * s.n_ff];
         let mut act = vec![0f32; n * s.n_ff];
-        let layer_stride = s.n_kv_head * cache.capacity * hd;
         for (l, layer) in self.layers.iter().enumerate() {
             for (xi, hi) in x.chunks_exact(d).zip(h.chunks_exact_mut(d)) {
                 rms_norm(xi, &layer.attn_norm, eps, hi);
             }
-            layer.wqkv.matmul(&h, n, &mut qkv, &self.team);
-            for i in 0..n {
-                let pos = pos0 + i;
+            layer.wqkv.matmul(&h, n, generated, &mut qkv, &self.team);
+            for (i, &(si, pos)) in rows.iter().enumerate() {
                 let row = &mut qkv[i * qkv_w..(i + 1) * qkv_w];
                 let (qr, kv) = row.split_at_mut(d);
                 let (kr, vr) = kv.split_at_mut(kv_dim);
                 self.rope(qr, pos);
                 self.rope(kr, pos);
                 q[i * d..(i + 1) * d].copy_from_slice(qr);
+                let cache = &mut *segs[si].cache;
+                let layer_stride = s.n_kv_head * cache.capacity * hd;
                 for kvh in 0..s.n_kv_head {
                     let at = l * layer_stride + (kvh * cache.capacity + pos) * hd;
                     cache.k[at..at + hd].copy_from_slice(&kr[kvh * hd..(kvh + 1) * hd]);
                     cache.v[at..at + hd].copy_from_slice(&vr[kvh * hd..(kvh + 1) * hd]);
                 }
             }
-            self.attention(l, cache, pos0, n, &q, &mut att);
-            layer.wo.matmul(&att, n, &mut tmp, &self.team);
+            let caches: Vec<&CpuCache> = segs.iter().map(|g| &*g.cache).collect();
+            self.attention(l, &caches, &rows, &q, &mut att);
+            product(&layer.wo, &att, n, generated, &mut tmp, &self.team);
             x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
             for (xi, hi) in x.chunks_exact(d).zip(h.chunks_exact_mut(d)) {
                 rms_norm(xi, &layer.ffn_norm, eps, hi);
             }
-            layer.w_gate_up.matmul(&h, n, &mut gate_up, &self.team);
+            layer
+                .w_gate_up
+                .matmul(&h, n, generated, &mut gate_up, &self.team);
             for (a, gu) in act
                 .chunks_exact_mut(s.n_ff)
                 .zip(gate_up.chunks_exact(2 * s.n_ff))
@@ -308,16 +351,23 @@ impl CpuLlama {
                     *o = g / (1.0 + (-g).exp()) * u;
                 }
             }
-            layer.w_down.matmul(&act, n, &mut tmp, &self.team);
+            product(&layer.w_down, &act, n, generated, &mut tmp, &self.team);
             x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
         }
-        cache.len += n;
-        let mut last = vec![0f32; d];
-        rms_norm(&x[(n - 1) * d..], &self.norm, eps, &mut last);
+        // Each segment's last row, normalised, then one product with the output layer
+        // (as generated rows for everyone: the same kernel alone or batched).
+        let mut last = vec![0f32; segs.len() * d];
+        for ((g, out), &r) in segs.iter_mut().zip(last.chunks_exact_mut(d)).zip(&last_row) {
+            g.cache.len += g.tokens.len();
+            rms_norm(&x[r * d..(r + 1) * d], &self.norm, eps, out);
+        }
         let out = self.output.as_ref().unwrap_or(&self.embed);
-        let mut logits = vec![0f32; out.rows()];
-        out.matmul(&last, 1, &mut logits, &self.team);
-        Ok(logits)
+        let mut logits = vec![0f32; segs.len() * out.rows()];
+        out.matmul(&last, segs.len(), &mut logits, &self.team, Rows::Generated);
+        Ok(logits
+            .chunks_exact(out.rows())
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 
     /// Rotates each head's consecutive pairs (GGUF llama layout) by the position's angles.
@@ -336,13 +386,13 @@ impl CpuLlama {
         }
     }
 
-    /// Causal attention of `n` new queries (at `pos0..`) over the cache, into `out`.
+    /// Causal attention of each row's query (row r: sequence `rows[r].0` at position
+    /// `rows[r].1`) over its own sequence's cache, into `out`.
     fn attention(
         &self,
         l: usize,
-        cache: &CpuCache,
-        pos0: usize,
-        n: usize,
+        caches: &[&CpuCache],
+        rows: &[(usize, usize)],
         q: &[f32],
         out: &mut [f32],
     ) {
@@ -350,13 +400,14 @@ impl CpuLlama {
         let (d, hd) = (s.n_embd, s.head_dim);
         let group = s.n_head / s.n_kv_head;
         let scale = 1.0 / (hd as f32).sqrt();
-        let layer_stride = s.n_kv_head * cache.capacity * hd;
         let work = |(idx, o): (usize, &mut [f32])| {
             let (i, head) = (idx / s.n_head, idx % s.n_head);
+            let (si, pos) = rows[i];
+            let cache = caches[si];
             let kvh = head / group;
-            let base = l * layer_stride + kvh * cache.capacity * hd;
+            let base = l * s.n_kv_head * cache.capacity * hd + kvh * cache.capacity * hd;
             let qh = &q[i * d + head * hd..i * d + (head + 1) * hd];
-            let len = pos0 + i + 1;
+            let len = pos + 1;
             let mut scores: Vec<f32> = (0..len)
                 .map(|p| dot(qh, &cache.k[base + p * hd..base + (p + 1) * hd]) * scale)
                 .collect();
@@ -371,8 +422,10 @@ impl CpuLlama {
                 axpy(o, sc / sum, &cache.v[base + p * hd..base + (p + 1) * hd]);
             }
         };
-        // `out` is n × n_head × head_dim: one chunk per (query, head).
-        if n * pos0.max(n) > 4096 {
+        // `out` is rows × n_head × head_dim: one chunk per (row, head). Spread over the
+        // cores only when there is enough of it to pay for the hand-off.
+        let positions: usize = rows.iter().map(|&(_, pos)| pos + 1).sum();
+        if positions > 4096 {
             out.par_chunks_mut(hd).enumerate().for_each(work);
         } else {
             out.chunks_mut(hd).enumerate().for_each(work);

@@ -28,8 +28,22 @@ const PANEL: usize = 16;
 /// Activation rows per call of that kernel: 6 × 2 accumulators + 2 weights + 1 broadcast
 /// fill 15 of the 16 AVX registers.
 const MR: usize = 6;
-/// From this many activation rows on, the panel kernel beats the tile kernel.
-const GEMM_MIN_ROWS: usize = 8;
+/// Generated-token rows that share one read of the weights in the matrix-vector kernels
+/// (8 accumulators + 4 weight vectors + temporaries fit the 16 AVX registers).
+const MAX_SHARED: usize = 8;
+
+/// What the activation rows of a product are, which decides the arithmetic. It is chosen
+/// by what a row *is*, never by how many rows share the call, so that a sequence's results
+/// are the same bit for bit whether it ran alone or batched with others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// One generated token per sequence: memory-bound, so the matrix-vector kernels, with
+    /// the weights read once for several sequences.
+    Generated,
+    /// Prompt chunks: compute-bound, so each panel of weights is dequantized once to f32
+    /// and multiplied with many rows by a register-blocked kernel.
+    Prompt,
+}
 
 /// The output buffer, shared by the team; each thread writes its own disjoint cells.
 struct SyncPtr(*mut f32);
@@ -253,11 +267,14 @@ impl QMat {
     }
 
     /// `out[i][r] = Σ_c self[r][c] · x[i][c]` for `n` activation rows `x` (n × cols);
-    /// `out` is n × rows.
-    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32], team: &Team) {
+    /// `out` is n × rows. `rows_are` picks the arithmetic (see [`Rows`]).
+    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32], team: &Team, rows_are: Rows) {
         let (rows, cols) = (self.rows(), self.cols());
         debug_assert_eq!(x.len(), n * cols);
         debug_assert_eq!(out.len(), n * rows);
+        if n == 0 {
+            return;
+        }
         // Each thread takes one band of weight rows (output columns) for all activation rows.
         let per = rows.div_ceil(team.size());
         let out_ptr = SyncPtr(out.as_mut_ptr());
@@ -267,33 +284,72 @@ impl QMat {
             if r0 == r1 {
                 return;
             }
-            let ptr = &out_ptr;
-            if n == 1 {
-                // SAFETY: bands are disjoint, and `out` outlives `team.run`.
-                let o = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(r0), r1 - r0) };
-                self.matvec_rows(r0, x, o);
-                return;
+            match rows_are {
+                Rows::Generated => self.decode_band(r0, r1, x, n, &out_ptr),
+                Rows::Prompt => {
+                    #[cfg(target_arch = "x86_64")]
+                    if simd::available() {
+                        self.gemm_band(r0, r1, x, n, &out_ptr);
+                        return;
+                    }
+                    self.tile_band(r0, r1, x, n, &out_ptr);
+                }
             }
-            #[cfg(target_arch = "x86_64")]
-            if n >= GEMM_MIN_ROWS && simd::available() {
-                self.gemm_band(r0, r1, x, n, ptr);
-                return;
-            }
-            // Four activation rows at a time, so each weight row is dequantized once per four.
+        });
+    }
+
+    /// Weight rows `r0..r1` × `n` generated-token rows with the matrix-vector kernels:
+    /// memory-bound, so each weight block is read once for up to [`MAX_SHARED`] activation
+    /// rows, and each row gets exactly the arithmetic it gets alone.
+    fn decode_band(&self, r0: usize, r1: usize, x: &[f32], n: usize, out: &SyncPtr) {
+        let (rows, cols) = (self.rows(), self.cols());
+        #[cfg(target_arch = "x86_64")]
+        if simd::available() && !matches!(self, QMat::F32 { .. }) {
+            let nb = cols / QK;
             let mut i = 0;
             while i < n {
-                let t = (n - i).min(4);
-                for r in r0..r1 {
-                    let mut acc = [0f32; 4];
-                    self.dot_tile(r, &x[i * cols..(i + t) * cols], t, &mut acc);
-                    for (k, a) in acc[..t].iter().enumerate() {
-                        // SAFETY: column r belongs to this thread's band only.
-                        unsafe { *ptr.0.add((i + k) * rows + r) = *a };
+                let t = (n - i).min(MAX_SHARED);
+                let xs = &x[i * cols..(i + t) * cols];
+                // SAFETY: AVX2, FMA and F16C are present (checked at run time); the blocks
+                // are rows r0..r1, `xs` holds t rows of `cols`, and the cells written (rows
+                // i..i+t, columns r0..r1 of `out`) are in this thread's band.
+                unsafe {
+                    let o = out.0.add(i * rows + r0);
+                    match self {
+                        QMat::Q4_1 { blocks, .. } => {
+                            simd::q4_1_rows(&blocks[r0 * nb..r1 * nb], nb, xs, t, o, rows)
+                        }
+                        QMat::Q8_0 { blocks, .. } => {
+                            simd::q8_0_rows(&blocks[r0 * nb..r1 * nb], nb, xs, t, o, rows)
+                        }
+                        QMat::F32 { .. } => unreachable!("F32 takes the tile kernel"),
                     }
                 }
                 i += t;
             }
-        });
+            return;
+        }
+        self.tile_band(r0, r1, x, n, out);
+    }
+
+    /// Weight rows `r0..r1` × `n` activation rows, four at a time (so each weight row is
+    /// dequantized once per four); the portable path, and F32 weights' only one. A row's
+    /// result does not depend on how many share its tile.
+    fn tile_band(&self, r0: usize, r1: usize, x: &[f32], n: usize, out: &SyncPtr) {
+        let (rows, cols) = (self.rows(), self.cols());
+        let mut i = 0;
+        while i < n {
+            let t = (n - i).min(4);
+            for r in r0..r1 {
+                let mut acc = [0f32; 4];
+                self.dot_tile(r, &x[i * cols..(i + t) * cols], t, &mut acc);
+                for (k, a) in acc[..t].iter().enumerate() {
+                    // SAFETY: column r belongs to this thread's band only.
+                    unsafe { *out.0.add((i + k) * rows + r) = *a };
+                }
+            }
+            i += t;
+        }
     }
 
     /// Weight rows `r0..r1` × all `n` activation rows, for prompt processing: the weights
@@ -342,64 +398,6 @@ impl QMat {
                 i += m;
             }
             p0 += width;
-        }
-    }
-
-    /// `out[k] = row(r0 + k) · x` for one activation row.
-    fn matvec_rows(&self, r0: usize, x: &[f32], out: &mut [f32]) {
-        let cols = self.cols();
-        let nb = cols / QK;
-        match self {
-            QMat::Q4_1 { blocks, .. } => {
-                #[cfg(target_arch = "x86_64")]
-                if simd::available() {
-                    // SAFETY: AVX2, FMA and F16C are present (checked at run time); the rows
-                    // r0..r0+out.len() exist and x holds `cols` values.
-                    unsafe {
-                        simd::q4_1_matvec(&blocks[r0 * nb..(r0 + out.len()) * nb], nb, x, out)
-                    };
-                    return;
-                }
-                for (k, o) in out.iter_mut().enumerate() {
-                    let mut acc = [0f32; 4];
-                    scalar::q4_1_tile(
-                        &blocks[(r0 + k) * nb..(r0 + k + 1) * nb],
-                        x,
-                        cols,
-                        1,
-                        &mut acc,
-                    );
-                    *o = acc[0];
-                }
-            }
-            QMat::Q8_0 { blocks, .. } => {
-                #[cfg(target_arch = "x86_64")]
-                if simd::available() {
-                    // SAFETY: as above.
-                    unsafe {
-                        simd::q8_0_matvec(&blocks[r0 * nb..(r0 + out.len()) * nb], nb, x, out)
-                    };
-                    return;
-                }
-                for (k, o) in out.iter_mut().enumerate() {
-                    let mut acc = [0f32; 4];
-                    scalar::q8_0_tile(
-                        &blocks[(r0 + k) * nb..(r0 + k + 1) * nb],
-                        x,
-                        cols,
-                        1,
-                        &mut acc,
-                    );
-                    *o = acc[0];
-                }
-            }
-            QMat::F32 { .. } => {
-                for (k, o) in out.iter_mut().enumerate() {
-                    let mut acc = [0f32; 4];
-                    self.dot_tile(r0 + k, x, 1, &mut acc);
-                    *o = acc[0];
-                }
-            }
         }
     }
 
@@ -480,6 +478,9 @@ mod simd {
 
     use super::{BlockQ4_1, BlockQ8_0, PANEL, QK};
 
+    /// Blocks per row the Q4_1 kernel keeps `Σ x` for on the stack (16384 values).
+    const XSUM_BLOCKS: usize = 512;
+
     pub fn available() -> bool {
         static OK: OnceLock<bool> = OnceLock::new();
         *OK.get_or_init(|| {
@@ -534,96 +535,167 @@ mod simd {
         }
     }
 
-    /// Q4_1 rows × one f32 row: `Σ (d q + m) x = d Σ q x + m Σ x`, with `Σ x` per block
-    /// computed once for all rows, so the inner loop is conversions and one FMA per 8.
+    /// Q4_1 weight rows × `t` (1..=MAX_SHARED) f32 rows `x`: `out[k * ld + r]` = weight row
+    /// r · x row k. Dispatches to a version with `t` fixed at compile time, so the
+    /// accumulators live in registers.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_1_matvec(blocks: &[BlockQ4_1], nb: usize, x: &[f32], out: &mut [f32]) {
-        let mask = _mm_set1_epi8(0x0F);
-        let xp = x.as_ptr();
-        let mut xsum = [0f32; 512];
-        let xsum: &mut [f32] = if nb <= 512 {
-            &mut xsum[..nb]
-        } else {
-            return q4_1_matvec_big(blocks, nb, x, out);
-        };
-        for (b, s) in xsum.iter_mut().enumerate() {
-            let p = xp.add(b * QK);
-            let v = _mm256_add_ps(
-                _mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))),
-                _mm256_add_ps(_mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))),
-            );
-            *s = hsum(v);
+    pub unsafe fn q4_1_rows(
+        blocks: &[BlockQ4_1],
+        nb: usize,
+        x: &[f32],
+        t: usize,
+        out: *mut f32,
+        ld: usize,
+    ) {
+        match t {
+            1 => q4_1_rows_t::<1>(blocks, nb, x, out, ld),
+            2 => q4_1_rows_t::<2>(blocks, nb, x, out, ld),
+            3 => q4_1_rows_t::<3>(blocks, nb, x, out, ld),
+            4 => q4_1_rows_t::<4>(blocks, nb, x, out, ld),
+            5 => q4_1_rows_t::<5>(blocks, nb, x, out, ld),
+            6 => q4_1_rows_t::<6>(blocks, nb, x, out, ld),
+            7 => q4_1_rows_t::<7>(blocks, nb, x, out, ld),
+            _ => q4_1_rows_t::<8>(blocks, nb, x, out, ld),
         }
-        for (k, o) in out.iter_mut().enumerate() {
-            let row = blocks.as_ptr().add(k * nb);
-            let mut acc = _mm256_setzero_ps();
-            let mut msum = 0f32;
+    }
+
+    /// `Σ (d q + m) x = d Σ q x + m Σ x`, with `Σ x` per block computed once for all weight
+    /// rows, so the inner loop is conversions and one FMA per 8 values. The nibbles of a
+    /// block are converted once and used for all T activation rows; per activation row the
+    /// operations are exactly those of T = 1.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    // `b` indexes the row's blocks (by pointer) and every activation row's Σx alike.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn q4_1_rows_t<const T: usize>(
+        blocks: &[BlockQ4_1],
+        nb: usize,
+        x: &[f32],
+        out: *mut f32,
+        ld: usize,
+    ) {
+        let cols = nb * QK;
+        let n_rows = blocks.len() / nb;
+        let xp = x.as_ptr();
+        if nb > XSUM_BLOCKS {
+            // Rows longer than the Σx buffer: the tile kernel, one row at a time.
+            for r in 0..n_rows {
+                for k in 0..T {
+                    let mut acc = [0f32; 4];
+                    q4_1_t::<1>(
+                        &blocks[r * nb..(r + 1) * nb],
+                        &x[k * cols..],
+                        cols,
+                        &mut acc,
+                    );
+                    *out.add(k * ld + r) = acc[0];
+                }
+            }
+            return;
+        }
+        let mask = _mm_set1_epi8(0x0F);
+        let mut xsum = [[0f32; XSUM_BLOCKS]; T];
+        for (k, sums) in xsum.iter_mut().enumerate() {
+            for (b, s) in sums[..nb].iter_mut().enumerate() {
+                let p = xp.add(k * cols + b * QK);
+                let v = _mm256_add_ps(
+                    _mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))),
+                    _mm256_add_ps(_mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))),
+                );
+                *s = hsum(v);
+            }
+        }
+        for r in 0..n_rows {
+            let row = blocks.as_ptr().add(r * nb);
+            let mut acc = [_mm256_setzero_ps(); T];
+            let mut msum = [0f32; T];
             for b in 0..nb {
                 let blk = &*row.add(b);
                 let raw = _mm_loadu_si128(blk.qs.as_ptr() as *const __m128i);
                 let lo = _mm_and_si128(raw, mask);
                 let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-                let p = xp.add(b * QK);
                 let q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
                 let q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
                 let q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
                 let q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-                let mut s = _mm256_mul_ps(q0, _mm256_loadu_ps(p));
-                s = _mm256_fmadd_ps(q1, _mm256_loadu_ps(p.add(8)), s);
-                s = _mm256_fmadd_ps(q2, _mm256_loadu_ps(p.add(16)), s);
-                s = _mm256_fmadd_ps(q3, _mm256_loadu_ps(p.add(24)), s);
-                acc = _mm256_fmadd_ps(s, _mm256_set1_ps(f16_to_f32(blk.d)), acc);
-                msum += f16_to_f32(blk.m) * *xsum.get_unchecked(b);
+                let d = _mm256_set1_ps(f16_to_f32(blk.d));
+                let m = f16_to_f32(blk.m);
+                for k in 0..T {
+                    let p = xp.add(k * cols + b * QK);
+                    let mut s = _mm256_mul_ps(q0, _mm256_loadu_ps(p));
+                    s = _mm256_fmadd_ps(q1, _mm256_loadu_ps(p.add(8)), s);
+                    s = _mm256_fmadd_ps(q2, _mm256_loadu_ps(p.add(16)), s);
+                    s = _mm256_fmadd_ps(q3, _mm256_loadu_ps(p.add(24)), s);
+                    acc[k] = _mm256_fmadd_ps(s, d, acc[k]);
+                    msum[k] += m * xsum[k][b];
+                }
             }
-            *o = hsum(acc) + msum;
+            for k in 0..T {
+                *out.add(k * ld + r) = hsum(acc[k]) + msum[k];
+            }
         }
     }
 
-    /// Rows longer than 16384 values: the tile kernel, one row at a time.
+    /// Q8_0 weight rows × `t` (1..=MAX_SHARED) f32 rows, as [`q4_1_rows`]: `d Σ q x` per
+    /// block.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_matvec_big(blocks: &[BlockQ4_1], nb: usize, x: &[f32], out: &mut [f32]) {
-        for (k, o) in out.iter_mut().enumerate() {
-            let mut acc = [0f32; 4];
-            q4_1_t::<1>(&blocks[k * nb..(k + 1) * nb], x, nb * QK, &mut acc);
-            *o = acc[0];
+    pub unsafe fn q8_0_rows(
+        blocks: &[BlockQ8_0],
+        nb: usize,
+        x: &[f32],
+        t: usize,
+        out: *mut f32,
+        ld: usize,
+    ) {
+        match t {
+            1 => q8_0_rows_t::<1>(blocks, nb, x, out, ld),
+            2 => q8_0_rows_t::<2>(blocks, nb, x, out, ld),
+            3 => q8_0_rows_t::<3>(blocks, nb, x, out, ld),
+            4 => q8_0_rows_t::<4>(blocks, nb, x, out, ld),
+            5 => q8_0_rows_t::<5>(blocks, nb, x, out, ld),
+            6 => q8_0_rows_t::<6>(blocks, nb, x, out, ld),
+            7 => q8_0_rows_t::<7>(blocks, nb, x, out, ld),
+            _ => q8_0_rows_t::<8>(blocks, nb, x, out, ld),
         }
     }
 
-    /// Q8_0 rows × one f32 row: `d Σ q x` per block.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q8_0_matvec(blocks: &[BlockQ8_0], nb: usize, x: &[f32], out: &mut [f32]) {
+    unsafe fn q8_0_rows_t<const T: usize>(
+        blocks: &[BlockQ8_0],
+        nb: usize,
+        x: &[f32],
+        out: *mut f32,
+        ld: usize,
+    ) {
+        let cols = nb * QK;
+        let n_rows = blocks.len() / nb;
         let xp = x.as_ptr();
-        for (k, o) in out.iter_mut().enumerate() {
-            let row = blocks.as_ptr().add(k * nb);
-            let mut acc = _mm256_setzero_ps();
+        for r in 0..n_rows {
+            let row = blocks.as_ptr().add(r * nb);
+            let mut acc = [_mm256_setzero_ps(); T];
             for b in 0..nb {
                 let blk = &*row.add(b);
                 let q = blk.qs.as_ptr() as *const __m128i;
                 let raw0 = _mm_loadu_si128(q);
                 let raw1 = _mm_loadu_si128(q.add(1));
-                let p = xp.add(b * QK);
-                let mut s = _mm256_mul_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw0)),
-                    _mm256_loadu_ps(p),
-                );
-                s = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw0, 8))),
-                    _mm256_loadu_ps(p.add(8)),
-                    s,
-                );
-                s = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw1)),
-                    _mm256_loadu_ps(p.add(16)),
-                    s,
-                );
-                s = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw1, 8))),
-                    _mm256_loadu_ps(p.add(24)),
-                    s,
-                );
-                acc = _mm256_fmadd_ps(s, _mm256_set1_ps(f16_to_f32(blk.d)), acc);
+                let q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw0));
+                let q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw0, 8)));
+                let q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw1));
+                let q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw1, 8)));
+                let d = _mm256_set1_ps(f16_to_f32(blk.d));
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let p = xp.add(k * cols + b * QK);
+                    let mut s = _mm256_mul_ps(q0, _mm256_loadu_ps(p));
+                    s = _mm256_fmadd_ps(q1, _mm256_loadu_ps(p.add(8)), s);
+                    s = _mm256_fmadd_ps(q2, _mm256_loadu_ps(p.add(16)), s);
+                    s = _mm256_fmadd_ps(q3, _mm256_loadu_ps(p.add(24)), s);
+                    *a = _mm256_fmadd_ps(s, d, *a);
+                }
             }
-            *o = hsum(acc);
+            for (k, a) in acc.iter().enumerate() {
+                *out.add(k * ld + r) = hsum(*a);
+            }
         }
     }
 
@@ -809,22 +881,62 @@ mod tests {
                     .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
                     .collect();
                 x[5] = 3000.0;
-                let mut out = vec![0f32; n * rows];
-                m.matmul(&x, n, &mut out, &Team::new(2));
                 let want = reference(&w, &x, rows, cols, n);
-                for (a, b) in out.iter().zip(&want) {
-                    // Q4_0 is converted to Q8_0, which is close to but not exactly the source.
-                    let tol = if dtype == GgmlDType::Q4_0 { 20.0 } else { 1e-2 };
-                    assert!(
-                        (a - b).abs() <= tol * (1.0 + b.abs() * 1e-3),
-                        "{dtype:?} n={n}: {a} vs {b}"
-                    );
+                for kind in [Rows::Generated, Rows::Prompt] {
+                    let mut out = vec![0f32; n * rows];
+                    m.matmul(&x, n, &mut out, &Team::new(2), kind);
+                    for (a, b) in out.iter().zip(&want) {
+                        // Q4_0 is converted to Q8_0, close to but not exactly the source.
+                        let tol = if dtype == GgmlDType::Q4_0 { 20.0 } else { 1e-2 };
+                        assert!(
+                            (a - b).abs() <= tol * (1.0 + b.abs() * 1e-3),
+                            "{dtype:?} {kind:?} n={n}: {a} vs {b}"
+                        );
+                    }
                 }
             }
             let mut row = vec![0f32; cols];
             m.row(3, &mut row);
             if dtype != GgmlDType::Q4_0 {
                 assert_eq!(row, w[3 * cols..4 * cols]);
+            }
+        }
+    }
+
+    /// A row's result must not depend on how many rows share the call (continuous
+    /// batching relies on it: a sequence decodes the same alone or batched), bit for bit.
+    #[test]
+    fn a_rows_result_does_not_depend_on_its_batch() {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F32] {
+            let (rows, cols) = (40, 128);
+            let (m, _) = matrix(rows, cols, dtype);
+            let n = 13;
+            let mut x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+            x[7] = 2500.0;
+            for kind in [Rows::Generated, Rows::Prompt] {
+                let mut all = vec![0f32; n * rows];
+                m.matmul(&x, n, &mut all, &Team::new(2), kind);
+                for i in 0..n {
+                    for take in [1, 2, 5] {
+                        let k = take.min(n - i);
+                        let mut some = vec![0f32; k * rows];
+                        m.matmul(
+                            &x[i * cols..(i + k) * cols],
+                            k,
+                            &mut some,
+                            &Team::new(1),
+                            kind,
+                        );
+                        assert_eq!(
+                            some[..rows].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            all[i * rows..(i + 1) * rows]
+                                .iter()
+                                .map(|v| v.to_bits())
+                                .collect::<Vec<_>>(),
+                            "{dtype:?} {kind:?}: row {i} alone vs in {n} rows"
+                        );
+                    }
+                }
             }
         }
     }

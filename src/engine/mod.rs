@@ -12,6 +12,7 @@
 //! [`sampler`], [`stop`] (stop strings), [`worker`] (the thread and its generation loop),
 //! [`source`] (model file location: path or Hugging Face), [`bench`].
 
+pub mod batch;
 pub mod bench;
 pub mod cpu;
 pub mod gguf;

@@ -5,7 +5,7 @@ use std::io::{Read, Seek};
 
 use candle_core::Device;
 
-use super::cpu::{CpuCache, CpuLlama};
+use super::cpu::{CpuCache, CpuLlama, CpuSegment};
 use super::gguf::{GgufFile, ModelSpec};
 use super::llama::{KvCache as DeviceCache, Llama};
 use super::EngineError;
@@ -13,6 +13,12 @@ use super::EngineError;
 pub enum Model {
     Cpu(CpuLlama),
     Device(Llama),
+}
+
+/// One sequence's part of a batched step: `tokens` to run after what `cache` holds.
+pub struct Segment<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
 }
 
 /// One sequence's attention state.
@@ -98,21 +104,51 @@ impl Model {
 
     /// Runs `tokens` after what `cache` holds and returns the last position's logits.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, EngineError> {
-        // Checked here once for both models, which assume a non-empty chunk that fits.
-        if tokens.is_empty() {
-            return Err(EngineError::Model(
-                "forward needs at least one token".into(),
-            ));
+        self.forward_batch(&mut [Segment { tokens, cache }])?
+            .pop()
+            .ok_or_else(|| EngineError::Model("the model returned no logits".into()))
+    }
+
+    /// One step for several sequences: each segment's tokens run after what its cache
+    /// holds; returns each segment's last-position logits, in order. On the CPU this is
+    /// one batched pass ([`CpuLlama::forward_batch`]); the GPU path runs the segments one
+    /// after another.
+    pub fn forward_batch(&self, segs: &mut [Segment<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        // Checked here once for both models, which assume non-empty chunks that fit.
+        for seg in segs.iter() {
+            if seg.tokens.is_empty() {
+                return Err(EngineError::Model(
+                    "forward needs at least one token".into(),
+                ));
+            }
+            if seg.cache.len() + seg.tokens.len() > seg.cache.capacity() {
+                return Err(EngineError::ContextFull {
+                    capacity: seg.cache.capacity(),
+                });
+            }
         }
-        if cache.len() + tokens.len() > cache.capacity() {
-            return Err(EngineError::ContextFull {
-                capacity: cache.capacity(),
-            });
-        }
-        match (self, cache) {
-            (Model::Cpu(m), KvCache::Cpu(c)) => m.forward(tokens, c),
-            (Model::Device(m), KvCache::Device(c)) => m.forward(tokens, c),
-            _ => Err(EngineError::Model("cache belongs to another model".into())),
+        let foreign = || EngineError::Model("cache belongs to another model".into());
+        match self {
+            Model::Cpu(m) => {
+                let mut cpu = Vec::with_capacity(segs.len());
+                for seg in segs.iter_mut() {
+                    match &mut *seg.cache {
+                        KvCache::Cpu(cache) => cpu.push(CpuSegment {
+                            tokens: seg.tokens,
+                            cache,
+                        }),
+                        KvCache::Device(_) => return Err(foreign()),
+                    }
+                }
+                m.forward_batch(&mut cpu)
+            }
+            Model::Device(m) => segs
+                .iter_mut()
+                .map(|seg| match &mut *seg.cache {
+                    KvCache::Device(cache) => m.forward(seg.tokens, cache),
+                    KvCache::Cpu(_) => Err(foreign()),
+                })
+                .collect(),
         }
     }
 }

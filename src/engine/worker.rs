@@ -1,7 +1,5 @@
-//! The engine thread: loads the model, then runs queued generations one at a time.
-//!
-//! The loop is written around one [`Sequence`] per request (its own KV cache, sampler and
-//! stream state) so that a scheduler can later step several sequences together.
+//! The engine thread: loads the model, then runs queued generations, several at a time
+//! ([`super::batch`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,14 +10,12 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::gguf::{md_string, GgufFile};
 use super::model::{KvCache, Model};
-use super::prefix::{common_prefix, Entry, PrefixCache};
-use super::sampler::Sampler;
-use super::stop::{StopMatcher, StopOutcome};
+use super::prefix::{common_prefix, PrefixCache};
 use super::template::{ChatTemplate, TemplateMessage};
-use super::tokenizer::{DeltaDecoder, TextTokenizer};
+use super::tokenizer::TextTokenizer;
 use super::{
-    CancelToken, ChatMessage, EngineError, EngineHandle, FinishReason, GenerateRequest,
-    GenerationEvent, GenerationSummary, ModelInfo,
+    CancelToken, ChatMessage, EngineError, EngineHandle, GenerateRequest, GenerationEvent,
+    ModelInfo,
 };
 use crate::domain::Role;
 
@@ -34,6 +30,9 @@ pub struct EngineOptions {
     pub prefill_chunk: usize,
     /// Requests waiting for the engine before new ones are refused.
     pub queue_capacity: usize,
+    /// Sequences generated together, one batched forward pass per token
+    /// ([`super::batch`]); the chat scheduler's slots.
+    pub max_batch: usize,
     /// CPU threads for the model (default: all cores).
     pub threads: Option<usize>,
     /// Bytes of attention state kept between a chat's turns ([`super::prefix`]); 0 keeps
@@ -51,6 +50,7 @@ impl Default for EngineOptions {
             max_context: None,
             prefill_chunk: 256,
             queue_capacity: 64,
+            max_batch: 8,
             threads: None,
             kv_cache_bytes: 512 * 1024 * 1024,
             min_token_interval: None,
@@ -212,7 +212,7 @@ impl LoadedEngine {
     /// prompt's tokens it already holds: the chat's kept state cut to the common prefix
     /// (at least the last prompt token is run again, its logits start the reply), or an
     /// empty cache.
-    fn cache_for(
+    pub(super) fn cache_for(
         &self,
         chat: Option<uuid::Uuid>,
         prompt: &[u32],
@@ -237,132 +237,6 @@ impl LoadedEngine {
             }
         }
         Ok((self.model.new_cache(capacity)?, 0))
-    }
-
-    /// Runs one generation to its end, streaming events.
-    fn run(&self, job: Job) {
-        let started = Instant::now();
-        let Job {
-            request,
-            events,
-            cancel,
-            ..
-        } = job;
-        let mut summary = GenerationSummary {
-            finish_reason: FinishReason::Stop,
-            text: String::new(),
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            dropped_messages: 0,
-            cached_tokens: 0,
-            time_to_first_token: None,
-            tokens_per_second: 0.0,
-            error: None,
-        };
-        if let Err(e) = self.generate(&request, &events, &cancel, started, &mut summary) {
-            summary.finish_reason = FinishReason::Error;
-            summary.error = Some(e);
-        }
-        let _ = events.send(GenerationEvent::Finished(summary));
-    }
-
-    fn generate(
-        &self,
-        req: &GenerateRequest,
-        events: &UnboundedSender<GenerationEvent>,
-        cancel: &CancelToken,
-        started: Instant,
-        summary: &mut GenerationSummary,
-    ) -> Result<(), EngineError> {
-        let stopped = |cancel: &CancelToken| cancel.is_cancelled() || events.is_closed();
-        let (prompt, dropped, max_new) = self.build_prompt(&req.messages, req.max_tokens.max(1))?;
-        summary.prompt_tokens = prompt.len();
-        summary.dropped_messages = dropped;
-        let _ = events.send(GenerationEvent::Started {
-            prompt_tokens: prompt.len(),
-            dropped_messages: dropped,
-        });
-        let (mut cache, reused) = self.cache_for(req.cache_key, &prompt, prompt.len() + max_new)?;
-        summary.cached_tokens = reused;
-        let mut logits = Vec::new();
-        for chunk in prompt[reused..].chunks(self.prefill_chunk) {
-            if stopped(cancel) {
-                summary.finish_reason = FinishReason::Cancelled;
-                return Ok(());
-            }
-            logits = self.model.forward(chunk, &mut cache)?;
-        }
-        let mut sampler = Sampler::new(req.sampling.clone());
-        let mut decoder = DeltaDecoder::default();
-        let mut stops = StopMatcher::new(&req.stop);
-        let mut history = prompt.clone();
-        let mut first_token_at: Option<Instant> = None;
-        let mut index = 0usize;
-        let emit = |text: String, index: &mut usize, summary: &mut GenerationSummary| {
-            if !text.is_empty() {
-                summary.text.push_str(&text);
-                let _ = events.send(GenerationEvent::Delta {
-                    text,
-                    index: *index,
-                });
-                *index += 1;
-            }
-        };
-        summary.finish_reason = FinishReason::Length;
-        while summary.completion_tokens < max_new {
-            if stopped(cancel) {
-                summary.finish_reason = FinishReason::Cancelled;
-                break;
-            }
-            let token = sampler.sample(&mut logits, &history);
-            summary.completion_tokens += 1;
-            first_token_at.get_or_insert_with(Instant::now);
-            if self.tokenizer.is_stop(token) {
-                summary.finish_reason = FinishReason::Stop;
-                break;
-            }
-            history.push(token);
-            if let Some(text) = decoder.push(&self.tokenizer, token)? {
-                match stops.push(&text) {
-                    StopOutcome::Continue(t) => emit(t, &mut index, summary),
-                    StopOutcome::Stop(t) => {
-                        emit(t, &mut index, summary);
-                        summary.finish_reason = FinishReason::Stop;
-                        break;
-                    }
-                }
-            }
-            if summary.completion_tokens >= max_new || cache.len() >= cache.capacity() {
-                break;
-            }
-            if let Some(pace) = self.min_token_interval {
-                std::thread::sleep(pace);
-            }
-            logits = self.model.forward(&[token], &mut cache)?;
-        }
-        if summary.finish_reason != FinishReason::Stop {
-            let tail = decoder.finish(&self.tokenizer)?.unwrap_or_default();
-            let rest = match stops.push(&tail) {
-                StopOutcome::Continue(t) => t + &stops.flush(),
-                StopOutcome::Stop(t) => t,
-            };
-            if summary.finish_reason != FinishReason::Cancelled {
-                emit(rest, &mut index, summary);
-            }
-        }
-        if let Some(chat) = req.cache_key.filter(|_| cache.reusable()) {
-            // Every token the cache covers went through `history` first.
-            let tokens = history[..cache.len()].to_vec();
-            self.prefixes.put(chat, Entry { tokens, cache });
-        }
-        if let Some(t) = first_token_at {
-            summary.time_to_first_token = Some(t - started);
-            let gen_time = t.elapsed().as_secs_f64();
-            if summary.completion_tokens > 1 && gen_time > 0.0 {
-                summary.tokens_per_second = (summary.completion_tokens - 1) as f64 / gen_time;
-            }
-        }
-        Ok(())
     }
 }
 
@@ -429,12 +303,7 @@ pub fn load(path: PathBuf, opts: EngineOptions) -> Result<EngineHandle, EngineEr
                 };
                 let _ = ready_tx.send(Ok((info, engine.prefixes.clone())));
                 // Runs until every handle is dropped.
-                while let Ok(job) = rx.recv() {
-                    if job.cancel.is_cancelled() || job.events.is_closed() {
-                        continue;
-                    }
-                    engine.run(job);
-                }
+                engine.serve(rx, opts.max_batch);
             })
         })
         .map_err(|e| EngineError::Model(format!("cannot start the engine thread: {e}")))?;

@@ -352,3 +352,202 @@ async fn kept_attention_state_grows_and_follows_edits() {
     assert_eq!(w_deltas, c_deltas);
     assert!(w.cached_tokens > 0 && w.cached_tokens < c.prompt_tokens / 2);
 }
+
+/// A prompt set for the batching tests: different lengths (one needs several prompt
+/// chunks), greedy and seeded sampling, a stop string.
+fn batch_requests() -> Vec<GenerateRequest> {
+    let long = "tell me a story about the sea";
+    let sampled = SamplingParams {
+        temperature: 0.9,
+        top_k: Some(40),
+        top_p: Some(0.95),
+        repeat_penalty: 1.1,
+        repeat_last_n: 16,
+        seed: 7,
+    };
+    vec![
+        req(vec![user("hello")], 24),
+        req(vec![user(long)], 24),
+        GenerateRequest {
+            sampling: sampled,
+            ..req(vec![user("what is up")], 24)
+        },
+        req(
+            vec![
+                user("hi"),
+                ChatMessage {
+                    role: Role::Assistant,
+                    content: "hello, how are you".into(),
+                },
+                user("fine"),
+            ],
+            20,
+        ),
+        req(vec![user("x")], 1),
+    ]
+}
+
+/// Each request's result alone, one after another.
+async fn solo_runs(h: &EngineHandle, reqs: &[GenerateRequest]) -> Vec<GenerationSummary> {
+    let mut out = Vec::new();
+    for r in reqs {
+        out.push(collect(h, r.clone()).await.0);
+    }
+    out
+}
+
+/// Sequences generated together give what they give alone, token for token, and the
+/// engine really steps them together: every sequence streams text before any finishes.
+#[tokio::test]
+async fn batched_sequences_match_their_solo_runs() {
+    let opts = EngineOptions {
+        // Small chunks, so the long prompt is read over several steps beside the others;
+        // paced, so all requests are in before the first one could finish.
+        prefill_chunk: 16,
+        min_token_interval: Some(Duration::from_millis(3)),
+        ..Default::default()
+    };
+    let h = engine::load(fixture().path.clone(), opts).expect("load tiny model");
+    let reqs = batch_requests();
+    let solo = solo_runs(&h, &reqs).await;
+    for (i, s) in solo.iter().enumerate() {
+        assert_eq!(s.finish_reason, FinishReason::Length, "request {i}: {s:?}");
+    }
+    assert!(
+        (2 * 16..4 * 16).contains(&solo[1].prompt_tokens),
+        "the long prompt takes several chunks: {}",
+        solo[1].prompt_tokens
+    );
+
+    let mut gens: Vec<_> = reqs
+        .iter()
+        .map(|r| h.generate(r.clone()).expect("queued"))
+        .collect();
+    // When the first multi-token request finishes, each other multi-token one must have
+    // streamed a good part of its reply already (stepped together), not nothing (queued
+    // behind it). Events are sent in order by one thread, so what the others had sent by
+    // then is in their channels once that Finished is read.
+    let mut events: Vec<Vec<GenerationEvent>> = vec![Vec::new(); gens.len()];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let first = 'poll: loop {
+        assert!(std::time::Instant::now() < deadline, "no request finished");
+        for (i, g) in gens.iter_mut().enumerate() {
+            while let Ok(ev) = g.events.try_recv() {
+                let end = matches!(&ev, GenerationEvent::Finished(s) if s.completion_tokens > 1);
+                events[i].push(ev);
+                if end {
+                    break 'poll i;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let deltas = |evs: &[GenerationEvent]| {
+        evs.iter()
+            .filter(|e| matches!(e, GenerationEvent::Delta { .. }))
+            .count()
+    };
+    for i in (0..4).filter(|&i| i != first) {
+        while let Ok(ev) = gens[i].events.try_recv() {
+            events[i].push(ev);
+        }
+        assert!(
+            deltas(&events[i]) >= 8,
+            "request {i} streamed {} pieces by the time request {first} finished: {:?}",
+            deltas(&events[i]),
+            events[i]
+        );
+    }
+    for (g, evs) in gens.iter_mut().zip(events.iter_mut()) {
+        while !matches!(evs.last(), Some(GenerationEvent::Finished(_))) {
+            let ev = tokio::time::timeout(Duration::from_secs(30), g.events.recv())
+                .await
+                .expect("events keep coming")
+                .expect("open until Finished");
+            evs.push(ev);
+        }
+    }
+    for (i, (evs, s)) in events.iter().zip(&solo).enumerate() {
+        let text: String = evs
+            .iter()
+            .filter_map(|e| match e {
+                GenerationEvent::Delta { text, .. } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        let Some(GenerationEvent::Finished(b)) = evs.last() else {
+            unreachable!("collected to Finished")
+        };
+        assert_eq!(b.text, s.text, "request {i}: same text batched as alone");
+        assert_eq!(b.completion_tokens, s.completion_tokens, "request {i}");
+        assert_eq!(b.finish_reason, s.finish_reason, "request {i}");
+        assert_eq!(text, b.text, "request {i}: deltas add up");
+    }
+}
+
+/// A request that arrives while others generate joins them between steps; one that is
+/// cancelled leaves at once; neither changes anyone's tokens.
+#[tokio::test]
+async fn sequences_join_and_leave_a_running_batch() {
+    let opts = EngineOptions {
+        min_token_interval: Some(Duration::from_millis(3)),
+        ..Default::default()
+    };
+    let h = engine::load(fixture().path.clone(), opts).expect("load tiny model");
+    let reqs = batch_requests();
+    let solo = solo_runs(&h, &reqs[..2]).await;
+    let mut first = h.generate(reqs[0].clone()).expect("queued");
+    let mut doomed = h
+        .generate(req(vec![user("cancel me")], 200))
+        .expect("queued");
+    // Wait until both are generating, then add the second request and cancel one.
+    let mut first_text = String::new();
+    while first_text.is_empty() {
+        if let Some(GenerationEvent::Delta { text, .. }) = first.events.recv().await {
+            first_text.push_str(&text);
+        }
+    }
+    loop {
+        match doomed.events.recv().await {
+            Some(GenerationEvent::Delta { .. }) => break,
+            Some(GenerationEvent::Started { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let joiner = h.generate(reqs[1].clone()).expect("queued");
+    doomed.cancel.cancel();
+    let cancelled = loop {
+        match doomed.events.recv().await {
+            Some(GenerationEvent::Finished(s)) => break s,
+            Some(_) => {}
+            None => panic!("no Finished"),
+        }
+    };
+    assert_eq!(cancelled.finish_reason, FinishReason::Cancelled);
+    assert!(cancelled.completion_tokens < 200);
+    let mut joined = None;
+    let joiner = tokio::spawn(async move {
+        let mut g = joiner;
+        while let Some(ev) = g.events.recv().await {
+            if let GenerationEvent::Finished(s) = ev {
+                return Some(s);
+            }
+        }
+        None
+    });
+    let first_done = loop {
+        match first.events.recv().await {
+            Some(GenerationEvent::Finished(s)) => break s,
+            Some(GenerationEvent::Delta { text, .. }) => first_text.push_str(&text),
+            Some(_) => {}
+            None => panic!("no Finished"),
+        }
+    };
+    if let Ok(s) = joiner.await {
+        joined = s;
+    }
+    let joined = joined.expect("joiner finished");
+    assert_eq!(first_done.text, solo[0].text);
+    assert_eq!(first_text, solo[0].text);
+    assert_eq!(joined.text, solo[1].text);
+}

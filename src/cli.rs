@@ -343,6 +343,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
         reps: args.reps.max(1),
+        batches: args.batch.clone(),
     };
     let report = tokio::task::spawn_blocking(move || crate::engine::bench::run(&path, &opts, &cfg))
         .await??;
@@ -369,6 +370,14 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             s(&report.time_to_first_token_ms),
             report.prompt_tokens
         );
+        for b in &report.batched_tg {
+            println!(
+                "tg{:<5} {} tok/s  (x{} sequences, all together)",
+                report.gen_tokens,
+                s(&b.tokens_per_second),
+                b.batch
+            );
+        }
         if let Some(m) = report.peak_rss_mib {
             println!("peak    {m:.0} MiB resident");
         }

@@ -155,6 +155,10 @@ pub struct BenchArgs {
     /// Timed repetitions (after one warm-up).
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
+    /// Also measure generation with this many sequences stepped together (continuous
+    /// batching), aggregate tokens/s; comma-separated, e.g. `2,4,8`.
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    pub batch: Vec<usize>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

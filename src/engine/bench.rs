@@ -2,6 +2,8 @@
 //!
 //! - pp N: prompt processing, N random tokens in one go from an empty cache, tokens/s.
 //! - tg N: generation, N tokens one at a time from an empty cache, tokens/s.
+//! - tg N × B: B sequences generating N tokens each, stepped together as the server's
+//!   continuous batching does (one batched forward pass per token), tokens/s of all B.
 //! - time to first token: an N-token prompt processed and the first token sampled.
 //! - load time and peak resident memory.
 //!
@@ -13,6 +15,7 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use super::model::Segment;
 use super::sampler::{Sampler, SamplingParams};
 use super::worker::{EngineOptions, LoadedEngine};
 use super::EngineError;
@@ -23,6 +26,8 @@ pub struct BenchConfig {
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
     pub reps: usize,
+    /// Batch sizes (above 1) to measure batched generation at.
+    pub batches: Vec<usize>,
 }
 
 /// A measured quantity over repetitions.
@@ -67,8 +72,50 @@ pub struct BenchReport {
     /// Generation, tokens/s.
     pub tg_tokens_per_second: Stat,
     pub time_to_first_token_ms: Stat,
+    /// Batched generation: aggregate tokens/s by batch size.
+    pub batched_tg: Vec<BatchedStat>,
     /// Peak resident memory of the process (VmHWM), MiB.
     pub peak_rss_mib: Option<f64>,
+}
+
+/// Aggregate generation speed of `batch` sequences stepped together.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchedStat {
+    pub batch: usize,
+    pub tokens_per_second: Stat,
+}
+
+/// `batch` sequences, `tokens` steps of one token each, all in one forward pass per step:
+/// seconds taken.
+fn batched_generation(
+    engine: &LoadedEngine,
+    batch: usize,
+    tokens: usize,
+    seed: u64,
+) -> Result<f64, EngineError> {
+    let mut caches = (0..batch)
+        .map(|_| engine.model.new_cache(tokens + 1))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut samplers: Vec<Sampler> = (0..batch)
+        .map(|_| Sampler::new(SamplingParams::greedy()))
+        .collect();
+    let mut next = random_tokens(engine, batch, seed);
+    let t = Instant::now();
+    for _ in 0..tokens {
+        let mut segs: Vec<Segment<'_>> = caches
+            .iter_mut()
+            .zip(&next)
+            .map(|(cache, token)| Segment {
+                tokens: std::slice::from_ref(token),
+                cache,
+            })
+            .collect();
+        let logits = engine.model.forward_batch(&mut segs)?;
+        for ((mut l, s), token) in logits.into_iter().zip(&mut samplers).zip(&mut next) {
+            *token = s.sample(&mut l, &[]);
+        }
+    }
+    Ok(t.elapsed().as_secs_f64())
 }
 
 fn peak_rss_mib() -> Option<f64> {
@@ -127,6 +174,21 @@ pub fn run(
             tg.push(cfg.gen_tokens.max(1) as f64 / gen);
         }
     }
+    let mut batched_tg = Vec::new();
+    for &batch in cfg.batches.iter().filter(|&&b| b > 1) {
+        let tokens = cfg.gen_tokens.max(1);
+        let mut samples = Vec::new();
+        for rep in 0..=cfg.reps {
+            let secs = batched_generation(&engine, batch, tokens, 2000 + rep as u64)?;
+            if rep > 0 {
+                samples.push((batch * tokens) as f64 / secs);
+            }
+        }
+        batched_tg.push(BatchedStat {
+            batch,
+            tokens_per_second: Stat::of(samples),
+        });
+    }
     Ok(BenchReport {
         model: engine
             .model
@@ -141,6 +203,7 @@ pub fn run(
         pp_tokens_per_second: Stat::of(pp),
         tg_tokens_per_second: Stat::of(tg),
         time_to_first_token_ms: Stat::of(ttft),
+        batched_tg,
         peak_rss_mib: peak_rss_mib(),
     })
 }

@@ -8,10 +8,8 @@
 
 use std::io::{Read, Seek};
 
-use rayon::prelude::*;
-
 use super::gguf::{GgufFile, ModelSpec};
-use super::kernels::{QMat, Rows};
+use super::kernels::{QMat, Rows, SyncPtr};
 use super::team::Team;
 use super::EngineError;
 
@@ -400,35 +398,42 @@ impl CpuLlama {
         let (d, hd) = (s.n_embd, s.head_dim);
         let group = s.n_head / s.n_kv_head;
         let scale = 1.0 / (hd as f32).sqrt();
-        let work = |(idx, o): (usize, &mut [f32])| {
-            let (i, head) = (idx / s.n_head, idx % s.n_head);
-            let (si, pos) = rows[i];
-            let cache = caches[si];
-            let kvh = head / group;
-            let base = l * s.n_kv_head * cache.capacity * hd + kvh * cache.capacity * hd;
-            let qh = &q[i * d + head * hd..i * d + (head + 1) * hd];
-            let len = pos + 1;
-            let mut scores: Vec<f32> = (0..len)
-                .map(|p| dot(qh, &cache.k[base + p * hd..base + (p + 1) * hd]) * scale)
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
+        let items = rows.len() * s.n_head;
+        debug_assert_eq!(out.len(), items * hd);
+        let out_ptr = SyncPtr(out.as_mut_ptr());
+        // One item per (row, head); thread `tid` takes every `size`-th, which spreads long
+        // and short contexts evenly. The team's helpers are awake from the products around.
+        let size = self.team.size();
+        self.team.run(&|tid| {
+            // The whole wrapper, not its field: only the wrapper is `Sync`.
+            let out_ptr = &out_ptr;
+            let mut scores = Vec::new();
+            for idx in (tid..items).step_by(size) {
+                let (i, head) = (idx / s.n_head, idx % s.n_head);
+                let (si, pos) = rows[i];
+                let cache = caches[si];
+                let kvh = head / group;
+                let base = l * s.n_kv_head * cache.capacity * hd + kvh * cache.capacity * hd;
+                let qh = &q[i * d + head * hd..i * d + (head + 1) * hd];
+                let len = pos + 1;
+                scores.clear();
+                scores.extend(
+                    (0..len).map(|p| dot(qh, &cache.k[base + p * hd..base + (p + 1) * hd]) * scale),
+                );
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                // SAFETY: item `idx` owns cells idx*hd..(idx+1)*hd of `out`, which outlives
+                // `team.run`; no other item writes them.
+                let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(idx * hd), hd) };
+                o.fill(0.0);
+                for (p, sc) in scores.iter().enumerate() {
+                    axpy(o, sc / sum, &cache.v[base + p * hd..base + (p + 1) * hd]);
+                }
             }
-            o.fill(0.0);
-            for (p, sc) in scores.iter().enumerate() {
-                axpy(o, sc / sum, &cache.v[base + p * hd..base + (p + 1) * hd]);
-            }
-        };
-        // `out` is rows × n_head × head_dim: one chunk per (row, head). Spread over the
-        // cores only when there is enough of it to pay for the hand-off.
-        let positions: usize = rows.iter().map(|&(_, pos)| pos + 1).sum();
-        if positions > 4096 {
-            out.par_chunks_mut(hd).enumerate().for_each(work);
-        } else {
-            out.chunks_mut(hd).enumerate().for_each(work);
-        }
+        });
     }
 }

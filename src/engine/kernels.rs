@@ -28,9 +28,12 @@ const PANEL: usize = 16;
 /// Activation rows per call of that kernel: 6 × 2 accumulators + 2 weights + 1 broadcast
 /// fill 15 of the 16 AVX registers.
 const MR: usize = 6;
-/// Generated-token rows that share one read of the weights in the matrix-vector kernels
-/// (8 accumulators + 4 weight vectors + temporaries fit the 16 AVX registers).
-const MAX_SHARED: usize = 8;
+/// Generated-token rows that share one read of the weights in the AVX2 matrix-vector
+/// kernels (4 accumulators + 4 weight vectors + temporaries fit the 16 registers; 8 spilled
+/// and measured slower than two passes of 4).
+const MAX_SHARED: usize = 4;
+/// The same with AVX-512 (32 registers, two weight vectors per block).
+const MAX_SHARED_512: usize = 8;
 
 /// What the activation rows of a product are, which decides the arithmetic. It is chosen
 /// by what a row *is*, never by how many rows share the call, so that a sequence's results
@@ -45,9 +48,10 @@ pub enum Rows {
     Prompt,
 }
 
-/// The output buffer, shared by the team; each thread writes its own disjoint cells.
-struct SyncPtr(*mut f32);
-// SAFETY: see the writes in `QMat::matmul`: every cell is written by exactly one thread.
+/// An output buffer shared by the team; each thread writes its own disjoint cells.
+pub(super) struct SyncPtr(pub(super) *mut f32);
+// SAFETY: see the writes in `QMat::matmul` and `CpuLlama::attention`: every cell is
+// written by exactly one thread.
 unsafe impl Sync for SyncPtr {}
 
 /// GGML Q4_1 block: `x = d * q + m`, q in 0..16; `qs[j]` holds element j in its low
@@ -306,18 +310,26 @@ impl QMat {
         #[cfg(target_arch = "x86_64")]
         if simd::available() && !matches!(self, QMat::F32 { .. }) {
             let nb = cols / QK;
+            let wide = simd::avx512();
+            let group = if wide { MAX_SHARED_512 } else { MAX_SHARED };
             let mut i = 0;
             while i < n {
-                let t = (n - i).min(MAX_SHARED);
+                let t = (n - i).min(group);
                 let xs = &x[i * cols..(i + t) * cols];
-                // SAFETY: AVX2, FMA and F16C are present (checked at run time); the blocks
-                // are rows r0..r1, `xs` holds t rows of `cols`, and the cells written (rows
-                // i..i+t, columns r0..r1 of `out`) are in this thread's band.
+                // SAFETY: the instruction sets are present (checked at run time); the
+                // blocks are rows r0..r1, `xs` holds t rows of `cols`, and the cells written
+                // (rows i..i+t, columns r0..r1 of `out`) are in this thread's band.
                 unsafe {
                     let o = out.0.add(i * rows + r0);
                     match self {
+                        QMat::Q4_1 { blocks, .. } if wide => {
+                            simd::q4_1_rows_512(&blocks[r0 * nb..r1 * nb], nb, xs, t, o, rows)
+                        }
                         QMat::Q4_1 { blocks, .. } => {
                             simd::q4_1_rows(&blocks[r0 * nb..r1 * nb], nb, xs, t, o, rows)
+                        }
+                        QMat::Q8_0 { blocks, .. } if wide => {
+                            simd::q8_0_rows_512(&blocks[r0 * nb..r1 * nb], nb, xs, t, o, rows)
                         }
                         QMat::Q8_0 { blocks, .. } => {
                             simd::q8_0_rows(&blocks[r0 * nb..r1 * nb], nb, xs, t, o, rows)
@@ -488,6 +500,170 @@ mod simd {
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
         })
+    }
+
+    /// AVX-512 for the matrix-vector kernels. Chosen once per process, so every product of
+    /// a run takes the same arithmetic (a sequence's tokens must not depend on batching).
+    pub fn avx512() -> bool {
+        static OK: OnceLock<bool> = OnceLock::new();
+        *OK.get_or_init(|| {
+            available()
+                && is_x86_feature_detected!("avx512f")
+                && std::env::var_os("CONFAB_NO_AVX512").is_none()
+        })
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn hsum512(v: __m512) -> f32 {
+        let lo = _mm512_castps512_ps256(v);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+        hsum(_mm256_add_ps(lo, hi))
+    }
+
+    /// [`q4_1_rows`] with 512-bit vectors: a block's 32 weights are two vectors.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn q4_1_rows_512(
+        blocks: &[BlockQ4_1],
+        nb: usize,
+        x: &[f32],
+        t: usize,
+        out: *mut f32,
+        ld: usize,
+    ) {
+        match t {
+            1 => q4_1_rows_512_t::<1>(blocks, nb, x, out, ld),
+            2 => q4_1_rows_512_t::<2>(blocks, nb, x, out, ld),
+            3 => q4_1_rows_512_t::<3>(blocks, nb, x, out, ld),
+            4 => q4_1_rows_512_t::<4>(blocks, nb, x, out, ld),
+            5 => q4_1_rows_512_t::<5>(blocks, nb, x, out, ld),
+            6 => q4_1_rows_512_t::<6>(blocks, nb, x, out, ld),
+            7 => q4_1_rows_512_t::<7>(blocks, nb, x, out, ld),
+            _ => q4_1_rows_512_t::<8>(blocks, nb, x, out, ld),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    // `b` indexes the row's blocks (by pointer) and every activation row's Σx alike.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn q4_1_rows_512_t<const T: usize>(
+        blocks: &[BlockQ4_1],
+        nb: usize,
+        x: &[f32],
+        out: *mut f32,
+        ld: usize,
+    ) {
+        let cols = nb * QK;
+        let n_rows = blocks.len() / nb;
+        let xp = x.as_ptr();
+        if nb > XSUM_BLOCKS {
+            for r in 0..n_rows {
+                for k in 0..T {
+                    let mut acc = [0f32; 4];
+                    q4_1_t::<1>(
+                        &blocks[r * nb..(r + 1) * nb],
+                        &x[k * cols..],
+                        cols,
+                        &mut acc,
+                    );
+                    *out.add(k * ld + r) = acc[0];
+                }
+            }
+            return;
+        }
+        let mask = _mm_set1_epi8(0x0F);
+        let mut xsum = [[0f32; XSUM_BLOCKS]; T];
+        for (k, sums) in xsum.iter_mut().enumerate() {
+            for (b, s) in sums[..nb].iter_mut().enumerate() {
+                let p = xp.add(k * cols + b * QK);
+                *s = hsum512(_mm512_add_ps(
+                    _mm512_loadu_ps(p),
+                    _mm512_loadu_ps(p.add(16)),
+                ));
+            }
+        }
+        for r in 0..n_rows {
+            let row = blocks.as_ptr().add(r * nb);
+            let mut acc = [_mm512_setzero_ps(); T];
+            let mut msum = [0f32; T];
+            for b in 0..nb {
+                let blk = &*row.add(b);
+                let raw = _mm_loadu_si128(blk.qs.as_ptr() as *const __m128i);
+                let lo = _mm_and_si128(raw, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+                let q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
+                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
+                let d = _mm512_set1_ps(f16_to_f32(blk.d));
+                let m = f16_to_f32(blk.m);
+                for k in 0..T {
+                    let p = xp.add(k * cols + b * QK);
+                    let s = _mm512_mul_ps(q0, _mm512_loadu_ps(p));
+                    let s = _mm512_fmadd_ps(q1, _mm512_loadu_ps(p.add(16)), s);
+                    acc[k] = _mm512_fmadd_ps(s, d, acc[k]);
+                    msum[k] += m * xsum[k][b];
+                }
+            }
+            for k in 0..T {
+                *out.add(k * ld + r) = hsum512(acc[k]) + msum[k];
+            }
+        }
+    }
+
+    /// [`q8_0_rows`] with 512-bit vectors.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn q8_0_rows_512(
+        blocks: &[BlockQ8_0],
+        nb: usize,
+        x: &[f32],
+        t: usize,
+        out: *mut f32,
+        ld: usize,
+    ) {
+        match t {
+            1 => q8_0_rows_512_t::<1>(blocks, nb, x, out, ld),
+            2 => q8_0_rows_512_t::<2>(blocks, nb, x, out, ld),
+            3 => q8_0_rows_512_t::<3>(blocks, nb, x, out, ld),
+            4 => q8_0_rows_512_t::<4>(blocks, nb, x, out, ld),
+            5 => q8_0_rows_512_t::<5>(blocks, nb, x, out, ld),
+            6 => q8_0_rows_512_t::<6>(blocks, nb, x, out, ld),
+            7 => q8_0_rows_512_t::<7>(blocks, nb, x, out, ld),
+            _ => q8_0_rows_512_t::<8>(blocks, nb, x, out, ld),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn q8_0_rows_512_t<const T: usize>(
+        blocks: &[BlockQ8_0],
+        nb: usize,
+        x: &[f32],
+        out: *mut f32,
+        ld: usize,
+    ) {
+        let cols = nb * QK;
+        let n_rows = blocks.len() / nb;
+        let xp = x.as_ptr();
+        for r in 0..n_rows {
+            let row = blocks.as_ptr().add(r * nb);
+            let mut acc = [_mm512_setzero_ps(); T];
+            for b in 0..nb {
+                let blk = &*row.add(b);
+                let q = blk.qs.as_ptr() as *const __m128i;
+                let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)));
+                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(1))));
+                let d = _mm512_set1_ps(f16_to_f32(blk.d));
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let p = xp.add(k * cols + b * QK);
+                    let s = _mm512_mul_ps(q0, _mm512_loadu_ps(p));
+                    let s = _mm512_fmadd_ps(q1, _mm512_loadu_ps(p.add(16)), s);
+                    *a = _mm512_fmadd_ps(s, d, *a);
+                }
+            }
+            for (k, a) in acc.iter().enumerate() {
+                *out.add(k * ld + r) = hsum512(*a);
+            }
+        }
     }
 
     #[inline]
@@ -936,6 +1112,68 @@ mod tests {
                             "{dtype:?} {kind:?}: row {i} alone vs in {n} rows"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Both vector widths of the generated-row kernels (the machine picks one per
+    /// process, so the other would go untested): close to the reference, and each row's
+    /// result independent of how many rows share the call.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_and_avx512_row_kernels() {
+        if !simd::available() {
+            return;
+        }
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (rows, cols) = (24, 96);
+            let (m, w) = matrix(rows, cols, dtype);
+            let n = 7;
+            let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.13).cos()).collect();
+            let want = reference(&w, &x, rows, cols, n);
+            let nb = cols / QK;
+            let mut widths = vec![false];
+            if simd::avx512() {
+                widths.push(true);
+            }
+            for wide in widths {
+                let run = |xs: &[f32], t: usize| {
+                    let mut out = vec![0f32; t * rows];
+                    // SAFETY: features checked above; `xs` holds t rows, `out` t × rows.
+                    unsafe {
+                        match (&m, wide) {
+                            (QMat::Q4_1 { blocks, .. }, false) => {
+                                simd::q4_1_rows(blocks, nb, xs, t, out.as_mut_ptr(), rows)
+                            }
+                            (QMat::Q4_1 { blocks, .. }, true) => {
+                                simd::q4_1_rows_512(blocks, nb, xs, t, out.as_mut_ptr(), rows)
+                            }
+                            (QMat::Q8_0 { blocks, .. }, false) => {
+                                simd::q8_0_rows(blocks, nb, xs, t, out.as_mut_ptr(), rows)
+                            }
+                            (QMat::Q8_0 { blocks, .. }, true) => {
+                                simd::q8_0_rows_512(blocks, nb, xs, t, out.as_mut_ptr(), rows)
+                            }
+                            _ => unreachable!(),
+                        }
+                    }
+                    out
+                };
+                let all = run(&x, n);
+                for (a, b) in all.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{dtype:?} {wide}");
+                }
+                for i in 0..n {
+                    let one = run(&x[i * cols..(i + 1) * cols], 1);
+                    assert_eq!(
+                        one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        all[i * rows..(i + 1) * rows]
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect::<Vec<_>>(),
+                        "{dtype:?} avx512={wide}: row {i}"
+                    );
                 }
             }
         }

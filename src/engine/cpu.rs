@@ -398,40 +398,59 @@ impl CpuLlama {
         let (d, hd) = (s.n_embd, s.head_dim);
         let group = s.n_head / s.n_kv_head;
         let scale = 1.0 / (hd as f32).sqrt();
-        let items = rows.len() * s.n_head;
-        debug_assert_eq!(out.len(), items * hd);
+        let items = rows.len() * s.n_kv_head;
+        debug_assert_eq!(out.len(), rows.len() * s.n_head * hd);
         let out_ptr = SyncPtr(out.as_mut_ptr());
-        // One item per (row, head); thread `tid` takes every `size`-th, which spreads long
-        // and short contexts evenly. The team's helpers are awake from the products around.
+        // One item per (row, KV head), covering the `group` query heads that share it, so
+        // each cached key and value is read once for all of them. Thread `tid` takes every
+        // `size`-th item, which spreads long and short contexts evenly; the team's helpers
+        // are awake from the products around.
         let size = self.team.size();
         self.team.run(&|tid| {
             // The whole wrapper, not its field: only the wrapper is `Sync`.
             let out_ptr = &out_ptr;
-            let mut scores = Vec::new();
+            let (mut scores, mut sums) = (Vec::new(), Vec::with_capacity(group));
             for idx in (tid..items).step_by(size) {
-                let (i, head) = (idx / s.n_head, idx % s.n_head);
+                let (i, kvh) = (idx / s.n_kv_head, idx % s.n_kv_head);
                 let (si, pos) = rows[i];
                 let cache = caches[si];
-                let kvh = head / group;
                 let base = l * s.n_kv_head * cache.capacity * hd + kvh * cache.capacity * hd;
-                let qh = &q[i * d + head * hd..i * d + (head + 1) * hd];
                 let len = pos + 1;
+                let first = kvh * group;
+                let qs = &q[i * d + first * hd..i * d + (first + group) * hd];
                 scores.clear();
-                scores.extend(
-                    (0..len).map(|p| dot(qh, &cache.k[base + p * hd..base + (p + 1) * hd]) * scale),
-                );
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
+                scores.resize(group * len, 0.0);
+                for p in 0..len {
+                    let key = &cache.k[base + p * hd..base + (p + 1) * hd];
+                    for (g, qh) in qs.chunks_exact(hd).enumerate() {
+                        scores[g * len + p] = dot(qh, key) * scale;
+                    }
                 }
-                // SAFETY: item `idx` owns cells idx*hd..(idx+1)*hd of `out`, which outlives
+                sums.clear();
+                for sc in scores.chunks_exact_mut(len) {
+                    let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    for v in sc.iter_mut() {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    }
+                    sums.push(sum);
+                }
+                // SAFETY: item `idx` owns the `group` heads of row i that read KV head
+                // `kvh`: cells (i·n_head + first)·hd .. +group·hd of `out`, which outlives
                 // `team.run`; no other item writes them.
-                let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(idx * hd), hd) };
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out_ptr.0.add((i * s.n_head + first) * hd),
+                        group * hd,
+                    )
+                };
                 o.fill(0.0);
-                for (p, sc) in scores.iter().enumerate() {
-                    axpy(o, sc / sum, &cache.v[base + p * hd..base + (p + 1) * hd]);
+                for p in 0..len {
+                    let value = &cache.v[base + p * hd..base + (p + 1) * hd];
+                    for (g, og) in o.chunks_exact_mut(hd).enumerate() {
+                        axpy(og, scores[g * len + p] / sums[g], value);
+                    }
                 }
             }
         });

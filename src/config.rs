@@ -92,7 +92,9 @@ pub struct ModelArgs {
     /// Use at most this many tokens of context (default: the model's own length).
     #[arg(long, env = "CONFAB_MAX_CONTEXT")]
     pub max_context: Option<usize>,
-    /// Prompt tokens processed per step; cancellation is noticed between steps.
+    /// Prompt tokens processed per step, all prompts together: a joining prompt delays the
+    /// running replies' next token by one such chunk at most. Cancellation is noticed
+    /// between steps.
     #[arg(long, env = "CONFAB_PREFILL_CHUNK", default_value_t = 256)]
     pub prefill_chunk: usize,
     /// CPU threads for the model (default: all cores).

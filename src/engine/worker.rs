@@ -26,7 +26,8 @@ pub struct EngineOptions {
     pub device: String,
     /// Use at most this much context (default: the model's).
     pub max_context: Option<usize>,
-    /// Prompt tokens processed per step; cancellation is checked between steps.
+    /// Prompt tokens processed per step, all prompts together (running sequences wait for
+    /// one such chunk at most); cancellation is checked between steps.
     pub prefill_chunk: usize,
     /// Requests waiting for the engine before new ones are refused.
     pub queue_capacity: usize,
@@ -247,64 +248,53 @@ pub fn thread_count(threads: Option<usize>) -> usize {
         .max(1)
 }
 
-/// The threads the model computes on: `threads`, or one per core.
-pub fn model_pool(threads: Option<usize>) -> Result<rayon::ThreadPool, EngineError> {
-    let threads = thread_count(threads);
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("confab-model-{i}"))
-        .build()
-        .map_err(|e| EngineError::Model(format!("cannot start the model threads: {e}")))
-}
-
 /// Loads the model on a new thread and starts the engine loop there. Returns once the
 /// model is loaded (or failed to load).
 pub fn load(path: PathBuf, opts: EngineOptions) -> Result<EngineHandle, EngineError> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(opts.queue_capacity.max(1));
+    // Room for a whole batch at least: the scheduler hands out `max_batch` slots at once.
+    let capacity = opts.queue_capacity.max(opts.max_batch).max(1);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(capacity);
     let (ready_tx, ready_rx) =
         std::sync::mpsc::channel::<Result<(ModelInfo, PrefixCache), EngineError>>();
-    let pool = model_pool(opts.threads)?;
     std::thread::Builder::new()
         .name("confab-engine".into())
         .spawn(move || {
-            // The loop runs on one of the pool's own threads: the matrix products it starts
-            // then split between that thread and the others without a hand-off per call.
-            pool.install(move || {
-                let t0 = Instant::now();
-                let engine = match LoadedEngine::open(&path, &opts) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let stem = path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let name = engine
-                    .model
-                    .spec()
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| stem.clone());
-                let info = ModelInfo {
-                    // The file is what an operator chose and knows by name; the GGUF's own
-                    // `general.name` is often a training-run label.
-                    id: super::model_id(if stem.is_empty() { &name } else { &stem }),
-                    name,
-                    loaded_at: std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs()),
-                    architecture: engine.model.spec().architecture.clone(),
-                    context_length: engine.context_length,
-                    load_time: t0.elapsed(),
-                    device: opts.device.clone(),
-                };
-                let _ = ready_tx.send(Ok((info, engine.prefixes.clone())));
-                // Runs until every handle is dropped.
-                engine.serve(rx, opts.max_batch);
-            })
+            // The matrix products and attention run on this thread and the model's thread
+            // team (`team.rs`), which the model starts when it loads.
+            let t0 = Instant::now();
+            let engine = match LoadedEngine::open(&path, &opts) {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let name = engine
+                .model
+                .spec()
+                .name
+                .clone()
+                .unwrap_or_else(|| stem.clone());
+            let info = ModelInfo {
+                // The file is what an operator chose and knows by name; the GGUF's own
+                // `general.name` is often a training-run label.
+                id: super::model_id(if stem.is_empty() { &name } else { &stem }),
+                name,
+                loaded_at: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                architecture: engine.model.spec().architecture.clone(),
+                context_length: engine.context_length,
+                load_time: t0.elapsed(),
+                device: opts.device.clone(),
+            };
+            let _ = ready_tx.send(Ok((info, engine.prefixes.clone())));
+            // Runs until every handle is dropped.
+            engine.serve(rx, opts.max_batch);
         })
         .map_err(|e| EngineError::Model(format!("cannot start the engine thread: {e}")))?;
     let (info, prefixes) = ready_rx.recv().map_err(|_| EngineError::Stopped)??;

@@ -907,7 +907,44 @@ async fn metrics_parse_and_move_with_traffic(b: Backend) {
     s.stop().await;
 }
 
+/// With several reply slots, replies of different chats stream at the same time (the
+/// engine batches them): all three have streamed a token while none has finished, since
+/// cancelling them then ends every one as `cancelled` (one after another, the first would
+/// have run to its length before the third started).
+async fn replies_of_several_chats_stream_together(b: Backend) {
+    let settings = ChatSettings {
+        slots: 3,
+        tenant_slot_share: 1.0,
+        ..ChatSettings::default()
+    };
+    let s = server(b, settings, Some(Duration::from_millis(10))).await;
+    let t = s.tenant("acme").await;
+    let mut sockets = Vec::new();
+    for user in ["alice", "bob", "carol"] {
+        let chat_id = chat(&s, &t.key, user, 200).await;
+        let mut ws = Ws::connect(&s, &t.key, user, &chat_id).await;
+        ws.event().await;
+        ws.send(json!({"content": "Tell me a long story"})).await;
+        sockets.push((ws, chat_id, user));
+    }
+    for (ws, _, _) in sockets.iter_mut() {
+        ws.until("message_stream_token").await;
+    }
+    for (ws, _, _) in sockets.iter_mut() {
+        ws.send(json!({"type": "cancel"})).await;
+    }
+    for (ws, chat_id, user) in sockets.iter_mut() {
+        let ended = ws.until("message_stream_ended").await;
+        assert_eq!(ended["finish_reason"], "cancelled", "{user}: {ended}");
+        let saved = messages(&s, &t.key, chat_id).await;
+        assert_eq!(saved[1]["status"], "cancelled", "{user}");
+        assert_eq!(saved[1]["content"], ended["content"], "{user}");
+    }
+    s.stop().await;
+}
+
 backend_tests!(
+    replies_of_several_chats_stream_together,
     metrics_parse_and_move_with_traffic,
     usage_totals_match_the_replies,
     a_server_wide_bound_answers_server_busy,

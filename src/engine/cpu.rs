@@ -9,7 +9,7 @@
 use std::io::{Read, Seek};
 
 use super::gguf::{GgufFile, ModelSpec};
-use super::kernels::{QMat, Rows, SyncPtr};
+use super::kernels::{attend_64, QMat, Rows, SyncPtr};
 use super::team::Team;
 use super::EngineError;
 
@@ -418,10 +418,24 @@ impl CpuLlama {
                 let len = pos + 1;
                 let first = kvh * group;
                 let qs = &q[i * d + first * hd..i * d + (first + group) * hd];
+                // SAFETY: item `idx` owns the `group` heads of row i that read KV head
+                // `kvh`: cells (i·n_head + first)·hd .. +group·hd of `out`, which outlives
+                // `team.run`; no other item writes them.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out_ptr.0.add((i * s.n_head + first) * hd),
+                        group * hd,
+                    )
+                };
+                let keys = &cache.k[base..base + len * hd];
+                let values = &cache.v[base..base + len * hd];
+                if attend_64(qs, group, keys, values, len, scale, &mut scores, o) {
+                    continue;
+                }
                 scores.clear();
                 scores.resize(group * len, 0.0);
                 for p in 0..len {
-                    let key = &cache.k[base + p * hd..base + (p + 1) * hd];
+                    let key = &keys[p * hd..(p + 1) * hd];
                     for (g, qh) in qs.chunks_exact(hd).enumerate() {
                         scores[g * len + p] = dot(qh, key) * scale;
                     }
@@ -436,18 +450,9 @@ impl CpuLlama {
                     }
                     sums.push(sum);
                 }
-                // SAFETY: item `idx` owns the `group` heads of row i that read KV head
-                // `kvh`: cells (i·n_head + first)·hd .. +group·hd of `out`, which outlives
-                // `team.run`; no other item writes them.
-                let o = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        out_ptr.0.add((i * s.n_head + first) * hd),
-                        group * hd,
-                    )
-                };
                 o.fill(0.0);
                 for p in 0..len {
-                    let value = &cache.v[base + p * hd..base + (p + 1) * hd];
+                    let value = &values[p * hd..(p + 1) * hd];
                     for (g, og) in o.chunks_exact_mut(hd).enumerate() {
                         axpy(og, scores[g * len + p] / sums[g], value);
                     }

@@ -35,6 +35,43 @@ const MAX_SHARED: usize = 4;
 /// The same with AVX-512 (32 registers, two weight vectors per block).
 const MAX_SHARED_512: usize = 8;
 
+/// Attention of the `group` query heads `q` (group × 64) sharing one KV head over `len`
+/// positions of `keys` and `values` (len × 64), into `out` (group × 64), with the AVX-512
+/// kernel. False when that kernel does not apply (no AVX-512, head size not 64, more than
+/// four heads per KV head): the caller then takes the portable loop. Whether it applies
+/// depends only on the model and the machine, so every row of a run takes the same path.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_64(
+    q: &[f32],
+    group: usize,
+    keys: &[f32],
+    values: &[f32],
+    len: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx512() && q.len() == group * 64 && out.len() == group * 64 {
+        if keys.len() < len * 64 || values.len() < len * 64 {
+            return false;
+        }
+        // SAFETY: AVX-512 is present (checked at run time); the lengths are checked above.
+        unsafe {
+            match group {
+                1 => simd::attend_64::<1>(q, keys, values, len, scale, scores, out),
+                2 => simd::attend_64::<2>(q, keys, values, len, scale, scores, out),
+                3 => simd::attend_64::<3>(q, keys, values, len, scale, scores, out),
+                4 => simd::attend_64::<4>(q, keys, values, len, scale, scores, out),
+                _ => return false,
+            }
+        }
+        return true;
+    }
+    let _ = (q, group, keys, values, len, scale, scores, out);
+    false
+}
+
 /// What the activation rows of a product are, which decides the arithmetic. It is chosen
 /// by what a row *is*, never by how many rows share the call, so that a sequence's results
 /// are the same bit for bit whether it ran alone or batched with others.
@@ -666,6 +703,81 @@ mod simd {
         }
     }
 
+    /// Attention of `G` query heads (`q`: G × 64) that share one KV head, over `len`
+    /// cached positions (`keys`, `values`: len × 64 each, contiguous), into `out` (G × 64):
+    /// scores, softmax, weighted sum of the values. Each query head's 64 values sit in four
+    /// registers for the whole pass, and so do its 64 outputs: every key and value row is
+    /// loaded once for the G heads and nothing else goes through memory.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn attend_64<const G: usize>(
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        len: usize,
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        debug_assert!(q.len() == G * 64 && out.len() == G * 64);
+        debug_assert!(keys.len() >= len * 64 && values.len() >= len * 64);
+        let (qp, kp, vp) = (q.as_ptr(), keys.as_ptr(), values.as_ptr());
+        let mut qv = [[_mm512_setzero_ps(); 4]; G];
+        for (g, qg) in qv.iter_mut().enumerate() {
+            for (j, v) in qg.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(qp.add(g * 64 + j * 16));
+            }
+        }
+        scores.clear();
+        scores.resize(G * len, 0.0);
+        for p in 0..len {
+            let k = kp.add(p * 64);
+            let (k0, k1, k2, k3) = (
+                _mm512_loadu_ps(k),
+                _mm512_loadu_ps(k.add(16)),
+                _mm512_loadu_ps(k.add(32)),
+                _mm512_loadu_ps(k.add(48)),
+            );
+            for (g, qg) in qv.iter().enumerate() {
+                let mut acc = _mm512_mul_ps(qg[0], k0);
+                acc = _mm512_fmadd_ps(qg[1], k1, acc);
+                acc = _mm512_fmadd_ps(qg[2], k2, acc);
+                acc = _mm512_fmadd_ps(qg[3], k3, acc);
+                *scores.get_unchecked_mut(g * len + p) = hsum512(acc) * scale;
+            }
+        }
+        let mut sums = [0f32; G];
+        for (sc, sum) in scores.chunks_exact_mut(len).zip(sums.iter_mut()) {
+            let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for v in sc.iter_mut() {
+                *v = (*v - max).exp();
+                *sum += *v;
+            }
+        }
+        let mut ov = [[_mm512_setzero_ps(); 4]; G];
+        for p in 0..len {
+            let v = vp.add(p * 64);
+            let (v0, v1, v2, v3) = (
+                _mm512_loadu_ps(v),
+                _mm512_loadu_ps(v.add(16)),
+                _mm512_loadu_ps(v.add(32)),
+                _mm512_loadu_ps(v.add(48)),
+            );
+            for (g, og) in ov.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*scores.get_unchecked(g * len + p) / sums[g]);
+                og[0] = _mm512_fmadd_ps(w, v0, og[0]);
+                og[1] = _mm512_fmadd_ps(w, v1, og[1]);
+                og[2] = _mm512_fmadd_ps(w, v2, og[2]);
+                og[3] = _mm512_fmadd_ps(w, v3, og[3]);
+            }
+        }
+        let op = out.as_mut_ptr();
+        for (g, og) in ov.iter().enumerate() {
+            for (j, v) in og.iter().enumerate() {
+                _mm512_storeu_ps(op.add(g * 64 + j * 16), *v);
+            }
+        }
+    }
+
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -1173,6 +1285,52 @@ mod tests {
                             .map(|v| v.to_bits())
                             .collect::<Vec<_>>(),
                         "{dtype:?} avx512={wide}: row {i}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 attention kernel against plain softmax attention.
+    #[test]
+    fn attention_kernel_matches_the_plain_loop() {
+        let (len, scale) = (37, 0.125);
+        let keys: Vec<f32> = (0..len * 64).map(|i| (i as f32 * 0.011).sin()).collect();
+        let values: Vec<f32> = (0..len * 64).map(|i| (i as f32 * 0.007).cos()).collect();
+        for group in 1..=4 {
+            let q: Vec<f32> = (0..group * 64)
+                .map(|i| (i as f32 * 0.03).sin() * 2.0)
+                .collect();
+            let mut out = vec![0f32; group * 64];
+            if !attend_64(
+                &q,
+                group,
+                &keys,
+                &values,
+                len,
+                scale,
+                &mut Vec::new(),
+                &mut out,
+            ) {
+                return; // no AVX-512 here: the portable loop is what runs
+            }
+            for g in 0..group {
+                let qh = &q[g * 64..(g + 1) * 64];
+                let sc: Vec<f32> = (0..len)
+                    .map(|p| {
+                        let k = &keys[p * 64..(p + 1) * 64];
+                        qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+                    })
+                    .collect();
+                let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = sc.iter().map(|v| (v - max).exp()).collect();
+                let sum: f32 = e.iter().sum();
+                for j in 0..64 {
+                    let want: f32 = (0..len).map(|p| e[p] / sum * values[p * 64 + j]).sum();
+                    let got = out[g * 64 + j];
+                    assert!(
+                        (got - want).abs() < 1e-4,
+                        "group {group} head {g} [{j}]: {got} vs {want}"
                     );
                 }
             }

@@ -447,9 +447,9 @@ async fn a_kill_during_a_reply_leaves_it_interrupted(b: Backend) {
     assert_eq!(v["span"]["tenant_id"], tenant, "{line}");
 }
 
-/// kill -9 while replies stream (one running, others queued) and REST writes run: after a
-/// restart every acknowledged write is there, no row is left half-done (`streaming`), and
-/// the running reply is `interrupted` with its text.
+/// kill -9 while replies stream (two running in one batch, two queued) and REST writes run:
+/// after a restart every acknowledged write is there, no row is left half-done
+/// (`streaming`), and the running replies are `interrupted` with their text.
 async fn a_kill_under_load_loses_nothing_acknowledged(b: Backend) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
@@ -460,6 +460,9 @@ async fn a_kill_under_load_loses_nothing_acknowledged(b: Backend) {
         ("CONFAB_DEBUG_TOKEN_INTERVAL_MS", "10"),
         ("CONFAB_SAVE_INTERVAL_MS", "50"),
         ("CONFAB_REQUESTS_PER_MINUTE", "100000"),
+        // Four slots, half of them for one tenant: two replies run, two wait.
+        ("CONFAB_MAX_BATCH", "4"),
+        ("CONFAB_TENANT_SLOT_SHARE", "0.5"),
     ];
     let Served {
         mut child, base, ..
@@ -488,7 +491,7 @@ async fn a_kill_under_load_loses_nothing_acknowledged(b: Backend) {
                 }
             }
         };
-    // Four chats, a message in each: one reply runs, three wait.
+    // Four chats, a message in each: two replies run, two wait.
     let mut sockets = Vec::new();
     let mut acked = Vec::new();
     for _ in 0..4 {
@@ -578,7 +581,7 @@ async fn a_kill_under_load_loses_nothing_acknowledged(b: Backend) {
             }
         }
     }
-    assert_eq!(interrupted, 1, "the running reply");
+    assert_eq!(interrupted, 2, "the running replies");
     stop(child).await;
 }
 

@@ -32,8 +32,9 @@ const MR: usize = 6;
 /// kernels (4 accumulators + 4 weight vectors + temporaries fit the 16 registers; 8 spilled
 /// and measured slower than two passes of 4).
 const MAX_SHARED: usize = 4;
-/// The same with AVX-512 (32 registers, two weight vectors per block).
-const MAX_SHARED_512: usize = 8;
+/// The same with AVX-512 (measured: two passes of 4 beat one of 8 by ~12%, the 8 rows'
+/// activations of the wider matrices no longer fit the L1 cache beside the weights).
+const MAX_SHARED_512: usize = 4;
 
 /// Attention of the `group` query heads `q` (group × 64) sharing one KV head over `len`
 /// positions of `keys` and `values` (len × 64), into `out` (group × 64), with the AVX-512

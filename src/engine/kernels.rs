@@ -585,8 +585,6 @@ mod simd {
 
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    // `b` indexes the row's blocks (by pointer) and every activation row's Σx alike.
-    #[allow(clippy::needless_range_loop)]
     unsafe fn q4_1_rows_512_t<const T: usize>(
         blocks: &[BlockQ4_1],
         nb: usize,

@@ -66,6 +66,10 @@ pub struct ServeBenchReport {
     pub aggregate_tokens_per_second: f64,
     /// Time to first token by turn number (index 0 = the first turn of every chat).
     pub ttft_ms_by_turn: Vec<Option<Percentiles>>,
+    /// The part of the time to first token the server reports for itself (`timings` of
+    /// `message_stream_ended`: waiting for a slot + reading the prompt), all turns; the
+    /// rest of the client's figure is saving the message, loading the history, transport.
+    pub server_ttft_ms: Option<Percentiles>,
     pub inter_token_ms: Option<Percentiles>,
     pub errors: usize,
     /// The first few errors, as the server described them.
@@ -76,6 +80,8 @@ pub struct ServeBenchReport {
 #[derive(Default)]
 struct Reply {
     ttft: Option<Duration>,
+    /// Queue + prompt time as the server reports it.
+    server_ttft_ms: Option<f64>,
     gaps: Vec<Duration>,
     completion_tokens: u64,
     error: Option<String>,
@@ -137,6 +143,7 @@ pub async fn run(cfg: &ServeBenchConfig) -> anyhow::Result<ServeBenchReport> {
 
     let mut by_turn = vec![Vec::new(); cfg.turns];
     let (mut gaps, mut errors, mut tokens, mut replies) = (Vec::new(), Vec::new(), 0, 0);
+    let mut server_ttft = Vec::new();
     for r in results {
         if let Some(e) = r.error {
             errors.push(e);
@@ -148,6 +155,7 @@ pub async fn run(cfg: &ServeBenchConfig) -> anyhow::Result<ServeBenchReport> {
                 by_turn[turn].push(t.as_secs_f64() * 1000.0);
             }
             gaps.extend(reply.gaps.iter().map(|g| g.as_secs_f64() * 1000.0));
+            server_ttft.extend(reply.server_ttft_ms);
             if let Some(e) = reply.error {
                 errors.push(e);
             }
@@ -166,6 +174,7 @@ pub async fn run(cfg: &ServeBenchConfig) -> anyhow::Result<ServeBenchReport> {
             0.0
         },
         ttft_ms_by_turn: by_turn.into_iter().map(Percentiles::of).collect(),
+        server_ttft_ms: Percentiles::of(server_ttft),
         inter_token_ms: Percentiles::of(gaps),
         errors: errors.len(),
         error_samples: errors.into_iter().take(5).collect(),
@@ -276,6 +285,12 @@ async fn converse(
                 Some("message_stream_ended") => {
                     reply.completion_tokens =
                         ev["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+                    let t = &ev["timings"];
+                    if let (Some(q), Some(p)) =
+                        (t["queue_ms"].as_u64(), t["time_to_first_token_ms"].as_u64())
+                    {
+                        reply.server_ttft_ms = Some((q + p) as f64);
+                    }
                     if ev["finish_reason"] == "error" {
                         reply.error = Some(format!("turn {turn}: the reply failed"));
                     }
@@ -330,6 +345,12 @@ pub fn print(r: &ServeBenchReport) {
             ),
             None => println!("  {:>4}        -", turn + 1),
         }
+    }
+    if let Some(p) = &r.server_ttft_ms {
+        println!(
+            "  of which in the server's queue and prompt: p50 {:.0} ms  p99 {:.0} ms",
+            p.p50, p.p99
+        );
     }
     println!("errors                 {}", r.errors);
     for e in &r.error_samples {

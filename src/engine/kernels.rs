@@ -281,6 +281,13 @@ impl QMat {
         match self {
             QMat::Q4_1 { blocks, .. } => {
                 let nb = cols / QK;
+                #[cfg(target_arch = "x86_64")]
+                if simd::available() {
+                    // SAFETY: AVX2 and F16C are present (checked at run time); `out` holds
+                    // at least `cols` values (a whole row of blocks).
+                    unsafe { simd::q4_1_row(&blocks[r * nb..(r + 1) * nb], &mut out[..cols]) };
+                    return;
+                }
                 for (b, o) in blocks[r * nb..(r + 1) * nb]
                     .iter()
                     .zip(out.chunks_exact_mut(QK))
@@ -411,19 +418,27 @@ impl QMat {
     fn gemm_band(&self, r0: usize, r1: usize, x: &[f32], n: usize, out: &SyncPtr) {
         let (rows, cols) = (self.rows(), self.cols());
         let mut panel = vec![0f32; cols * PANEL];
-        let mut row = vec![0f32; cols];
+        // The panel's weight rows as f32, row-major, before they are transposed into it.
+        let mut rows_f32 = vec![0f32; PANEL * cols];
         let mut spill = [0f32; MR * PANEL];
         let mut p0 = r0;
         while p0 < r1 {
             let width = (r1 - p0).min(PANEL);
-            for j in 0..PANEL {
+            for (j, row) in rows_f32.chunks_exact_mut(cols).enumerate() {
                 if j < width {
-                    self.row(p0 + j, &mut row);
+                    self.row(p0 + j, row);
                 } else {
                     row.fill(0.0);
                 }
-                for (c, v) in row.iter().enumerate() {
-                    panel[c * PANEL + j] = *v;
+            }
+            if cols % 8 == 0 {
+                // SAFETY: AVX2 checked by the caller; both buffers hold PANEL × cols values.
+                unsafe { simd::transpose_panel(&rows_f32, cols, &mut panel) };
+            } else {
+                for (j, row) in rows_f32.chunks_exact(cols).enumerate() {
+                    for (c, v) in row.iter().enumerate() {
+                        panel[c * PANEL + j] = *v;
+                    }
                 }
             }
             let mut i = 0;
@@ -763,6 +778,74 @@ mod simd {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s)
+    }
+
+    /// `panel[c][j] = rows[j][c]` for PANEL rows of `cols` values (`cols` a multiple of 8),
+    /// in 8 × 8 tiles transposed in registers.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn transpose_panel(rows: &[f32], cols: usize, panel: &mut [f32]) {
+        debug_assert!(cols % 8 == 0 && rows.len() >= PANEL * cols && panel.len() >= PANEL * cols);
+        let (rp, pp) = (rows.as_ptr(), panel.as_mut_ptr());
+        for j0 in (0..PANEL).step_by(8) {
+            for c0 in (0..cols).step_by(8) {
+                let r: [__m256; 8] =
+                    std::array::from_fn(|k| _mm256_loadu_ps(rp.add((j0 + k) * cols + c0)));
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let cols_out = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                for (c, v) in cols_out.into_iter().enumerate() {
+                    _mm256_storeu_ps(pp.add((c0 + c) * PANEL + j0), v);
+                }
+            }
+        }
+    }
+
+    /// One Q4_1 row as f32, `d q + m` (a multiply, then an add: the same values as the
+    /// scalar code). The prompt kernel dequantizes every weight once per step this way, so
+    /// for short prompt chunks this loop is most of the step.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_1_row(blocks: &[BlockQ4_1], out: &mut [f32]) {
+        debug_assert!(out.len() >= blocks.len() * QK);
+        let mask = _mm_set1_epi8(0x0F);
+        let op = out.as_mut_ptr();
+        for (b, blk) in blocks.iter().enumerate() {
+            let raw = _mm_loadu_si128(blk.qs.as_ptr() as *const __m128i);
+            let lo = _mm_and_si128(raw, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+            let d = _mm256_set1_ps(f16_to_f32(blk.d));
+            let m = _mm256_set1_ps(f16_to_f32(blk.m));
+            let o = op.add(b * QK);
+            for (i, q) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
+                .into_iter()
+                .enumerate()
+            {
+                let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+                _mm256_storeu_ps(o.add(i * 8), _mm256_add_ps(_mm256_mul_ps(q, d), m));
+            }
+        }
     }
 
     /// `t` (1..=4) activation rows: dispatch to a version with the count fixed at compile

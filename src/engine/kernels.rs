@@ -431,7 +431,7 @@ impl QMat {
                     row.fill(0.0);
                 }
             }
-            if cols % 8 == 0 {
+            if cols.is_multiple_of(8) {
                 // SAFETY: AVX2 checked by the caller; both buffers hold PANEL × cols values.
                 unsafe { simd::transpose_panel(&rows_f32, cols, &mut panel) };
             } else {
@@ -784,7 +784,9 @@ mod simd {
     /// in 8 × 8 tiles transposed in registers.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn transpose_panel(rows: &[f32], cols: usize, panel: &mut [f32]) {
-        debug_assert!(cols % 8 == 0 && rows.len() >= PANEL * cols && panel.len() >= PANEL * cols);
+        debug_assert!(
+            cols.is_multiple_of(8) && rows.len() >= PANEL * cols && panel.len() >= PANEL * cols
+        );
         let (rp, pp) = (rows.as_ptr(), panel.as_mut_ptr());
         for j0 in (0..PANEL).step_by(8) {
             for c0 in (0..cols).step_by(8) {

@@ -543,6 +543,17 @@ mod simd {
 
     use super::{BlockQ4_1, BlockQ8_0, PANEL, QK};
 
+    /// Calls `f::<T>(args)` for the run-time row count `t`, one arm per listed count and
+    /// `last` for the rest, so each kernel's accumulators are a fixed-size array in registers.
+    macro_rules! by_rows {
+        ($t:expr, [$($n:literal),*], $last:literal, $f:ident $args:tt) => {
+            match $t {
+                $($n => $f::<$n> $args,)*
+                _ => $f::<$last> $args,
+            }
+        };
+    }
+
     /// Blocks per row the Q4_1 kernel keeps `Σ x` for on the stack (16384 values).
     const XSUM_BLOCKS: usize = 512;
 
@@ -586,16 +597,12 @@ mod simd {
         out: *mut f32,
         ld: usize,
     ) {
-        match t {
-            1 => q4_1_rows_512_t::<1>(blocks, nb, x, out, ld),
-            2 => q4_1_rows_512_t::<2>(blocks, nb, x, out, ld),
-            3 => q4_1_rows_512_t::<3>(blocks, nb, x, out, ld),
-            4 => q4_1_rows_512_t::<4>(blocks, nb, x, out, ld),
-            5 => q4_1_rows_512_t::<5>(blocks, nb, x, out, ld),
-            6 => q4_1_rows_512_t::<6>(blocks, nb, x, out, ld),
-            7 => q4_1_rows_512_t::<7>(blocks, nb, x, out, ld),
-            _ => q4_1_rows_512_t::<8>(blocks, nb, x, out, ld),
-        }
+        by_rows!(
+            t,
+            [1, 2, 3, 4, 5, 6, 7],
+            8,
+            q4_1_rows_512_t(blocks, nb, x, out, ld)
+        )
     }
 
     #[inline]
@@ -648,16 +655,12 @@ mod simd {
         out: *mut f32,
         ld: usize,
     ) {
-        match t {
-            1 => q8_0_rows_512_t::<1>(blocks, nb, x, out, ld),
-            2 => q8_0_rows_512_t::<2>(blocks, nb, x, out, ld),
-            3 => q8_0_rows_512_t::<3>(blocks, nb, x, out, ld),
-            4 => q8_0_rows_512_t::<4>(blocks, nb, x, out, ld),
-            5 => q8_0_rows_512_t::<5>(blocks, nb, x, out, ld),
-            6 => q8_0_rows_512_t::<6>(blocks, nb, x, out, ld),
-            7 => q8_0_rows_512_t::<7>(blocks, nb, x, out, ld),
-            _ => q8_0_rows_512_t::<8>(blocks, nb, x, out, ld),
-        }
+        by_rows!(
+            t,
+            [1, 2, 3, 4, 5, 6, 7],
+            8,
+            q8_0_rows_512_t(blocks, nb, x, out, ld)
+        )
     }
 
     #[inline]
@@ -860,12 +863,7 @@ mod simd {
         t: usize,
         acc: &mut [f32; 4],
     ) {
-        match t {
-            1 => q4_1_t::<1>(row, x, cols, acc),
-            2 => q4_1_t::<2>(row, x, cols, acc),
-            3 => q4_1_t::<3>(row, x, cols, acc),
-            _ => q4_1_t::<4>(row, x, cols, acc),
-        }
+        by_rows!(t, [1, 2, 3], 4, q4_1_t(row, x, cols, acc))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -876,12 +874,7 @@ mod simd {
         t: usize,
         acc: &mut [f32; 4],
     ) {
-        match t {
-            1 => q8_0_t::<1>(row, x, cols, acc),
-            2 => q8_0_t::<2>(row, x, cols, acc),
-            3 => q8_0_t::<3>(row, x, cols, acc),
-            _ => q8_0_t::<4>(row, x, cols, acc),
-        }
+        by_rows!(t, [1, 2, 3], 4, q8_0_t(row, x, cols, acc))
     }
 
     /// Q4_1 weight rows × `t` (1..=MAX_SHARED) f32 rows `x`: `out[k * ld + r]` = weight row
@@ -896,16 +889,12 @@ mod simd {
         out: *mut f32,
         ld: usize,
     ) {
-        match t {
-            1 => q4_1_rows_t::<1>(blocks, nb, x, out, ld),
-            2 => q4_1_rows_t::<2>(blocks, nb, x, out, ld),
-            3 => q4_1_rows_t::<3>(blocks, nb, x, out, ld),
-            4 => q4_1_rows_t::<4>(blocks, nb, x, out, ld),
-            5 => q4_1_rows_t::<5>(blocks, nb, x, out, ld),
-            6 => q4_1_rows_t::<6>(blocks, nb, x, out, ld),
-            7 => q4_1_rows_t::<7>(blocks, nb, x, out, ld),
-            _ => q4_1_rows_t::<8>(blocks, nb, x, out, ld),
-        }
+        by_rows!(
+            t,
+            [1, 2, 3, 4, 5, 6, 7],
+            8,
+            q4_1_rows_t(blocks, nb, x, out, ld)
+        )
     }
 
     /// `Σ (d q + m) x = d Σ q x + m Σ x`, with `Σ x` per block computed once for all weight
@@ -996,16 +985,12 @@ mod simd {
         out: *mut f32,
         ld: usize,
     ) {
-        match t {
-            1 => q8_0_rows_t::<1>(blocks, nb, x, out, ld),
-            2 => q8_0_rows_t::<2>(blocks, nb, x, out, ld),
-            3 => q8_0_rows_t::<3>(blocks, nb, x, out, ld),
-            4 => q8_0_rows_t::<4>(blocks, nb, x, out, ld),
-            5 => q8_0_rows_t::<5>(blocks, nb, x, out, ld),
-            6 => q8_0_rows_t::<6>(blocks, nb, x, out, ld),
-            7 => q8_0_rows_t::<7>(blocks, nb, x, out, ld),
-            _ => q8_0_rows_t::<8>(blocks, nb, x, out, ld),
-        }
+        by_rows!(
+            t,
+            [1, 2, 3, 4, 5, 6, 7],
+            8,
+            q8_0_rows_t(blocks, nb, x, out, ld)
+        )
     }
 
     #[inline]

@@ -64,6 +64,13 @@ pub struct ServeBenchReport {
     pub generated_tokens: u64,
     /// Generated tokens of all chats together per wall-clock second.
     pub aggregate_tokens_per_second: f64,
+    /// The same while all N chats were in conversation: from the moment the last chat sent
+    /// its first message to the moment the first chat got its last reply. The whole-run
+    /// figure also holds the tail, where chats whose replies happened to be longer run
+    /// alone; this one is what N concurrent chats get. None when that window is empty.
+    pub all_active_tokens_per_second: Option<f64>,
+    /// Length of that window.
+    pub all_active_seconds: f64,
     /// Time to first token by turn number (index 0 = the first turn of every chat).
     pub ttft_ms_by_turn: Vec<Option<Percentiles>>,
     /// The part of the time to first token the server reports for itself (`timings` of
@@ -91,6 +98,14 @@ struct Reply {
 struct ChatResult {
     replies: Vec<(usize, Reply)>,
     error: Option<String>,
+    /// When its first message was sent.
+    began: Option<Instant>,
+    /// When its last reply ended (or it failed).
+    ended: Option<Instant>,
+    /// Arrival of each generated token: one per streamed token event, plus, at the reply's
+    /// end, the tokens the server counted but sent no event of their own for (the end token,
+    /// tokens merged into one piece of text).
+    token_times: Vec<Instant>,
 }
 
 /// A question for turn `t`; different every turn so the history grows like a real chat's.
@@ -141,6 +156,22 @@ pub async fn run(cfg: &ServeBenchConfig) -> anyhow::Result<ServeBenchReport> {
     }
     let wall = started.elapsed().as_secs_f64();
 
+    let (window_start, window_end) = (
+        results.iter().filter_map(|r| r.began).max(),
+        results.iter().filter_map(|r| r.ended).min(),
+    );
+    let (mut all_active_seconds, mut all_active_tokens_per_second) = (0.0, None);
+    if let (Some(start), Some(end)) = (window_start, window_end) {
+        if end > start {
+            let inside = results
+                .iter()
+                .flat_map(|r| &r.token_times)
+                .filter(|t| (start..=end).contains(*t))
+                .count();
+            all_active_seconds = (end - start).as_secs_f64();
+            all_active_tokens_per_second = Some(inside as f64 / all_active_seconds);
+        }
+    }
     let mut by_turn = vec![Vec::new(); cfg.turns];
     let (mut gaps, mut errors, mut tokens, mut replies) = (Vec::new(), Vec::new(), 0, 0);
     let mut server_ttft = Vec::new();
@@ -173,6 +204,8 @@ pub async fn run(cfg: &ServeBenchConfig) -> anyhow::Result<ServeBenchReport> {
         } else {
             0.0
         },
+        all_active_tokens_per_second,
+        all_active_seconds,
         ttft_ms_by_turn: by_turn.into_iter().map(Percentiles::of).collect(),
         server_ttft_ms: Percentiles::of(server_ttft),
         inter_token_ms: Percentiles::of(gaps),
@@ -199,6 +232,7 @@ async fn one_chat(
     if let Err(e) = converse(base, cfg, index, &user, &chat_id, &mut result).await {
         result.error = Some(e.to_string());
     }
+    result.ended = Some(Instant::now());
     let _ = http
         .delete(format!("{base}/api/v1/chats/{chat_id}"))
         .header("X-API-Key", &cfg.api_key)
@@ -257,6 +291,8 @@ async fn converse(
         .context("WebSocket connect")?;
     for turn in 0..cfg.turns {
         let sent = Instant::now();
+        result.began.get_or_insert(sent);
+        let mut streamed = 0u64;
         let msg = json!({"content": question(index, turn)}).to_string();
         ws.send(Message::text(msg)).await?;
         let mut reply = Reply::default();
@@ -277,6 +313,8 @@ async fn converse(
             match ev["event_type"].as_str() {
                 Some("message_stream_token") => {
                     let now = Instant::now();
+                    result.token_times.push(now);
+                    streamed += 1;
                     match last.replace(now) {
                         None => reply.ttft = Some(now - sent),
                         Some(prev) => reply.gaps.push(now - prev),
@@ -285,6 +323,11 @@ async fn converse(
                 Some("message_stream_ended") => {
                     reply.completion_tokens =
                         ev["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+                    let now = Instant::now();
+                    let unseen = reply.completion_tokens.saturating_sub(streamed);
+                    result
+                        .token_times
+                        .extend(std::iter::repeat_n(now, unseen as usize));
                     let t = &ev["timings"];
                     if let (Some(q), Some(p)) =
                         (t["queue_ms"].as_u64(), t["time_to_first_token_ms"].as_u64())
@@ -326,6 +369,12 @@ pub fn print(r: &ServeBenchReport) {
         "aggregate generation   {:.1} tokens/s",
         r.aggregate_tokens_per_second
     );
+    if let Some(tps) = r.all_active_tokens_per_second {
+        println!(
+            "  while all {} chats were active ({:.1} s of the run): {:.1} tokens/s",
+            r.chats, r.all_active_seconds, tps
+        );
+    }
     if let Some(p) = &r.inter_token_ms {
         println!(
             "inter-token latency    p50 {:.1} ms  p99 {:.1} ms",

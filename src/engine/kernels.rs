@@ -17,6 +17,8 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use super::team::Team;
 
 use super::EngineError;
@@ -32,9 +34,45 @@ const MR: usize = 6;
 /// kernels (4 accumulators + 4 weight vectors + temporaries fit the 16 registers; 8 spilled
 /// and measured slower than two passes of 4).
 const MAX_SHARED: usize = 4;
-/// The same with AVX-512 (measured: two passes of 4 beat one of 8 by ~12%, the 8 rows'
-/// activations of the wider matrices no longer fit the L1 cache beside the weights).
-const MAX_SHARED_512: usize = 4;
+/// The same with AVX-512, whose 32 registers hold 8 rows' accumulators.
+const MAX_SHARED_512: usize = 8;
+/// Bytes of activation rows one pass of the AVX-512 kernels may read: they are read once per
+/// weight row, so they must stay in the L1 cache beside the streaming weights.
+const SHARED_X_BYTES: usize = 24 * 1024;
+
+/// Generated-token rows per pass of the AVX-512 kernels for a matrix of `cols` columns: 8
+/// while their activations fit [`SHARED_X_BYTES`], else 4 (measured on a 2-core Xeon, batch
+/// 8: one pass of 8 over the 576-wide matrices +15% against two of 4; over the 1536-wide
+/// down projection two passes of 4 win, 8 rows' activations there are 48 KiB).
+fn shared_512(cols: usize) -> usize {
+    let fit = SHARED_X_BYTES / (cols * std::mem::size_of::<f32>()).max(1);
+    fit.clamp(4, MAX_SHARED_512)
+}
+
+/// Weight rows per claimed chunk of a product: about eight chunks per thread (enough for one
+/// thread to take over a stalled one's share), a multiple of [`PANEL`] (the prompt kernel's
+/// panels stay whole) and at least 64 rows (so claiming stays cheap against the work).
+fn chunk_rows(rows: usize, threads: usize) -> usize {
+    let per = rows.div_ceil(threads.max(1) * 8);
+    per.max(64).next_multiple_of(PANEL)
+}
+
+/// Per-thread buffers of the prompt kernel, made once per product and reused for each chunk.
+struct PanelScratch {
+    /// A panel of weight rows as f32, column-major (`cols` × [`PANEL`]).
+    panel: Vec<f32>,
+    /// The same rows row-major, before they are transposed into `panel`.
+    rows_f32: Vec<f32>,
+}
+
+impl PanelScratch {
+    fn new(cols: usize) -> PanelScratch {
+        PanelScratch {
+            panel: vec![0f32; cols * PANEL],
+            rows_f32: vec![0f32; PANEL * cols],
+        }
+    }
+}
 
 /// Attention of the `group` query heads `q` (group × 64) sharing one KV head over `len`
 /// positions of `keys` and `values` (len × 64), into `out` (group × 64), with the AVX-512
@@ -324,24 +362,35 @@ impl QMat {
         if n == 0 {
             return;
         }
-        // Each thread takes one band of weight rows (output columns) for all activation rows.
-        let per = rows.div_ceil(team.size());
+        // Threads claim chunks of weight rows (output columns), for all activation rows,
+        // until none are left. Claimed, not split in fixed halves: on a busy machine (the
+        // server's own runtime, a benchmark client) one team thread is sometimes taken off
+        // its core, and the others then do its share instead of waiting for it. Small
+        // chunks also keep a chunk's weights in cache while a second group of rows reads
+        // them (`decode_band`).
+        let chunk = chunk_rows(rows, team.size());
+        let next = AtomicUsize::new(0);
         let out_ptr = SyncPtr(out.as_mut_ptr());
-        team.run(&|tid| {
-            let r0 = (tid * per).min(rows);
-            let r1 = (r0 + per).min(rows);
-            if r0 == r1 {
-                return;
-            }
-            match rows_are {
-                Rows::Generated => self.decode_band(r0, r1, x, n, &out_ptr),
-                Rows::Prompt => {
-                    #[cfg(target_arch = "x86_64")]
-                    if simd::available() {
-                        self.gemm_band(r0, r1, x, n, &out_ptr);
-                        return;
+        team.run(&|_| {
+            let mut scratch: Option<PanelScratch> = None;
+            loop {
+                let r0 = next.fetch_add(chunk, Ordering::Relaxed);
+                if r0 >= rows {
+                    return;
+                }
+                let r1 = (r0 + chunk).min(rows);
+                match rows_are {
+                    Rows::Generated => self.decode_band(r0, r1, x, n, &out_ptr),
+                    Rows::Prompt => {
+                        #[cfg(target_arch = "x86_64")]
+                        if simd::available() {
+                            let s = scratch.get_or_insert_with(|| PanelScratch::new(cols));
+                            self.gemm_band(r0, r1, x, n, &out_ptr, s);
+                            continue;
+                        }
+                        let _ = &mut scratch; // only the x86-64 kernel has a panel
+                        self.tile_band(r0, r1, x, n, &out_ptr);
                     }
-                    self.tile_band(r0, r1, x, n, &out_ptr);
                 }
             }
         });
@@ -356,7 +405,7 @@ impl QMat {
         if simd::available() && !matches!(self, QMat::F32 { .. }) {
             let nb = cols / QK;
             let wide = simd::avx512();
-            let group = if wide { MAX_SHARED_512 } else { MAX_SHARED };
+            let group = if wide { shared_512(cols) } else { MAX_SHARED };
             let mut i = 0;
             while i < n {
                 let t = (n - i).min(group);
@@ -415,11 +464,18 @@ impl QMat {
     /// Dequantizing once per panel (instead of once per four activation rows, as the tile
     /// kernel does) leaves almost only FMAs in the inner loop.
     #[cfg(target_arch = "x86_64")]
-    fn gemm_band(&self, r0: usize, r1: usize, x: &[f32], n: usize, out: &SyncPtr) {
+    fn gemm_band(
+        &self,
+        r0: usize,
+        r1: usize,
+        x: &[f32],
+        n: usize,
+        out: &SyncPtr,
+        scratch: &mut PanelScratch,
+    ) {
         let (rows, cols) = (self.rows(), self.cols());
-        let mut panel = vec![0f32; cols * PANEL];
-        // The panel's weight rows as f32, row-major, before they are transposed into it.
-        let mut rows_f32 = vec![0f32; PANEL * cols];
+        let PanelScratch { panel, rows_f32 } = scratch;
+        debug_assert_eq!(panel.len(), cols * PANEL);
         let mut spill = [0f32; MR * PANEL];
         let mut p0 = r0;
         while p0 < r1 {
@@ -433,7 +489,7 @@ impl QMat {
             }
             if cols.is_multiple_of(8) {
                 // SAFETY: AVX2 checked by the caller; both buffers hold PANEL × cols values.
-                unsafe { simd::transpose_panel(&rows_f32, cols, &mut panel) };
+                unsafe { simd::transpose_panel(rows_f32, cols, panel) };
             } else {
                 for (j, row) in rows_f32.chunks_exact(cols).enumerate() {
                     for (c, v) in row.iter().enumerate() {
@@ -449,10 +505,10 @@ impl QMat {
                     // SAFETY: AVX2/FMA checked by the caller; `xs` holds m rows of `cols`,
                     // `panel` cols × PANEL values; the m × PANEL cells written (rows i..i+m,
                     // columns p0..p0+PANEL of `out`) lie inside `out` and in this thread's band.
-                    unsafe { simd::gemm_tile(m, &panel, xs, cols, out.0.add(i * rows + p0), rows) };
+                    unsafe { simd::gemm_tile(m, panel, xs, cols, out.0.add(i * rows + p0), rows) };
                 } else {
                     // SAFETY: as above, into a local buffer; only `width` columns are copied.
-                    unsafe { simd::gemm_tile(m, &panel, xs, cols, spill.as_mut_ptr(), PANEL) };
+                    unsafe { simd::gemm_tile(m, panel, xs, cols, spill.as_mut_ptr(), PANEL) };
                     for k in 0..m {
                         for j in 0..width {
                             // SAFETY: cell (i + k, p0 + j) is in this thread's band.
@@ -1207,7 +1263,7 @@ mod tests {
             GgmlDType::Q4_0,
             GgmlDType::F32,
         ] {
-            let (rows, cols) = (70, 96);
+            let (rows, cols) = (150, 96); // three chunks of rows, the last partial
             let (m, w) = matrix(rows, cols, dtype);
             for n in [1, 3, 4, 9, 17] {
                 // Activations with a "massive" outlier, as the model has.

@@ -1012,6 +1012,13 @@ async fn bench_serve_measures_every_turn() {
     assert_eq!(r.errors, 0, "{:?}", r.error_samples);
     assert_eq!(r.replies, 9);
     assert!(r.generated_tokens > 0 && r.aggregate_tokens_per_second > 0.0);
+    // The window in which all three chats were in conversation lies inside the run and
+    // holds some of their tokens.
+    assert!(r.all_active_seconds > 0.0 && r.all_active_seconds <= r.wall_seconds);
+    let steady = r
+        .all_active_tokens_per_second
+        .expect("a window with all chats active");
+    assert!(steady > 0.0 && steady * r.all_active_seconds <= r.generated_tokens as f64);
     assert_eq!(r.ttft_ms_by_turn.len(), 3);
     for turn in &r.ttft_ms_by_turn {
         let p = turn.as_ref().expect("every turn has a first token");

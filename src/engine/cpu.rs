@@ -238,13 +238,20 @@ impl CpuLlama {
 
     /// The first `keep` positions of `old` in a cache of at least `capacity` positions:
     /// `old` itself, cut to `keep`, when it is big enough; else a copy into a bigger one.
+    ///
+    /// A copy grows the cache by half at least, as a `Vec` does: each turn of a chat asks
+    /// for its prompt + `max_tokens`, which outgrows the last turn's cache almost every time,
+    /// and the copy (46 KB a position for SmolLM2, into freshly faulted pages) grew with the
+    /// conversation (~10 ms at 600 positions on a 2-core VM). With the headroom, a chat's
+    /// cache is copied a few times over a conversation instead of at every turn.
     pub fn reuse_cache(&self, mut old: CpuCache, keep: usize, capacity: usize) -> CpuCache {
         let keep = keep.min(old.len);
         if old.capacity >= capacity.min(self.spec.context_length) {
             old.len = keep;
             return old;
         }
-        let mut new = self.new_cache(capacity.max(keep));
+        let grown = capacity.max(keep).max(old.capacity + old.capacity / 2);
+        let mut new = self.new_cache(grown);
         let hd = self.spec.head_dim;
         // Layout: [layer][kv head][position][dim], so each (layer, head) row of positions
         // is one contiguous run.

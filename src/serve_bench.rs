@@ -324,7 +324,11 @@ async fn converse(
                     reply.completion_tokens =
                         ev["usage"]["completion_tokens"].as_u64().unwrap_or(0);
                     let now = Instant::now();
-                    let unseen = reply.completion_tokens.saturating_sub(streamed);
+                    // Bounded by the request's own limit: the count comes from the server.
+                    let unseen = reply
+                        .completion_tokens
+                        .saturating_sub(streamed)
+                        .min(u64::from(cfg.max_tokens));
                     result
                         .token_times
                         .extend(std::iter::repeat_n(now, unseen as usize));

@@ -397,8 +397,9 @@ impl QMat {
     }
 
     /// Weight rows `r0..r1` × `n` generated-token rows with the matrix-vector kernels:
-    /// memory-bound, so each weight block is read once for up to [`MAX_SHARED`] activation
-    /// rows, and each row gets exactly the arithmetic it gets alone.
+    /// memory-bound, so each weight block is read once for up to [`MAX_SHARED`] (AVX2) or
+    /// [`shared_512`] (AVX-512) activation rows, and each row gets exactly the arithmetic it
+    /// gets alone.
     fn decode_band(&self, r0: usize, r1: usize, x: &[f32], n: usize, out: &SyncPtr) {
         let (rows, cols) = (self.rows(), self.cols());
         #[cfg(target_arch = "x86_64")]
@@ -412,7 +413,7 @@ impl QMat {
                 let xs = &x[i * cols..(i + t) * cols];
                 // SAFETY: the instruction sets are present (checked at run time); the
                 // blocks are rows r0..r1, `xs` holds t rows of `cols`, and the cells written
-                // (rows i..i+t, columns r0..r1 of `out`) are in this thread's band.
+                // (rows i..i+t, columns r0..r1 of `out`) are in the chunk this thread claimed.
                 unsafe {
                     let o = out.0.add(i * rows + r0);
                     match self {
@@ -450,7 +451,7 @@ impl QMat {
                 let mut acc = [0f32; 4];
                 self.dot_tile(r, &x[i * cols..(i + t) * cols], t, &mut acc);
                 for (k, a) in acc[..t].iter().enumerate() {
-                    // SAFETY: column r belongs to this thread's band only.
+                    // SAFETY: column r belongs to the chunk this thread claimed.
                     unsafe { *out.0.add((i + k) * rows + r) = *a };
                 }
             }
@@ -504,14 +505,15 @@ impl QMat {
                 if width == PANEL {
                     // SAFETY: AVX2/FMA checked by the caller; `xs` holds m rows of `cols`,
                     // `panel` cols × PANEL values; the m × PANEL cells written (rows i..i+m,
-                    // columns p0..p0+PANEL of `out`) lie inside `out` and in this thread's band.
+                    // columns p0..p0+PANEL of `out`) lie inside `out` and in the chunk this
+                    // thread claimed.
                     unsafe { simd::gemm_tile(m, panel, xs, cols, out.0.add(i * rows + p0), rows) };
                 } else {
                     // SAFETY: as above, into a local buffer; only `width` columns are copied.
                     unsafe { simd::gemm_tile(m, panel, xs, cols, spill.as_mut_ptr(), PANEL) };
                     for k in 0..m {
                         for j in 0..width {
-                            // SAFETY: cell (i + k, p0 + j) is in this thread's band.
+                            // SAFETY: cell (i + k, p0 + j) is in the chunk this thread claimed.
                             unsafe { *out.0.add((i + k) * rows + p0 + j) = spill[k * PANEL + j] };
                         }
                     }

@@ -707,6 +707,29 @@ mod simd {
         _mm512_scalef_ps(y, n)
     }
 
+    /// The 64 values at `p` as four vectors (one head's query, key or value row).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn load64(p: *const f32) -> [__m512; 4] {
+        [
+            _mm512_loadu_ps(p),
+            _mm512_loadu_ps(p.add(16)),
+            _mm512_loadu_ps(p.add(32)),
+            _mm512_loadu_ps(p.add(48)),
+        ]
+    }
+
+    /// Lane-wise products of two 64-value rows summed into one vector (its 16 lanes add up
+    /// to the dot product): the one score arithmetic for whole blocks and the tail alike.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn dot64(q: &[__m512; 4], k: &[__m512; 4]) -> __m512 {
+        let mut acc = _mm512_mul_ps(q[0], k[0]);
+        acc = _mm512_fmadd_ps(q[1], k[1], acc);
+        acc = _mm512_fmadd_ps(q[2], k[2], acc);
+        _mm512_fmadd_ps(q[3], k[3], acc)
+    }
+
     /// Lane j of the result = the sum of the 16 lanes of `v[j]`: a transpose-and-add tree
     /// (15 shuffles and adds per level pair) instead of 16 horizontal sums.
     #[inline]
@@ -884,9 +907,7 @@ mod simd {
         let (qp, kp, vp) = (q.as_ptr(), keys.as_ptr(), values.as_ptr());
         let mut qv = [[_mm512_setzero_ps(); 4]; G];
         for (g, qg) in qv.iter_mut().enumerate() {
-            for (j, v) in qg.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(qp.add(g * 64 + j * 16));
-            }
+            *qg = load64(qp.add(g * 64));
         }
         scores.clear();
         scores.resize(G * len, 0.0);
@@ -898,31 +919,16 @@ mod simd {
             for (g, qg) in qv.iter().enumerate() {
                 let mut accs = [_mm512_setzero_ps(); 16];
                 for (j, acc) in accs.iter_mut().enumerate() {
-                    let k = kp.add((p + j) * 64);
-                    let mut a = _mm512_mul_ps(qg[0], _mm512_loadu_ps(k));
-                    a = _mm512_fmadd_ps(qg[1], _mm512_loadu_ps(k.add(16)), a);
-                    a = _mm512_fmadd_ps(qg[2], _mm512_loadu_ps(k.add(32)), a);
-                    a = _mm512_fmadd_ps(qg[3], _mm512_loadu_ps(k.add(48)), a);
-                    *acc = a;
+                    *acc = dot64(qg, &load64(kp.add((p + j) * 64)));
                 }
                 let s = _mm512_mul_ps(sum16(&accs), scale_v);
                 _mm512_storeu_ps(scores.as_mut_ptr().add(g * len + p), s);
             }
         }
         for p in full..len {
-            let k = kp.add(p * 64);
-            let (k0, k1, k2, k3) = (
-                _mm512_loadu_ps(k),
-                _mm512_loadu_ps(k.add(16)),
-                _mm512_loadu_ps(k.add(32)),
-                _mm512_loadu_ps(k.add(48)),
-            );
+            let k = load64(kp.add(p * 64));
             for (g, qg) in qv.iter().enumerate() {
-                let mut acc = _mm512_mul_ps(qg[0], k0);
-                acc = _mm512_fmadd_ps(qg[1], k1, acc);
-                acc = _mm512_fmadd_ps(qg[2], k2, acc);
-                acc = _mm512_fmadd_ps(qg[3], k3, acc);
-                *scores.get_unchecked_mut(g * len + p) = hsum512(acc) * scale;
+                *scores.get_unchecked_mut(g * len + p) = hsum512(dot64(qg, &k)) * scale;
             }
         }
         let mut sums = [0f32; G];
@@ -931,19 +937,12 @@ mod simd {
         }
         let mut ov = [[_mm512_setzero_ps(); 4]; G];
         for p in 0..len {
-            let v = vp.add(p * 64);
-            let (v0, v1, v2, v3) = (
-                _mm512_loadu_ps(v),
-                _mm512_loadu_ps(v.add(16)),
-                _mm512_loadu_ps(v.add(32)),
-                _mm512_loadu_ps(v.add(48)),
-            );
+            let v = load64(vp.add(p * 64));
             for (g, og) in ov.iter_mut().enumerate() {
                 let w = _mm512_set1_ps(*scores.get_unchecked(g * len + p) / sums[g]);
-                og[0] = _mm512_fmadd_ps(w, v0, og[0]);
-                og[1] = _mm512_fmadd_ps(w, v1, og[1]);
-                og[2] = _mm512_fmadd_ps(w, v2, og[2]);
-                og[3] = _mm512_fmadd_ps(w, v3, og[3]);
+                for (o, vj) in og.iter_mut().zip(&v) {
+                    *o = _mm512_fmadd_ps(w, *vj, *o);
+                }
             }
         }
         let op = out.as_mut_ptr();

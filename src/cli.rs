@@ -104,6 +104,8 @@ async fn serve(db: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
             .filter(|o| !o.is_empty())
             .collect(),
         metrics_token: args.metrics_token.as_ref().map(|t| t.0.clone()),
+        metrics_open: addr.ip().is_loopback() || args.metrics_public,
+        connections: (&args.connections).into(),
     };
     crate::run(store.clone(), model, settings, listener, shutdown_signal()).await?;
     store.close().await.ok();

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::domain::Limits;
+use crate::server::ConnectionLimits;
 
 /// confab: a self-hosted multi-tenant chat server with an in-process language model.
 #[derive(Debug, Parser)]
@@ -320,11 +321,18 @@ pub struct ServeArgs {
     /// Browser origins allowed to call the API, comma-separated (CORS); none: CORS off.
     #[arg(long, env = "CONFAB_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
-    /// When set, `GET /metrics` needs `Authorization: Bearer <token>`.
+    /// When set, `GET /metrics` needs `Authorization: Bearer <token>`. Without it, metrics
+    /// are served only on a loopback `--bind` (else 403), unless `--metrics-public`.
     #[arg(long, env = "CONFAB_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<Secret>,
+    /// Serve `GET /metrics` without a token on any address (it shows tenant ids and their
+    /// queue depths: only behind a network you trust).
+    #[arg(long, env = "CONFAB_METRICS_PUBLIC")]
+    pub metrics_public: bool,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
     #[command(flatten)]
     pub chat: ChatArgs,
     #[command(flatten)]
@@ -395,6 +403,48 @@ impl ChatArgs {
             idle_timeout: Duration::from_secs(self.ws_ping_secs.max(1) * 3),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             ..d
+        }
+    }
+}
+
+/// Caps and timeouts of client connections ([`crate::server`]).
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionArgs {
+    /// Open connections, all clients together (WebSockets included); more are answered 503
+    /// `too_many_connections` and closed. 0: no cap.
+    #[arg(long, env = "CONFAB_MAX_CONNECTIONS", default_value_t = ConnectionLimits::default().max_connections)]
+    pub max_connections: usize,
+    /// Open connections from one IP address. Behind a reverse proxy all clients share its
+    /// address: raise this there (or set 0: no cap) and cap clients at the proxy.
+    #[arg(long, env = "CONFAB_MAX_CONNECTIONS_PER_IP", default_value_t = ConnectionLimits::default().max_connections_per_ip)]
+    pub max_connections_per_ip: usize,
+    /// Seconds a client has to send a whole request head, from connecting or from the end of
+    /// the previous response (so also the keep-alive idle timeout).
+    #[arg(long, env = "CONFAB_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a request body may take, plus its length at `--min-body-bytes-per-sec`; a
+    /// slower upload gets 408 `request_timeout`.
+    #[arg(long, env = "CONFAB_BODY_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub body_read_timeout_secs: u64,
+    /// Slowest accepted upload, in bytes per second.
+    #[arg(long, env = "CONFAB_MIN_BODY_BYTES_PER_SEC", default_value_t = ConnectionLimits::default().min_body_bytes_per_sec)]
+    pub min_body_bytes_per_sec: u64,
+    /// Seconds a write to a client may make no progress before the connection is dropped (a
+    /// client that stopped reading a stream or socket).
+    #[arg(long, env = "CONFAB_WRITE_STALL_TIMEOUT_SECS", default_value_t = 30)]
+    pub write_stall_timeout_secs: u64,
+}
+
+impl From<&ConnectionArgs> for ConnectionLimits {
+    fn from(a: &ConnectionArgs) -> Self {
+        use std::time::Duration;
+        ConnectionLimits {
+            max_connections: a.max_connections,
+            max_connections_per_ip: a.max_connections_per_ip,
+            header_read_timeout: Duration::from_secs(a.header_read_timeout_secs.max(1)),
+            body_read_timeout: Duration::from_secs(a.body_read_timeout_secs.max(1)),
+            min_body_bytes_per_sec: a.min_body_bytes_per_sec.max(1),
+            write_stall_timeout: Duration::from_secs(a.write_stall_timeout_secs.max(1)),
         }
     }
 }

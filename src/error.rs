@@ -44,6 +44,8 @@ pub enum ApiError {
     UnsupportedMediaType { got: Option<String> },
     #[error("request body too large")]
     PayloadTooLarge { limit: usize },
+    #[error("request body too slow")]
+    RequestTimeout { seconds: u64 },
     #[error("no such route")]
     NotFound { method: String, path: String },
     #[error("method not allowed")]
@@ -73,6 +75,10 @@ pub enum ApiError {
     ContextLengthExceeded { max_tokens: usize, context: usize },
     #[error("generation failed: {0}")]
     GenerationFailed(String),
+    #[error("metrics token missing or wrong")]
+    MetricsUnauthorized,
+    #[error("metrics closed")]
+    MetricsClosed,
     #[error("internal error")]
     Internal,
 }
@@ -90,6 +96,7 @@ impl ApiError {
             ApiError::InvalidJson { .. } => "invalid_json",
             ApiError::UnsupportedMediaType { .. } => "unsupported_media_type",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::RequestTimeout { .. } => "request_timeout",
             ApiError::NotFound { .. } => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
@@ -103,6 +110,8 @@ impl ApiError {
             ApiError::ShuttingDown => "shutting_down",
             ApiError::ContextLengthExceeded { .. } => "context_length_exceeded",
             ApiError::GenerationFailed(_) => "generation_failed",
+            ApiError::MetricsUnauthorized => "unauthorized",
+            ApiError::MetricsClosed => "metrics_closed",
             ApiError::Internal => "internal_error",
         }
     }
@@ -125,12 +134,15 @@ impl ApiError {
             | ApiError::InvalidJson { .. } => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::DatabaseUnavailable | ApiError::NotReady(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ApiError::MetricsUnauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::MetricsClosed => StatusCode::FORBIDDEN,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -155,6 +167,9 @@ impl ApiError {
             ApiError::PayloadTooLarge { limit } => {
                 format!("The request body exceeds {limit} bytes.")
             }
+            ApiError::RequestTimeout { seconds } => format!(
+                "The request body did not arrive within {seconds} s; send it faster."
+            ),
             ApiError::NotFound { method, path } => format!("No route for {method} {path}."),
             ApiError::MethodNotAllowed { method, path } => {
                 format!("{path} does not accept {method}.")
@@ -192,6 +207,10 @@ impl ApiError {
             ApiError::GenerationFailed(_) => {
                 "The model failed while generating; the error has been logged.".into()
             }
+            ApiError::MetricsUnauthorized => {
+                "Send the metrics token as Authorization: Bearer <token>.".into()
+            }
+            ApiError::MetricsClosed => "Metrics are not served on a public address without a token.".into(),
             ApiError::Internal => "An internal error occurred; it has been logged.".into(),
         }
     }
@@ -222,6 +241,9 @@ impl ApiError {
                 json!({"content_type": got, "expected": "application/json", "hint": "Set the header Content-Type: application/json."})
             }
             ApiError::PayloadTooLarge { limit } => json!({"max_bytes": limit}),
+            ApiError::RequestTimeout { seconds } => {
+                json!({"timeout_seconds": seconds, "hint": "The deadline grows with the body's Content-Length (--min-body-bytes-per-sec)."})
+            }
             ApiError::NotFound { path, .. } => {
                 json!({"path": path, "hint": "See /docs for the available routes."})
             }
@@ -246,6 +268,10 @@ impl ApiError {
                 max_tokens,
                 context,
             } => json!({"max_tokens": max_tokens, "context_length": context}),
+            ApiError::MetricsUnauthorized => json!({"header": "Authorization"}),
+            ApiError::MetricsClosed => {
+                json!({"hint": "Start the server with --metrics-token (CONFAB_METRICS_TOKEN), or with --metrics-public to serve them to anyone."})
+            }
             ApiError::Conflict(_) | ApiError::Internal => json!({}),
         };
         match v {

@@ -28,14 +28,12 @@ pub mod error;
 pub mod metrics;
 pub mod ratelimit;
 pub mod serve_bench;
+pub mod server;
 pub mod store;
 pub mod web;
 
 use std::future::Future;
 use std::time::Duration;
-
-use poem::listener::TcpAcceptor;
-use poem::Server;
 
 use crate::api::{AppState, Authenticator};
 use crate::domain::Limits;
@@ -54,6 +52,11 @@ pub struct ServerSettings {
     pub cors_origins: Vec<String>,
     /// When set, `/metrics` needs `Authorization: Bearer <token>`.
     pub metrics_token: Option<String>,
+    /// Without a metrics token: whether `/metrics` is served to anyone (the binary opens it
+    /// only on a loopback address unless `--metrics-public`).
+    pub metrics_open: bool,
+    /// Caps and timeouts of client connections.
+    pub connections: server::ConnectionLimits,
 }
 
 impl Default for ServerSettings {
@@ -65,6 +68,8 @@ impl Default for ServerSettings {
             requests_per_minute: 100,
             cors_origins: Vec::new(),
             metrics_token: None,
+            metrics_open: true,
+            connections: server::ConnectionLimits::default(),
         }
     }
 }
@@ -112,6 +117,8 @@ pub async fn run(
         quotas,
         cors_origins: settings.cors_origins,
         metrics_token: settings.metrics_token,
+        metrics_open: settings.metrics_open,
+        connections: settings.connections,
     };
     let app = api::app(state);
     let shutdown = async move {
@@ -119,7 +126,12 @@ pub async fn run(
         tracing::info!("shutting down: finishing running replies");
         chat.shutdown().await;
     };
-    Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?)
-        .run_with_graceful_shutdown(app, shutdown, Some(grace + Duration::from_secs(10)))
-        .await
+    server::serve(
+        listener,
+        app,
+        settings.connections,
+        shutdown,
+        grace + Duration::from_secs(10),
+    )
+    .await
 }

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub kv_cache_lookups: IntCounterVec,
     pub kv_cache_reused_tokens: IntCounter,
     pub batch_size: Histogram,
+    pub connections_refused: IntCounter,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -96,6 +97,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
             )
             .buckets(vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0]),
         )?,
+        connections_refused: IntCounter::new(
+            "connections_refused_total",
+            "Connections closed at once because a connection cap was reached",
+        )?,
         registry,
     };
     m.registry.register(Box::new(m.http_requests.clone()))?;
@@ -117,6 +122,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
     m.registry
         .register(Box::new(m.kv_cache_reused_tokens.clone()))?;
     m.registry.register(Box::new(m.batch_size.clone()))?;
+    m.registry
+        .register(Box::new(m.connections_refused.clone()))?;
     Ok(m)
 }
 

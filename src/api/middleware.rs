@@ -40,8 +40,22 @@ fn is_json(content_type: Option<&str>) -> bool {
 }
 
 /// Reads and checks the body of a request that carries one; puts it back when it is fine.
-async fn guard_body(req: &mut Request, limit: usize) -> Result<(), ApiError> {
+///
+/// Only the API routes take bodies: on every other path (`/healthz`, the page, `/metrics`,
+/// …) the body is never read, so a client without a key cannot make the server buffer
+/// anything. API requests reach this after their key was checked. The whole body must
+/// arrive within the connection limits' deadline for its declared size.
+async fn guard_body(
+    req: &mut Request,
+    path: &str,
+    limit: usize,
+    connections: &crate::server::ConnectionLimits,
+) -> Result<(), ApiError> {
     if !matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
+        return Ok(());
+    }
+    if !path.starts_with("/api/") && !path.starts_with("/v1/") {
+        req.take_body();
         return Ok(());
     }
     let declared = req
@@ -52,10 +66,12 @@ async fn guard_body(req: &mut Request, limit: usize) -> Result<(), ApiError> {
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    let bytes = req
-        .take_body()
-        .into_bytes_limit(limit)
+    let deadline = connections.body_deadline(declared.unwrap_or(limit as u64));
+    let bytes = tokio::time::timeout(deadline, req.take_body().into_bytes_limit(limit))
         .await
+        .map_err(|_| ApiError::RequestTimeout {
+            seconds: deadline.as_secs(),
+        })?
         .map_err(|e| match e {
             poem::error::ReadBodyError::PayloadTooLarge => ApiError::PayloadTooLarge { limit },
             other => ApiError::InvalidBody {
@@ -239,10 +255,11 @@ fn classify(
 /// Wraps the whole application; see the module docs.
 pub async fn around<E: Endpoint>(
     ep: Arc<E>,
-    req: Request,
+    mut req: Request,
     state: AppState,
     params: Arc<PathParams>,
 ) -> poem::Result<Response> {
+    normalize_uri(&mut req);
     let request_id = request_id(&req);
     let span = tracing::info_span!(
         "request",
@@ -256,15 +273,71 @@ pub async fn around<E: Endpoint>(
     Ok(resp)
 }
 
-/// The client's `X-Request-ID` when it is a sane token (1–128 visible ASCII characters),
-/// else a new UUID: every log line of the request and its response carry it.
+/// The client's `X-Request-ID` when it is a plain token (1–128 of `A-Z a-z 0-9 . _ -`),
+/// else a new UUID: every log line of the request and its response carry it, so it must
+/// not be able to hold the `=`, `:`, `}` or spaces that would let it pass for another
+/// field or log line.
 fn request_id(req: &Request) -> String {
     req.headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
+        .filter(|v| is_plain_token(v))
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+}
+
+fn is_plain_token(v: &str) -> bool {
+    (1..=128).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The path with empty and `.` segments removed and `..` applied, so `//api/v1/chats`,
+/// `/api/./v1/chats` and `/x/../api/v1/chats` are `/api/v1/chats` to everything after this
+/// (key check, rate limit, routing, metrics, log) alike. A trailing slash is kept (routing
+/// trims it later); `None` when the path is already normal.
+fn normal_path(path: &str) -> Option<String> {
+    let needs = path.contains("//") || path.split('/').any(|seg| seg == "." || seg == "..");
+    if !needs {
+        return None;
+    }
+    let mut segs: Vec<&str> = Vec::new();
+    for seg in path.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segs.pop();
+            }
+            s => segs.push(s),
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for s in &segs {
+        out.push('/');
+        out.push_str(s);
+    }
+    let trailing = path.ends_with('/') || path.ends_with("/.") || path.ends_with("/..");
+    if out.is_empty() || trailing {
+        out.push('/');
+    }
+    Some(out)
+}
+
+fn normalize_uri(req: &mut Request) {
+    let Some(path) = normal_path(req.uri().path()) else {
+        return;
+    };
+    let pq = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    if let Ok(pq) = pq.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = poem::http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
 }
 
 async fn handle<E: Endpoint>(
@@ -301,7 +374,8 @@ async fn handle<E: Endpoint>(
             r
         }
         Ok(decision) => {
-            let mut r = match guard_body(&mut req, state.limits.max_body_bytes).await {
+            let limit = state.limits.max_body_bytes;
+            let mut r = match guard_body(&mut req, &path, limit, &state.connections).await {
                 Err(e) => style.render(e),
                 Ok(()) => match ep.call(req).await {
                     Ok(r) => r.into_response(),
@@ -420,6 +494,29 @@ mod tests {
         assert_eq!(p.name("/a/1/m/2", 1), Some("y"));
         assert_eq!(p.name("/a/1/m/2/", 1), Some("y"));
         assert_eq!(p.name("/c/1", 0), None);
+    }
+
+    #[test]
+    fn paths_are_normalised() {
+        assert_eq!(normal_path("/api/v1/chats"), None);
+        assert_eq!(normal_path("/api/v1/chats/"), None);
+        assert_eq!(
+            normal_path("//api/v1/chats").as_deref(),
+            Some("/api/v1/chats")
+        );
+        assert_eq!(normal_path("//v1//models").as_deref(), Some("/v1/models"));
+        assert_eq!(normal_path("/x/../api/./v1").as_deref(), Some("/api/v1"));
+        assert_eq!(normal_path("/../../api").as_deref(), Some("/api"));
+        assert_eq!(normal_path("//").as_deref(), Some("/"));
+        assert_eq!(normal_path("/api//").as_deref(), Some("/api/"));
+    }
+
+    #[test]
+    fn request_ids_are_plain_tokens() {
+        assert!(is_plain_token("abc-DEF_1.2"));
+        for bad in ["", "a b", "a=b", "x}", "k:v", "é", &"a".repeat(129)] {
+            assert!(!is_plain_token(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ mod ws;
 pub use auth::Authenticator;
 
 use poem::middleware::{CatchPanic, NormalizePath, TrailingSlash};
-use poem::{Endpoint, EndpointExt, IntoEndpoint, Route};
+use poem::{Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Route};
 use poem_openapi::{OpenApiService, Tags};
 
 use crate::chat::ChatService;
@@ -39,6 +39,10 @@ pub struct AppState {
     pub cors_origins: Vec<String>,
     /// When set, `/metrics` needs `Authorization: Bearer <token>`.
     pub metrics_token: Option<String>,
+    /// Without a token: whether `/metrics` is served (else 403 `metrics_closed`).
+    pub metrics_open: bool,
+    /// Connection caps and timeouts; the body deadline is applied by the middleware.
+    pub connections: crate::server::ConnectionLimits,
 }
 
 #[derive(Tags)]
@@ -121,29 +125,34 @@ pub fn app(state: AppState) -> impl Endpoint {
 }
 
 /// `GET /metrics`: Prometheus text format. An operator endpoint (it names tenant ids):
-/// protect it with `--metrics-token` or expose it only to Prometheus.
+/// with `--metrics-token` it needs that bearer token; without one it is served only when
+/// the server listens on a loopback address or `--metrics-public` says so.
 #[poem::handler]
 fn metrics_text(req: &poem::Request, state: poem::web::Data<&AppState>) -> poem::Response {
-    if let Some(token) = &state.metrics_token {
-        let given = req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        // Compared by hash so the time taken does not depend on how much of it matched.
-        let ok = given.is_some_and(|g| {
-            crate::credentials::hash_key(g) == crate::credentials::hash_key(token)
-        });
-        if !ok {
-            return poem::Response::builder()
-                .status(poem::http::StatusCode::UNAUTHORIZED)
-                .header("www-authenticate", "Bearer")
-                .content_type("application/json")
-                .body(
-                    serde_json::json!({"error": {"code": "unauthorized", "message": "Send the metrics token as Authorization: Bearer <token>.", "details": {"header": "Authorization"}}})
-                        .to_string(),
+    match &state.metrics_token {
+        Some(token) => {
+            let given = req
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            // Compared by hash so the time taken does not depend on how much of it matched.
+            let ok = given.is_some_and(|g| {
+                crate::credentials::hash_key(g) == crate::credentials::hash_key(token)
+            });
+            if !ok {
+                let mut r = crate::error::ApiError::MetricsUnauthorized.into_response();
+                r.headers_mut().insert(
+                    "www-authenticate",
+                    poem::http::HeaderValue::from_static("Bearer"),
                 );
+                return r;
+            }
         }
+        None if !state.metrics_open => {
+            return crate::error::ApiError::MetricsClosed.into_response();
+        }
+        None => {}
     }
     poem::Response::builder()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

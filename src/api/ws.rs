@@ -202,6 +202,11 @@ async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream
         )
     };
     let mut bucket = TokenBucket::new(rate, burst);
+    // Frames refused in a row before the socket is closed (1008): each refused frame still
+    // gets its `rate_limited` answer, so a client knows which were dropped, but a client
+    // that ignores them is not answered forever.
+    let max_refused_in_row = (burst as usize).max(4) * 5;
+    let mut refused_in_row = 0usize;
     let mut phase = service.phase();
     let mut last_heard = Instant::now();
     let tick = settings
@@ -238,30 +243,52 @@ async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream
                 Err(RecvError::Closed) => break,
             },
             frame = stream.next() => {
-                let Some(Ok(frame)) = frame else { break };
-                last_heard = Instant::now();
-                let reply = match frame {
-                    Message::Text(text) => {
-                        match parse_client_message(&text, &settings.messages) {
-                            Err(e) => Some(e.into_event()),
-                            Ok(ClientMessage::Cancel) => service.cancel(&room).err().map(|e| e.to_event()),
-                            Ok(other) => match bucket.take() {
-                                Err(wait) => {
-                                    metrics.rate_limited.with_label_values(&["ws"]).inc();
-                                    Some(rate_limited(wait, rate, burst))
-                                }
-                                Ok(()) => match other {
-                                    ClientMessage::Ping => Some(Event::Pong),
-                                    ClientMessage::Message { content, metadata } => service
-                                        .submit(&room, content, metadata)
-                                        .await
-                                        .err()
-                                        .map(|e| e.to_event()),
-                                    ClientMessage::Cancel => None,
-                                },
-                            },
+                let frame = match frame {
+                    Some(Ok(frame)) => frame,
+                    Some(Err(e)) => {
+                        if is_too_large(&e) {
+                            close(&mut sink, 1009, "message_too_large").await;
+                            linger(&mut stream).await;
                         }
+                        break;
                     }
+                    None => break,
+                };
+                last_heard = Instant::now();
+                if matches!(frame, Message::Close(_)) {
+                    break;
+                }
+                if matches!(frame, Message::Ping(_) | Message::Pong(_)) {
+                    continue;
+                }
+                // Every data frame costs a token, whatever it holds: a client cannot get
+                // more answers (errors included) than its rate allows.
+                if let Err(wait) = bucket.take() {
+                    metrics.rate_limited.with_label_values(&["ws"]).inc();
+                    refused_in_row += 1;
+                    if refused_in_row > max_refused_in_row {
+                        send(&mut sink, &rate_limited(wait, rate, burst)).await;
+                        close(&mut sink, 1008, "rate_limited").await;
+                        linger(&mut stream).await;
+                        break;
+                    }
+                    if !send(&mut sink, &rate_limited(wait, rate, burst)).await {
+                        break;
+                    }
+                    continue;
+                }
+                refused_in_row = 0;
+                let reply = match frame {
+                    Message::Text(text) => match parse_client_message(&text, &settings.messages) {
+                        Err(e) => Some(e.into_event()),
+                        Ok(ClientMessage::Cancel) => service.cancel(&room).err().map(|e| e.to_event()),
+                        Ok(ClientMessage::Ping) => Some(Event::Pong),
+                        Ok(ClientMessage::Message { content, metadata }) => service
+                            .submit(&room, content, metadata)
+                            .await
+                            .err()
+                            .map(|e| e.to_event()),
+                    },
                     Message::Binary(data) => Some(
                         if data.len() > settings.messages.max_frame_bytes {
                             FrameError::too_large(data.len(), &settings.messages)
@@ -270,8 +297,7 @@ async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream
                         }
                         .into_event(),
                     ),
-                    Message::Close(_) => break,
-                    Message::Ping(_) | Message::Pong(_) => None,
+                    Message::Close(_) | Message::Ping(_) | Message::Pong(_) => None,
                 };
                 if let Some(event) = reply {
                     if !send(&mut sink, &event).await {
@@ -304,6 +330,28 @@ async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream
         }
     }
     drop(membership);
+}
+
+/// After closing on a client that is still sending: reads and drops what it sends for a
+/// moment (bounded by time and frames), so that unread data does not make the kernel answer
+/// with a reset that could destroy the close frame before the client reads it.
+async fn linger(stream: &mut (impl StreamExt<Item = std::io::Result<Message>> + Unpin)) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        for _ in 0..10_000 {
+            match stream.next().await {
+                None | Some(Ok(Message::Close(_))) => break,
+                _ => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// Whether a read failed because a frame was over the hard size limit. poem hands
+/// tungstenite's errors over as `io::Error::other(message)`, so the message is all there is;
+/// `a_frame_over_the_hard_limit_closes_with_1009` fails if it changes.
+fn is_too_large(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::Other && e.to_string().starts_with("Space limit exceeded")
 }
 
 fn rate_limited(wait: Duration, rate: f64, burst: u32) -> Event {

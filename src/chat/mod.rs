@@ -318,6 +318,11 @@ impl ChatService {
         &self.0.settings
     }
 
+    /// The shutdown has passed its grace: nothing more will be waited for.
+    pub fn is_closed(&self) -> bool {
+        *self.0.phase.borrow() == Phase::Closed
+    }
+
     pub fn store(&self) -> &Store {
         &self.0.store
     }

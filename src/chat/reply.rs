@@ -16,7 +16,8 @@ use super::room::Streamed;
 use super::{ChatService, Queued};
 use crate::domain::{Chat, ChatConfig, Message, MessageStatus, NewMessage, Role};
 use crate::engine::{
-    CancelToken, ChatMessage, FinishReason, GenerateRequest, GenerationEvent, SamplingParams,
+    CancelToken, ChatMessage, EngineError, FinishReason, GenerateRequest, GenerationEvent,
+    SamplingParams,
 };
 use crate::store::{ReplyUpdate, StoreError, TenantScope};
 
@@ -162,24 +163,15 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
         FinishReason::Cancelled => MessageStatus::Cancelled,
         FinishReason::Error => MessageStatus::Failed,
     };
-    let saved = scope
-        .update_reply(
-            message_id,
-            ReplyUpdate {
-                content: outcome.text.clone(),
-                status,
-                usage: Some((
-                    outcome.usage.prompt_tokens as i32,
-                    outcome.usage.completion_tokens as i32,
-                )),
-            },
-        )
-        .await;
-    if let Err(e) = &saved {
-        if !matches!(e, StoreError::NotFound) {
-            tracing::error!(chat = %room.chat_id, message = %message_id, error = %e, "reply not saved");
-        }
-    }
+    let update = ReplyUpdate {
+        content: outcome.text.clone(),
+        status,
+        usage: Some((
+            outcome.usage.prompt_tokens as i32,
+            outcome.usage.completion_tokens as i32,
+        )),
+    };
+    let saved = save_final(service, &scope, room.chat_id, message_id, update).await;
     let usage = outcome.usage;
     service
         .account(
@@ -196,7 +188,13 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
         return;
     }
     if let Err(e) = saved {
-        room.send(&super::ChatError::Store(e).to_event());
+        if !matches!(e, StoreError::NotFound) {
+            room.send(&Event::error(
+                "reply_not_saved",
+                "The reply could not be saved: the database kept failing. It was streamed in full but will not be in the chat's history (a restart marks it interrupted).",
+                json!({"message_id": message_id, "reason": super::ChatError::Store(e).code()}),
+            ));
+        }
     }
     room.send(&Event::MessageStreamEnded {
         message_id,
@@ -209,6 +207,43 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
             tokens_per_second: (outcome.tokens_per_second * 10.0).round() / 10.0,
         },
     });
+}
+
+/// Saves a reply's final state, retrying with backoff (100 ms doubling to 5 s) while the
+/// database is unavailable or locked, until it succeeds or the server has stopped: a reply
+/// the client received in full must not be lost to one failed write. Other failures get
+/// three tries. `message_stream_ended` waits for this, so it tells the saved state.
+async fn save_final(
+    service: &ChatService,
+    scope: &TenantScope<'_>,
+    chat: Uuid,
+    message_id: Uuid,
+    update: ReplyUpdate,
+) -> Result<(), StoreError> {
+    let mut delay = Duration::from_millis(100);
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let err = match scope.update_reply(message_id, update.clone()).await {
+            Ok(()) => {
+                if attempts > 1 {
+                    tracing::info!(%chat, message = %message_id, attempts, "reply saved after retries");
+                }
+                return Ok(());
+            }
+            // The chat was deleted meanwhile: nothing to save into.
+            Err(StoreError::NotFound) => return Err(StoreError::NotFound),
+            Err(e) => e,
+        };
+        let transient = matches!(err, StoreError::Unavailable(_));
+        if (!transient && attempts >= 3) || service.is_closed() {
+            tracing::error!(%chat, message = %message_id, attempts, error = %err, "reply not saved");
+            return Err(err);
+        }
+        tracing::warn!(%chat, message = %message_id, attempts, error = %err, "saving the reply failed; retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// Relays the engine's deltas to the room and saves the growing text.
@@ -232,8 +267,23 @@ async fn stream(
         ));
         return Outcome::empty(FinishReason::Error);
     };
-    let mut generation = match engine.generate_with(request, cancel.clone()) {
+    // Template and tokenizer run on a blocking worker, not on the engine thread.
+    let submitted = match engine.prepare(request).await {
+        Ok(prepared) => engine.submit(prepared, cancel.clone()),
+        Err(e) => Err(e),
+    };
+    let mut generation = match submitted {
         Ok(g) => g,
+        Err(EngineError::PromptTooLong { tokens, context }) => {
+            room.send(&Event::error(
+                "context_length_exceeded",
+                format!(
+                    "The message needs at least {tokens} tokens but the model's context holds {context}; send a shorter message."
+                ),
+                json!({"prompt_tokens": tokens, "context_length": context}),
+            ));
+            return Outcome::empty(FinishReason::Error);
+        }
         Err(e) => {
             tracing::error!(chat = %room.chat_id, error = %e, "engine refused a reply");
             room.send(&Event::error(

@@ -119,23 +119,26 @@ impl LoadedEngine {
 
     /// Builds the request's prompt and finds its cache; a request that cannot start ends
     /// here with its error.
-    fn admit(&self, job: Job) -> Option<Sequence> {
+    fn admit(&self, mut job: Job) -> Option<Sequence> {
         let started = Instant::now();
         let mut summary = new_summary();
-        let req = &job.request;
+        let req = &job.request.request;
+        let prompt = std::mem::take(&mut job.request.prompt.tokens);
+        let (dropped, max_new) = (
+            job.request.prompt.dropped_messages,
+            job.request.prompt.max_new,
+        );
+        summary.prompt_tokens = prompt.len();
+        summary.dropped_messages = dropped;
+        let _ = job.events.send(GenerationEvent::Started {
+            prompt_tokens: prompt.len(),
+            dropped_messages: dropped,
+        });
         let prepared = self
-            .build_prompt(&req.messages, req.max_tokens.max(1))
-            .and_then(|(prompt, dropped, max_new)| {
-                summary.prompt_tokens = prompt.len();
-                summary.dropped_messages = dropped;
-                let _ = job.events.send(GenerationEvent::Started {
-                    prompt_tokens: prompt.len(),
-                    dropped_messages: dropped,
-                });
-                let (cache, reused) =
-                    self.cache_for(req.cache_key, &prompt, prompt.len() + max_new)?;
+            .cache_for(req.cache_key, &prompt, prompt.len() + max_new)
+            .map(|(cache, reused)| {
                 summary.cached_tokens = reused;
-                Ok((prompt, cache, max_new))
+                (prompt, cache, max_new)
             });
         match prepared {
             Ok((history, cache, max_new)) => Some(Sequence {
@@ -307,7 +310,7 @@ impl LoadedEngine {
             first_token_at,
             ..
         } = seq;
-        if let Some(chat) = job.request.cache_key.filter(|_| cache.reusable()) {
+        if let Some(chat) = job.request.request.cache_key.filter(|_| cache.reusable()) {
             // Every token the cache covers went through `history` first.
             history.truncate(cache.len());
             self.prefixes.put(

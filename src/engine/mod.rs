@@ -20,6 +20,7 @@ pub mod kernels;
 pub mod llama;
 pub mod model;
 pub mod prefix;
+pub mod prompt;
 pub mod sampler;
 pub mod source;
 pub mod stop;
@@ -83,6 +84,13 @@ pub struct GenerateRequest {
     /// starts with the same tokens, and the state after this reply is kept for the next
     /// turn. `None` for stateless requests.
     pub cache_key: Option<uuid::Uuid>,
+}
+
+/// A request whose prompt is built and fits: what the engine queue takes.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub request: GenerateRequest,
+    pub prompt: prompt::Prompt,
 }
 
 /// Why a generation ended.
@@ -205,6 +213,8 @@ pub struct EngineHandle {
     tx: std::sync::mpsc::SyncSender<worker::Job>,
     pub info: Arc<ModelInfo>,
     prefixes: prefix::PrefixCache,
+    /// Builds prompts on the caller's side of the queue.
+    prompts: Arc<prompt::PromptBuilder>,
 }
 
 impl EngineHandle {
@@ -213,16 +223,31 @@ impl EngineHandle {
         self.prefixes.forget(&chat);
     }
 
-    /// Queues a generation; fails at once when the queue is full.
-    pub fn generate(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
-        self.generate_with(request, CancelToken::default())
+    /// Builds the request's prompt (template, tokenizer, fitting to the context) on a
+    /// blocking worker: never on the engine thread, never on a tokio worker. Fails with
+    /// [`EngineError::PromptTooLong`] when even the last turn cannot fit.
+    pub async fn prepare(&self, request: GenerateRequest) -> Result<Prepared, EngineError> {
+        let prompts = self.prompts.clone();
+        tokio::task::spawn_blocking(move || {
+            let prompt = prompts.build(&request.messages, request.max_tokens)?;
+            Ok(Prepared { request, prompt })
+        })
+        .await
+        .map_err(|e| EngineError::Model(format!("building the prompt failed: {e}")))?
     }
 
-    /// Like [`Self::generate`], stopped by a token the caller already holds (a chat's
-    /// reply can be cancelled before it reaches the engine).
-    pub fn generate_with(
+    /// Prepares and queues a generation; fails at once when the queue is full.
+    pub async fn generate(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
+        let prepared = self.prepare(request).await?;
+        self.submit(prepared, CancelToken::default())
+    }
+
+    /// Queues a prepared generation, stopped by a token the caller already holds (a chat's
+    /// reply can be cancelled before it reaches the engine); fails at once when the queue
+    /// is full.
+    pub fn submit(
         &self,
-        request: GenerateRequest,
+        request: Prepared,
         cancel: CancelToken,
     ) -> Result<Generation, EngineError> {
         let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();

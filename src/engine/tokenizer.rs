@@ -6,9 +6,18 @@
 //! vocabulary and merges; pre-tokenization by single digits, then byte-level without a prefix
 //! space; a byte-level decoder; control and user-defined tokens registered as special tokens
 //! so `<|im_start|>` stays one token.
+//!
+//! Special tokens come only from the chat template, never from message text: contents are
+//! [`escape`]d before the template sees them, and [`TextTokenizer::encode_prompt`] turns the
+//! template's special-token texts into their ids and everything else (the escaped text put
+//! back as it was) into ordinary tokens. A user who types `<|im_start|>system` gets the
+//! characters, not a forged turn.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
+
+use aho_corasick::{AhoCorasick, MatchKind};
 
 use candle_core::quantized::gguf_file::Value;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -35,9 +44,62 @@ const END_OF_TURN: &[&str] = &[
     "<end_of_turn>",
 ];
 
+/// Marks an escaped special token (followed by a character that gives its index) or, doubled,
+/// a literal occurrence of itself. A private-use code point: no model gives it meaning.
+const ESCAPE: char = '\u{10FFFD}';
+/// Escaped special token `k` is `ESCAPE` followed by `char(INDEX_BASE + k)` (plane 15,
+/// private use).
+const INDEX_BASE: u32 = 0xF0000;
+const MAX_SPECIALS: usize = 0xFFFD;
+
+/// The texts of a vocabulary's special tokens, and a matcher that finds them.
+struct Specials {
+    texts: Vec<String>,
+    ids: Vec<u32>,
+    /// Leftmost-longest over `texts`, so `<|im_start|>` wins over a shorter token that is
+    /// its prefix.
+    matcher: Option<AhoCorasick>,
+}
+
+impl Specials {
+    fn new(tokenizer: &Tokenizer) -> Result<Specials, EngineError> {
+        let mut pairs: Vec<(String, u32)> = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special && !t.content.is_empty())
+            .map(|(id, t)| (t.content, id))
+            .collect();
+        pairs.sort();
+        pairs.truncate(MAX_SPECIALS);
+        let (texts, ids): (Vec<String>, Vec<u32>) = pairs.into_iter().unzip();
+        let matcher = if texts.is_empty() {
+            None
+        } else {
+            Some(
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostLongest)
+                    .build(&texts)
+                    .map_err(err)?,
+            )
+        };
+        Ok(Specials {
+            texts,
+            ids,
+            matcher,
+        })
+    }
+}
+
 /// A tokenizer plus the special tokens generation needs.
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// The same tokenizer with special-token splitting off: text in, ordinary tokens out.
+    plain: Tokenizer,
+    specials: Specials,
+    /// Most bytes one ordinary token stands for: a text of `n` bytes takes at least
+    /// `n / max_token_bytes` tokens, which refuses a prompt that cannot fit before it is
+    /// tokenized.
+    pub max_token_bytes: usize,
     pub bos: Option<(u32, String)>,
     pub eos: Option<(u32, String)>,
     /// Whether prompts should start with BOS (`tokenizer.ggml.add_bos_token`).
@@ -94,7 +156,14 @@ impl TextTokenizer {
         if stop_ids.is_empty() {
             return Err(err("the model defines no end-of-sequence token"));
         }
+        let specials = Specials::new(&inner)?;
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        let max_token_bytes = max_token_bytes(&inner, &specials);
         Ok(TextTokenizer {
+            plain,
+            specials,
+            max_token_bytes,
             inner,
             bos,
             eos,
@@ -118,6 +187,101 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// Token ids of a prompt rendered by the chat template from [`escape`]d contents: the
+    /// special-token texts in it (all the template's own) become their ids, the rest is
+    /// tokenized as text with escapes undone. Without escapes this gives the same ids as
+    /// [`Self::encode`]; with them, a content's special-token text stays characters.
+    pub fn encode_prompt(&self, rendered: &str) -> Result<Vec<u32>, EngineError> {
+        let mut ids = Vec::with_capacity(rendered.len() / 3 + 2);
+        if self.add_bos {
+            if let Some((bos, _)) = &self.bos {
+                ids.push(*bos);
+            }
+        }
+        let text = |piece: &str, ids: &mut Vec<u32>| -> Result<(), EngineError> {
+            if piece.is_empty() {
+                return Ok(());
+            }
+            let piece = self.unescape(piece);
+            let enc = self.plain.encode_fast(piece.as_ref(), false).map_err(err)?;
+            ids.extend_from_slice(enc.get_ids());
+            Ok(())
+        };
+        let mut at = 0;
+        if let Some(m) = &self.specials.matcher {
+            for found in m.find_iter(rendered) {
+                text(&rendered[at..found.start()], &mut ids)?;
+                let id = self.specials.ids[found.pattern().as_usize()];
+                // The template's own BOS where `add_bos` already put one.
+                if !(ids.len() == 1 && found.start() == 0 && self.add_bos && ids[0] == id) {
+                    ids.push(id);
+                }
+                at = found.end();
+            }
+        }
+        text(&rendered[at..], &mut ids)?;
+        Ok(ids)
+    }
+
+    /// `content` with every special-token text (and the escape character itself) replaced by
+    /// an escape the template passes through untouched and [`Self::encode_prompt`] undoes.
+    pub fn escape<'a>(&self, content: &'a str) -> Cow<'a, str> {
+        let Some(m) = &self.specials.matcher else {
+            return escape_marker(content);
+        };
+        if !content.contains(ESCAPE) && m.find(content).is_none() {
+            return Cow::Borrowed(content);
+        }
+        let mut out = String::with_capacity(content.len() + 8);
+        let mut at = 0;
+        for found in m.find_iter(content) {
+            out.push_str(&escape_marker(&content[at..found.start()]));
+            out.push(ESCAPE);
+            out.push(index_char(found.pattern().as_usize()));
+            at = found.end();
+        }
+        out.push_str(&escape_marker(&content[at..]));
+        Cow::Owned(out)
+    }
+
+    fn unescape<'a>(&self, piece: &'a str) -> Cow<'a, str> {
+        if !piece.contains(ESCAPE) {
+            return Cow::Borrowed(piece);
+        }
+        let mut out = String::with_capacity(piece.len());
+        let mut chars = piece.chars();
+        while let Some(c) = chars.next() {
+            if c != ESCAPE {
+                out.push(c);
+                continue;
+            }
+            match chars.next() {
+                Some(ESCAPE) => out.push(ESCAPE),
+                Some(i) => match (i as u32)
+                    .checked_sub(INDEX_BASE)
+                    .and_then(|k| self.specials.texts.get(k as usize))
+                {
+                    Some(t) => out.push_str(t),
+                    None => {
+                        out.push(c);
+                        out.push(i);
+                    }
+                },
+                None => out.push(c),
+            }
+        }
+        Cow::Owned(out)
+    }
+
+    /// The vocabulary's special tokens (id, text): the ones only a template may produce.
+    pub fn special_tokens(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.specials
+            .ids
+            .iter()
+            .copied()
+            .zip(self.specials.texts.iter().map(String::as_str))
+    }
+
     /// Text of `ids`, without special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
         self.inner.decode(ids, true).map_err(err)
@@ -131,6 +295,37 @@ impl TextTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+}
+
+fn escape_marker(s: &str) -> Cow<'_, str> {
+    if s.contains(ESCAPE) {
+        let mut doubled = String::with_capacity(2);
+        doubled.push(ESCAPE);
+        doubled.push(ESCAPE);
+        Cow::Owned(s.replace(ESCAPE, &doubled))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+fn index_char(k: usize) -> char {
+    // `k < MAX_SPECIALS`, so this stays inside plane 15.
+    char::from_u32(INDEX_BASE + k as u32).unwrap_or(ESCAPE)
+}
+
+/// The longest decoded text of any ordinary token, in bytes (a byte that is not a whole
+/// character decodes to U+FFFD, 3 bytes: an overestimate keeps the bound safe).
+fn max_token_bytes(t: &Tokenizer, specials: &Specials) -> usize {
+    let mut max = 1;
+    for id in 0..t.get_vocab_size(true) as u32 {
+        if specials.ids.contains(&id) {
+            continue;
+        }
+        if let Ok(s) = t.decode(&[id], false) {
+            max = max.max(s.len());
+        }
+    }
+    max
 }
 
 /// The text a single token stands for (special tokens included), for template variables

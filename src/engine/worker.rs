@@ -11,13 +11,10 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::gguf::{md_string, GgufFile};
 use super::model::{KvCache, Model};
 use super::prefix::{common_prefix, PrefixCache};
-use super::template::{ChatTemplate, TemplateMessage};
+use super::prompt::PromptBuilder;
+use super::template::ChatTemplate;
 use super::tokenizer::TextTokenizer;
-use super::{
-    CancelToken, ChatMessage, EngineError, EngineHandle, GenerateRequest, GenerationEvent,
-    ModelInfo,
-};
-use crate::domain::Role;
+use super::{CancelToken, EngineError, EngineHandle, GenerationEvent, ModelInfo, Prepared};
 
 /// How to load and run the model.
 #[derive(Debug, Clone)]
@@ -59,18 +56,19 @@ impl Default for EngineOptions {
     }
 }
 
-/// A queued request.
+/// A queued request, its prompt already built.
 pub(super) struct Job {
-    pub request: GenerateRequest,
+    pub request: Prepared,
     pub events: UnboundedSender<GenerationEvent>,
     pub cancel: CancelToken,
 }
 
-/// The model, tokenizer and template, owned by the engine thread.
+/// The model, owned by the engine thread, and the tokenizer and template it shares with the
+/// handle's callers (prompts are built before a request is queued).
 pub struct LoadedEngine {
     pub model: Model,
-    pub tokenizer: TextTokenizer,
-    pub template: ChatTemplate,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub prompts: Arc<PromptBuilder>,
     pub context_length: usize,
     pub prefill_chunk: usize,
     pub min_token_interval: Option<std::time::Duration>,
@@ -126,87 +124,20 @@ impl LoadedEngine {
         let context_length = opts.max_context.map_or(model.spec().context_length, |m| {
             m.clamp(1, model.spec().context_length)
         });
+        let tokenizer = Arc::new(tokenizer);
         Ok(LoadedEngine {
             model,
+            prompts: Arc::new(PromptBuilder {
+                tokenizer: tokenizer.clone(),
+                template,
+                context_length,
+            }),
             tokenizer,
-            template,
             context_length,
             prefill_chunk: opts.prefill_chunk.max(1),
             min_token_interval: opts.min_token_interval,
             prefixes: PrefixCache::new(opts.kv_cache_bytes),
         })
-    }
-
-    /// Renders and tokenizes the conversation, leaving out the oldest messages (never the
-    /// leading system messages) until prompt + `max_tokens` fits the context. Returns the
-    /// prompt, how many messages were left out, and how many tokens may be generated
-    /// (less than asked only when even the shortest prompt leaves less room).
-    pub fn build_prompt(
-        &self,
-        messages: &[ChatMessage],
-        max_tokens: usize,
-    ) -> Result<(Vec<u32>, usize, usize), EngineError> {
-        let n_system = messages
-            .iter()
-            .take_while(|m| m.role == Role::System)
-            .count();
-        let (system, history) = messages.split_at(n_system);
-        // A prompt may start at any user message (or at the very beginning).
-        let mut starts: Vec<usize> = (0..history.len())
-            .filter(|&i| i == 0 || history[i].role == Role::User)
-            .collect();
-        if starts.is_empty() {
-            starts.push(0);
-        }
-        let render = |start: usize| -> Result<Vec<u32>, EngineError> {
-            let msgs: Vec<TemplateMessage> = system
-                .iter()
-                .chain(&history[start..])
-                .map(|m| TemplateMessage {
-                    role: m.role.as_str().to_string(),
-                    content: m.content.clone(),
-                })
-                .collect();
-            self.tokenizer.encode(&self.template.render(&msgs, true)?)
-        };
-        let fits = |ids: &[u32]| ids.len() + max_tokens <= self.context_length;
-        let full = render(starts[0])?;
-        if fits(&full) {
-            return Ok((full, 0, max_tokens));
-        }
-        // Fewer messages never make a longer prompt: binary search for the earliest start
-        // that fits, keeping at least the last user turn.
-        let (mut lo, mut hi) = (0, starts.len() - 1);
-        let mut best: Option<(usize, Vec<u32>)> = None;
-        while lo <= hi {
-            let mid = (lo + hi) / 2;
-            let ids = render(starts[mid])?;
-            if fits(&ids) {
-                best = Some((mid, ids));
-                if mid == 0 {
-                    break;
-                }
-                hi = mid - 1;
-            } else {
-                lo = mid + 1;
-            }
-        }
-        match best {
-            Some((i, ids)) => Ok((ids, starts[i], max_tokens)),
-            None => {
-                let last = *starts.last().unwrap_or(&0);
-                let ids = render(last)?;
-                if ids.len() < self.context_length {
-                    let room = self.context_length - ids.len();
-                    Ok((ids, last, room))
-                } else {
-                    Err(EngineError::PromptTooLong {
-                        tokens: ids.len(),
-                        context: self.context_length,
-                    })
-                }
-            }
-        }
     }
 
     /// A cache for `prompt` with room for `capacity` positions, and how many of the
@@ -254,8 +185,8 @@ pub fn load(path: PathBuf, opts: EngineOptions) -> Result<EngineHandle, EngineEr
     // Room for a whole batch at least: the scheduler hands out `max_batch` slots at once.
     let capacity = opts.queue_capacity.max(opts.max_batch).max(1);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(capacity);
-    let (ready_tx, ready_rx) =
-        std::sync::mpsc::channel::<Result<(ModelInfo, PrefixCache), EngineError>>();
+    type Ready = (ModelInfo, PrefixCache, Arc<PromptBuilder>);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Ready, EngineError>>();
     std::thread::Builder::new()
         .name("confab-engine".into())
         .spawn(move || {
@@ -292,15 +223,16 @@ pub fn load(path: PathBuf, opts: EngineOptions) -> Result<EngineHandle, EngineEr
                 load_time: t0.elapsed(),
                 device: opts.device.clone(),
             };
-            let _ = ready_tx.send(Ok((info, engine.prefixes.clone())));
+            let _ = ready_tx.send(Ok((info, engine.prefixes.clone(), engine.prompts.clone())));
             // Runs until every handle is dropped.
             engine.serve(rx, opts.max_batch);
         })
         .map_err(|e| EngineError::Model(format!("cannot start the engine thread: {e}")))?;
-    let (info, prefixes) = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
+    let (info, prefixes, prompts) = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
     Ok(EngineHandle {
         tx,
         info: Arc::new(info),
         prefixes,
+        prompts,
     })
 }

@@ -37,11 +37,31 @@ fn sqlx_is_unavailable(e: &sqlx::Error) -> bool {
     ) || matches!(e, sqlx::Error::Database(d) if is_unavailable_code(d.code().as_deref()))
 }
 
-/// PostgreSQL codes for "the server is going away or not accepting work" (class 08 is
-/// connection exceptions, 57P01–57P03 are shutdown and startup).
+/// Codes for "the database cannot do this now; the same statement may work shortly".
+/// PostgreSQL: class 08 is connection exceptions, 57P01–57P03 shutdown and startup, 55P03 a
+/// lock that could not be had (`lock_timeout`), 57014 a statement cancelled by
+/// `statement_timeout`. SQLite (extended result codes, numeric): 5 `SQLITE_BUSY` ("database
+/// is locked" after the busy timeout) with its extended forms 261, 517 and 773, 6
+/// `SQLITE_LOCKED` and 262. The two sets cannot collide (five characters vs digits).
 fn is_unavailable_code(code: Option<&str>) -> bool {
     match code {
-        Some(c) => c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03"),
+        Some(c) => {
+            c.starts_with("08")
+                || matches!(
+                    c,
+                    "57P01"
+                        | "57P02"
+                        | "57P03"
+                        | "55P03"
+                        | "57014"
+                        | "5"
+                        | "261"
+                        | "517"
+                        | "773"
+                        | "6"
+                        | "262"
+                )
+        }
         None => false,
     }
 }
@@ -70,5 +90,21 @@ impl From<sea_orm::TransactionError<StoreError>> for StoreError {
             sea_orm::TransactionError::Connection(db) => db.into(),
             sea_orm::TransactionError::Transaction(s) => s,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_unavailable_code;
+
+    #[test]
+    fn lock_timeouts_are_unavailable_not_internal() {
+        for c in ["5", "261", "517", "6", "55P03", "57014", "08006", "57P01"] {
+            assert!(is_unavailable_code(Some(c)), "{c}");
+        }
+        for c in ["19", "2067", "23505", "42P01"] {
+            assert!(!is_unavailable_code(Some(c)), "{c}");
+        }
+        assert!(!is_unavailable_code(None));
     }
 }

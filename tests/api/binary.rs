@@ -592,3 +592,95 @@ crate::backend_tests!(
     serve_bootstraps_and_stops,
     readme_curl_examples_work
 );
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// 500 connections that never send a request and 200 that declare a megabyte body to a
+/// public path and trickle it: none of them can make the release binary hold memory, and
+/// all are gone within the header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_and_slow_bodies_cannot_pin_memory() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_store, url, _guard) = fresh_store(Backend::Sqlite).await;
+    let key = "ci-known-key-0123456789abcdef";
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("CONFAB_HEADER_READ_TIMEOUT_SECS", "2"),
+        ("CONFAB_MAX_CONNECTIONS_PER_IP", "1000"),
+    ];
+    let Served { child, base, .. } = serve_with(&url, key, dir.path(), &env).await;
+    wait_ready(&base).await;
+    let pid = child.id();
+    let addr = base.trim_start_matches("http://").to_string();
+    let before = rss_kib(pid);
+    let started = std::time::Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..500 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let addr = addr.clone();
+        slow.push(tokio::spawn(async move {
+            let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let head = "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1048576\r\n\r\n";
+            if c.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = vec![b' '; 16 * 1024];
+            // 16 KiB every 50 ms until the server hangs up (bounded: at most 64 chunks).
+            for _ in 0..64 {
+                if c.write_all(&chunk).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }));
+    }
+    let mut peak = before;
+    for _ in 0..20 {
+        peak = peak.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for task in slow {
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("slow bodies end")
+            .unwrap();
+    }
+    // Every idle connection is closed by the server within the header timeout (plus slack).
+    for c in &mut idle {
+        let mut buf = [0u8; 64];
+        let left = Duration::from_secs(8).saturating_sub(started.elapsed());
+        let r = tokio::time::timeout(left.max(Duration::from_millis(1)), c.read(&mut buf)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "an idle connection is still open after {:?}",
+            started.elapsed()
+        );
+    }
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = rss_kib(pid);
+    assert!(
+        peak < before + 64 * 1024,
+        "RSS grew from {before} KiB to {peak} KiB under 700 idle or slow connections"
+    );
+    assert!(
+        after < before + 32 * 1024,
+        "RSS {after} KiB after they closed (was {before} KiB)"
+    );
+    // The server still serves.
+    let r = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    stop(child).await;
+}

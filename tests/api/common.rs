@@ -115,6 +115,8 @@ pub struct ScratchGuard(#[allow(dead_code)] Scratch);
 
 pub struct TestServer {
     pub base: String,
+    /// The database URL (empty for `start_on`, whose database is the test's).
+    pub db_url: String,
     pub store: Store,
     pub http: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
@@ -143,7 +145,8 @@ impl TestServer {
     pub async fn start_on(store: Store, settings: ServerSettings) -> TestServer {
         let model = confab::engine::ModelSlot::new(confab::engine::ModelStatus::NotConfigured);
         let dir = tempfile::tempdir().expect("temp dir");
-        Self::serve(store, settings, model, ScratchGuard(Scratch::Sqlite(dir))).await
+        let scratch = ScratchGuard(Scratch::Sqlite(dir));
+        Self::serve(store, String::new(), settings, model, scratch).await
     }
 
     /// A server with a model (see `ws::tiny_model`).
@@ -152,12 +155,13 @@ impl TestServer {
         settings: ServerSettings,
         model: confab::engine::ModelSlot,
     ) -> TestServer {
-        let (store, _url, scratch) = fresh_store(backend).await;
-        Self::serve(store, settings, model, scratch).await
+        let (store, url, scratch) = fresh_store(backend).await;
+        Self::serve(store, url, settings, model, scratch).await
     }
 
     async fn serve(
         store: Store,
+        db_url: String,
         settings: ServerSettings,
         model: confab::engine::ModelSlot,
         scratch: ScratchGuard,
@@ -183,6 +187,7 @@ impl TestServer {
             .expect("client");
         TestServer {
             base: format!("http://{addr}"),
+            db_url,
             store,
             http,
             shutdown: Some(tx),

@@ -9,6 +9,7 @@ mod chats;
 mod engine;
 mod errors;
 mod faults;
+mod hardening;
 mod isolation;
 mod limits;
 mod load;

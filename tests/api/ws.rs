@@ -943,7 +943,86 @@ async fn replies_of_several_chats_stream_together(b: Backend) {
     s.stop().await;
 }
 
+async fn a_frame_over_the_hard_limit_closes_with_1009(b: Backend) {
+    let mut chat_settings = ChatSettings::default();
+    chat_settings.messages.max_frame_bytes = 2048;
+    let s = server(b, chat_settings, None).await;
+    let t = s.tenant("acme").await;
+    let chat_id = chat(&s, &t.key, "alice", 4).await;
+    let mut ws = Ws::connect(&s, &t.key, "alice", &chat_id).await;
+    ws.event().await;
+    // The hard limit is max(4 × the frame limit, 1 MiB). The server stops reading at the
+    // limit, so the client reads while it writes, as a browser does.
+    let (mut tx, mut rx) = ws.inner.split();
+    let writer = tokio::spawn(async move {
+        let _ = tx.send(Message::text("x".repeat(2 * 1024 * 1024))).await;
+    });
+    let closed = loop {
+        let frame = tokio::time::timeout(WAIT, rx.next())
+            .await
+            .expect("a frame in time");
+        match frame {
+            Some(Ok(Message::Close(Some(c)))) => break (u16::from(c.code), c.reason.to_string()),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    writer.await.unwrap();
+    assert_eq!(closed, (1009, "message_too_large".to_string()));
+    s.stop().await;
+}
+
+async fn every_frame_counts_against_the_rate_and_floods_are_closed(b: Backend) {
+    let s = server(b, ChatSettings::default(), None).await;
+    let t = s.tenant("acme").await;
+    let chat_id = chat(&s, &t.key, "alice", 4).await;
+    let mut ws = Ws::connect(&s, &t.key, "alice", &chat_id).await;
+    ws.event().await;
+    // Invalid JSON and cancels cost a token like messages (burst 10).
+    for i in 0..15 {
+        let frame = if i % 2 == 0 {
+            "{not json"
+        } else {
+            r#"{"type":"cancel"}"#
+        };
+        ws.send_raw(Message::text(frame)).await;
+    }
+    let mut limited = 0;
+    for _ in 0..15 {
+        let e = ws.event().await;
+        assert_eq!(e["event_type"], "error", "{e}");
+        if e["code"] == "rate_limited" {
+            limited += 1;
+        } else {
+            assert!(
+                e["code"] == "invalid_json" || e["code"] == "nothing_to_cancel",
+                "{e}"
+            );
+        }
+    }
+    assert!((3..=5).contains(&limited), "{limited} of 15 refused");
+    // A client that ignores `rate_limited` and keeps sending is closed (1008), after a
+    // bounded number of answers.
+    for _ in 0..200 {
+        if ws.inner.send(Message::text("{not json")).await.is_err() {
+            break;
+        }
+    }
+    let mut answers = 0;
+    let closed = loop {
+        match ws.recv().await {
+            Ok(_) => answers += 1,
+            Err(c) => break c,
+        }
+    };
+    assert_eq!(closed, (1008, "rate_limited".to_string()));
+    assert!(answers <= 60, "{answers} answers before the close");
+    s.stop().await;
+}
+
 backend_tests!(
+    a_frame_over_the_hard_limit_closes_with_1009,
+    every_frame_counts_against_the_rate_and_floods_are_closed,
     replies_of_several_chats_stream_together,
     metrics_parse_and_move_with_traffic,
     usage_totals_match_the_replies,
@@ -1030,5 +1109,65 @@ async fn bench_serve_measures_every_turn() {
             .await;
         assert_eq!(v["total"], 0, "bench chats are deleted: {v}");
     }
+    s.stop().await;
+}
+
+/// SQLite locked by another writer for longer than its busy timeout while a reply streams:
+/// the final save is retried until the lock goes, and `message_stream_ended` comes after the
+/// reply is saved with its full text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_database_does_not_lose_a_finished_reply() {
+    use sea_orm::sqlx::{Connection, Executor, SqliteConnection};
+    let chat_settings = ChatSettings {
+        save_interval: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let s = server(
+        Backend::Sqlite,
+        chat_settings,
+        Some(Duration::from_millis(20)),
+    )
+    .await;
+    let t = s.tenant("acme").await;
+    let chat_id = chat(&s, &t.key, "alice", 30).await;
+    let mut ws = Ws::connect(&s, &t.key, "alice", &chat_id).await;
+    ws.event().await;
+    ws.send(json!({"content": "hello"})).await;
+    ws.until("message_stream_started").await;
+    let mut locker = SqliteConnection::connect(&s.db_url).await.unwrap();
+    locker.execute("BEGIN EXCLUSIVE").await.unwrap();
+    let locked_at = std::time::Instant::now();
+    // The reply ends while the database is locked (30 tokens at 20 ms); the store's busy
+    // timeout is 10 s, so the first save attempt fails and is retried.
+    let unlock = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        locker.execute("COMMIT").await.unwrap();
+        locker.close().await.unwrap();
+    });
+    let mut text = String::new();
+    let ended = loop {
+        let e = tokio::time::timeout(Duration::from_secs(40), ws.recv())
+            .await
+            .expect("an event in time")
+            .expect("open");
+        match e["event_type"].as_str() {
+            Some("message_stream_token") => text.push_str(e["token"].as_str().unwrap()),
+            Some("message_stream_ended") => break e,
+            Some("error") => panic!("no error while the save is retried: {e}"),
+            _ => {}
+        }
+    };
+    assert!(
+        locked_at.elapsed() >= Duration::from_secs(11),
+        "ended only once saved, after the lock: {:?}",
+        locked_at.elapsed()
+    );
+    unlock.await.unwrap();
+    assert_eq!(ended["content"].as_str().unwrap(), text);
+    assert!(!text.is_empty());
+    let saved = messages(&s, &t.key, &chat_id).await;
+    assert_eq!(saved.len(), 2);
+    assert_eq!(saved[1]["content"].as_str().unwrap(), text);
+    assert_eq!(saved[1]["status"], "complete", "{}", saved[1]);
     s.stop().await;
 }

@@ -175,7 +175,7 @@ fn check_model(engine: &EngineHandle, model: &str) -> Result<()> {
 
 /// What the generation task hands the request handler.
 enum Piece {
-    Started { dropped_messages: usize },
+    Started,
     Delta(String),
     Done(GenerationSummary),
 }
@@ -196,15 +196,32 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
     let completion = wire::parse(&bytes, state.chat.settings().default_max_tokens, context)?;
     check_model(&engine, &completion.model)?;
     let max_tokens = completion.request.max_tokens;
+    let too_long = || ApiError::ContextLengthExceeded {
+        max_tokens,
+        context,
+    };
+    // The prompt is built (and refused when it cannot fit) before the request takes a
+    // reply slot or reaches the engine: a prompt that is too long costs its sender only.
+    let prepared = engine
+        .prepare(completion.request)
+        .await
+        .map_err(|e| match e {
+            EngineError::PromptTooLong { .. } => too_long(),
+            other => ApiError::GenerationFailed(other.to_string()),
+        })?;
+    if prepared.prompt.dropped_messages > 0 {
+        // The engine keeps a chat going by leaving out its oldest turns; a stateless client
+        // sent exactly the conversation it wants answered.
+        return Err(too_long().into());
+    }
     let slot = state.chat.acquire(tenant).await?;
     let generation = engine
-        .generate_with(completion.request, slot.cancel.clone())
+        .submit(prepared, slot.cancel.clone())
         .map_err(|e| match e {
             EngineError::QueueFull => ApiError::ServerBusy,
             EngineError::Stopped => ApiError::ModelNotReady,
             other => ApiError::GenerationFailed(other.to_string()),
         })?;
-    let cancel = generation.cancel.clone();
     let mut pieces = drive(
         state.chat.clone(),
         tenant,
@@ -212,23 +229,8 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
         slot,
         generation,
     );
-
-    // Nothing is sent before the prompt is known to fit, so a request too long for the
-    // context gets a plain 400 even when it asked for a stream.
-    let too_long = || ApiError::ContextLengthExceeded {
-        max_tokens,
-        context,
-    };
     let first = match pieces.recv().await {
-        Some(Piece::Started {
-            dropped_messages: 0,
-        }) => None,
-        Some(Piece::Started { .. }) => {
-            // The engine keeps a chat going by leaving out its oldest turns; a stateless
-            // client sent exactly the conversation it wants answered.
-            cancel.cancel();
-            return Err(too_long().into());
-        }
+        Some(Piece::Started) => None,
         Some(p) => Some(p),
         None => return Err(ApiError::GenerationFailed("the engine stopped".into()).into()),
     };
@@ -300,9 +302,7 @@ fn drive(
         let mut gaps = crate::metrics::TokenGaps::default();
         while let Some(event) = generation.events.recv().await {
             let piece = match event {
-                GenerationEvent::Started {
-                    dropped_messages, ..
-                } => Piece::Started { dropped_messages },
+                GenerationEvent::Started { .. } => Piece::Started,
                 GenerationEvent::Delta { text, .. } => {
                     gaps.tick();
                     Piece::Delta(text)
@@ -381,7 +381,7 @@ fn sse_events(
                 None => pieces.recv().await,
             };
             let out: Vec<SseEvent> = match piece {
-                Some(Piece::Started { .. }) => Vec::new(),
+                Some(Piece::Started) => Vec::new(),
                 Some(Piece::Delta(text)) => vec![chunk(
                     Delta {
                         role: None,

@@ -1,0 +1,141 @@
+//! Prompts: a conversation rendered with the model's chat template and tokenized, fitted to
+//! the context by leaving out the oldest turns.
+//!
+//! This runs before a request is queued, on a blocking worker ([`super::EngineHandle::prepare`]),
+//! never on the engine thread: a long prompt costs the request that sent it, not the replies
+//! streaming meanwhile. It is the one place prompts are checked, for chats and the OpenAI API
+//! alike. The work is bounded before anything is rendered: a text of `n` bytes needs at least
+//! `n / max_token_bytes` tokens, so messages that cannot fit are never rendered or tokenized,
+//! and a prompt that cannot fit at all is refused at the cost of summing lengths.
+
+use std::sync::Arc;
+
+use super::template::{ChatTemplate, TemplateMessage};
+use super::tokenizer::TextTokenizer;
+use super::{ChatMessage, EngineError};
+use crate::domain::Role;
+
+/// A conversation's prompt, ready for the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    pub tokens: Vec<u32>,
+    /// Oldest history messages left out so that the prompt fits.
+    pub dropped_messages: usize,
+    /// Tokens that may be generated: `max_tokens`, or less when even the shortest prompt
+    /// leaves less room.
+    pub max_new: usize,
+}
+
+/// Renders and tokenizes prompts; shared by the engine handle's callers.
+pub struct PromptBuilder {
+    pub tokenizer: Arc<TextTokenizer>,
+    pub template: ChatTemplate,
+    pub context_length: usize,
+}
+
+impl PromptBuilder {
+    /// The prompt for `messages`, leaving out the oldest messages (never the leading system
+    /// messages) until prompt + `max_tokens` fits the context.
+    pub fn build(
+        &self,
+        messages: &[ChatMessage],
+        max_tokens: usize,
+    ) -> Result<Prompt, EngineError> {
+        let max_tokens = max_tokens.max(1);
+        let n_system = messages
+            .iter()
+            .take_while(|m| m.role == Role::System)
+            .count();
+        let (system, history) = messages.split_at(n_system);
+        // A prompt may start at any user message (or at the very beginning).
+        let mut starts: Vec<usize> = (0..history.len())
+            .filter(|&i| i == 0 || history[i].role == Role::User)
+            .collect();
+        if starts.is_empty() {
+            starts.push(0);
+        }
+        // Lower bounds on the tokens of each candidate prompt, from content lengths alone.
+        let per_token = self.tokenizer.max_token_bytes.max(1);
+        let system_bytes: usize = system.iter().map(|m| m.content.len()).sum();
+        let mut suffix_bytes = vec![0usize; history.len() + 1];
+        for i in (0..history.len()).rev() {
+            suffix_bytes[i] = suffix_bytes[i + 1] + history[i].content.len();
+        }
+        let at_least = |start: usize| (system_bytes + suffix_bytes[start]) / per_token;
+        let last = *starts.last().unwrap_or(&0);
+        if at_least(last) >= self.context_length {
+            return Err(EngineError::PromptTooLong {
+                tokens: at_least(last),
+                context: self.context_length,
+            });
+        }
+        // Starts whose bound already overflows are never rendered.
+        let first = starts
+            .iter()
+            .position(|&s| at_least(s) + max_tokens <= self.context_length)
+            .unwrap_or(starts.len() - 1);
+        let starts = &starts[first..];
+        let render = |start: usize| -> Result<Vec<u32>, EngineError> {
+            let msgs: Vec<TemplateMessage> = system
+                .iter()
+                .chain(&history[start..])
+                .map(|m| TemplateMessage {
+                    role: m.role.as_str().to_string(),
+                    content: self.tokenizer.escape(&m.content).into_owned(),
+                })
+                .collect();
+            self.tokenizer
+                .encode_prompt(&self.template.render(&msgs, true)?)
+        };
+        let fits = |ids: &[u32]| ids.len() + max_tokens <= self.context_length;
+        let full = render(starts[0])?;
+        if fits(&full) {
+            return Ok(Prompt {
+                tokens: full,
+                dropped_messages: starts[0],
+                max_new: max_tokens,
+            });
+        }
+        // Fewer messages never make a longer prompt: binary search for the earliest start
+        // that fits, keeping at least the last user turn.
+        let (mut lo, mut hi) = (1, starts.len() - 1);
+        let mut best: Option<(usize, Vec<u32>)> = None;
+        while lo <= hi {
+            let mid = (lo + hi) / 2;
+            let ids = render(starts[mid])?;
+            if fits(&ids) {
+                best = Some((mid, ids));
+                hi = mid - 1;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        match best {
+            Some((i, tokens)) => Ok(Prompt {
+                tokens,
+                dropped_messages: starts[i],
+                max_new: max_tokens,
+            }),
+            None => {
+                let ids = if starts.len() == 1 {
+                    full
+                } else {
+                    render(last)?
+                };
+                if ids.len() < self.context_length {
+                    let room = self.context_length - ids.len();
+                    Ok(Prompt {
+                        tokens: ids,
+                        dropped_messages: last,
+                        max_new: room,
+                    })
+                } else {
+                    Err(EngineError::PromptTooLong {
+                        tokens: ids.len(),
+                        context: self.context_length,
+                    })
+                }
+            }
+        }
+    }
+}

@@ -62,6 +62,7 @@ impl ChatConfigDto {
     /// The change this body asks for, checked against the operator's limits.
     pub fn into_patch(self, limits: &Limits) -> Result<domain::ChatConfigPatch, ValidationError> {
         if let MaybeUndefined::Value(p) = &self.system_prompt {
+            crate::domain::reject_nul("config.system_prompt", &p.0)?;
             let n = p.0.chars().count();
             if n > limits.max_system_prompt_chars {
                 return Err(ValidationError::new(
@@ -76,6 +77,7 @@ impl ChatConfigDto {
         }
         if let MaybeUndefined::Value(stops) = &self.stop {
             for (i, s) in stops.iter().enumerate() {
+                crate::domain::reject_nul(&format!("config.stop[{i}]"), &s.0)?;
                 let n = s.0.chars().count();
                 if n == 0 || n > 128 {
                     return Err(ValidationError::new(

@@ -233,6 +233,13 @@ pub fn parse_client_message(
             ))
         }
     };
+    if let Err(e) = crate::domain::reject_nul("content", &content) {
+        return Err(FrameError::new(
+            "validation_error",
+            format!("{e}."),
+            json!({"field": "content", "forbidden": "U+0000"}),
+        ));
+    }
     let chars = content.chars().count();
     if chars > limits.max_content_chars {
         return Err(FrameError::new(
@@ -397,6 +404,7 @@ mod tests {
         assert_eq!(code(r#"{"content":""}"#), "validation_error");
         assert_eq!(code(r#"{"content":"  \n"}"#), "validation_error");
         assert_eq!(code(r#"{"content":5}"#), "validation_error");
+        assert_eq!(code(r#"{"content":"a\u0000b"}"#), "validation_error");
         assert_eq!(
             code(r#"{"content":"x","metadata":[1]}"#),
             "validation_error"

@@ -99,6 +99,20 @@ pub fn validate_title(s: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// Text may hold any character but U+0000, which PostgreSQL cannot store (in `text` or
+/// `jsonb`): refused on both backends alike, so a chat never works on one and fails on the
+/// other.
+pub fn reject_nul(field: &str, s: &str) -> Result<(), ValidationError> {
+    if s.contains('\0') {
+        return Err(ValidationError::new(
+            field,
+            "must not contain the NUL character (U+0000)",
+            serde_json::json!({"forbidden": "U+0000"}),
+        ));
+    }
+    Ok(())
+}
+
 fn depth(v: &Value) -> usize {
     match v {
         Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),

@@ -10,7 +10,9 @@ mod page;
 mod quota;
 
 pub use config::{ChatConfig, ChatConfigPatch, Patch};
-pub use limits::{validate_metadata, validate_title, validate_user_id, Limits, ValidationError};
+pub use limits::{
+    reject_nul, validate_metadata, validate_title, validate_user_id, Limits, ValidationError,
+};
 pub use message::{MessageStatus, Role};
 pub use page::{Order, Page, PageRequest};
 pub use quota::{TenantLimits, TenantLimitsPatch};

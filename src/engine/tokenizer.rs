@@ -424,10 +424,10 @@ impl DeltaDecoder {
             && !full.ends_with('\u{FFFD}')
             && full.is_char_boundary(prefix.len())
         {
-            let delta = full[prefix.len()..].to_string();
+            let delta = without_nul(&full[prefix.len()..]);
             self.prefix_start = self.emitted_upto;
             self.emitted_upto = self.ids.len();
-            Ok(Some(delta))
+            Ok(Some(delta).filter(|d| !d.is_empty()))
         } else {
             Ok(None)
         }
@@ -443,7 +443,13 @@ impl DeltaDecoder {
         self.emitted_upto = self.ids.len();
         Ok(full
             .get(prefix.len()..)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string))
+            .map(without_nul)
+            .filter(|s| !s.is_empty()))
     }
+}
+
+/// Generated text never holds U+0000 (a byte token a model may sample): no client expects
+/// it, and PostgreSQL cannot store it.
+fn without_nul(s: &str) -> String {
+    s.replace('\0', "")
 }

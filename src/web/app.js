@@ -36,6 +36,9 @@ const FRIENDLY = {
   too_many_connections: "Too many open connections for your tenant; close another tab.",
   content_too_long: "The message is too long.",
   slow_consumer: "The connection fell behind; reconnecting.",
+  context_length_exceeded: "The message is too long for the model; send a shorter one.",
+  reply_not_saved: "The reply was shown but could not be saved (the database kept failing).",
+  request_timeout: "The request was sent too slowly; try again.",
   shutting_down: "The server is restarting.",
 };
 

@@ -1020,7 +1020,82 @@ async fn every_frame_counts_against_the_rate_and_floods_are_closed(b: Backend) {
     s.stop().await;
 }
 
+/// A client that stops reading: its socket is dropped after the write-stall timeout, the
+/// chat's other socket keeps receiving the reply meanwhile, and the place it held is freed.
+async fn a_socket_that_stops_reading_is_dropped_without_blocking_others(b: Backend) {
+    let chat_settings = ChatSettings {
+        max_connections_per_tenant: 2,
+        messages_per_second: 100.0,
+        message_burst: 100,
+        ..Default::default()
+    };
+    let settings = ServerSettings {
+        chat: chat_settings,
+        connections: confab::server::ConnectionLimits {
+            write_stall_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let s = TestServer::start_full(b, settings, tiny_model(None)).await;
+    let t = s.tenant("acme").await;
+    // Sampled replies run long (the tiny model rarely picks its end token), so a few turns
+    // are more than the stalled socket's buffers hold.
+    let c = s
+        .create_chat(
+            &t.key,
+            json!({"user_id": "alice", "config": {"temperature": 1.0, "max_tokens": 200}}),
+        )
+        .await;
+    let chat_id = c["id"].as_str().unwrap().to_string();
+    let mut reader = Ws::connect(&s, &t.key, "alice", &chat_id).await;
+    reader.event().await;
+    // The stalled client: a 4 KiB receive buffer, and it never reads after the handshake.
+    let addr: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    let url = format!(
+        "{}/ws/chat?api_key={}&user_id=alice&chat_id={chat_id}",
+        s.base.replacen("http", "ws", 1),
+        t.key
+    );
+    let (_stalled, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    // Replies stream to both sockets; the reader takes each to its end.
+    let mut freed = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for turn in 0..200 {
+        if std::time::Instant::now() > deadline {
+            break;
+        }
+        reader
+            .send(json!({"content": format!("turn {turn}")}))
+            .await;
+        let (_, tokens, ended) = read_reply(&mut reader).await;
+        assert!(!tokens.is_empty(), "{ended}");
+        // Once the server dropped the stalled socket, a new connection fits under the cap.
+        let url = format!(
+            "{}/ws/chat?api_key={}&user_id=alice&chat_id={chat_id}",
+            s.base.replacen("http", "ws", 1),
+            t.key
+        );
+        let (mut third, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let first = tokio::time::timeout(WAIT, third.next()).await.unwrap();
+        if let Some(Ok(Message::Text(t))) = first {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["event_type"] == "connection_established" {
+                freed = true;
+                break;
+            }
+            assert_eq!(v["code"], "too_many_connections", "{v}");
+        }
+    }
+    assert!(freed, "the stalled socket was never dropped");
+    s.stop().await;
+}
+
 backend_tests!(
+    a_socket_that_stops_reading_is_dropped_without_blocking_others,
     a_frame_over_the_hard_limit_closes_with_1009,
     every_frame_counts_against_the_rate_and_floods_are_closed,
     replies_of_several_chats_stream_together,

@@ -464,6 +464,9 @@ pub struct LimitArgs {
     /// Longest system prompt in characters.
     #[arg(long, env = "CONFAB_MAX_SYSTEM_PROMPT_CHARS", default_value_t = Limits::default().max_system_prompt_chars)]
     pub max_system_prompt_chars: usize,
+    /// Most messages in one `/v1/chat/completions` request.
+    #[arg(long, env = "CONFAB_MAX_REQUEST_MESSAGES", default_value_t = Limits::default().max_request_messages)]
+    pub max_request_messages: usize,
 }
 
 impl From<&LimitArgs> for Limits {
@@ -473,6 +476,7 @@ impl From<&LimitArgs> for Limits {
             max_metadata_bytes: a.max_metadata_bytes,
             max_metadata_depth: a.max_metadata_depth,
             max_system_prompt_chars: a.max_system_prompt_chars,
+            max_request_messages: a.max_request_messages.max(1),
         }
     }
 }

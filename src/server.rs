@@ -116,6 +116,9 @@ struct ConnectionSlot {
     _ip: IpSlot,
 }
 
+/// Read buffer of a connection: the largest request head (hyper needs at least 8 KiB).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// The answer to a connection over a cap: written once, without reading the request.
 static OVER_CAP: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
     let body = serde_json::json!({"error": {
@@ -333,6 +336,10 @@ async fn serve_connection(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
+        // A request head that grows past this (checked between reads, so by at most one
+        // more read) gets 431; hyper's default (~400 KiB) would let each connection hold
+        // that much while it trickles in.
+        .max_buf_size(MAX_HEAD_BYTES)
         .keep_alive(true);
     let conn = builder
         .serve_connection(TokioIo::new(io), service)

@@ -16,6 +16,8 @@ pub struct Limits {
     pub max_metadata_depth: usize,
     /// Longest system prompt, in characters.
     pub max_system_prompt_chars: usize,
+    /// Most messages in one OpenAI-API request.
+    pub max_request_messages: usize,
 }
 
 impl Default for Limits {
@@ -25,6 +27,7 @@ impl Default for Limits {
             max_metadata_bytes: 16 * 1024,
             max_metadata_depth: 8,
             max_system_prompt_chars: 32 * 1024,
+            max_request_messages: 1024,
         }
     }
 }

@@ -86,11 +86,19 @@ pub struct GenerateRequest {
     pub cache_key: Option<uuid::Uuid>,
 }
 
-/// A request whose prompt is built and fits: what the engine queue takes.
+/// A request whose prompt is built and fits: what the engine queue takes. Made only by
+/// [`EngineHandle::prepare`], so the engine never sees an unchecked prompt.
 #[derive(Debug, Clone)]
 pub struct Prepared {
-    pub request: GenerateRequest,
-    pub prompt: prompt::Prompt,
+    request: GenerateRequest,
+    prompt: prompt::Prompt,
+}
+
+impl Prepared {
+    /// Oldest history messages left out so that the prompt fits.
+    pub fn dropped_messages(&self) -> usize {
+        self.prompt.dropped_messages
+    }
 }
 
 /// Why a generation ended.

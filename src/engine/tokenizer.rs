@@ -8,7 +8,7 @@
 //! so `<|im_start|>` stays one token.
 //!
 //! Special tokens come only from the chat template, never from message text: contents are
-//! [`escape`]d before the template sees them, and [`TextTokenizer::encode_prompt`] turns the
+//! [`TextTokenizer::escape`]d before the template sees them, and [`TextTokenizer::encode_prompt`] turns the
 //! template's special-token texts into their ids and everything else (the escaped text put
 //! back as it was) into ordinary tokens. A user who types `<|im_start|>system` gets the
 //! characters, not a forged turn.
@@ -187,7 +187,7 @@ impl TextTokenizer {
         Ok(ids)
     }
 
-    /// Token ids of a prompt rendered by the chat template from [`escape`]d contents: the
+    /// Token ids of a prompt rendered by the chat template from [`Self::escape`]d contents: the
     /// special-token texts in it (all the template's own) become their ids, the rest is
     /// tokenized as text with escapes undone. Without escapes this gives the same ids as
     /// [`Self::encode`]; with them, a content's special-token text stays characters.

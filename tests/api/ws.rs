@@ -1219,6 +1219,20 @@ async fn a_locked_database_does_not_lose_a_finished_reply() {
         locker.execute("COMMIT").await.unwrap();
         locker.close().await.unwrap();
     });
+    // A write while the lock holds past the busy timeout is a retryable 503, not a 500.
+    let blocked_write = {
+        let (http, base, key) = (s.http.clone(), s.base.clone(), t.key.clone());
+        tokio::spawn(async move {
+            let r = http
+                .post(format!("{base}/api/v1/chats"))
+                .header("X-API-Key", key)
+                .json(&json!({"user_id": "bob"}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        })
+    };
     let mut text = String::new();
     let ended = loop {
         let e = tokio::time::timeout(Duration::from_secs(40), ws.recv())
@@ -1238,6 +1252,9 @@ async fn a_locked_database_does_not_lose_a_finished_reply() {
         locked_at.elapsed()
     );
     unlock.await.unwrap();
+    let (status, body) = blocked_write.await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "database_unavailable", "{body}");
     assert_eq!(ended["content"].as_str().unwrap(), text);
     assert!(!text.is_empty());
     let saved = messages(&s, &t.key, &chat_id).await;

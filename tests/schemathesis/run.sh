@@ -22,21 +22,24 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 curl -sf "$base/readyz" >/dev/null || { cat "$data/serve.log"; echo "confab serve not ready" >&2; exit 1; }
+# One worker: with two threads, hypothesis parses lambda sources concurrently and CPython
+# 3.11 before 3.11.8 fails that with "SystemError: AST constructor recursion depth mismatch"
+# (gh-106905), an error of the tool, not of the server.
 checks=not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance
 cd "$here"
 export PYTHONPATH="$here" SCHEMATHESIS_HOOKS=hooks
 echo "--- with a valid key (${budget}s)"
 schemathesis run "$base/openapi.json" -H "X-API-Key: $key" --checks "$checks" \
-  --max-time "$budget" -w 2 --seed 1 --no-color
+  --max-time "$budget" -w 1 --seed 1 --no-color
 echo "--- without a key"
 CONFAB_EXPECT_401_CODE=missing_api_key,invalid_api_key schemathesis run "$base/openapi.json" \
   --checks "$checks,unauthorized_everywhere" --include-path-regex '^/api/' \
-  --max-time 20 -w 2 --seed 1 --no-color
+  --max-time 20 -w 1 --seed 1 --no-color
 echo "--- with a wrong key"
 CONFAB_EXPECT_401_CODE=invalid_api_key,missing_api_key schemathesis run "$base/openapi.json" \
   -H "X-API-Key: cfk_WrongWrongWrongWrongWrongWrongWrongWrong" \
   --checks "$checks,unauthorized_everywhere" --include-path-regex '^/api/' \
-  --max-time 20 -w 2 --seed 1 --no-color
+  --max-time 20 -w 1 --seed 1 --no-color
 if grep -q 'ERROR' "$data/serve.log"; then
   echo "the server logged errors:" >&2; grep 'ERROR' "$data/serve.log" | head -20 >&2; exit 1
 fi

@@ -193,7 +193,12 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
         reason: e.to_string(),
     })?;
     let context = engine.info.context_length;
-    let completion = wire::parse(&bytes, state.chat.settings().default_max_tokens, context)?;
+    let completion = wire::parse(
+        &bytes,
+        state.chat.settings().default_max_tokens,
+        context,
+        state.limits.max_request_messages,
+    )?;
     check_model(&engine, &completion.model)?;
     let max_tokens = completion.request.max_tokens;
     let too_long = || ApiError::ContextLengthExceeded {
@@ -209,7 +214,7 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
             EngineError::PromptTooLong { .. } => too_long(),
             other => ApiError::GenerationFailed(other.to_string()),
         })?;
-    if prepared.prompt.dropped_messages > 0 {
+    if prepared.dropped_messages() > 0 {
         // The engine keeps a chat going by leaving out its oldest turns; a stateless client
         // sent exactly the conversation it wants answered.
         return Err(too_long().into());

@@ -130,8 +130,14 @@ fn range(
 }
 
 /// Reads and checks a request body. `default_max_tokens` applies when the request sets no
-/// limit; `context` is the model's context length.
-pub fn parse(body: &[u8], default_max_tokens: u32, context: usize) -> Result<Completion, ApiError> {
+/// limit; `context` is the model's context length; `max_messages` bounds `messages` before
+/// any prompt is built from them.
+pub fn parse(
+    body: &[u8],
+    default_max_tokens: u32,
+    context: usize,
+    max_messages: usize,
+) -> Result<Completion, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     let r: Request = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -162,6 +168,16 @@ pub fn parse(body: &[u8], default_max_tokens: u32, context: usize) -> Result<Com
             "messages",
             "must hold at least one message",
             json!({"min_items": 1}),
+        ));
+    }
+    if r.messages.len() > max_messages {
+        return Err(invalid(
+            "messages",
+            format!(
+                "must hold at most {max_messages} messages, got {}",
+                r.messages.len()
+            ),
+            json!({"max_items": max_messages}),
         ));
     }
     let mut messages = Vec::with_capacity(r.messages.len());
@@ -399,7 +415,7 @@ mod tests {
     use super::*;
 
     fn p(body: Value) -> Result<Completion, ApiError> {
-        parse(body.to_string().as_bytes(), 64, 8192)
+        parse(body.to_string().as_bytes(), 64, 8192, 4)
     }
 
     fn field_of(e: ApiError) -> String {
@@ -456,8 +472,13 @@ mod tests {
             body[k] = v;
             assert_eq!(field_of(p(body).unwrap_err()), k);
         }
+        let five = vec![json!({"role": "user", "content": "x"}); 5];
+        assert_eq!(
+            field_of(p(json!({"model": "m", "messages": five})).unwrap_err()),
+            "messages"
+        );
         assert!(matches!(
-            parse(b"{\"model\": ", 1, 10),
+            parse(b"{\"model\": ", 1, 10, 4),
             Err(ApiError::InvalidJson { .. })
         ));
     }

@@ -41,20 +41,19 @@ fn is_json(content_type: Option<&str>) -> bool {
 
 /// Reads and checks the body of a request that carries one; puts it back when it is fine.
 ///
-/// Only the API routes take bodies: on every other path (`/healthz`, the page, `/metrics`,
-/// …) the body is never read, so a client without a key cannot make the server buffer
-/// anything. API requests reach this after their key was checked. The whole body must
+/// Only operations that take a body (`routes`) have it read: on every other route and
+/// method (`POST /healthz`, `POST /api/v1/usage`, the page, …) the body is dropped unread,
+/// so a client cannot make the server buffer what nothing will use. The API operations
+/// reach this after their key was checked and the request counted. The whole body must
 /// arrive within the connection limits' deadline for its declared size.
 async fn guard_body(
     req: &mut Request,
     path: &str,
+    routes: &RouteTable,
     limit: usize,
     connections: &crate::server::ConnectionLimits,
 ) -> Result<(), ApiError> {
-    if !matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
-        return Ok(());
-    }
-    if !path.starts_with("/api/") && !path.starts_with("/v1/") {
+    if !routes.takes_body(req.method(), path) {
         req.take_body();
         return Ok(());
     }
@@ -102,12 +101,20 @@ async fn guard_body(
     Ok(())
 }
 
-/// The names of path parameters, by route template, read from the OpenAPI document.
+/// The routes of the OpenAPI document: the names of their path parameters and which
+/// methods take a request body.
 ///
 /// poem-openapi reports a bad path parameter by position (`param0`), not by name; this
-/// recovers the name the client sees in the documentation.
-pub struct PathParams {
-    routes: Vec<Vec<Segment>>,
+/// recovers the name the client sees in the documentation. The body methods decide which
+/// requests have their body read at all.
+pub struct RouteTable {
+    routes: Vec<RouteEntry>,
+}
+
+struct RouteEntry {
+    segments: Vec<Segment>,
+    /// Methods of this route that take a request body.
+    body_methods: Vec<Method>,
 }
 
 enum Segment {
@@ -115,29 +122,69 @@ enum Segment {
     Param(String),
 }
 
-impl PathParams {
-    pub fn from_spec(spec: &str) -> PathParams {
+fn segments(template: &str) -> Vec<Segment> {
+    template
+        .split('/')
+        .map(
+            |seg| match seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                Some(name) => Segment::Param(name.to_string()),
+                None => Segment::Literal(seg.to_string()),
+            },
+        )
+        .collect()
+}
+
+impl RouteEntry {
+    fn matches(&self, segs: &[&str]) -> bool {
+        self.segments.len() == segs.len()
+            && self.segments.iter().zip(segs).all(|(t, s)| {
+                matches!(t, Segment::Param(_)) || matches!(t, Segment::Literal(l) if l == s)
+            })
+    }
+}
+
+impl RouteTable {
+    pub fn from_spec(spec: &str) -> RouteTable {
         let doc: serde_json::Value = serde_json::from_str(spec).unwrap_or_default();
         let routes = doc["paths"]
             .as_object()
             .map(|paths| {
                 paths
-                    .keys()
-                    .filter(|p| p.contains('{'))
-                    .map(|p| {
-                        p.split('/')
-                            .map(|seg| {
-                                match seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                                    Some(name) => Segment::Param(name.to_string()),
-                                    None => Segment::Literal(seg.to_string()),
-                                }
+                    .iter()
+                    .map(|(template, ops)| RouteEntry {
+                        segments: segments(template),
+                        body_methods: ops
+                            .as_object()
+                            .map(|ops| {
+                                ops.iter()
+                                    .filter(|(_, op)| op.get("requestBody").is_some())
+                                    .filter_map(|(m, _)| m.to_ascii_uppercase().parse().ok())
+                                    .collect()
                             })
-                            .collect()
+                            .unwrap_or_default(),
                     })
                     .collect()
             })
             .unwrap_or_default();
-        PathParams { routes }
+        RouteTable { routes }
+    }
+
+    /// Adds a route outside the document (the OpenAI-compatible ones) whose `method` takes
+    /// a body.
+    pub fn with_body_route(mut self, method: Method, template: &str) -> RouteTable {
+        self.routes.push(RouteEntry {
+            segments: segments(template),
+            body_methods: vec![method],
+        });
+        self
+    }
+
+    /// Whether `method` on `path` is an operation that takes a request body.
+    fn takes_body(&self, method: &Method, path: &str) -> bool {
+        let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+        self.routes
+            .iter()
+            .any(|r| r.body_methods.contains(method) && r.matches(&segs))
     }
 
     /// The name of the `index`-th parameter of the route that `path` matches. Literal
@@ -146,14 +193,11 @@ impl PathParams {
         let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
         self.routes
             .iter()
-            .filter(|r| r.len() == segs.len())
-            .find(|r| {
-                r.iter().zip(&segs).all(|(t, s)| {
-                    matches!(t, Segment::Param(_)) || matches!(t, Segment::Literal(l) if l == s)
-                })
-            })
+            .filter(|r| r.segments.iter().any(|s| matches!(s, Segment::Param(_))))
+            .find(|r| r.matches(&segs))
             .and_then(|r| {
-                r.iter()
+                r.segments
+                    .iter()
                     .filter_map(|t| match t {
                         Segment::Param(n) => Some(n.as_str()),
                         Segment::Literal(_) => None,
@@ -194,7 +238,7 @@ fn classify(
     err: poem::Error,
     method: &Method,
     path: &str,
-    params: &PathParams,
+    params: &RouteTable,
     style: Style,
 ) -> Response {
     if err.is_from_response() {
@@ -257,7 +301,7 @@ pub async fn around<E: Endpoint>(
     ep: Arc<E>,
     mut req: Request,
     state: AppState,
-    params: Arc<PathParams>,
+    params: Arc<RouteTable>,
 ) -> poem::Result<Response> {
     normalize_uri(&mut req);
     let request_id = request_id(&req);
@@ -344,7 +388,7 @@ async fn handle<E: Endpoint>(
     ep: Arc<E>,
     mut req: Request,
     state: AppState,
-    params: Arc<PathParams>,
+    params: Arc<RouteTable>,
 ) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
@@ -375,7 +419,8 @@ async fn handle<E: Endpoint>(
         }
         Ok(decision) => {
             let limit = state.limits.max_body_bytes;
-            let mut r = match guard_body(&mut req, &path, limit, &state.connections).await {
+            let guarded = guard_body(&mut req, &path, &params, limit, &state.connections).await;
+            let mut r = match guarded {
                 Err(e) => style.render(e),
                 Ok(()) => match ep.call(req).await {
                     Ok(r) => r.into_response(),
@@ -488,12 +533,28 @@ mod tests {
     #[test]
     fn path_parameter_names() {
         let spec = r#"{"paths": {"/a/{x}": {}, "/a/user/{u}": {}, "/a/{x}/m/{y}": {}, "/b": {}}}"#;
-        let p = PathParams::from_spec(spec);
+        let p = RouteTable::from_spec(spec);
         assert_eq!(p.name("/a/zz", 0), Some("x"));
         assert_eq!(p.name("/a/user/zz", 0), Some("u"));
         assert_eq!(p.name("/a/1/m/2", 1), Some("y"));
         assert_eq!(p.name("/a/1/m/2/", 1), Some("y"));
         assert_eq!(p.name("/c/1", 0), None);
+    }
+
+    #[test]
+    fn only_operations_with_a_body_have_it_read() {
+        let spec = r#"{"paths": {"/a": {"post": {"requestBody": {}}, "get": {}},
+            "/a/{x}": {"patch": {"requestBody": {}}, "delete": {}}, "/u": {"get": {}}}}"#;
+        let r = RouteTable::from_spec(spec).with_body_route(Method::POST, "/v1/c");
+        assert!(r.takes_body(&Method::POST, "/a"));
+        assert!(r.takes_body(&Method::POST, "/a/"));
+        assert!(r.takes_body(&Method::PATCH, "/a/7"));
+        assert!(r.takes_body(&Method::POST, "/v1/c"));
+        assert!(!r.takes_body(&Method::GET, "/a"));
+        assert!(!r.takes_body(&Method::POST, "/a/7"));
+        assert!(!r.takes_body(&Method::DELETE, "/a/7"));
+        assert!(!r.takes_body(&Method::POST, "/u"));
+        assert!(!r.takes_body(&Method::POST, "/healthz"));
     }
 
     #[test]

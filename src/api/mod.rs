@@ -93,7 +93,10 @@ pub fn app(state: AppState) -> impl Endpoint {
             ])
     });
     let around_state = state.clone();
-    let params = std::sync::Arc::new(middleware::PathParams::from_spec(&api.spec()));
+    let params = std::sync::Arc::new(
+        middleware::RouteTable::from_spec(&api.spec())
+            .with_body_route(poem::http::Method::POST, "/v1/chat/completions"),
+    );
     // The operations live under `/api/` plus the two probes; mounting the service at `/`
     // would shadow the chat page there.
     let operations = std::sync::Arc::new(api.into_endpoint());

@@ -110,6 +110,18 @@ async fn bodies_are_read_only_by_routes_that_take_them_and_only_so_slowly(b: Bac
         .unwrap();
     let (answer, _) = read_until_closed(&mut c, Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    // With a key, on an operation that takes no body: answered without waiting for it.
+    let mut c = TcpStream::connect(addr(&s)).await.unwrap();
+    let head = format!("POST /api/v1/usage HTTP/1.1\r\nHost: x\r\nX-API-Key: {}\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{{", t.key);
+    c.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let (answer, _) = read_until_closed(&mut c, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
     // With a key, a body slower than its deadline (1 s + 100 kB at 1 MiB/s) gets 408.
     let mut c = TcpStream::connect(addr(&s)).await.unwrap();
     let head = format!("POST /api/v1/chats HTTP/1.1\r\nHost: x\r\nX-API-Key: {}\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{{", t.key);

@@ -264,6 +264,7 @@ where
             refuse(socket, remote);
             continue;
         };
+        // Replies stream as many small writes; Nagle would hold each behind an ACK.
         let _ = socket.set_nodelay(true);
         let io = Guarded::new(socket, limits.write_stall_timeout, Some(slot));
         tokio::spawn(serve_connection(

@@ -13,6 +13,8 @@
 //! - [`chat`]: live chat over WebSocket: rooms, per-tenant queues, streamed and saved replies.
 //! - [`ratelimit`]: token buckets.
 //! - [`metrics`]: Prometheus metrics (`GET /metrics`).
+//! - [`server`]: the connection layer: accept loop, connection caps, header and write-stall
+//!   timeouts (hyper's HTTP/1 under poem's endpoints).
 //!
 //! [`run`] serves the application on a listener until a shutdown future completes: the binary
 //! passes Ctrl-C/SIGTERM, tests pass a oneshot and bind `127.0.0.1:0`.

@@ -420,18 +420,18 @@ pub struct ConnectionArgs {
     pub max_connections_per_ip: usize,
     /// Seconds a client has to send a whole request head, from connecting or from the end of
     /// the previous response (so also the keep-alive idle timeout).
-    #[arg(long, env = "CONFAB_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(long, env = "CONFAB_HEADER_READ_TIMEOUT_SECS", default_value_t = ConnectionLimits::default().header_read_timeout.as_secs())]
     pub header_read_timeout_secs: u64,
     /// Seconds a request body may take, plus its length at `--min-body-bytes-per-sec`; a
     /// slower upload gets 408 `request_timeout`.
-    #[arg(long, env = "CONFAB_BODY_READ_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(long, env = "CONFAB_BODY_READ_TIMEOUT_SECS", default_value_t = ConnectionLimits::default().body_read_timeout.as_secs())]
     pub body_read_timeout_secs: u64,
     /// Slowest accepted upload, in bytes per second.
     #[arg(long, env = "CONFAB_MIN_BODY_BYTES_PER_SEC", default_value_t = ConnectionLimits::default().min_body_bytes_per_sec)]
     pub min_body_bytes_per_sec: u64,
     /// Seconds a write to a client may make no progress before the connection is dropped (a
     /// client that stopped reading a stream or socket).
-    #[arg(long, env = "CONFAB_WRITE_STALL_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, env = "CONFAB_WRITE_STALL_TIMEOUT_SECS", default_value_t = ConnectionLimits::default().write_stall_timeout.as_secs())]
     pub write_stall_timeout_secs: u64,
 }
 

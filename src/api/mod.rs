@@ -73,6 +73,10 @@ pub fn openapi_json() -> String {
     service().spec()
 }
 
+/// The OpenAI-compatible completion route: outside the OpenAPI document, so its body is
+/// declared to the middleware by hand.
+const CHAT_COMPLETIONS: &str = "/v1/chat/completions";
+
 /// The whole HTTP application.
 pub fn app(state: AppState) -> impl Endpoint {
     let api = service();
@@ -95,7 +99,7 @@ pub fn app(state: AppState) -> impl Endpoint {
     let around_state = state.clone();
     let params = std::sync::Arc::new(
         middleware::RouteTable::from_spec(&api.spec())
-            .with_body_route(poem::http::Method::POST, "/v1/chat/completions"),
+            .with_body_route(poem::http::Method::POST, CHAT_COMPLETIONS),
     );
     // The operations live under `/api/` plus the two probes; mounting the service at `/`
     // would shadow the chat page there.
@@ -113,7 +117,7 @@ pub fn app(state: AppState) -> impl Endpoint {
         .at("/metrics", poem::get(metrics_text))
         .at("/v1/models", poem::get(openai::models))
         .at("/v1/models/:id", poem::get(openai::model_by_id))
-        .at("/v1/chat/completions", poem::post(openai::chat_completions))
+        .at(CHAT_COMPLETIONS, poem::post(openai::chat_completions))
         .data(state)
         // `/api/v1/chats/` and `/api/v1/chats` are the same route (the seed documents the
         // former; OpenAPI paths carry no trailing slash).

@@ -246,9 +246,9 @@ async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream
                 let frame = match frame {
                     Some(Ok(frame)) => frame,
                     Some(Err(e)) => {
+                        // The stream ends with its error: nothing more to read.
                         if is_too_large(&e) {
                             close(&mut sink, 1009, "message_too_large").await;
-                            linger(&mut stream).await;
                         }
                         break;
                     }

@@ -117,8 +117,8 @@ impl LoadedEngine {
         }
     }
 
-    /// Builds the request's prompt and finds its cache; a request that cannot start ends
-    /// here with its error.
+    /// Starts a request whose prompt was built before it was queued: finds its cache; a
+    /// request that cannot start ends here with its error.
     fn admit(&self, mut job: Job) -> Option<Sequence> {
         let started = Instant::now();
         let mut summary = new_summary();

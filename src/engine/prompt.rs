@@ -97,15 +97,20 @@ impl PromptBuilder {
             });
         }
         // Fewer messages never make a longer prompt: binary search for the earliest start
-        // that fits, keeping at least the last user turn.
+        // that fits, keeping at least the last user turn. When none fits, the search has
+        // rendered the last start (its final probe), which is kept for the answer below.
         let (mut lo, mut hi) = (1, starts.len() - 1);
         let mut best: Option<(usize, Vec<u32>)> = None;
+        let mut shortest = None;
         while lo <= hi {
             let mid = (lo + hi) / 2;
             let ids = render(starts[mid])?;
             if fits(&ids) {
                 best = Some((mid, ids));
                 hi = mid - 1;
+            } else if mid == starts.len() - 1 {
+                shortest = Some(ids);
+                lo = mid + 1;
             } else {
                 lo = mid + 1;
             }
@@ -117,10 +122,10 @@ impl PromptBuilder {
                 max_new: max_tokens,
             }),
             None => {
-                let ids = if starts.len() == 1 {
-                    full
-                } else {
-                    render(last)?
+                let ids = match shortest {
+                    Some(ids) => ids,
+                    // One candidate start: `full` is its render.
+                    None => full,
                 };
                 if ids.len() < self.context_length {
                     let room = self.context_length - ids.len();

@@ -9,7 +9,7 @@
 use std::io::{Read, Seek};
 
 use super::gguf::{GgufFile, ModelSpec};
-use super::kernels::{attend_64, QMat, Rows, SyncPtr};
+use super::kernels::{attend, QMat, Rows, SyncPtr};
 use super::team::Team;
 use super::EngineError;
 
@@ -130,34 +130,6 @@ fn matrix<R: Read + Seek>(
         .tensor(reader, name, &candle_core::Device::Cpu)
         .map_err(|e| EngineError::Model(format!("tensor {name}: {e}")))?;
     QMat::from_qtensor(&t)
-}
-
-/// Dot product with eight independent accumulators, so the compiler can vectorise it
-/// (a plain `sum()` must keep the sequential order and stays scalar).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// `out += w * v`.
-#[inline]
-fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
-    for (o, x) in out.iter_mut().zip(v) {
-        *o += w * x;
-    }
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -416,7 +388,7 @@ impl CpuLlama {
         self.team.run(&|tid| {
             // The whole wrapper, not its field: only the wrapper is `Sync`.
             let out_ptr = &out_ptr;
-            let (mut scores, mut sums) = (Vec::new(), Vec::with_capacity(group));
+            let mut scores = Vec::new();
             for idx in (tid..items).step_by(size) {
                 let (i, kvh) = (idx / s.n_kv_head, idx % s.n_kv_head);
                 let (si, pos) = rows[i];
@@ -436,34 +408,7 @@ impl CpuLlama {
                 };
                 let keys = &cache.k[base..base + len * hd];
                 let values = &cache.v[base..base + len * hd];
-                if attend_64(qs, group, keys, values, len, scale, &mut scores, o) {
-                    continue;
-                }
-                scores.clear();
-                scores.resize(group * len, 0.0);
-                for p in 0..len {
-                    let key = &keys[p * hd..(p + 1) * hd];
-                    for (g, qh) in qs.chunks_exact(hd).enumerate() {
-                        scores[g * len + p] = dot(qh, key) * scale;
-                    }
-                }
-                sums.clear();
-                for sc in scores.chunks_exact_mut(len) {
-                    let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0;
-                    for v in sc.iter_mut() {
-                        *v = (*v - max).exp();
-                        sum += *v;
-                    }
-                    sums.push(sum);
-                }
-                o.fill(0.0);
-                for p in 0..len {
-                    let value = &values[p * hd..(p + 1) * hd];
-                    for (g, og) in o.chunks_exact_mut(hd).enumerate() {
-                        axpy(og, scores[g * len + p] / sums[g], value);
-                    }
-                }
+                attend(qs, group, hd, keys, values, len, scale, &mut scores, o);
             }
         });
     }

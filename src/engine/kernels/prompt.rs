@@ -1,0 +1,97 @@
+//! Products for prompt chunks: compute-bound, so a panel of weight rows is dequantized once
+//! to f32 and multiplied with many activation rows by a register-blocked kernel.
+
+#[cfg(target_arch = "x86_64")]
+use super::x86;
+use super::{QMat, SyncPtr};
+
+/// Weight rows per panel of the prompt-processing kernel (two AVX vectors).
+pub(super) const PANEL: usize = 16;
+/// Activation rows per call of that kernel: 6 × 2 accumulators + 2 weights + 1 broadcast
+/// fill 15 of the 16 AVX registers.
+const MR: usize = 6;
+/// Per-thread buffers of the prompt kernel, made once per product and reused for each chunk.
+pub(super) struct PanelScratch {
+    /// A panel of weight rows as f32, column-major (`cols` × [`PANEL`]).
+    panel: Vec<f32>,
+    /// The same rows row-major, before they are transposed into `panel`.
+    rows_f32: Vec<f32>,
+}
+
+impl PanelScratch {
+    pub(super) fn new(cols: usize) -> PanelScratch {
+        PanelScratch {
+            panel: vec![0f32; cols * PANEL],
+            rows_f32: vec![0f32; PANEL * cols],
+        }
+    }
+}
+
+impl QMat {
+    /// Weight rows `r0..r1` × all `n` activation rows, for prompt processing: the weights
+    /// are dequantized one panel of [`PANEL`] rows at a time into a column-major f32 buffer,
+    /// then a register-blocked kernel multiplies it with [`MR`] activation rows at a time.
+    /// Dequantizing once per panel (instead of once per four activation rows, as the tile
+    /// kernel does) leaves almost only FMAs in the inner loop.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn gemm_band(
+        &self,
+        r0: usize,
+        r1: usize,
+        x: &[f32],
+        n: usize,
+        out: &SyncPtr,
+        scratch: &mut PanelScratch,
+    ) {
+        let (rows, cols) = (self.rows(), self.cols());
+        let PanelScratch { panel, rows_f32 } = scratch;
+        debug_assert_eq!(panel.len(), cols * PANEL);
+        let mut spill = [0f32; MR * PANEL];
+        let mut p0 = r0;
+        while p0 < r1 {
+            let width = (r1 - p0).min(PANEL);
+            for (j, row) in rows_f32.chunks_exact_mut(cols).enumerate() {
+                if j < width {
+                    self.row(p0 + j, row);
+                } else {
+                    row.fill(0.0);
+                }
+            }
+            if cols.is_multiple_of(8) {
+                // SAFETY: AVX2 checked by the caller; both buffers hold PANEL × cols values.
+                unsafe { x86::avx2::transpose_panel(rows_f32, cols, panel) };
+            } else {
+                for (j, row) in rows_f32.chunks_exact(cols).enumerate() {
+                    for (c, v) in row.iter().enumerate() {
+                        panel[c * PANEL + j] = *v;
+                    }
+                }
+            }
+            let mut i = 0;
+            while i < n {
+                let m = (n - i).min(MR);
+                let xs = &x[i * cols..(i + m) * cols];
+                if width == PANEL {
+                    // SAFETY: AVX2/FMA checked by the caller; `xs` holds m rows of `cols`,
+                    // `panel` cols × PANEL values; the m × PANEL cells written (rows i..i+m,
+                    // columns p0..p0+PANEL of `out`) lie inside `out` and in the chunk this
+                    // thread claimed.
+                    unsafe {
+                        x86::avx2::gemm_tile(m, panel, xs, cols, out.0.add(i * rows + p0), rows)
+                    };
+                } else {
+                    // SAFETY: as above, into a local buffer; only `width` columns are copied.
+                    unsafe { x86::avx2::gemm_tile(m, panel, xs, cols, spill.as_mut_ptr(), PANEL) };
+                    for k in 0..m {
+                        for j in 0..width {
+                            // SAFETY: cell (i + k, p0 + j) is in the chunk this thread claimed.
+                            unsafe { *out.0.add((i + k) * rows + p0 + j) = spill[k * PANEL + j] };
+                        }
+                    }
+                }
+                i += m;
+            }
+            p0 += width;
+        }
+    }
+}

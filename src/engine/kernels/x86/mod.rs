@@ -1,0 +1,134 @@
+//! x86-64 kernels, chosen at run time by CPU feature.
+
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+/// Calls `f::<T>(args)` for the run-time row count `t`, one arm per listed count and
+/// `last` for the rest, so each kernel's accumulators are a fixed-size array in registers.
+macro_rules! by_rows {
+    ($t:expr, [$($n:literal),*], $last:literal, $f:ident $args:tt) => {
+        match $t {
+            $($n => $f::<$n> $args,)*
+            _ => $f::<$last> $args,
+        }
+    };
+}
+
+pub mod attention512;
+pub mod avx2;
+pub mod avx512;
+
+pub fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
+}
+
+/// AVX-512 for the matrix-vector kernels. Chosen once per process, so every product of
+/// a run takes the same arithmetic (a sequence's tokens must not depend on batching).
+pub fn avx512() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        available()
+            && is_x86_feature_detected!("avx512f")
+            && std::env::var_os("CONFAB_NO_AVX512").is_none()
+    })
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_to_f32(h: half::f16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
+}
+
+/// The sum of a 512-bit vector's 16 lanes.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub unsafe fn hsum512(v: __m512) -> f32 {
+    let lo = _mm512_castps512_ps256(v);
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    hsum(_mm256_add_ps(lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::kernels::testing::{matrix, reference};
+    use crate::engine::kernels::{QMat, QK};
+    use candle_core::quantized::GgmlDType;
+
+    /// Both vector widths of the generated-row kernels (the machine picks one per
+    /// process, so the other would go untested): close to the reference, and each row's
+    /// result independent of how many rows share the call.
+    #[test]
+    fn avx2_and_avx512_row_kernels() {
+        if !available() {
+            return;
+        }
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (rows, cols) = (24, 96);
+            let (m, w) = matrix(rows, cols, dtype);
+            let n = 7;
+            let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.13).cos()).collect();
+            let want = reference(&w, &x, rows, cols, n);
+            let nb = cols / QK;
+            let mut widths = vec![false];
+            if avx512() {
+                widths.push(true);
+            }
+            for wide in widths {
+                let run = |xs: &[f32], t: usize| {
+                    let mut out = vec![0f32; t * rows];
+                    // SAFETY: features checked above; `xs` holds t rows, `out` t × rows.
+                    unsafe {
+                        match (&m, wide) {
+                            (QMat::Q4_1 { blocks, .. }, false) => {
+                                avx2::q4_1_rows(blocks, nb, xs, t, out.as_mut_ptr(), rows)
+                            }
+                            (QMat::Q4_1 { blocks, .. }, true) => {
+                                avx512::q4_1_rows_512(blocks, nb, xs, t, out.as_mut_ptr(), rows)
+                            }
+                            (QMat::Q8_0 { blocks, .. }, false) => {
+                                avx2::q8_0_rows(blocks, nb, xs, t, out.as_mut_ptr(), rows)
+                            }
+                            (QMat::Q8_0 { blocks, .. }, true) => {
+                                avx512::q8_0_rows_512(blocks, nb, xs, t, out.as_mut_ptr(), rows)
+                            }
+                            _ => unreachable!(),
+                        }
+                    }
+                    out
+                };
+                let all = run(&x, n);
+                for (a, b) in all.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{dtype:?} {wide}");
+                }
+                for i in 0..n {
+                    let one = run(&x[i * cols..(i + 1) * cols], 1);
+                    assert_eq!(
+                        one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        all[i * rows..(i + 1) * rows]
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect::<Vec<_>>(),
+                        "{dtype:?} avx512={wide}: row {i}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -6,65 +6,31 @@
 //! allocation. Layout of the KV cache: `[layer][kv_head][position][head_dim]`, allocated
 //! once per sequence.
 
-use std::io::{Read, Seek};
-
 use super::gguf::{GgufFile, ModelSpec};
-use super::kernels::{attend, QMat, Rows, SyncPtr};
+use super::kernels::formats::{quantize_q8_0, QK};
+use super::kernels::{attend, matmul_parts, Format, QMat, Rows, SyncPtr};
 use super::team::Team;
 use super::EngineError;
 
-/// Projections of the same input, run as one matrix when their formats allow.
-enum Fused {
-    One(QMat),
-    Separate(Vec<QMat>),
-}
-
-impl Fused {
-    fn new(parts: Vec<QMat>) -> Fused {
-        match QMat::stack(parts) {
-            Ok(m) => Fused::One(m),
-            Err(parts) => Fused::Separate(parts),
-        }
-    }
-
-    /// `out` is n × (sum of the parts' rows), the parts side by side in each row; the
-    /// first `generated` rows of `x` are generated tokens (see [`product`]).
-    fn matmul(&self, x: &[f32], n: usize, generated: usize, out: &mut [f32], team: &Team) {
-        match self {
-            Fused::One(m) => product(m, x, n, generated, out, team),
-            Fused::Separate(parts) => {
-                let total: usize = parts.iter().map(QMat::rows).sum();
-                let mut at = 0;
-                for p in parts {
-                    let mut tmp = vec![0f32; n * p.rows()];
-                    product(p, x, n, generated, &mut tmp, team);
-                    for i in 0..n {
-                        out[i * total + at..i * total + at + p.rows()]
-                            .copy_from_slice(&tmp[i * p.rows()..(i + 1) * p.rows()]);
-                    }
-                    at += p.rows();
-                }
-            }
-        }
-    }
-}
-
-/// `out = x · mᵀ` for the `n` rows of a step, of which the first `generated` are generated
-/// tokens and the rest prompt tokens: each kind takes its own kernel ([`Rows`]), so a row's
-/// result depends on what it is, never on what else is in the batch.
-fn product(m: &QMat, x: &[f32], n: usize, generated: usize, out: &mut [f32], team: &Team) {
-    let (xg, xp) = x.split_at(generated * m.cols());
-    let (og, op) = out.split_at_mut(generated * m.rows());
-    m.matmul(xg, generated, og, team, Rows::Generated);
-    m.matmul(xp, n - generated, op, team, Rows::Prompt);
+/// `out = x · [parts]ᵀ` for the `n` rows of a step (the parts side by side in each output
+/// row), of which the first `generated` are generated tokens and the rest prompt tokens:
+/// each kind takes its own kernel ([`Rows`]), so a row's result depends on what it is, never
+/// on what else is in the batch.
+fn product(parts: &[&QMat], x: &[f32], n: usize, generated: usize, out: &mut [f32], team: &Team) {
+    let cols = parts[0].cols();
+    let total: usize = parts.iter().map(|p| p.rows()).sum();
+    let (xg, xp) = x.split_at(generated * cols);
+    let (og, op) = out.split_at_mut(generated * total);
+    matmul_parts(parts, xg, generated, og, team, Rows::Generated);
+    matmul_parts(parts, xp, n - generated, op, team, Rows::Prompt);
 }
 
 struct Layer {
-    /// Query, key and value projections, stacked.
-    wqkv: Fused,
+    /// Query, key and value projections (one product of the three).
+    wqkv: [QMat; 3],
     wo: QMat,
-    /// Gate and up projections, stacked.
-    w_gate_up: Fused,
+    /// Gate and up projections (one product of the two).
+    w_gate_up: [QMat; 2],
     w_down: QMat,
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
@@ -105,31 +71,78 @@ impl CpuCache {
     }
 }
 
-fn vector<R: Read + Seek>(
-    file: &GgufFile,
-    reader: &mut R,
-    name: &str,
-) -> Result<Vec<f32>, EngineError> {
+/// A weight matrix of the file, read in place when the kernels read its format; other
+/// formats (Q2_K, Q3_K, the IQ types, …) are dequantized and stored as Q8_0 (F32 when rows
+/// are not whole blocks of 32), which costs memory and load time but runs.
+fn matrix(file: &GgufFile, name: &str) -> Result<QMat, EngineError> {
+    let err = |e: String| EngineError::Model(format!("tensor {name}: {e}"));
+    let info = file
+        .content
+        .tensor_infos
+        .get(name)
+        .ok_or_else(|| EngineError::Model(format!("the model file has no tensor `{name}`")))?;
+    let (rows, cols) = match info.shape.dims() {
+        [r, c] => (*r, *c),
+        [c] => (1, *c),
+        dims => {
+            return Err(err(format!(
+                "expected a matrix or a vector, got shape {dims:?}"
+            )))
+        }
+    };
+    if let Some(format) = Format::from_ggml(info.ggml_dtype) {
+        let len = format
+            .row_bytes(cols)
+            .and_then(|b| b.checked_mul(rows))
+            .ok_or_else(|| {
+                err(format!(
+                    "{cols} columns are not whole {} blocks",
+                    format.name()
+                ))
+            })?;
+        let start = (file.content.tensor_data_offset + info.offset) as usize;
+        return QMat::mapped(format, rows, cols, file.map.clone(), start, len)
+            .map_err(|e| err(e.to_string()));
+    }
+    tracing::warn!(
+        tensor = name,
+        dtype = ?info.ggml_dtype,
+        "no kernel reads this format: converting it to Q8_0 at load (more memory, slower load)"
+    );
     let t = file
         .content
-        .tensor(reader, name, &candle_core::Device::Cpu)
-        .map_err(|e| EngineError::Model(format!("tensor {name}: {e}")))?;
-    t.dequantize(&candle_core::Device::Cpu)
+        .tensor(
+            &mut std::io::Cursor::new(&file.map[..]),
+            name,
+            &candle_core::Device::Cpu,
+        )
+        .map_err(|e| err(e.to_string()))?;
+    let values: Vec<f32> = t
+        .dequantize(&candle_core::Device::Cpu)
         .and_then(|x| x.flatten_all())
         .and_then(|x| x.to_vec1())
-        .map_err(|e| EngineError::Model(format!("tensor {name}: {e}")))
+        .map_err(|e| err(e.to_string()))?;
+    if cols.is_multiple_of(QK) {
+        let blocks = quantize_q8_0(&values);
+        QMat::from_bytes(Format::Q8_0, rows, cols, bytemuck::cast_slice(&blocks))
+    } else {
+        QMat::from_f32(rows, cols, &values)
+    }
 }
 
-fn matrix<R: Read + Seek>(
-    file: &GgufFile,
-    reader: &mut R,
-    name: &str,
-) -> Result<QMat, EngineError> {
-    let t = file
-        .content
-        .tensor(reader, name, &candle_core::Device::Cpu)
-        .map_err(|e| EngineError::Model(format!("tensor {name}: {e}")))?;
-    QMat::from_qtensor(&t)
+/// A vector of the file (a norm's weights), as f32.
+fn vector(file: &GgufFile, name: &str) -> Result<Vec<f32>, EngineError> {
+    let m = matrix(file, name)?;
+    if m.rows() != 1 {
+        return Err(EngineError::Model(format!(
+            "tensor {name}: expected a vector, got {} × {}",
+            m.rows(),
+            m.cols()
+        )));
+    }
+    let mut v = vec![0f32; m.cols()];
+    m.row(0, &mut v);
+    Ok(v)
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -141,36 +154,29 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 impl CpuLlama {
-    pub fn load<R: Read + Seek>(
-        file: &GgufFile,
-        reader: &mut R,
-        threads: usize,
-    ) -> Result<CpuLlama, EngineError> {
+    pub fn load(file: &GgufFile, threads: usize) -> Result<CpuLlama, EngineError> {
         let spec = file.spec.clone();
-        let embed = matrix(file, reader, "token_embd.weight")?;
+        let embed = matrix(file, "token_embd.weight")?;
         let output = if file.content.tensor_infos.contains_key("output.weight") {
-            Some(matrix(file, reader, "output.weight")?)
+            Some(matrix(file, "output.weight")?)
         } else {
             None
         };
-        let norm = vector(file, reader, "output_norm.weight")?;
+        let norm = vector(file, "output_norm.weight")?;
         let mut layers = Vec::with_capacity(spec.n_layer);
         for i in 0..spec.n_layer {
             let p = |n: &str| format!("blk.{i}.{n}.weight");
             layers.push(Layer {
-                wqkv: Fused::new(vec![
-                    matrix(file, reader, &p("attn_q"))?,
-                    matrix(file, reader, &p("attn_k"))?,
-                    matrix(file, reader, &p("attn_v"))?,
-                ]),
-                wo: matrix(file, reader, &p("attn_output"))?,
-                w_gate_up: Fused::new(vec![
-                    matrix(file, reader, &p("ffn_gate"))?,
-                    matrix(file, reader, &p("ffn_up"))?,
-                ]),
-                w_down: matrix(file, reader, &p("ffn_down"))?,
-                attn_norm: vector(file, reader, &p("attn_norm"))?,
-                ffn_norm: vector(file, reader, &p("ffn_norm"))?,
+                wqkv: [
+                    matrix(file, &p("attn_q"))?,
+                    matrix(file, &p("attn_k"))?,
+                    matrix(file, &p("attn_v"))?,
+                ],
+                wo: matrix(file, &p("attn_output"))?,
+                w_gate_up: [matrix(file, &p("ffn_gate"))?, matrix(file, &p("ffn_up"))?],
+                w_down: matrix(file, &p("ffn_down"))?,
+                attn_norm: vector(file, &p("attn_norm"))?,
+                ffn_norm: vector(file, &p("ffn_norm"))?,
             });
         }
         let half = spec.head_dim / 2;
@@ -293,7 +299,8 @@ impl CpuLlama {
             for (xi, hi) in x.chunks_exact(d).zip(h.chunks_exact_mut(d)) {
                 rms_norm(xi, &layer.attn_norm, eps, hi);
             }
-            layer.wqkv.matmul(&h, n, generated, &mut qkv, &self.team);
+            let [wq, wk, wv] = &layer.wqkv;
+            product(&[wq, wk, wv], &h, n, generated, &mut qkv, &self.team);
             for (i, &(si, pos)) in rows.iter().enumerate() {
                 let row = &mut qkv[i * qkv_w..(i + 1) * qkv_w];
                 let (qr, kv) = row.split_at_mut(d);
@@ -311,14 +318,13 @@ impl CpuLlama {
             }
             let caches: Vec<&CpuCache> = segs.iter().map(|g| &*g.cache).collect();
             self.attention(l, &caches, &rows, &q, &mut att);
-            product(&layer.wo, &att, n, generated, &mut tmp, &self.team);
+            product(&[&layer.wo], &att, n, generated, &mut tmp, &self.team);
             x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
             for (xi, hi) in x.chunks_exact(d).zip(h.chunks_exact_mut(d)) {
                 rms_norm(xi, &layer.ffn_norm, eps, hi);
             }
-            layer
-                .w_gate_up
-                .matmul(&h, n, generated, &mut gate_up, &self.team);
+            let [wg, wu] = &layer.w_gate_up;
+            product(&[wg, wu], &h, n, generated, &mut gate_up, &self.team);
             for (a, gu) in act
                 .chunks_exact_mut(s.n_ff)
                 .zip(gate_up.chunks_exact(2 * s.n_ff))
@@ -328,7 +334,7 @@ impl CpuLlama {
                     *o = g / (1.0 + (-g).exp()) * u;
                 }
             }
-            product(&layer.w_down, &act, n, generated, &mut tmp, &self.team);
+            product(&[&layer.w_down], &act, n, generated, &mut tmp, &self.team);
             x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
         }
         // Each segment's last row, normalised, then one product with the output layer

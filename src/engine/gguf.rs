@@ -4,8 +4,10 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use memmap2::Mmap;
 
 use super::EngineError;
 
@@ -31,10 +33,13 @@ pub struct ModelSpec {
     pub vocab_size: usize,
 }
 
-/// The parsed header of a GGUF file.
+/// The parsed header of a GGUF file, and the whole file mapped into memory.
 pub struct GgufFile {
     pub content: Content,
     pub spec: ModelSpec,
+    /// The file's bytes: the CPU path reads its weights here, in place (see
+    /// `kernels::QMat::mapped`), so they share the page cache and loading copies nothing.
+    pub map: Arc<Mmap>,
 }
 
 fn get<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value, EngineError> {
@@ -68,6 +73,12 @@ impl GgufFile {
         let file = File::open(path).map_err(|e| {
             EngineError::Model(format!("cannot open model file {}: {e}", path.display()))
         })?;
+        // SAFETY: the map is read-only; like every program that maps a model (llama.cpp
+        // does the same), confab relies on the file not being truncated or rewritten while
+        // it serves from it (a replaced file — a new inode — is fine).
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| {
+            EngineError::Model(format!("cannot map model file {}: {e}", path.display()))
+        })?;
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| {
             EngineError::Model(format!(
@@ -76,7 +87,14 @@ impl GgufFile {
             ))
         })?;
         let spec = ModelSpec::from_metadata(&content.metadata)?;
-        Ok((GgufFile { content, spec }, reader))
+        Ok((
+            GgufFile {
+                content,
+                spec,
+                map: Arc::new(map),
+            },
+            reader,
+        ))
     }
 }
 

@@ -70,7 +70,7 @@ impl Model {
         threads: usize,
     ) -> Result<Model, EngineError> {
         if device.is_cpu() {
-            Ok(Model::Cpu(CpuLlama::load(file, reader, threads)?))
+            Ok(Model::Cpu(CpuLlama::load(file, threads)?))
         } else {
             Ok(Model::Device(Llama::load(file, reader, device)?))
         }

@@ -7,6 +7,10 @@
 //! Paris." with f32 activations, French gibberish with 8-bit ones). Here the weights are
 //! dequantized on the fly and multiplied with the activations as they are.
 //!
+//! Weights are read in place, in the format the file stores them (see [`formats`]): from the
+//! model file's memory map, so loading is a header read and the page cache is shared with
+//! any other process reading the file.
+//!
 //! Speed: decoding is memory-bound, so keeping the weights 4-bit (Q4_1: 20 bytes per 32)
 //! is what makes it fast; the AVX2/FMA kernels (chosen at run time, with a scalar fallback)
 //! keep the arithmetic below the memory time. Prompt processing is compute-bound instead:
@@ -31,19 +35,17 @@ mod scalar;
 mod x86;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QTensor};
-use half::f16;
+use candle_core::quantized::QTensor;
+use memmap2::Mmap;
 
 use super::team::Team;
 use super::EngineError;
 
 pub use attention::attend;
-use formats::{quantize_q8_0, read_blocks, BlockQ4_1, BlockQ8_0};
+pub use formats::Format;
 use prompt::{PanelScratch, PANEL};
-
-/// Values per quantization block (the 32-wide GGML formats).
-pub(crate) const QK: usize = 32;
 
 /// Weight rows per claimed chunk of a product: about eight chunks per thread (enough for one
 /// thread to take over a stalled one's share), a multiple of [`PANEL`] (the prompt kernel's
@@ -68,229 +70,278 @@ pub enum Rows {
 
 /// An output buffer shared by the team; each thread writes its own disjoint cells.
 pub(super) struct SyncPtr(pub(super) *mut f32);
-// SAFETY: see the writes in `QMat::matmul` and `CpuLlama::attention`: every cell is
+// SAFETY: see the writes in `matmul_parts` and `CpuLlama::attention`: every cell is
 // written by exactly one thread.
 unsafe impl Sync for SyncPtr {}
 
-/// A weight matrix of `rows` outputs by `cols` inputs, row-major in blocks of 32.
-pub enum QMat {
-    Q4_1 {
-        blocks: Vec<BlockQ4_1>,
-        rows: usize,
-        cols: usize,
+/// Where a matrix's bytes live.
+enum Storage {
+    /// In the model file's memory map, read in place.
+    Mapped {
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
     },
-    Q8_0 {
-        blocks: Vec<BlockQ8_0>,
-        rows: usize,
-        cols: usize,
-    },
-    F32 {
-        data: Vec<f32>,
-        rows: usize,
-        cols: usize,
-    },
+    /// Our own copy, in 8-byte words so any format's blocks are aligned.
+    Owned { words: Vec<u64>, len: usize },
 }
-/// The storage of matrices of one format, end to end (`stack` checked the formats match).
-fn concat<T>(parts: Vec<QMat>, storage: impl Fn(QMat) -> Option<Vec<T>>) -> Vec<T> {
-    parts.into_iter().filter_map(storage).flatten().collect()
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mapped { map, start, len } => &map[*start..*start + *len],
+            Storage::Owned { words, len } => &bytemuck::cast_slice(words)[..*len],
+        }
+    }
+}
+
+/// A weight matrix of `rows` outputs by `cols` inputs, row-major, each row whole blocks of
+/// its format.
+pub struct QMat {
+    format: Format,
+    rows: usize,
+    cols: usize,
+    /// Bytes of one row.
+    row_bytes: usize,
+    storage: Storage,
 }
 
 impl QMat {
-    /// Takes a GGUF tensor as is when a kernel exists for its format (Q4_1, Q8_0, F32),
-    /// else converts it to Q8_0 (or F32 when its rows are not whole blocks).
+    /// Checks that `rows` × `cols` of `format` fit what `len` bytes at `start` can hold.
+    fn shape(format: Format, rows: usize, cols: usize, len: usize) -> Result<usize, EngineError> {
+        let row_bytes = format.row_bytes(cols).ok_or_else(|| {
+            EngineError::Model(format!(
+                "a {} matrix with {cols} columns: rows must be whole blocks of {}",
+                format.name(),
+                format.block_values()
+            ))
+        })?;
+        if rows.checked_mul(row_bytes) != Some(len) {
+            return Err(EngineError::Model(format!(
+                "a {rows} × {cols} {} matrix takes {} bytes, not {len}",
+                format.name(),
+                rows.saturating_mul(row_bytes)
+            )));
+        }
+        Ok(row_bytes)
+    }
+
+    /// The matrix stored at `start..start + len` of a memory-mapped file, read in place.
+    pub fn mapped(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+    ) -> Result<QMat, EngineError> {
+        let row_bytes = Self::shape(format, rows, cols, len)?;
+        if start.checked_add(len).is_none_or(|end| end > map.len()) {
+            return Err(EngineError::Model(format!(
+                "tensor data at {start}..+{len} lies beyond the end of the file ({} bytes): \
+                 the file is truncated",
+                map.len()
+            )));
+        }
+        // The map starts on a page; GGUF aligns tensor data (32 bytes by default). A file
+        // with a smaller alignment is copied rather than read misaligned.
+        if !(map.as_ptr() as usize + start).is_multiple_of(format.align()) {
+            return Self::from_bytes(format, rows, cols, &map[start..start + len]);
+        }
+        Ok(QMat {
+            format,
+            rows,
+            cols,
+            row_bytes,
+            storage: Storage::Mapped { map, start, len },
+        })
+    }
+
+    /// A matrix of our own from its bytes in `format`.
+    pub fn from_bytes(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> Result<QMat, EngineError> {
+        let row_bytes = Self::shape(format, rows, cols, bytes.len())?;
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        Ok(QMat {
+            format,
+            rows,
+            cols,
+            row_bytes,
+            storage: Storage::Owned {
+                words,
+                len: bytes.len(),
+            },
+        })
+    }
+
+    /// An f32 matrix from its values.
+    pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Result<QMat, EngineError> {
+        Self::from_bytes(Format::F32, rows, cols, bytemuck::cast_slice(values))
+    }
+
+    /// A copy of a candle tensor (a matrix, or a vector as one row). Formats the kernels do
+    /// not read are refused.
     pub fn from_qtensor(t: &QTensor) -> Result<QMat, EngineError> {
-        let dims = t.shape().dims();
-        let (rows, cols) = match dims {
+        let (rows, cols) = match t.shape().dims() {
             [r, c] => (*r, *c),
             [c] => (1, *c),
-            _ => {
+            dims => {
                 return Err(EngineError::Model(format!(
                     "expected a matrix, got shape {dims:?}"
                 )))
             }
         };
-        let err = |e: candle_core::Error| EngineError::Model(e.to_string());
-        match t.dtype() {
-            GgmlDType::Q4_1 => {
-                let bytes = t.data().map_err(err)?;
-                let blocks = read_blocks::<_, 20>(&bytes, |b| BlockQ4_1 {
-                    d: f16::from_le_bytes([b[0], b[1]]),
-                    m: f16::from_le_bytes([b[2], b[3]]),
-                    qs: b[4..20].try_into().expect("16 bytes"),
-                });
-                Ok(QMat::Q4_1 { blocks, rows, cols })
-            }
-            GgmlDType::Q8_0 => {
-                let bytes = t.data().map_err(err)?;
-                let blocks = read_blocks::<_, 34>(&bytes, |b| BlockQ8_0 {
-                    d: f16::from_le_bytes([b[0], b[1]]),
-                    qs: std::array::from_fn(|i| b[2 + i] as i8),
-                });
-                Ok(QMat::Q8_0 { blocks, rows, cols })
-            }
-            _ => {
-                let data: Vec<f32> = t
-                    .dequantize(&candle_core::Device::Cpu)
-                    .and_then(|x| x.flatten_all())
-                    .and_then(|x| x.to_vec1())
-                    .map_err(err)?;
-                if cols % QK == 0 && t.dtype() != GgmlDType::F32 {
-                    Ok(QMat::Q8_0 {
-                        blocks: quantize_q8_0(&data),
-                        rows,
-                        cols,
-                    })
-                } else {
-                    Ok(QMat::F32 { data, rows, cols })
-                }
-            }
-        }
+        let format = Format::from_ggml(t.dtype()).ok_or_else(|| {
+            EngineError::Model(format!("weights of type {:?} are not supported", t.dtype()))
+        })?;
+        let bytes = t.data().map_err(|e| EngineError::Model(e.to_string()))?;
+        Self::from_bytes(format, rows, cols, &bytes)
     }
 
-    /// Stacks matrices with the same input width and format into one, so that several
-    /// projections of the same input cost one pass (and one round of thread wake-ups).
-    pub fn stack(parts: Vec<QMat>) -> Result<QMat, Vec<QMat>> {
-        let cols = parts.first().map(QMat::cols).unwrap_or(0);
-        let same_format =
-            |a: &QMat, b: &QMat| std::mem::discriminant(a) == std::mem::discriminant(b);
-        if parts.is_empty()
-            || parts
-                .iter()
-                .any(|p| p.cols() != cols || !same_format(p, &parts[0]))
-        {
-            return Err(parts);
-        }
-        let rows = parts.iter().map(QMat::rows).sum();
-        Ok(match &parts[0] {
-            QMat::Q4_1 { .. } => QMat::Q4_1 {
-                blocks: concat(parts, |p| match p {
-                    QMat::Q4_1 { blocks, .. } => Some(blocks),
-                    _ => None,
-                }),
-                rows,
-                cols,
-            },
-            QMat::Q8_0 { .. } => QMat::Q8_0 {
-                blocks: concat(parts, |p| match p {
-                    QMat::Q8_0 { blocks, .. } => Some(blocks),
-                    _ => None,
-                }),
-                rows,
-                cols,
-            },
-            QMat::F32 { .. } => QMat::F32 {
-                data: concat(parts, |p| match p {
-                    QMat::F32 { data, .. } => Some(data),
-                    _ => None,
-                }),
-                rows,
-                cols,
-            },
-        })
+    pub fn format(&self) -> Format {
+        self.format
     }
 
     pub fn rows(&self) -> usize {
-        match self {
-            QMat::Q4_1 { rows, .. } | QMat::Q8_0 { rows, .. } | QMat::F32 { rows, .. } => *rows,
-        }
+        self.rows
     }
 
     pub fn cols(&self) -> usize {
-        match self {
-            QMat::Q4_1 { cols, .. } | QMat::Q8_0 { cols, .. } | QMat::F32 { cols, .. } => *cols,
-        }
+        self.cols
     }
 
     /// Bytes the weights take.
     pub fn bytes(&self) -> usize {
-        match self {
-            QMat::Q4_1 { blocks, .. } => blocks.len() * 20,
-            QMat::Q8_0 { blocks, .. } => blocks.len() * 34,
-            QMat::F32 { data, .. } => data.len() * 4,
-        }
+        self.rows * self.row_bytes
     }
 
-    /// Row `r` as f32 (embedding lookup).
+    /// Whether the weights are read in place from a memory-mapped file.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::Mapped { .. })
+    }
+
+    /// The bytes of rows `r0..r1`.
+    fn rows_data(&self, r0: usize, r1: usize) -> &[u8] {
+        &self.storage.bytes()[r0 * self.row_bytes..r1 * self.row_bytes]
+    }
+
+    /// Row `r` as f32 (embedding lookup, and the prompt kernel's panels).
     pub fn row(&self, r: usize, out: &mut [f32]) {
-        let cols = self.cols();
-        match self {
-            QMat::Q4_1 { blocks, .. } => {
-                let nb = cols / QK;
-                #[cfg(target_arch = "x86_64")]
-                if x86::available() {
-                    // SAFETY: AVX2 and F16C are present (checked at run time); `out` holds
-                    // at least `cols` values (a whole row of blocks).
-                    unsafe { x86::avx2::q4_1_row(&blocks[r * nb..(r + 1) * nb], &mut out[..cols]) };
-                    return;
-                }
-                for (b, o) in blocks[r * nb..(r + 1) * nb]
-                    .iter()
-                    .zip(out.chunks_exact_mut(QK))
-                {
-                    let (d, m) = (b.d.to_f32(), b.m.to_f32());
-                    for j in 0..16 {
-                        o[j] = d * (b.qs[j] & 0x0F) as f32 + m;
-                        o[j + 16] = d * (b.qs[j] >> 4) as f32 + m;
-                    }
-                }
-            }
-            QMat::Q8_0 { blocks, .. } => {
-                let nb = cols / QK;
-                for (b, o) in blocks[r * nb..(r + 1) * nb]
-                    .iter()
-                    .zip(out.chunks_exact_mut(QK))
-                {
-                    let d = b.d.to_f32();
-                    for (v, &q) in o.iter_mut().zip(&b.qs) {
-                        *v = d * q as f32;
-                    }
-                }
-            }
-            QMat::F32 { data, .. } => out[..cols].copy_from_slice(&data[r * cols..(r + 1) * cols]),
+        let (cols, data) = (self.cols, self.rows_data(r, r + 1));
+        #[cfg(target_arch = "x86_64")]
+        if self.format == Format::Q4_1 && x86::available() {
+            // SAFETY: AVX2 and F16C are present (checked at run time); `out` holds at least
+            // `cols` values (a whole row of blocks).
+            unsafe { x86::avx2::q4_1_row(formats::cast(data), &mut out[..cols]) };
+            return;
         }
+        self.format.dequantize(data, &mut out[..cols]);
     }
 
     /// `out[i][r] = Σ_c self[r][c] · x[i][c]` for `n` activation rows `x` (n × cols);
     /// `out` is n × rows. `rows_are` picks the arithmetic (see [`Rows`]).
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32], team: &Team, rows_are: Rows) {
-        let (rows, cols) = (self.rows(), self.cols());
-        debug_assert_eq!(x.len(), n * cols);
-        debug_assert_eq!(out.len(), n * rows);
-        if n == 0 {
-            return;
-        }
-        // Threads claim chunks of weight rows (output columns), for all activation rows,
-        // until none are left. Claimed, not split in fixed halves: on a busy machine (the
-        // server's own runtime, a benchmark client) one team thread is sometimes taken off
-        // its core, and the others then do its share instead of waiting for it. Small
-        // chunks also keep a chunk's weights in cache while a second group of rows reads
-        // them (`decode_band`).
-        let chunk = chunk_rows(rows, team.size());
-        let next = AtomicUsize::new(0);
-        let out_ptr = SyncPtr(out.as_mut_ptr());
-        team.run(&|_| {
-            let mut scratch: Option<PanelScratch> = None;
-            loop {
-                let r0 = next.fetch_add(chunk, Ordering::Relaxed);
-                if r0 >= rows {
-                    return;
-                }
-                let r1 = (r0 + chunk).min(rows);
-                match rows_are {
-                    Rows::Generated => self.decode_band(r0, r1, x, n, &out_ptr),
-                    Rows::Prompt => {
-                        #[cfg(target_arch = "x86_64")]
-                        if x86::available() {
-                            let s = scratch.get_or_insert_with(|| PanelScratch::new(cols));
-                            self.gemm_band(r0, r1, x, n, &out_ptr, s);
-                            continue;
-                        }
-                        let _ = &mut scratch; // only the x86-64 kernel has a panel
-                        self.tile_band(r0, r1, x, n, &out_ptr);
+        matmul_parts(&[self], x, n, out, team, rows_are);
+    }
+}
+
+/// [`QMat::matmul`] for several matrices of the same input (the query, key and value
+/// projections; gate and up), side by side in each output row: `out` is n × (Σ rows). One
+/// round of the team for all of them, and no copy of the weights to stack them.
+pub fn matmul_parts(
+    parts: &[&QMat],
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    team: &Team,
+    rows_are: Rows,
+) {
+    let total: usize = parts.iter().map(|p| p.rows).sum();
+    let cols = parts.first().map_or(0, |p| p.cols);
+    debug_assert!(parts.iter().all(|p| p.cols == cols));
+    debug_assert_eq!(x.len(), n * cols);
+    debug_assert_eq!(out.len(), n * total);
+    if n == 0 || total == 0 {
+        return;
+    }
+    // Threads claim chunks of weight rows (output columns), for all activation rows,
+    // until none are left. Claimed, not split in fixed halves: on a busy machine (the
+    // server's own runtime, a benchmark client) one team thread is sometimes taken off
+    // its core, and the others then do its share instead of waiting for it. Small
+    // chunks also keep a chunk's weights in cache while a second group of rows reads
+    // them (`decode_band`).
+    let chunk = chunk_rows(total, team.size());
+    // (part, first row, end row, the part's first output column)
+    let mut work = Vec::new();
+    let mut col = 0;
+    for (pi, p) in parts.iter().enumerate() {
+        work.extend(
+            (0..p.rows)
+                .step_by(chunk)
+                .map(|r0| (pi, r0, (r0 + chunk).min(p.rows), col)),
+        );
+        col += p.rows;
+    }
+    let next = AtomicUsize::new(0);
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    team.run(&|_| {
+        let out_ptr = &out_ptr;
+        let mut scratch: Option<PanelScratch> = None;
+        let mut row_f32 = Vec::new();
+        loop {
+            let Some(&(pi, r0, r1, col)) = work.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                return;
+            };
+            let m = parts[pi];
+            // SAFETY: `col` < total, so the pointer stays inside `out`; the band writes only
+            // the columns col + r0..col + r1 of each row (stride `total`), this work item's.
+            let band = Band {
+                out: unsafe { out_ptr.0.add(col) },
+                ld: total,
+            };
+            match rows_are {
+                Rows::Generated => m.decode_band(r0, r1, x, n, band, &mut row_f32),
+                Rows::Prompt => {
+                    #[cfg(target_arch = "x86_64")]
+                    if x86::available() {
+                        let s = scratch.get_or_insert_with(|| PanelScratch::new(cols));
+                        m.gemm_band(r0, r1, x, n, band, s);
+                        continue;
                     }
+                    let _ = &mut scratch; // only the x86-64 kernel has a panel
+                    m.tile_band(r0, r1, x, n, band, &mut row_f32);
                 }
             }
-        });
+        }
+    });
+}
+
+/// Where a band of a product writes: cell (i, r) of a matrix's output is `out + i·ld + r`.
+#[derive(Clone, Copy)]
+pub(super) struct Band {
+    out: *mut f32,
+    ld: usize,
+}
+
+impl Band {
+    /// Writes cell (i, r).
+    ///
+    /// # Safety
+    /// (i, r) must be a cell of the work item this band was made for.
+    #[inline]
+    unsafe fn set(self, i: usize, r: usize, v: f32) {
+        *self.out.add(i * self.ld + r) = v;
+    }
+
+    /// The address of cell (i, r), for kernels that write a row of cells from there.
+    #[inline]
+    fn at(self, i: usize, r: usize) -> *mut f32 {
+        self.out.wrapping_add(i * self.ld + r)
     }
 }
 
@@ -298,6 +349,7 @@ impl QMat {
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;
+    use candle_core::quantized::GgmlDType;
     use candle_core::{Device, Tensor};
 
     /// A `rows` × `cols` matrix of `dtype` with smooth pseudo-random values, and its
@@ -334,17 +386,30 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::{matrix, reference};
     use super::*;
+    use candle_core::quantized::GgmlDType;
 
+    /// Every format through every path (the vector kernels where the machine has them,
+    /// the panels of the prompt kernel, the portable loop) against plain f32 arithmetic on
+    /// the dequantized weights.
     #[test]
     fn kernels_match_dequantized_reference() {
         for dtype in [
-            GgmlDType::Q4_1,
-            GgmlDType::Q8_0,
             GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::F16,
+            GgmlDType::BF16,
             GgmlDType::F32,
         ] {
-            let (rows, cols) = (150, 96); // three chunks of rows, the last partial
+            // Three chunks of rows (the last partial), rows of two K-quant super-blocks.
+            let (rows, cols) = (150, 512);
             let (m, w) = matrix(rows, cols, dtype);
+            assert_eq!(Some(m.format()), Format::from_ggml(dtype));
             for n in [1, 3, 4, 9, 17] {
                 // Activations with a "massive" outlier, as the model has.
                 let mut x: Vec<f32> = (0..n * cols)
@@ -352,23 +417,57 @@ mod tests {
                     .collect();
                 x[5] = 3000.0;
                 let want = reference(&w, &x, rows, cols, n);
+                let close = |got: &[f32], how: &str| {
+                    for (a, b) in got.iter().zip(&want) {
+                        assert!(
+                            (a - b).abs() <= 1e-2 * (1.0 + b.abs() * 1e-3),
+                            "{dtype:?} {how} n={n}: {a} vs {b}"
+                        );
+                    }
+                };
                 for kind in [Rows::Generated, Rows::Prompt] {
                     let mut out = vec![0f32; n * rows];
                     m.matmul(&x, n, &mut out, &Team::new(2), kind);
-                    for (a, b) in out.iter().zip(&want) {
-                        // Q4_0 is converted to Q8_0, close to but not exactly the source.
-                        let tol = if dtype == GgmlDType::Q4_0 { 20.0 } else { 1e-2 };
-                        assert!(
-                            (a - b).abs() <= tol * (1.0 + b.abs() * 1e-3),
-                            "{dtype:?} {kind:?} n={n}: {a} vs {b}"
-                        );
-                    }
+                    close(&out, &format!("{kind:?}"));
                 }
+                let mut out = vec![0f32; n * rows];
+                let band = Band {
+                    out: out.as_mut_ptr(),
+                    ld: rows,
+                };
+                m.tile_band(0, rows, &x, n, band, &mut Vec::new());
+                close(&out, "portable");
             }
             let mut row = vec![0f32; cols];
             m.row(3, &mut row);
-            if dtype != GgmlDType::Q4_0 {
-                assert_eq!(row, w[3 * cols..4 * cols]);
+            assert_eq!(row, w[3 * cols..4 * cols], "{dtype:?}");
+        }
+    }
+
+    /// Several matrices in one product land side by side, each as it would alone.
+    #[test]
+    fn parts_land_side_by_side() {
+        let (a, _) = matrix(70, 256, GgmlDType::Q4K);
+        let (b, _) = matrix(20, 256, GgmlDType::Q8_0);
+        let (c, _) = matrix(130, 256, GgmlDType::Q6K);
+        let n = 5;
+        let x: Vec<f32> = (0..n * 256).map(|i| (i as f32 * 0.05).sin()).collect();
+        let team = Team::new(2);
+        for kind in [Rows::Generated, Rows::Prompt] {
+            let mut all = vec![0f32; n * 220];
+            matmul_parts(&[&a, &b, &c], &x, n, &mut all, &team, kind);
+            let mut at = 0;
+            for m in [&a, &b, &c] {
+                let mut alone = vec![0f32; n * m.rows()];
+                m.matmul(&x, n, &mut alone, &team, kind);
+                for i in 0..n {
+                    assert_eq!(
+                        &all[i * 220 + at..i * 220 + at + m.rows()],
+                        &alone[i * m.rows()..(i + 1) * m.rows()],
+                        "{kind:?} row {i}"
+                    );
+                }
+                at += m.rows();
             }
         }
     }
@@ -377,8 +476,14 @@ mod tests {
     /// batching relies on it: a sequence decodes the same alone or batched), bit for bit.
     #[test]
     fn a_rows_result_does_not_depend_on_its_batch() {
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F32] {
-            let (rows, cols) = (40, 128);
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::F32,
+        ] {
+            let (rows, cols) = (40, 256);
             let (m, _) = matrix(rows, cols, dtype);
             let n = 13;
             let mut x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.37).sin()).collect();

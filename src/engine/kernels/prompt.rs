@@ -3,7 +3,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::{QMat, SyncPtr};
+use super::{Band, QMat};
 
 /// Weight rows per panel of the prompt-processing kernel (two AVX vectors).
 pub(super) const PANEL: usize = 16;
@@ -40,10 +40,10 @@ impl QMat {
         r1: usize,
         x: &[f32],
         n: usize,
-        out: &SyncPtr,
+        out: Band,
         scratch: &mut PanelScratch,
     ) {
-        let (rows, cols) = (self.rows(), self.cols());
+        let cols = self.cols();
         let PanelScratch { panel, rows_f32 } = scratch;
         debug_assert_eq!(panel.len(), cols * PANEL);
         let mut spill = [0f32; MR * PANEL];
@@ -76,16 +76,14 @@ impl QMat {
                     // `panel` cols × PANEL values; the m × PANEL cells written (rows i..i+m,
                     // columns p0..p0+PANEL of `out`) lie inside `out` and in the chunk this
                     // thread claimed.
-                    unsafe {
-                        x86::avx2::gemm_tile(m, panel, xs, cols, out.0.add(i * rows + p0), rows)
-                    };
+                    unsafe { x86::avx2::gemm_tile(m, panel, xs, cols, out.at(i, p0), out.ld) };
                 } else {
                     // SAFETY: as above, into a local buffer; only `width` columns are copied.
                     unsafe { x86::avx2::gemm_tile(m, panel, xs, cols, spill.as_mut_ptr(), PANEL) };
                     for k in 0..m {
                         for j in 0..width {
                             // SAFETY: cell (i + k, p0 + j) is in the chunk this thread claimed.
-                            unsafe { *out.0.add((i + k) * rows + p0 + j) = spill[k * PANEL + j] };
+                            unsafe { out.set(i + k, p0 + j, spill[k * PANEL + j]) };
                         }
                     }
                 }

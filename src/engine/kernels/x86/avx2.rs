@@ -3,9 +3,8 @@
 use std::arch::x86_64::*;
 
 use super::{f16_to_f32, hsum};
-use crate::engine::kernels::formats::{BlockQ4_1, BlockQ8_0};
+use crate::engine::kernels::formats::{BlockQ4_1, BlockQ8_0, QK};
 use crate::engine::kernels::prompt::PANEL;
-use crate::engine::kernels::QK;
 
 /// Blocks per row the Q4_1 kernel keeps `Σ x` for on the stack (16384 values).
 const XSUM_BLOCKS: usize = 512;
@@ -78,18 +77,6 @@ pub unsafe fn q4_1_row(blocks: &[BlockQ4_1], out: &mut [f32]) {
             _mm256_storeu_ps(o.add(i * 8), _mm256_add_ps(_mm256_mul_ps(q, d), m));
         }
     }
-}
-
-/// `t` (1..=4) activation rows: dispatch to a version with the count fixed at compile
-/// time, so the accumulators live in registers.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4_1_tile(row: &[BlockQ4_1], x: &[f32], cols: usize, t: usize, acc: &mut [f32; 4]) {
-    by_rows!(t, [1, 2, 3], 4, q4_1_t(row, x, cols, acc))
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q8_0_tile(row: &[BlockQ8_0], x: &[f32], cols: usize, t: usize, acc: &mut [f32; 4]) {
-    by_rows!(t, [1, 2, 3], 4, q8_0_t(row, x, cols, acc))
 }
 
 /// Q4_1 weight rows × `t` (1..=MAX_SHARED) f32 rows `x`: `out[k * ld + r]` = weight row
@@ -306,40 +293,6 @@ unsafe fn q4_1_t<const T: usize>(row: &[BlockQ4_1], x: &[f32], cols: usize, acc:
         let w1 = _mm256_fmadd_ps(q1, d, m);
         let w2 = _mm256_fmadd_ps(q2, d, m);
         let w3 = _mm256_fmadd_ps(q3, d, m);
-        for (k, s) in sums.iter_mut().enumerate() {
-            let p = xp.add(k * cols + bi * QK);
-            *s = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p), *s);
-            *s = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p.add(8)), *s);
-            *s = _mm256_fmadd_ps(w2, _mm256_loadu_ps(p.add(16)), *s);
-            *s = _mm256_fmadd_ps(w3, _mm256_loadu_ps(p.add(24)), *s);
-        }
-    }
-    for k in 0..T {
-        acc[k] = hsum(sums[k]);
-    }
-}
-
-/// Q8_0 row × T f32 rows.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_t<const T: usize>(row: &[BlockQ8_0], x: &[f32], cols: usize, acc: &mut [f32; 4]) {
-    let mut sums = [_mm256_setzero_ps(); T];
-    let xp = x.as_ptr();
-    for (bi, b) in row.iter().enumerate() {
-        let d = _mm256_set1_ps(f16_to_f32(b.d));
-        let q = b.qs.as_ptr() as *const __m128i;
-        let raw0 = _mm_loadu_si128(q);
-        let raw1 = _mm_loadu_si128(q.add(1));
-        let w0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw0)));
-        let w1 = _mm256_mul_ps(
-            d,
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw0, 8))),
-        );
-        let w2 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw1)));
-        let w3 = _mm256_mul_ps(
-            d,
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw1, 8))),
-        );
         for (k, s) in sums.iter_mut().enumerate() {
             let p = xp.add(k * cols + bi * QK);
             *s = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p), *s);

@@ -3,8 +3,7 @@
 use std::arch::x86_64::*;
 
 use super::{f16_to_f32, hsum512};
-use crate::engine::kernels::formats::{BlockQ4_1, BlockQ8_0};
-use crate::engine::kernels::QK;
+use crate::engine::kernels::formats::{BlockQ4_1, BlockQ8_0, QK};
 
 /// [`q4_1_rows`] with 512-bit vectors: a block's 32 weights are dequantized once into
 /// two vectors (`d q + m`) and multiplied with every activation row; with 32 registers

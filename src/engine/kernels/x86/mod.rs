@@ -67,8 +67,8 @@ pub unsafe fn hsum512(v: __m512) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::kernels::formats::{cast, QK};
     use crate::engine::kernels::testing::{matrix, reference};
-    use crate::engine::kernels::{QMat, QK};
     use candle_core::quantized::GgmlDType;
 
     /// Both vector widths of the generated-row kernels (the machine picks one per
@@ -94,21 +94,18 @@ mod tests {
                 let run = |xs: &[f32], t: usize| {
                     let mut out = vec![0f32; t * rows];
                     // SAFETY: features checked above; `xs` holds t rows, `out` t × rows.
+                    let data = m.rows_data(0, rows);
                     unsafe {
-                        match (&m, wide) {
-                            (QMat::Q4_1 { blocks, .. }, false) => {
-                                avx2::q4_1_rows(blocks, nb, xs, t, out.as_mut_ptr(), rows)
+                        let o = out.as_mut_ptr();
+                        match (dtype, wide) {
+                            (GgmlDType::Q4_1, false) => {
+                                avx2::q4_1_rows(cast(data), nb, xs, t, o, rows)
                             }
-                            (QMat::Q4_1 { blocks, .. }, true) => {
-                                avx512::q4_1_rows_512(blocks, nb, xs, t, out.as_mut_ptr(), rows)
+                            (GgmlDType::Q4_1, true) => {
+                                avx512::q4_1_rows_512(cast(data), nb, xs, t, o, rows)
                             }
-                            (QMat::Q8_0 { blocks, .. }, false) => {
-                                avx2::q8_0_rows(blocks, nb, xs, t, out.as_mut_ptr(), rows)
-                            }
-                            (QMat::Q8_0 { blocks, .. }, true) => {
-                                avx512::q8_0_rows_512(blocks, nb, xs, t, out.as_mut_ptr(), rows)
-                            }
-                            _ => unreachable!(),
+                            (_, false) => avx2::q8_0_rows(cast(data), nb, xs, t, o, rows),
+                            (_, true) => avx512::q8_0_rows_512(cast(data), nb, xs, t, o, rows),
                         }
                     }
                     out

@@ -420,9 +420,50 @@ pub fn quantize_q8_0(data: &[f32]) -> Vec<BlockQ8_0> {
         .collect()
 }
 
+/// gguf-py's dequantization of each format, committed by `tests/fixtures/make`.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::Format;
+
+    /// The fixture's blocks and gguf-py's values for them, for each format that has one.
+    pub fn all() -> Vec<(Format, Vec<u8>, Vec<f32>)> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/quants");
+        super::FORMATS
+            .iter()
+            .filter(|f| **f != Format::F32)
+            .map(|&f| {
+                let read = |ext: &str| {
+                    let path = format!("{dir}/{}.{ext}", f.name());
+                    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+                };
+                let values = read("f32")
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
+                (f, read("blocks"), values)
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each format's dequantization, value for value and bit for bit, against gguf-py's
+    /// numpy reference (llama.cpp's own Python package).
+    #[test]
+    fn dequantization_matches_gguf_py() {
+        let all = fixtures::all();
+        assert_eq!(all.len(), FORMATS.len() - 1);
+        for (format, blocks, want) in all {
+            let mut got = vec![0f32; want.len()];
+            format.dequantize(&blocks, &mut got);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), w.to_bits(), "{format:?} value {i}: {g} vs {w}");
+            }
+        }
+    }
 
     #[test]
     fn block_sizes_are_ggmls() {

@@ -444,6 +444,32 @@ mod tests {
         }
     }
 
+    /// The products on gguf-py's own blocks (the fixture of each format, as a matrix of
+    /// 256-wide rows) against f32 arithmetic on gguf-py's dequantized values.
+    #[test]
+    fn products_on_gguf_py_blocks() {
+        let team = Team::new(2);
+        for (format, blocks, values) in formats::fixtures::all() {
+            let cols = 256;
+            let rows = values.len() / cols;
+            let m = QMat::from_bytes(format, rows, cols, &blocks).unwrap();
+            let n = 5;
+            let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+            let want = reference(&values, &x, rows, cols, n);
+            for kind in [Rows::Generated, Rows::Prompt] {
+                let mut out = vec![0f32; n * rows];
+                m.matmul(&x, n, &mut out, &team, kind);
+                for (a, b) in out.iter().zip(&want) {
+                    let scale = values.iter().fold(1f32, |a, v| a.max(v.abs()));
+                    assert!(
+                        (a - b).abs() <= 1e-5 * scale * cols as f32,
+                        "{format:?} {kind:?}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
     /// Several matrices in one product land side by side, each as it would alone.
     #[test]
     fn parts_land_side_by_side() {

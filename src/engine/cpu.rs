@@ -180,13 +180,27 @@ impl CpuLlama {
             });
         }
         let half = spec.head_dim / 2;
+        // Llama 3.1+ rope scaling: `rope_freqs` divides each frequency (llama.cpp's
+        // `freq_factors`); long-wavelength pairs turn slower, so the long context works.
+        let factors = if file.content.tensor_infos.contains_key("rope_freqs.weight") {
+            let f = vector(file, "rope_freqs.weight")?;
+            if f.len() != half {
+                return Err(EngineError::Model(format!(
+                    "rope_freqs.weight has {} values, the heads need {half}",
+                    f.len()
+                )));
+            }
+            f
+        } else {
+            vec![1.0; half]
+        };
         let mut cos = Vec::with_capacity(spec.context_length * half);
         let mut sin = Vec::with_capacity(spec.context_length * half);
         for pos in 0..spec.context_length {
-            for i in 0..half {
+            for (i, &factor) in factors.iter().enumerate() {
                 let theta =
                     1.0 / (spec.rope_freq_base as f64).powf(2.0 * i as f64 / spec.head_dim as f64);
-                let a = pos as f64 * theta;
+                let a = pos as f64 * theta / factor as f64;
                 cos.push(a.cos() as f32);
                 sin.push(a.sin() as f32);
             }

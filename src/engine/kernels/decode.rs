@@ -1,7 +1,7 @@
 //! Products for generated-token rows (one per sequence): memory-bound, so each weight block is
 //! read once for several rows, and each row gets exactly the arithmetic it gets alone.
 
-use super::formats::{cast, QK};
+use super::formats::{cast, QK, QK_K};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use super::{scalar, Band, Format, QMat};
@@ -64,6 +64,68 @@ impl QMat {
                         }
                         (_, true) => x86::avx512::q8_0_rows_512(cast(data), nb, xs, t, o, out.ld),
                         (_, false) => x86::avx2::q8_0_rows(cast(data), nb, xs, t, o, out.ld),
+                    }
+                }
+                i += t;
+            }
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if x86::available() && matches!(self.format, Format::Q4K | Format::Q6K) {
+            use x86::kquants;
+            let cols = self.cols;
+            let nb = cols / QK_K;
+            let wide = x86::avx512();
+            let group = if wide {
+                kquants::ROWS_512
+            } else {
+                kquants::ROWS_256
+            };
+            let data = self.rows_data(r0, r1);
+            let mut i = 0;
+            while i < n {
+                let t = (n - i).min(group);
+                let xs = &x[i * cols..(i + t) * cols];
+                let o = out.at(i, r0);
+                // SAFETY: as above.
+                unsafe {
+                    match (self.format, wide) {
+                        (Format::Q4K, true) => {
+                            kquants::q4k_rows_512(cast(data), nb, xs, t, o, out.ld)
+                        }
+                        (Format::Q4K, false) => {
+                            kquants::q4k_rows_256(cast(data), nb, xs, t, o, out.ld)
+                        }
+                        (_, true) => kquants::q6k_rows_512(cast(data), nb, xs, t, o, out.ld),
+                        (_, false) => kquants::q6k_rows_256(cast(data), nb, xs, t, o, out.ld),
+                    }
+                }
+                i += t;
+            }
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if x86::available() && self.format == Format::F16 && self.cols.is_multiple_of(64) {
+            use x86::{floats, kquants};
+            let cols = self.cols;
+            let wide = x86::avx512();
+            let group = if wide {
+                kquants::ROWS_512
+            } else {
+                kquants::ROWS_256
+            };
+            let data = cast::<u16>(self.rows_data(r0, r1));
+            let mut i = 0;
+            while i < n {
+                let t = (n - i).min(group);
+                let xs = &x[i * cols..(i + t) * cols];
+                let o = out.at(i, r0);
+                // SAFETY: as above; rows are a multiple of 64 values.
+                unsafe {
+                    if wide {
+                        floats::f16_rows_512(data, cols, xs, t, o, out.ld)
+                    } else {
+                        floats::f16_rows_256(data, cols, xs, t, o, out.ld)
                     }
                 }
                 i += t;

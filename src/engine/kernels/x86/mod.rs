@@ -17,6 +17,8 @@ macro_rules! by_rows {
 pub mod attention512;
 pub mod avx2;
 pub mod avx512;
+pub mod floats;
+pub mod kquants;
 
 pub fn available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
@@ -67,7 +69,7 @@ pub unsafe fn hsum512(v: __m512) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::kernels::formats::{cast, QK};
+    use crate::engine::kernels::formats::{cast, QK, QK_K};
     use crate::engine::kernels::testing::{matrix, reference};
     use candle_core::quantized::GgmlDType;
 
@@ -79,40 +81,84 @@ mod tests {
         if !available() {
             return;
         }
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let (rows, cols) = (24, 96);
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::F16,
+        ] {
+            let (rows, cols) = (24, 512);
             let (m, w) = matrix(rows, cols, dtype);
             let n = 7;
             let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.13).cos()).collect();
             let want = reference(&w, &x, rows, cols, n);
-            let nb = cols / QK;
             let mut widths = vec![false];
             if avx512() {
                 widths.push(true);
             }
             for wide in widths {
+                // Rows of x in passes of the kernel's most rows, as `decode_band` runs them.
                 let run = |xs: &[f32], t: usize| {
                     let mut out = vec![0f32; t * rows];
-                    // SAFETY: features checked above; `xs` holds t rows, `out` t × rows.
                     let data = m.rows_data(0, rows);
-                    unsafe {
-                        let o = out.as_mut_ptr();
-                        match (dtype, wide) {
-                            (GgmlDType::Q4_1, false) => {
-                                avx2::q4_1_rows(cast(data), nb, xs, t, o, rows)
-                            }
-                            (GgmlDType::Q4_1, true) => {
-                                avx512::q4_1_rows_512(cast(data), nb, xs, t, o, rows)
-                            }
-                            (_, false) => avx2::q8_0_rows(cast(data), nb, xs, t, o, rows),
-                            (_, true) => avx512::q8_0_rows_512(cast(data), nb, xs, t, o, rows),
+                    let most = match (dtype, wide) {
+                        (GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::F16, true) => {
+                            kquants::ROWS_512
                         }
+                        (GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::F16, false) => {
+                            kquants::ROWS_256
+                        }
+                        _ => 8,
+                    };
+                    let mut i = 0;
+                    while i < t {
+                        let p = (t - i).min(most);
+                        let xs = &xs[i * cols..(i + p) * cols];
+                        let o = out[i * rows..].as_mut_ptr();
+                        let (nb, nk) = (cols / QK, cols / QK_K);
+                        // SAFETY: features checked above; `xs` holds p rows, `out` from row
+                        // i on holds p × rows.
+                        unsafe {
+                            match (dtype, wide) {
+                                (GgmlDType::Q4_1, false) => {
+                                    avx2::q4_1_rows(cast(data), nb, xs, p, o, rows)
+                                }
+                                (GgmlDType::Q4_1, true) => {
+                                    avx512::q4_1_rows_512(cast(data), nb, xs, p, o, rows)
+                                }
+                                (GgmlDType::Q8_0, false) => {
+                                    avx2::q8_0_rows(cast(data), nb, xs, p, o, rows)
+                                }
+                                (GgmlDType::Q8_0, true) => {
+                                    avx512::q8_0_rows_512(cast(data), nb, xs, p, o, rows)
+                                }
+                                (GgmlDType::Q4K, false) => {
+                                    kquants::q4k_rows_256(cast(data), nk, xs, p, o, rows)
+                                }
+                                (GgmlDType::Q4K, true) => {
+                                    kquants::q4k_rows_512(cast(data), nk, xs, p, o, rows)
+                                }
+                                (GgmlDType::F16, false) => {
+                                    floats::f16_rows_256(cast(data), cols, xs, p, o, rows)
+                                }
+                                (GgmlDType::F16, true) => {
+                                    floats::f16_rows_512(cast(data), cols, xs, p, o, rows)
+                                }
+                                (_, false) => kquants::q6k_rows_256(cast(data), nk, xs, p, o, rows),
+                                (_, true) => kquants::q6k_rows_512(cast(data), nk, xs, p, o, rows),
+                            }
+                        }
+                        i += p;
                     }
                     out
                 };
                 let all = run(&x, n);
                 for (a, b) in all.iter().zip(&want) {
-                    assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{dtype:?} {wide}");
+                    assert!(
+                        (a - b).abs() <= 1e-3 * (1.0 + b.abs()),
+                        "{dtype:?} {wide}: {a} vs {b}"
+                    );
                 }
                 for i in 0..n {
                     let one = run(&x[i * cols..(i + 1) * cols], 1);

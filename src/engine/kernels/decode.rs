@@ -4,7 +4,7 @@
 use super::formats::{cast, QK, QK_K};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::{scalar, Band, Format, QMat};
+use super::{scalar, Band, BandScratch, Format, QMat};
 
 /// Generated-token rows that share one read of the weights in the AVX2 matrix-vector
 /// kernels (4 accumulators + 4 weight vectors + temporaries fit the 16 registers; 8 spilled
@@ -37,7 +37,7 @@ impl QMat {
         x: &[f32],
         n: usize,
         out: Band,
-        row_f32: &mut Vec<f32>,
+        scratch: &mut BandScratch,
     ) {
         #[cfg(target_arch = "x86_64")]
         if x86::available() && matches!(self.format, Format::Q4_1 | Format::Q8_0) {
@@ -64,6 +64,34 @@ impl QMat {
                         }
                         (_, true) => x86::avx512::q8_0_rows_512(cast(data), nb, xs, t, o, out.ld),
                         (_, false) => x86::avx2::q8_0_rows(cast(data), nb, xs, t, o, out.ld),
+                    }
+                }
+                i += t;
+            }
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if x86::bf16() && matches!(self.format, Format::Q4K | Format::Q6K) {
+            let cols = self.cols;
+            let nb = cols / QK_K;
+            let data = self.rows_data(r0, r1);
+            if !scratch.prepared {
+                // SAFETY: AVX512_BF16 checked above; `cols` is whole super-blocks.
+                unsafe { x86::bf16::prepare(&x[..n * cols], &mut scratch.xb, &mut scratch.xsum) };
+                scratch.prepared = true;
+            }
+            let mut i = 0;
+            while i < n {
+                let t = (n - i).min(x86::bf16::ROWS);
+                let xb = &scratch.xb[i * cols..(i + t) * cols];
+                let o = out.at(i, r0);
+                // SAFETY: as above; `xb` holds t rows, `xsum` their sums from row i on.
+                unsafe {
+                    if self.format == Format::Q4K {
+                        let xsum = &scratch.xsum[i * cols / QK..];
+                        x86::bf16::q4k_rows(cast(data), nb, xb, xsum, t, o, out.ld)
+                    } else {
+                        x86::bf16::q6k_rows(cast(data), nb, xb, t, o, out.ld)
                     }
                 }
                 i += t;
@@ -132,7 +160,7 @@ impl QMat {
             }
             return;
         }
-        self.tile_band(r0, r1, x, n, out, row_f32);
+        self.tile_band(r0, r1, x, n, out, &mut scratch.row_f32);
     }
 
     /// Weight rows `r0..r1` × `n` activation rows, the portable way: each weight row is

@@ -292,7 +292,7 @@ pub fn matmul_parts(
     team.run(&|_| {
         let out_ptr = &out_ptr;
         let mut scratch: Option<PanelScratch> = None;
-        let mut row_f32 = Vec::new();
+        let mut band_scratch = BandScratch::default();
         loop {
             let Some(&(pi, r0, r1, col)) = work.get(next.fetch_add(1, Ordering::Relaxed)) else {
                 return;
@@ -305,7 +305,7 @@ pub fn matmul_parts(
                 ld: total,
             };
             match rows_are {
-                Rows::Generated => m.decode_band(r0, r1, x, n, band, &mut row_f32),
+                Rows::Generated => m.decode_band(r0, r1, x, n, band, &mut band_scratch),
                 Rows::Prompt => {
                     #[cfg(target_arch = "x86_64")]
                     if x86::available() {
@@ -314,11 +314,23 @@ pub fn matmul_parts(
                         continue;
                     }
                     let _ = &mut scratch; // only the x86-64 kernel has a panel
-                    m.tile_band(r0, r1, x, n, band, &mut row_f32);
+                    m.tile_band(r0, r1, x, n, band, &mut band_scratch.row_f32);
                 }
             }
         }
     });
+}
+
+/// One thread's buffers for the bands it takes of one product.
+#[derive(Default)]
+pub(super) struct BandScratch {
+    /// A weight row as f32 (the portable path).
+    row_f32: Vec<f32>,
+    /// The activation rows as bf16, and their sums of 32 values (the bf16 kernels), made
+    /// once per product by the first band that needs them.
+    xb: Vec<u16>,
+    xsum: Vec<f32>,
+    prepared: bool,
 }
 
 /// Where a band of a product writes: cell (i, r) of a matrix's output is `out + i·ld + r`.
@@ -380,11 +392,36 @@ pub(crate) mod testing {
         }
         out
     }
+
+    /// How far a product may be from [`reference`]: f32 rounding, plus, where the kernel
+    /// rounds activations to bf16 (8 significant bits: relative error ≤ 2⁻⁸ each), that
+    /// rounding's worst case over the terms, `2⁻⁸ Σ |w x|`.
+    pub fn tolerance(
+        format: Format,
+        rows_are: Rows,
+        w: &[f32],
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        n: usize,
+    ) -> Vec<f32> {
+        let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<_>>();
+        let magnitude = reference(&abs(w), &abs(x), rows, cols, n);
+        #[cfg(target_arch = "x86_64")]
+        let bf16 = rows_are == Rows::Generated
+            && x86::bf16()
+            && matches!(format, Format::Q4K | Format::Q6K);
+        #[cfg(not(target_arch = "x86_64"))]
+        let bf16 = false;
+        let _ = (format, rows_are);
+        let rel = if bf16 { 1.0 / 256.0 } else { 1e-5 };
+        magnitude.iter().map(|m| rel * m + 1e-3).collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{matrix, reference};
+    use super::testing::{matrix, reference, tolerance};
     use super::*;
     use candle_core::quantized::GgmlDType;
 
@@ -417,18 +454,16 @@ mod tests {
                     .collect();
                 x[5] = 3000.0;
                 let want = reference(&w, &x, rows, cols, n);
-                let close = |got: &[f32], how: &str| {
-                    for (a, b) in got.iter().zip(&want) {
-                        assert!(
-                            (a - b).abs() <= 1e-2 * (1.0 + b.abs() * 1e-3),
-                            "{dtype:?} {how} n={n}: {a} vs {b}"
-                        );
+                let close = |got: &[f32], kind: Rows, how: &str| {
+                    let tol = tolerance(m.format(), kind, &w, &x, rows, cols, n);
+                    for ((a, b), t) in got.iter().zip(&want).zip(&tol) {
+                        assert!((a - b).abs() <= *t, "{dtype:?} {how} n={n}: {a} vs {b}");
                     }
                 };
                 for kind in [Rows::Generated, Rows::Prompt] {
                     let mut out = vec![0f32; n * rows];
                     m.matmul(&x, n, &mut out, &Team::new(2), kind);
-                    close(&out, &format!("{kind:?}"));
+                    close(&out, kind, &format!("{kind:?}"));
                 }
                 let mut out = vec![0f32; n * rows];
                 let band = Band {
@@ -436,7 +471,7 @@ mod tests {
                     ld: rows,
                 };
                 m.tile_band(0, rows, &x, n, band, &mut Vec::new());
-                close(&out, "portable");
+                close(&out, Rows::Prompt, "portable");
             }
             let mut row = vec![0f32; cols];
             m.row(3, &mut row);
@@ -459,12 +494,9 @@ mod tests {
             for kind in [Rows::Generated, Rows::Prompt] {
                 let mut out = vec![0f32; n * rows];
                 m.matmul(&x, n, &mut out, &team, kind);
-                for (a, b) in out.iter().zip(&want) {
-                    let scale = values.iter().fold(1f32, |a, v| a.max(v.abs()));
-                    assert!(
-                        (a - b).abs() <= 1e-5 * scale * cols as f32,
-                        "{format:?} {kind:?}: {a} vs {b}"
-                    );
+                let tol = tolerance(format, kind, &values, &x, rows, cols, n);
+                for ((a, b), t) in out.iter().zip(&want).zip(&tol) {
+                    assert!((a - b).abs() <= *t, "{format:?} {kind:?}: {a} vs {b}");
                 }
             }
         }

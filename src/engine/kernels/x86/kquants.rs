@@ -26,7 +26,7 @@ pub const ROWS_256: usize = 2;
 /// between vector and general registers and this was a third of the kernel's time.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4k_scales(b: &BlockQ4K) -> ([f32; 8], [f32; 8]) {
+pub(super) unsafe fn q4k_scales(b: &BlockQ4K) -> ([f32; 8], [f32; 8]) {
     const KMASK1: u32 = 0x3f3f_3f3f;
     const KMASK2: u32 = 0x0f0f_0f0f;
     const KMASK3: u32 = 0x0303_0303;

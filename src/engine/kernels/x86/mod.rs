@@ -17,6 +17,7 @@ macro_rules! by_rows {
 pub mod attention512;
 pub mod avx2;
 pub mod avx512;
+pub mod bf16;
 pub mod floats;
 pub mod kquants;
 
@@ -37,6 +38,18 @@ pub fn avx512() -> bool {
         available()
             && is_x86_feature_detected!("avx512f")
             && std::env::var_os("CONFAB_NO_AVX512").is_none()
+    })
+}
+
+/// bf16 dot products (AVX512_BF16) for the K-quant matrix-vector kernels ([`bf16`]).
+/// `CONFAB_NO_BF16` turns them off (the f32 kernels of [`kquants`] run instead).
+pub fn bf16() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        avx512()
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bf16")
+            && std::env::var_os("CONFAB_NO_BF16").is_none()
     })
 }
 

@@ -345,6 +345,135 @@ fn strings(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>, Engine
         .collect()
 }
 
+/// Pre-token patterns of Hugging Face's tokenizers for the `tokenizer.ggml.pre` types that
+/// llama.cpp's converter writes, as their `tokenizer.json` files have them.
+mod patterns {
+    /// Llama 3 (`llama-bpe`): up to three digits a piece.
+    pub const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    /// Qwen2 / Qwen2.5 / Qwen3: one digit a piece.
+    pub const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    /// Qwen3.5: letters keep their combining marks.
+    pub const QWEN35: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    /// The CJK ranges both DeepSeek tokenizers keep together.
+    pub const DEEPSEEK_CJK: &str = "[\u{4e00}-\u{9fa5}\u{800}-\u{4e00}\u{ac00}-\u{d7ff}]+";
+    /// DeepSeek LLM's letters: Latin, Greek, Cyrillic, … listed by range.
+    pub const DEEPSEEK_LLM_LETTERS: &str = "\\s?[A-Za-z\u{b5}\u{c0}-\u{d6}\u{d8}-\u{f6}\u{f8}-\u{1ba}\u{1bc}-\u{1bf}\u{1c4}-\u{293}\u{295}-\u{2af}\u{370}-\u{373}\u{376}\u{377}\u{37b}-\u{37d}\u{37f}\u{386}\u{388}-\u{38a}\u{38c}\u{38e}-\u{3a1}\u{3a3}-\u{3f5}\u{3f7}-\u{481}\u{48a}-\u{52f}\u{531}-\u{556}\u{10a0}-\u{10c5}\u{13a0}-\u{13f5}\u{13f8}-\u{13fd}\u{1c90}-\u{1cba}\u{1cbd}-\u{1cbf}\u{1d00}-\u{1d2b}\u{1d6b}-\u{1d77}\u{1d79}-\u{1d9a}\u{1e00}-\u{1f15}\u{1f18}-\u{1f1d}\u{1f20}-\u{1f45}\u{1f48}-\u{1f4d}\u{1f50}-\u{1f57}\u{1f59}\u{1f5b}\u{1f5d}\u{1f5f}-\u{1f7d}\u{1f80}-\u{1fb4}\u{1fb6}-\u{1fbc}\u{1fbe}\u{1fc2}-\u{1fc4}\u{1fc6}-\u{1fcc}\u{1fd0}-\u{1fd3}\u{1fd6}-\u{1fdb}\u{1fe0}-\u{1fec}\u{1ff2}-\u{1ff4}\u{1ff6}-\u{1ffc}\u{2102}\u{2107}\u{210a}-\u{2113}\u{2115}\u{2119}-\u{211d}\u{2124}\u{2126}\u{2128}\u{212a}-\u{212d}\u{212f}-\u{2134}\u{2139}\u{213c}-\u{213f}\u{2145}-\u{2149}\u{214e}\u{2183}\u{2184}\u{2c00}-\u{2c7b}\u{2c7e}-\u{2ce4}\u{2ceb}-\u{2cee}\u{2cf2}\u{2cf3}\u{a640}-\u{a66d}\u{a680}-\u{a69b}\u{a722}-\u{a76f}\u{a771}-\u{a787}\u{a78b}-\u{a78e}\u{ab70}-\u{abbf}\u{fb00}-\u{fb06}\u{fb13}-\u{fb17}\u{ff21}-\u{ff3a}\u{ff41}-\u{ff5a}\u{10400}-\u{1044f}\u{104b0}-\u{104d3}\u{104d8}-\u{104fb}\u{10c80}-\u{10cb2}\u{10cc0}-\u{10cf2}\u{118a0}-\u{118df}\u{1e900}-\u{1e943}]+";
+    pub const DEEPSEEK_LLM_PUNCT: &str =
+        "\\s?[!-/:-~\u{ff01}-\u{ff0f}\u{ff1a}-\u{ff5e}\u{2018}-\u{201f}\u{3000}-\u{3002}]+";
+    /// Falcon: punctuation and ASCII symbols first, then GPT-2's split, then runs of three
+    /// digits.
+    pub const FALCON_PUNCT: &str = r"[\p{P}\$\+<=>\^~\|`]+";
+    /// llama.cpp's `default` (a GGUF without a pre-tokenizer type).
+    pub const DEFAULT_PUNCT: &str = r"[\p{P}\$\+<=>\^~\|]+";
+}
+
+/// The pre-tokenizer types this module reproduces; any other is refused by name.
+pub const SUPPORTED_PRE_TYPES: &[&str] = &[
+    "llama-bpe",
+    "llama3",
+    "llama-v3",
+    "qwen2",
+    "deepseek-r1-qwen",
+    "qwen35",
+    "smollm",
+    "gpt-2",
+    "phi-2",
+    "mpt",
+    "gpt-neox",
+    "olmo",
+    "deepseek-llm",
+    "deepseek-coder",
+    "starcoder",
+    "refact",
+    "command-r",
+    "falcon",
+    "default",
+];
+
+/// The pre-tokenizer of a `tokenizer.ggml.pre` type, and whether its BPE ignores merges for
+/// whole words in the vocabulary. Each is the sequence Hugging Face's `tokenizer.json` of
+/// that family has (checked token for token against llama.cpp's vocab test files).
+fn pre_tokenizer(pre: Option<&str>) -> Result<(PreTokenizerWrapper, bool), EngineError> {
+    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+    use tokenizers::SplitDelimiterBehavior::Isolated;
+    let split = |pattern: &str| -> Result<PreTokenizerWrapper, EngineError> {
+        Ok(
+            Split::new(SplitPattern::Regex(pattern.into()), Isolated, false)
+                .map_err(err)?
+                .into(),
+        )
+    };
+    // Byte-level mapping only (the splitting is done by the patterns before it), or with
+    // GPT-2's own pattern.
+    let bytes = || -> PreTokenizerWrapper { ByteLevel::new(false, true, false).into() };
+    let gpt2 = || -> PreTokenizerWrapper { ByteLevel::new(false, true, true).into() };
+    let seq =
+        |parts: Vec<PreTokenizerWrapper>| -> PreTokenizerWrapper { Sequence::new(parts).into() };
+    use patterns as p;
+    Ok(match pre {
+        Some("llama-bpe" | "llama3" | "llama-v3") => (seq(vec![split(p::LLAMA3)?, bytes()]), true),
+        Some("qwen2" | "deepseek-r1-qwen") => (seq(vec![split(p::QWEN2)?, bytes()]), false),
+        Some("qwen35") => (seq(vec![split(p::QWEN35)?, bytes()]), false),
+        Some("gpt-2" | "phi-2" | "mpt" | "gpt-neox" | "olmo") => (gpt2(), false),
+        // Digits one by one, then GPT-2's split.
+        Some("smollm" | "starcoder" | "refact" | "command-r") => {
+            (seq(vec![Digits::new(true).into(), gpt2()]), false)
+        }
+        Some("deepseek-llm") => (
+            seq(vec![
+                split("[\r\n]")?,
+                split(p::DEEPSEEK_LLM_LETTERS)?,
+                split(p::DEEPSEEK_LLM_PUNCT)?,
+                split("\\s+$")?,
+                split(p::DEEPSEEK_CJK)?,
+                Digits::new(false).into(),
+                bytes(),
+            ]),
+            false,
+        ),
+        Some("deepseek-coder") => (
+            seq(vec![
+                split("[\r\n]")?,
+                split(r"\s?\p{L}+")?,
+                split(r"\s?\p{P}+")?,
+                split(p::DEEPSEEK_CJK)?,
+                Digits::new(true).into(),
+                bytes(),
+            ]),
+            false,
+        ),
+        Some("falcon") => (
+            seq(vec![
+                split(p::FALCON_PUNCT)?,
+                gpt2(),
+                split("[0-9][0-9][0-9]")?,
+            ]),
+            false,
+        ),
+        None | Some("default") => {
+            tracing::warn!(
+                "the model file names no pre-tokenizer type (tokenizer.ggml.pre): using llama.cpp's \
+                 default split, which may not be the one the model was trained with"
+            );
+            (
+                seq(vec![
+                    split(p::DEFAULT_PUNCT)?,
+                    gpt2(),
+                    split(r"\p{N}+")?,
+                    split("[0-9][0-9][0-9]")?,
+                ]),
+                false,
+            )
+        }
+        Some(other) => {
+            return Err(err(format!(
+                "pre-tokenizer type {other:?} (tokenizer.ggml.pre) is not supported; supported: {}",
+                SUPPORTED_PRE_TYPES.join(", ")
+            )))
+        }
+    })
+}
+
 /// Builds a byte-level BPE tokenizer from `tokenizer.ggml.*` metadata.
 pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Tokenizer, EngineError> {
     let model = md_string(md, "tokenizer.ggml.model").unwrap_or("gpt2");
@@ -379,15 +508,13 @@ pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Tokenizer, EngineError> 
     {
         builder = builder.unk_token(unk.clone());
     }
-    let bpe = builder.build().map_err(err)?;
+    let pre = md_string(md, "tokenizer.ggml.pre");
+    let (pre_tokenizer, ignore_merges) = pre_tokenizer(pre)?;
+    // Llama 3's tokenizer takes a pre-token that is itself in the vocabulary as one token,
+    // whatever the merges would make of it (Hugging Face's `ignore_merges`).
+    let bpe = builder.ignore_merges(ignore_merges).build().map_err(err)?;
     let mut tok = Tokenizer::new(bpe);
-    let byte_level = ByteLevel::new(false, true, true);
-    let pre: PreTokenizerWrapper = match md_string(md, "tokenizer.ggml.pre") {
-        // SmolLM splits digits one by one before the byte-level split.
-        Some("smollm") => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
-        _ => byte_level.into(),
-    };
-    tok.with_pre_tokenizer(Some(pre));
+    tok.with_pre_tokenizer(Some(pre_tokenizer));
     tok.with_decoder(Some(ByteLevelDecoder::default()));
     let specials: Vec<AddedToken> = tokens
         .iter()
@@ -452,4 +579,89 @@ impl DeltaDecoder {
 /// it, and PostgreSQL cannot store it.
 fn without_nul(s: &str) -> String {
     s.replace('\0', "")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file::Content;
+
+    /// llama.cpp's vocab-only GGUFs (`models/fetch-llama-cpp`), with the texts and token ids
+    /// Hugging Face's tokenizers give for them.
+    fn vocab_dir() -> std::path::PathBuf {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/llama.cpp/models");
+        assert!(
+            dir.is_dir(),
+            "{} is missing: run models/fetch-llama-cpp (the README's test command does)",
+            dir.display()
+        );
+        dir
+    }
+
+    fn metadata(path: &Path) -> HashMap<String, Value> {
+        let mut f = std::fs::File::open(path).unwrap();
+        Content::read(&mut f).unwrap().metadata
+    }
+
+    /// Every BPE vocabulary of the list, every test text, token for token.
+    #[test]
+    fn bpe_vocabularies_match_hugging_face() {
+        let dir = vocab_dir();
+        let mut failures = Vec::new();
+        for name in [
+            "llama-bpe",
+            "qwen2",
+            "qwen35",
+            "gpt-2",
+            "mpt",
+            "starcoder",
+            "refact",
+            "command-r",
+            "falcon",
+            "deepseek-llm",
+            "deepseek-coder",
+        ] {
+            let file = dir.join(format!("ggml-vocab-{name}.gguf"));
+            let tok = from_gguf(&metadata(&file)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let inp = std::fs::read_to_string(file.with_extension("gguf.inp")).unwrap();
+            let out = std::fs::read_to_string(file.with_extension("gguf.out")).unwrap();
+            const SEP: &str = "\n__ggml_vocab_test__\n";
+            let texts: Vec<&str> = inp.strip_suffix(SEP).unwrap_or(&inp).split(SEP).collect();
+            let want: Vec<&str> = out.lines().collect();
+            assert_eq!(texts.len(), want.len(), "{name}: .inp and .out disagree");
+            let mut bad = 0;
+            for (text, want) in texts.iter().zip(&want) {
+                let got: Vec<String> = tok
+                    .encode_fast(*text, false)
+                    .unwrap()
+                    .get_ids()
+                    .iter()
+                    .map(u32::to_string)
+                    .collect();
+                let want: Vec<&str> = want.split_whitespace().collect();
+                if got != want {
+                    bad += 1;
+                    if bad <= 2 {
+                        failures.push(format!("{name}: {text:?}\n  got  {got:?}\n  want {want:?}"));
+                    }
+                }
+            }
+            if bad > 0 {
+                failures.push(format!("{name}: {bad} of {} texts differ", texts.len()));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn unknown_pre_tokenizer_is_refused_by_name() {
+        let Err(e) = pre_tokenizer(Some("klingon-bpe")) else {
+            panic!("accepted an unknown pre-tokenizer type");
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.contains("klingon-bpe") && msg.contains("llama-bpe"),
+            "{msg}"
+        );
+    }
 }

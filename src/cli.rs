@@ -61,6 +61,9 @@ fn start_model(args: &crate::config::ModelArgs) -> anyhow::Result<ModelSlot> {
                 tracing::info!(
                     model = %handle.info.name,
                     path = %path.display(),
+                    architecture = %handle.info.architecture,
+                    quantization = %handle.info.quantization,
+                    parameters = handle.info.parameters,
                     context = handle.info.context_length,
                     load_ms = handle.info.load_time.as_millis() as u64,
                     "model loaded"

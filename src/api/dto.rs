@@ -389,4 +389,20 @@ pub struct ReadyDto {
     /// The loaded model's name.
     #[oai(nullable)]
     pub model_name: Option<String>,
+    /// What the loaded model is.
+    #[oai(nullable)]
+    pub model_info: Option<ModelInfoDto>,
+}
+
+/// Facts about the loaded model file.
+#[derive(Object, Debug, Clone)]
+pub struct ModelInfoDto {
+    /// GGUF `general.architecture`: `llama`, …
+    pub architecture: String,
+    /// `Q4_K_M`, `Q8_0`, … as llama.cpp names the file's quantization.
+    pub quantization: String,
+    /// Values in the model's tensors.
+    pub parameters: u64,
+    /// Context the server uses, in tokens.
+    pub context_length: u64,
 }

@@ -5,7 +5,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi};
 use serde_json::{json, Map};
 
-use super::dto::{HealthDto, ReadyDto};
+use super::dto::{HealthDto, ModelInfoDto, ReadyDto};
 use super::{ApiTags, AppState};
 use crate::engine::ModelStatus;
 use crate::error::{ApiError, Failure, Readiness};
@@ -55,13 +55,22 @@ impl HealthApi {
             }
         };
         checks.insert("database".into(), json!(database));
-        let (model, model_name) = match state.model.status() {
-            ModelStatus::Ready(h) => ("ready", Some(h.info.name.clone())),
-            ModelStatus::NotConfigured => ("not_configured", None),
-            ModelStatus::Loading => ("loading", None),
+        let (model, model_name, model_info) = match state.model.status() {
+            ModelStatus::Ready(h) => (
+                "ready",
+                Some(h.info.name.clone()),
+                Some(ModelInfoDto {
+                    architecture: h.info.architecture.clone(),
+                    quantization: h.info.quantization.clone(),
+                    parameters: h.info.parameters,
+                    context_length: h.info.context_length as u64,
+                }),
+            ),
+            ModelStatus::NotConfigured => ("not_configured", None, None),
+            ModelStatus::Loading => ("loading", None, None),
             ModelStatus::Failed(reason) => {
                 checks.insert("model_error".into(), json!(reason));
-                ("failed", None)
+                ("failed", None, None)
             }
         };
         checks.insert("model".into(), json!(model));
@@ -71,6 +80,7 @@ impl HealthApi {
                 database: database.into(),
                 model: model.into(),
                 model_name,
+                model_info,
             })))
         } else {
             Err(ApiError::NotReady(checks).into())

@@ -31,6 +31,11 @@ pub struct ModelSpec {
     pub rope_freq_base: f32,
     pub rms_norm_eps: f64,
     pub vocab_size: usize,
+    /// Values in all the file's tensors.
+    pub parameters: u64,
+    /// The file's quantization as llama.cpp names it (`Q4_K_M`, `Q8_0`, …): from
+    /// `general.file_type`, else the format most of the weight bytes are in.
+    pub quantization: String,
 }
 
 /// The parsed header of a GGUF file, and the whole file mapped into memory.
@@ -86,7 +91,13 @@ impl GgufFile {
                 path.display()
             ))
         })?;
-        let spec = ModelSpec::from_metadata(&content.metadata)?;
+        let mut spec = ModelSpec::from_metadata(&content.metadata)?;
+        spec.parameters = content
+            .tensor_infos
+            .values()
+            .map(|t| t.shape.elem_count() as u64)
+            .sum();
+        spec.quantization = quantization(&content);
         Ok((
             GgufFile {
                 content,
@@ -96,6 +107,49 @@ impl GgufFile {
             reader,
         ))
     }
+}
+
+/// llama.cpp's names of `general.file_type` values (its `llama_ftype`).
+fn file_type_name(t: u32) -> Option<&'static str> {
+    Some(match t {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        32 => "BF16",
+        _ => return None,
+    })
+}
+
+/// The file's quantization: its declared file type, else the tensor type with the most
+/// bytes.
+fn quantization(content: &Content) -> String {
+    if let Some(name) = md_u32(&content.metadata, "general.file_type").and_then(file_type_name) {
+        return name.to_string();
+    }
+    let mut bytes: HashMap<String, usize> = HashMap::new();
+    for t in content.tensor_infos.values() {
+        let n = t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size();
+        *bytes
+            .entry(format!("{:?}", t.ggml_dtype).to_uppercase())
+            .or_default() += n;
+    }
+    bytes
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map_or_else(|| "unknown".into(), |(name, _)| name)
 }
 
 impl ModelSpec {
@@ -143,6 +197,8 @@ impl ModelSpec {
                 .unwrap_or(1e-5) as f64,
             vocab_size,
             architecture,
+            parameters: 0,
+            quantization: String::new(),
         })
     }
 }

@@ -190,6 +190,10 @@ pub struct ModelInfo {
     /// When it was loaded, in seconds since the Unix epoch.
     pub loaded_at: u64,
     pub architecture: String,
+    /// `Q4_K_M`, `Q8_0`, … (see `ModelSpec::quantization`).
+    pub quantization: String,
+    /// Values in the model's tensors.
+    pub parameters: u64,
     /// Context the engine uses (the model's, or less when configured).
     pub context_length: usize,
     pub load_time: Duration,

@@ -219,6 +219,8 @@ pub fn load(path: PathBuf, opts: EngineOptions) -> Result<EngineHandle, EngineEr
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
                 architecture: engine.model.spec().architecture.clone(),
+                quantization: engine.model.spec().quantization.clone(),
+                parameters: engine.model.spec().parameters,
                 context_length: engine.context_length,
                 load_time: t0.elapsed(),
                 device: opts.device.clone(),

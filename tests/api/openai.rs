@@ -206,6 +206,17 @@ async fn sse_format_and_both_key_headers(b: Backend) {
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["object"], "model");
     assert_eq!(v["owned_by"], "confab");
+    // Which file is loaded: the tiny test model is a llama of F32 tensors.
+    assert_eq!(v["meta"]["architecture"], "llama", "{v}");
+    assert!(
+        !v["meta"]["quantization"].as_str().unwrap().is_empty(),
+        "{v}"
+    );
+    assert!(v["meta"]["parameters"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["meta"]["context_length"].as_u64().unwrap() > 0, "{v}");
+    let (st, r) = s.call(reqwest::Method::GET, "/readyz", None, None).await;
+    assert_eq!(st, StatusCode::OK, "{r}");
+    assert_eq!(r["model_info"], v["meta"], "{r}");
     s.stop().await;
 }
 

@@ -125,6 +125,13 @@ fn model_object(engine: &EngineHandle) -> Value {
         "object": "model",
         "created": engine.info.loaded_at,
         "owned_by": "confab",
+        // What llama-server reports under `meta`: enough to tell which file is loaded.
+        "meta": {
+            "architecture": engine.info.architecture,
+            "quantization": engine.info.quantization,
+            "parameters": engine.info.parameters,
+            "context_length": engine.info.context_length,
+        },
     })
 }
 

@@ -477,10 +477,16 @@ fn pre_tokenizer(pre: Option<&str>) -> Result<(PreTokenizerWrapper, bool), Engin
 /// Builds a byte-level BPE tokenizer from `tokenizer.ggml.*` metadata.
 pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Tokenizer, EngineError> {
     let model = md_string(md, "tokenizer.ggml.model").unwrap_or("gpt2");
-    if model != "gpt2" {
-        return Err(err(format!(
-            "tokenizer type {model:?} is not supported from GGUF metadata; put the model's tokenizer.json next to the .gguf file"
-        )));
+    match model {
+        "gpt2" => {}
+        "llama" => return sentencepiece_from_gguf(md),
+        _ => {
+            return Err(err(format!(
+                "tokenizer type {model:?} (tokenizer.ggml.model) is not supported from GGUF \
+                 metadata (supported: gpt2, llama); put the model's tokenizer.json next to the \
+                 .gguf file"
+            )))
+        }
     }
     let tokens = strings(md, "tokenizer.ggml.tokens")?;
     let merges: Vec<(String, String)> = strings(md, "tokenizer.ggml.merges")?
@@ -490,13 +496,7 @@ pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Tokenizer, EngineError> 
             None => Err(err(format!("malformed merge {m:?}"))),
         })
         .collect::<Result<_, _>>()?;
-    let types: Vec<i32> = match md
-        .get("tokenizer.ggml.token_type")
-        .and_then(|v| v.to_vec().ok())
-    {
-        Some(v) => v.iter().map(|x| x.to_i32().unwrap_or(1)).collect(),
-        None => vec![1; tokens.len()],
-    };
+    let types = token_types(md, tokens.len());
     let vocab: tokenizers::models::bpe::Vocab = tokens
         .iter()
         .enumerate()
@@ -516,14 +516,132 @@ pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Tokenizer, EngineError> 
     let mut tok = Tokenizer::new(bpe);
     tok.with_pre_tokenizer(Some(pre_tokenizer));
     tok.with_decoder(Some(ByteLevelDecoder::default()));
-    let specials: Vec<AddedToken> = tokens
+    tok.add_special_tokens(&special_tokens(&tokens, &types));
+    Ok(tok)
+}
+
+/// A SentencePiece-style vocabulary (`tokenizer.ggml.model = "llama"`: Llama 2, Mistral,
+/// Phi-3, Gemma) as Hugging Face builds it from the `.model` file: BPE whose merges are every
+/// split of a piece into two pieces, ranked by the merged piece's score (the order
+/// SentencePiece merges in), byte fallback (`<0xNN>`) for what the vocabulary lacks, spaces
+/// as `▁` with one prepended (unless `tokenizer.ggml.add_space_prefix` is false).
+fn sentencepiece_from_gguf(md: &HashMap<String, Value>) -> Result<Tokenizer, EngineError> {
+    use tokenizers::decoders::byte_fallback::ByteFallback;
+    use tokenizers::decoders::fuse::Fuse;
+    use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+    use tokenizers::decoders::strip::Strip;
+    use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
+    use tokenizers::DecoderWrapper;
+
+    let tokens = strings(md, "tokenizer.ggml.tokens")?;
+    let scores: Vec<f32> = md
+        .get("tokenizer.ggml.scores")
+        .and_then(|v| v.to_vec().ok())
+        .ok_or_else(|| err("GGUF metadata has no `tokenizer.ggml.scores`"))?
         .iter()
-        .zip(types.iter().chain(std::iter::repeat(&1)))
+        .map(|x| x.to_f32().unwrap_or(0.0))
+        .collect();
+    if scores.len() != tokens.len() {
+        return Err(err(format!(
+            "{} token scores for {} tokens",
+            scores.len(),
+            tokens.len()
+        )));
+    }
+    let types = token_types(md, tokens.len());
+    let ids: HashMap<&str, u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i as u32))
+        .collect();
+    // Every way to split a piece into two pieces, ranked by the piece's score (highest
+    // first; a stable sort keeps ties in id order, and a piece's splits by their parts' ids,
+    // as Hugging Face's `SentencePieceExtractor` does).
+    let mut ranked: Vec<(f32, u32, u32, &str, &str)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        // Control, unknown and byte tokens are never the product of a merge.
+        if !matches!(types[id], 1 | 4) {
+            continue;
+        }
+        let mut local: Vec<(u32, u32, &str, &str)> = piece
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| {
+                let (l, r) = piece.split_at(at);
+                Some((*ids.get(l)?, *ids.get(r)?, l, r))
+            })
+            .collect();
+        local.sort_by_key(|&(l, r, _, _)| (l, r));
+        ranked.extend(
+            local
+                .into_iter()
+                .map(|(l, r, a, b)| (scores[id], l, r, a, b)),
+        );
+    }
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let merges: Vec<(String, String)> = ranked
+        .into_iter()
+        .map(|(_, _, _, l, r)| (l.to_string(), r.to_string()))
+        .collect();
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(unk) =
+        md_u32(md, "tokenizer.ggml.unknown_token_id").and_then(|i| tokens.get(i as usize))
+    {
+        builder = builder.unk_token(unk.clone());
+    }
+    let mut tok = Tokenizer::new(builder.build().map_err(err)?);
+    let add_space_prefix = md
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(true);
+    let replace = Replace::new(" ", "\u{2581}").map_err(err)?;
+    let normalizer: NormalizerSequence = if add_space_prefix {
+        NormalizerSequence::new(vec![Prepend::new("\u{2581}".into()).into(), replace.into()])
+    } else {
+        NormalizerSequence::new(vec![replace.into()])
+    };
+    tok.with_normalizer(Some(normalizer));
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        Replace::new("\u{2581}", " ").map_err(err)?.into(),
+        ByteFallback::default().into(),
+        Fuse::default().into(),
+    ];
+    if add_space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    tok.with_decoder(Some(DecoderSequence::new(decoders)));
+    tok.add_special_tokens(&special_tokens(&tokens, &types));
+    Ok(tok)
+}
+
+/// `tokenizer.ggml.token_type` (1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte), all
+/// normal when absent.
+fn token_types(md: &HashMap<String, Value>, n: usize) -> Vec<i32> {
+    let mut types: Vec<i32> = md
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.to_vec().ok())
+        .map(|v| v.iter().map(|x| x.to_i32().unwrap_or(1)).collect())
+        .unwrap_or_default();
+    types.resize(n, 1);
+    types
+}
+
+/// Control and user-defined tokens, as special tokens: matched whole in template text.
+fn special_tokens(tokens: &[String], types: &[i32]) -> Vec<AddedToken> {
+    tokens
+        .iter()
+        .zip(types)
         .filter(|(_, ty)| SPECIAL_TOKEN_TYPES.contains(ty))
         .map(|(t, _)| AddedToken::from(t.clone(), true))
-        .collect();
-    tok.add_special_tokens(&specials);
-    Ok(tok)
+        .collect()
 }
 
 /// Turns a growing list of token ids into text deltas that never split a UTF-8 character
@@ -603,12 +721,15 @@ mod tests {
         Content::read(&mut f).unwrap().metadata
     }
 
-    /// Every BPE vocabulary of the list, every test text, token for token.
+    /// Every vocabulary of the list (SentencePiece-style and BPE), every test text, token
+    /// for token.
     #[test]
-    fn bpe_vocabularies_match_hugging_face() {
+    fn vocabularies_match_hugging_face() {
         let dir = vocab_dir();
         let mut failures = Vec::new();
         for name in [
+            "llama-spm",
+            "phi-3",
             "llama-bpe",
             "qwen2",
             "qwen35",
@@ -639,6 +760,11 @@ mod tests {
                     .map(u32::to_string)
                     .collect();
                 let want: Vec<&str> = want.split_whitespace().collect();
+                let ids: Vec<u32> = want.iter().map(|i| i.parse().unwrap()).collect();
+                let back = tok.decode(&ids, false).unwrap();
+                if back != *text {
+                    failures.push(format!("{name}: {text:?} decodes back as {back:?}"));
+                }
                 if got != want {
                     bad += 1;
                     if bad <= 2 {

@@ -26,7 +26,31 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Tenant(cmd) => tenant(&open(&cli.db).await?, cmd).await,
         Command::Key(cmd) => key(&open(&cli.db).await?, cmd).await,
         Command::Bench(args) => bench(args).await,
+        Command::Tokenize(args) => tokenize(args),
     }
+}
+
+/// `confab tokenize`: the model's tokenizer on stdin, as `llama-tokenize` does. Special-token
+/// text (`<|eot_id|>`) becomes the special token, as in a chat template.
+fn tokenize(args: crate::config::TokenizeArgs) -> anyhow::Result<()> {
+    use std::io::Read;
+    let tokenizer = crate::engine::tokenizer::TextTokenizer::from_file(&args.model)?;
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .context("cannot read stdin as UTF-8 text")?;
+    let ids = tokenizer.tokenize(&text, args.bos)?;
+    let out = if args.show {
+        serde_json::Value::Array(
+            ids.iter()
+                .map(|&id| serde_json::json!({"id": id, "piece": tokenizer.piece(id)}))
+                .collect(),
+        )
+    } else {
+        serde_json::json!(ids)
+    };
+    println!("{out}");
+    Ok(())
 }
 
 /// Opens (and migrates) the database, creating the data directory for SQLite.

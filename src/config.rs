@@ -74,6 +74,22 @@ pub enum Command {
     Openapi,
     /// Measure the engine's speed (prompt processing, generation, time to first token).
     Bench(BenchArgs),
+    /// Tokenize stdin with a model's vocabulary and print the token ids as a JSON array (works
+    /// on vocab-only GGUF files such as llama.cpp's `ggml-vocab-*.gguf`).
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenizeArgs {
+    /// The GGUF file whose vocabulary to use.
+    #[arg(long, env = "CONFAB_MODEL")]
+    pub model: std::path::PathBuf,
+    /// Print `[{"id", "piece"}, …]` instead of the ids alone.
+    #[arg(long)]
+    pub show: bool,
+    /// Start with the vocabulary's BOS token.
+    #[arg(long)]
+    pub bos: bool,
 }
 
 /// Which model to run, and how.

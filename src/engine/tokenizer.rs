@@ -127,6 +127,21 @@ impl TextTokenizer {
         Self::with_specials(inner, md)
     }
 
+    /// The tokenizer of a GGUF file (or of the `tokenizer.json` beside it), reading only the
+    /// header: vocab-only files work, whatever their architecture.
+    pub fn from_file(path: &Path) -> Result<TextTokenizer, EngineError> {
+        let mut file = std::fs::File::open(path).map_err(|e| {
+            EngineError::Model(format!("cannot open model file {}: {e}", path.display()))
+        })?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| {
+            EngineError::Model(format!(
+                "{} is not a readable GGUF file: {e}",
+                path.display()
+            ))
+        })?;
+        Self::load(path, &content.metadata)
+    }
+
     fn with_specials(
         inner: Tokenizer,
         md: &HashMap<String, Value>,
@@ -185,6 +200,35 @@ impl TextTokenizer {
             }
         }
         Ok(ids)
+    }
+
+    /// Token ids of `text`, BOS first when `bos` (whatever the vocabulary's
+    /// `add_bos_token` says); special-token text becomes the special token.
+    pub fn tokenize(&self, text: &str, bos: bool) -> Result<Vec<u32>, EngineError> {
+        let mut ids = Vec::new();
+        if bos {
+            let (id, _) = self
+                .bos
+                .as_ref()
+                .ok_or_else(|| err("the vocabulary has no BOS token"))?;
+            ids.push(*id);
+        }
+        ids.extend_from_slice(self.inner.encode_fast(text, false).map_err(err)?.get_ids());
+        Ok(ids)
+    }
+
+    /// The text of one token as the model's vocabulary decodes it (special tokens included;
+    /// a byte that is not a whole character shows as U+FFFD).
+    pub fn piece(&self, id: u32) -> String {
+        let text = self.inner.decode(&[id], false).unwrap_or_default();
+        // SentencePiece decoding drops the space a text's first `▁` stands for; a piece
+        // shown alone keeps it, as llama.cpp shows it.
+        match self.inner.id_to_token(id) {
+            Some(raw) if raw.starts_with('\u{2581}') && !text.starts_with(' ') => {
+                format!(" {text}")
+            }
+            _ => text,
+        }
     }
 
     /// Token ids of a prompt rendered by the chat template from [`Self::escape`]d contents: the

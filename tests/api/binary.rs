@@ -684,3 +684,68 @@ async fn idle_connections_and_slow_bodies_cannot_pin_memory() {
     assert_eq!(r.status().as_u16(), 200);
     stop(child).await;
 }
+
+/// `confab tokenize` on llama.cpp's vocab-only files (`models/fetch-llama-cpp`): the ids
+/// Hugging Face's tokenizer gives, BOS only when asked, pieces with `--show`, and a clear
+/// error for a vocabulary type it cannot read.
+#[test]
+fn tokenize_command() {
+    let vocab = |name: &str| {
+        format!(
+            "{}/models/llama.cpp/models/ggml-vocab-{name}.gguf",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    };
+    let run = |args: &[&str], input: &str| {
+        use std::io::Write;
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("CONFAB_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run confab");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let llama3 = vocab("llama-bpe");
+    let (ok, out, err) = run(&["tokenize", "--model", &llama3], "Hello world");
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "[9906,1917]");
+    let (ok, out, err) = run(
+        &["tokenize", "--model", &llama3, "--bos", "--show"],
+        " this is 🦙.cpp",
+    );
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v[0], json!({"id": 128000, "piece": "<|begin_of_text|>"}));
+    assert_eq!(v[1], json!({"id": 420, "piece": " this"}));
+    assert_eq!(v.as_array().unwrap().len(), 8);
+    let (ok, out, err) = run(
+        &["tokenize", "--model", &vocab("phi-3"), "--show"],
+        "Hello world",
+    );
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        v,
+        json!([{"id": 15043, "piece": " Hello"}, {"id": 3186, "piece": " world"}])
+    );
+    let (ok, _, err) = run(&["tokenize", "--model", &vocab("bert-bge")], "x");
+    assert!(!ok);
+    assert!(
+        err.contains("\"bert\"") && err.contains("gpt2, llama"),
+        "{err}"
+    );
+}

@@ -25,6 +25,17 @@ fn shared_512(cols: usize) -> usize {
     fit.clamp(4, MAX_SHARED_512)
 }
 
+/// Runs `pass(i, t)` over `n` activation rows in passes of at most `group` rows (`t` rows
+/// from row `i`): the kernels keep each pass's accumulators in registers.
+fn in_passes(n: usize, group: usize, mut pass: impl FnMut(usize, usize)) {
+    let mut i = 0;
+    while i < n {
+        let t = (n - i).min(group);
+        pass(i, t);
+        i += t;
+    }
+}
+
 impl QMat {
     /// Weight rows `r0..r1` × `n` generated-token rows with the matrix-vector kernels:
     /// memory-bound, so each weight block is read once for up to [`MAX_SHARED`] (AVX2) or
@@ -46,9 +57,7 @@ impl QMat {
             let wide = x86::avx512();
             let group = if wide { shared_512(cols) } else { MAX_SHARED };
             let data = self.rows_data(r0, r1);
-            let mut i = 0;
-            while i < n {
-                let t = (n - i).min(group);
+            in_passes(n, group, |i, t| {
                 let xs = &x[i * cols..(i + t) * cols];
                 let o = out.at(i, r0);
                 // SAFETY: the instruction sets are present (checked at run time); `data` is
@@ -66,8 +75,7 @@ impl QMat {
                         (_, false) => x86::avx2::q8_0_rows(cast(data), nb, xs, t, o, out.ld),
                     }
                 }
-                i += t;
-            }
+            });
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -80,9 +88,7 @@ impl QMat {
                 unsafe { x86::bf16::prepare(&x[..n * cols], &mut scratch.xb, &mut scratch.xsum) };
                 scratch.prepared = true;
             }
-            let mut i = 0;
-            while i < n {
-                let t = (n - i).min(x86::bf16::ROWS);
+            in_passes(n, x86::bf16::ROWS, |i, t| {
                 let xb = &scratch.xb[i * cols..(i + t) * cols];
                 let o = out.at(i, r0);
                 // SAFETY: as above; `xb` holds t rows, `xsum` their sums from row i on.
@@ -94,8 +100,7 @@ impl QMat {
                         x86::bf16::q6k_rows(cast(data), nb, xb, t, o, out.ld)
                     }
                 }
-                i += t;
-            }
+            });
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -110,9 +115,7 @@ impl QMat {
                 kquants::ROWS_256
             };
             let data = self.rows_data(r0, r1);
-            let mut i = 0;
-            while i < n {
-                let t = (n - i).min(group);
+            in_passes(n, group, |i, t| {
                 let xs = &x[i * cols..(i + t) * cols];
                 let o = out.at(i, r0);
                 // SAFETY: as above.
@@ -128,8 +131,7 @@ impl QMat {
                         (_, false) => kquants::q6k_rows_256(cast(data), nb, xs, t, o, out.ld),
                     }
                 }
-                i += t;
-            }
+            });
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -143,9 +145,7 @@ impl QMat {
                 kquants::ROWS_256
             };
             let data = cast::<u16>(self.rows_data(r0, r1));
-            let mut i = 0;
-            while i < n {
-                let t = (n - i).min(group);
+            in_passes(n, group, |i, t| {
                 let xs = &x[i * cols..(i + t) * cols];
                 let o = out.at(i, r0);
                 // SAFETY: as above; rows are a multiple of 64 values.
@@ -156,8 +156,7 @@ impl QMat {
                         floats::f16_rows_256(data, cols, xs, t, o, out.ld)
                     }
                 }
-                i += t;
-            }
+            });
             return;
         }
         self.tile_band(r0, r1, x, n, out, &mut scratch.row_f32);

@@ -27,6 +27,7 @@ fn shared_512(cols: usize) -> usize {
 
 /// Runs `pass(i, t)` over `n` activation rows in passes of at most `group` rows (`t` rows
 /// from row `i`): the kernels keep each pass's accumulators in registers.
+#[cfg(target_arch = "x86_64")]
 fn in_passes(n: usize, group: usize, mut pass: impl FnMut(usize, usize)) {
     let mut i = 0;
     while i < n {

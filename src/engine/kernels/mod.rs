@@ -107,7 +107,8 @@ pub struct QMat {
 }
 
 impl QMat {
-    /// Checks that `rows` × `cols` of `format` fit what `len` bytes at `start` can hold.
+    /// Checks that `rows` × `cols` of `format` take exactly `len` bytes (rows of whole
+    /// blocks); returns the bytes of one row.
     fn shape(format: Format, rows: usize, cols: usize, len: usize) -> Result<usize, EngineError> {
         let row_bytes = format.row_bytes(cols).ok_or_else(|| {
             EngineError::Model(format!(

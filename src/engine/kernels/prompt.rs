@@ -16,6 +16,14 @@ pub(super) struct PanelScratch {
     panel: Vec<f32>,
     /// The same rows row-major, before they are transposed into `panel`.
     rows_f32: Vec<f32>,
+    /// The bf16 kernel's panel (Q4_K, Q6_K): exact integer values and sub-block scales.
+    q: Vec<u16>,
+    ds: Vec<f32>,
+    ms: Vec<f32>,
+    /// The activation rows as bf16 and their 32-value sums, made once per product.
+    xb: Vec<u16>,
+    xsum: Vec<f32>,
+    prepared: bool,
 }
 
 impl PanelScratch {
@@ -23,6 +31,12 @@ impl PanelScratch {
         PanelScratch {
             panel: vec![0f32; cols * PANEL],
             rows_f32: vec![0f32; PANEL * cols],
+            q: Vec::new(),
+            ds: Vec::new(),
+            ms: Vec::new(),
+            xb: Vec::new(),
+            xsum: Vec::new(),
+            prepared: false,
         }
     }
 }
@@ -43,8 +57,13 @@ impl QMat {
         out: Band,
         scratch: &mut PanelScratch,
     ) {
+        if x86::bf16() && matches!(self.format(), super::Format::Q4K | super::Format::Q6K) {
+            return self.gemm_band_bf16(r0, r1, x, n, out, scratch);
+        }
         let cols = self.cols();
-        let PanelScratch { panel, rows_f32 } = scratch;
+        let PanelScratch {
+            panel, rows_f32, ..
+        } = scratch;
         debug_assert_eq!(panel.len(), cols * PANEL);
         let mut spill = [0f32; MR * PANEL];
         let mut p0 = r0;
@@ -84,6 +103,86 @@ impl QMat {
                         for j in 0..width {
                             // SAFETY: cell (i + k, p0 + j) is in the chunk this thread claimed.
                             unsafe { out.set(i + k, p0 + j, spill[k * PANEL + j]) };
+                        }
+                    }
+                }
+                i += m;
+            }
+            p0 += width;
+        }
+    }
+
+    /// [`QMat::gemm_band`] for Q4_K and Q6_K with bf16 dot products (AVX512_BF16): each
+    /// panel keeps the weights' integer values (exact in bf16) and their f32 sub-block scales, the
+    /// activations are rounded to bf16 once per product, and `vdpbf16ps` does 32
+    /// multiply-adds an instruction — twice f32 FMA's — with f32 sums.
+    #[cfg(target_arch = "x86_64")]
+    fn gemm_band_bf16(
+        &self,
+        r0: usize,
+        r1: usize,
+        x: &[f32],
+        n: usize,
+        out: Band,
+        scratch: &mut PanelScratch,
+    ) {
+        use super::formats::{cast, QK, QK_K};
+        use x86::bf16::{MR as BMR, PANEL as BPANEL};
+        let cols = self.cols();
+        let nb = cols / QK_K;
+        if !scratch.prepared {
+            // SAFETY: AVX512_BF16 checked by the caller; rows are whole super-blocks.
+            unsafe { x86::bf16::prepare(&x[..n * cols], &mut scratch.xb, &mut scratch.xsum) };
+            scratch.prepared = true;
+        }
+        let mut spill = [0f32; BMR * BPANEL];
+        let mut p0 = r0;
+        while p0 < r1 {
+            let width = (r1 - p0).min(BPANEL);
+            let rows = self.rows_data(p0, p0 + width);
+            let q4k = self.format() == super::Format::Q4K;
+            // SAFETY: as above; `rows` holds `width` rows of `nb` blocks.
+            unsafe {
+                if q4k {
+                    x86::bf16::q4k_panel(
+                        cast(rows),
+                        nb,
+                        width,
+                        &mut scratch.q,
+                        &mut scratch.ds,
+                        &mut scratch.ms,
+                    )
+                } else {
+                    x86::bf16::q6k_panel(cast(rows), nb, width, &mut scratch.q, &mut scratch.ds)
+                }
+            };
+            let mut i = 0;
+            while i < n {
+                let m = (n - i).min(BMR);
+                let xb = &scratch.xb[i * cols..(i + m) * cols];
+                let xsum = &scratch.xsum[i * cols / QK..(i + m) * cols / QK];
+                let (q, ds, ms) = (&scratch.q, &scratch.ds, &scratch.ms);
+                let kernel = |o: *mut f32, ld: usize| {
+                    // SAFETY: as above; `o` has room for m rows of 16 at stride `ld`.
+                    unsafe {
+                        if q4k {
+                            x86::bf16::q4k_gemm(m, q, ds, ms, xb, xsum, cols, o, ld)
+                        } else {
+                            x86::bf16::q6k_gemm(m, q, ds, xb, cols, o, ld)
+                        }
+                    }
+                };
+                if width == BPANEL {
+                    // The m × 16 cells (rows i..i+m, columns p0..p0+16 of the band) are this
+                    // work item's.
+                    kernel(out.at(i, p0), out.ld);
+                } else {
+                    // Into a local buffer; only `width` columns are copied.
+                    kernel(spill.as_mut_ptr(), BPANEL);
+                    for k in 0..m {
+                        for j in 0..width {
+                            // SAFETY: cell (i + k, p0 + j) is this work item's.
+                            unsafe { out.set(i + k, p0 + j, spill[k * BPANEL + j]) };
                         }
                     }
                 }

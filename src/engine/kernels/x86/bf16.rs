@@ -256,3 +256,252 @@ unsafe fn q6k_rows_t<const T: usize>(
         }
     }
 }
+
+/// Weight rows per panel of the bf16 prompt kernel: one 512-bit vector holds a column pair
+/// of all of them.
+pub const PANEL: usize = 16;
+/// Activation rows per call of the bf16 prompt kernel: 8 sums + 8 accumulators + weights,
+/// scales and a broadcast fit the 32 registers.
+pub const MR: usize = 8;
+
+/// A panel of [`PANEL`] Q4_K weight rows for [`q4k_gemm`]: their 4-bit values as exact bf16,
+/// interleaved so that one load gives one column pair of all 16 rows (`q[(c/2)·32 + 2j + c%2]`
+/// = row j, column c), and each 32-column sub-block's `d·sc` and `dmin·m` per row
+/// (`ds[s·16 + j]`, `ms[s·16 + j]`). Rows past `width` are zero.
+///
+/// # Safety
+/// AVX512_BF16 must be present; `rows` holds `width` (≤ 16) rows of `nb` blocks; the buffers
+/// are resized here.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+pub unsafe fn q4k_panel(
+    rows: &[BlockQ4K],
+    nb: usize,
+    width: usize,
+    q: &mut Vec<u16>,
+    ds: &mut Vec<f32>,
+    ms: &mut Vec<f32>,
+) {
+    let cols = nb * QK_K;
+    q.clear();
+    q.resize(cols * PANEL, 0);
+    ds.clear();
+    ds.resize(cols / QK * PANEL, 0.0);
+    ms.clear();
+    ms.resize(cols / QK * PANEL, 0.0);
+    let table = int_table(0);
+    let mask = _mm256_set1_epi8(0x0F);
+    let mut row_bf = [0u16; QK_K];
+    for j in 0..width {
+        for b in 0..nb {
+            let blk = &rows[j * nb + b];
+            let (d, m) = super::kquants::q4k_scales(blk);
+            for s in 0..8 {
+                ds[(b * 8 + s) * PANEL + j] = d[s];
+                ms[(b * 8 + s) * PANEL + j] = m[s];
+            }
+            for g in 0..4 {
+                let raw = _mm256_loadu_si256(blk.qs.as_ptr().add(g * 32) as *const __m256i);
+                let lo = _mm256_and_si256(raw, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                let w0 = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(lo), table);
+                let w1 = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(hi), table);
+                let p = row_bf.as_mut_ptr().add(g * 64);
+                _mm512_storeu_si512(p as *mut __m512i, w0);
+                _mm512_storeu_si512(p.add(32) as *mut __m512i, w1);
+            }
+            // Column pairs of this row into their places in the panel.
+            let pairs = row_bf.as_ptr() as *const u32;
+            let dst = q.as_mut_ptr() as *mut u32;
+            for p in 0..QK_K / 2 {
+                *dst.add((b * QK_K / 2 + p) * PANEL + j) = *pairs.add(p);
+            }
+        }
+    }
+}
+
+/// A panel of [`PANEL`] Q6_K weight rows for [`q6k_gemm`]: their values `q − 32` as exact
+/// bf16, interleaved as in [`q4k_panel`], and each 16-column sub-block's `d·sc` per row
+/// (`ds[s·16 + j]`). Rows past `width` are zero.
+///
+/// # Safety
+/// As [`q4k_panel`].
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+pub unsafe fn q6k_panel(
+    rows: &[BlockQ6K],
+    nb: usize,
+    width: usize,
+    q: &mut Vec<u16>,
+    ds: &mut Vec<f32>,
+) {
+    let cols = nb * QK_K;
+    q.clear();
+    q.resize(cols * PANEL, 0);
+    ds.clear();
+    ds.resize(cols / 16 * PANEL, 0.0);
+    let (t_lo, t_hi) = (int_table(-32), int_table(0));
+    let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
+    let mut row_bf = [0u16; QK_K];
+    for j in 0..width {
+        for b in 0..nb {
+            let blk = &rows[j * nb + b];
+            let d = f16_to_f32(blk.d);
+            for (s, &sc) in blk.scales.iter().enumerate() {
+                ds[(b * 16 + s) * PANEL + j] = d * sc as f32;
+            }
+            for h in 0..2 {
+                let ql = blk.ql.as_ptr().add(h * 64);
+                let qla = _mm256_loadu_si256(ql as *const __m256i);
+                let qlb = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                let qh = _mm256_loadu_si256(blk.qh.as_ptr().add(h * 32) as *const __m256i);
+                let high = |v: __m256i| _mm256_slli_epi16(_mm256_and_si256(v, m2), 4);
+                let groups = [
+                    _mm256_or_si256(_mm256_and_si256(qla, m4), high(qh)),
+                    _mm256_or_si256(_mm256_and_si256(qlb, m4), high(_mm256_srli_epi16(qh, 2))),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(qla, 4), m4),
+                        high(_mm256_srli_epi16(qh, 4)),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(qlb, 4), m4),
+                        high(_mm256_srli_epi16(qh, 6)),
+                    ),
+                ];
+                for (k, &g) in groups.iter().enumerate() {
+                    let w = _mm512_permutex2var_epi16(t_lo, _mm512_cvtepu8_epi16(g), t_hi);
+                    let p = row_bf.as_mut_ptr().add(h * 128 + 32 * k);
+                    _mm512_storeu_si512(p as *mut __m512i, w);
+                }
+            }
+            let pairs = row_bf.as_ptr() as *const u32;
+            let dst = q.as_mut_ptr() as *mut u32;
+            for p in 0..QK_K / 2 {
+                *dst.add((b * QK_K / 2 + p) * PANEL + j) = *pairs.add(p);
+            }
+        }
+    }
+}
+
+/// `out[k][j] = Σ_c x[k][c] · w[j][c]` for `m` (1..=[`MR`]) activation rows (bf16 `xb`, with
+/// their 32-value sums `xsum`, as [`prepare`] makes them) and the 16 rows of a
+/// [`q4k_panel`]; row k of the result goes to `out + k · ld` (16 values).
+///
+/// # Safety
+/// AVX512_BF16 must be present; `xb` holds m rows of `cols`, `xsum` their sums; `out` has
+/// room for m rows of 16 at stride `ld`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+pub unsafe fn q4k_gemm(
+    m: usize,
+    q: &[u16],
+    ds: &[f32],
+    ms: &[f32],
+    xb: &[u16],
+    xsum: &[f32],
+    cols: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    by_rows!(
+        m,
+        [1, 2, 3, 4, 5, 6, 7],
+        8,
+        q4k_gemm_m(q, ds, ms, xb, xsum, cols, out, ld)
+    )
+}
+
+/// [`q4k_gemm`] for a [`q6k_panel`]: 16-column sub-blocks, no minimums.
+///
+/// # Safety
+/// As [`q4k_gemm`].
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+pub unsafe fn q6k_gemm(
+    m: usize,
+    q: &[u16],
+    ds: &[f32],
+    xb: &[u16],
+    cols: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    by_rows!(
+        m,
+        [1, 2, 3, 4, 5, 6, 7],
+        8,
+        q6k_gemm_m(q, ds, xb, cols, out, ld)
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+unsafe fn q4k_gemm_m<const M: usize>(
+    q: &[u16],
+    ds: &[f32],
+    ms: &[f32],
+    xb: &[u16],
+    xsum: &[f32],
+    cols: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    gemm_m::<M, 32, true>(q, ds, ms, xb, xsum, cols, out, ld)
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+unsafe fn q6k_gemm_m<const M: usize>(
+    q: &[u16],
+    ds: &[f32],
+    xb: &[u16],
+    cols: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    gemm_m::<M, 16, false>(q, ds, &[], xb, &[], cols, out, ld)
+}
+
+/// The prompt kernel: per sub-block of `G` columns, `vdpbf16ps` sums of the panel's exact
+/// values against M activation rows, scaled by the rows' `d·sc` (and, with `MINS`, less
+/// `dmin·m · Σx`) into f32 accumulators.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+unsafe fn gemm_m<const M: usize, const G: usize, const MINS: bool>(
+    q: &[u16],
+    ds: &[f32],
+    ms: &[f32],
+    xb: &[u16],
+    xsum: &[f32],
+    cols: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    let zero = _mm512_setzero_ps();
+    let mut acc = [zero; M];
+    let (qp, xp) = (q.as_ptr(), xb.as_ptr() as *const i32);
+    let subs = cols / G;
+    for s in 0..subs {
+        let mut t = [zero; M];
+        for p in 0..G / 2 {
+            let at = (s * G / 2 + p) * 2 * PANEL;
+            let w = bh(_mm512_loadu_si512(qp.add(at) as *const __m512i));
+            for (k, tk) in t.iter_mut().enumerate() {
+                let xpair = _mm512_set1_epi32(*xp.add((k * cols) / 2 + s * G / 2 + p));
+                *tk = _mm512_dpbf16_ps(*tk, w, bh(xpair));
+            }
+        }
+        let d = _mm512_loadu_ps(ds.as_ptr().add(s * PANEL));
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(t[k], d, *a);
+        }
+        if MINS {
+            let mn = _mm512_loadu_ps(ms.as_ptr().add(s * PANEL));
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fnmadd_ps(mn, _mm512_set1_ps(xsum[k * subs + s]), *a);
+            }
+        }
+    }
+    for (k, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out.add(k * ld), *a);
+    }
+}

@@ -719,28 +719,24 @@ fn tokenize_command() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    let llama3 = vocab("llama-bpe");
-    let (ok, out, err) = run(&["tokenize", "--model", &llama3], "Hello world");
+    // One run on Llama 3's vocabulary (128K tokens: the heaviest to build, and this test runs
+    // beside timing-sensitive ones), the rest on Phi-3's.
+    let (ok, out, err) = run(&["tokenize", "--model", &vocab("llama-bpe")], "Hello world");
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "[9906,1917]");
     let (ok, out, err) = run(
-        &["tokenize", "--model", &llama3, "--bos", "--show"],
-        " this is 🦙.cpp",
-    );
-    assert!(ok, "{err}");
-    let v: Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(v[0], json!({"id": 128000, "piece": "<|begin_of_text|>"}));
-    assert_eq!(v[1], json!({"id": 420, "piece": " this"}));
-    assert_eq!(v.as_array().unwrap().len(), 8);
-    let (ok, out, err) = run(
-        &["tokenize", "--model", &vocab("phi-3"), "--show"],
+        &["tokenize", "--model", &vocab("phi-3"), "--show", "--bos"],
         "Hello world",
     );
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(
         v,
-        json!([{"id": 15043, "piece": " Hello"}, {"id": 3186, "piece": " world"}])
+        json!([
+            {"id": 1, "piece": "<s>"},
+            {"id": 15043, "piece": " Hello"},
+            {"id": 3186, "piece": " world"}
+        ])
     );
     let (ok, _, err) = run(&["tokenize", "--model", &vocab("bert-bge")], "x");
     assert!(!ok);

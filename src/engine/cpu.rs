@@ -91,17 +91,8 @@ fn matrix(file: &GgufFile, name: &str) -> Result<QMat, EngineError> {
         }
     };
     if let Some(format) = Format::from_ggml(info.ggml_dtype) {
-        let len = format
-            .row_bytes(cols)
-            .and_then(|b| b.checked_mul(rows))
-            .ok_or_else(|| {
-                err(format!(
-                    "{cols} columns are not whole {} blocks",
-                    format.name()
-                ))
-            })?;
         let start = (file.content.tensor_data_offset + info.offset) as usize;
-        return QMat::mapped(format, rows, cols, file.map.clone(), start, len)
+        return QMat::mapped(format, rows, cols, file.map.clone(), start)
             .map_err(|e| err(e.to_string()));
     }
     tracing::warn!(

@@ -84,18 +84,15 @@ impl QMat {
             let cols = self.cols;
             let nb = cols / QK_K;
             let data = self.rows_data(r0, r1);
-            if !scratch.prepared {
-                // SAFETY: AVX512_BF16 checked above; `cols` is whole super-blocks.
-                unsafe { x86::bf16::prepare(&x[..n * cols], &mut scratch.xb, &mut scratch.xsum) };
-                scratch.prepared = true;
-            }
+            // SAFETY: AVX512_BF16 checked above; `cols` is whole super-blocks.
+            let xs = unsafe { scratch.bf16.prepare(&x[..n * cols]) };
             in_passes(n, x86::bf16::ROWS, |i, t| {
-                let xb = &scratch.xb[i * cols..(i + t) * cols];
+                let xb = &xs.xb[i * cols..(i + t) * cols];
                 let o = out.at(i, r0);
                 // SAFETY: as above; `xb` holds t rows, `xsum` their sums from row i on.
                 unsafe {
                     if self.format == Format::Q4K {
-                        let xsum = &scratch.xsum[i * cols / QK..];
+                        let xsum = &xs.xsum[i * cols / QK..];
                         x86::bf16::q4k_rows(cast(data), nb, xb, xsum, t, o, out.ld)
                     } else {
                         x86::bf16::q6k_rows(cast(data), nb, xb, t, o, out.ld)

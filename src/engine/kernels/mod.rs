@@ -45,7 +45,9 @@ use super::EngineError;
 
 pub use attention::attend;
 pub use formats::Format;
-use prompt::{PanelScratch, PANEL};
+#[cfg(target_arch = "x86_64")]
+use prompt::PanelScratch;
+use prompt::PANEL;
 
 /// Weight rows per claimed chunk of a product: about eight chunks per thread (enough for one
 /// thread to take over a stalled one's share), a multiple of [`PANEL`] (the prompt kernel's
@@ -107,9 +109,9 @@ pub struct QMat {
 }
 
 impl QMat {
-    /// Checks that `rows` × `cols` of `format` take exactly `len` bytes (rows of whole
-    /// blocks); returns the bytes of one row.
-    fn shape(format: Format, rows: usize, cols: usize, len: usize) -> Result<usize, EngineError> {
+    /// Bytes of one row of `cols` values of `format`, and of `rows` rows; an error when rows
+    /// are not whole blocks.
+    fn sizes(format: Format, rows: usize, cols: usize) -> Result<(usize, usize), EngineError> {
         let row_bytes = format.row_bytes(cols).ok_or_else(|| {
             EngineError::Model(format!(
                 "a {} matrix with {cols} columns: rows must be whole blocks of {}",
@@ -117,26 +119,22 @@ impl QMat {
                 format.block_values()
             ))
         })?;
-        if rows.checked_mul(row_bytes) != Some(len) {
-            return Err(EngineError::Model(format!(
-                "a {rows} × {cols} {} matrix takes {} bytes, not {len}",
-                format.name(),
-                rows.saturating_mul(row_bytes)
-            )));
-        }
-        Ok(row_bytes)
+        let len = rows
+            .checked_mul(row_bytes)
+            .ok_or_else(|| EngineError::Model(format!("a {rows} × {cols} matrix is too large")))?;
+        Ok((row_bytes, len))
     }
 
-    /// The matrix stored at `start..start + len` of a memory-mapped file, read in place.
+    /// The `rows` × `cols` matrix of `format` stored from `start` in a memory-mapped file,
+    /// read in place.
     pub fn mapped(
         format: Format,
         rows: usize,
         cols: usize,
         map: Arc<Mmap>,
         start: usize,
-        len: usize,
     ) -> Result<QMat, EngineError> {
-        let row_bytes = Self::shape(format, rows, cols, len)?;
+        let (row_bytes, len) = Self::sizes(format, rows, cols)?;
         if start.checked_add(len).is_none_or(|end| end > map.len()) {
             return Err(EngineError::Model(format!(
                 "tensor data at {start}..+{len} lies beyond the end of the file ({} bytes): \
@@ -165,7 +163,14 @@ impl QMat {
         cols: usize,
         bytes: &[u8],
     ) -> Result<QMat, EngineError> {
-        let row_bytes = Self::shape(format, rows, cols, bytes.len())?;
+        let (row_bytes, len) = Self::sizes(format, rows, cols)?;
+        if len != bytes.len() {
+            return Err(EngineError::Model(format!(
+                "a {rows} × {cols} {} matrix takes {len} bytes, not {}",
+                format.name(),
+                bytes.len()
+            )));
+        }
         let mut words = vec![0u64; bytes.len().div_ceil(8)];
         bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
         Ok(QMat {
@@ -292,7 +297,9 @@ pub fn matmul_parts(
     let out_ptr = SyncPtr(out.as_mut_ptr());
     team.run(&|_| {
         let out_ptr = &out_ptr;
-        let mut scratch: Option<PanelScratch> = None;
+        // Sized by the first band that uses them; they allocate nothing before.
+        #[cfg(target_arch = "x86_64")]
+        let mut panels = PanelScratch::default();
         let mut band_scratch = BandScratch::default();
         loop {
             let Some(&(pi, r0, r1, col)) = work.get(next.fetch_add(1, Ordering::Relaxed)) else {
@@ -310,11 +317,9 @@ pub fn matmul_parts(
                 Rows::Prompt => {
                     #[cfg(target_arch = "x86_64")]
                     if x86::available() {
-                        let s = scratch.get_or_insert_with(|| PanelScratch::new(cols));
-                        m.gemm_band(r0, r1, x, n, band, s);
+                        m.gemm_band(r0, r1, x, n, band, &mut panels);
                         continue;
                     }
-                    let _ = &mut scratch; // only the x86-64 kernel has a panel
                     m.tile_band(r0, r1, x, n, band, &mut band_scratch.row_f32);
                 }
             }
@@ -327,11 +332,9 @@ pub fn matmul_parts(
 pub(super) struct BandScratch {
     /// A weight row as f32 (the portable path).
     row_f32: Vec<f32>,
-    /// The activation rows as bf16, and their sums of 32 values (the bf16 kernels), made
-    /// once per product by the first band that needs them.
-    xb: Vec<u16>,
-    xsum: Vec<f32>,
-    prepared: bool,
+    /// The activation rows for the bf16 kernels.
+    #[cfg(target_arch = "x86_64")]
+    bf16: x86::bf16::Activations,
 }
 
 /// Where a band of a product writes: cell (i, r) of a matrix's output is `out + i·ld + r`.

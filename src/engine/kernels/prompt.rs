@@ -10,7 +10,9 @@ pub(super) const PANEL: usize = 16;
 /// Activation rows per call of that kernel: 6 × 2 accumulators + 2 weights + 1 broadcast
 /// fill 15 of the 16 AVX registers.
 const MR: usize = 6;
-/// Per-thread buffers of the prompt kernel, made once per product and reused for each chunk.
+/// Per-thread buffers of the prompt kernels, sized by the first band of a product that uses
+/// them and reused for the others.
+#[derive(Default)]
 pub(super) struct PanelScratch {
     /// A panel of weight rows as f32, column-major (`cols` × [`PANEL`]).
     panel: Vec<f32>,
@@ -20,25 +22,9 @@ pub(super) struct PanelScratch {
     q: Vec<u16>,
     ds: Vec<f32>,
     ms: Vec<f32>,
-    /// The activation rows as bf16 and their 32-value sums, made once per product.
-    xb: Vec<u16>,
-    xsum: Vec<f32>,
-    prepared: bool,
-}
-
-impl PanelScratch {
-    pub(super) fn new(cols: usize) -> PanelScratch {
-        PanelScratch {
-            panel: vec![0f32; cols * PANEL],
-            rows_f32: vec![0f32; PANEL * cols],
-            q: Vec::new(),
-            ds: Vec::new(),
-            ms: Vec::new(),
-            xb: Vec::new(),
-            xsum: Vec::new(),
-            prepared: false,
-        }
-    }
+    /// The activation rows for the bf16 kernel.
+    #[cfg(target_arch = "x86_64")]
+    bf16: x86::bf16::Activations,
 }
 
 impl QMat {
@@ -64,7 +50,8 @@ impl QMat {
         let PanelScratch {
             panel, rows_f32, ..
         } = scratch;
-        debug_assert_eq!(panel.len(), cols * PANEL);
+        panel.resize(cols * PANEL, 0.0);
+        rows_f32.resize(PANEL * cols, 0.0);
         let mut spill = [0f32; MR * PANEL];
         let mut p0 = r0;
         while p0 < r1 {
@@ -130,11 +117,8 @@ impl QMat {
         use x86::bf16::{MR as BMR, PANEL as BPANEL};
         let cols = self.cols();
         let nb = cols / QK_K;
-        if !scratch.prepared {
-            // SAFETY: AVX512_BF16 checked by the caller; rows are whole super-blocks.
-            unsafe { x86::bf16::prepare(&x[..n * cols], &mut scratch.xb, &mut scratch.xsum) };
-            scratch.prepared = true;
-        }
+        // SAFETY: AVX512_BF16 checked by the caller; rows are whole super-blocks.
+        let xs = unsafe { scratch.bf16.prepare(&x[..n * cols]) };
         let mut spill = [0f32; BMR * BPANEL];
         let mut p0 = r0;
         while p0 < r1 {
@@ -159,8 +143,8 @@ impl QMat {
             let mut i = 0;
             while i < n {
                 let m = (n - i).min(BMR);
-                let xb = &scratch.xb[i * cols..(i + m) * cols];
-                let xsum = &scratch.xsum[i * cols / QK..(i + m) * cols / QK];
+                let xb = &xs.xb[i * cols..(i + m) * cols];
+                let xsum = &xs.xsum[i * cols / QK..(i + m) * cols / QK];
                 let (q, ds, ms) = (&scratch.q, &scratch.ds, &scratch.ms);
                 let kernel = |o: *mut f32, ld: usize| {
                     // SAFETY: as above; `o` has room for m rows of 16 at stride `ld`.

@@ -37,12 +37,37 @@ unsafe fn int_table(base: i32) -> __m512i {
     std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
 }
 
+/// A product's activation rows as the bf16 kernels read them, made once per product by the
+/// first band of a thread that needs them (decode and prompt bands alike).
+#[derive(Default)]
+pub struct Activations {
+    /// The rows as bf16.
+    pub xb: Vec<u16>,
+    /// Each row's sums of 32 rounded values.
+    pub xsum: Vec<f32>,
+    ready: bool,
+}
+
+impl Activations {
+    /// Makes them from `x` (rows of f32) unless done already for this product.
+    ///
+    /// # Safety
+    /// AVX512_BF16 must be present; the rows' width a multiple of 32.
+    pub unsafe fn prepare(&mut self, x: &[f32]) -> &Activations {
+        if !self.ready {
+            prepare(x, &mut self.xb, &mut self.xsum);
+            self.ready = true;
+        }
+        self
+    }
+}
+
 /// `x` (rows of `cols` f32) as bf16 into `xb`, and each row's sums of 32 values into `xsum`.
 ///
 /// # Safety
 /// AVX512_BF16 must be present; `cols` a multiple of 32.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
-pub unsafe fn prepare(x: &[f32], xb: &mut Vec<u16>, xsum: &mut Vec<f32>) {
+unsafe fn prepare(x: &[f32], xb: &mut Vec<u16>, xsum: &mut Vec<f32>) {
     xb.resize(x.len(), 0);
     xsum.resize(x.len() / QK, 0.0);
     for ((c, b), s) in x
@@ -80,7 +105,7 @@ unsafe fn load_bh(p: *const u16) -> __m512bh {
 }
 
 /// Q4_K weight rows × `t` (1..=[`ROWS`]) rows of activations, given as bf16 `xb` and
-/// 32-value sums `xsum` (see [`prepare`]): `out[k * ld + r]` = weight row r · x row k.
+/// 32-value sums `xsum` (see [`Activations`]): `out[k * ld + r]` = weight row r · x row k.
 ///
 /// # Safety
 /// AVX512_BF16 must be present; `xb` holds t rows of `nb · 256` values, `xsum` their sums;
@@ -146,7 +171,45 @@ unsafe fn q4k_rows_t<const T: usize>(
     }
 }
 
-/// Q6_K weight rows × `t` (1..=[`ROWS`]) rows of activations given as [`prepare`] makes them.
+/// The four 32-value groups of half `h` of a Q6_K block as unsigned bytes `q` (0..64):
+/// group k holds values h·128 + 32k + l, l in 0..32 (see `BlockQ6K::quad`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+unsafe fn q6k_groups(blk: &BlockQ6K, h: usize) -> [__m256i; 4] {
+    let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
+    let ql = blk.ql.as_ptr().add(h * 64);
+    let qla = _mm256_loadu_si256(ql as *const __m256i);
+    let qlb = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+    let qh = _mm256_loadu_si256(blk.qh.as_ptr().add(h * 32) as *const __m256i);
+    // Two high bits of group k: bits 2k..2k+2 of qh, moved to bits 4..6 (they stay inside
+    // their byte: the value is at most 3 << 4).
+    let high = |v: __m256i| _mm256_slli_epi16(_mm256_and_si256(v, m2), 4);
+    [
+        _mm256_or_si256(_mm256_and_si256(qla, m4), high(qh)),
+        _mm256_or_si256(_mm256_and_si256(qlb, m4), high(_mm256_srli_epi16(qh, 2))),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(qla, 4), m4),
+            high(_mm256_srli_epi16(qh, 4)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(qlb, 4), m4),
+            high(_mm256_srli_epi16(qh, 6)),
+        ),
+    ]
+}
+
+/// Puts super-block `b` of panel row `j` (256 bf16 values, row-major) into the panel, one
+/// column pair at a time: pair p of the row lands at `(b·128 + p)·16 + j` (as u32).
+#[inline]
+unsafe fn scatter_pairs(row_bf: &[u16; QK_K], q: &mut [u16], b: usize, j: usize) {
+    let pairs = row_bf.as_ptr() as *const u32;
+    let dst = q.as_mut_ptr() as *mut u32;
+    for p in 0..QK_K / 2 {
+        *dst.add((b * QK_K / 2 + p) * PANEL + j) = *pairs.add(p);
+    }
+}
+
+/// Q6_K weight rows × `t` (1..=[`ROWS`]) rows of activations given as [`Activations`] holds them.
 ///
 /// # Safety
 /// As [`q4k_rows`].
@@ -176,7 +239,6 @@ unsafe fn q6k_rows_t<const T: usize>(
     let xp = xb.as_ptr();
     // bf16 of q − 32 for q in 0..64.
     let (t_lo, t_hi) = (int_table(-32), int_table(0));
-    let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
     // Lanes 0..8 of a dot product hold values 0..16 of 32 (sub-block 2k), lanes 8..16 the
     // next 16 (sub-block 2k + 1): the scale vector repeats each of the two eight times.
     let pick = |k: usize| {
@@ -213,23 +275,7 @@ unsafe fn q6k_rows_t<const T: usize>(
             )));
             let scales = _mm512_mul_ps(d, sc16);
             for h in 0..2 {
-                let ql = blk.ql.as_ptr().add(h * 64);
-                let qla = _mm256_loadu_si256(ql as *const __m256i);
-                let qlb = _mm256_loadu_si256(ql.add(32) as *const __m256i);
-                let qh = _mm256_loadu_si256(blk.qh.as_ptr().add(h * 32) as *const __m256i);
-                let high = |v: __m256i| _mm256_slli_epi16(_mm256_and_si256(v, m2), 4);
-                let groups = [
-                    _mm256_or_si256(_mm256_and_si256(qla, m4), high(qh)),
-                    _mm256_or_si256(_mm256_and_si256(qlb, m4), high(_mm256_srli_epi16(qh, 2))),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(qla, 4), m4),
-                        high(_mm256_srli_epi16(qh, 4)),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(qlb, 4), m4),
-                        high(_mm256_srli_epi16(qh, 6)),
-                    ),
-                ];
+                let groups = q6k_groups(blk, h);
                 // The half's eight sub-block scales start at 8h.
                 let half_scales = if h == 0 {
                     scales
@@ -309,12 +355,7 @@ pub unsafe fn q4k_panel(
                 _mm512_storeu_si512(p as *mut __m512i, w0);
                 _mm512_storeu_si512(p.add(32) as *mut __m512i, w1);
             }
-            // Column pairs of this row into their places in the panel.
-            let pairs = row_bf.as_ptr() as *const u32;
-            let dst = q.as_mut_ptr() as *mut u32;
-            for p in 0..QK_K / 2 {
-                *dst.add((b * QK_K / 2 + p) * PANEL + j) = *pairs.add(p);
-            }
+            scatter_pairs(&row_bf, q, b, j);
         }
     }
 }
@@ -339,7 +380,6 @@ pub unsafe fn q6k_panel(
     ds.clear();
     ds.resize(cols / 16 * PANEL, 0.0);
     let (t_lo, t_hi) = (int_table(-32), int_table(0));
-    let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
     let mut row_bf = [0u16; QK_K];
     for j in 0..width {
         for b in 0..nb {
@@ -349,40 +389,20 @@ pub unsafe fn q6k_panel(
                 ds[(b * 16 + s) * PANEL + j] = d * sc as f32;
             }
             for h in 0..2 {
-                let ql = blk.ql.as_ptr().add(h * 64);
-                let qla = _mm256_loadu_si256(ql as *const __m256i);
-                let qlb = _mm256_loadu_si256(ql.add(32) as *const __m256i);
-                let qh = _mm256_loadu_si256(blk.qh.as_ptr().add(h * 32) as *const __m256i);
-                let high = |v: __m256i| _mm256_slli_epi16(_mm256_and_si256(v, m2), 4);
-                let groups = [
-                    _mm256_or_si256(_mm256_and_si256(qla, m4), high(qh)),
-                    _mm256_or_si256(_mm256_and_si256(qlb, m4), high(_mm256_srli_epi16(qh, 2))),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(qla, 4), m4),
-                        high(_mm256_srli_epi16(qh, 4)),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(qlb, 4), m4),
-                        high(_mm256_srli_epi16(qh, 6)),
-                    ),
-                ];
+                let groups = q6k_groups(blk, h);
                 for (k, &g) in groups.iter().enumerate() {
                     let w = _mm512_permutex2var_epi16(t_lo, _mm512_cvtepu8_epi16(g), t_hi);
                     let p = row_bf.as_mut_ptr().add(h * 128 + 32 * k);
                     _mm512_storeu_si512(p as *mut __m512i, w);
                 }
             }
-            let pairs = row_bf.as_ptr() as *const u32;
-            let dst = q.as_mut_ptr() as *mut u32;
-            for p in 0..QK_K / 2 {
-                *dst.add((b * QK_K / 2 + p) * PANEL + j) = *pairs.add(p);
-            }
+            scatter_pairs(&row_bf, q, b, j);
         }
     }
 }
 
 /// `out[k][j] = Σ_c x[k][c] · w[j][c]` for `m` (1..=[`MR`]) activation rows (bf16 `xb`, with
-/// their 32-value sums `xsum`, as [`prepare`] makes them) and the 16 rows of a
+/// their 32-value sums `xsum`, as [`Activations`] holds them) and the 16 rows of a
 /// [`q4k_panel`]; row k of the result goes to `out + k · ld` (16 values).
 ///
 /// # Safety

@@ -27,6 +27,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Key(cmd) => key(&open(&cli.db).await?, cmd).await,
         Command::Bench(args) => bench(args).await,
         Command::Tokenize(args) => tokenize(args),
+        Command::Run(args) => run(args).await,
     }
 }
 
@@ -50,6 +51,114 @@ fn tokenize(args: crate::config::TokenizeArgs) -> anyhow::Result<()> {
         serde_json::json!(ids)
     };
     println!("{out}");
+    Ok(())
+}
+
+/// `confab run`: a terminal chat through the engine (the same path as the server's
+/// replies), or with `--raw` a plain completion.
+async fn run(args: crate::config::RunArgs) -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+
+    use crate::engine::{ChatMessage, GenerateRequest, GenerationEvent, SamplingParams};
+    let path = ModelSource::parse(&args.model.model)?.resolve()?;
+    let opts = args.model.engine_options();
+    let sampling = if args.greedy {
+        SamplingParams::greedy()
+    } else {
+        SamplingParams {
+            temperature: args.temperature.max(0.0),
+            seed: args.seed,
+            ..SamplingParams::default()
+        }
+    };
+    if args.raw {
+        let prompt = args.prompt.unwrap_or_default();
+        let max_tokens = args.max_tokens;
+        return tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let engine = crate::engine::LoadedEngine::open(&path, &opts)?;
+            let mut out = std::io::stdout().lock();
+            crate::engine::complete::complete(&engine, &prompt, sampling, max_tokens, |piece| {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            })?;
+            let _ = writeln!(out);
+            Ok(())
+        })
+        .await?;
+    }
+    let engine = tokio::task::spawn_blocking(move || crate::engine::load(path, opts)).await??;
+    let interactive = args.prompt.is_none() && std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!(
+            "{} ({}, {}) — one message per line; end with Ctrl-D.",
+            engine.info.name, engine.info.architecture, engine.info.quantization
+        );
+    }
+    let mut messages = Vec::new();
+    if let Some(system) = args.system {
+        messages.push(ChatMessage {
+            role: crate::domain::Role::System,
+            content: system,
+        });
+    }
+    let chat = uuid::Uuid::new_v4();
+    let mut lines = std::io::stdin().lock().lines();
+    // `--prompt`: that one turn; else one turn per line of stdin.
+    let single = args.prompt.is_some();
+    let mut once = args.prompt;
+    loop {
+        let text = match once.take() {
+            Some(t) => t,
+            None if single => break,
+            None => {
+                if interactive {
+                    eprint!("> ");
+                }
+                match lines.next() {
+                    Some(line) => line.context("cannot read stdin")?,
+                    None => break,
+                }
+            }
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        messages.push(ChatMessage {
+            role: crate::domain::Role::User,
+            content: text,
+        });
+        let mut generation = engine
+            .generate(GenerateRequest {
+                messages: messages.clone(),
+                sampling: sampling.clone(),
+                max_tokens: args.max_tokens,
+                stop: Vec::new(),
+                cache_key: Some(chat),
+            })
+            .await?;
+        let mut stdout = std::io::stdout();
+        let mut reply = String::new();
+        while let Some(event) = generation.events.recv().await {
+            match event {
+                GenerationEvent::Delta { text, .. } => {
+                    stdout.write_all(text.as_bytes())?;
+                    stdout.flush()?;
+                    reply.push_str(&text);
+                }
+                GenerationEvent::Finished(summary) => {
+                    if let Some(e) = summary.error {
+                        anyhow::bail!("the reply failed: {e}");
+                    }
+                }
+                GenerationEvent::Started { .. } => {}
+            }
+        }
+        writeln!(stdout)?;
+        messages.push(ChatMessage {
+            role: crate::domain::Role::Assistant,
+            content: reply,
+        });
+    }
     Ok(())
 }
 

@@ -77,6 +77,38 @@ pub enum Command {
     /// Tokenize stdin with a model's vocabulary and print the token ids as a JSON array (works
     /// on vocab-only GGUF files such as llama.cpp's `ggml-vocab-*.gguf`).
     Tokenize(TokenizeArgs),
+    /// Chat with a model in the terminal (through its chat template, streaming), or with
+    /// `--raw` continue a text as is.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text to send: one turn (or with `--raw`, the text to continue), then exit.
+    /// Without it, turns are read from stdin, one per line.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// No chat template: the prompt is run as is (BOS as the vocabulary says) and only the
+    /// generated text is printed.
+    #[arg(long, requires = "prompt")]
+    pub raw: bool,
+    /// A system message for the conversation (chat mode).
+    #[arg(long, conflicts_with = "raw")]
+    pub system: Option<String>,
+    /// Always the most likely token (deterministic); otherwise sampled.
+    #[arg(long)]
+    pub greedy: bool,
+    /// Sampling temperature (ignored with `--greedy`).
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Most tokens per reply.
+    #[arg(long, default_value_t = 1024)]
+    pub max_tokens: usize,
 }
 
 #[derive(Debug, Clone, Args)]

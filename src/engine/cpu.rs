@@ -1,11 +1,12 @@
-//! The llama forward pass on the CPU in plain Rust, around the kernels of [`super::kernels`].
+//! The decoder forward pass on the CPU in plain Rust, around the kernels of [`super::kernels`]:
+//! one pass for every architecture of [`super::arch`], which says what each one changes.
 //!
-//! Same model as [`super::llama`] (the candle version, used on GPUs), but with f32
-//! activations throughout (see `kernels` for why), 4-bit weights kept as stored, the token
-//! embedding looked up row by row instead of held as a 113 MB f32 copy, and no per-op tensor
+//! f32 activations throughout (see `kernels` for why), weights used in place in their
+//! stored format, the token embedding looked up row by row, and no per-op tensor
 //! allocation. Layout of the KV cache: `[layer][kv_head][position][head_dim]`, allocated
 //! once per sequence.
 
+use super::arch::{Activation, RopeStyle};
 use super::gguf::{GgufFile, ModelSpec};
 use super::kernels::formats::{quantize_q8_0, QK};
 use super::kernels::{attend, matmul_parts, Format, QMat, Rows, SyncPtr};
@@ -26,14 +27,89 @@ fn product(parts: &[&QMat], x: &[f32], n: usize, generated: usize, out: &mut [f3
 }
 
 struct Layer {
-    /// Query, key and value projections (one product of the three).
-    wqkv: [QMat; 3],
+    /// Query, key and value projections: one fused matrix (Phi-3) or three, run as one
+    /// product; output rows are `[q | k | v]` either way.
+    qkv: Vec<QMat>,
+    /// Their biases, `[q | k | v]` (Qwen 2).
+    qkv_bias: Option<Vec<f32>>,
+    /// Per-head RMS norms of queries and keys (Qwen 3, Gemma 3).
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     wo: QMat,
-    /// Gate and up projections (one product of the two).
-    w_gate_up: [QMat; 2],
+    /// Gate and up projections: one fused matrix (Phi-3) or two; output rows are
+    /// `[gate | up]` either way.
+    gate_up: Vec<QMat>,
     w_down: QMat,
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
+    /// Norms of the attention and FFN outputs (Gemma).
+    post_norms: Option<(Vec<f32>, Vec<f32>)>,
+    /// Attends within the sliding window, with the local rope (Gemma).
+    sliding: bool,
+}
+
+/// The rotary embedding of one kind of layer: the angle of pair i at position p is
+/// p · `inv_freq[i]`.
+struct Rope {
+    style: RopeStyle,
+    /// Dimensions that turn (a prefix of each head; Phi-4-style partial rotary).
+    dims: usize,
+    inv_freq: Vec<f64>,
+    /// cos and sin are multiplied by this (LongRoPE's attention factor; usually 1).
+    mscale: f32,
+}
+
+impl Rope {
+    /// llama.cpp's `ggml_rope_ext` without YaRN: base^(-2i/dims) · freq_scale / factor_i.
+    fn new(
+        style: RopeStyle,
+        dims: usize,
+        base: f32,
+        scale: f32,
+        factors: &[f32],
+        mscale: f32,
+    ) -> Rope {
+        let inv_freq = (0..dims / 2)
+            .map(|i| {
+                let theta = (base as f64).powf(-2.0 * i as f64 / dims as f64);
+                theta * scale as f64 / factors.get(i).copied().unwrap_or(1.0) as f64
+            })
+            .collect();
+        Rope {
+            style,
+            dims,
+            inv_freq,
+            mscale,
+        }
+    }
+
+    /// cos and sin of each pair's angle at `pos`, into `cs` (dims/2 of each, cos first).
+    /// Computed per step instead of held as a table: a 131 072-position table of a
+    /// Llama 3 model is 33 MB, its step's rows a few hundred bytes each.
+    fn angles(&self, pos: usize, cs: &mut [f32]) {
+        let (cos, sin) = cs.split_at_mut(self.inv_freq.len());
+        for ((c, s), f) in cos.iter_mut().zip(sin).zip(&self.inv_freq) {
+            let a = pos as f64 * f;
+            *c = a.cos() as f32 * self.mscale;
+            *s = a.sin() as f32 * self.mscale;
+        }
+    }
+
+    /// Rotates each `head_dim`-wide head of `v` by the angles of [`Rope::angles`].
+    fn apply(&self, v: &mut [f32], head_dim: usize, cs: &[f32]) {
+        let half = self.dims / 2;
+        let (cos, sin) = cs.split_at(half);
+        for head in v.chunks_exact_mut(head_dim) {
+            for i in 0..half {
+                let (a, b) = match self.style {
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    RopeStyle::Halves => (i, i + half),
+                };
+                let (x, y) = (head[a], head[b]);
+                head[a] = x * cos[i] - y * sin[i];
+                head[b] = x * sin[i] + y * cos[i];
+            }
+        }
+    }
 }
 
 /// Model weights for the CPU path.
@@ -42,11 +118,12 @@ pub struct CpuLlama {
     embed: QMat,
     /// None: tied to the embedding.
     output: Option<QMat>,
+    output_bias: Option<Vec<f32>>,
     norm: Vec<f32>,
     layers: Vec<Layer>,
-    /// cos/sin of position × frequency, `context_length × head_dim/2` each.
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// The rope of global layers, and of sliding-window ones.
+    rope: Rope,
+    local_rope: Rope,
     /// The threads the matrix products run on.
     team: Team,
 }
@@ -136,6 +213,20 @@ fn vector(file: &GgufFile, name: &str) -> Result<Vec<f32>, EngineError> {
     Ok(v)
 }
 
+/// GELU, tanh approximation (what Gemma was trained with, and llama.cpp's `ggml_gelu`).
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+}
+
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let s = 1.0 / (ms + eps).sqrt();
+    for (v, &g) in x.iter_mut().zip(w) {
+        *v *= s * g;
+    }
+}
+
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     let s = 1.0 / (ms + eps).sqrt();
@@ -144,66 +235,193 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-impl CpuLlama {
-    pub fn load(file: &GgufFile, threads: usize) -> Result<CpuLlama, EngineError> {
-        let spec = file.spec.clone();
-        let embed = matrix(file, "token_embd.weight")?;
-        let output = if file.content.tensor_infos.contains_key("output.weight") {
-            Some(matrix(file, "output.weight")?)
+fn has(file: &GgufFile, name: &str) -> bool {
+    file.content.tensor_infos.contains_key(name)
+}
+
+/// A vector of `len` values, checked.
+fn vector_of(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, EngineError> {
+    let v = vector(file, name)?;
+    if v.len() != len {
+        return Err(EngineError::Model(format!(
+            "tensor {name}: {} values, the model needs {len}",
+            v.len()
+        )));
+    }
+    Ok(v)
+}
+
+/// A matrix of `rows` × `cols`, checked: a file whose shapes disagree with its metadata is
+/// refused at load with the tensor's name, not read out of bounds later.
+fn matrix_of(file: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<QMat, EngineError> {
+    let m = matrix(file, name)?;
+    if (m.rows(), m.cols()) != (rows, cols) {
+        return Err(EngineError::Model(format!(
+            "tensor {name}: {} × {}, the model's metadata needs {rows} × {cols}",
+            m.rows(),
+            m.cols()
+        )));
+    }
+    Ok(m)
+}
+
+impl Layer {
+    fn load(file: &GgufFile, spec: &ModelSpec, i: usize) -> Result<Layer, EngineError> {
+        let p = |n: &str| format!("blk.{i}.{n}");
+        let (d, q, kv, ff) = (spec.n_embd, spec.q_dim(), spec.kv_dim(), spec.n_ff);
+        let fam = spec.family;
+        let qkv = if has(file, &p("attn_qkv.weight")) {
+            vec![matrix_of(file, &p("attn_qkv.weight"), q + 2 * kv, d)?]
+        } else {
+            vec![
+                matrix_of(file, &p("attn_q.weight"), q, d)?,
+                matrix_of(file, &p("attn_k.weight"), kv, d)?,
+                matrix_of(file, &p("attn_v.weight"), kv, d)?,
+            ]
+        };
+        // Biases: fused, or per projection (any of them; a missing one is zero).
+        let qkv_bias = if has(file, &p("attn_qkv.bias")) {
+            Some(vector_of(file, &p("attn_qkv.bias"), q + 2 * kv)?)
+        } else if ["attn_q.bias", "attn_k.bias", "attn_v.bias"]
+            .iter()
+            .any(|n| has(file, &p(n)))
+        {
+            let mut b = Vec::with_capacity(q + 2 * kv);
+            for (n, len) in [("attn_q.bias", q), ("attn_k.bias", kv), ("attn_v.bias", kv)] {
+                if has(file, &p(n)) {
+                    b.extend(vector_of(file, &p(n), len)?);
+                } else {
+                    b.extend(std::iter::repeat_n(0.0, len));
+                }
+            }
+            Some(b)
         } else {
             None
         };
-        let norm = vector(file, "output_norm.weight")?;
-        let mut layers = Vec::with_capacity(spec.n_layer);
-        for i in 0..spec.n_layer {
-            let p = |n: &str| format!("blk.{i}.{n}.weight");
-            layers.push(Layer {
-                wqkv: [
-                    matrix(file, &p("attn_q"))?,
-                    matrix(file, &p("attn_k"))?,
-                    matrix(file, &p("attn_v"))?,
-                ],
-                wo: matrix(file, &p("attn_output"))?,
-                w_gate_up: [matrix(file, &p("ffn_gate"))?, matrix(file, &p("ffn_up"))?],
-                w_down: matrix(file, &p("ffn_down"))?,
-                attn_norm: vector(file, &p("attn_norm"))?,
-                ffn_norm: vector(file, &p("ffn_norm"))?,
-            });
-        }
-        let half = spec.head_dim / 2;
-        // Llama 3.1+ rope scaling: `rope_freqs` divides each frequency (llama.cpp's
-        // `freq_factors`); long-wavelength pairs turn slower, so the long context works.
-        let factors = if file.content.tensor_infos.contains_key("rope_freqs.weight") {
-            let f = vector(file, "rope_freqs.weight")?;
-            if f.len() != half {
-                return Err(EngineError::Model(format!(
-                    "rope_freqs.weight has {} values, the heads need {half}",
-                    f.len()
-                )));
-            }
-            f
+        let qk_norm = if fam.qk_norm {
+            let hd = spec.head_dim;
+            Some((
+                vector_of(file, &p("attn_q_norm.weight"), hd)?,
+                vector_of(file, &p("attn_k_norm.weight"), hd)?,
+            ))
         } else {
-            vec![1.0; half]
+            None
         };
-        let mut cos = Vec::with_capacity(spec.context_length * half);
-        let mut sin = Vec::with_capacity(spec.context_length * half);
-        for pos in 0..spec.context_length {
-            for (i, &factor) in factors.iter().enumerate() {
-                let theta =
-                    1.0 / (spec.rope_freq_base as f64).powf(2.0 * i as f64 / spec.head_dim as f64);
-                let a = pos as f64 * theta / factor as f64;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
+        let gate_up = if has(file, &p("ffn_gate.weight")) {
+            vec![
+                matrix_of(file, &p("ffn_gate.weight"), ff, d)?,
+                matrix_of(file, &p("ffn_up.weight"), ff, d)?,
+            ]
+        } else {
+            // Phi-3: gate and up in one matrix, gate first.
+            vec![matrix_of(file, &p("ffn_up.weight"), 2 * ff, d)?]
+        };
+        let post_norms = if fam.post_norms {
+            Some((
+                vector_of(file, &p("post_attention_norm.weight"), d)?,
+                vector_of(file, &p("post_ffw_norm.weight"), d)?,
+            ))
+        } else {
+            None
+        };
+        Ok(Layer {
+            qkv,
+            qkv_bias,
+            qk_norm,
+            wo: matrix_of(file, &p("attn_output.weight"), d, q)?,
+            gate_up,
+            w_down: matrix_of(file, &p("ffn_down.weight"), d, ff)?,
+            attn_norm: vector_of(file, &p("attn_norm.weight"), d)?,
+            ffn_norm: vector_of(file, &p("ffn_norm.weight"), d)?,
+            post_norms,
+            sliding: spec.sliding_layers[i],
+        })
+    }
+}
+
+impl CpuLlama {
+    pub fn load(file: &GgufFile, threads: usize) -> Result<CpuLlama, EngineError> {
+        let mut spec = file.spec.clone();
+        let d = spec.n_embd;
+        let embed = matrix(file, "token_embd.weight")?;
+        if embed.cols() != d || embed.rows() < spec.vocab_size {
+            return Err(EngineError::Model(format!(
+                "token_embd.weight is {} × {}, the model needs {} × {d}",
+                embed.rows(),
+                embed.cols(),
+                spec.vocab_size
+            )));
         }
+        let output = if has(file, "output.weight") {
+            Some(matrix_of(file, "output.weight", embed.rows(), d)?)
+        } else {
+            None
+        };
+        let output_bias = if has(file, "output.bias") {
+            Some(vector_of(file, "output.bias", embed.rows())?)
+        } else {
+            None
+        };
+        let norm = vector_of(file, "output_norm.weight", d)?;
+        let layers = (0..spec.n_layer)
+            .map(|i| Layer::load(file, &spec, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let r = spec.rope.clone();
+        let half = r.dims / 2;
+        // Frequency factors divide each pair's frequency (llama.cpp's `freq_factors`):
+        // Llama 3.1+'s `rope_freqs` (long wavelengths turn slower, so the long context
+        // works) and Phi-3's LongRoPE factors. Of the latter, the short ones are exact up to
+        // the original context; the long ones would change every position's angles, so the
+        // context is limited to the original length instead.
+        let factors = if has(file, "rope_freqs.weight") {
+            vector_of(file, "rope_freqs.weight", half)?
+        } else if has(file, "rope_factors_short.weight") {
+            let original = file
+                .content
+                .metadata
+                .get(&format!(
+                    "{}.rope.scaling.original_context_length",
+                    spec.architecture
+                ))
+                .and_then(|v| v.to_u32().ok())
+                .map_or(spec.context_length, |n| n as usize);
+            if original < spec.context_length {
+                tracing::warn!(
+                    trained = spec.context_length,
+                    original,
+                    "LongRoPE long factors are not implemented: context limited to the original length"
+                );
+                spec.context_length = original;
+            }
+            vector_of(file, "rope_factors_short.weight", half)?
+        } else {
+            Vec::new()
+        };
+        let rope = Rope::new(
+            r.style,
+            r.dims,
+            r.freq_base,
+            r.freq_scale,
+            &factors,
+            r.attn_factor,
+        );
+        let local_rope = Rope::new(
+            r.style,
+            r.dims,
+            r.local_freq_base,
+            r.local_freq_scale,
+            &factors,
+            r.attn_factor,
+        );
         Ok(CpuLlama {
             spec,
             embed,
             output,
+            output_bias,
             norm,
             layers,
-            cos,
-            sin,
+            rope,
+            local_rope,
             team: Team::new(threads),
         })
     }
@@ -270,9 +488,9 @@ impl CpuLlama {
                 "token id {bad} is outside the vocabulary ({vocab})"
             )));
         }
-        let (d, hd) = (s.n_embd, s.head_dim);
-        let kv_dim = s.n_kv_head * hd;
+        let (d, hd, qd, kvd, ff) = (s.n_embd, s.head_dim, s.q_dim(), s.kv_dim(), s.n_ff);
         let eps = s.rms_norm_eps as f32;
+        let fam = s.family;
         // One-token segments (generated tokens) first, then prompt chunks: see `product`.
         // A prompt's last token alone is a one-token segment too, alone or batched alike.
         let (singles, chunks): (Vec<usize>, Vec<usize>) =
@@ -292,27 +510,63 @@ impl CpuLlama {
             let g = &segs[si];
             self.embed.row(g.tokens[pos - g.cache.len] as usize, row);
         }
+        if fam.embed_scale {
+            let scale = (d as f32).sqrt();
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
+        // Each row's rope angles, per kind of layer, computed once for all layers.
+        let half = self.rope.dims / 2;
+        let angles = |rope: &Rope| {
+            let mut cs = vec![0f32; n * 2 * half];
+            for (&(_, pos), c) in rows.iter().zip(cs.chunks_exact_mut(2 * half)) {
+                rope.angles(pos, c);
+            }
+            cs
+        };
+        let global_cs = angles(&self.rope);
+        let local_cs = if s.sliding_window.is_some() {
+            angles(&self.local_rope)
+        } else {
+            Vec::new()
+        };
         let mut h = vec![0f32; n * d];
-        let qkv_w = d + 2 * kv_dim;
+        let qkv_w = qd + 2 * kvd;
         let mut qkv = vec![0f32; n * qkv_w];
-        let mut q = vec![0f32; n * d];
-        let mut att = vec![0f32; n * d];
+        let mut q = vec![0f32; n * qd];
+        let mut att = vec![0f32; n * qd];
         let mut tmp = vec![0f32; n * d];
-        let mut gate_up = vec![0f32; n * 2 * s.n_ff];
-        let mut act = vec![0f32; n * s.n_ff];
+        let mut gate_up = vec![0f32; n * 2 * ff];
+        let mut act = vec![0f32; n * ff];
         for (l, layer) in self.layers.iter().enumerate() {
             for (xi, hi) in x.chunks_exact(d).zip(h.chunks_exact_mut(d)) {
                 rms_norm(xi, &layer.attn_norm, eps, hi);
             }
-            let [wq, wk, wv] = &layer.wqkv;
-            product(&[wq, wk, wv], &h, n, generated, &mut qkv, &self.team);
+            let parts: Vec<&QMat> = layer.qkv.iter().collect();
+            product(&parts, &h, n, generated, &mut qkv, &self.team);
+            let (rope, cs, window) = if layer.sliding {
+                (&self.local_rope, &local_cs, s.sliding_window)
+            } else {
+                (&self.rope, &global_cs, None)
+            };
             for (i, &(si, pos)) in rows.iter().enumerate() {
                 let row = &mut qkv[i * qkv_w..(i + 1) * qkv_w];
-                let (qr, kv) = row.split_at_mut(d);
-                let (kr, vr) = kv.split_at_mut(kv_dim);
-                self.rope(qr, pos);
-                self.rope(kr, pos);
-                q[i * d..(i + 1) * d].copy_from_slice(qr);
+                if let Some(b) = &layer.qkv_bias {
+                    row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                }
+                let (qr, kv) = row.split_at_mut(qd);
+                let (kr, vr) = kv.split_at_mut(kvd);
+                if let Some((qn, kn)) = &layer.qk_norm {
+                    for head in qr.chunks_exact_mut(hd) {
+                        rms_norm_in_place(head, qn, eps);
+                    }
+                    for head in kr.chunks_exact_mut(hd) {
+                        rms_norm_in_place(head, kn, eps);
+                    }
+                }
+                let c = &cs[i * 2 * half..(i + 1) * 2 * half];
+                rope.apply(qr, hd, c);
+                rope.apply(kr, hd, c);
+                q[i * qd..(i + 1) * qd].copy_from_slice(qr);
                 let cache = &mut *segs[si].cache;
                 let layer_stride = s.n_kv_head * cache.capacity * hd;
                 for kvh in 0..s.n_kv_head {
@@ -322,24 +576,38 @@ impl CpuLlama {
                 }
             }
             let caches: Vec<&CpuCache> = segs.iter().map(|g| &*g.cache).collect();
-            self.attention(l, &caches, &rows, &q, &mut att);
+            self.attention(l, &caches, &rows, &q, window, &mut att);
             product(&[&layer.wo], &att, n, generated, &mut tmp, &self.team);
+            if let Some((post, _)) = &layer.post_norms {
+                tmp.chunks_exact_mut(d)
+                    .for_each(|t| rms_norm_in_place(t, post, eps));
+            }
             x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
             for (xi, hi) in x.chunks_exact(d).zip(h.chunks_exact_mut(d)) {
                 rms_norm(xi, &layer.ffn_norm, eps, hi);
             }
-            let [wg, wu] = &layer.w_gate_up;
-            product(&[wg, wu], &h, n, generated, &mut gate_up, &self.team);
-            for (a, gu) in act
-                .chunks_exact_mut(s.n_ff)
-                .zip(gate_up.chunks_exact(2 * s.n_ff))
-            {
-                let (g, u) = gu.split_at(s.n_ff);
-                for ((o, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                    *o = g / (1.0 + (-g).exp()) * u;
+            let parts: Vec<&QMat> = layer.gate_up.iter().collect();
+            product(&parts, &h, n, generated, &mut gate_up, &self.team);
+            for (a, gu) in act.chunks_exact_mut(ff).zip(gate_up.chunks_exact(2 * ff)) {
+                let (g, u) = gu.split_at(ff);
+                match fam.activation {
+                    Activation::Silu => {
+                        for ((o, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                            *o = g / (1.0 + (-g).exp()) * u;
+                        }
+                    }
+                    Activation::GeluTanh => {
+                        for ((o, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                            *o = gelu_tanh(g) * u;
+                        }
+                    }
                 }
             }
             product(&[&layer.w_down], &act, n, generated, &mut tmp, &self.team);
+            if let Some((_, post)) = &layer.post_norms {
+                tmp.chunks_exact_mut(d)
+                    .for_each(|t| rms_norm_in_place(t, post, eps));
+            }
             x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
         }
         // Each segment's last row, normalised, then one product with the output layer
@@ -352,26 +620,18 @@ impl CpuLlama {
         let out = self.output.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; segs.len() * out.rows()];
         out.matmul(&last, segs.len(), &mut logits, &self.team, Rows::Generated);
+        for row in logits.chunks_exact_mut(out.rows()) {
+            if let Some(b) = &self.output_bias {
+                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            }
+            if let Some(cap) = s.final_softcap {
+                row.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+            }
+        }
         Ok(logits
             .chunks_exact(out.rows())
             .map(<[f32]>::to_vec)
             .collect())
-    }
-
-    /// Rotates each head's consecutive pairs (GGUF llama layout) by the position's angles.
-    fn rope(&self, v: &mut [f32], pos: usize) {
-        let half = self.spec.head_dim / 2;
-        let (cos, sin) = (
-            &self.cos[pos * half..(pos + 1) * half],
-            &self.sin[pos * half..(pos + 1) * half],
-        );
-        for head in v.chunks_exact_mut(self.spec.head_dim) {
-            for i in 0..half {
-                let (a, b) = (head[2 * i], head[2 * i + 1]);
-                head[2 * i] = a * cos[i] - b * sin[i];
-                head[2 * i + 1] = a * sin[i] + b * cos[i];
-            }
-        }
     }
 
     /// Causal attention of each row's query (row r: sequence `rows[r].0` at position
@@ -382,12 +642,13 @@ impl CpuLlama {
         caches: &[&CpuCache],
         rows: &[(usize, usize)],
         q: &[f32],
+        window: Option<usize>,
         out: &mut [f32],
     ) {
         let s = &self.spec;
-        let (d, hd) = (s.n_embd, s.head_dim);
+        let (qd, hd) = (s.q_dim(), s.head_dim);
         let group = s.n_head / s.n_kv_head;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = s.query_scale;
         let items = rows.len() * s.n_kv_head;
         debug_assert_eq!(out.len(), rows.len() * s.n_head * hd);
         let out_ptr = SyncPtr(out.as_mut_ptr());
@@ -405,9 +666,12 @@ impl CpuLlama {
                 let (si, pos) = rows[i];
                 let cache = caches[si];
                 let base = l * s.n_kv_head * cache.capacity * hd + kvh * cache.capacity * hd;
-                let len = pos + 1;
+                // A sliding-window layer sees the last `window` positions (llama.cpp
+                // masks p0 when p1 - p0 >= window).
+                let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let len = pos + 1 - start;
                 let first = kvh * group;
-                let qs = &q[i * d + first * hd..i * d + (first + group) * hd];
+                let qs = &q[i * qd + first * hd..i * qd + (first + group) * hd];
                 // SAFETY: item `idx` owns the `group` heads of row i that read KV head
                 // `kvh`: cells (i·n_head + first)·hd .. +group·hd of `out`, which outlives
                 // `team.run`; no other item writes them.
@@ -417,9 +681,20 @@ impl CpuLlama {
                         group * hd,
                     )
                 };
-                let keys = &cache.k[base..base + len * hd];
-                let values = &cache.v[base..base + len * hd];
-                attend(qs, group, hd, keys, values, len, scale, &mut scores, o);
+                let span = base + start * hd..base + (start + len) * hd;
+                let (keys, values) = (&cache.k[span.clone()], &cache.v[span]);
+                attend(
+                    qs,
+                    group,
+                    hd,
+                    keys,
+                    values,
+                    len,
+                    scale,
+                    s.attn_softcap,
+                    &mut scores,
+                    o,
+                );
             }
         });
     }

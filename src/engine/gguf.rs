@@ -11,31 +11,74 @@ use memmap2::Mmap;
 
 use super::EngineError;
 
-/// Architectures whose tensors and hyper-parameters the engine's llama code understands.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+use super::arch::{self, Family};
 
-/// The hyper-parameters of a llama-family model, from `llama.*` metadata keys.
+/// The hyper-parameters of a model, from its `{architecture}.*` metadata keys, read as
+/// llama.cpp reads them (`llama_model::load_hparams`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
     pub architecture: String,
+    /// What the architecture changes in the forward pass.
+    pub family: &'static Family,
     /// A human name from `general.name`, when present.
     pub name: Option<String>,
     pub n_layer: usize,
     pub n_embd: usize,
     pub n_head: usize,
     pub n_kv_head: usize,
+    /// Width of one head (`attention.key_length`; n_embd / n_head unless the file says):
+    /// Gemma and Qwen 3 heads are wider than n_embd / n_head.
     pub head_dim: usize,
     pub n_ff: usize,
     /// Longest sequence the model was trained for.
     pub context_length: usize,
-    pub rope_freq_base: f32,
+    pub rope: RopeSpec,
     pub rms_norm_eps: f64,
+    /// The window of the sliding-window layers (those marked in `sliding_layers`).
+    pub sliding_window: Option<usize>,
+    /// Per layer: whether it attends within `sliding_window` only.
+    pub sliding_layers: Vec<bool>,
+    /// Attention scores are multiplied by this (1/√head_dim, or Gemma's rule).
+    pub query_scale: f32,
+    /// `cap·tanh(s/cap)` on attention scores (Gemma 2).
+    pub attn_softcap: Option<f32>,
+    /// `cap·tanh(l/cap)` on the final logits (Gemma 2, some Gemma 3).
+    pub final_softcap: Option<f32>,
     pub vocab_size: usize,
     /// Values in all the file's tensors.
     pub parameters: u64,
     /// The file's quantization as llama.cpp names it (`Q4_K_M`, `Q8_0`, …): from
     /// `general.file_type`, else the format most of the weight bytes are in.
     pub quantization: String,
+}
+
+/// The rotary embedding: which dimensions turn, how fast.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeSpec {
+    pub style: arch::RopeStyle,
+    /// Dimensions of each head that turn (`rope.dimension_count`); the rest pass through.
+    pub dims: usize,
+    pub freq_base: f32,
+    /// Positions are multiplied by this: 1 / the linear scaling factor.
+    pub freq_scale: f32,
+    /// cos and sin are multiplied by this (`rope.scaling.attn_factor`, LongRoPE files).
+    pub attn_factor: f32,
+    /// Base and scale of the sliding-window layers (Gemma 3 turns them at 10 000 with no
+    /// scaling while its global layers use 1 000 000 and a linear factor).
+    pub local_freq_base: f32,
+    pub local_freq_scale: f32,
+}
+
+impl ModelSpec {
+    /// Width of all query heads together (n_head × head_dim; not always n_embd).
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+
+    /// Width of all key (or value) heads together.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_head * self.head_dim
+    }
 }
 
 /// The parsed header of a GGUF file, and the whole file mapped into memory.
@@ -53,11 +96,23 @@ fn get<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value, Engin
 }
 
 fn get_usize(md: &HashMap<String, Value>, key: &str) -> Result<usize, EngineError> {
-    let v = get(md, key)?;
-    v.to_u32()
-        .map(|n| n as usize)
-        .or_else(|_| v.to_u64().map(|n| n as usize))
-        .map_err(|e| EngineError::Model(format!("GGUF `{key}`: {e}")))
+    value_usize(get(md, key)?)
+        .ok_or_else(|| EngineError::Model(format!("GGUF `{key}`: not a non-negative integer")))
+}
+
+/// An integer metadata value of any width (converters differ: u32, i32, u64).
+fn value_usize(v: &Value) -> Option<usize> {
+    match *v {
+        Value::U8(n) => Some(n as usize),
+        Value::U16(n) => Some(n as usize),
+        Value::U32(n) => Some(n as usize),
+        Value::U64(n) => usize::try_from(n).ok(),
+        Value::I8(n) => usize::try_from(n).ok(),
+        Value::I16(n) => usize::try_from(n).ok(),
+        Value::I32(n) => usize::try_from(n).ok(),
+        Value::I64(n) => usize::try_from(n).ok(),
+        _ => None,
+    }
 }
 
 /// A metadata string, if present and a string.
@@ -152,6 +207,14 @@ fn quantization(content: &Content) -> String {
         .map_or_else(|| "unknown".into(), |(name, _)| name)
 }
 
+fn get_f32(md: &HashMap<String, Value>, key: &str) -> Option<f32> {
+    md.get(key).and_then(|v| {
+        v.to_f32()
+            .ok()
+            .or_else(|| v.to_f64().ok().map(|x| x as f32))
+    })
+}
+
 impl ModelSpec {
     pub fn from_metadata(md: &HashMap<String, Value>) -> Result<ModelSpec, EngineError> {
         let architecture = md_string(md, "general.architecture")
@@ -159,46 +222,157 @@ impl ModelSpec {
                 EngineError::Model("GGUF metadata has no `general.architecture`".into())
             })?
             .to_string();
-        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
-            return Err(EngineError::UnsupportedArchitecture(architecture));
-        }
+        let family = arch::family(&architecture)
+            .ok_or_else(|| EngineError::UnsupportedArchitecture(architecture.clone()))?;
         let a = &architecture;
-        let n_embd = get_usize(md, &format!("{a}.embedding_length"))?;
-        let n_head = get_usize(md, &format!("{a}.attention.head_count"))?;
-        let n_kv_head = get_usize(md, &format!("{a}.attention.head_count_kv")).unwrap_or(n_head);
-        if n_head == 0 || n_embd % n_head != 0 || n_kv_head == 0 || n_head % n_kv_head != 0 {
-            return Err(EngineError::Model(format!(
-                "inconsistent attention shape: {n_embd} wide, {n_head} heads, {n_kv_head} KV heads"
-            )));
+        let key = |k: &str| format!("{a}.{k}");
+        let bad = |m: String| Err(EngineError::Model(m));
+        let n_embd = get_usize(md, &key("embedding_length"))?;
+        let n_layer = get_usize(md, &key("block_count"))?;
+        let n_head = get_usize(md, &key("attention.head_count"))?;
+        let n_kv_head = get_usize(md, &key("attention.head_count_kv")).unwrap_or(n_head);
+        if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 {
+            return bad(format!(
+                "inconsistent attention shape: {n_head} heads, {n_kv_head} KV heads"
+            ));
         }
+        let head_dim = match get_usize(md, &key("attention.key_length")) {
+            Ok(k) => k,
+            Err(_) if n_embd % n_head == 0 => n_embd / n_head,
+            Err(_) => {
+                return bad(format!(
+                    "{n_embd} wide with {n_head} heads and no `{a}.attention.key_length`"
+                ))
+            }
+        };
+        if let Ok(v) = get_usize(md, &key("attention.value_length")) {
+            if v != head_dim {
+                return bad(format!(
+                    "keys {head_dim} and values {v} wide: heads of two widths are not supported"
+                ));
+            }
+        }
+        let dims = get_usize(md, &key("rope.dimension_count")).unwrap_or(head_dim);
+        if dims == 0 || dims > head_dim || !dims.is_multiple_of(2) || !head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "rope turns {dims} dimensions of {head_dim}-wide heads"
+            ));
+        }
+        let context_length = get_usize(md, &key("context_length"))?;
+        // Linear scaling is applied; YaRN changes the turn of every dimension by a ramp
+        // this engine does not implement, so such a file is refused rather than run wrong.
+        let scaling = md_string(md, &key("rope.scaling.type")).unwrap_or("linear");
+        let factor = get_f32(md, &key("rope.scaling.factor"))
+            .or_else(|| get_f32(md, &key("rope.scale_linear")))
+            .filter(|f| *f != 0.0);
+        let freq_scale = match scaling {
+            "none" => 1.0,
+            "linear" | "longrope" => factor.map_or(1.0, |f| 1.0 / f),
+            other => {
+                return bad(format!(
+                    "rope scaling `{other}` is not supported (supported: none, linear, and \
+                     Phi-3's LongRoPE factors)"
+                ))
+            }
+        };
+        let freq_base = get_f32(md, &key("rope.freq_base")).unwrap_or(10_000.0);
+        let (local_freq_base, local_freq_scale) = match family.sliding {
+            // Gemma 3: local layers turn at their own base (10 000 unless the file says),
+            // unscaled. Gemma 2: as the global ones.
+            Some(s) if s.default_window.is_none() => (
+                get_f32(md, &key("rope.freq_base_swa")).unwrap_or(10_000.0),
+                1.0,
+            ),
+            _ => (
+                get_f32(md, &key("rope.freq_base_swa")).unwrap_or(freq_base),
+                freq_scale,
+            ),
+        };
+        let rope = RopeSpec {
+            style: family.rope,
+            dims,
+            freq_base,
+            freq_scale,
+            attn_factor: get_f32(md, &key("rope.scaling.attn_factor")).unwrap_or(1.0),
+            local_freq_base,
+            local_freq_scale,
+        };
+        let (sliding_window, sliding_layers) = sliding(md, family, &key, n_layer)?;
+        let query_scale = match family.wide_query_scale_layers {
+            Some(n) if n == n_layer => 1.0 / ((n_embd / n_head) as f32).sqrt(),
+            _ => 1.0 / (head_dim as f32).sqrt(),
+        };
+        let softcap =
+            |k: &str, default: Option<f32>| get_f32(md, &key(k)).or(default).filter(|c| *c > 0.0);
         let vocab_size = match md
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok())
         {
             Some(tokens) => tokens.len(),
-            None => get_usize(md, &format!("{a}.vocab_size"))?,
+            None => get_usize(md, &key("vocab_size"))?,
         };
         Ok(ModelSpec {
             name: md_string(md, "general.name").map(str::to_string),
-            n_layer: get_usize(md, &format!("{a}.block_count"))?,
+            family,
+            n_layer,
             n_embd,
             n_head,
             n_kv_head,
-            head_dim: n_embd / n_head,
-            n_ff: get_usize(md, &format!("{a}.feed_forward_length"))?,
-            context_length: get_usize(md, &format!("{a}.context_length"))?,
-            rope_freq_base: md
-                .get(&format!("{a}.rope.freq_base"))
-                .and_then(|v| v.to_f32().ok())
-                .unwrap_or(10_000.0),
-            rms_norm_eps: md
-                .get(&format!("{a}.attention.layer_norm_rms_epsilon"))
-                .and_then(|v| v.to_f32().ok())
-                .unwrap_or(1e-5) as f64,
+            head_dim,
+            n_ff: get_usize(md, &key("feed_forward_length"))?,
+            context_length,
+            rope,
+            rms_norm_eps: get_f32(md, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5)
+                as f64,
+            sliding_window,
+            sliding_layers,
+            query_scale,
+            attn_softcap: family
+                .attn_softcap
+                .and_then(|d| softcap("attn_logit_softcapping", Some(d))),
+            final_softcap: softcap("final_logit_softcapping", family.final_softcap),
             vocab_size,
             architecture,
             parameters: 0,
             quantization: String::new(),
         })
     }
+}
+
+/// The sliding window and which layers use it, as llama.cpp reads them: a family's default
+/// pattern unless `attention.sliding_window_pattern` gives a period or a per-layer list.
+fn sliding(
+    md: &HashMap<String, Value>,
+    family: &Family,
+    key: &dyn Fn(&str) -> String,
+    n_layer: usize,
+) -> Result<(Option<usize>, Vec<bool>), EngineError> {
+    let none = (None, vec![false; n_layer]);
+    let Some(defaults) = family.sliding.filter(|_| family.reads_window) else {
+        return Ok(none);
+    };
+    let window = match get_usize(md, &key("attention.sliding_window")) {
+        Ok(0) => return Ok(none),
+        Ok(w) => w,
+        Err(_) => match defaults.default_window {
+            Some(w) => w,
+            None => return Ok(none),
+        },
+    };
+    let layers = match md.get(&key("attention.sliding_window_pattern")) {
+        Some(Value::Array(flags)) => {
+            let flags: Vec<bool> = flags.iter().filter_map(|v| v.to_bool().ok()).collect();
+            if flags.len() != n_layer {
+                return Err(EngineError::Model(format!(
+                    "`{}` lists {} layers, the model has {n_layer}",
+                    key("attention.sliding_window_pattern"),
+                    flags.len()
+                )));
+            }
+            flags
+        }
+        Some(v) => arch::sliding_layers(n_layer, value_usize(v).unwrap_or(defaults.pattern)),
+        None => arch::sliding_layers(n_layer, defaults.pattern),
+    };
+    Ok((Some(window), layers))
 }

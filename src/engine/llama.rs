@@ -86,7 +86,8 @@ fn rope_tables(spec: &ModelSpec, device: &Device) -> candle_core::Result<(Tensor
     let theta: Vec<f32> = (0..half)
         .map(|i| {
             1f32 / spec
-                .rope_freq_base
+                .rope
+                .freq_base
                 .powf(2.0 * i as f32 / spec.head_dim as f32)
         })
         .collect();
@@ -110,6 +111,15 @@ impl Llama {
     ) -> Result<Llama, EngineError> {
         let ct = &file.content;
         let spec = file.spec.clone();
+        // The candle path is Llama's pass as it was before architectures became data; the
+        // GPU issue brings it to the CPU path's families.
+        if spec.family.name != "llama" || spec.head_dim * spec.n_head != spec.n_embd {
+            return Err(EngineError::Device(format!(
+                "the GPU path runs llama-architecture models only; run this {} model on the \
+                 CPU (--device cpu)",
+                spec.architecture
+            )));
+        }
         let mut get = |name: &str| -> Result<QTensor, EngineError> {
             ct.tensor(reader, name, device)
                 .map_err(|e| EngineError::Model(format!("tensor {name}: {e}")))

@@ -12,8 +12,10 @@
 //! [`sampler`], [`stop`] (stop strings), [`worker`] (the thread and its generation loop),
 //! [`source`] (model file location: path or Hugging Face), [`bench`].
 
+pub mod arch;
 pub mod batch;
 pub mod bench;
+pub mod complete;
 pub mod cpu;
 pub mod gguf;
 pub mod kernels;
@@ -41,7 +43,7 @@ use crate::domain::Role;
 /// Everything that can go wrong in the engine.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
-    #[error("model architecture {0:?} is not supported (supported: llama)")]
+    #[error("model architecture {0:?} is not supported (supported: {supported})", supported = arch::supported())]
     UnsupportedArchitecture(String),
     #[error("model: {0}")]
     Model(String),

@@ -7,11 +7,14 @@ use serde::Serialize;
 
 use super::EngineError;
 
+/// The context variable that carries the render's clock to `strftime_now`.
+const NOW: &str = "__confab_now";
+
 /// Used when a model carries no template of its own.
 pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 /// One message as templates see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct TemplateMessage {
     pub role: String,
     pub content: String,
@@ -45,9 +48,19 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_function("strftime_now", |fmt: String| -> String {
-            chrono::Utc::now().format(&fmt).to_string()
-        });
+        // The date templates print (Llama 3.x's "Today Date"): the render's clock, given
+        // in the context, so one render reads one instant.
+        env.add_function(
+            "strftime_now",
+            |state: &minijinja::State, fmt: String| -> Result<String, Error> {
+                let now = state.lookup(NOW).and_then(|v| v.as_i64()).ok_or_else(|| {
+                    Error::new(ErrorKind::InvalidOperation, "strftime_now without a clock")
+                })?;
+                let now = chrono::DateTime::from_timestamp(now, 0)
+                    .ok_or_else(|| Error::new(ErrorKind::InvalidOperation, "clock out of range"))?;
+                Ok(now.format(&fmt).to_string())
+            },
+        );
         env.add_template_owned("chat", source.unwrap_or(CHATML).to_string())
             .map_err(|e| {
                 EngineError::Template(format!("the model's chat template does not compile: {e}"))
@@ -66,6 +79,20 @@ impl ChatTemplate {
         messages: &[TemplateMessage],
         add_generation_prompt: bool,
     ) -> Result<String, EngineError> {
+        self.render_at(messages, add_generation_prompt, chrono::Utc::now())
+    }
+
+    /// [`Self::render`] as of `now` (the date templates print).
+    ///
+    /// The context is what transformers' `apply_chat_template` gives a template: `tools`
+    /// and `documents` are defined as none (templates test `tools is not none`, which an
+    /// undefined value would pass).
+    pub fn render_at(
+        &self,
+        messages: &[TemplateMessage],
+        add_generation_prompt: bool,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<String, EngineError> {
         let tmpl = self
             .env
             .get_template("chat")
@@ -75,6 +102,9 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
+            tools => minijinja::Value::from(()),
+            documents => minijinja::Value::from(()),
+            __confab_now => now.timestamp(),
         })
         .map_err(|e| EngineError::Template(format!("rendering the chat template failed: {e}")))
     }
@@ -120,5 +150,64 @@ mod tests {
     #[test]
     fn broken_template_is_refused() {
         assert!(ChatTemplate::new(Some("{% for %}"), "", "").is_err());
+    }
+
+    /// Every template of a supported family (llama.cpp's copies of the models' own
+    /// templates) renders exactly as Python jinja2 renders it with transformers' settings,
+    /// on fixed conversations: `tests/fixtures/templates.json`, made by
+    /// `tests/fixtures/make-templates.py`. A template that refuses a conversation (Gemma's
+    /// "System role not supported") refuses it here too.
+    #[test]
+    fn templates_render_as_jinja2_does() {
+        #[derive(serde::Deserialize)]
+        struct Case {
+            messages: Vec<TemplateMessage>,
+            add_generation_prompt: bool,
+            rendered: Option<String>,
+            error: Option<String>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Fixture {
+            template: String,
+            bos_token: String,
+            eos_token: String,
+            cases: Vec<Case>,
+        }
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let json = std::fs::read_to_string(root.join("tests/fixtures/templates.json")).unwrap();
+        let fixtures: Vec<Fixture> = serde_json::from_str(&json).unwrap();
+        assert!(fixtures.len() >= 14);
+        let now = chrono::NaiveDate::from_ymd_opt(2026, 7, 26)
+            .unwrap()
+            .and_hms_opt(12, 0, 0)
+            .unwrap()
+            .and_utc();
+        for f in &fixtures {
+            let path = root
+                .join("models/llama.cpp/models/templates")
+                .join(&f.template);
+            let source = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+                panic!("{}: {e} (run ./models/fetch-llama-cpp)", path.display())
+            });
+            let t = ChatTemplate::new(Some(&source), &f.bos_token, &f.eos_token)
+                .unwrap_or_else(|e| panic!("{}: {e}", f.template));
+            for (i, c) in f.cases.iter().enumerate() {
+                let got = t.render_at(&c.messages, c.add_generation_prompt, now);
+                match (&c.rendered, &c.error, got) {
+                    (Some(want), _, Ok(got)) => {
+                        assert_eq!(&got, want, "{} case {i}", f.template)
+                    }
+                    (None, Some(want), Err(e)) => assert!(
+                        e.to_string().contains(want.as_str()),
+                        "{} case {i}: {e} vs {want}",
+                        f.template
+                    ),
+                    (_, _, got) => panic!(
+                        "{} case {i}: jinja2 gave {:?} / {:?}, minijinja {got:?}",
+                        f.template, c.rendered, c.error
+                    ),
+                }
+            }
+        }
     }
 }

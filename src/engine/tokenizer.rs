@@ -158,7 +158,7 @@ impl TextTokenizer {
         let add_bos = md
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
+            .unwrap_or_else(|| default_add_bos(md));
         let mut stop_ids: Vec<u32> = END_OF_TURN
             .iter()
             .filter_map(|t| inner.token_to_id(t))
@@ -433,6 +433,20 @@ pub const SUPPORTED_PRE_TYPES: &[&str] = &[
     "falcon",
     "default",
 ];
+
+/// Whether prompts start with BOS when the file does not say (`add_bos_token`), as
+/// llama.cpp decides (`llama_vocab::impl::load`): SentencePiece vocabularies and the Llama 3
+/// family of BPE ones do, other BPE vocabularies do not.
+fn default_add_bos(md: &HashMap<String, Value>) -> bool {
+    match md_string(md, "tokenizer.ggml.model").unwrap_or("gpt2") {
+        "llama" => true,
+        "gpt2" => matches!(
+            md_string(md, "tokenizer.ggml.pre"),
+            Some("llama-bpe" | "llama3" | "llama-v3")
+        ),
+        _ => false,
+    }
+}
 
 /// The pre-tokenizer of a `tokenizer.ggml.pre` type, and whether its BPE ignores merges for
 /// whole words in the vocabulary. Each is the sequence Hugging Face's `tokenizer.json` of

@@ -16,6 +16,7 @@ mod load;
 mod messages;
 mod openai;
 mod openapi;
+mod reference;
 mod smollm2;
 mod tiny;
 mod ws;

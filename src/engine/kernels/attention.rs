@@ -11,7 +11,8 @@ use super::x86;
 /// One query group's attention: the `group` query heads `q` (group × `head_dim`) that share
 /// one KV head, over `len` positions of `keys` and `values` (len × `head_dim`, contiguous),
 /// into `out` (group × `head_dim`): scaled dot-product scores, softmax, weighted sum of the
-/// values. `scores` is scratch space, reused between calls.
+/// values. `softcap`: scores become `cap·tanh(score/cap)` before the softmax (Gemma 2).
+/// `scores` is scratch space, reused between calls.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     q: &[f32],
@@ -21,16 +22,19 @@ pub fn attend(
     values: &[f32],
     len: usize,
     scale: f32,
+    softcap: Option<f32>,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     debug_assert_eq!(q.len(), group * head_dim);
     debug_assert_eq!(out.len(), group * head_dim);
     debug_assert!(keys.len() >= len * head_dim && values.len() >= len * head_dim);
-    if attend_64(q, group, head_dim, keys, values, len, scale, scores, out) {
+    if softcap.is_none() && attend_64(q, group, head_dim, keys, values, len, scale, scores, out) {
         return;
     }
-    portable(q, group, head_dim, keys, values, len, scale, scores, out);
+    portable(
+        q, group, head_dim, keys, values, len, scale, softcap, scores, out,
+    );
 }
 
 /// The AVX-512 kernel, when it applies: AVX-512 present, heads 64 wide, at most four query
@@ -76,6 +80,7 @@ fn portable(
     values: &[f32],
     len: usize,
     scale: f32,
+    softcap: Option<f32>,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -89,6 +94,9 @@ fn portable(
         for (g, qh) in q.chunks_exact(hd).enumerate() {
             scores[g * len + p] = dot(qh, key) * scale;
         }
+    }
+    if let Some(cap) = softcap {
+        scores.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
     }
     for (sc, sum) in scores.chunks_exact_mut(len).zip(sums.iter_mut()) {
         let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -111,14 +119,22 @@ mod tests {
     use super::*;
 
     /// Plain softmax attention, written out as the definition reads.
-    fn reference(q: &[f32], hd: usize, keys: &[f32], values: &[f32], len: usize) -> Vec<f32> {
+    fn reference(
+        q: &[f32],
+        hd: usize,
+        keys: &[f32],
+        values: &[f32],
+        len: usize,
+        cap: Option<f32>,
+    ) -> Vec<f32> {
         let scale = 1.0 / (hd as f32).sqrt();
         let mut out = Vec::new();
         for qh in q.chunks_exact(hd) {
             let sc: Vec<f32> = (0..len)
                 .map(|p| {
                     let k = &keys[p * hd..(p + 1) * hd];
-                    qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+                    let s = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    cap.map_or(s, |c| c * (s / c).tanh())
                 })
                 .collect();
             let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -144,7 +160,7 @@ mod tests {
                     let q: Vec<f32> = (0..group * hd)
                         .map(|i| (i as f32 * 0.03).sin() * 2.0)
                         .collect();
-                    let want = reference(&q, hd, &keys, &values, len);
+                    let want = reference(&q, hd, &keys, &values, len, None);
                     let scale = 1.0 / (hd as f32).sqrt();
                     let mut fast = vec![0f32; group * hd];
                     attend(
@@ -155,6 +171,7 @@ mod tests {
                         &values,
                         len,
                         scale,
+                        None,
                         &mut Vec::new(),
                         &mut fast,
                     );
@@ -167,6 +184,7 @@ mod tests {
                         &values,
                         len,
                         scale,
+                        None,
                         &mut Vec::new(),
                         &mut slow,
                     );
@@ -183,5 +201,41 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Soft-capped scores (Gemma 2) bend large scores towards the cap before the softmax.
+    #[test]
+    fn soft_capping_matches_the_definition() {
+        let (hd, len, group) = (64, 20, 2);
+        let keys: Vec<f32> = (0..len * hd)
+            .map(|i| (i as f32 * 0.013).sin() * 3.0)
+            .collect();
+        let values: Vec<f32> = (0..len * hd).map(|i| (i as f32 * 0.005).cos()).collect();
+        let q: Vec<f32> = (0..group * hd)
+            .map(|i| (i as f32 * 0.02).cos() * 3.0)
+            .collect();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let cap = 1.5;
+        let want = reference(&q, hd, &keys, &values, len, Some(cap));
+        let plain = reference(&q, hd, &keys, &values, len, None);
+        let mut got = vec![0f32; group * hd];
+        attend(
+            &q,
+            group,
+            hd,
+            &keys,
+            &values,
+            len,
+            scale,
+            Some(cap),
+            &mut Vec::new(),
+            &mut got,
+        );
+        let mut moved = 0f32;
+        for ((g, w), p) in got.iter().zip(&want).zip(&plain) {
+            assert!((g - w).abs() < 1e-4, "{g} vs {w}");
+            moved = moved.max((w - p).abs());
+        }
+        assert!(moved > 1e-2, "the cap changed nothing: not a test");
     }
 }

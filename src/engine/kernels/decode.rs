@@ -84,18 +84,26 @@ impl QMat {
             let cols = self.cols;
             let nb = cols / QK_K;
             let data = self.rows_data(r0, r1);
+            let x = &x[..n * cols];
             // SAFETY: AVX512_BF16 checked above; `cols` is whole super-blocks.
-            let xs = unsafe { scratch.bf16.prepare(&x[..n * cols]) };
+            let xs = unsafe {
+                if self.format == Format::Q4K {
+                    scratch.bf16.prepare_q4k(x)
+                } else {
+                    scratch.bf16.prepare(x)
+                }
+            };
             in_passes(n, x86::bf16::ROWS, |i, t| {
-                let xb = &xs.xb[i * cols..(i + t) * cols];
+                let rows = i * cols..(i + t) * cols;
                 let o = out.at(i, r0);
-                // SAFETY: as above; `xb` holds t rows, `xsum` their sums from row i on.
+                // SAFETY: as above; the activations hold t rows, `xsum` their sums from row
+                // i on.
                 unsafe {
                     if self.format == Format::Q4K {
                         let xsum = &xs.xsum[i * cols / QK..];
-                        x86::bf16::q4k_rows(cast(data), nb, xb, xsum, t, o, out.ld)
+                        x86::bf16::q4k_rows(cast(data), nb, &xs.xq4[rows], xsum, t, o, out.ld)
                     } else {
-                        x86::bf16::q6k_rows(cast(data), nb, xb, t, o, out.ld)
+                        x86::bf16::q6k_rows(cast(data), nb, &xs.xb[rows], t, o, out.ld)
                     }
                 }
             });

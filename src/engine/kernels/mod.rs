@@ -49,11 +49,12 @@ pub use formats::Format;
 use prompt::PanelScratch;
 use prompt::PANEL;
 
-/// Weight rows per claimed chunk of a product: about eight chunks per thread (enough for one
-/// thread to take over a stalled one's share), a multiple of [`PANEL`] (the prompt kernel's
-/// panels stay whole) and at least 64 rows (so claiming stays cheap against the work).
+/// Weight rows per claimed chunk of a product: about 32 chunks per thread (enough for one
+/// thread to take over a stalled one's share, and a short wait for the last), a multiple of
+/// [`PANEL`] (the prompt kernel's panels stay whole) and at least 64 rows (so claiming stays
+/// cheap against the work).
 fn chunk_rows(rows: usize, threads: usize) -> usize {
-    let per = rows.div_ceil(threads.max(1) * 8);
+    let per = rows.div_ceil(threads.max(1) * 32);
     per.max(64).next_multiple_of(PANEL)
 }
 
@@ -280,8 +281,14 @@ pub fn matmul_parts(
     // server's own runtime, a benchmark client) one team thread is sometimes taken off
     // its core, and the others then do its share instead of waiting for it. Small
     // chunks also keep a chunk's weights in cache while a second group of rows reads
-    // them (`decode_band`).
-    let chunk = chunk_rows(total, team.size());
+    // them (`decode_band`), and make the wait for the last one short.
+    //
+    // Each thread first claims the chunks of its own contiguous region, in order, then
+    // helps the others with theirs: memory-bound decoding reads each thread's weights as
+    // one forward stream (which the kernels prefetch ahead of), where chunks handed out
+    // alternately broke every thread's stream at every chunk.
+    let threads = team.size();
+    let chunk = chunk_rows(total, threads);
     // (part, first row, end row, the part's first output column)
     let mut work = Vec::new();
     let mut col = 0;
@@ -293,18 +300,27 @@ pub fn matmul_parts(
         );
         col += p.rows;
     }
-    let next = AtomicUsize::new(0);
+    let per = work.len().div_ceil(threads);
+    let next: Vec<AtomicUsize> = (0..threads).map(|t| AtomicUsize::new(t * per)).collect();
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    team.run(&|_| {
+    team.run(&|tid| {
         let out_ptr = &out_ptr;
         // Sized by the first band that uses them; they allocate nothing before.
         #[cfg(target_arch = "x86_64")]
         let mut panels = PanelScratch::default();
         let mut band_scratch = BandScratch::default();
-        loop {
-            let Some(&(pi, r0, r1, col)) = work.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                return;
-            };
+        // This thread's region, then the others' in turn.
+        let claims = (0..threads).flat_map(|k| {
+            let region = (tid + k) % threads;
+            let end = ((region + 1) * per).min(work.len());
+            let counter = &next[region];
+            std::iter::from_fn(move || {
+                let i = counter.fetch_add(1, Ordering::Relaxed);
+                (i < end).then_some(i)
+            })
+        });
+        for i in claims {
+            let (pi, r0, r1, col) = work[i];
             let m = parts[pi];
             // SAFETY: `col` < total, so the pointer stays inside `out`; the band writes only
             // the columns col + r0..col + r1 of each row (stride `total`), this work item's.

@@ -46,6 +46,10 @@ pub struct Activations {
     /// Each row's sums of 32 rounded values.
     pub xsum: Vec<f32>,
     ready: bool,
+    /// The rows in the order [`q4k_rows`] reads them (see [`q4k_order`]), made when a Q4_K
+    /// decode band first needs them.
+    pub xq4: Vec<u16>,
+    q4_ready: bool,
 }
 
 impl Activations {
@@ -59,6 +63,45 @@ impl Activations {
             self.ready = true;
         }
         self
+    }
+
+    /// [`Self::prepare`], plus the rows in [`q4k_rows`]' order.
+    ///
+    /// # Safety
+    /// As [`Self::prepare`]; the rows' width a multiple of 256.
+    pub unsafe fn prepare_q4k(&mut self, x: &[f32]) -> &Activations {
+        self.prepare(x);
+        if !self.q4_ready {
+            q4k_order(&self.xb, &mut self.xq4);
+            self.q4_ready = true;
+        }
+        self
+    }
+}
+
+/// `xb` reordered for [`q4k_rows`]: each 128 values (two Q4_K groups of 64, each 32 values
+/// from low nibbles then 32 from high nibbles) become four vectors of 32, matching the four
+/// nibbles of each 16-bit word of the 64 weight bytes that hold them: the even then the odd
+/// values of both groups' low halves, then the same of their high halves.
+///
+/// # Safety
+/// AVX512_BF16 must be present; `xb.len()` a multiple of 128.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+unsafe fn q4k_order(xb: &[u16], out: &mut Vec<u16>) {
+    out.resize(xb.len(), 0);
+    let lanes = _mm512_set_epi16(
+        62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26, 24, 22, 20, 18,
+        16, 14, 12, 10, 8, 6, 4, 2, 0,
+    );
+    let (even, odd) = (lanes, _mm512_add_epi16(lanes, _mm512_set1_epi16(1)));
+    for (src, dst) in xb.chunks_exact(128).zip(out.chunks_exact_mut(128)) {
+        let v = |i: usize| _mm512_loadu_si512(src.as_ptr().add(32 * i) as *const __m512i);
+        let (lo0, hi0, lo1, hi1) = (v(0), v(1), v(2), v(3));
+        let d = dst.as_mut_ptr() as *mut __m512i;
+        _mm512_storeu_si512(d, _mm512_permutex2var_epi16(lo0, even, lo1));
+        _mm512_storeu_si512(d.add(1), _mm512_permutex2var_epi16(lo0, odd, lo1));
+        _mm512_storeu_si512(d.add(2), _mm512_permutex2var_epi16(hi0, even, hi1));
+        _mm512_storeu_si512(d.add(3), _mm512_permutex2var_epi16(hi0, odd, hi1));
     }
 }
 
@@ -104,8 +147,9 @@ unsafe fn load_bh(p: *const u16) -> __m512bh {
     bh(_mm512_loadu_si512(p as *const __m512i))
 }
 
-/// Q4_K weight rows × `t` (1..=[`ROWS`]) rows of activations, given as bf16 `xb` and
-/// 32-value sums `xsum` (see [`Activations`]): `out[k * ld + r]` = weight row r · x row k.
+/// Q4_K weight rows × `t` (1..=[`ROWS`]) rows of activations, given as bf16 `xq` in the
+/// nibbles' order and 32-value sums `xsum` (see [`Activations::prepare_q4k`]):
+/// `out[k * ld + r]` = weight row r · x row k.
 ///
 /// # Safety
 /// AVX512_BF16 must be present; `xb` holds t rows of `nb · 256` values, `xsum` their sums;
@@ -114,61 +158,112 @@ unsafe fn load_bh(p: *const u16) -> __m512bh {
 pub unsafe fn q4k_rows(
     blocks: &[BlockQ4K],
     nb: usize,
-    xb: &[u16],
+    xq: &[u16],
     xsum: &[f32],
     t: usize,
     out: *mut f32,
     ld: usize,
 ) {
-    by_rows!(t, [1, 2, 3], 4, q4k_rows_t(blocks, nb, xb, xsum, out, ld))
+    by_rows!(t, [1, 2, 3], 4, q4k_rows_t(blocks, nb, xq, xsum, out, ld))
 }
 
+/// Why this shape: decoding is memory-bound only while turning weights into bf16 costs
+/// less than reading them. Each 16-bit word of a 64-byte load holds four nibbles; a shift
+/// and one `vpternlogd` put a nibble v into a bf16 lane as `1 + v/128` (0x3F80 | v: exact),
+/// with no widening or table lookup (those run on one port, which the f32 scales' shuffles
+/// also need). Σ v·x = 128·Σ(1 + v/128)·x − 128·Σx, so the scale is taken ×128 and
+/// 128·d·Σx joins the minimums' term, computed once per sub-block from the same rounded
+/// activations. The activations come in the nibbles' order ([`Activations::prepare_q4k`]).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
 unsafe fn q4k_rows_t<const T: usize>(
     blocks: &[BlockQ4K],
     nb: usize,
-    xb: &[u16],
+    xq: &[u16],
     xsum: &[f32],
     out: *mut f32,
     ld: usize,
 ) {
     let cols = nb * QK_K;
     let n_rows = blocks.len() / nb;
-    let (xp, sp) = (xb.as_ptr(), xsum.as_ptr());
-    let table = int_table(0);
-    let mask = _mm256_set1_epi8(0x0F);
+    let (xp, sp) = (xq.as_ptr(), xsum.as_ptr());
+    let nibble = _mm512_set1_epi16(0x000F);
+    let one = _mm512_set1_epi16(0x3F80);
     let zero = _mm512_setzero_ps();
+    let k128 = _mm256_set1_ps(128.0);
+    // Lanes 0..8 of a product hold one group's sub-block, lanes 8..16 the next group's:
+    // (low nibbles, high nibbles) of groups (0, 1) are sub-blocks (0, 2) and (1, 3), of
+    // groups (2, 3) sub-blocks (4, 6) and (5, 7).
+    let pick = |a: i32, b: i32| _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a);
+    let picks = [[pick(0, 2), pick(1, 3)], [pick(4, 6), pick(5, 7)]];
     for r in 0..n_rows {
         let row = blocks.as_ptr().add(r * nb);
         let mut acc = [[zero; 2]; T];
         let mut mins = [_mm256_setzero_ps(); T];
         for b in 0..nb {
             let blk = &*row.add(b);
+            prefetch(blk as *const BlockQ4K as *const u8);
             let (ds, ms) = super::kquants::q4k_scales(blk);
-            for g in 0..4 {
-                let raw = _mm256_loadu_si256(blk.qs.as_ptr().add(g * 32) as *const __m256i);
-                let lo = _mm256_and_si256(raw, mask);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
-                let w0 = bh(_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(lo), table));
-                let w1 = bh(_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(hi), table));
-                let (d0, d1) = (_mm512_set1_ps(ds[2 * g]), _mm512_set1_ps(ds[2 * g + 1]));
+            let d = _mm256_mul_ps(_mm256_loadu_ps(ds.as_ptr()), k128);
+            let corr = _mm256_add_ps(d, _mm256_loadu_ps(ms.as_ptr()));
+            let d = _mm512_castps256_ps512(d);
+            for (p, pk) in picks.iter().enumerate() {
+                let v = _mm512_loadu_si512(blk.qs.as_ptr().add(64 * p) as *const __m512i);
+                let w0 = bh(_mm512_ternarylogic_epi32::<0xEA>(v, nibble, one));
+                let w1 = bh(_mm512_ternarylogic_epi32::<0xEA>(
+                    _mm512_srli_epi16::<8>(v),
+                    nibble,
+                    one,
+                ));
+                let w2 = bh(_mm512_ternarylogic_epi32::<0xEA>(
+                    _mm512_srli_epi16::<4>(v),
+                    nibble,
+                    one,
+                ));
+                let w3 = bh(_mm512_or_si512(_mm512_srli_epi16::<12>(v), one));
+                let (s_lo, s_hi) = (
+                    _mm512_permutexvar_ps(pk[0], d),
+                    _mm512_permutexvar_ps(pk[1], d),
+                );
                 for (k, a) in acc.iter_mut().enumerate() {
-                    let p = xp.add(k * cols + b * QK_K + g * 64);
-                    a[0] = _mm512_fmadd_ps(_mm512_dpbf16_ps(zero, w0, load_bh(p)), d0, a[0]);
-                    a[1] =
-                        _mm512_fmadd_ps(_mm512_dpbf16_ps(zero, w1, load_bh(p.add(32))), d1, a[1]);
+                    let x = xp.add(k * cols + b * QK_K + p * 128);
+                    let lo = _mm512_dpbf16_ps(
+                        _mm512_dpbf16_ps(zero, w0, load_bh(x)),
+                        w1,
+                        load_bh(x.add(32)),
+                    );
+                    let hi = _mm512_dpbf16_ps(
+                        _mm512_dpbf16_ps(zero, w2, load_bh(x.add(64))),
+                        w3,
+                        load_bh(x.add(96)),
+                    );
+                    a[0] = _mm512_fmadd_ps(lo, s_lo, a[0]);
+                    a[1] = _mm512_fmadd_ps(hi, s_hi, a[1]);
                 }
             }
-            let m = _mm256_loadu_ps(ms.as_ptr());
             for (k, s) in mins.iter_mut().enumerate() {
-                *s = _mm256_fmadd_ps(m, _mm256_loadu_ps(sp.add(k * cols / QK + b * 8)), *s);
+                *s = _mm256_fmadd_ps(corr, _mm256_loadu_ps(sp.add(k * cols / QK + b * 8)), *s);
             }
         }
         for k in 0..T {
             *out.add(k * ld + r) = hsum512(_mm512_add_ps(acc[k][0], acc[k][1])) - hsum(mins[k]);
         }
     }
+}
+
+/// Bytes ahead of the block being read that [`prefetch`] asks for.
+const PREFETCH_AHEAD: usize = 4096;
+
+/// Asks for the cache lines [`PREFETCH_AHEAD`] bytes past `p` (a block's start): the
+/// hardware prefetcher alone left the decode kernels stalled on each new block's first line
+/// (at ~22 GB/s of the ~27 the two cores can read).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+unsafe fn prefetch(p: *const u8) {
+    let ahead = p.wrapping_add(PREFETCH_AHEAD) as *const i8;
+    _mm_prefetch::<_MM_HINT_T0>(ahead);
+    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
 }
 
 /// The four 32-value groups of half `h` of a Q6_K block as unsigned bytes `q` (0..64):
@@ -268,6 +363,10 @@ unsafe fn q6k_rows_t<const T: usize>(
         let mut acc = [[zero; 2]; T];
         for b in 0..nb {
             let blk = &*row.add(b);
+            prefetch(blk as *const BlockQ6K as *const u8);
+            _mm_prefetch::<_MM_HINT_T0>(
+                (blk as *const BlockQ6K as *const i8).wrapping_add(PREFETCH_AHEAD + 192),
+            );
             let d = _mm512_set1_ps(f16_to_f32(blk.d));
             // d · sc for the 16 sub-blocks, as ggml rounds it.
             let sc16 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(

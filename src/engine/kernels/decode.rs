@@ -3,6 +3,8 @@
 
 use super::formats::{cast, QK, QK_K};
 #[cfg(target_arch = "x86_64")]
+use super::formats::{BlockQ4K, BlockQ5K};
+#[cfg(target_arch = "x86_64")]
 use super::x86;
 use super::{scalar, Band, BandScratch, Format, QMat};
 
@@ -80,17 +82,17 @@ impl QMat {
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        if x86::bf16() && matches!(self.format, Format::Q4K | Format::Q6K) {
+        if x86::bf16() && matches!(self.format, Format::Q4K | Format::Q5K | Format::Q6K) {
             let cols = self.cols;
             let nb = cols / QK_K;
             let data = self.rows_data(r0, r1);
             let x = &x[..n * cols];
             // SAFETY: AVX512_BF16 checked above; `cols` is whole super-blocks.
             let xs = unsafe {
-                if self.format == Format::Q4K {
-                    scratch.bf16.prepare_q4k(x)
-                } else {
+                if self.format == Format::Q6K {
                     scratch.bf16.prepare(x)
+                } else {
+                    scratch.bf16.prepare_q4k(x)
                 }
             };
             in_passes(n, x86::bf16::ROWS, |i, t| {
@@ -99,18 +101,24 @@ impl QMat {
                 // SAFETY: as above; the activations hold t rows, `xsum` their sums from row
                 // i on.
                 unsafe {
-                    if self.format == Format::Q4K {
-                        let xsum = &xs.xsum[i * cols / QK..];
-                        x86::bf16::q4k_rows(cast(data), nb, &xs.xq4[rows], xsum, t, o, out.ld)
-                    } else {
-                        x86::bf16::q6k_rows(cast(data), nb, &xs.xb[rows], t, o, out.ld)
+                    let xsum = &xs.xsum[i * cols / QK..];
+                    match self.format {
+                        Format::Q4K => {
+                            let xq = &xs.xq4[rows];
+                            x86::bf16::q4k_rows::<BlockQ4K>(cast(data), nb, xq, xsum, t, o, out.ld)
+                        }
+                        Format::Q5K => {
+                            let xq = &xs.xq4[rows];
+                            x86::bf16::q4k_rows::<BlockQ5K>(cast(data), nb, xq, xsum, t, o, out.ld)
+                        }
+                        _ => x86::bf16::q6k_rows(cast(data), nb, &xs.xb[rows], t, o, out.ld),
                     }
                 }
             });
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        if x86::available() && matches!(self.format, Format::Q4K | Format::Q6K) {
+        if x86::available() && matches!(self.format, Format::Q4K | Format::Q5K | Format::Q6K) {
             use x86::kquants;
             let cols = self.cols;
             let nb = cols / QK_K;
@@ -128,10 +136,16 @@ impl QMat {
                 unsafe {
                     match (self.format, wide) {
                         (Format::Q4K, true) => {
-                            kquants::q4k_rows_512(cast(data), nb, xs, t, o, out.ld)
+                            kquants::q4k_rows_512::<BlockQ4K>(cast(data), nb, xs, t, o, out.ld)
                         }
                         (Format::Q4K, false) => {
-                            kquants::q4k_rows_256(cast(data), nb, xs, t, o, out.ld)
+                            kquants::q4k_rows_256::<BlockQ4K>(cast(data), nb, xs, t, o, out.ld)
+                        }
+                        (Format::Q5K, true) => {
+                            kquants::q4k_rows_512::<BlockQ5K>(cast(data), nb, xs, t, o, out.ld)
+                        }
+                        (Format::Q5K, false) => {
+                            kquants::q4k_rows_256::<BlockQ5K>(cast(data), nb, xs, t, o, out.ld)
                         }
                         (_, true) => kquants::q6k_rows_512(cast(data), nb, xs, t, o, out.ld),
                         (_, false) => kquants::q6k_rows_256(cast(data), nb, xs, t, o, out.ld),

@@ -325,6 +325,58 @@ fn sub_scales(d: f16, dmin: f16, packed: &[u8; 12]) -> ([f32; 8], [f32; 8]) {
     (ds, ms)
 }
 
+/// What the vector kernels read of Q4_K and Q5_K blocks, which share their scales and
+/// nibbles (Q5_K adds a fifth bit per value): one kernel serves both.
+pub trait NibbleBlock: Pod {
+    /// Whether values have a fifth bit in [`NibbleBlock::qh`].
+    const FIFTH_BIT: bool;
+    fn d(&self) -> f16;
+    fn dmin(&self) -> f16;
+    /// The packed 6-bit sub-block scales and mins.
+    fn packed(&self) -> &[u8; 12];
+    fn qs(&self) -> &[u8; 128];
+    /// Q5_K's fifth bits (see [`BlockQ5K`]); zeros for Q4_K.
+    fn qh(&self) -> &[u8; 32];
+}
+
+impl NibbleBlock for BlockQ4K {
+    const FIFTH_BIT: bool = false;
+    fn d(&self) -> f16 {
+        self.d
+    }
+    fn dmin(&self) -> f16 {
+        self.dmin
+    }
+    fn packed(&self) -> &[u8; 12] {
+        &self.scales
+    }
+    fn qs(&self) -> &[u8; 128] {
+        &self.qs
+    }
+    fn qh(&self) -> &[u8; 32] {
+        &[0; 32]
+    }
+}
+
+impl NibbleBlock for BlockQ5K {
+    const FIFTH_BIT: bool = true;
+    fn d(&self) -> f16 {
+        self.d
+    }
+    fn dmin(&self) -> f16 {
+        self.dmin
+    }
+    fn packed(&self) -> &[u8; 12] {
+        &self.scales
+    }
+    fn qs(&self) -> &[u8; 128] {
+        &self.qs
+    }
+    fn qh(&self) -> &[u8; 32] {
+        &self.qh
+    }
+}
+
 /// Q5_K: as Q4_K with a fifth bit per value: bit 2g of `qh[l]` is the high bit of value l of
 /// sub-block 2g, bit 2g + 1 that of sub-block 2g + 1.
 #[derive(Clone, Copy, Pod, Zeroable)]

@@ -18,7 +18,7 @@
 use std::arch::x86_64::*;
 
 use super::{f16_to_f32, hsum, hsum512};
-use crate::engine::kernels::formats::{BlockQ4K, BlockQ6K, QK, QK_K};
+use crate::engine::kernels::formats::{BlockQ4K, BlockQ6K, NibbleBlock, QK, QK_K};
 
 /// Activation rows per pass: 4 rows × 2 accumulators + the minimums' sums + weights fit.
 pub const ROWS: usize = 4;
@@ -155,8 +155,8 @@ unsafe fn load_bh(p: *const u16) -> __m512bh {
 /// AVX512_BF16 must be present; `xb` holds t rows of `nb · 256` values, `xsum` their sums;
 /// `out` has room for the cells written.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
-pub unsafe fn q4k_rows(
-    blocks: &[BlockQ4K],
+pub unsafe fn q4k_rows<B: NibbleBlock>(
+    blocks: &[B],
     nb: usize,
     xq: &[u16],
     xsum: &[f32],
@@ -164,7 +164,7 @@ pub unsafe fn q4k_rows(
     out: *mut f32,
     ld: usize,
 ) {
-    by_rows!(t, [1, 2, 3], 4, q4k_rows_t(blocks, nb, xq, xsum, out, ld))
+    by_rows!(t, [1, 2, 3], 4, q4k_rows_t<B>(blocks, nb, xq, xsum, out, ld))
 }
 
 /// Why this shape: decoding is memory-bound only while turning weights into bf16 costs
@@ -176,8 +176,8 @@ pub unsafe fn q4k_rows(
 /// activations. The activations come in the nibbles' order ([`Activations::prepare_q4k`]).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
-unsafe fn q4k_rows_t<const T: usize>(
-    blocks: &[BlockQ4K],
+unsafe fn q4k_rows_t<const T: usize, B: NibbleBlock>(
+    blocks: &[B],
     nb: usize,
     xq: &[u16],
     xsum: &[f32],
@@ -196,31 +196,70 @@ unsafe fn q4k_rows_t<const T: usize>(
     // groups (2, 3) sub-blocks (4, 6) and (5, 7).
     let pick = |a: i32, b: i32| _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a);
     let picks = [[pick(0, 2), pick(1, 3)], [pick(4, 6), pick(5, 7)]];
+    // Q5_K's fifth bits: word lane w of the four nibble vectors of pair p (see `w0..w3`
+    // below) takes bit 2·(2p + w/16) (+1 for high nibbles, +8 for a word's odd byte) of
+    // `qh` word w mod 16.
+    let half_lanes = |a: i16, b: i16| {
+        _mm512_set_epi16(
+            b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a, a, a, a, a, a,
+            a, a, a,
+        )
+    };
+    let fifth = [0i16, 4].map(|p| {
+        let lo = half_lanes(p, p + 2);
+        [
+            lo,
+            _mm512_add_epi16(lo, _mm512_set1_epi16(8)),
+            _mm512_add_epi16(lo, _mm512_set1_epi16(1)),
+            _mm512_add_epi16(lo, _mm512_set1_epi16(9)),
+        ]
+    });
+    let bit4 = _mm512_set1_epi16(0x10);
     for r in 0..n_rows {
         let row = blocks.as_ptr().add(r * nb);
         let mut acc = [[zero; 2]; T];
         let mut mins = [_mm256_setzero_ps(); T];
         for b in 0..nb {
             let blk = &*row.add(b);
-            prefetch(blk as *const BlockQ4K as *const u8);
+            prefetch(blk as *const B as *const u8);
+            if B::FIFTH_BIT {
+                // Q5_K blocks are 176 bytes: a third line.
+                _mm_prefetch::<_MM_HINT_T0>(
+                    (blk as *const B as *const i8).wrapping_add(PREFETCH_AHEAD + 192),
+                );
+            }
             let (ds, ms) = super::kquants::q4k_scales(blk);
             let d = _mm256_mul_ps(_mm256_loadu_ps(ds.as_ptr()), k128);
             let corr = _mm256_add_ps(d, _mm256_loadu_ps(ms.as_ptr()));
             let d = _mm512_castps256_ps512(d);
+            let qh = if B::FIFTH_BIT {
+                _mm512_broadcast_i64x4(_mm256_loadu_si256(blk.qh().as_ptr() as *const __m256i))
+            } else {
+                _mm512_setzero_si512()
+            };
             for (p, pk) in picks.iter().enumerate() {
-                let v = _mm512_loadu_si512(blk.qs.as_ptr().add(64 * p) as *const __m512i);
-                let w0 = bh(_mm512_ternarylogic_epi32::<0xEA>(v, nibble, one));
+                let v = _mm512_loadu_si512(blk.qs().as_ptr().add(64 * p) as *const __m512i);
+                // bf16 `1 + v/128` with v's fifth bit (Q5_K) at bit 4: (bit << 4) | 0x3F80.
+                let high = |k: usize| {
+                    if B::FIFTH_BIT {
+                        let b = _mm512_slli_epi16::<4>(_mm512_srlv_epi16(qh, fifth[p][k]));
+                        _mm512_ternarylogic_epi32::<0xEA>(b, bit4, one)
+                    } else {
+                        one
+                    }
+                };
+                let w0 = bh(_mm512_ternarylogic_epi32::<0xEA>(v, nibble, high(0)));
                 let w1 = bh(_mm512_ternarylogic_epi32::<0xEA>(
                     _mm512_srli_epi16::<8>(v),
                     nibble,
-                    one,
+                    high(1),
                 ));
                 let w2 = bh(_mm512_ternarylogic_epi32::<0xEA>(
                     _mm512_srli_epi16::<4>(v),
                     nibble,
-                    one,
+                    high(2),
                 ));
-                let w3 = bh(_mm512_or_si512(_mm512_srli_epi16::<12>(v), one));
+                let w3 = bh(_mm512_or_si512(_mm512_srli_epi16::<12>(v), high(3)));
                 let (s_lo, s_hi) = (
                     _mm512_permutexvar_ps(pk[0], d),
                     _mm512_permutexvar_ps(pk[1], d),

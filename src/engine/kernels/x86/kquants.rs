@@ -1,5 +1,5 @@
-//! Matrix-vector kernels for the K-quants of Q4_K_M / Q5_K_M files (Q4_K and Q6_K), AVX-512
-//! and AVX2.
+//! Matrix-vector kernels for the K-quants of Q4_K_M / Q5_K_M files (Q4_K, Q5_K and Q6_K),
+//! AVX-512 and AVX2.
 //!
 //! Each 256-value super-block is dequantized in registers, 16 (AVX-512) or 8 (AVX2) values
 //! at a time, into f32 weights (`d·sc · q − dmin·m` for Q4_K, `d·sc · (q − 32)` for Q6_K),
@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::{f16_to_f32, hsum, hsum512};
-use crate::engine::kernels::formats::{BlockQ4K, BlockQ6K, QK_K};
+use crate::engine::kernels::formats::{BlockQ6K, NibbleBlock, QK_K};
 
 /// Activation rows per pass of the AVX-512 kernels: 4 rows × 4 accumulators + 4 weight
 /// vectors + temporaries fit the 32 registers.
@@ -19,18 +19,19 @@ pub const ROWS_512: usize = 4;
 /// The same for AVX2's 16 registers: 2 rows × 4 accumulators + 4 weight vectors + masks.
 pub const ROWS_256: usize = 2;
 
-/// A Q4_K super-block's eight `d·sc` and `dmin·m`, rounded to f32 as ggml rounds them.
+/// A Q4_K (or Q5_K) super-block's eight `d·sc` and `dmin·m`, rounded to f32 as ggml rounds
+/// them.
 ///
 /// The 6-bit scales and mins are unpacked with whole-word masks (as ggml's own kernels do)
 /// and converted eight at a time: done one by one, the compiler's code moved every value
 /// between vector and general registers and this was a third of the kernel's time.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn q4k_scales(b: &BlockQ4K) -> ([f32; 8], [f32; 8]) {
+pub(super) unsafe fn q4k_scales<B: NibbleBlock>(b: &B) -> ([f32; 8], [f32; 8]) {
     const KMASK1: u32 = 0x3f3f_3f3f;
     const KMASK2: u32 = 0x0f0f_0f0f;
     const KMASK3: u32 = 0x0303_0303;
-    let u = |i: usize| u32::from_le_bytes(b.scales[4 * i..4 * i + 4].try_into().unwrap());
+    let u = |i: usize| u32::from_le_bytes(b.packed()[4 * i..4 * i + 4].try_into().unwrap());
     let (u0, u1, u2) = (u(0), u(1), u(2));
     // Bytes of `sc`: scales 0..8; bytes of `m`: mins 0..8 (see `scale_min_k4`).
     let sc = [u0 & KMASK1, (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4)];
@@ -46,33 +47,46 @@ pub(super) unsafe fn q4k_scales(b: &BlockQ4K) -> ([f32; 8], [f32; 8]) {
     let mut ms = [0f32; 8];
     _mm256_storeu_ps(
         ds.as_mut_ptr(),
-        _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(b.d)), widen(sc)),
+        _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(b.d())), widen(sc)),
     );
     _mm256_storeu_ps(
         ms.as_mut_ptr(),
-        _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(b.dmin)), widen(m)),
+        _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(b.dmin())), widen(m)),
     );
     (ds, ms)
 }
 
-/// Q4_K weight rows × `t` (1..=[`ROWS_512`]) f32 rows `x`: `out[k * ld + r]` = weight row
-/// r · x row k; `nb` super-blocks per row.
+/// The fifth bits of Q5_K group `g` (values 64g..64g + 64) as bit 4 of each byte: of the low
+/// nibbles (sub-block 2g) and of the high ones (2g + 1). Zeros for Q4_K.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fifth_bits(qh: __m256i, g: usize) -> (__m256i, __m256i) {
+    let one = _mm256_set1_epi8(1);
+    let bit = |shift: usize| {
+        let v = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(shift as i32));
+        _mm256_slli_epi16(_mm256_and_si256(v, one), 4)
+    };
+    (bit(2 * g), bit(2 * g + 1))
+}
+
+/// Q4_K or Q5_K weight rows × `t` (1..=[`ROWS_512`]) f32 rows `x`: `out[k * ld + r]` =
+/// weight row r · x row k; `nb` super-blocks per row.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub unsafe fn q4k_rows_512(
-    blocks: &[BlockQ4K],
+pub unsafe fn q4k_rows_512<B: NibbleBlock>(
+    blocks: &[B],
     nb: usize,
     x: &[f32],
     t: usize,
     out: *mut f32,
     ld: usize,
 ) {
-    by_rows!(t, [1, 2, 3], 4, q4k_rows_512_t(blocks, nb, x, out, ld))
+    by_rows!(t, [1, 2, 3], 4, q4k_rows_512_t<B>(blocks, nb, x, out, ld))
 }
 
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn q4k_rows_512_t<const T: usize>(
-    blocks: &[BlockQ4K],
+unsafe fn q4k_rows_512_t<const T: usize, B: NibbleBlock>(
+    blocks: &[B],
     nb: usize,
     x: &[f32],
     out: *mut f32,
@@ -88,11 +102,17 @@ unsafe fn q4k_rows_512_t<const T: usize>(
         for b in 0..nb {
             let blk = &*row.add(b);
             let (ds, ms) = q4k_scales(blk);
+            let qh = _mm256_loadu_si256(blk.qh().as_ptr() as *const __m256i);
             for g in 0..4 {
                 // 64 values: sub-block 2g in the low nibbles, 2g + 1 in the high ones.
-                let raw = _mm256_loadu_si256(blk.qs.as_ptr().add(g * 32) as *const __m256i);
-                let lo = _mm256_and_si256(raw, mask);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                let raw = _mm256_loadu_si256(blk.qs().as_ptr().add(g * 32) as *const __m256i);
+                let mut lo = _mm256_and_si256(raw, mask);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                if B::FIFTH_BIT {
+                    let (h0, h1) = fifth_bits(qh, g);
+                    lo = _mm256_or_si256(lo, h0);
+                    hi = _mm256_or_si256(hi, h1);
+                }
                 let (d0, m0) = (_mm512_set1_ps(ds[2 * g]), _mm512_set1_ps(ms[2 * g]));
                 let (d1, m1) = (_mm512_set1_ps(ds[2 * g + 1]), _mm512_set1_ps(ms[2 * g + 1]));
                 let q = |v: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
@@ -117,23 +137,23 @@ unsafe fn q4k_rows_512_t<const T: usize>(
     }
 }
 
-/// Q4_K weight rows × `t` (1..=[`ROWS_256`]) f32 rows, with 256-bit vectors.
+/// Q4_K or Q5_K weight rows × `t` (1..=[`ROWS_256`]) f32 rows, with 256-bit vectors.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4k_rows_256(
-    blocks: &[BlockQ4K],
+pub unsafe fn q4k_rows_256<B: NibbleBlock>(
+    blocks: &[B],
     nb: usize,
     x: &[f32],
     t: usize,
     out: *mut f32,
     ld: usize,
 ) {
-    by_rows!(t, [1], 2, q4k_rows_256_t(blocks, nb, x, out, ld))
+    by_rows!(t, [1], 2, q4k_rows_256_t<B>(blocks, nb, x, out, ld))
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4k_rows_256_t<const T: usize>(
-    blocks: &[BlockQ4K],
+unsafe fn q4k_rows_256_t<const T: usize, B: NibbleBlock>(
+    blocks: &[B],
     nb: usize,
     x: &[f32],
     out: *mut f32,
@@ -149,13 +169,31 @@ unsafe fn q4k_rows_256_t<const T: usize>(
         for b in 0..nb {
             let blk = &*row.add(b);
             let (ds, ms) = q4k_scales(blk);
+            let qh = _mm256_loadu_si256(blk.qh().as_ptr() as *const __m256i);
             for g in 0..4 {
+                let (h0, h1) = if B::FIFTH_BIT {
+                    fifth_bits(qh, g)
+                } else {
+                    (_mm256_setzero_si256(), _mm256_setzero_si256())
+                };
                 for half in 0..2 {
                     // 16 bytes: values 16·half.. of sub-blocks 2g (low) and 2g + 1 (high).
-                    let raw =
-                        _mm_loadu_si128(blk.qs.as_ptr().add(g * 32 + half * 16) as *const __m128i);
-                    let lo = _mm_and_si128(raw, mask);
-                    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+                    let raw = _mm_loadu_si128(
+                        blk.qs().as_ptr().add(g * 32 + half * 16) as *const __m128i
+                    );
+                    let mut lo = _mm_and_si128(raw, mask);
+                    let mut hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+                    if B::FIFTH_BIT {
+                        let pick = |v: __m256i| {
+                            if half == 0 {
+                                _mm256_castsi256_si128(v)
+                            } else {
+                                _mm256_extracti128_si256::<1>(v)
+                            }
+                        };
+                        lo = _mm_or_si128(lo, pick(h0));
+                        hi = _mm_or_si128(hi, pick(h1));
+                    }
                     let (d0, m0) = (_mm256_set1_ps(ds[2 * g]), _mm256_set1_ps(ms[2 * g]));
                     let (d1, m1) = (_mm256_set1_ps(ds[2 * g + 1]), _mm256_set1_ps(ms[2 * g + 1]));
                     let q = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
@@ -340,6 +378,7 @@ unsafe fn q6k_rows_256_t<const T: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::kernels::formats::BlockQ4K;
 
     /// The word-wise unpacking against ggml's byte-wise `get_scale_min_k4`, on every value
     /// of each scale byte position.

@@ -12,6 +12,13 @@ macro_rules! by_rows {
             _ => $f::<$last> $args,
         }
     };
+    // With the kernel's block type after the row count.
+    ($t:expr, [$($n:literal),*], $last:literal, $f:ident<$g:ty> $args:tt) => {
+        match $t {
+            $($n => $f::<$n, $g> $args,)*
+            _ => $f::<$last, $g> $args,
+        }
+    };
 }
 
 pub mod attention512;
@@ -82,7 +89,7 @@ pub unsafe fn hsum512(v: __m512) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::kernels::formats::{cast, QK, QK_K};
+    use crate::engine::kernels::formats::{cast, BlockQ4K, BlockQ5K, QK, QK_K};
     use crate::engine::kernels::testing::{matrix, reference};
     use candle_core::quantized::GgmlDType;
 
@@ -98,6 +105,7 @@ mod tests {
             GgmlDType::Q4_1,
             GgmlDType::Q8_0,
             GgmlDType::Q4K,
+            GgmlDType::Q5K,
             GgmlDType::Q6K,
             GgmlDType::F16,
         ] {
@@ -116,12 +124,14 @@ mod tests {
                     let mut out = vec![0f32; t * rows];
                     let data = m.rows_data(0, rows);
                     let most = match (dtype, wide) {
-                        (GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::F16, true) => {
-                            kquants::ROWS_512
-                        }
-                        (GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::F16, false) => {
-                            kquants::ROWS_256
-                        }
+                        (
+                            GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::F16,
+                            true,
+                        ) => kquants::ROWS_512,
+                        (
+                            GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::F16,
+                            false,
+                        ) => kquants::ROWS_256,
                         _ => 8,
                     };
                     let mut i = 0;
@@ -146,12 +156,38 @@ mod tests {
                                 (GgmlDType::Q8_0, true) => {
                                     avx512::q8_0_rows_512(cast(data), nb, xs, p, o, rows)
                                 }
-                                (GgmlDType::Q4K, false) => {
-                                    kquants::q4k_rows_256(cast(data), nk, xs, p, o, rows)
-                                }
-                                (GgmlDType::Q4K, true) => {
-                                    kquants::q4k_rows_512(cast(data), nk, xs, p, o, rows)
-                                }
+                                (GgmlDType::Q4K, false) => kquants::q4k_rows_256::<BlockQ4K>(
+                                    cast(data),
+                                    nk,
+                                    xs,
+                                    p,
+                                    o,
+                                    rows,
+                                ),
+                                (GgmlDType::Q4K, true) => kquants::q4k_rows_512::<BlockQ4K>(
+                                    cast(data),
+                                    nk,
+                                    xs,
+                                    p,
+                                    o,
+                                    rows,
+                                ),
+                                (GgmlDType::Q5K, false) => kquants::q4k_rows_256::<BlockQ5K>(
+                                    cast(data),
+                                    nk,
+                                    xs,
+                                    p,
+                                    o,
+                                    rows,
+                                ),
+                                (GgmlDType::Q5K, true) => kquants::q4k_rows_512::<BlockQ5K>(
+                                    cast(data),
+                                    nk,
+                                    xs,
+                                    p,
+                                    o,
+                                    rows,
+                                ),
                                 (GgmlDType::F16, false) => {
                                     floats::f16_rows_256(cast(data), cols, xs, p, o, rows)
                                 }

@@ -428,10 +428,7 @@ pub(crate) mod testing {
         let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<_>>();
         let magnitude = reference(&abs(w), &abs(x), rows, cols, n);
         #[cfg(target_arch = "x86_64")]
-        // Q5_K decodes with bf16 too; its prompt panels are f32.
-        let bf16 = x86::bf16()
-            && (matches!(format, Format::Q4K | Format::Q6K)
-                || (format == Format::Q5K && rows_are == Rows::Generated));
+        let bf16 = x86::bf16() && matches!(format, Format::Q4K | Format::Q5K | Format::Q6K);
         #[cfg(not(target_arch = "x86_64"))]
         let bf16 = false;
         let _ = (format, rows_are);

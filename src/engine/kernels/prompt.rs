@@ -43,7 +43,12 @@ impl QMat {
         out: Band,
         scratch: &mut PanelScratch,
     ) {
-        if x86::bf16() && matches!(self.format(), super::Format::Q4K | super::Format::Q6K) {
+        if x86::bf16()
+            && matches!(
+                self.format(),
+                super::Format::Q4K | super::Format::Q5K | super::Format::Q6K
+            )
+        {
             return self.gemm_band_bf16(r0, r1, x, n, out, scratch);
         }
         let cols = self.cols();
@@ -124,20 +129,29 @@ impl QMat {
         while p0 < r1 {
             let width = (r1 - p0).min(BPANEL);
             let rows = self.rows_data(p0, p0 + width);
-            let q4k = self.format() == super::Format::Q4K;
+            // Q4_K and Q5_K panels hold the same thing (exact values, scales, minimums).
+            let q4k = self.format() != super::Format::Q6K;
+            let (q, ds, ms) = (&mut scratch.q, &mut scratch.ds, &mut scratch.ms);
             // SAFETY: as above; `rows` holds `width` rows of `nb` blocks.
             unsafe {
-                if q4k {
-                    x86::bf16::q4k_panel(
+                match self.format() {
+                    super::Format::Q4K => x86::bf16::q4k_panel::<super::formats::BlockQ4K>(
                         cast(rows),
                         nb,
                         width,
-                        &mut scratch.q,
-                        &mut scratch.ds,
-                        &mut scratch.ms,
-                    )
-                } else {
-                    x86::bf16::q6k_panel(cast(rows), nb, width, &mut scratch.q, &mut scratch.ds)
+                        q,
+                        ds,
+                        ms,
+                    ),
+                    super::Format::Q5K => x86::bf16::q4k_panel::<super::formats::BlockQ5K>(
+                        cast(rows),
+                        nb,
+                        width,
+                        q,
+                        ds,
+                        ms,
+                    ),
+                    _ => x86::bf16::q6k_panel(cast(rows), nb, width, q, ds),
                 }
             };
             let mut i = 0;

@@ -18,7 +18,7 @@
 use std::arch::x86_64::*;
 
 use super::{f16_to_f32, hsum, hsum512};
-use crate::engine::kernels::formats::{BlockQ4K, BlockQ6K, NibbleBlock, QK, QK_K};
+use crate::engine::kernels::formats::{BlockQ6K, NibbleBlock, QK, QK_K};
 
 /// Activation rows per pass: 4 rows × 2 accumulators + the minimums' sums + weights fit.
 pub const ROWS: usize = 4;
@@ -448,7 +448,8 @@ pub const PANEL: usize = 16;
 /// scales and a broadcast fit the 32 registers.
 pub const MR: usize = 8;
 
-/// A panel of [`PANEL`] Q4_K weight rows for [`q4k_gemm`]: their 4-bit values as exact bf16,
+/// A panel of [`PANEL`] Q4_K (or Q5_K) weight rows for [`q4k_gemm`]: their 4-bit (5-bit)
+/// values as exact bf16,
 /// interleaved so that one load gives one column pair of all 16 rows (`q[(c/2)·32 + 2j + c%2]`
 /// = row j, column c), and each 32-column sub-block's `d·sc` and `dmin·m` per row
 /// (`ds[s·16 + j]`, `ms[s·16 + j]`). Rows past `width` are zero.
@@ -457,8 +458,8 @@ pub const MR: usize = 8;
 /// AVX512_BF16 must be present; `rows` holds `width` (≤ 16) rows of `nb` blocks; the buffers
 /// are resized here.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
-pub unsafe fn q4k_panel(
-    rows: &[BlockQ4K],
+pub unsafe fn q4k_panel<B: NibbleBlock>(
+    rows: &[B],
     nb: usize,
     width: usize,
     q: &mut Vec<u16>,
@@ -483,10 +484,17 @@ pub unsafe fn q4k_panel(
                 ds[(b * 8 + s) * PANEL + j] = d[s];
                 ms[(b * 8 + s) * PANEL + j] = m[s];
             }
+            let qh = _mm256_loadu_si256(blk.qh().as_ptr() as *const __m256i);
             for g in 0..4 {
-                let raw = _mm256_loadu_si256(blk.qs.as_ptr().add(g * 32) as *const __m256i);
-                let lo = _mm256_and_si256(raw, mask);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                let raw = _mm256_loadu_si256(blk.qs().as_ptr().add(g * 32) as *const __m256i);
+                let mut lo = _mm256_and_si256(raw, mask);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                if B::FIFTH_BIT {
+                    let (h0, h1) = super::kquants::fifth_bits(qh, g);
+                    lo = _mm256_or_si256(lo, h0);
+                    hi = _mm256_or_si256(hi, h1);
+                }
+                // The table covers 0..32: Q5_K's values too.
                 let w0 = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(lo), table);
                 let w1 = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(hi), table);
                 let p = row_bf.as_mut_ptr().add(g * 64);

@@ -60,7 +60,7 @@ pub(super) unsafe fn q4k_scales<B: NibbleBlock>(b: &B) -> ([f32; 8], [f32; 8]) {
 /// nibbles (sub-block 2g) and of the high ones (2g + 1). Zeros for Q4_K.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn fifth_bits(qh: __m256i, g: usize) -> (__m256i, __m256i) {
+pub(super) unsafe fn fifth_bits(qh: __m256i, g: usize) -> (__m256i, __m256i) {
     let one = _mm256_set1_epi8(1);
     let bit = |shift: usize| {
         let v = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(shift as i32));

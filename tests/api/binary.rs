@@ -696,29 +696,7 @@ fn tokenize_command() {
             env!("CARGO_MANIFEST_DIR")
         )
     };
-    let run = |args: &[&str], input: &str| {
-        use std::io::Write;
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("CONFAB_LOG", "warn")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run confab");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = crate::common::run_confab;
     // One run on Llama 3's vocabulary (128K tokens: the heaviest to build, and this test runs
     // beside timing-sensitive ones), the rest on Phi-3's.
     let (ok, out, err) = run(&["tokenize", "--model", &vocab("llama-bpe")], "Hello world");

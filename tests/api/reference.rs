@@ -18,6 +18,8 @@ use confab::engine::gguf::GgufFile;
 use confab::engine::model::Model;
 use confab::engine::tokenizer::TextTokenizer;
 
+use crate::common::run_confab as confab;
+
 /// The prompt every reference model runs (numbers, punctuation, a contraction: several
 /// pre-tokenizer rules at once).
 pub const PROMPT: &str = "Hello world! It's 2026, and 3 + 4 = 7.";
@@ -493,31 +495,6 @@ fn every_architecture_matches_llama_cpp() {
         }
         assert_eq!(got, want.greedy, "{}: greedy continuation", case.name);
     }
-}
-
-fn confab(args: &[&str], input: &str) -> (bool, String, String) {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_confab"))
-        .args(args)
-        .env("CONFAB_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run confab");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// `confab run --raw --greedy` continues a text as llama.cpp does: on the Llama 3 reference

@@ -66,7 +66,7 @@ async fn run(args: crate::config::RunArgs) -> anyhow::Result<()> {
         SamplingParams::greedy()
     } else {
         SamplingParams {
-            temperature: args.temperature.max(0.0),
+            temperature: args.temperature,
             seed: args.seed,
             ..SamplingParams::default()
         }

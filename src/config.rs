@@ -100,8 +100,8 @@ pub struct RunArgs {
     /// Always the most likely token (deterministic); otherwise sampled.
     #[arg(long)]
     pub greedy: bool,
-    /// Sampling temperature (ignored with `--greedy`).
-    #[arg(long, default_value_t = 0.7)]
+    /// Sampling temperature, 0–2 (ignored with `--greedy`; 0 is greedy too).
+    #[arg(long, default_value_t = 0.7, value_parser = temperature)]
     pub temperature: f32,
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
@@ -160,6 +160,16 @@ pub struct ModelArgs {
     /// Testing aid: at most one generated token per this many milliseconds.
     #[arg(long, env = "CONFAB_DEBUG_TOKEN_INTERVAL_MS", hide = true)]
     pub debug_token_interval_ms: Option<u64>,
+}
+
+/// A sampling temperature from 0 to 2.
+fn temperature(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(t) if (0.0..=2.0).contains(&t) => Ok(t),
+        _ => Err(format!(
+            "{s:?} is not a temperature: use a number from 0 to 2"
+        )),
+    }
 }
 
 /// 1–256 sequences.

@@ -219,17 +219,21 @@ fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
 }
 
-fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+/// 1 / the root mean square of `x` (with `eps`): what an RMS norm multiplies by.
+fn rms_scale(x: &[f32], eps: f32) -> f32 {
     let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let s = 1.0 / (ms + eps).sqrt();
+    1.0 / (ms + eps).sqrt()
+}
+
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let s = rms_scale(x, eps);
     for (v, &g) in x.iter_mut().zip(w) {
         *v *= s * g;
     }
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let s = 1.0 / (ms + eps).sqrt();
+    let s = rms_scale(x, eps);
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
         *o = v * s * g;
     }

@@ -547,7 +547,9 @@ fn run_chats_through_the_template() {
         two.starts_with(&one) && two.len() > one.len(),
         "{one:?} / {two:?}"
     );
-    // `--raw` needs a prompt; a missing model file is named.
+    // `--raw` needs a prompt; a temperature out of range and a missing model file are named.
+    let (ok, _, err) = confab(&["run", "--model", model, "--temperature=-1"], "");
+    assert!(!ok && err.contains("not a temperature"), "{err}");
     let (ok, _, err) = confab(&["run", "--model", model, "--raw"], "");
     assert!(!ok && err.contains("--prompt"), "{err}");
     let (ok, _, err) = confab(

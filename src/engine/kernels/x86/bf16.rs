@@ -474,7 +474,6 @@ pub unsafe fn q4k_panel<B: NibbleBlock>(
     ms.clear();
     ms.resize(cols / QK * PANEL, 0.0);
     let table = int_table(0);
-    let mask = _mm256_set1_epi8(0x0F);
     let mut row_bf = [0u16; QK_K];
     for j in 0..width {
         for b in 0..nb {
@@ -484,16 +483,8 @@ pub unsafe fn q4k_panel<B: NibbleBlock>(
                 ds[(b * 8 + s) * PANEL + j] = d[s];
                 ms[(b * 8 + s) * PANEL + j] = m[s];
             }
-            let qh = _mm256_loadu_si256(blk.qh().as_ptr() as *const __m256i);
             for g in 0..4 {
-                let raw = _mm256_loadu_si256(blk.qs().as_ptr().add(g * 32) as *const __m256i);
-                let mut lo = _mm256_and_si256(raw, mask);
-                let mut hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
-                if B::FIFTH_BIT {
-                    let (h0, h1) = super::kquants::fifth_bits(qh, g);
-                    lo = _mm256_or_si256(lo, h0);
-                    hi = _mm256_or_si256(hi, h1);
-                }
+                let (lo, hi) = super::kquants::group_values(blk, g);
                 // The table covers 0..32: Q5_K's values too.
                 let w0 = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(lo), table);
                 let w1 = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(hi), table);

@@ -56,17 +56,29 @@ pub(super) unsafe fn q4k_scales<B: NibbleBlock>(b: &B) -> ([f32; 8], [f32; 8]) {
     (ds, ms)
 }
 
-/// The fifth bits of Q5_K group `g` (values 64g..64g + 64) as bit 4 of each byte: of the low
-/// nibbles (sub-block 2g) and of the high ones (2g + 1). Zeros for Q4_K.
+/// The 64 values of group `g` of a Q4_K or Q5_K block (values 64g..64g + 64) as bytes:
+/// sub-block 2g from the low nibbles, 2g + 1 from the high ones, each with its fifth bit
+/// from `qh` for Q5_K (bit 2g, resp. 2g + 1, of `qh[l]`, moved to bit 4).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn fifth_bits(qh: __m256i, g: usize) -> (__m256i, __m256i) {
+pub(super) unsafe fn group_values<B: NibbleBlock>(blk: &B, g: usize) -> (__m256i, __m256i) {
+    let mask = _mm256_set1_epi8(0x0F);
+    let raw = _mm256_loadu_si256(blk.qs().as_ptr().add(g * 32) as *const __m256i);
+    let lo = _mm256_and_si256(raw, mask);
+    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+    if !B::FIFTH_BIT {
+        return (lo, hi);
+    }
+    let qh = _mm256_loadu_si256(blk.qh().as_ptr() as *const __m256i);
     let one = _mm256_set1_epi8(1);
     let bit = |shift: usize| {
         let v = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(shift as i32));
         _mm256_slli_epi16(_mm256_and_si256(v, one), 4)
     };
-    (bit(2 * g), bit(2 * g + 1))
+    (
+        _mm256_or_si256(lo, bit(2 * g)),
+        _mm256_or_si256(hi, bit(2 * g + 1)),
+    )
 }
 
 /// Q4_K or Q5_K weight rows × `t` (1..=[`ROWS_512`]) f32 rows `x`: `out[k * ld + r]` =
@@ -95,24 +107,15 @@ unsafe fn q4k_rows_512_t<const T: usize, B: NibbleBlock>(
     let cols = nb * QK_K;
     let n_rows = blocks.len() / nb;
     let xp = x.as_ptr();
-    let mask = _mm256_set1_epi8(0x0F);
     for r in 0..n_rows {
         let row = blocks.as_ptr().add(r * nb);
         let mut acc = [[_mm512_setzero_ps(); 4]; T];
         for b in 0..nb {
             let blk = &*row.add(b);
             let (ds, ms) = q4k_scales(blk);
-            let qh = _mm256_loadu_si256(blk.qh().as_ptr() as *const __m256i);
             for g in 0..4 {
-                // 64 values: sub-block 2g in the low nibbles, 2g + 1 in the high ones.
-                let raw = _mm256_loadu_si256(blk.qs().as_ptr().add(g * 32) as *const __m256i);
-                let mut lo = _mm256_and_si256(raw, mask);
-                let mut hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
-                if B::FIFTH_BIT {
-                    let (h0, h1) = fifth_bits(qh, g);
-                    lo = _mm256_or_si256(lo, h0);
-                    hi = _mm256_or_si256(hi, h1);
-                }
+                // 64 values: sub-block 2g, then 2g + 1.
+                let (lo, hi) = group_values(blk, g);
                 let (d0, m0) = (_mm512_set1_ps(ds[2 * g]), _mm512_set1_ps(ms[2 * g]));
                 let (d1, m1) = (_mm512_set1_ps(ds[2 * g + 1]), _mm512_set1_ps(ms[2 * g + 1]));
                 let q = |v: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
@@ -162,38 +165,24 @@ unsafe fn q4k_rows_256_t<const T: usize, B: NibbleBlock>(
     let cols = nb * QK_K;
     let n_rows = blocks.len() / nb;
     let xp = x.as_ptr();
-    let mask = _mm_set1_epi8(0x0F);
     for r in 0..n_rows {
         let row = blocks.as_ptr().add(r * nb);
         let mut acc = [[_mm256_setzero_ps(); 4]; T];
         for b in 0..nb {
             let blk = &*row.add(b);
             let (ds, ms) = q4k_scales(blk);
-            let qh = _mm256_loadu_si256(blk.qh().as_ptr() as *const __m256i);
             for g in 0..4 {
-                let (h0, h1) = if B::FIFTH_BIT {
-                    fifth_bits(qh, g)
-                } else {
-                    (_mm256_setzero_si256(), _mm256_setzero_si256())
-                };
+                let (lo32, hi32) = group_values(blk, g);
                 for half in 0..2 {
-                    // 16 bytes: values 16·half.. of sub-blocks 2g (low) and 2g + 1 (high).
-                    let raw = _mm_loadu_si128(
-                        blk.qs().as_ptr().add(g * 32 + half * 16) as *const __m128i
-                    );
-                    let mut lo = _mm_and_si128(raw, mask);
-                    let mut hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-                    if B::FIFTH_BIT {
-                        let pick = |v: __m256i| {
-                            if half == 0 {
-                                _mm256_castsi256_si128(v)
-                            } else {
-                                _mm256_extracti128_si256::<1>(v)
-                            }
-                        };
-                        lo = _mm_or_si128(lo, pick(h0));
-                        hi = _mm_or_si128(hi, pick(h1));
-                    }
+                    // Values 16·half.. of sub-blocks 2g (lo) and 2g + 1 (hi).
+                    let (lo, hi) = if half == 0 {
+                        (_mm256_castsi256_si128(lo32), _mm256_castsi256_si128(hi32))
+                    } else {
+                        (
+                            _mm256_extracti128_si256::<1>(lo32),
+                            _mm256_extracti128_si256::<1>(hi32),
+                        )
+                    };
                     let (d0, m0) = (_mm256_set1_ps(ds[2 * g]), _mm256_set1_ps(ms[2 * g]));
                     let (d1, m1) = (_mm256_set1_ps(ds[2 * g + 1]), _mm256_set1_ps(ms[2 * g + 1]));
                     let q = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));

@@ -380,15 +380,7 @@ impl CpuLlama {
         let factors = if has(file, "rope_freqs.weight") {
             vector_of(file, "rope_freqs.weight", half)?
         } else if has(file, "rope_factors_short.weight") {
-            let original = file
-                .content
-                .metadata
-                .get(&format!(
-                    "{}.rope.scaling.original_context_length",
-                    spec.architecture
-                ))
-                .and_then(|v| v.to_u32().ok())
-                .map_or(spec.context_length, |n| n as usize);
+            let original = r.original_context.unwrap_or(spec.context_length);
             if original < spec.context_length {
                 tracing::warn!(
                     trained = spec.context_length,

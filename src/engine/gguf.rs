@@ -67,6 +67,9 @@ pub struct RopeSpec {
     /// scaling while its global layers use 1 000 000 and a linear factor).
     pub local_freq_base: f32,
     pub local_freq_scale: f32,
+    /// The context the model had before its rope was scaled
+    /// (`rope.scaling.original_context_length`), where the file says.
+    pub original_context: Option<usize>,
 }
 
 impl ModelSpec {
@@ -296,6 +299,7 @@ impl ModelSpec {
             attn_factor: get_f32(md, &key("rope.scaling.attn_factor")).unwrap_or(1.0),
             local_freq_base,
             local_freq_scale,
+            original_context: get_usize(md, &key("rope.scaling.original_context_length")).ok(),
         };
         let (sliding_window, sliding_layers) = sliding(md, family, &key, n_layer)?;
         let query_scale = match family.wide_query_scale_layers {

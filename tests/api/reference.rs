@@ -19,6 +19,7 @@ use confab::engine::model::Model;
 use confab::engine::tokenizer::TextTokenizer;
 
 use crate::common::run_confab as confab;
+use crate::tiny::values;
 
 /// The prompt every reference model runs (numbers, punctuation, a contraction: several
 /// pre-tokenizer rules at once).
@@ -153,21 +154,6 @@ pub const CASES: &[Case] = &[
 
 fn llama_cpp_models() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/llama.cpp/models")
-}
-
-/// Deterministic weights (an LCG), uniform in ±scale.
-fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2.0 * scale
-        })
-        .collect()
 }
 
 fn f32_tensor(data: Vec<f32>, shape: &[usize]) -> QTensor {

@@ -34,19 +34,25 @@ fn byte_tokens() -> Vec<String> {
         .collect()
 }
 
-fn tensor(seed: u64, rows: usize, cols: usize, dtype: GgmlDType, scale: f32) -> QTensor {
-    // A small LCG: deterministic weights without pulling in an RNG here.
+/// `n` deterministic values uniform in ±`scale` from a small LCG: weights without pulling in
+/// an RNG (the reference models of `reference.rs` use them too, so their fixtures depend on
+/// this exact sequence).
+pub fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
     let mut s = seed
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);
-    let data: Vec<f32> = (0..rows * cols)
+    (0..n)
         .map(|_| {
             s = s
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2.0 * scale
         })
-        .collect();
+        .collect()
+}
+
+fn tensor(seed: u64, rows: usize, cols: usize, dtype: GgmlDType, scale: f32) -> QTensor {
+    let data = values(seed, rows * cols, scale);
     let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).expect("tensor");
     QTensor::quantize(&t, dtype).expect("quantize")
 }

@@ -1023,10 +1023,12 @@ async fn every_frame_counts_against_the_rate_and_floods_are_closed(b: Backend) {
 /// A client that stops reading: its socket is dropped after the write-stall timeout, the
 /// chat's other socket keeps receiving the reply meanwhile, and the place it held is freed.
 async fn a_socket_that_stops_reading_is_dropped_without_blocking_others(b: Backend) {
+    // The rate is high enough that the stalled client's pings are all answered: a refused
+    // flood would be closed (1008) for its rate, not for the stall this test is about.
     let chat_settings = ChatSettings {
         max_connections_per_tenant: 2,
-        messages_per_second: 100.0,
-        message_burst: 100,
+        messages_per_second: 1e6,
+        message_burst: 1_000_000,
         ..Default::default()
     };
     let settings = ServerSettings {
@@ -1039,12 +1041,10 @@ async fn a_socket_that_stops_reading_is_dropped_without_blocking_others(b: Backe
     };
     let s = TestServer::start_full(b, settings, tiny_model(None)).await;
     let t = s.tenant("acme").await;
-    // Sampled replies run long (the tiny model rarely picks its end token), so a few turns
-    // are more than the stalled socket's buffers hold.
     let c = s
         .create_chat(
             &t.key,
-            json!({"user_id": "alice", "config": {"temperature": 1.0, "max_tokens": 200}}),
+            json!({"user_id": "alice", "config": {"temperature": 1.0, "max_tokens": 40}}),
         )
         .await;
     let chat_id = c["id"].as_str().unwrap().to_string();
@@ -1060,7 +1060,24 @@ async fn a_socket_that_stops_reading_is_dropped_without_blocking_others(b: Backe
         s.base.replacen("http", "ws", 1),
         t.key
     );
-    let (_stalled, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    let (mut stalled, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    // The replies alone fill the server's send buffer (autotuned to megabytes on loopback)
+    // only after dozens of turns, slower than any deadline on a loaded machine. The stalled
+    // client also asks for pongs it never reads: its own answers fill the buffers within
+    // moments, whatever the machine's speed. Its writes block once the server stops reading
+    // it, so they run apart and end with the test.
+    let pinger = tokio::spawn(async move {
+        for _ in 0..200_000 {
+            if stalled
+                .send(Message::text(r#"{"type":"ping"}"#))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        stalled
+    });
     // Replies stream to both sockets; the reader takes each to its end.
     let mut freed = false;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -1091,6 +1108,7 @@ async fn a_socket_that_stops_reading_is_dropped_without_blocking_others(b: Backe
         }
     }
     assert!(freed, "the stalled socket was never dropped");
+    pinger.abort();
     s.stop().await;
 }
 

@@ -3,7 +3,7 @@
 
 use super::formats::{cast, QK, QK_K};
 #[cfg(target_arch = "x86_64")]
-use super::formats::{BlockQ4K, BlockQ5K};
+use super::formats::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use super::{scalar, Band, BandScratch, Format, QMat};
@@ -54,7 +54,7 @@ impl QMat {
         scratch: &mut BandScratch,
     ) {
         #[cfg(target_arch = "x86_64")]
-        if x86::available() && matches!(self.format, Format::Q4_1 | Format::Q8_0) {
+        if x86::available() && matches!(self.format, Format::Q4_0 | Format::Q4_1 | Format::Q8_0) {
             let cols = self.cols;
             let nb = cols / QK;
             let wide = x86::avx512();
@@ -68,11 +68,17 @@ impl QMat {
                 // written (rows i..i+t, columns r0..r1 of the band) are this work item's.
                 unsafe {
                     match (self.format, wide) {
+                        (Format::Q4_0, true) => {
+                            x86::avx512::q4_rows_512::<BlockQ4_0>(cast(data), nb, xs, t, o, out.ld)
+                        }
+                        (Format::Q4_0, false) => {
+                            x86::avx2::q4_rows::<BlockQ4_0>(cast(data), nb, xs, t, o, out.ld)
+                        }
                         (Format::Q4_1, true) => {
-                            x86::avx512::q4_1_rows_512(cast(data), nb, xs, t, o, out.ld)
+                            x86::avx512::q4_rows_512::<BlockQ4_1>(cast(data), nb, xs, t, o, out.ld)
                         }
                         (Format::Q4_1, false) => {
-                            x86::avx2::q4_1_rows(cast(data), nb, xs, t, o, out.ld)
+                            x86::avx2::q4_rows::<BlockQ4_1>(cast(data), nb, xs, t, o, out.ld)
                         }
                         (_, true) => x86::avx512::q8_0_rows_512(cast(data), nb, xs, t, o, out.ld),
                         (_, false) => x86::avx2::q8_0_rows(cast(data), nb, xs, t, o, out.ld),
@@ -155,8 +161,12 @@ impl QMat {
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        if x86::available() && self.format == Format::F16 && self.cols.is_multiple_of(64) {
-            use x86::{floats, kquants};
+        if x86::available()
+            && matches!(self.format, Format::F16 | Format::BF16 | Format::F32)
+            && self.cols.is_multiple_of(64)
+        {
+            use x86::floats::{self, BF16, F16, F32};
+            use x86::kquants;
             let cols = self.cols;
             let wide = x86::avx512();
             let group = if wide {
@@ -164,16 +174,27 @@ impl QMat {
             } else {
                 kquants::ROWS_256
             };
-            let data = cast::<u16>(self.rows_data(r0, r1));
+            let data = self.rows_data(r0, r1);
             in_passes(n, group, |i, t| {
                 let xs = &x[i * cols..(i + t) * cols];
                 let o = out.at(i, r0);
                 // SAFETY: as above; rows are a multiple of 64 values.
                 unsafe {
-                    if wide {
-                        floats::f16_rows_512(data, cols, xs, t, o, out.ld)
-                    } else {
-                        floats::f16_rows_256(data, cols, xs, t, o, out.ld)
+                    match (self.format, wide) {
+                        (Format::F16, true) => {
+                            floats::rows_512::<F16>(data, cols, xs, t, o, out.ld)
+                        }
+                        (Format::F16, false) => {
+                            floats::rows_256::<F16>(data, cols, xs, t, o, out.ld)
+                        }
+                        (Format::BF16, true) => {
+                            floats::rows_512::<BF16>(data, cols, xs, t, o, out.ld)
+                        }
+                        (Format::BF16, false) => {
+                            floats::rows_256::<BF16>(data, cols, xs, t, o, out.ld)
+                        }
+                        (_, true) => floats::rows_512::<F32>(data, cols, xs, t, o, out.ld),
+                        (_, false) => floats::rows_256::<F32>(data, cols, xs, t, o, out.ld),
                     }
                 }
             });

@@ -203,6 +203,42 @@ impl BlockQ4_1 {
     }
 }
 
+/// What the vector kernels read of Q4_0 and Q4_1 blocks: 32 nibbles (low nibbles the first
+/// 16 values, high nibbles the last 16) whose values are `d q + m`. Q4_0 stores no `m`: its
+/// `d (q - 8)` is `d q + m` with `m = -8 d`, exactly (`8 d` is `d` times a power of two, and a
+/// fused multiply-add rounds `d q - 8 d` once, as the scalar code rounds `d (q - 8)`), so one
+/// kernel serves both.
+pub trait Nibbles32: Pod {
+    fn d(&self) -> f16;
+    /// Q4_1's stored minimum; `None` for Q4_0 (`m = -8 d`).
+    fn m(&self) -> Option<f16>;
+    fn qs(&self) -> &[u8; 16];
+}
+
+impl Nibbles32 for BlockQ4_0 {
+    fn d(&self) -> f16 {
+        self.d
+    }
+    fn m(&self) -> Option<f16> {
+        None
+    }
+    fn qs(&self) -> &[u8; 16] {
+        &self.qs
+    }
+}
+
+impl Nibbles32 for BlockQ4_1 {
+    fn d(&self) -> f16 {
+        self.d
+    }
+    fn m(&self) -> Option<f16> {
+        Some(self.m)
+    }
+    fn qs(&self) -> &[u8; 16] {
+        &self.qs
+    }
+}
+
 /// Q5_0: `x = d * (q - 16)`, q in 0..32: low nibbles as Q4_0, bit j of `qh` (little-endian)
 /// the fifth bit of element j.
 #[derive(Clone, Copy, Pod, Zeroable)]

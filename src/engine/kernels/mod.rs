@@ -241,10 +241,18 @@ impl QMat {
     pub fn row(&self, r: usize, out: &mut [f32]) {
         let (cols, data) = (self.cols, self.rows_data(r, r + 1));
         #[cfg(target_arch = "x86_64")]
-        if self.format == Format::Q4_1 && x86::available() {
+        if matches!(self.format, Format::Q4_0 | Format::Q4_1) && x86::available() {
+            use formats::{cast, BlockQ4_0, BlockQ4_1};
+            let out = &mut out[..cols];
             // SAFETY: AVX2 and F16C are present (checked at run time); `out` holds at least
             // `cols` values (a whole row of blocks).
-            unsafe { x86::avx2::q4_1_row(formats::cast(data), &mut out[..cols]) };
+            unsafe {
+                if self.format == Format::Q4_0 {
+                    x86::avx2::q4_row::<BlockQ4_0>(cast(data), out)
+                } else {
+                    x86::avx2::q4_row::<BlockQ4_1>(cast(data), out)
+                }
+            };
             return;
         }
         self.format.dequantize(data, &mut out[..cols]);

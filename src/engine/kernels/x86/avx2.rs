@@ -2,8 +2,9 @@
 
 use std::arch::x86_64::*;
 
+use super::q4_dm;
 use super::{f16_to_f32, hsum};
-use crate::engine::kernels::formats::{BlockQ4_1, BlockQ8_0, QK};
+use crate::engine::kernels::formats::{BlockQ8_0, Nibbles32, QK};
 use crate::engine::kernels::prompt::PANEL;
 
 /// Blocks per row the Q4_1 kernel keeps `Σ x` for on the stack (16384 values).
@@ -54,37 +55,43 @@ pub unsafe fn transpose_panel(rows: &[f32], cols: usize, panel: &mut [f32]) {
     }
 }
 
-/// One Q4_1 row as f32, `d q + m` (a multiply, then an add: the same values as the
-/// scalar code). The prompt kernel dequantizes every weight once per step this way, so
-/// for short prompt chunks this loop is most of the step.
+/// One Q4_0 or Q4_1 row as f32, with the scalar code's rounding (Q4_1: `d q + m`, a multiply
+/// then an add; Q4_0: `d (q - 8)`, one rounding, which a fused multiply-add with `m = -8 d`
+/// gives). The prompt kernel dequantizes every weight once per step this way, so for short
+/// prompt chunks this loop is most of the step.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4_1_row(blocks: &[BlockQ4_1], out: &mut [f32]) {
+pub unsafe fn q4_row<B: Nibbles32>(blocks: &[B], out: &mut [f32]) {
     debug_assert!(out.len() >= blocks.len() * QK);
     let mask = _mm_set1_epi8(0x0F);
     let op = out.as_mut_ptr();
     for (b, blk) in blocks.iter().enumerate() {
-        let raw = _mm_loadu_si128(blk.qs.as_ptr() as *const __m128i);
+        let raw = _mm_loadu_si128(blk.qs().as_ptr() as *const __m128i);
         let lo = _mm_and_si128(raw, mask);
         let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-        let d = _mm256_set1_ps(f16_to_f32(blk.d));
-        let m = _mm256_set1_ps(f16_to_f32(blk.m));
+        let (d, m) = q4_dm(blk);
+        let (d, m) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
         let o = op.add(b * QK);
         for (i, q) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
             .into_iter()
             .enumerate()
         {
             let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
-            _mm256_storeu_ps(o.add(i * 8), _mm256_add_ps(_mm256_mul_ps(q, d), m));
+            let w = if blk.m().is_some() {
+                _mm256_add_ps(_mm256_mul_ps(q, d), m)
+            } else {
+                _mm256_fmadd_ps(q, d, m)
+            };
+            _mm256_storeu_ps(o.add(i * 8), w);
         }
     }
 }
 
-/// Q4_1 weight rows × `t` (1..=MAX_SHARED) f32 rows `x`: `out[k * ld + r]` = weight row
+/// Q4_0 or Q4_1 weight rows × `t` (1..=MAX_SHARED) f32 rows `x`: `out[k * ld + r]` = weight row
 /// r · x row k. Dispatches to a version with `t` fixed at compile time, so the
 /// accumulators live in registers.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4_1_rows(
-    blocks: &[BlockQ4_1],
+pub unsafe fn q4_rows<B: Nibbles32>(
+    blocks: &[B],
     nb: usize,
     x: &[f32],
     t: usize,
@@ -95,7 +102,7 @@ pub unsafe fn q4_1_rows(
         t,
         [1, 2, 3, 4, 5, 6, 7],
         8,
-        q4_1_rows_t(blocks, nb, x, out, ld)
+        q4_rows_t<B>(blocks, nb, x, out, ld)
     )
 }
 
@@ -107,8 +114,8 @@ pub unsafe fn q4_1_rows(
 #[target_feature(enable = "avx2,fma,f16c")]
 // `b` indexes the row's blocks (by pointer) and every activation row's Σx alike.
 #[allow(clippy::needless_range_loop)]
-unsafe fn q4_1_rows_t<const T: usize>(
-    blocks: &[BlockQ4_1],
+unsafe fn q4_rows_t<const T: usize, B: Nibbles32>(
+    blocks: &[B],
     nb: usize,
     x: &[f32],
     out: *mut f32,
@@ -122,7 +129,7 @@ unsafe fn q4_1_rows_t<const T: usize>(
         for r in 0..n_rows {
             for k in 0..T {
                 let mut acc = [0f32; 4];
-                q4_1_t::<1>(
+                q4_t::<1, B>(
                     &blocks[r * nb..(r + 1) * nb],
                     &x[k * cols..],
                     cols,
@@ -151,15 +158,15 @@ unsafe fn q4_1_rows_t<const T: usize>(
         let mut msum = [0f32; T];
         for b in 0..nb {
             let blk = &*row.add(b);
-            let raw = _mm_loadu_si128(blk.qs.as_ptr() as *const __m128i);
+            let raw = _mm_loadu_si128(blk.qs().as_ptr() as *const __m128i);
             let lo = _mm_and_si128(raw, mask);
             let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
             let q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
             let q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
             let q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
             let q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-            let d = _mm256_set1_ps(f16_to_f32(blk.d));
-            let m = f16_to_f32(blk.m);
+            let (d, m) = q4_dm(blk);
+            let d = _mm256_set1_ps(d);
             for k in 0..T {
                 let p = xp.add(k * cols + b * QK);
                 let mut s = _mm256_mul_ps(q0, _mm256_loadu_ps(p));
@@ -176,7 +183,7 @@ unsafe fn q4_1_rows_t<const T: usize>(
     }
 }
 
-/// Q8_0 weight rows × `t` (1..=MAX_SHARED) f32 rows, as [`q4_1_rows`]: `d Σ q x` per
+/// Q8_0 weight rows × `t` (1..=MAX_SHARED) f32 rows, as [`q4_rows`]: `d Σ q x` per
 /// block.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q8_0_rows(
@@ -271,18 +278,23 @@ unsafe fn gemm_m<const M: usize>(panel: &[f32], x: &[f32], cols: usize, out: *mu
     }
 }
 
-/// Q4_1 row × T f32 rows. The 32 weights of a block are dequantized once
+/// Q4_0 or Q4_1 row × T f32 rows. The 32 weights of a block are dequantized once
 /// (`d * q + m`) into four vectors and reused for every activation row.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_1_t<const T: usize>(row: &[BlockQ4_1], x: &[f32], cols: usize, acc: &mut [f32; 4]) {
+unsafe fn q4_t<const T: usize, B: Nibbles32>(
+    row: &[B],
+    x: &[f32],
+    cols: usize,
+    acc: &mut [f32; 4],
+) {
     let mask = _mm_set1_epi8(0x0F);
     let mut sums = [_mm256_setzero_ps(); T];
     let xp = x.as_ptr();
     for (bi, b) in row.iter().enumerate() {
-        let d = _mm256_set1_ps(f16_to_f32(b.d));
-        let m = _mm256_set1_ps(f16_to_f32(b.m));
-        let raw = _mm_loadu_si128(b.qs.as_ptr() as *const __m128i);
+        let (d, m) = q4_dm(b);
+        let (d, m) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
+        let raw = _mm_loadu_si128(b.qs().as_ptr() as *const __m128i);
         let lo = _mm_and_si128(raw, mask);
         let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
         let q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));

@@ -2,15 +2,15 @@
 
 use std::arch::x86_64::*;
 
-use super::{f16_to_f32, hsum512};
-use crate::engine::kernels::formats::{BlockQ4_1, BlockQ8_0, QK};
+use super::{f16_to_f32, hsum512, q4_dm};
+use crate::engine::kernels::formats::{BlockQ8_0, Nibbles32, QK};
 
-/// [`q4_1_rows`] with 512-bit vectors: a block's 32 weights are dequantized once into
+/// [`super::avx2::q4_rows`] (Q4_0 or Q4_1) with 512-bit vectors: a block's 32 weights are dequantized once into
 /// two vectors (`d q + m`) and multiplied with every activation row; with 32 registers
 /// that is cheaper than the `Σx` trick of the AVX2 kernel (no scalar work per block).
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub unsafe fn q4_1_rows_512(
-    blocks: &[BlockQ4_1],
+pub unsafe fn q4_rows_512<B: Nibbles32>(
+    blocks: &[B],
     nb: usize,
     x: &[f32],
     t: usize,
@@ -21,14 +21,14 @@ pub unsafe fn q4_1_rows_512(
         t,
         [1, 2, 3, 4, 5, 6, 7],
         8,
-        q4_1_rows_512_t(blocks, nb, x, out, ld)
+        q4_rows_512_t<B>(blocks, nb, x, out, ld)
     )
 }
 
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn q4_1_rows_512_t<const T: usize>(
-    blocks: &[BlockQ4_1],
+unsafe fn q4_rows_512_t<const T: usize, B: Nibbles32>(
+    blocks: &[B],
     nb: usize,
     x: &[f32],
     out: *mut f32,
@@ -45,11 +45,11 @@ unsafe fn q4_1_rows_512_t<const T: usize>(
         let mut acc = [[_mm512_setzero_ps(); 2]; T];
         for b in 0..nb {
             let blk = &*row.add(b);
-            let raw = _mm_loadu_si128(blk.qs.as_ptr() as *const __m128i);
+            let raw = _mm_loadu_si128(blk.qs().as_ptr() as *const __m128i);
             let lo = _mm_and_si128(raw, mask);
             let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-            let d = _mm512_set1_ps(f16_to_f32(blk.d));
-            let m = _mm512_set1_ps(f16_to_f32(blk.m));
+            let (d, m) = q4_dm(blk);
+            let (d, m) = (_mm512_set1_ps(d), _mm512_set1_ps(m));
             // The block's 32 weights, `d q + m`, as two vectors shared by all T rows.
             let w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d, m);
             let w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d, m);
@@ -65,7 +65,7 @@ unsafe fn q4_1_rows_512_t<const T: usize>(
     }
 }
 
-/// [`q8_0_rows`] with 512-bit vectors.
+/// [`super::avx2::q8_0_rows`] with 512-bit vectors.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 pub unsafe fn q8_0_rows_512(
     blocks: &[BlockQ8_0],

@@ -1,36 +1,91 @@
-//! Matrix-vector kernels for F16 weights (F16 GGUF files; llama.cpp's converters write F16
-//! before quantizing), AVX-512 and AVX2: one conversion instruction per 16 (or 8) weights,
-//! four accumulators per row as in [`super::kquants`].
+//! Matrix-vector kernels for unquantized weights, AVX-512 and AVX2: F16 (llama.cpp's
+//! converters write F16 before quantizing), BF16 (the format most models are trained and
+//! published in) and F32. One load (and for F16/BF16 one conversion) per 16 (or 8) weights,
+//! four accumulators per row as in [`super::kquants`]. Decoding is memory-bound, so the
+//! weights stay in their 2 (or 4) bytes and the activations in f32.
 
 use std::arch::x86_64::*;
 
 use super::{hsum, hsum512};
 
-/// F16 weight rows × `t` (1..=[`super::kquants::ROWS_512`]) f32 rows: 16 weights per conversion.
+/// The weights' element type, a const parameter of the kernels (one monomorphized copy each).
+pub const F16: u8 = 0;
+pub const BF16: u8 = 1;
+pub const F32: u8 = 2;
+
+/// Bytes of one weight of kind `K`.
+pub const fn width(kind: u8) -> usize {
+    if kind == F32 {
+        4
+    } else {
+        2
+    }
+}
+
+/// 16 weights of kind `K` from `w` (bytes) at element `i`, as f32.
+#[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub unsafe fn f16_rows_512(w: &[u16], cols: usize, x: &[f32], t: usize, out: *mut f32, ld: usize) {
-    by_rows!(t, [1, 2, 3], 4, f16_rows_512_t(w, cols, x, out, ld))
+unsafe fn load16<const K: u8>(w: *const u8, i: usize) -> __m512 {
+    match K {
+        F16 => _mm512_cvtph_ps(_mm256_loadu_si256(w.cast::<u16>().add(i).cast())),
+        // bf16 is the top half of an f32: widen and shift.
+        BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(w.cast::<u16>().add(i).cast()),
+        ))),
+        _ => _mm512_loadu_ps(w.cast::<f32>().add(i)),
+    }
+}
+
+/// 8 weights of kind `K` from `w` (bytes) at element `i`, as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8<const K: u8>(w: *const u8, i: usize) -> __m256 {
+    match K {
+        F16 => _mm256_cvtph_ps(_mm_loadu_si128(w.cast::<u16>().add(i).cast())),
+        BF16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+            _mm_loadu_si128(w.cast::<u16>().add(i).cast()),
+        ))),
+        _ => _mm256_loadu_ps(w.cast::<f32>().add(i)),
+    }
+}
+
+/// Weight rows of kind `K` (`w`: whole rows of `cols` values, `cols` a multiple of 64) ×
+/// `t` (1..=[`super::kquants::ROWS_512`]) f32 rows.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub unsafe fn rows_512<const K: u8>(
+    w: &[u8],
+    cols: usize,
+    x: &[f32],
+    t: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    match t {
+        1 => rows_512_t::<1, K>(w, cols, x, out, ld),
+        2 => rows_512_t::<2, K>(w, cols, x, out, ld),
+        3 => rows_512_t::<3, K>(w, cols, x, out, ld),
+        _ => rows_512_t::<4, K>(w, cols, x, out, ld),
+    }
 }
 
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn f16_rows_512_t<const T: usize>(
-    w: &[u16],
+unsafe fn rows_512_t<const T: usize, const K: u8>(
+    w: &[u8],
     cols: usize,
     x: &[f32],
     out: *mut f32,
     ld: usize,
 ) {
     debug_assert!(cols.is_multiple_of(64));
-    let n_rows = w.len() / cols;
+    let row_bytes = cols * width(K);
+    let n_rows = w.len() / row_bytes;
     let xp = x.as_ptr();
     for r in 0..n_rows {
-        let row = w.as_ptr().add(r * cols);
+        let row = w.as_ptr().add(r * row_bytes);
         let mut acc = [[_mm512_setzero_ps(); 4]; T];
         for c in (0..cols).step_by(64) {
-            let wv: [__m512; 4] = std::array::from_fn(|j| {
-                _mm512_cvtph_ps(_mm256_loadu_si256(row.add(c + 16 * j) as *const __m256i))
-            });
+            let wv: [__m512; 4] = std::array::from_fn(|j| load16::<K>(row, c + 16 * j));
             for (k, a) in acc.iter_mut().enumerate() {
                 let p = xp.add(k * cols + c);
                 for j in 0..4 {
@@ -45,31 +100,41 @@ unsafe fn f16_rows_512_t<const T: usize>(
     }
 }
 
-/// F16 weight rows × `t` (1..=[`super::kquants::ROWS_256`]) f32 rows, with 256-bit vectors.
+/// Weight rows of kind `K` × `t` (1..=[`super::kquants::ROWS_256`]) f32 rows, with 256-bit
+/// vectors (`cols` a multiple of 32).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn f16_rows_256(w: &[u16], cols: usize, x: &[f32], t: usize, out: *mut f32, ld: usize) {
-    by_rows!(t, [1], 2, f16_rows_256_t(w, cols, x, out, ld))
+pub unsafe fn rows_256<const K: u8>(
+    w: &[u8],
+    cols: usize,
+    x: &[f32],
+    t: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    match t {
+        1 => rows_256_t::<1, K>(w, cols, x, out, ld),
+        _ => rows_256_t::<2, K>(w, cols, x, out, ld),
+    }
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_rows_256_t<const T: usize>(
-    w: &[u16],
+unsafe fn rows_256_t<const T: usize, const K: u8>(
+    w: &[u8],
     cols: usize,
     x: &[f32],
     out: *mut f32,
     ld: usize,
 ) {
     debug_assert!(cols.is_multiple_of(32));
-    let n_rows = w.len() / cols;
+    let row_bytes = cols * width(K);
+    let n_rows = w.len() / row_bytes;
     let xp = x.as_ptr();
     for r in 0..n_rows {
-        let row = w.as_ptr().add(r * cols);
+        let row = w.as_ptr().add(r * row_bytes);
         let mut acc = [[_mm256_setzero_ps(); 4]; T];
         for c in (0..cols).step_by(32) {
-            let wv: [__m256; 4] = std::array::from_fn(|j| {
-                _mm256_cvtph_ps(_mm_loadu_si128(row.add(c + 8 * j) as *const __m128i))
-            });
+            let wv: [__m256; 4] = std::array::from_fn(|j| load8::<K>(row, c + 8 * j));
             for (k, a) in acc.iter_mut().enumerate() {
                 let p = xp.add(k * cols + c);
                 for j in 0..4 {

@@ -3,6 +3,8 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
+use crate::engine::kernels::formats::Nibbles32;
+
 /// Calls `f::<T>(args)` for the run-time row count `t`, one arm per listed count and
 /// `last` for the rest, so each kernel's accumulators are a fixed-size array in registers.
 macro_rules! by_rows {
@@ -77,6 +79,19 @@ unsafe fn f16_to_f32(h: half::f16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
 }
 
+/// A Q4_0 or Q4_1 block's `d` and `m` as f32: its values are `d q + m` (see
+/// [`Nibbles32`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_dm<B: Nibbles32>(b: &B) -> (f32, f32) {
+    let d = f16_to_f32(b.d());
+    let m = match b.m() {
+        Some(m) => f16_to_f32(m),
+        None => -8.0 * d,
+    };
+    (d, m)
+}
+
 /// The sum of a 512-bit vector's 16 lanes.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
@@ -89,7 +104,9 @@ pub unsafe fn hsum512(v: __m512) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::kernels::formats::{cast, BlockQ4K, BlockQ5K, QK, QK_K};
+    use crate::engine::kernels::formats::{
+        cast, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, QK, QK_K,
+    };
     use crate::engine::kernels::testing::{matrix, reference};
     use candle_core::quantized::GgmlDType;
 
@@ -102,12 +119,15 @@ mod tests {
             return;
         }
         for dtype in [
+            GgmlDType::Q4_0,
             GgmlDType::Q4_1,
             GgmlDType::Q8_0,
             GgmlDType::Q4K,
             GgmlDType::Q5K,
             GgmlDType::Q6K,
             GgmlDType::F16,
+            GgmlDType::BF16,
+            GgmlDType::F32,
         ] {
             let (rows, cols) = (24, 512);
             let (m, w) = matrix(rows, cols, dtype);
@@ -124,15 +144,9 @@ mod tests {
                     let mut out = vec![0f32; t * rows];
                     let data = m.rows_data(0, rows);
                     let most = match (dtype, wide) {
-                        (
-                            GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::F16,
-                            true,
-                        ) => kquants::ROWS_512,
-                        (
-                            GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::F16,
-                            false,
-                        ) => kquants::ROWS_256,
-                        _ => 8,
+                        (GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0, _) => 8,
+                        (_, true) => kquants::ROWS_512,
+                        (_, false) => kquants::ROWS_256,
                     };
                     let mut i = 0;
                     while i < t {
@@ -144,11 +158,17 @@ mod tests {
                         // i on holds p × rows.
                         unsafe {
                             match (dtype, wide) {
+                                (GgmlDType::Q4_0, false) => {
+                                    avx2::q4_rows::<BlockQ4_0>(cast(data), nb, xs, p, o, rows)
+                                }
+                                (GgmlDType::Q4_0, true) => {
+                                    avx512::q4_rows_512::<BlockQ4_0>(cast(data), nb, xs, p, o, rows)
+                                }
                                 (GgmlDType::Q4_1, false) => {
-                                    avx2::q4_1_rows(cast(data), nb, xs, p, o, rows)
+                                    avx2::q4_rows::<BlockQ4_1>(cast(data), nb, xs, p, o, rows)
                                 }
                                 (GgmlDType::Q4_1, true) => {
-                                    avx512::q4_1_rows_512(cast(data), nb, xs, p, o, rows)
+                                    avx512::q4_rows_512::<BlockQ4_1>(cast(data), nb, xs, p, o, rows)
                                 }
                                 (GgmlDType::Q8_0, false) => {
                                     avx2::q8_0_rows(cast(data), nb, xs, p, o, rows)
@@ -189,10 +209,22 @@ mod tests {
                                     rows,
                                 ),
                                 (GgmlDType::F16, false) => {
-                                    floats::f16_rows_256(cast(data), cols, xs, p, o, rows)
+                                    floats::rows_256::<{ floats::F16 }>(data, cols, xs, p, o, rows)
                                 }
                                 (GgmlDType::F16, true) => {
-                                    floats::f16_rows_512(cast(data), cols, xs, p, o, rows)
+                                    floats::rows_512::<{ floats::F16 }>(data, cols, xs, p, o, rows)
+                                }
+                                (GgmlDType::BF16, false) => {
+                                    floats::rows_256::<{ floats::BF16 }>(data, cols, xs, p, o, rows)
+                                }
+                                (GgmlDType::BF16, true) => {
+                                    floats::rows_512::<{ floats::BF16 }>(data, cols, xs, p, o, rows)
+                                }
+                                (GgmlDType::F32, false) => {
+                                    floats::rows_256::<{ floats::F32 }>(data, cols, xs, p, o, rows)
+                                }
+                                (GgmlDType::F32, true) => {
+                                    floats::rows_512::<{ floats::F32 }>(data, cols, xs, p, o, rows)
                                 }
                                 (_, false) => kquants::q6k_rows_256(cast(data), nk, xs, p, o, rows),
                                 (_, true) => kquants::q6k_rows_512(cast(data), nk, xs, p, o, rows),

@@ -58,8 +58,37 @@ struct Rope {
     mscale: f32,
 }
 
+/// YaRN's blend of scaled and unscaled frequencies (see [`RopeSpec::yarn`]).
+#[derive(Clone, Copy)]
+struct Yarn {
+    /// The context the correction dimensions are measured against.
+    original_context: usize,
+}
+
+impl Yarn {
+    /// Pairs turning faster than `BETA_FAST` times within the original context keep their
+    /// speed; slower than `BETA_SLOW`, they are scaled; llama.cpp's defaults (it reads no
+    /// other values for the architectures supported here).
+    const BETA_FAST: f32 = 32.0;
+    const BETA_SLOW: f32 = 1.0;
+
+    /// llama.cpp's `ggml_rope_yarn_corr_dims`: the first and last pair of the ramp.
+    fn corr_dims(&self, dims: usize, base: f32) -> (f32, f32) {
+        let dim = |rotations: f32| {
+            dims as f32
+                * (self.original_context as f32 / (rotations * 2.0 * std::f32::consts::PI)).ln()
+                / (2.0 * base.ln())
+        };
+        let start = dim(Self::BETA_FAST).floor().max(0.0);
+        let end = dim(Self::BETA_SLOW).ceil().min(dims as f32 - 1.0);
+        (start, end)
+    }
+}
+
 impl Rope {
-    /// llama.cpp's `ggml_rope_ext` without YaRN: base^(-2i/dims) · freq_scale / factor_i.
+    /// llama.cpp's `ggml_rope_ext`: pair i turns at base^(-2i/dims) / factor_i, times
+    /// `scale` — or, with YaRN, times a blend of `scale` and 1 along the ramp between the
+    /// correction dimensions (and cos and sin grow by `1 + 0.1 ln(1/scale)`).
     fn new(
         style: RopeStyle,
         dims: usize,
@@ -67,13 +96,28 @@ impl Rope {
         scale: f32,
         factors: &[f32],
         mscale: f32,
+        yarn: Option<Yarn>,
     ) -> Rope {
+        let ramp = yarn.map(|y| y.corr_dims(dims, base));
         let inv_freq = (0..dims / 2)
             .map(|i| {
                 let theta = (base as f64).powf(-2.0 * i as f64 / dims as f64);
-                theta * scale as f64 / factors.get(i).copied().unwrap_or(1.0) as f64
+                let extrap = theta / factors.get(i).copied().unwrap_or(1.0) as f64;
+                let speed = match ramp {
+                    Some((low, high)) => {
+                        let y = (i as f32 - low) / (high - low).max(0.001);
+                        let mix = (1.0 - y.clamp(0.0, 1.0)) as f64;
+                        scale as f64 * (1.0 - mix) + mix
+                    }
+                    None => scale as f64,
+                };
+                extrap * speed
             })
             .collect();
+        let mscale = match yarn {
+            Some(_) => mscale * (1.0 + 0.1 * (1.0 / scale).ln()),
+            None => mscale,
+        };
         Rope {
             style,
             dims,
@@ -344,8 +388,14 @@ impl Layer {
 }
 
 impl CpuLlama {
-    pub fn load(file: &GgufFile, threads: usize) -> Result<CpuLlama, EngineError> {
-        let mut spec = file.spec.clone();
+    /// `context`: the most positions a sequence will hold, when less than the model's own
+    /// length (it picks Phi-3's LongRoPE factors).
+    pub fn load(
+        file: &GgufFile,
+        threads: usize,
+        context: Option<usize>,
+    ) -> Result<CpuLlama, EngineError> {
+        let spec = file.spec.clone();
         let d = spec.n_embd;
         let embed = matrix(file, "token_embd.weight")?;
         if embed.cols() != d || embed.rows() < spec.vocab_size {
@@ -372,43 +422,34 @@ impl CpuLlama {
             .collect::<Result<Vec<_>, _>>()?;
         let r = spec.rope.clone();
         let half = r.dims / 2;
+        let original = r.original_context_or(spec.context_length);
+        let context = context.map_or(spec.context_length, |c| c.min(spec.context_length));
         // Frequency factors divide each pair's frequency (llama.cpp's `freq_factors`):
         // Llama 3.1+'s `rope_freqs` (long wavelengths turn slower, so the long context
-        // works) and Phi-3's LongRoPE factors. Of the latter, the short ones are exact up to
-        // the original context; the long ones would change every position's angles, so the
-        // context is limited to the original length instead.
+        // works) and Phi-3's LongRoPE factors: the short ones when the context served fits
+        // the original one, else the long ones, for every position (as llama.cpp chooses).
         let factors = if has(file, "rope_freqs.weight") {
             vector_of(file, "rope_freqs.weight", half)?
         } else if has(file, "rope_factors_short.weight") {
-            let original = r.original_context.unwrap_or(spec.context_length);
-            if original < spec.context_length {
-                tracing::warn!(
-                    trained = spec.context_length,
-                    original,
-                    "LongRoPE long factors are not implemented: context limited to the original length"
-                );
-                spec.context_length = original;
-            }
-            vector_of(file, "rope_factors_short.weight", half)?
+            let long = context > original && has(file, "rope_factors_long.weight");
+            let name = if long {
+                "rope_factors_long.weight"
+            } else {
+                "rope_factors_short.weight"
+            };
+            tracing::debug!(context, original, factors = name, "LongRoPE");
+            vector_of(file, name, half)?
         } else {
             Vec::new()
         };
-        let rope = Rope::new(
-            r.style,
-            r.dims,
-            r.freq_base,
-            r.freq_scale,
-            &factors,
-            r.attn_factor,
-        );
-        let local_rope = Rope::new(
-            r.style,
-            r.dims,
-            r.local_freq_base,
-            r.local_freq_scale,
-            &factors,
-            r.attn_factor,
-        );
+        let yarn = r.yarn.then_some(Yarn {
+            original_context: original,
+        });
+        let rope_of = |base: f32, scale: f32| {
+            Rope::new(r.style, r.dims, base, scale, &factors, r.attn_factor, yarn)
+        };
+        let rope = rope_of(r.freq_base, r.freq_scale);
+        let local_rope = rope_of(r.local_freq_base, r.local_freq_scale);
         Ok(CpuLlama {
             spec,
             embed,

@@ -70,6 +70,19 @@ pub struct RopeSpec {
     /// The context the model had before its rope was scaled
     /// (`rope.scaling.original_context_length`), where the file says.
     pub original_context: Option<usize>,
+    /// YaRN scaling (`rope.scaling.type = yarn`): instead of every frequency slowing by
+    /// `freq_scale`, the fast ones (many turns within the original context) keep their
+    /// speed, the slow ones are scaled, and a ramp blends those between; cos and sin grow
+    /// by `1 + 0.1 ln(1 / freq_scale)`. As llama.cpp's `ggml_rope_yarn`.
+    pub yarn: bool,
+}
+
+impl RopeSpec {
+    /// The context YaRN's correction dimensions and Phi-3's choice of LongRoPE factors are
+    /// measured against: the original one, else the trained one.
+    pub fn original_context_or(&self, trained: usize) -> usize {
+        self.original_context.unwrap_or(trained)
+    }
 }
 
 impl ModelSpec {
@@ -262,22 +275,29 @@ impl ModelSpec {
             ));
         }
         let context_length = get_usize(md, &key("context_length"))?;
-        // Linear scaling is applied; YaRN changes the turn of every dimension by a ramp
-        // this engine does not implement, so such a file is refused rather than run wrong.
+        // Linear, YaRN and LongRoPE (Phi-3: the factors are tensors) scaling; anything else
+        // is refused rather than run wrong.
         let scaling = md_string(md, &key("rope.scaling.type")).unwrap_or("linear");
         let factor = get_f32(md, &key("rope.scaling.factor"))
             .or_else(|| get_f32(md, &key("rope.scale_linear")))
             .filter(|f| *f != 0.0);
         let freq_scale = match scaling {
             "none" => 1.0,
-            "linear" | "longrope" => factor.map_or(1.0, |f| 1.0 / f),
+            "linear" | "longrope" | "yarn" => factor.map_or(1.0, |f| 1.0 / f),
             other => {
                 return bad(format!(
-                    "rope scaling `{other}` is not supported (supported: none, linear, and \
-                     Phi-3's LongRoPE factors)"
+                    "rope scaling `{other}` is not supported (supported: none, linear, yarn, \
+                     and Phi-3's LongRoPE factors)"
                 ))
             }
         };
+        if md.contains_key(&key("rope.scaling.yarn_log_multiplier")) {
+            return bad(
+                "YaRN with `rope.scaling.yarn_log_multiplier` (DeepSeek's attention scaling) \
+                 is not supported"
+                    .into(),
+            );
+        }
         let freq_base = get_f32(md, &key("rope.freq_base")).unwrap_or(10_000.0);
         let (local_freq_base, local_freq_scale) = match family.sliding {
             // Gemma 3: local layers turn at their own base (10 000 unless the file says),
@@ -300,6 +320,7 @@ impl ModelSpec {
             local_freq_base,
             local_freq_scale,
             original_context: get_usize(md, &key("rope.scaling.original_context_length")).ok(),
+            yarn: scaling == "yarn",
         };
         let (sliding_window, sliding_layers) = sliding(md, family, &key, n_layer)?;
         let query_scale = match family.wide_query_scale_layers {

@@ -113,10 +113,13 @@ impl Llama {
         let spec = file.spec.clone();
         // The candle path is Llama's pass as it was before architectures became data; the
         // GPU issue brings it to the CPU path's families.
-        if spec.family.name != "llama" || spec.head_dim * spec.n_head != spec.n_embd {
+        if spec.family.name != "llama"
+            || spec.head_dim * spec.n_head != spec.n_embd
+            || spec.rope.yarn
+        {
             return Err(EngineError::Device(format!(
-                "the GPU path runs llama-architecture models only; run this {} model on the \
-                 CPU (--device cpu)",
+                "the GPU path runs llama-architecture models without YaRN only; run this {} \
+                 model on the CPU (--device cpu)",
                 spec.architecture
             )));
         }

@@ -62,15 +62,17 @@ impl KvCache {
 }
 
 impl Model {
-    /// `threads`: CPU threads for the matrix products (CPU path only).
+    /// `threads`: CPU threads for the matrix products (CPU path only); `context`: the most
+    /// positions a sequence will hold, when less than the model's own length.
     pub fn load<R: Read + Seek>(
         file: &GgufFile,
         reader: &mut R,
         device: &Device,
         threads: usize,
+        context: Option<usize>,
     ) -> Result<Model, EngineError> {
         if device.is_cpu() {
-            Ok(Model::Cpu(CpuLlama::load(file, threads)?))
+            Ok(Model::Cpu(CpuLlama::load(file, threads, context)?))
         } else {
             Ok(Model::Device(Llama::load(file, reader, device)?))
         }

@@ -120,7 +120,13 @@ impl LoadedEngine {
             .map(|(_, t)| t.as_str())
             .unwrap_or("");
         let template = ChatTemplate::new(md_string(md, "tokenizer.chat_template"), bos, eos)?;
-        let model = Model::load(&file, &mut reader, &device, thread_count(opts.threads))?;
+        let model = Model::load(
+            &file,
+            &mut reader,
+            &device,
+            thread_count(opts.threads),
+            opts.max_context,
+        )?;
         let context_length = opts.max_context.map_or(model.spec().context_length, |m| {
             m.clamp(1, model.spec().context_length)
         });

@@ -289,7 +289,7 @@ fn candle_path_agrees_with_the_cpu_path() {
     use confab::engine::model::Model;
     let path = &fixture().path;
     let (file, mut reader) = GgufFile::open(path).unwrap();
-    let cpu = Model::load(&file, &mut reader, &candle_core::Device::Cpu, 2).unwrap();
+    let cpu = Model::load(&file, &mut reader, &candle_core::Device::Cpu, 2, None).unwrap();
     let (file, mut reader) = GgufFile::open(path).unwrap();
     let candle = Model::Device(Llama::load(&file, &mut reader, &candle_core::Device::Cpu).unwrap());
     let tokens = [72u32, 101, 108, 108, 111, 32, 256, 257];

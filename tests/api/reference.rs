@@ -44,6 +44,10 @@ pub struct Case {
     post_norms: bool,
     fused: bool,
     llama3_rope: bool,
+    /// `rope.scaling.type` when the extra metadata has a `rope.scaling.factor`.
+    scaling: &'static str,
+    /// Phi-3's LongRoPE factor tensors (short and long).
+    longrope: bool,
     /// Extra metadata, `{arch}.`-relative keys.
     extra: &'static [(&'static str, f32)],
     /// Extra integer metadata.
@@ -55,6 +59,9 @@ const N_HEAD: usize = 4;
 const N_KV: usize = 2;
 const N_FF: usize = 96;
 const CONTEXT: usize = 512;
+/// The context `reference-logits.cpp` gives llama.cpp (`n_ctx`): it picks Phi-3's LongRoPE
+/// factors, so confab runs the models with the same.
+const LLAMA_CPP_CONTEXT: usize = 256;
 
 const BASE: Case = Case {
     name: "",
@@ -69,6 +76,8 @@ const BASE: Case = Case {
     post_norms: false,
     fused: false,
     llama3_rope: false,
+    scaling: "linear",
+    longrope: false,
     extra: &[],
     extra_u32: &[],
 };
@@ -95,6 +104,19 @@ pub const CASES: &[Case] = &[
         vocab: "qwen2",
         qkv_bias: true,
         extra: &[("rope.freq_base", 1_000_000.0)],
+        ..BASE
+    },
+    // Qwen 2.5 with YaRN (as its long-context configurations set it): the ramp between the
+    // correction dimensions (pairs 0..3 of 8 with this base and original context) is inside
+    // the head.
+    Case {
+        name: "qwen2-yarn",
+        architecture: "qwen2",
+        vocab: "qwen2",
+        qkv_bias: true,
+        scaling: "yarn",
+        extra: &[("rope.freq_base", 10_000.0), ("rope.scaling.factor", 4.0)],
+        extra_u32: &[("rope.scaling.original_context_length", 128)],
         ..BASE
     },
     // Qwen 3: heads wider than n_embd / n_head, Q/K norms.
@@ -148,6 +170,35 @@ pub const CASES: &[Case] = &[
         rope_dims: Some(8),
         fused: true,
         tied: false,
+        ..BASE
+    },
+    // Phi-3.5 / Phi-4-mini: LongRoPE factors and attention factor. The context served (256)
+    // is longer than the original one (64): the long factors.
+    Case {
+        name: "phi3-long",
+        architecture: "phi3",
+        vocab: "phi-3",
+        rope_dims: Some(8),
+        fused: true,
+        tied: false,
+        longrope: true,
+        // √(1 + ln(512/64) / ln 64), as convert_hf_to_gguf.py computes it.
+        extra: &[("rope.scaling.attn_factor", 1.224_744_9)],
+        extra_u32: &[("rope.scaling.original_context_length", 64)],
+        ..BASE
+    },
+    // The same within the original context (256 of 256): the short factors.
+    Case {
+        name: "phi3-short",
+        architecture: "phi3",
+        vocab: "phi-3",
+        rope_dims: Some(8),
+        fused: true,
+        tied: false,
+        longrope: true,
+        // √(1 + ln(512/256) / ln 256).
+        extra: &[("rope.scaling.attn_factor", 1.060_66)],
+        extra_u32: &[("rope.scaling.original_context_length", 256)],
         ..BASE
     },
 ];
@@ -214,7 +265,7 @@ pub fn write(case: &Case, dir: &Path) -> PathBuf {
     if case.extra.iter().any(|(k, _)| *k == "rope.scaling.factor") {
         md.push((
             format!("{a}.rope.scaling.type"),
-            Value::String("linear".into()),
+            Value::String(case.scaling.into()),
         ));
     }
     for (k, v) in case.extra_u32 {
@@ -273,6 +324,17 @@ pub fn write(case: &Case, dir: &Path) -> PathBuf {
             })
             .collect();
         tensors.push(("rope_freqs.weight".into(), f32_tensor(factors, &[half])));
+    }
+    if case.longrope {
+        // Short factors near 1, long ones growing with the wavelength, as Phi-3.5's are.
+        let half = case.rope_dims.unwrap_or(hd) / 2;
+        let short = (0..half).map(|i| 1.0 + 0.05 * i as f32).collect();
+        let long = (0..half).map(|i| 1.0 + 3.0 * i as f32).collect();
+        tensors.push((
+            "rope_factors_short.weight".into(),
+            f32_tensor(short, &[half]),
+        ));
+        tensors.push(("rope_factors_long.weight".into(), f32_tensor(long, &[half])));
     }
     for l in 0..case.n_layer {
         let p = |n: &str| format!("blk.{l}.{n}");
@@ -451,7 +513,8 @@ fn every_architecture_matches_llama_cpp() {
         let tokens = tok.tokenize(PROMPT, tok.add_bos).expect("tokenize");
         assert_eq!(tokens, want.tokens, "{}: tokens", case.name);
         let (file, mut reader) = GgufFile::open(&path).expect("open");
-        let model = Model::load(&file, &mut reader, &Device::Cpu, 2).expect("load");
+        let model = Model::load(&file, &mut reader, &Device::Cpu, 2, Some(LLAMA_CPP_CONTEXT))
+            .expect("load");
         assert_eq!(model.spec().architecture, case.architecture);
         let n = tokens.len();
         // One token at a time: every position's logits.
@@ -543,4 +606,26 @@ fn run_chats_through_the_template() {
         "",
     );
     assert!(!ok && err.contains("/nonexistent.gguf"), "{err}");
+}
+
+/// A rope scaling this engine does not implement is refused by name when the file is opened,
+/// never run with other angles than the model was trained with.
+#[test]
+fn an_unknown_rope_scaling_is_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let case = Case {
+        name: "dynamic",
+        architecture: "qwen2",
+        vocab: "qwen2",
+        qkv_bias: true,
+        scaling: "dynamic",
+        extra: &[("rope.scaling.factor", 2.0)],
+        ..BASE
+    };
+    let path = write(&case, dir.path());
+    let err = GgufFile::open(&path).err().expect("refused").to_string();
+    assert!(
+        err.contains("rope scaling `dynamic` is not supported") && err.contains("yarn"),
+        "{err}"
+    );
 }

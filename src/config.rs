@@ -406,8 +406,10 @@ pub struct ChatArgs {
     /// Replies waiting for the model, all tenants together; more get `server_busy`.
     #[arg(long, env = "CONFAB_MAX_WAITING_TOTAL", default_value_t = 256)]
     pub max_waiting_total: usize,
-    /// Share of the model's reply slots one tenant may hold (0–1; at least one slot).
-    #[arg(long, env = "CONFAB_TENANT_SLOT_SHARE", default_value_t = 0.5)]
+    /// Share of the model's reply slots one tenant may hold (0–1; at least one slot): a hard
+    /// cap, off at 1 (a tenant alone uses every idle slot; when others wait, each freed slot
+    /// goes to the tenant served least recently).
+    #[arg(long, env = "CONFAB_TENANT_SLOT_SHARE", default_value_t = 1.0)]
     pub tenant_slot_share: f64,
     /// Open WebSocket connections per tenant; more are closed with 4429.
     #[arg(long, env = "CONFAB_MAX_CONNECTIONS_PER_TENANT", default_value_t = 50)]

@@ -46,7 +46,9 @@ pub struct ChatSettings {
     pub queue_per_tenant: usize,
     /// Replies waiting for the engine, all tenants together (server overload beyond it).
     pub max_waiting_total: usize,
-    /// Share of the slots one tenant may hold (at least one slot).
+    /// Share of the slots one tenant may hold (at least one slot): an explicit hard cap.
+    /// 1, the default, is none: a tenant may use every idle slot, and fairness comes from
+    /// the order the scheduler hands out freed slots in.
     pub tenant_slot_share: f64,
     /// Open WebSocket connections per tenant (default; a tenant may have its own).
     pub max_connections_per_tenant: usize,
@@ -77,7 +79,7 @@ impl Default for ChatSettings {
             slots: 1,
             queue_per_tenant: 16,
             max_waiting_total: 256,
-            tenant_slot_share: 0.5,
+            tenant_slot_share: 1.0,
             max_connections_per_tenant: 50,
             save_interval: Duration::from_secs(1),
             history_messages: 200,

@@ -345,6 +345,39 @@ mod tests {
         assert_eq!(s.reserve(t[0]), Err(Refused::Overloaded { capacity: 3 }));
     }
 
+    /// No cap (the default): a tenant alone takes every slot; a tenant arriving then gets the
+    /// first slot that frees, ahead of the first tenant's backlog, and the two alternate.
+    #[test]
+    fn idle_slots_are_used_and_a_newcomer_gets_the_next_free_one() {
+        let (a, b) = (tenant(), tenant());
+        let mut s = Scheduler::new(limits(4, 16, 4));
+        for i in 0..8 {
+            push(&mut s, a, ('a', i));
+        }
+        for i in 0..4 {
+            assert_eq!(s.dispatch(), Some((a, ('a', i))), "a alone uses slot {i}");
+        }
+        assert!(s.dispatch().is_none(), "all four slots busy");
+        push(&mut s, b, ('b', 0));
+        push(&mut s, b, ('b', 1));
+        assert_eq!(s.positions()[0], (&('b', 0), 1));
+        s.finish(a);
+        assert_eq!(
+            s.dispatch(),
+            Some((b, ('b', 0))),
+            "the freed slot goes to b"
+        );
+        s.finish(a);
+        assert_eq!(
+            s.dispatch(),
+            Some((a, ('a', 4))),
+            "then a, served less recently"
+        );
+        s.finish(a);
+        assert_eq!(s.dispatch(), Some((b, ('b', 1))));
+        assert_eq!(s.running(), 4);
+    }
+
     #[test]
     fn a_tenant_holds_at_most_its_share_of_slots() {
         let (a, b) = (tenant(), tenant());

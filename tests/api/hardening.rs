@@ -6,7 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use confab::chat::ChatSettings;
 use confab::server::ConnectionLimits;
 use confab::ServerSettings;
 use serde_json::json;
@@ -296,10 +295,6 @@ async fn metrics_are_closed_on_a_public_address_without_a_token(b: Backend) {
 async fn a_prompt_storm_by_one_tenant_does_not_stall_another(b: Backend) {
     let pace = Duration::from_millis(20);
     let settings = ServerSettings {
-        chat: ChatSettings {
-            tenant_slot_share: 1.0,
-            ..Default::default()
-        },
         requests_per_minute: 10_000,
         ..Default::default()
     };

@@ -914,7 +914,6 @@ async fn metrics_parse_and_move_with_traffic(b: Backend) {
 async fn replies_of_several_chats_stream_together(b: Backend) {
     let settings = ChatSettings {
         slots: 3,
-        tenant_slot_share: 1.0,
         ..ChatSettings::default()
     };
     let s = server(b, settings, Some(Duration::from_millis(10))).await;

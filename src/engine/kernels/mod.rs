@@ -435,8 +435,12 @@ pub(crate) mod testing {
     ) -> Vec<f32> {
         let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<_>>();
         let magnitude = reference(&abs(w), &abs(x), rows, cols, n);
+        // Decode rounds activations to bf16 for the K-quants and Q4_0, the prompt panels for
+        // those and BF16 too.
         #[cfg(target_arch = "x86_64")]
-        let bf16 = x86::bf16() && matches!(format, Format::Q4K | Format::Q5K | Format::Q6K);
+        let bf16 = x86::bf16()
+            && prompt::bf16_panels(format)
+            && (rows_are == Rows::Prompt || format != Format::BF16);
         #[cfg(not(target_arch = "x86_64"))]
         let bf16 = false;
         let _ = (format, rows_are);
@@ -456,7 +460,7 @@ mod tests {
     /// the dequantized weights.
     #[test]
     fn kernels_match_dequantized_reference() {
-        for dtype in [
+        for (dtype, cols) in [
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,
             GgmlDType::Q5_0,
@@ -468,9 +472,14 @@ mod tests {
             GgmlDType::F16,
             GgmlDType::BF16,
             GgmlDType::F32,
-        ] {
+        ]
+        .into_iter()
+        .map(|d| (d, 512))
+        // Rows of 4.5 super-blocks (Gemma 3 1B's 1152) in the formats of 32-value blocks.
+        .chain([GgmlDType::Q4_0, GgmlDType::Q8_0, GgmlDType::BF16].map(|d| (d, 1152)))
+        {
             // Three chunks of rows (the last partial), rows of two K-quant super-blocks.
-            let (rows, cols) = (150, 512);
+            let rows = 150;
             let (m, w) = matrix(rows, cols, dtype);
             assert_eq!(Some(m.format()), Format::from_ggml(dtype));
             for n in [1, 3, 4, 9, 17] {
@@ -561,10 +570,12 @@ mod tests {
     #[test]
     fn a_rows_result_does_not_depend_on_its_batch() {
         for dtype in [
+            GgmlDType::Q4_0,
             GgmlDType::Q4_1,
             GgmlDType::Q8_0,
             GgmlDType::Q4K,
             GgmlDType::Q6K,
+            GgmlDType::BF16,
             GgmlDType::F32,
         ] {
             let (rows, cols) = (40, 256);

@@ -3,7 +3,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::{Band, QMat};
+use super::{Band, Format, QMat};
 
 /// Weight rows per panel of the prompt-processing kernel (two AVX vectors).
 pub(super) const PANEL: usize = 16;
@@ -27,6 +27,16 @@ pub(super) struct PanelScratch {
     bf16: x86::bf16::Activations,
 }
 
+/// Formats whose prompt panels hold exact bf16 values for `vdpbf16ps` where the CPU has
+/// AVX512_BF16 (see [`QMat::gemm_band_bf16`]): the K-quants, Q4_0 and BF16. Q4_1 and Q8_0
+/// (SmolLM2's file) keep f32 panels and their tested answers.
+pub(super) fn bf16_panels(format: Format) -> bool {
+    matches!(
+        format,
+        Format::Q4K | Format::Q5K | Format::Q6K | Format::Q4_0 | Format::BF16
+    )
+}
+
 impl QMat {
     /// Weight rows `r0..r1` × all `n` activation rows, for prompt processing: the weights
     /// are dequantized one panel of [`PANEL`] rows at a time into a column-major f32 buffer,
@@ -43,12 +53,7 @@ impl QMat {
         out: Band,
         scratch: &mut PanelScratch,
     ) {
-        if x86::bf16()
-            && matches!(
-                self.format(),
-                super::Format::Q4K | super::Format::Q5K | super::Format::Q6K
-            )
-        {
+        if x86::bf16() && bf16_panels(self.format()) && self.cols().is_multiple_of(32) {
             return self.gemm_band_bf16(r0, r1, x, n, out, scratch);
         }
         let cols = self.cols();
@@ -104,10 +109,11 @@ impl QMat {
         }
     }
 
-    /// [`QMat::gemm_band`] for Q4_K and Q6_K with bf16 dot products (AVX512_BF16): each
-    /// panel keeps the weights' integer values (exact in bf16) and their f32 sub-block scales, the
-    /// activations are rounded to bf16 once per product, and `vdpbf16ps` does 32
-    /// multiply-adds an instruction — twice f32 FMA's — with f32 sums.
+    /// [`QMat::gemm_band`] for the formats of [`bf16_panels`] with bf16 dot products
+    /// (AVX512_BF16): each panel keeps the weights' values exactly in bf16 (the integers of
+    /// the quantized formats with their f32 block scales, BF16's own values), the activations
+    /// are rounded to bf16 once per product, and `vdpbf16ps` does 32 multiply-adds an
+    /// instruction — twice f32 FMA's — with f32 sums.
     #[cfg(target_arch = "x86_64")]
     fn gemm_band_bf16(
         &self,
@@ -118,40 +124,30 @@ impl QMat {
         out: Band,
         scratch: &mut PanelScratch,
     ) {
-        use super::formats::{cast, QK, QK_K};
+        use super::formats::{cast, BlockQ4K, BlockQ5K, QK, QK_K};
         use x86::bf16::{MR as BMR, PANEL as BPANEL};
         let cols = self.cols();
-        let nb = cols / QK_K;
-        // SAFETY: AVX512_BF16 checked by the caller; rows are whole super-blocks.
+        let nk = cols / QK_K;
+        // SAFETY: AVX512_BF16 checked by the caller; rows are whole blocks of 32.
         let xs = unsafe { scratch.bf16.prepare(&x[..n * cols]) };
         let mut spill = [0f32; BMR * BPANEL];
         let mut p0 = r0;
         while p0 < r1 {
             let width = (r1 - p0).min(BPANEL);
             let rows = self.rows_data(p0, p0 + width);
-            // Q4_K and Q5_K panels hold the same thing (exact values, scales, minimums).
-            let q4k = self.format() != super::Format::Q6K;
             let (q, ds, ms) = (&mut scratch.q, &mut scratch.ds, &mut scratch.ms);
-            // SAFETY: as above; `rows` holds `width` rows of `nb` blocks.
+            // SAFETY: as above; `rows` holds `width` whole rows.
             unsafe {
                 match self.format() {
-                    super::Format::Q4K => x86::bf16::q4k_panel::<super::formats::BlockQ4K>(
-                        cast(rows),
-                        nb,
-                        width,
-                        q,
-                        ds,
-                        ms,
-                    ),
-                    super::Format::Q5K => x86::bf16::q4k_panel::<super::formats::BlockQ5K>(
-                        cast(rows),
-                        nb,
-                        width,
-                        q,
-                        ds,
-                        ms,
-                    ),
-                    _ => x86::bf16::q6k_panel(cast(rows), nb, width, q, ds),
+                    Format::Q4K => {
+                        x86::bf16::q4k_panel::<BlockQ4K>(cast(rows), nk, width, q, ds, ms)
+                    }
+                    Format::Q5K => {
+                        x86::bf16::q4k_panel::<BlockQ5K>(cast(rows), nk, width, q, ds, ms)
+                    }
+                    Format::Q4_0 => x86::bf16::q4_0_panel(cast(rows), cols / QK, width, q, ds, ms),
+                    Format::BF16 => x86::bf16::bf16_panel(cast(rows), cols, width, q, ds),
+                    _ => x86::bf16::q6k_panel(cast(rows), nk, width, q, ds),
                 }
             };
             let mut i = 0;
@@ -163,10 +159,13 @@ impl QMat {
                 let kernel = |o: *mut f32, ld: usize| {
                     // SAFETY: as above; `o` has room for m rows of 16 at stride `ld`.
                     unsafe {
-                        if q4k {
-                            x86::bf16::q4k_gemm(m, q, ds, ms, xb, xsum, cols, o, ld)
-                        } else {
-                            x86::bf16::q6k_gemm(m, q, ds, xb, cols, o, ld)
+                        match self.format() {
+                            // Values with a minimum per block (Q4_0's is 8·d).
+                            Format::Q4K | Format::Q5K | Format::Q4_0 => {
+                                x86::bf16::q4k_gemm(m, q, ds, ms, xb, xsum, cols, o, ld)
+                            }
+                            Format::BF16 => x86::bf16::plain_gemm(m, q, ds, xb, cols, o, ld),
+                            _ => x86::bf16::q6k_gemm(m, q, ds, xb, cols, o, ld),
                         }
                     }
                 };

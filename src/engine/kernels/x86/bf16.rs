@@ -18,7 +18,7 @@
 use std::arch::x86_64::*;
 
 use super::{f16_to_f32, hsum, hsum512};
-use crate::engine::kernels::formats::{BlockQ6K, NibbleBlock, QK, QK_K};
+use crate::engine::kernels::formats::{BlockQ4_0, BlockQ6K, NibbleBlock, QK, QK_K};
 
 /// Activation rows per pass: 4 rows × 2 accumulators + the minimums' sums + weights fit.
 pub const ROWS: usize = 4;
@@ -332,14 +332,85 @@ unsafe fn q6k_groups(blk: &BlockQ6K, h: usize) -> [__m256i; 4] {
     ]
 }
 
-/// Puts super-block `b` of panel row `j` (256 bf16 values, row-major) into the panel, one
-/// column pair at a time: pair p of the row lands at `(b·128 + p)·16 + j` (as u32).
+/// Puts block `b` of panel row `j` (`N` bf16 values, row-major: a 256-value super-block or
+/// a 32-value block) into the panel, one column pair at a time: pair p of the block lands at
+/// `(b·N/2 + p)·16 + j` (as u32).
 #[inline]
-unsafe fn scatter_pairs(row_bf: &[u16; QK_K], q: &mut [u16], b: usize, j: usize) {
-    let pairs = row_bf.as_ptr() as *const u32;
+unsafe fn scatter_pairs<const N: usize>(vals: &[u16; N], q: &mut [u16], b: usize, j: usize) {
+    let pairs = vals.as_ptr() as *const u32;
     let dst = q.as_mut_ptr() as *mut u32;
-    for p in 0..QK_K / 2 {
-        *dst.add((b * QK_K / 2 + p) * PANEL + j) = *pairs.add(p);
+    for p in 0..N / 2 {
+        *dst.add((b * N / 2 + p) * PANEL + j) = *pairs.add(p);
+    }
+}
+
+/// Q4_0 weight rows × `t` (1..=[`ROWS`]) rows of bf16 activations `xb` (in their own order)
+/// and their 32-value sums `xsum` (see [`Activations::prepare`]).
+///
+/// As in [`q4k_rows_t`], a nibble q becomes the bf16 `1 + q/128` with one `vpternlogd`
+/// (0x3F80 | q: exact), so Σ (q − 8)·x = 128·Σ(1 + q/128)·x − 136·Σx: the block's scale is
+/// taken ×128 on the products, and `d·Σx` is summed apart and taken ×136 once per row.
+///
+/// # Safety
+/// AVX512_BF16 must be present; `xb` holds t rows of `nb · 32` values, `xsum` their sums;
+/// `out` has room for the cells written.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+pub unsafe fn q4_0_rows(
+    blocks: &[BlockQ4_0],
+    nb: usize,
+    xb: &[u16],
+    xsum: &[f32],
+    t: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    by_rows!(t, [1, 2, 3], 4, q4_0_rows_t(blocks, nb, xb, xsum, out, ld))
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+unsafe fn q4_0_rows_t<const T: usize>(
+    blocks: &[BlockQ4_0],
+    nb: usize,
+    xb: &[u16],
+    xsum: &[f32],
+    out: *mut f32,
+    ld: usize,
+) {
+    let cols = nb * QK;
+    let n_rows = blocks.len() / nb;
+    let (xp, sp) = (xb.as_ptr(), xsum.as_ptr());
+    let nibble = _mm512_set1_epi16(0x000F);
+    let one = _mm512_set1_epi16(0x3F80);
+    let zero = _mm512_setzero_ps();
+    for r in 0..n_rows {
+        let row = blocks.as_ptr().add(r * nb);
+        let mut acc = [zero; T];
+        let mut dx = [0f32; T];
+        for b in 0..nb {
+            let blk = &*row.add(b);
+            prefetch(blk as *const BlockQ4_0 as *const u8);
+            // The 16 bytes as words, then the same shifted by 4: lanes 0..16 hold values
+            // 0..16 in their low nibble, lanes 16..32 values 16..32.
+            let bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(blk.qs.as_ptr() as *const __m128i));
+            let both = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(bytes),
+                _mm256_srli_epi16::<4>(bytes),
+            );
+            // (both & 0x000F) | 0x3F80
+            let w = bh(_mm512_ternarylogic_epi32::<0xEA>(both, nibble, one));
+            let d = f16_to_f32(blk.d);
+            let d128 = _mm512_set1_ps(d * 128.0);
+            for k in 0..T {
+                let x = load_bh(xp.add(k * cols + b * QK));
+                let p = _mm512_dpbf16_ps(zero, w, x);
+                acc[k] = _mm512_fmadd_ps(p, d128, acc[k]);
+                dx[k] += d * *sp.add(k * nb + b);
+            }
+        }
+        for k in 0..T {
+            *out.add(k * ld + r) = hsum512(acc[k]) - 136.0 * dx[k];
+        }
     }
 }
 
@@ -497,6 +568,75 @@ pub unsafe fn q4k_panel<B: NibbleBlock>(
     }
 }
 
+/// A panel of [`PANEL`] Q4_0 weight rows for [`q4k_gemm`], in [`q4k_panel`]'s layout: the
+/// nibbles q as exact bf16, each 32-column block's `d` as the scale and `8·d` as the
+/// minimum (`d·q − 8·d`). Rows past `width` are zero. Any width of whole blocks.
+///
+/// # Safety
+/// As [`q4k_panel`], with `nb` blocks of 32 per row.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+pub unsafe fn q4_0_panel(
+    rows: &[BlockQ4_0],
+    nb: usize,
+    width: usize,
+    q: &mut Vec<u16>,
+    ds: &mut Vec<f32>,
+    ms: &mut Vec<f32>,
+) {
+    let cols = nb * QK;
+    q.clear();
+    q.resize(cols * PANEL, 0);
+    ds.clear();
+    ds.resize(nb * PANEL, 0.0);
+    ms.clear();
+    ms.resize(nb * PANEL, 0.0);
+    let table = int_table(0);
+    let mask = _mm_set1_epi8(0x0F);
+    let mut block_bf = [0u16; QK];
+    for j in 0..width {
+        for b in 0..nb {
+            let blk = &rows[j * nb + b];
+            let d = f16_to_f32(blk.d);
+            ds[b * PANEL + j] = d;
+            ms[b * PANEL + j] = 8.0 * d;
+            let raw = _mm_loadu_si128(blk.qs.as_ptr() as *const __m128i);
+            let lo = _mm_and_si128(raw, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), mask);
+            let vals = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi);
+            let w = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(vals), table);
+            _mm512_storeu_si512(block_bf.as_mut_ptr() as *mut __m512i, w);
+            scatter_pairs(&block_bf, q, b, j);
+        }
+    }
+}
+
+/// A panel of [`PANEL`] BF16 weight rows for [`plain_gemm`]: the values as they are, in
+/// [`q4k_panel`]'s layout, with a scale of 1 per 32-column block. Rows past `width` are zero.
+///
+/// # Safety
+/// As [`q4k_panel`]; `rows` holds `width` rows of `cols` (a multiple of 32) bf16 values.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+pub unsafe fn bf16_panel(
+    rows: &[u16],
+    cols: usize,
+    width: usize,
+    q: &mut Vec<u16>,
+    ds: &mut Vec<f32>,
+) {
+    q.clear();
+    q.resize(cols * PANEL, 0);
+    ds.clear();
+    ds.resize(cols / QK * PANEL, 1.0);
+    for j in 0..width {
+        for b in 0..cols / QK {
+            let block: &[u16; QK] = rows[j * cols + b * QK..][..QK]
+                .try_into()
+                .expect("32 values");
+            scatter_pairs(block, q, b, j);
+        }
+    }
+}
+
 /// A panel of [`PANEL`] Q6_K weight rows for [`q6k_gemm`]: their values `q − 32` as exact
 /// bf16, interleaved as in [`q4k_panel`], and each 16-column sub-block's `d·sc` per row
 /// (`ds[s·16 + j]`). Rows past `width` are zero.
@@ -564,6 +704,41 @@ pub unsafe fn q4k_gemm(
         8,
         q4k_gemm_m(q, ds, ms, xb, xsum, cols, out, ld)
     )
+}
+
+/// [`q4k_gemm`] for a [`bf16_panel`]: 32-column blocks, no minimums.
+///
+/// # Safety
+/// As [`q4k_gemm`].
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+pub unsafe fn plain_gemm(
+    m: usize,
+    q: &[u16],
+    ds: &[f32],
+    xb: &[u16],
+    cols: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    by_rows!(
+        m,
+        [1, 2, 3, 4, 5, 6, 7],
+        8,
+        plain_gemm_m(q, ds, xb, cols, out, ld)
+    )
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+unsafe fn plain_gemm_m<const M: usize>(
+    q: &[u16],
+    ds: &[f32],
+    xb: &[u16],
+    cols: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    gemm_m::<M, 32, false>(q, ds, &[], xb, &[], cols, out, ld)
 }
 
 /// [`q4k_gemm`] for a [`q6k_panel`]: 16-column sub-blocks, no minimums.

@@ -22,6 +22,19 @@ pub const fn width(kind: u8) -> usize {
     }
 }
 
+/// How far ahead of the weights being read the kernels ask for cache lines: as the K-quant
+/// kernels (`super::bf16`), the hardware prefetcher alone leaves each new stretch's first
+/// lines stalled.
+const PREFETCH_AHEAD: usize = 2048;
+
+/// Asks for the cache lines holding `bytes` bytes from `PREFETCH_AHEAD` past `p`.
+#[inline(always)]
+unsafe fn prefetch(p: *const u8, bytes: usize) {
+    for off in (0..bytes).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_AHEAD + off) as *const i8);
+    }
+}
+
 /// 16 weights of kind `K` from `w` (bytes) at element `i`, as f32.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
@@ -85,6 +98,7 @@ unsafe fn rows_512_t<const T: usize, const K: u8>(
         let row = w.as_ptr().add(r * row_bytes);
         let mut acc = [[_mm512_setzero_ps(); 4]; T];
         for c in (0..cols).step_by(64) {
+            prefetch(row.add(c * width(K)), 64 * width(K));
             let wv: [__m512; 4] = std::array::from_fn(|j| load16::<K>(row, c + 16 * j));
             for (k, a) in acc.iter_mut().enumerate() {
                 let p = xp.add(k * cols + c);
@@ -134,6 +148,7 @@ unsafe fn rows_256_t<const T: usize, const K: u8>(
         let row = w.as_ptr().add(r * row_bytes);
         let mut acc = [[_mm256_setzero_ps(); 4]; T];
         for c in (0..cols).step_by(32) {
+            prefetch(row.add(c * width(K)), 32 * width(K));
             let wv: [__m256; 4] = std::array::from_fn(|j| load8::<K>(row, c + 8 * j));
             for (k, a) in acc.iter_mut().enumerate() {
                 let p = xp.add(k * cols + c);

@@ -130,6 +130,12 @@ impl QMat {
         let nk = cols / QK_K;
         // SAFETY: AVX512_BF16 checked by the caller; rows are whole blocks of 32.
         let xs = unsafe { scratch.bf16.prepare(&x[..n * cols]) };
+        let panel = match self.format() {
+            // Values with a minimum per block (Q4_0's is 8·d).
+            Format::Q4K | Format::Q5K | Format::Q4_0 => x86::bf16::Panel::Mins32,
+            Format::BF16 => x86::bf16::Panel::Plain32,
+            _ => x86::bf16::Panel::Plain16,
+        };
         let mut spill = [0f32; BMR * BPANEL];
         let mut p0 = r0;
         while p0 < r1 {
@@ -158,16 +164,7 @@ impl QMat {
                 let (q, ds, ms) = (&scratch.q, &scratch.ds, &scratch.ms);
                 let kernel = |o: *mut f32, ld: usize| {
                     // SAFETY: as above; `o` has room for m rows of 16 at stride `ld`.
-                    unsafe {
-                        match self.format() {
-                            // Values with a minimum per block (Q4_0's is 8·d).
-                            Format::Q4K | Format::Q5K | Format::Q4_0 => {
-                                x86::bf16::q4k_gemm(m, q, ds, ms, xb, xsum, cols, o, ld)
-                            }
-                            Format::BF16 => x86::bf16::plain_gemm(m, q, ds, xb, cols, o, ld),
-                            _ => x86::bf16::q6k_gemm(m, q, ds, xb, cols, o, ld),
-                        }
-                    }
+                    unsafe { x86::bf16::gemm(panel, m, q, ds, ms, xb, xsum, cols, o, ld) }
                 };
                 if width == BPANEL {
                     // The m × 16 cells (rows i..i+m, columns p0..p0+16 of the band) are this

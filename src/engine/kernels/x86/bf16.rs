@@ -519,7 +519,7 @@ pub const PANEL: usize = 16;
 /// scales and a broadcast fit the 32 registers.
 pub const MR: usize = 8;
 
-/// A panel of [`PANEL`] Q4_K (or Q5_K) weight rows for [`q4k_gemm`]: their 4-bit (5-bit)
+/// A panel of [`PANEL`] Q4_K (or Q5_K) weight rows for [`gemm`]: their 4-bit (5-bit)
 /// values as exact bf16,
 /// interleaved so that one load gives one column pair of all 16 rows (`q[(c/2)·32 + 2j + c%2]`
 /// = row j, column c), and each 32-column sub-block's `d·sc` and `dmin·m` per row
@@ -568,7 +568,7 @@ pub unsafe fn q4k_panel<B: NibbleBlock>(
     }
 }
 
-/// A panel of [`PANEL`] Q4_0 weight rows for [`q4k_gemm`], in [`q4k_panel`]'s layout: the
+/// A panel of [`PANEL`] Q4_0 weight rows for [`gemm`], in [`q4k_panel`]'s layout: the
 /// nibbles q as exact bf16, each 32-column block's `d` as the scale and `8·d` as the
 /// minimum (`d·q − 8·d`). Rows past `width` are zero. Any width of whole blocks.
 ///
@@ -610,7 +610,7 @@ pub unsafe fn q4_0_panel(
     }
 }
 
-/// A panel of [`PANEL`] BF16 weight rows for [`plain_gemm`]: the values as they are, in
+/// A panel of [`PANEL`] BF16 weight rows for [`gemm`]: the values as they are, in
 /// [`q4k_panel`]'s layout, with a scale of 1 per 32-column block. Rows past `width` are zero.
 ///
 /// # Safety
@@ -637,7 +637,7 @@ pub unsafe fn bf16_panel(
     }
 }
 
-/// A panel of [`PANEL`] Q6_K weight rows for [`q6k_gemm`]: their values `q − 32` as exact
+/// A panel of [`PANEL`] Q6_K weight rows for [`gemm`]: their values `q − 32` as exact
 /// bf16, interleaved as in [`q4k_panel`], and each 16-column sub-block's `d·sc` per row
 /// (`ds[s·16 + j]`). Rows past `width` are zero.
 ///
@@ -678,16 +678,30 @@ pub unsafe fn q6k_panel(
     }
 }
 
+/// What a panel's blocks hold, which picks the prompt kernel's block width and whether it
+/// subtracts minimums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Panel {
+    /// 32-column blocks with a scale and a minimum ([`q4k_panel`], [`q4_0_panel`]).
+    Mins32,
+    /// 32-column blocks with a scale ([`bf16_panel`]).
+    Plain32,
+    /// 16-column blocks with a scale ([`q6k_panel`]).
+    Plain16,
+}
+
 /// `out[k][j] = Σ_c x[k][c] · w[j][c]` for `m` (1..=[`MR`]) activation rows (bf16 `xb`, with
-/// their 32-value sums `xsum`, as [`Activations`] holds them) and the 16 rows of a
-/// [`q4k_panel`]; row k of the result goes to `out + k · ld` (16 values).
+/// their 32-value sums `xsum`, as [`Activations`] holds them) and the 16 rows of a panel of
+/// kind `panel` (`ms` unused without minimums); row k of the result goes to `out + k · ld`
+/// (16 values).
 ///
 /// # Safety
 /// AVX512_BF16 must be present; `xb` holds m rows of `cols`, `xsum` their sums; `out` has
 /// room for m rows of 16 at stride `ld`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
-pub unsafe fn q4k_gemm(
+pub unsafe fn gemm(
+    panel: Panel,
     m: usize,
     q: &[u16],
     ds: &[f32],
@@ -698,98 +712,42 @@ pub unsafe fn q4k_gemm(
     out: *mut f32,
     ld: usize,
 ) {
-    by_rows!(
-        m,
-        [1, 2, 3, 4, 5, 6, 7],
-        8,
-        q4k_gemm_m(q, ds, ms, xb, xsum, cols, out, ld)
-    )
+    let args = (q, ds, ms, xb, xsum, cols, out, ld);
+    match panel {
+        Panel::Mins32 => gemm_rows::<32, true>(m, args),
+        Panel::Plain32 => gemm_rows::<32, false>(m, args),
+        Panel::Plain16 => gemm_rows::<16, false>(m, args),
+    }
 }
 
-/// [`q4k_gemm`] for a [`bf16_panel`]: 32-column blocks, no minimums.
-///
-/// # Safety
-/// As [`q4k_gemm`].
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
-pub unsafe fn plain_gemm(
-    m: usize,
-    q: &[u16],
-    ds: &[f32],
-    xb: &[u16],
-    cols: usize,
-    out: *mut f32,
-    ld: usize,
-) {
-    by_rows!(
-        m,
-        [1, 2, 3, 4, 5, 6, 7],
-        8,
-        plain_gemm_m(q, ds, xb, cols, out, ld)
-    )
-}
+/// [`gemm`]'s arguments after the row count.
+type GemmArgs<'a> = (
+    &'a [u16],
+    &'a [f32],
+    &'a [f32],
+    &'a [u16],
+    &'a [f32],
+    usize,
+    *mut f32,
+    usize,
+);
 
+/// [`gemm_m`] with the row count `m` fixed at compile time, so the accumulators live in
+/// registers.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
-unsafe fn plain_gemm_m<const M: usize>(
-    q: &[u16],
-    ds: &[f32],
-    xb: &[u16],
-    cols: usize,
-    out: *mut f32,
-    ld: usize,
-) {
-    gemm_m::<M, 32, false>(q, ds, &[], xb, &[], cols, out, ld)
-}
-
-/// [`q4k_gemm`] for a [`q6k_panel`]: 16-column sub-blocks, no minimums.
-///
-/// # Safety
-/// As [`q4k_gemm`].
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
-pub unsafe fn q6k_gemm(
-    m: usize,
-    q: &[u16],
-    ds: &[f32],
-    xb: &[u16],
-    cols: usize,
-    out: *mut f32,
-    ld: usize,
-) {
-    by_rows!(
-        m,
-        [1, 2, 3, 4, 5, 6, 7],
-        8,
-        q6k_gemm_m(q, ds, xb, cols, out, ld)
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
-unsafe fn q4k_gemm_m<const M: usize>(
-    q: &[u16],
-    ds: &[f32],
-    ms: &[f32],
-    xb: &[u16],
-    xsum: &[f32],
-    cols: usize,
-    out: *mut f32,
-    ld: usize,
-) {
-    gemm_m::<M, 32, true>(q, ds, ms, xb, xsum, cols, out, ld)
-}
-
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
-unsafe fn q6k_gemm_m<const M: usize>(
-    q: &[u16],
-    ds: &[f32],
-    xb: &[u16],
-    cols: usize,
-    out: *mut f32,
-    ld: usize,
-) {
-    gemm_m::<M, 16, false>(q, ds, &[], xb, &[], cols, out, ld)
+unsafe fn gemm_rows<const G: usize, const MINS: bool>(m: usize, a: GemmArgs) {
+    let (q, ds, ms, xb, xsum, cols, out, ld) = a;
+    match m {
+        1 => gemm_m::<1, G, MINS>(q, ds, ms, xb, xsum, cols, out, ld),
+        2 => gemm_m::<2, G, MINS>(q, ds, ms, xb, xsum, cols, out, ld),
+        3 => gemm_m::<3, G, MINS>(q, ds, ms, xb, xsum, cols, out, ld),
+        4 => gemm_m::<4, G, MINS>(q, ds, ms, xb, xsum, cols, out, ld),
+        5 => gemm_m::<5, G, MINS>(q, ds, ms, xb, xsum, cols, out, ld),
+        6 => gemm_m::<6, G, MINS>(q, ds, ms, xb, xsum, cols, out, ld),
+        7 => gemm_m::<7, G, MINS>(q, ds, ms, xb, xsum, cols, out, ld),
+        _ => gemm_m::<8, G, MINS>(q, ds, ms, xb, xsum, cols, out, ld),
+    }
 }
 
 /// The prompt kernel: per sub-block of `G` columns, `vdpbf16ps` sums of the panel's exact

@@ -54,10 +54,30 @@ impl QMat {
         scratch: &mut BandScratch,
     ) {
         #[cfg(target_arch = "x86_64")]
-        if x86::available()
-            && (matches!(self.format, Format::Q4_1 | Format::Q8_0)
-                || self.format == Format::Q4_0 && !x86::bf16())
-        {
+        if x86::bf16() && self.format == Format::Q4_0 {
+            let cols = self.cols;
+            let data = self.rows_data(r0, r1);
+            // SAFETY: AVX512_BF16 checked above; `cols` is whole blocks of 32.
+            let xs = unsafe { scratch.bf16.prepare(&x[..n * cols]) };
+            in_passes(n, x86::bf16::ROWS, |i, t| {
+                let o = out.at(i, r0);
+                // SAFETY: as above; the activations hold t rows from row i, `xsum` their sums.
+                unsafe {
+                    x86::bf16::q4_0_rows(
+                        cast(data),
+                        cols / QK,
+                        &xs.xb[i * cols..(i + t) * cols],
+                        &xs.xsum[i * cols / QK..],
+                        t,
+                        o,
+                        out.ld,
+                    )
+                }
+            });
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if x86::available() && matches!(self.format, Format::Q4_0 | Format::Q4_1 | Format::Q8_0) {
             let cols = self.cols;
             let nb = cols / QK;
             let wide = x86::avx512();
@@ -86,29 +106,6 @@ impl QMat {
                         (_, true) => x86::avx512::q8_0_rows_512(cast(data), nb, xs, t, o, out.ld),
                         (_, false) => x86::avx2::q8_0_rows(cast(data), nb, xs, t, o, out.ld),
                     }
-                }
-            });
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if x86::bf16() && self.format == Format::Q4_0 {
-            let cols = self.cols;
-            let data = self.rows_data(r0, r1);
-            // SAFETY: AVX512_BF16 checked above; `cols` is whole blocks of 32.
-            let xs = unsafe { scratch.bf16.prepare(&x[..n * cols]) };
-            in_passes(n, x86::bf16::ROWS, |i, t| {
-                let o = out.at(i, r0);
-                // SAFETY: as above; the activations hold t rows from row i, `xsum` their sums.
-                unsafe {
-                    x86::bf16::q4_0_rows(
-                        cast(data),
-                        cols / QK,
-                        &xs.xb[i * cols..(i + t) * cols],
-                        &xs.xsum[i * cols / QK..],
-                        t,
-                        o,
-                        out.ld,
-                    )
                 }
             });
             return;

@@ -7,6 +7,7 @@
 //! wait and prompt processing included). Chats are created with greedy decoding and a fixed
 //! `max_tokens`, and deleted at the end.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -141,10 +142,11 @@ pub async fn run(cfg: &ServeBenchConfig) -> anyhow::Result<ServeBenchReport> {
         bail!("{base}/readyz answered {}", ready.status());
     }
     let started = Instant::now();
+    let gate = Arc::new(tokio::sync::Barrier::new(cfg.chats));
     let tasks: Vec<_> = (0..cfg.chats)
         .map(|i| {
-            let (http, base, cfg) = (http.clone(), base.clone(), cfg.clone());
-            tokio::spawn(async move { one_chat(&http, &base, &cfg, i).await })
+            let (http, base, cfg, gate) = (http.clone(), base.clone(), cfg.clone(), gate.clone());
+            tokio::spawn(async move { one_chat(&http, &base, &cfg, i, &gate).await })
         })
         .collect();
     let mut results = Vec::new();
@@ -219,18 +221,32 @@ async fn one_chat(
     base: &str,
     cfg: &ServeBenchConfig,
     index: usize,
+    gate: &tokio::sync::Barrier,
 ) -> ChatResult {
     let mut result = ChatResult::default();
     let user = format!("bench-{index}");
-    let chat_id = match create_chat(http, base, cfg, &user, index).await {
-        Ok(id) => id,
-        Err(e) => {
-            result.error = Some(format!("create chat: {e:#}"));
-            return result;
-        }
+    let chat = create_chat(http, base, cfg, &user, index).await;
+    let ws = match &chat {
+        Ok(chat_id) => connect(base, cfg, &user, chat_id)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(format!("create chat: {e:#}")),
     };
-    if let Err(e) = converse(base, cfg, index, &user, &chat_id, &mut result).await {
-        result.error = Some(e.to_string());
+    // Every chat, set up or failed, passes the gate once: the first turns start together, so
+    // the window with all chats in conversation is not cut short by the slowest set-up (a
+    // chat of short replies could otherwise end before the last one connects).
+    gate.wait().await;
+    let Ok(chat_id) = chat else {
+        result.error = ws.err();
+        return result;
+    };
+    match ws {
+        Ok(ws) => {
+            if let Err(e) = converse(ws, cfg, index, &mut result).await {
+                result.error = Some(e.to_string());
+            }
+        }
+        Err(e) => result.error = Some(e),
     }
     result.ended = Some(Instant::now());
     let _ = http
@@ -270,14 +286,16 @@ async fn create_chat(
         .ok_or_else(|| anyhow!("no id in {chat}"))
 }
 
-async fn converse(
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens the chat's socket.
+async fn connect(
     base: &str,
     cfg: &ServeBenchConfig,
-    index: usize,
     user: &str,
     chat_id: &str,
-    result: &mut ChatResult,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Socket> {
     let ws_base = base
         .replacen("http://", "ws://", 1)
         .replacen("https://", "wss://", 1);
@@ -286,9 +304,18 @@ async fn converse(
         .append_pair("user_id", user)
         .append_pair("chat_id", chat_id)
         .finish();
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{ws_base}/ws/chat?{query}"))
+    let (ws, _) = tokio_tungstenite::connect_async(format!("{ws_base}/ws/chat?{query}"))
         .await
         .context("WebSocket connect")?;
+    Ok(ws)
+}
+
+async fn converse(
+    mut ws: Socket,
+    cfg: &ServeBenchConfig,
+    index: usize,
+    result: &mut ChatResult,
+) -> anyhow::Result<()> {
     for turn in 0..cfg.turns {
         let sent = Instant::now();
         result.began.get_or_insert(sent);

@@ -228,11 +228,12 @@ async fn serve(db: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
     let settings = ServerSettings {
         limits: (&args.limits).into(),
         auth_cache_ttl: Duration::from_secs(args.auth_cache_ttl_secs),
-        chat: crate::chat::ChatSettings {
-            slots: args.model.max_batch,
-            ..args.chat.settings((&args.limits).into())
+        chat: args.chat.settings((&args.limits).into()),
+        quotas: crate::api::quota::QuotaDefaults {
+            requests_per_minute: args.requests_per_minute.max(1),
+            ws_messages_per_second: args.chat.ws_messages_per_second,
+            max_connections: args.chat.max_connections_per_tenant,
         },
-        requests_per_minute: args.requests_per_minute.max(1),
         cors_origins: args
             .cors_origins
             .iter()

@@ -157,9 +157,17 @@ pub struct ModelArgs {
     /// its new tokens through the model; least recently used chats are evicted. 0 keeps none.
     #[arg(long, env = "CONFAB_KV_CACHE_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub kv_cache_bytes: u64,
-    /// Testing aid: at most one generated token per this many milliseconds.
+    /// Testing aid: at most one generated token per this many milliseconds (only in builds
+    /// with the `test-hooks` feature, which the tests turn on).
+    #[cfg(feature = "test-hooks")]
     #[arg(long, env = "CONFAB_DEBUG_TOKEN_INTERVAL_MS", hide = true)]
     pub debug_token_interval_ms: Option<u64>,
+    /// Keep the CPU kernels to AVX2 even where AVX-512 is available.
+    #[arg(long, env = "CONFAB_NO_AVX512")]
+    pub no_avx512: bool,
+    /// Do not use AVX512_BF16 dot products (the f32 kernels run instead).
+    #[arg(long, env = "CONFAB_NO_BF16")]
+    pub no_bf16: bool,
 }
 
 /// A sampling temperature from 0 to 2.
@@ -191,6 +199,11 @@ impl ModelArgs {
             threads: self.threads,
             max_batch: self.max_batch,
             kv_cache_bytes: self.kv_cache_bytes,
+            isa: crate::engine::kernels::Isa {
+                avx512: !self.no_avx512,
+                bf16: !self.no_bf16,
+            },
+            #[cfg(feature = "test-hooks")]
             min_token_interval: self
                 .debug_token_interval_ms
                 .map(std::time::Duration::from_millis),
@@ -413,7 +426,7 @@ pub struct ChatArgs {
     pub tenant_slot_share: f64,
     /// Open WebSocket connections per tenant; more are closed with 4429.
     #[arg(long, env = "CONFAB_MAX_CONNECTIONS_PER_TENANT", default_value_t = 50)]
-    pub max_connections_per_tenant: usize,
+    pub max_connections_per_tenant: u32,
     /// Messages per second per connection (token bucket; the burst is the same number).
     #[arg(long, env = "CONFAB_WS_MESSAGES_PER_SECOND", default_value_t = 10)]
     pub ws_messages_per_second: u32,
@@ -448,9 +461,6 @@ impl ChatArgs {
             queue_per_tenant: self.queue_per_tenant,
             max_waiting_total: self.max_waiting_total,
             tenant_slot_share: self.tenant_slot_share,
-            max_connections_per_tenant: self.max_connections_per_tenant,
-            messages_per_second: f64::from(self.ws_messages_per_second),
-            message_burst: self.ws_messages_per_second,
             messages: crate::chat::protocol::MessageLimits {
                 max_frame_bytes: self.ws_max_frame_bytes,
                 max_content_chars: self.max_content_chars,

@@ -1,8 +1,16 @@
-//! The API error: one enum, one stable `code` per variant, one mapping to HTTP.
+//! The client-facing error: one enum, one stable `code` per variant, and from each variant
+//! everything every transport needs, decided here once: the HTTP status, the WebSocket
+//! `error` event and close code, and (in `api::openai`, from the same code, status and
+//! message) the OpenAI error body.
+//!
+//! The layers below have their own errors (`StoreError`, `chat::ChatError`,
+//! `EngineError`, the protocol's `FrameError`, `ValidationError`); each converts into this
+//! one in a single `From`.
 //!
 //! Every non-2xx answer of the server, the framework's own rejections included (see
 //! `api::middleware`), is this JSON shape:
-//! `{"error": {"code": "…", "message": "…", "details": {…}}}`.
+//! `{"error": {"code": "…", "message": "…", "details": {…}}}`; a WebSocket error event
+//! carries the same three fields.
 //! Internal failures reach clients as a fixed message; what went wrong goes to the log.
 
 use std::marker::PhantomData;
@@ -16,7 +24,9 @@ use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use crate::api::types::JsonObject;
+use crate::chat::protocol::{close, Event, FrameError};
 use crate::domain::ValidationError;
+use crate::engine::EngineError;
 use crate::store::StoreError;
 
 /// Everything a request can fail with.
@@ -28,6 +38,10 @@ pub enum ApiError {
     InvalidApiKey,
     #[error("chat {0} not found")]
     ChatNotFound(Uuid),
+    /// A WebSocket frame or connection parameter broke the protocol (boxed: the largest
+    /// variant would otherwise set the size of every `Result` that carries this error).
+    #[error("{}", .0.message)]
+    Protocol(Box<FrameError>),
     #[error(transparent)]
     Validation(#[from] ValidationError),
     #[error("invalid parameter {name}: {reason}")]
@@ -49,7 +63,12 @@ pub enum ApiError {
     #[error("no such route")]
     NotFound { method: String, path: String },
     #[error("method not allowed")]
-    MethodNotAllowed { method: String, path: String },
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        /// The methods the path answers (the `Allow` header).
+        allowed: Vec<String>,
+    },
     #[error("{0}")]
     Conflict(String),
     #[error("rate limited")]
@@ -73,6 +92,31 @@ pub enum ApiError {
     ShuttingDown,
     #[error("the prompt does not fit the context")]
     ContextLengthExceeded { max_tokens: usize, context: usize },
+    /// A chat's message alone needs more tokens than the context holds.
+    #[error("the message does not fit the context")]
+    PromptTooLong { tokens: usize, context: usize },
+    #[error("a reply is already being generated in this chat")]
+    GenerationInProgress,
+    #[error("no reply to cancel")]
+    NothingToCancel,
+    #[error("too many connections")]
+    TooManyConnections { limit: usize },
+    /// A WebSocket connection sent more frames than its rate allows.
+    #[error("too many messages")]
+    MessageRateLimited {
+        per_second: f64,
+        burst: u32,
+        retry_after_ms: u64,
+    },
+    /// A socket read the chat's events too slowly and missed some.
+    #[error("slow consumer")]
+    SlowConsumer { missed: u64 },
+    /// A streamed reply's final text could not be saved.
+    #[error("reply {message_id} not saved")]
+    ReplyNotSaved {
+        message_id: Uuid,
+        reason: &'static str,
+    },
     #[error("generation failed: {0}")]
     GenerationFailed(String),
     #[error("metrics token missing or wrong")]
@@ -90,6 +134,7 @@ impl ApiError {
             ApiError::MissingApiKey => "missing_api_key",
             ApiError::InvalidApiKey => "invalid_api_key",
             ApiError::ChatNotFound(_) => "chat_not_found",
+            ApiError::Protocol(f) => f.code,
             ApiError::Validation(_)
             | ApiError::InvalidParameter { .. }
             | ApiError::InvalidBody { .. } => "validation_error",
@@ -108,7 +153,15 @@ impl ApiError {
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::ServerBusy => "server_busy",
             ApiError::ShuttingDown => "shutting_down",
-            ApiError::ContextLengthExceeded { .. } => "context_length_exceeded",
+            ApiError::ContextLengthExceeded { .. } | ApiError::PromptTooLong { .. } => {
+                "context_length_exceeded"
+            }
+            ApiError::GenerationInProgress => "generation_in_progress",
+            ApiError::NothingToCancel => "nothing_to_cancel",
+            ApiError::TooManyConnections { .. } => "too_many_connections",
+            ApiError::MessageRateLimited { .. } => "rate_limited",
+            ApiError::SlowConsumer { .. } => "slow_consumer",
+            ApiError::ReplyNotSaved { .. } => "reply_not_saved",
             ApiError::GenerationFailed(_) => "generation_failed",
             ApiError::MetricsUnauthorized => "unauthorized",
             ApiError::MetricsClosed => "metrics_closed",
@@ -122,7 +175,20 @@ impl ApiError {
             ApiError::ChatNotFound(_)
             | ApiError::NotFound { .. }
             | ApiError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
-            ApiError::ContextLengthExceeded { .. } => StatusCode::BAD_REQUEST,
+            ApiError::ContextLengthExceeded { .. } | ApiError::PromptTooLong { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            // The protocol decided the close code; the status is the one it mirrors.
+            ApiError::Protocol(f) => match f.close {
+                close::UNAUTHORIZED => StatusCode::UNAUTHORIZED,
+                close::TOO_BIG => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::BAD_REQUEST,
+            },
+            ApiError::GenerationInProgress | ApiError::NothingToCancel => StatusCode::CONFLICT,
+            ApiError::TooManyConnections { .. }
+            | ApiError::MessageRateLimited { .. }
+            | ApiError::SlowConsumer { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::ReplyNotSaved { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::ModelNotReady | ApiError::ServerBusy | ApiError::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -155,6 +221,7 @@ impl ApiError {
             }
             ApiError::InvalidApiKey => "The API key is not valid or has been revoked.".into(),
             ApiError::ChatNotFound(id) => format!("Chat {id} does not exist."),
+            ApiError::Protocol(f) => f.message.clone(),
             ApiError::Validation(v) => format!("Field {} {}.", v.field, v.message),
             ApiError::InvalidParameter { name, .. } => format!("Parameter {name} is invalid."),
             ApiError::InvalidBody { .. } => {
@@ -171,7 +238,7 @@ impl ApiError {
                 "The request body did not arrive within {seconds} s; send it faster."
             ),
             ApiError::NotFound { method, path } => format!("No route for {method} {path}."),
-            ApiError::MethodNotAllowed { method, path } => {
+            ApiError::MethodNotAllowed { method, path, .. } => {
                 format!("{path} does not accept {method}.")
             }
             ApiError::Conflict(m) => m.clone(),
@@ -204,6 +271,19 @@ impl ApiError {
             } => format!(
                 "The messages plus max_tokens ({max_tokens}) exceed the model's context of {context} tokens; shorten the messages or lower max_tokens."
             ),
+            ApiError::PromptTooLong { tokens, context } => format!(
+                "The message needs at least {tokens} tokens but the model's context holds {context}; send a shorter message."
+            ),
+            ApiError::GenerationInProgress => "A reply is being generated in this chat; wait for it to end or cancel it. The message was not saved.".into(),
+            ApiError::NothingToCancel => "There is no reply in progress in this chat.".into(),
+            ApiError::TooManyConnections { limit } => {
+                format!("The tenant already has {limit} open connections.")
+            }
+            ApiError::MessageRateLimited { per_second, .. } => format!(
+                "Too many messages: at most {per_second} per second on one connection. The message was not processed."
+            ),
+            ApiError::SlowConsumer { .. } => "The connection fell too far behind the reply stream; reconnect to catch up.".into(),
+            ApiError::ReplyNotSaved { .. } => "The reply could not be saved: the database kept failing. It was streamed in full but will not be in the chat's history (a restart marks it interrupted).".into(),
             ApiError::GenerationFailed(_) => {
                 "The model failed while generating; the error has been logged.".into()
             }
@@ -225,6 +305,25 @@ impl ApiError {
                 json!({"header": "X-API-Key", "hint": "Check the key; an operator can issue a new one with `confab key create TENANT`."})
             }
             ApiError::ChatNotFound(id) => json!({"chat_id": id}),
+            ApiError::Protocol(f) => f.details.clone(),
+            ApiError::PromptTooLong { tokens, context } => {
+                json!({"prompt_tokens": tokens, "context_length": context})
+            }
+            ApiError::TooManyConnections { limit } => json!({"limit": limit}),
+            ApiError::MessageRateLimited {
+                per_second,
+                burst,
+                retry_after_ms,
+            } => json!({
+                "retry_after_ms": retry_after_ms,
+                "limit_per_second": per_second,
+                "burst": burst,
+            }),
+            ApiError::SlowConsumer { missed } => json!({"missed_events": missed}),
+            ApiError::ReplyNotSaved { message_id, reason } => {
+                json!({"message_id": message_id, "reason": reason})
+            }
+            ApiError::GenerationInProgress | ApiError::NothingToCancel => json!({}),
             ApiError::Validation(v) => json!({"field": v.field, "rule": v.rule}),
             ApiError::InvalidParameter { name, reason } => {
                 json!({"parameter": name, "reason": reason})
@@ -247,7 +346,11 @@ impl ApiError {
             ApiError::NotFound { path, .. } => {
                 json!({"path": path, "hint": "See /docs for the available routes."})
             }
-            ApiError::MethodNotAllowed { method, path } => json!({"method": method, "path": path}),
+            ApiError::MethodNotAllowed {
+                method,
+                path,
+                allowed,
+            } => json!({"method": method, "path": path, "allowed": allowed}),
             ApiError::DatabaseUnavailable => json!({"retry_after_seconds": 5}),
             ApiError::RateLimited {
                 limit,
@@ -257,10 +360,11 @@ impl ApiError {
             ApiError::ModelNotFound { model, available } => {
                 json!({"model": model, "available": available})
             }
+            // Seconds for HTTP (as Retry-After), milliseconds as WebSocket errors give them.
             ApiError::QueueFull { capacity } => {
-                json!({"queue_capacity": capacity, "retry_after_seconds": 1})
+                json!({"queue_capacity": capacity, "retry_after_seconds": 1, "retry_after_ms": 1000})
             }
-            ApiError::ServerBusy => json!({"retry_after_seconds": 1}),
+            ApiError::ServerBusy => json!({"retry_after_seconds": 1, "retry_after_ms": 1000}),
             ApiError::ModelNotReady | ApiError::ShuttingDown | ApiError::GenerationFailed(_) => {
                 json!({})
             }
@@ -290,6 +394,32 @@ impl ApiError {
             ApiError::ShuttingDown => None,
             _ if self.status() == StatusCode::SERVICE_UNAVAILABLE => Some(5),
             _ => None,
+        }
+    }
+
+    /// The close code of a WebSocket connection this error ends (a refused connection, a
+    /// socket closed for its behaviour); most errors leave the connection open.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            ApiError::MissingApiKey | ApiError::InvalidApiKey => close::UNAUTHORIZED,
+            ApiError::ChatNotFound(_) => close::NOT_FOUND,
+            ApiError::Protocol(f) => f.close,
+            ApiError::Validation(_) | ApiError::InvalidParameter { .. } => close::BAD_REQUEST,
+            ApiError::TooManyConnections { .. } => close::TOO_MANY,
+            ApiError::ShuttingDown => close::GOING_AWAY,
+            ApiError::MessageRateLimited { .. } | ApiError::SlowConsumer { .. } => {
+                close::POLICY_VIOLATION
+            }
+            _ => close::INTERNAL_ERROR,
+        }
+    }
+
+    /// The error as a WebSocket `error` event.
+    pub fn to_event(&self) -> Event {
+        Event::Error {
+            code: self.code(),
+            message: self.message(),
+            details: Value::Object(self.details()),
         }
     }
 
@@ -335,14 +465,54 @@ impl From<crate::chat::ChatError> for ApiError {
     fn from(e: crate::chat::ChatError) -> Self {
         use crate::chat::ChatError as C;
         match e {
+            C::GenerationInProgress => ApiError::GenerationInProgress,
             C::QueueFull { capacity } => ApiError::QueueFull { capacity },
             C::ServerBusy => ApiError::ServerBusy,
             C::ModelNotReady => ApiError::ModelNotReady,
             C::ShuttingDown => ApiError::ShuttingDown,
+            C::ChatNotFound(id) => ApiError::ChatNotFound(id),
+            C::NothingToCancel => ApiError::NothingToCancel,
+            C::TooManyConnections { limit } => ApiError::TooManyConnections { limit },
             C::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<FrameError> for ApiError {
+    fn from(e: FrameError) -> Self {
+        ApiError::Protocol(Box::new(e))
+    }
+}
+
+/// The engine refusing or failing a generation. (The OpenAI API words a prompt that does not
+/// fit differently, with its `max_tokens`; it maps those two itself.)
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::PromptTooLong { tokens, context } => {
+                ApiError::PromptTooLong { tokens, context }
+            }
+            EngineError::QueueFull => ApiError::ServerBusy,
+            EngineError::Stopped => ApiError::ModelNotReady,
             other => {
-                tracing::error!(error = %other, "unexpected chat error");
-                ApiError::Internal
+                tracing::error!(error = %other, "generation failed");
+                ApiError::GenerationFailed(other.to_string())
+            }
+        }
+    }
+}
+
+impl ApiError {
+    /// The headers this error adds to an HTTP response, whatever its body's shape:
+    /// `Retry-After`, and `Allow` on a 405 (RFC 9110 §15.5.6).
+    pub fn add_headers(&self, resp: &mut Response) {
+        if let Some(secs) = self.retry_after_secs() {
+            resp.headers_mut()
+                .insert("retry-after", poem::http::HeaderValue::from(secs));
+        }
+        if let ApiError::MethodNotAllowed { allowed, .. } = self {
+            if let Ok(v) = poem::http::HeaderValue::from_str(&allowed.join(", ")) {
+                resp.headers_mut().insert("allow", v);
             }
         }
     }
@@ -352,10 +522,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let mut resp = Json(self.body()).with_status(status).into_response();
-        if let Some(secs) = self.retry_after_secs() {
-            resp.headers_mut()
-                .insert("retry-after", poem::http::HeaderValue::from(secs));
-        }
+        self.add_headers(&mut resp);
         resp
     }
 }
@@ -506,5 +673,73 @@ mod tests {
         );
         let e: ApiError = StoreError::Corrupt("secret detail".into()).into();
         assert!(!e.body().error.message.contains("secret"));
+    }
+
+    /// Each transport's form comes from the same variant: the event carries the HTTP body's
+    /// three fields, and the close code follows the status.
+    #[test]
+    fn one_variant_gives_status_event_and_close_code() {
+        use crate::chat::ChatError;
+        let id = Uuid::nil();
+        let cases: Vec<(ApiError, u16, &str, u16)> = vec![
+            (
+                ChatError::ChatNotFound(id).into(),
+                404,
+                "chat_not_found",
+                4404,
+            ),
+            (
+                ChatError::TooManyConnections { limit: 2 }.into(),
+                429,
+                "too_many_connections",
+                4429,
+            ),
+            (ChatError::ShuttingDown.into(), 503, "shutting_down", 1001),
+            (
+                ChatError::GenerationInProgress.into(),
+                409,
+                "generation_in_progress",
+                1011,
+            ),
+            (
+                ChatError::from(crate::chat::scheduler::Refused::QueueFull { capacity: 3 }).into(),
+                429,
+                "queue_full",
+                1011,
+            ),
+            (ApiError::InvalidApiKey, 401, "invalid_api_key", 4401),
+            (
+                ApiError::SlowConsumer { missed: 7 },
+                429,
+                "slow_consumer",
+                1008,
+            ),
+            (
+                crate::chat::protocol::Credentials::default()
+                    .validate()
+                    .unwrap_err()
+                    .into(),
+                401,
+                "missing_api_key",
+                4401,
+            ),
+        ];
+        for (e, status, code, close) in cases {
+            assert_eq!(
+                (e.status().as_u16(), e.code(), e.close_code()),
+                (status, code, close)
+            );
+            let Event::Error {
+                code: event_code,
+                message,
+                details,
+            } = e.to_event()
+            else {
+                panic!("not an error event");
+            };
+            assert_eq!(event_code, code);
+            assert_eq!(message, e.body().error.message);
+            assert_eq!(details, Value::Object(e.body().error.details.0));
+        }
     }
 }

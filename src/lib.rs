@@ -48,8 +48,9 @@ pub struct ServerSettings {
     /// How long a key lookup is cached (bounds how long a revoked key keeps working).
     pub auth_cache_ttl: Duration,
     pub chat: chat::ChatSettings,
-    /// REST requests per minute per tenant, unless the tenant has its own limit.
-    pub requests_per_minute: u32,
+    /// The per-tenant limits of tenants that have none of their own (REST rate, WebSocket
+    /// message rate, open connections).
+    pub quotas: api::quota::QuotaDefaults,
     /// Browser origins allowed to call the API (CORS); empty: CORS off.
     pub cors_origins: Vec<String>,
     /// When set, `/metrics` needs `Authorization: Bearer <token>`.
@@ -67,7 +68,7 @@ impl Default for ServerSettings {
             limits: Limits::default(),
             auth_cache_ttl: Duration::from_secs(5),
             chat: chat::ChatSettings::default(),
-            requests_per_minute: 100,
+            quotas: api::quota::QuotaDefaults::default(),
             cors_origins: Vec::new(),
             metrics_token: None,
             metrics_open: true,
@@ -99,15 +100,7 @@ pub async fn run(
         );
     }
     let auth = Authenticator::new(store.clone(), settings.auth_cache_ttl, 100_000);
-    let quotas = api::quota::Quotas::new(
-        store.clone(),
-        api::quota::QuotaDefaults {
-            requests_per_minute: settings.requests_per_minute,
-            ws_messages_per_second: settings.chat.messages_per_second.max(0.0) as u32,
-            max_connections: settings.chat.max_connections_per_tenant as u32,
-        },
-        settings.auth_cache_ttl,
-    );
+    let quotas = api::quota::Quotas::new(store.clone(), settings.quotas, settings.auth_cache_ttl);
     let grace = settings.chat.shutdown_grace;
     let chat = chat::ChatService::new(store.clone(), model.clone(), settings.chat);
     let state = AppState {

@@ -1,7 +1,7 @@
 //! Prometheus metrics, served at `GET /metrics` in the text exposition format.
 //!
 //! One process-wide registry (a server is one process); every series has the `confab_`
-//! prefix. Route labels are route templates, never raw paths, so a client cannot grow the
+//! prefix. Route labels are route templates (`api::middleware::RouteTable`), never raw paths, so a client cannot grow the
 //! series count by inventing URLs; tenant labels are tenant ids (bounded by the operator).
 
 use std::sync::OnceLock;
@@ -165,50 +165,5 @@ impl Metrics {
         self.http_duration
             .with_label_values(&[route])
             .observe(took.as_secs_f64());
-    }
-}
-
-/// The route template of a path (`/api/v1/chats/{chat_id}`), or `other`.
-pub fn route_label(path: &str) -> &'static str {
-    let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-    match parts.as_slice() {
-        ["", "api", "v1", "chats"] => "/api/v1/chats",
-        ["", "api", "v1", "chats", "user", _] => "/api/v1/chats/user/{user_id}",
-        ["", "api", "v1", "chats", _] => "/api/v1/chats/{chat_id}",
-        ["", "api", "v1", "chats", _, "messages"] => "/api/v1/chats/{chat_id}/messages",
-        ["", "api", "v1", "usage"] => "/api/v1/usage",
-        ["", "ws", "chat"] => "/ws/chat",
-        ["", "v1", "models"] => "/v1/models",
-        ["", "v1", "models", _] => "/v1/models/{id}",
-        ["", "v1", "chat", "completions"] => "/v1/chat/completions",
-        ["", "healthz"] => "/healthz",
-        ["", "readyz"] => "/readyz",
-        ["", "metrics"] => "/metrics",
-        ["", "openapi.json"] => "/openapi.json",
-        ["", "docs", ..] => "/docs",
-        [""] | ["", ""] => "/",
-        ["", "assets", _] => "/assets/{file}",
-        _ => "other",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routes_are_templates() {
-        assert_eq!(route_label("/api/v1/chats/"), "/api/v1/chats");
-        assert_eq!(route_label("/api/v1/chats/abc"), "/api/v1/chats/{chat_id}");
-        assert_eq!(
-            route_label("/api/v1/chats/abc/messages"),
-            "/api/v1/chats/{chat_id}/messages"
-        );
-        assert_eq!(
-            route_label("/api/v1/chats/user/bob"),
-            "/api/v1/chats/user/{user_id}"
-        );
-        assert_eq!(route_label("/docs/index.css"), "/docs");
-        assert_eq!(route_label("/whatever/x"), "other");
     }
 }

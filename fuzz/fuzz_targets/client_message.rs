@@ -1,8 +1,8 @@
-//! Any text frame: the parser returns a message or a refusal with a stable code, never
-//! panics, and a refusal becomes an event that serializes.
+//! Any text frame: the parser returns a message or a refusal with a stable code and close
+//! code, never panics, and a refusal's fields make an event that serializes.
 #![no_main]
 
-use confab::chat::protocol::{parse_client_message, ClientMessage, MessageLimits};
+use confab_protocol::ws::{close, parse_client_message, ClientMessage, Event, MessageLimits};
 use libfuzzer_sys::fuzz_target;
 
 const CODES: &[&str] = &[
@@ -32,7 +32,14 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => {
             assert!(CODES.contains(&e.code), "unexpected code {}", e.code);
             assert!(!e.message.is_empty());
-            let json = e.into_event().to_json();
+            assert!(e.details.is_object());
+            assert!(e.close == close::BAD_REQUEST || e.close == close::TOO_BIG);
+            let event = Event::Error {
+                code: e.code,
+                message: e.message,
+                details: e.details,
+            };
+            let json = event.to_json();
             let v: serde_json::Value = serde_json::from_str(&json).unwrap();
             assert_eq!(v["event_type"], "error");
         }

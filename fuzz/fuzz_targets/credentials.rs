@@ -2,7 +2,7 @@
 //! never panics, and a refusal carries one of the documented close codes.
 #![no_main]
 
-use confab::chat::protocol::Credentials;
+use confab_protocol::ws::Credentials;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: (&str, Option<&str>, Option<&str>, Option<&str>)| {
@@ -17,9 +17,9 @@ fuzz_target!(|input: (&str, Option<&str>, Option<&str>, Option<&str>)| {
         Ok((_, user_id, _)) => {
             assert!(!user_id.is_empty() && user_id.chars().count() <= 128);
         }
-        Err((event, close)) => {
-            assert!(close == 4400 || close == 4401, "close code {close}");
-            let _ = event.to_json();
+        Err(e) => {
+            assert!(e.close == 4400 || e.close == 4401, "close code {}", e.close);
+            assert!(!e.message.is_empty() && e.details.is_object());
         }
     }
 });

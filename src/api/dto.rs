@@ -7,8 +7,11 @@ use poem_openapi::types::MaybeUndefined;
 use poem_openapi::{Enum, Object};
 use uuid::Uuid;
 
-use super::types::{JsonObject, Text, Timestamp};
-use crate::domain::{self, Limits, Patch, ValidationError};
+use super::types::{
+    JsonObject, MaxTokens, Real, RepeatPenalty, StopList, Temperature, Text, Timestamp, TopK, TopP,
+    Whole,
+};
+use crate::domain::{self, generation, Limits, Patch, ValidationError};
 
 /// The system prompt and sampling settings of a chat. Every field is optional; an absent
 /// field uses the server's default. In a `PATCH`, `null` clears a field.
@@ -18,25 +21,19 @@ pub struct ChatConfigDto {
     /// Instructions the model sees before the conversation.
     pub system_prompt: MaybeUndefined<Text>,
     /// Sampling temperature; 0 picks the most likely token every time.
-    #[oai(validator(minimum(value = "0"), maximum(value = "2")))]
-    pub temperature: MaybeUndefined<f64>,
+    pub temperature: MaybeUndefined<Real<Temperature>>,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this.
-    #[oai(validator(minimum(value = "0", exclusive), maximum(value = "1")))]
-    pub top_p: MaybeUndefined<f64>,
+    pub top_p: MaybeUndefined<Real<TopP>>,
     /// Keep only the this many most likely tokens.
-    #[oai(validator(minimum(value = "1"), maximum(value = "1000000")))]
-    pub top_k: MaybeUndefined<u32>,
+    pub top_k: MaybeUndefined<Whole<TopK>>,
     /// Longest reply, in tokens.
-    #[oai(validator(minimum(value = "1"), maximum(value = "32768")))]
-    pub max_tokens: MaybeUndefined<u32>,
+    pub max_tokens: MaybeUndefined<Whole<MaxTokens>>,
     /// Penalty for repeating recent tokens; 1 means none.
-    #[oai(validator(minimum(value = "0", exclusive), maximum(value = "10")))]
-    pub repeat_penalty: MaybeUndefined<f64>,
+    pub repeat_penalty: MaybeUndefined<Real<RepeatPenalty>>,
     /// Same seed and same input give the same reply.
     pub seed: MaybeUndefined<u64>,
-    /// Up to 8 strings (1–128 characters each) that end the reply; not included in it.
-    #[oai(validator(max_items = 8))]
-    pub stop: MaybeUndefined<Vec<Text>>,
+    /// Up to 4 strings (1–128 characters each) that end the reply; not included in it.
+    pub stop: MaybeUndefined<StopList>,
 }
 
 fn patch_with<T, U>(m: MaybeUndefined<T>, f: impl FnOnce(T) -> U) -> Patch<U> {
@@ -76,27 +73,17 @@ impl ChatConfigDto {
             }
         }
         if let MaybeUndefined::Value(stops) = &self.stop {
-            for (i, s) in stops.iter().enumerate() {
-                crate::domain::reject_nul(&format!("config.stop[{i}]"), &s.0)?;
-                let n = s.0.chars().count();
-                if n == 0 || n > 128 {
-                    return Err(ValidationError::new(
-                        &format!("config.stop[{i}]"),
-                        format!("must be 1 to 128 characters long, got {n}"),
-                        serde_json::json!({"min_length": 1, "max_length": 128}),
-                    ));
-                }
-            }
+            generation::check_stop("config.stop", &stops.0)?;
         }
         Ok(domain::ChatConfigPatch {
             system_prompt: patch_with(self.system_prompt, |t| t.0),
-            temperature: patch(self.temperature),
-            top_p: patch(self.top_p),
-            top_k: patch(self.top_k),
-            max_tokens: patch(self.max_tokens),
-            repeat_penalty: patch(self.repeat_penalty),
+            temperature: patch_with(self.temperature, |v| v.0),
+            top_p: patch_with(self.top_p, |v| v.0),
+            top_k: patch_with(self.top_k, |v| v.0),
+            max_tokens: patch_with(self.max_tokens, |v| v.0),
+            repeat_penalty: patch_with(self.repeat_penalty, |v| v.0),
             seed: patch(self.seed),
-            stop: patch_with(self.stop, |v| v.into_iter().map(|t| t.0).collect()),
+            stop: patch_with(self.stop, |v| v.0),
         })
     }
 
@@ -112,13 +99,13 @@ impl From<domain::ChatConfig> for ChatConfigDto {
     fn from(c: domain::ChatConfig) -> Self {
         ChatConfigDto {
             system_prompt: undefined_if_none(c.system_prompt.map(Text)),
-            temperature: undefined_if_none(c.temperature),
-            top_p: undefined_if_none(c.top_p),
-            top_k: undefined_if_none(c.top_k),
-            max_tokens: undefined_if_none(c.max_tokens),
-            repeat_penalty: undefined_if_none(c.repeat_penalty),
+            temperature: undefined_if_none(c.temperature.map(Real::new)),
+            top_p: undefined_if_none(c.top_p.map(Real::new)),
+            top_k: undefined_if_none(c.top_k.map(Whole::new)),
+            max_tokens: undefined_if_none(c.max_tokens.map(Whole::new)),
+            repeat_penalty: undefined_if_none(c.repeat_penalty.map(Real::new)),
             seed: undefined_if_none(c.seed),
-            stop: undefined_if_none(c.stop.map(|v| v.into_iter().map(Text).collect())),
+            stop: undefined_if_none(c.stop.map(StopList)),
         }
     }
 }

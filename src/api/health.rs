@@ -66,6 +66,7 @@ impl HealthApi {
                     context_length: h.info.context_length as u64,
                 }),
             ),
+            #[cfg(feature = "test-hooks")]
             ModelStatus::NotConfigured => ("not_configured", None, None),
             ModelStatus::Loading => ("loading", None, None),
             ModelStatus::Failed(reason) => {

@@ -112,7 +112,11 @@ pub struct RouteTable {
 }
 
 struct RouteEntry {
+    /// As OpenAPI writes it (`/api/v1/chats/{chat_id}`): the route's metrics label.
+    template: String,
     segments: Vec<Segment>,
+    /// Methods this route answers (sent as `Allow` with a 405).
+    methods: Vec<Method>,
     /// Methods of this route that take a request body.
     body_methods: Vec<Method>,
 }
@@ -120,26 +124,55 @@ struct RouteEntry {
 enum Segment {
     Literal(String),
     Param(String),
+    /// `*`, last: any rest of the path (a nested service such as `/docs/*`).
+    Rest,
 }
 
 fn segments(template: &str) -> Vec<Segment> {
     template
         .split('/')
-        .map(
-            |seg| match seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+        .map(|seg| {
+            if seg == "*" {
+                return Segment::Rest;
+            }
+            match seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
                 Some(name) => Segment::Param(name.to_string()),
                 None => Segment::Literal(seg.to_string()),
-            },
-        )
+            }
+        })
         .collect()
 }
 
 impl RouteEntry {
+    fn new(template: &str, methods: Vec<Method>, body_methods: Vec<Method>) -> RouteEntry {
+        RouteEntry {
+            template: template.trim_end_matches("/*").to_string(),
+            segments: segments(template),
+            methods,
+            body_methods,
+        }
+    }
+
     fn matches(&self, segs: &[&str]) -> bool {
-        self.segments.len() == segs.len()
-            && self.segments.iter().zip(segs).all(|(t, s)| {
-                matches!(t, Segment::Param(_)) || matches!(t, Segment::Literal(l) if l == s)
-            })
+        if let Some(Segment::Rest) = self.segments.last() {
+            let fixed = &self.segments[..self.segments.len() - 1];
+            return segs.len() >= fixed.len() && Self::each_matches(fixed, &segs[..fixed.len()]);
+        }
+        self.segments.len() == segs.len() && Self::each_matches(&self.segments, segs)
+    }
+
+    fn each_matches(template: &[Segment], segs: &[&str]) -> bool {
+        template.iter().zip(segs).all(|(t, s)| match t {
+            Segment::Literal(l) => l == s,
+            Segment::Param(_) | Segment::Rest => true,
+        })
+    }
+
+    fn params(&self) -> usize {
+        self.segments
+            .iter()
+            .filter(|s| !matches!(s, Segment::Literal(_)))
+            .count()
     }
 }
 
@@ -151,17 +184,17 @@ impl RouteTable {
             .map(|paths| {
                 paths
                     .iter()
-                    .map(|(template, ops)| RouteEntry {
-                        segments: segments(template),
-                        body_methods: ops
-                            .as_object()
-                            .map(|ops| {
-                                ops.iter()
-                                    .filter(|(_, op)| op.get("requestBody").is_some())
-                                    .filter_map(|(m, _)| m.to_ascii_uppercase().parse().ok())
-                                    .collect()
-                            })
-                            .unwrap_or_default(),
+                    .map(|(template, ops)| {
+                        let ops = ops.as_object().cloned().unwrap_or_default();
+                        let method = |m: &String| m.to_ascii_uppercase().parse().ok();
+                        RouteEntry::new(
+                            template,
+                            ops.keys().filter_map(method).collect(),
+                            ops.iter()
+                                .filter(|(_, op)| op.get("requestBody").is_some())
+                                .filter_map(|(m, _)| method(m))
+                                .collect(),
+                        )
                     })
                     .collect()
             })
@@ -169,14 +202,43 @@ impl RouteTable {
         RouteTable { routes }
     }
 
-    /// Adds a route outside the document (the OpenAI-compatible ones) whose `method` takes
-    /// a body.
-    pub fn with_body_route(mut self, method: Method, template: &str) -> RouteTable {
-        self.routes.push(RouteEntry {
-            segments: segments(template),
-            body_methods: vec![method],
-        });
-        self
+    /// Adds a route outside the document (the page, the OpenAI-compatible ones, …): its one
+    /// method, and whether that takes a body.
+    /// A template ending in `/*` covers every path under it (a nested service).
+    pub fn add(&mut self, method: Method, template: &str, takes_body: bool) {
+        let body_methods = if takes_body {
+            vec![method.clone()]
+        } else {
+            Vec::new()
+        };
+        self.routes
+            .push(RouteEntry::new(template, vec![method], body_methods));
+    }
+
+    /// The route `path` is served by, as its template (`/api/v1/chats/{chat_id}`), for
+    /// metrics labels: a client cannot grow the series count by inventing URLs. A literal
+    /// segment wins over a parameter (`/chats/user/x` is not `/chats/{chat_id}/…`).
+    pub fn template(&self, path: &str) -> Option<&str> {
+        let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+        self.routes
+            .iter()
+            .filter(|r| r.matches(&segs))
+            .min_by_key(|r| r.params())
+            .map(|r| r.template.as_str())
+    }
+
+    /// The methods `path` answers, for the `Allow` header of a 405.
+    fn allowed(&self, path: &str) -> Vec<String> {
+        let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+        let mut methods: Vec<String> = self
+            .routes
+            .iter()
+            .filter(|r| r.matches(&segs))
+            .flat_map(|r| r.methods.iter().map(|m| m.to_string()))
+            .collect();
+        methods.sort();
+        methods.dedup();
+        methods
     }
 
     /// Whether `method` on `path` is an operation that takes a request body.
@@ -200,7 +262,7 @@ impl RouteTable {
                     .iter()
                     .filter_map(|t| match t {
                         Segment::Param(n) => Some(n.as_str()),
-                        Segment::Literal(_) => None,
+                        Segment::Literal(_) | Segment::Rest => None,
                     })
                     .nth(index)
             })
@@ -253,6 +315,7 @@ fn classify(
         ApiError::MethodNotAllowed {
             method: method.to_string(),
             path: path.to_string(),
+            allowed: params.allowed(path),
         }
     } else if err.is::<AuthorizationError>() {
         ApiError::MissingApiKey
@@ -436,7 +499,7 @@ async fn handle<E: Endpoint>(
     security_headers(&mut resp, &path);
     let m = crate::metrics::metrics();
     m.observe_http(
-        crate::metrics::route_label(&path),
+        params.template(&path).unwrap_or("other"),
         method.as_str(),
         resp.status().as_u16(),
         started.elapsed(),
@@ -545,7 +608,9 @@ mod tests {
     fn only_operations_with_a_body_have_it_read() {
         let spec = r#"{"paths": {"/a": {"post": {"requestBody": {}}, "get": {}},
             "/a/{x}": {"patch": {"requestBody": {}}, "delete": {}}, "/u": {"get": {}}}}"#;
-        let r = RouteTable::from_spec(spec).with_body_route(Method::POST, "/v1/c");
+        let mut r = RouteTable::from_spec(spec);
+        r.add(Method::POST, "/v1/c", true);
+        r.add(Method::GET, "/m", false);
         assert!(r.takes_body(&Method::POST, "/a"));
         assert!(r.takes_body(&Method::POST, "/a/"));
         assert!(r.takes_body(&Method::PATCH, "/a/7"));
@@ -555,6 +620,44 @@ mod tests {
         assert!(!r.takes_body(&Method::DELETE, "/a/7"));
         assert!(!r.takes_body(&Method::POST, "/u"));
         assert!(!r.takes_body(&Method::POST, "/healthz"));
+        assert!(!r.takes_body(&Method::GET, "/m"));
+    }
+
+    #[test]
+    fn metrics_label_a_path_with_its_route_template() {
+        let spec = r#"{"paths": {"/api/v1/chats": {"post": {}},
+            "/api/v1/chats/{chat_id}": {"get": {}},
+            "/api/v1/chats/{chat_id}/messages": {"get": {}},
+            "/api/v1/chats/user/{user_id}": {"get": {}}}}"#;
+        let mut r = RouteTable::from_spec(spec);
+        r.add(Method::GET, "/docs/*", false);
+        assert_eq!(r.template("/api/v1/chats/"), Some("/api/v1/chats"));
+        assert_eq!(
+            r.template("/api/v1/chats/abc"),
+            Some("/api/v1/chats/{chat_id}")
+        );
+        assert_eq!(
+            r.template("/api/v1/chats/abc/messages"),
+            Some("/api/v1/chats/{chat_id}/messages")
+        );
+        assert_eq!(
+            r.template("/api/v1/chats/user/bob"),
+            Some("/api/v1/chats/user/{user_id}")
+        );
+        assert_eq!(r.template("/docs"), Some("/docs"));
+        assert_eq!(r.template("/docs/index.css"), Some("/docs"));
+        assert_eq!(r.template("/whatever/x"), None);
+    }
+
+    #[test]
+    fn a_path_allows_the_methods_of_its_routes() {
+        let spec = r#"{"paths": {"/a": {"post": {}, "get": {}}, "/a/{x}": {"delete": {}}}}"#;
+        let mut r = RouteTable::from_spec(spec);
+        r.add(Method::GET, "/m", false);
+        assert_eq!(r.allowed("/a"), ["GET", "POST"]);
+        assert_eq!(r.allowed("/a/7"), ["DELETE"]);
+        assert_eq!(r.allowed("/m"), ["GET"]);
+        assert!(r.allowed("/nowhere").is_empty());
     }
 
     #[test]

@@ -14,8 +14,9 @@ mod ws;
 
 pub use auth::Authenticator;
 
+use poem::http::Method;
 use poem::middleware::{CatchPanic, NormalizePath, TrailingSlash};
-use poem::{Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Route};
+use poem::{Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Route, RouteMethod};
 use poem_openapi::{OpenApiService, Tags};
 
 use crate::chat::ChatService;
@@ -97,27 +98,56 @@ pub fn app(state: AppState) -> impl Endpoint {
             ])
     });
     let around_state = state.clone();
-    let params = std::sync::Arc::new(
-        middleware::RouteTable::from_spec(&api.spec())
-            .with_body_route(poem::http::Method::POST, CHAT_COMPLETIONS),
-    );
+    // The routes outside the OpenAPI document, each with its one method: mounted here and
+    // declared to the middleware from the same list (for `Allow` on a 405, and whether a
+    // body is read).
+    let plain: [(&str, Method, RouteMethod); 9] = [
+        ("/", Method::GET, poem::get(crate::web::index)),
+        ("/assets/app.js", Method::GET, poem::get(crate::web::app_js)),
+        (
+            "/assets/app.css",
+            Method::GET,
+            poem::get(crate::web::app_css),
+        ),
+        ("/openapi.json", Method::GET, poem::get(spec)),
+        ("/ws/chat", Method::GET, poem::get(ws::ws_chat)),
+        ("/metrics", Method::GET, poem::get(metrics_text)),
+        ("/v1/models", Method::GET, poem::get(openai::models)),
+        (
+            "/v1/models/:id",
+            Method::GET,
+            poem::get(openai::model_by_id),
+        ),
+        (
+            CHAT_COMPLETIONS,
+            Method::POST,
+            poem::post(openai::chat_completions),
+        ),
+    ];
+    let mut table = middleware::RouteTable::from_spec(&api.spec());
     // The operations live under `/api/` plus the two probes; mounting the service at `/`
     // would shadow the chat page there.
     let operations = std::sync::Arc::new(api.into_endpoint());
-    Route::new()
+    let mut route = Route::new()
         .nest_no_strip("/api", operations.clone())
         .at("/healthz", operations.clone())
         .at("/readyz", operations)
-        .at("/", poem::get(crate::web::index))
-        .at("/assets/app.js", poem::get(crate::web::app_js))
-        .at("/assets/app.css", poem::get(crate::web::app_css))
-        .at("/openapi.json", spec)
-        .nest("/docs", docs)
-        .at("/ws/chat", poem::get(ws::ws_chat))
-        .at("/metrics", poem::get(metrics_text))
-        .at("/v1/models", poem::get(openai::models))
-        .at("/v1/models/:id", poem::get(openai::model_by_id))
-        .at(CHAT_COMPLETIONS, poem::post(openai::chat_completions))
+        .nest("/docs", docs);
+    for (path, method, endpoint) in plain {
+        // poem writes a parameter `:name`, OpenAPI `{name}`.
+        let template: Vec<String> = path
+            .split('/')
+            .map(|seg| match seg.strip_prefix(':') {
+                Some(name) => format!("{{{name}}}"),
+                None => seg.to_string(),
+            })
+            .collect();
+        table.add(method.clone(), &template.join("/"), method == Method::POST);
+        route = route.at(path, endpoint);
+    }
+    table.add(Method::GET, "/docs/*", false);
+    let params = std::sync::Arc::new(table);
+    route
         .data(state)
         // `/api/v1/chats/` and `/api/v1/chats` are the same route (the seed documents the
         // former; OpenAPI paths carry no trailing slash).

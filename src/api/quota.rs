@@ -15,12 +15,26 @@ use crate::store::{Store, TenantId};
 /// The length of a REST rate window.
 pub const WINDOW: Duration = Duration::from_secs(60);
 
-/// Server-wide defaults, from flags and environment.
+/// Server-wide defaults, from flags and environment: the only place these limits are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuotaDefaults {
+    /// REST requests per minute per tenant.
     pub requests_per_minute: u32,
+    /// WebSocket messages per second per connection (a token bucket whose burst is the
+    /// same number).
     pub ws_messages_per_second: u32,
+    /// Open WebSocket connections per tenant.
     pub max_connections: u32,
+}
+
+impl Default for QuotaDefaults {
+    fn default() -> Self {
+        QuotaDefaults {
+            requests_per_minute: 100,
+            ws_messages_per_second: 10,
+            max_connections: 50,
+        }
+    }
 }
 
 /// A tenant's limits with the defaults filled in.

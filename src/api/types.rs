@@ -7,13 +7,40 @@
 //!   their `metadata` back exactly as they wrote it.
 //! - [`Timestamp`]: RFC 3339 in UTC with milliseconds (`2026-11-26T22:49:56.123Z`), the one
 //!   format every response uses, whichever database stored the value.
+//! - [`Day`]: a `YYYY-MM-DD` query parameter whose schema has the pattern the parser
+//!   enforces (`format: date` alone lets schema-driven clients send an empty string).
+//! - [`Real`], [`Whole`] and [`StopList`]: generation settings whose bounds, in the schema
+//!   and when parsed, are the ones `domain::generation` declares (poem-openapi's validator
+//!   attributes take only literals, which would be a second copy of each bound).
 
 use std::borrow::Cow;
+use std::marker::PhantomData;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 use poem_openapi::registry::{MetaSchema, MetaSchemaRef, Registry};
-use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
+use poem_openapi::types::{
+    ParseError, ParseFromJSON, ParseFromParameter, ParseResult, ToJSON, Type,
+};
 use serde_json::{Map, Value};
+
+use crate::domain::generation::{self, FloatBound, IntBound};
+
+/// The `Type` methods of a type that is its own raw value.
+macro_rules! raw_value {
+    () => {
+        fn register(_registry: &mut Registry) {}
+
+        fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+            Some(self)
+        }
+
+        fn raw_element_iter<'a>(
+            &'a self,
+        ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+            Box::new(std::iter::once(self))
+        }
+    };
+}
 
 /// Any JSON object.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -35,17 +62,7 @@ impl Type for JsonObject {
         }))
     }
 
-    fn register(_registry: &mut Registry) {}
-
-    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
-        Some(self)
-    }
-
-    fn raw_element_iter<'a>(
-        &'a self,
-    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
-        Box::new(std::iter::once(self))
-    }
+    raw_value!();
 }
 
 impl ParseFromJSON for JsonObject {
@@ -86,17 +103,7 @@ impl Type for Text {
         MetaSchemaRef::Inline(Box::new(MetaSchema::new("string")))
     }
 
-    fn register(_registry: &mut Registry) {}
-
-    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
-        Some(self)
-    }
-
-    fn raw_element_iter<'a>(
-        &'a self,
-    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
-        Box::new(std::iter::once(self))
-    }
+    raw_value!();
 }
 
 impl ParseFromJSON for Text {
@@ -143,17 +150,7 @@ impl Type for Timestamp {
         MetaSchemaRef::Inline(Box::new(MetaSchema::new_with_format("string", "date-time")))
     }
 
-    fn register(_registry: &mut Registry) {}
-
-    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
-        Some(self)
-    }
-
-    fn raw_element_iter<'a>(
-        &'a self,
-    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
-        Box::new(std::iter::once(self))
-    }
+    raw_value!();
 }
 
 impl ParseFromJSON for Timestamp {
@@ -170,6 +167,233 @@ impl ParseFromJSON for Timestamp {
 impl ToJSON for Timestamp {
     fn to_json(&self) -> Option<Value> {
         Some(Value::String(self.to_rfc3339()))
+    }
+}
+
+/// A calendar day, `YYYY-MM-DD`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Day(pub NaiveDate);
+
+impl Type for Day {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        "string_day".into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        MetaSchemaRef::Inline(Box::new(MetaSchema {
+            pattern: Some("^[0-9]{4}-[0-9]{2}-[0-9]{2}$".into()),
+            ..MetaSchema::new_with_format("string", "date")
+        }))
+    }
+
+    raw_value!();
+}
+
+impl ParseFromParameter for Day {
+    fn parse_from_parameter(value: &str) -> ParseResult<Self> {
+        NaiveDate::parse_from_str(value, "%Y-%m-%d")
+            .map(Day)
+            .map_err(|e| ParseError::custom(format!("not a YYYY-MM-DD date: {e}")))
+    }
+}
+
+/// A real-valued generation setting: which one, and its bounds.
+pub trait RealSetting: Send + Sync + 'static {
+    const NAME: &'static str;
+    const BOUND: FloatBound;
+}
+
+/// A whole-number generation setting: which one, and its bounds.
+pub trait WholeSetting: Send + Sync + 'static {
+    const NAME: &'static str;
+    const BOUND: IntBound;
+}
+
+macro_rules! settings {
+    ($($kind:ident $bound_ty:ident $name:ident($field:literal) = $bound:path;)*) => {$(
+        #[doc = concat!("The `", $field, "` setting.")]
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        pub struct $name;
+        impl $kind for $name {
+            const NAME: &'static str = $field;
+            const BOUND: $bound_ty = $bound;
+        }
+    )*};
+}
+
+settings! {
+    RealSetting FloatBound Temperature("temperature") = generation::TEMPERATURE;
+    RealSetting FloatBound TopP("top_p") = generation::TOP_P;
+    RealSetting FloatBound RepeatPenalty("repeat_penalty") = generation::REPEAT_PENALTY;
+    WholeSetting IntBound TopK("top_k") = generation::TOP_K;
+    WholeSetting IntBound MaxTokens("max_tokens") = generation::MAX_TOKENS;
+}
+
+/// A number within `S`'s bounds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Real<S>(pub f64, PhantomData<S>);
+
+impl<S> Real<S> {
+    pub fn new(v: f64) -> Self {
+        Real(v, PhantomData)
+    }
+}
+
+/// A whole number within `S`'s bounds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Whole<S>(pub u32, PhantomData<S>);
+
+impl<S> Whole<S> {
+    pub fn new(v: u32) -> Self {
+        Whole(v, PhantomData)
+    }
+}
+
+impl<S: RealSetting + Clone + std::fmt::Debug> Type for Real<S> {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        format!("number_{}", S::NAME).into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        let b = S::BOUND;
+        MetaSchemaRef::Inline(Box::new(MetaSchema {
+            minimum: Some(b.min),
+            exclusive_minimum: b.exclusive_min.then_some(true),
+            maximum: Some(b.max),
+            ..MetaSchema::new_with_format("number", "double")
+        }))
+    }
+
+    raw_value!();
+}
+
+impl<S: RealSetting + Clone + std::fmt::Debug> ParseFromJSON for Real<S> {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        match value.unwrap_or_default() {
+            Value::Number(n) => {
+                let x = n.as_f64().unwrap_or(f64::NAN);
+                S::BOUND
+                    .check(S::NAME, x)
+                    .map_err(|e| ParseError::custom(e.message))?;
+                Ok(Real::new(x))
+            }
+            other => Err(ParseError::expected_type(other)),
+        }
+    }
+}
+
+impl<S: RealSetting + Clone + std::fmt::Debug> ToJSON for Real<S> {
+    fn to_json(&self) -> Option<Value> {
+        serde_json::Number::from_f64(self.0).map(Value::Number)
+    }
+}
+
+impl<S: WholeSetting + Clone + std::fmt::Debug> Type for Whole<S> {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        format!("integer_{}", S::NAME).into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        let b = S::BOUND;
+        MetaSchemaRef::Inline(Box::new(MetaSchema {
+            minimum: Some(b.min as f64),
+            maximum: Some(b.max as f64),
+            ..MetaSchema::new_with_format("integer", "uint32")
+        }))
+    }
+
+    raw_value!();
+}
+
+impl<S: WholeSetting + Clone + std::fmt::Debug> ParseFromJSON for Whole<S> {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        match value.unwrap_or_default() {
+            Value::Number(n) => {
+                let Some(v) = n.as_u64() else {
+                    return Err(ParseError::custom(format!(
+                        "{} must be a whole number",
+                        S::NAME
+                    )));
+                };
+                S::BOUND
+                    .check(S::NAME, v)
+                    .map_err(|e| ParseError::custom(e.message))?;
+                // The bounds of every whole-number setting lie within u32.
+                Ok(Whole::new(v as u32))
+            }
+            other => Err(ParseError::expected_type(other)),
+        }
+    }
+}
+
+impl<S: WholeSetting + Clone + std::fmt::Debug> ToJSON for Whole<S> {
+    fn to_json(&self) -> Option<Value> {
+        Some(Value::from(self.0))
+    }
+}
+
+/// Strings that end a reply. The schema says how many and how long (`domain::generation`);
+/// the parser takes any list of strings, and the chat's config checks it against the same
+/// bounds, naming the item that breaks them (`config.stop[1]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopList(pub Vec<String>);
+
+impl Type for StopList {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        "stop_list".into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        let item = MetaSchema {
+            min_length: Some(generation::STOP_CHARS.min as usize),
+            max_length: Some(generation::STOP_CHARS.max as usize),
+            ..MetaSchema::new("string")
+        };
+        MetaSchemaRef::Inline(Box::new(MetaSchema {
+            items: Some(Box::new(MetaSchemaRef::Inline(Box::new(item)))),
+            max_items: Some(generation::MAX_STOP_STRINGS),
+            ..MetaSchema::new("array")
+        }))
+    }
+
+    raw_value!();
+}
+
+impl ParseFromJSON for StopList {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        let Value::Array(items) = value.unwrap_or_default() else {
+            return Err(ParseError::custom("stop must be an array of strings"));
+        };
+        let stops = items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                other => Err(ParseError::expected_type(other)),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(StopList(stops))
+    }
+}
+
+impl ToJSON for StopList {
+    fn to_json(&self) -> Option<Value> {
+        Some(Value::from(self.0.clone()))
     }
 }
 

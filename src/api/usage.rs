@@ -7,6 +7,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::auth::TenantAuth;
+use super::types::Day;
 use super::{ApiTags, AppState};
 use crate::domain;
 use crate::error::{ApiError, Authed, Failure};
@@ -69,15 +70,15 @@ impl UsageApi {
         state: Data<&AppState>,
         auth: TenantAuth,
         /// First day, `YYYY-MM-DD` (default: 29 days before `to`).
-        from: Query<Option<NaiveDate>>,
+        from: Query<Option<Day>>,
         /// Last day, `YYYY-MM-DD` (default: today, UTC).
-        to: Query<Option<NaiveDate>>,
+        to: Query<Option<Day>>,
         /// Only this user.
         #[oai(validator(min_length = 1, max_length = 128))]
         user_id: Query<Option<String>>,
     ) -> Result<UsageResponse, Failure<Authed>> {
-        let to = to.0.unwrap_or_else(|| Utc::now().date_naive());
-        let from = from.0.unwrap_or_else(|| {
+        let to = to.0.map_or_else(|| Utc::now().date_naive(), |d| d.0);
+        let from = from.0.map(|d| d.0).unwrap_or_else(|| {
             to.checked_sub_signed(Duration::days(DEFAULT_DAYS - 1))
                 .unwrap_or(NaiveDate::MIN)
         });

@@ -3,71 +3,35 @@
 //! The upgrade is always accepted, even with bad credentials: browsers cannot read the
 //! status of a refused handshake, so the refusal comes as one `error` event followed by a
 //! close frame whose code says what went wrong (4400 bad or missing parameter, 4401 key,
-//! 4404 chat, 4429 too many connections) and whose reason is the error code.
+//! 4404 chat, 4429 too many connections; `ApiError::close_code` decides) and whose reason
+//! is the error code.
 //!
-//! After that the socket task is a loop over four sources: client frames, the chat room's
-//! events, a ping timer and the server's shutdown phase. Everything a client sends is checked
-//! by `chat::protocol`; the work is done by `chat::ChatService`.
+//! After that a [`Socket`] handles four sources of events, one method each: client frames,
+//! the chat room's events, a timer tick and the server's shutdown phase. Each returns whether
+//! the socket goes on. Everything a client sends is checked by `chat::protocol`; the work is
+//! done by `chat::ChatService`; every error goes out through `ApiError`.
 
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use poem::web::websocket::{CloseCode, Message, WebSocket, WebSocketConfig, WebSocketStream};
 use poem::web::Data;
 use poem::{handler, IntoResponse, Request};
-use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
 use super::AppState;
 use crate::chat::protocol::{parse_client_message, ClientMessage, Credentials, Event, FrameError};
-use crate::chat::{ChatError, ConnectionGuard, Membership, Outbound, Phase};
+use crate::chat::{ChatService, ChatSettings, ConnectionGuard, Membership, Outbound, Phase};
 use crate::error::ApiError;
 use crate::ratelimit::TokenBucket;
 use crate::store::TenantId;
 
-/// A refused connection: the event to send and the close code.
-struct Refusal {
-    event: Event,
-    close: u16,
-}
-
-impl Refusal {
-    fn api(e: ApiError) -> Refusal {
-        let close = match e.code() {
-            "missing_api_key" | "invalid_api_key" => 4401,
-            "chat_not_found" => 4404,
-            "validation_error" => 4400,
-            _ => 1011,
-        };
-        Refusal {
-            event: Event::Error {
-                code: e.code(),
-                message: e.message(),
-                details: serde_json::Value::Object(e.details()),
-            },
-            close,
-        }
-    }
-
-    fn chat(e: ChatError) -> Refusal {
-        let close = match e {
-            ChatError::TooManyConnections { .. } => 4429,
-            ChatError::ChatNotFound | ChatError::Store(crate::store::StoreError::NotFound) => 4404,
-            ChatError::ShuttingDown => 1001,
-            _ => 1011,
-        };
-        Refusal {
-            event: e.to_event(),
-            close,
-        }
-    }
-}
-
 /// An accepted connection.
 struct Session {
     tenant: TenantId,
-    /// Messages per second this connection may send (the tenant's own, or the default).
+    /// Messages per second this connection may send (and its burst): the tenant's quota.
     messages_per_second: u32,
     user_id: String,
     chat_id: Uuid,
@@ -75,29 +39,24 @@ struct Session {
     _guard: ConnectionGuard,
 }
 
-async fn open(state: &AppState, creds: Credentials) -> Result<Session, Refusal> {
-    let (key, user_id, chat_id) = creds
-        .validate()
-        .map_err(|(event, close)| Refusal { event, close })?;
-    let tenant = state.auth.authenticate(&key).await.map_err(Refusal::api)?;
+/// Checks the credentials, the tenant's connection cap and the chat.
+async fn open(state: &AppState, creds: Credentials) -> Result<Session, ApiError> {
+    let (key, user_id, chat_id) = creds.validate()?;
+    let tenant = state.auth.authenticate(&key).await?;
     let limits = state.quotas.limits(tenant).await;
     let guard = state
         .chat
-        .connect(tenant, limits.max_connections as usize)
-        .map_err(Refusal::chat)?;
+        .connect(tenant, limits.max_connections as usize)?;
     let scope = state.store.tenant(tenant);
     let chat = scope
         .get_chat(chat_id)
         .await
-        .map_err(|e| Refusal::chat(e.into()))?;
+        .map_err(ApiError::for_chat(chat_id))?;
     // Another user's chat is as invisible as another tenant's.
     if chat.user_id != user_id {
-        return Err(Refusal::chat(ChatError::ChatNotFound));
+        return Err(ApiError::ChatNotFound(chat_id));
     }
-    let user_created = scope
-        .ensure_user(&user_id)
-        .await
-        .map_err(|e| Refusal::chat(e.into()))?;
+    let user_created = scope.ensure_user(&user_id).await?;
     Ok(Session {
         tenant,
         messages_per_second: limits.ws_messages_per_second,
@@ -127,11 +86,14 @@ pub async fn ws_chat(req: &Request, ws: WebSocket, state: Data<&AppState>) -> im
     })
 }
 
-async fn send(sink: &mut (impl SinkExt<Message> + Unpin), event: &Event) -> bool {
+type Sink = SplitSink<WebSocketStream, Message>;
+type Stream = SplitStream<WebSocketStream>;
+
+async fn send(sink: &mut Sink, event: &Event) -> bool {
     sink.send(Message::Text(event.to_json())).await.is_ok()
 }
 
-async fn close(sink: &mut (impl SinkExt<Message> + Unpin), code: u16, reason: &str) {
+async fn close(sink: &mut Sink, code: u16, reason: &str) {
     let _ = sink
         .send(Message::Close(Some((
             CloseCode::from(code),
@@ -140,21 +102,35 @@ async fn close(sink: &mut (impl SinkExt<Message> + Unpin), code: u16, reason: &s
         .await;
 }
 
+/// Sends the error's event, then closes with its close code and its code as the reason.
+async fn send_and_close(sink: &mut Sink, e: &ApiError) {
+    send(sink, &e.to_event()).await;
+    close(sink, e.close_code(), e.code()).await;
+}
+
+/// Whether a socket goes on after an event.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+impl Flow {
+    fn from_sent(sent: bool) -> Flow {
+        if sent {
+            Flow::Continue
+        } else {
+            Flow::Stop
+        }
+    }
+}
+
 async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream) {
     let (mut sink, mut stream) = socket.split();
     let session = match open(&state, creds).await {
         Ok(s) => s,
-        Err(r) => {
-            let reason = match &r.event {
-                Event::Error { code, .. } => *code,
-                _ => "error",
-            };
-            send(&mut sink, &r.event).await;
-            close(&mut sink, r.close, reason).await;
-            return;
-        }
+        Err(e) => return send_and_close(&mut sink, &e).await,
     };
-    let service = state.chat.clone();
     let metrics = crate::metrics::metrics();
     metrics.ws_connections.inc();
     // Decremented however the socket ends.
@@ -165,50 +141,11 @@ async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream
         }
     }
     let _open = Open;
-    let established = Event::ConnectionEstablished {
-        user_id: session.user_id.clone(),
-        chat_id: session.chat_id,
-        tenant_id: session.tenant.as_uuid(),
-    };
-    if !send(&mut sink, &established).await {
+    let Some(mut socket) = Socket::start(state.chat.clone(), session, sink).await else {
         return;
-    }
-    if session.user_created
-        && !send(
-            &mut sink,
-            &Event::UserCreated {
-                user_id: session.user_id.clone(),
-            },
-        )
-        .await
-    {
-        return;
-    }
-    let (mut membership, catch_up): (Membership, _) = service.join(session.tenant, session.chat_id);
-    for e in catch_up {
-        if !send(&mut sink, &e).await {
-            return;
-        }
-    }
-    let settings = service.settings().clone();
-    let room = membership.room.clone();
-    // A tenant's own rate comes with a burst of the same size; the default keeps its burst.
-    let (rate, burst) = if f64::from(session.messages_per_second) == settings.messages_per_second {
-        (settings.messages_per_second, settings.message_burst)
-    } else {
-        (
-            f64::from(session.messages_per_second),
-            session.messages_per_second,
-        )
     };
-    let mut bucket = TokenBucket::new(rate, burst);
-    // Frames refused in a row before the socket is closed (1008): each refused frame still
-    // gets its `rate_limited` answer, so a client knows which were dropped, but a client
-    // that ignores them is not answered forever.
-    let max_refused_in_row = (burst as usize).max(4) * 5;
-    let mut refused_in_row = 0usize;
-    let mut phase = service.phase();
-    let mut last_heard = Instant::now();
+    let mut phase = state.chat.phase();
+    let settings = state.chat.settings();
     let tick = settings
         .ping_interval
         .min(settings.idle_timeout)
@@ -216,126 +153,235 @@ async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream
     let mut ticker = tokio::time::interval(tick);
     ticker.reset();
     loop {
-        tokio::select! {
+        let flow = tokio::select! {
             // Room events first: what a reply said before a close must reach the client.
             biased;
-            out = membership.events.recv() => match out {
-                Ok(Outbound::Event(json)) => {
-                    if sink.send(Message::Text(json.to_string())).await.is_err() {
-                        break;
-                    }
-                }
-                Ok(Outbound::Close { code, reason }) => {
-                    close(&mut sink, code, reason).await;
-                    break;
-                }
-                Err(RecvError::Lagged(missed)) => {
-                    // The client reads too slowly to keep up; it can reconnect and catch up.
-                    let event = Event::error(
-                        "slow_consumer",
-                        "The connection fell too far behind the reply stream; reconnect to catch up.",
-                        json!({"missed_events": missed}),
-                    );
-                    send(&mut sink, &event).await;
-                    close(&mut sink, 1008, "slow_consumer").await;
-                    break;
-                }
-                Err(RecvError::Closed) => break,
-            },
-            frame = stream.next() => {
-                let frame = match frame {
-                    Some(Ok(frame)) => frame,
-                    Some(Err(e)) => {
-                        // The stream ends with its error: nothing more to read.
-                        if is_too_large(&e) {
-                            close(&mut sink, 1009, "message_too_large").await;
-                        }
-                        break;
-                    }
-                    None => break,
-                };
-                last_heard = Instant::now();
-                if matches!(frame, Message::Close(_)) {
-                    break;
-                }
-                if matches!(frame, Message::Ping(_) | Message::Pong(_)) {
-                    continue;
-                }
-                // Every data frame costs a token, whatever it holds: a client cannot get
-                // more answers (errors included) than its rate allows.
-                if let Err(wait) = bucket.take() {
-                    metrics.rate_limited.with_label_values(&["ws"]).inc();
-                    refused_in_row += 1;
-                    if refused_in_row > max_refused_in_row {
-                        send(&mut sink, &rate_limited(wait, rate, burst)).await;
-                        close(&mut sink, 1008, "rate_limited").await;
-                        linger(&mut stream).await;
-                        break;
-                    }
-                    if !send(&mut sink, &rate_limited(wait, rate, burst)).await {
-                        break;
-                    }
-                    continue;
-                }
-                refused_in_row = 0;
-                let reply = match frame {
-                    Message::Text(text) => match parse_client_message(&text, &settings.messages) {
-                        Err(e) => Some(e.into_event()),
-                        Ok(ClientMessage::Cancel) => service.cancel(&room).err().map(|e| e.to_event()),
-                        Ok(ClientMessage::Ping) => Some(Event::Pong),
-                        Ok(ClientMessage::Message { content, metadata }) => service
-                            .submit(&room, content, metadata)
-                            .await
-                            .err()
-                            .map(|e| e.to_event()),
-                    },
-                    Message::Binary(data) => Some(
-                        if data.len() > settings.messages.max_frame_bytes {
-                            FrameError::too_large(data.len(), &settings.messages)
-                        } else {
-                            FrameError::binary()
-                        }
-                        .into_event(),
-                    ),
-                    Message::Close(_) | Message::Ping(_) | Message::Pong(_) => None,
-                };
-                if let Some(event) = reply {
-                    if !send(&mut sink, &event).await {
-                        break;
-                    }
-                }
-            }
-            _ = ticker.tick() => {
-                let quiet = last_heard.elapsed();
-                if quiet >= settings.idle_timeout {
-                    tracing::debug!(chat = %session.chat_id, "dropping a silent socket");
-                    break;
-                }
-                if quiet >= settings.ping_interval && sink.send(Message::Ping(Vec::new())).await.is_err() {
-                    break;
-                }
-            }
+            out = socket.membership.events.recv() => socket.on_room_event(out).await,
+            frame = stream.next() => socket.on_frame(frame, &mut stream).await,
+            _ = ticker.tick() => socket.on_tick().await,
             changed = phase.changed() => {
-                if changed.is_err() || *phase.borrow() == Phase::Closed {
-                    // Events sent before the phase changed still go out first.
-                    while let Ok(Outbound::Event(json)) = membership.events.try_recv() {
-                        if sink.send(Message::Text(json.to_string())).await.is_err() {
-                            break;
-                        }
-                    }
-                    close(&mut sink, 1001, "server_shutdown").await;
-                    break;
-                }
+                let closed = changed.is_err() || *phase.borrow() == Phase::Closed;
+                socket.on_phase(closed).await
             }
+        };
+        if flow == Flow::Stop {
+            break;
         }
     }
-    drop(membership);
+}
+
+/// An open socket of one chat: the connection's state and its rules.
+struct Socket {
+    service: ChatService,
+    settings: ChatSettings,
+    session: Session,
+    membership: Membership,
+    sink: Sink,
+    bucket: TokenBucket,
+    messages_per_second: u32,
+    /// Data frames refused for their rate since the last one accepted.
+    refused_in_row: usize,
+    /// Beyond this many refused in a row the socket is closed (1008): each refused frame
+    /// still gets its `rate_limited` answer, so a client knows which were dropped, but a
+    /// client that ignores them is not answered forever.
+    max_refused_in_row: usize,
+    last_heard: Instant,
+}
+
+impl Socket {
+    /// Greets the client, joins the chat's room and sends the catch-up; `None` when the
+    /// client is already gone.
+    async fn start(service: ChatService, session: Session, mut sink: Sink) -> Option<Socket> {
+        let established = Event::ConnectionEstablished {
+            user_id: session.user_id.clone(),
+            chat_id: session.chat_id,
+            tenant_id: session.tenant.as_uuid(),
+        };
+        if !send(&mut sink, &established).await {
+            return None;
+        }
+        if session.user_created {
+            let created = Event::UserCreated {
+                user_id: session.user_id.clone(),
+            };
+            if !send(&mut sink, &created).await {
+                return None;
+            }
+        }
+        let (membership, catch_up) = service.join(session.tenant, session.chat_id);
+        for e in catch_up {
+            if !send(&mut sink, &e).await {
+                return None;
+            }
+        }
+        let rate = session.messages_per_second;
+        Some(Socket {
+            settings: service.settings().clone(),
+            service,
+            bucket: TokenBucket::new(f64::from(rate), rate),
+            messages_per_second: rate,
+            max_refused_in_row: (rate as usize).max(4) * 5,
+            refused_in_row: 0,
+            last_heard: Instant::now(),
+            session,
+            membership,
+            sink,
+        })
+    }
+
+    /// An event of the chat's room (a reply's progress, or the room closing).
+    async fn on_room_event(&mut self, out: Result<Outbound, RecvError>) -> Flow {
+        match out {
+            Ok(Outbound::Event(json)) => Flow::from_sent(
+                self.sink
+                    .send(Message::Text(json.to_string()))
+                    .await
+                    .is_ok(),
+            ),
+            Ok(Outbound::Close { code, reason }) => {
+                close(&mut self.sink, code, reason).await;
+                Flow::Stop
+            }
+            Err(RecvError::Lagged(missed)) => {
+                // The client reads too slowly to keep up; it can reconnect and catch up.
+                send_and_close(&mut self.sink, &ApiError::SlowConsumer { missed }).await;
+                Flow::Stop
+            }
+            Err(RecvError::Closed) => Flow::Stop,
+        }
+    }
+
+    /// A frame from the client (`None`: it went away).
+    async fn on_frame(
+        &mut self,
+        frame: Option<std::io::Result<Message>>,
+        stream: &mut Stream,
+    ) -> Flow {
+        let frame = match frame {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => {
+                // The stream ends with its error: nothing more to read.
+                if is_too_large(&e) {
+                    let e = ApiError::from(FrameError::over_hard_limit());
+                    close(&mut self.sink, e.close_code(), e.code()).await;
+                }
+                return Flow::Stop;
+            }
+            None => return Flow::Stop,
+        };
+        self.last_heard = Instant::now();
+        let answer = match frame {
+            Message::Close(_) => return Flow::Stop,
+            Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
+            data => {
+                // Every data frame costs a token, whatever it holds: a client cannot get
+                // more answers (errors included) than its rate allows.
+                if let Err(wait) = self.bucket.take() {
+                    return self.refuse_for_rate(wait, stream).await;
+                }
+                self.refused_in_row = 0;
+                self.answer(data).await
+            }
+        };
+        match answer {
+            Some(event) => Flow::from_sent(send(&mut self.sink, &event).await),
+            None => Flow::Continue,
+        }
+    }
+
+    /// What a data frame gets back, if anything (the events of a reply it starts come
+    /// through the room).
+    async fn answer(&self, frame: Message) -> Option<Event> {
+        let limits = &self.settings.messages;
+        let room = &self.membership.room;
+        let result: Result<Option<Event>, ApiError> = match frame {
+            Message::Text(text) => match parse_client_message(&text, limits) {
+                Err(e) => Err(e.into()),
+                Ok(ClientMessage::Ping) => Ok(Some(Event::Pong)),
+                Ok(ClientMessage::Cancel) => self
+                    .service
+                    .cancel(room)
+                    .map(|()| None)
+                    .map_err(ApiError::from),
+                Ok(ClientMessage::Message { content, metadata }) => self
+                    .service
+                    .submit(room, content, metadata)
+                    .await
+                    .map(|()| None)
+                    .map_err(ApiError::from),
+            },
+            Message::Binary(data) if data.len() > limits.max_frame_bytes => {
+                Err(FrameError::too_large(data.len(), limits).into())
+            }
+            _ => Err(FrameError::binary().into()),
+        };
+        result.unwrap_or_else(|e| Some(e.to_event()))
+    }
+
+    /// A data frame over the connection's rate: answered `rate_limited`, and after too many
+    /// in a row, the socket is closed.
+    async fn refuse_for_rate(&mut self, wait: Duration, stream: &mut Stream) -> Flow {
+        crate::metrics::metrics()
+            .rate_limited
+            .with_label_values(&["ws"])
+            .inc();
+        let refused = ApiError::MessageRateLimited {
+            per_second: f64::from(self.messages_per_second),
+            burst: self.messages_per_second,
+            retry_after_ms: (wait.as_millis().min(u64::MAX as u128) as u64).max(1),
+        };
+        self.refused_in_row += 1;
+        if self.refused_in_row > self.max_refused_in_row {
+            send_and_close(&mut self.sink, &refused).await;
+            linger(stream).await;
+            return Flow::Stop;
+        }
+        Flow::from_sent(send(&mut self.sink, &refused.to_event()).await)
+    }
+
+    /// The timer: pings a quiet client, drops a silent one.
+    async fn on_tick(&mut self) -> Flow {
+        let quiet = self.last_heard.elapsed();
+        if quiet >= self.settings.idle_timeout {
+            tracing::debug!(chat = %self.session.chat_id, "dropping a silent socket");
+            return Flow::Stop;
+        }
+        if quiet >= self.settings.ping_interval {
+            return Flow::from_sent(self.sink.send(Message::Ping(Vec::new())).await.is_ok());
+        }
+        Flow::Continue
+    }
+
+    /// The server's phase changed; once it is closed, so is the socket (1001).
+    async fn on_phase(&mut self, closed: bool) -> Flow {
+        if !closed {
+            return Flow::Continue;
+        }
+        // Events sent before the phase changed still go out first.
+        while let Ok(Outbound::Event(json)) = self.membership.events.try_recv() {
+            if self
+                .sink
+                .send(Message::Text(json.to_string()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        close(
+            &mut self.sink,
+            crate::chat::protocol::close::GOING_AWAY,
+            "server_shutdown",
+        )
+        .await;
+        Flow::Stop
+    }
 }
 
 /// After closing on a client that is still sending: reads and drops what it sends for a
 /// moment (bounded by time and frames), so that unread data does not make the kernel answer
 /// with a reset that could destroy the close frame before the client reads it.
-async fn linger(stream: &mut (impl StreamExt<Item = std::io::Result<Message>> + Unpin)) {
+async fn linger(stream: &mut Stream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         for _ in 0..10_000 {
             match stream.next().await {
@@ -352,19 +398,4 @@ async fn linger(stream: &mut (impl StreamExt<Item = std::io::Result<Message>> + 
 /// `a_frame_over_the_hard_limit_closes_with_1009` fails if it changes.
 fn is_too_large(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::Other && e.to_string().starts_with("Space limit exceeded")
-}
-
-fn rate_limited(wait: Duration, rate: f64, burst: u32) -> Event {
-    let retry_after_ms = wait.as_millis().min(u64::MAX as u128) as u64;
-    Event::error(
-        "rate_limited",
-        format!(
-            "Too many messages: at most {rate} per second on one connection. The message was not processed."
-        ),
-        json!({
-            "retry_after_ms": retry_after_ms.max(1),
-            "limit_per_second": rate,
-            "burst": burst,
-        }),
-    )
 }

@@ -13,7 +13,7 @@
 //! reconnects finds it finished in the history. Only `cancel`, deleting the chat or a
 //! shutdown past its grace period stop it.
 
-pub mod protocol;
+pub use confab_protocol::ws as protocol;
 mod reply;
 mod room;
 pub mod scheduler;
@@ -24,12 +24,13 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use tokio::sync::{broadcast, oneshot, watch, Notify};
 use uuid::Uuid;
 
 use crate::domain::{MessageStatus, NewMessage, Role};
 use crate::engine::{CancelToken, ModelSlot};
+use crate::error::ApiError;
 use crate::store::{Store, StoreError, TenantId};
 use protocol::{Event, MessageLimits};
 pub use reply::sampling_for;
@@ -40,18 +41,15 @@ pub use stateless::Slot;
 /// Settings of live chat; every one has a flag and an environment variable.
 #[derive(Debug, Clone)]
 pub struct ChatSettings {
-    /// Replies generated at the same time.
-    pub slots: usize,
     /// Replies a tenant may have waiting for the engine.
     pub queue_per_tenant: usize,
     /// Replies waiting for the engine, all tenants together (server overload beyond it).
     pub max_waiting_total: usize,
     /// Share of the slots one tenant may hold (at least one slot): an explicit hard cap.
     /// 1, the default, is none: a tenant may use every idle slot, and fairness comes from
-    /// the order the scheduler hands out freed slots in.
+    /// the order the scheduler hands out freed slots in. (The slots are the engine's batch:
+    /// replies generated at the same time.)
     pub tenant_slot_share: f64,
-    /// Open WebSocket connections per tenant (default; a tenant may have its own).
-    pub max_connections_per_tenant: usize,
     /// How often a growing reply's text is saved.
     pub save_interval: Duration,
     /// Most stored messages a prompt is built from (older ones are not even read).
@@ -63,10 +61,6 @@ pub struct ChatSettings {
     /// Events buffered per socket before a slow one is dropped.
     pub socket_buffer: usize,
     pub messages: MessageLimits,
-    /// Messages per second per connection (token bucket), and the burst it allows
-    /// (defaults; a tenant may have its own rate, with a burst of the same size).
-    pub messages_per_second: f64,
-    pub message_burst: u32,
     /// The server pings a socket it has not heard from for this long...
     pub ping_interval: Duration,
     /// ...and drops it after this long without any frame.
@@ -76,11 +70,9 @@ pub struct ChatSettings {
 impl Default for ChatSettings {
     fn default() -> Self {
         ChatSettings {
-            slots: 1,
             queue_per_tenant: 16,
             max_waiting_total: 256,
             tenant_slot_share: 1.0,
-            max_connections_per_tenant: 50,
             save_interval: Duration::from_secs(1),
             history_messages: 200,
             default_max_tokens: 512,
@@ -91,8 +83,6 @@ impl Default for ChatSettings {
                 max_content_chars: 16 * 1024,
                 fields: Default::default(),
             },
-            messages_per_second: 10.0,
-            message_burst: 10,
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
         }
@@ -100,8 +90,9 @@ impl Default for ChatSettings {
 }
 
 impl ChatSettings {
-    fn scheduler_limits(&self) -> SchedulerLimits {
-        let slots = self.slots.max(1);
+    /// The scheduler's limits when the engine generates `slots` replies at once.
+    fn scheduler_limits(&self, slots: usize) -> SchedulerLimits {
+        let slots = slots.max(1);
         let share = (slots as f64 * self.tenant_slot_share.clamp(0.0, 1.0)).floor() as usize;
         SchedulerLimits {
             slots,
@@ -112,7 +103,8 @@ impl ChatSettings {
     }
 }
 
-/// Why a client's request was refused. Each has a stable code; the connection stays open.
+/// Why the chat service refused a request. Codes, messages, HTTP statuses and close codes
+/// are the client-facing error's (`crate::error::ApiError`, one `From`).
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
     #[error("a reply is already being generated in this chat")]
@@ -125,8 +117,8 @@ pub enum ChatError {
     ModelNotReady,
     #[error("the server is shutting down")]
     ShuttingDown,
-    #[error("the chat does not exist")]
-    ChatNotFound,
+    #[error("chat {0} does not exist")]
+    ChatNotFound(Uuid),
     #[error("no reply to cancel")]
     NothingToCancel,
     #[error("too many connections")]
@@ -135,69 +127,11 @@ pub enum ChatError {
     Store(#[from] StoreError),
 }
 
-impl ChatError {
-    pub fn code(&self) -> &'static str {
-        match self {
-            ChatError::GenerationInProgress => "generation_in_progress",
-            ChatError::QueueFull { .. } => "queue_full",
-            ChatError::ServerBusy => "server_busy",
-            ChatError::ModelNotReady => "model_not_ready",
-            ChatError::ShuttingDown => "shutting_down",
-            ChatError::ChatNotFound | ChatError::Store(StoreError::NotFound) => "chat_not_found",
-            ChatError::NothingToCancel => "nothing_to_cancel",
-            ChatError::TooManyConnections { .. } => "too_many_connections",
-            ChatError::Store(StoreError::Unavailable(_)) => "database_unavailable",
-            ChatError::Store(_) => "internal_error",
-        }
-    }
-
-    /// The error as an `error` event; internals are logged, not sent.
-    pub fn to_event(&self) -> Event {
-        let (message, details): (String, Value) = match self {
-            ChatError::GenerationInProgress => (
-                "A reply is being generated in this chat; wait for it to end or cancel it. The message was not saved.".into(),
-                json!({}),
-            ),
-            ChatError::QueueFull { capacity } => (
-                "Too many replies are waiting for this tenant; try again shortly. The message was not saved.".into(),
-                json!({"queue_capacity": capacity}),
-            ),
-            ChatError::ServerBusy => (
-                "The server has too many replies waiting, across all tenants; try again shortly. The message was not saved.".into(),
-                json!({"retry_after_ms": 1000}),
-            ),
-            ChatError::ModelNotReady => (
-                "The model is not loaded yet; try again shortly. The message was not saved.".into(),
-                json!({}),
-            ),
-            ChatError::ShuttingDown => (
-                "The server is shutting down. The message was not saved.".into(),
-                json!({}),
-            ),
-            ChatError::ChatNotFound | ChatError::Store(StoreError::NotFound) => {
-                ("The chat does not exist (it may have been deleted).".into(), json!({}))
-            }
-            ChatError::NothingToCancel => (
-                "There is no reply in progress in this chat.".into(),
-                json!({}),
-            ),
-            ChatError::TooManyConnections { limit } => (
-                format!("The tenant already has {limit} open connections."),
-                json!({"limit": limit}),
-            ),
-            ChatError::Store(StoreError::Unavailable(_)) => (
-                "The database is unavailable; try again shortly. The message was not saved.".into(),
-                json!({}),
-            ),
-            ChatError::Store(e) => {
-                tracing::error!(error = %e, "chat storage error");
-                ("An internal error occurred; it has been logged.".into(), json!({}))
-            }
-        };
-        Event::Error {
-            code: self.code(),
-            message,
-            details,
+impl From<Refused> for ChatError {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::QueueFull { capacity } => ChatError::QueueFull { capacity },
+            Refused::Overloaded { .. } => ChatError::ServerBusy,
         }
     }
 }
@@ -300,7 +234,8 @@ impl Drop for Membership {
 
 impl ChatService {
     pub fn new(store: Store, model: ModelSlot, settings: ChatSettings) -> ChatService {
-        let scheduler = Scheduler::new(settings.scheduler_limits());
+        // One slot until the engine is loaded (nothing is submitted before), then its batch.
+        let scheduler = Scheduler::new(settings.scheduler_limits(1));
         ChatService(Arc::new(Inner {
             store,
             model,
@@ -314,6 +249,19 @@ impl ChatService {
             phase: watch::channel(Phase::Serving).0,
             reply_ended: Notify::new(),
         }))
+    }
+
+    /// The scheduler, its slots kept equal to the engine's batch: the engine handle is the
+    /// one owner of that number (replies are only queued once the engine is loaded).
+    fn scheduler(&self) -> MutexGuard<'_, Scheduler<Waiting>> {
+        let mut sched = lock(&self.0.scheduler);
+        if let Some(engine) = self.0.model.engine() {
+            let limits = self.0.settings.scheduler_limits(engine.max_batch());
+            if sched.limits() != limits {
+                sched.set_limits(limits);
+            }
+        }
+        sched
     }
 
     pub fn settings(&self) -> &ChatSettings {
@@ -407,17 +355,12 @@ impl ChatService {
         {
             let mut st = room.lock();
             if st.deleted {
-                return Err(ChatError::ChatNotFound);
+                return Err(ChatError::ChatNotFound(room.chat_id));
             }
             if st.reply.is_some() {
                 return Err(ChatError::GenerationInProgress);
             }
-            lock(&self.0.scheduler)
-                .reserve(room.tenant)
-                .map_err(|e| match e {
-                    Refused::QueueFull { capacity } => ChatError::QueueFull { capacity },
-                    Refused::Overloaded { .. } => ChatError::ServerBusy,
-                })?;
+            self.scheduler().reserve(room.tenant)?;
             st.reply = Some(room::Reply {
                 user_message: None,
                 cancel: CancelToken::default(),
@@ -444,9 +387,12 @@ impl ChatService {
             Ok(m) => m,
             Err(e) => {
                 room.lock().reply = None;
-                lock(&self.0.scheduler).unreserve(room.tenant);
+                self.scheduler().unreserve(room.tenant);
                 self.forget_room_if_idle(room);
-                return Err(e.into());
+                return Err(match e {
+                    StoreError::NotFound => ChatError::ChatNotFound(room.chat_id),
+                    other => other.into(),
+                });
             }
         };
         {
@@ -459,7 +405,7 @@ impl ChatService {
                 chat_id: room.chat_id,
             });
         }
-        lock(&self.0.scheduler).enqueue(
+        self.scheduler().enqueue(
             room.tenant,
             Waiting::Reply(Queued {
                 room: room.clone(),
@@ -521,7 +467,8 @@ impl ChatService {
                 None
             } else {
                 let chat = room.chat_id;
-                lock(&self.0.scheduler).remove(room.tenant, |w| w.is_reply_of(chat))
+                self.scheduler()
+                    .remove(room.tenant, |w| w.is_reply_of(chat))
             }
         };
         // Not found in the queue: still being saved (`submit` will queue it and the reply
@@ -559,9 +506,11 @@ impl ChatService {
             if let Some(reply) = &st.reply {
                 reply.cancel.cancel();
             }
-            room.send(&ChatError::ChatNotFound.to_event());
-            room.close_all(4404, "chat_not_found");
-            lock(&self.0.scheduler).remove(room.tenant, |w| w.is_reply_of(chat_id))
+            let gone = ApiError::ChatNotFound(chat_id);
+            room.send(&gone.to_event());
+            room.close_all(gone.close_code(), gone.code());
+            self.scheduler()
+                .remove(room.tenant, |w| w.is_reply_of(chat_id))
         };
         if let Some(Waiting::Reply(q)) = dequeued {
             self.spawn_reply(q, false);
@@ -582,7 +531,7 @@ impl ChatService {
         let mut started = Vec::new();
         let mut moved = Vec::new();
         {
-            let mut sched = lock(&self.0.scheduler);
+            let mut sched = self.scheduler();
             if let Some(t) = finished {
                 sched.finish(t);
             }
@@ -659,7 +608,9 @@ impl ChatService {
         self.0.phase.send_replace(Phase::Draining);
         // Stateless requests still waiting are turned away (their handlers answer
         // `shutting_down`); chat replies waiting keep their saved user message.
-        let turned_away = lock(&self.0.scheduler).remove_all(|w| matches!(w, Waiting::Slot { .. }));
+        let turned_away = self
+            .scheduler()
+            .remove_all(|w| matches!(w, Waiting::Slot { .. }));
         drop(turned_away);
         let deadline = tokio::time::Instant::now() + self.0.settings.shutdown_grace;
         let mut interrupted = false;
@@ -668,7 +619,7 @@ impl ChatService {
             let busy = lock(&self.0.rooms)
                 .values()
                 .any(|r| r.lock().reply.as_ref().is_some_and(|r| r.stream.is_some()))
-                || lock(&self.0.scheduler).running() > 0;
+                || self.scheduler().running() > 0;
             // A reply stuck on the database gets a few more seconds, not forever.
             if !busy || tokio::time::Instant::now() >= deadline + Duration::from_secs(5) {
                 break;
@@ -690,7 +641,7 @@ impl ChatService {
         }
         self.0.phase.send_replace(Phase::Closed);
         for room in lock(&self.0.rooms).values() {
-            room.close_all(1001, "server_shutdown");
+            room.close_all(protocol::close::GOING_AWAY, "server_shutdown");
         }
     }
 }

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use serde_json::{json, Map};
+use serde_json::Map;
 use uuid::Uuid;
 
 use super::protocol::{Event, Timings, Usage};
@@ -16,9 +16,9 @@ use super::room::Streamed;
 use super::{ChatService, Queued};
 use crate::domain::{Chat, ChatConfig, Message, MessageStatus, NewMessage, Role};
 use crate::engine::{
-    CancelToken, ChatMessage, EngineError, FinishReason, GenerateRequest, GenerationEvent,
-    SamplingParams,
+    CancelToken, ChatMessage, FinishReason, GenerateRequest, GenerationEvent, SamplingParams,
 };
+use crate::error::ApiError;
 use crate::store::{ReplyUpdate, StoreError, TenantScope};
 
 /// How a reply ended.
@@ -132,7 +132,7 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
                 if !matches!(e, StoreError::NotFound) {
                     tracing::warn!(chat = %room.chat_id, error = %e, "reply could not start");
                 }
-                room.send(&super::ChatError::Store(e).to_event());
+                room.send(&ApiError::for_chat(room.chat_id)(e).to_event());
             }
             return;
         }
@@ -189,11 +189,8 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
     }
     if let Err(e) = saved {
         if !matches!(e, StoreError::NotFound) {
-            room.send(&Event::error(
-                "reply_not_saved",
-                "The reply could not be saved: the database kept failing. It was streamed in full but will not be in the chat's history (a restart marks it interrupted).",
-                json!({"message_id": message_id, "reason": super::ChatError::Store(e).code()}),
-            ));
+            let reason = ApiError::from(e).code();
+            room.send(&ApiError::ReplyNotSaved { message_id, reason }.to_event());
         }
     }
     room.send(&Event::MessageStreamEnded {
@@ -260,11 +257,7 @@ async fn stream(
         return Outcome::empty(FinishReason::Cancelled);
     }
     let Some(engine) = service.0.model.engine() else {
-        room.send(&Event::error(
-            "model_not_ready",
-            "The model is not loaded; the reply failed.",
-            json!({}),
-        ));
+        room.send(&ApiError::ModelNotReady.to_event());
         return Outcome::empty(FinishReason::Error);
     };
     // Template and tokenizer run on a blocking worker, not on the engine thread.
@@ -274,23 +267,8 @@ async fn stream(
     };
     let mut generation = match submitted {
         Ok(g) => g,
-        Err(EngineError::PromptTooLong { tokens, context }) => {
-            room.send(&Event::error(
-                "context_length_exceeded",
-                format!(
-                    "The message needs at least {tokens} tokens but the model's context holds {context}; send a shorter message."
-                ),
-                json!({"prompt_tokens": tokens, "context_length": context}),
-            ));
-            return Outcome::empty(FinishReason::Error);
-        }
         Err(e) => {
-            tracing::error!(chat = %room.chat_id, error = %e, "engine refused a reply");
-            room.send(&Event::error(
-                "generation_failed",
-                format!("The model could not start the reply: {e}."),
-                json!({}),
-            ));
+            room.send(&ApiError::from(e).to_event());
             return Outcome::empty(FinishReason::Error);
         }
     };
@@ -333,13 +311,8 @@ async fn stream(
                 }
             }
             GenerationEvent::Finished(summary) => {
-                if let Some(error) = &summary.error {
-                    tracing::error!(chat = %room.chat_id, error = %error, "generation failed");
-                    room.send(&Event::error(
-                        "generation_failed",
-                        format!("The model failed while replying: {error}."),
-                        json!({}),
-                    ));
+                if let Some(error) = summary.error.clone() {
+                    room.send(&ApiError::from(error).to_event());
                 }
                 return Outcome {
                     finish: summary.finish_reason,

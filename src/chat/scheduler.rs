@@ -27,6 +27,17 @@ pub struct SchedulerLimits {
     pub max_waiting_total: usize,
 }
 
+impl SchedulerLimits {
+    fn normalized(l: SchedulerLimits) -> SchedulerLimits {
+        SchedulerLimits {
+            slots: l.slots.max(1),
+            queue_per_tenant: l.queue_per_tenant.max(1),
+            max_running_per_tenant: l.max_running_per_tenant.max(1),
+            max_waiting_total: l.max_waiting_total.max(1),
+        }
+    }
+}
+
 /// Why a new reply is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
@@ -61,17 +72,18 @@ pub struct Scheduler<T> {
 impl<T> Scheduler<T> {
     pub fn new(limits: SchedulerLimits) -> Scheduler<T> {
         Scheduler {
-            limits: SchedulerLimits {
-                slots: limits.slots.max(1),
-                queue_per_tenant: limits.queue_per_tenant.max(1),
-                max_running_per_tenant: limits.max_running_per_tenant.max(1),
-                max_waiting_total: limits.max_waiting_total.max(1),
-            },
+            limits: SchedulerLimits::normalized(limits),
             tenants: HashMap::new(),
             running: 0,
             dispatched: 0,
             arrivals: 0,
         }
+    }
+
+    /// New limits; what already runs or waits stays (fewer slots than running replies only
+    /// delays the next dispatch).
+    pub fn set_limits(&mut self, limits: SchedulerLimits) {
+        self.limits = SchedulerLimits::normalized(limits);
     }
 
     pub fn limits(&self) -> SchedulerLimits {

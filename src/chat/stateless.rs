@@ -6,7 +6,6 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::oneshot;
 
-use super::scheduler::Refused;
 use super::{lock, ChatError, ChatService, Phase, Waiting};
 use crate::engine::CancelToken;
 use crate::store::TenantId;
@@ -70,16 +69,13 @@ impl ChatService {
         let id = self.0.next_slot.fetch_add(1, Ordering::Relaxed);
         let (grant, granted) = oneshot::channel();
         {
-            let mut sched = lock(&self.0.scheduler);
+            let mut sched = self.scheduler();
             // Checked under the scheduler's lock: `shutdown` changes the phase, then takes
             // this lock to turn away whoever waits.
             if *self.0.phase.borrow() != Phase::Serving {
                 return Err(ChatError::ShuttingDown);
             }
-            sched.reserve(tenant).map_err(|e| match e {
-                Refused::QueueFull { capacity } => ChatError::QueueFull { capacity },
-                Refused::Overloaded { .. } => ChatError::ServerBusy,
-            })?;
+            sched.reserve(tenant)?;
             sched.enqueue(tenant, Waiting::Slot { id, grant });
         }
         let _waiting = SlotWait {

@@ -4,15 +4,15 @@
 //! the engine accept only these, so a value that got this far is known to be valid.
 
 mod config;
-mod limits;
+pub mod generation;
 mod message;
 mod page;
 mod quota;
 
-pub use config::{ChatConfig, ChatConfigPatch, Patch};
-pub use limits::{
+pub use confab_protocol::limits::{
     reject_nul, validate_metadata, validate_title, validate_user_id, Limits, ValidationError,
 };
+pub use config::{ChatConfig, ChatConfigPatch, Patch};
 pub use message::{MessageStatus, Role};
 pub use page::{Order, Page, PageRequest};
 pub use quota::{TenantLimits, TenantLimitsPatch};

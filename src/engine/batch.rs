@@ -199,6 +199,7 @@ impl LoadedEngine {
                 take
             })
             .collect();
+        #[cfg(feature = "test-hooks")]
         if let Some(pace) = self.min_token_interval {
             if running.iter().any(Sequence::generating) {
                 std::thread::sleep(pace);

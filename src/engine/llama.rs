@@ -60,10 +60,6 @@ impl KvCache {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     pub fn capacity(&self) -> usize {
         self.capacity
     }

@@ -12,31 +12,44 @@
 //! [`sampler`], [`stop`] (stop strings), [`worker`] (the thread and its generation loop),
 //! [`source`] (model file location: path or Hugging Face), [`bench`].
 
-pub mod arch;
-pub mod batch;
-pub mod bench;
-pub mod complete;
-pub mod cpu;
-pub mod gguf;
-pub mod kernels;
-pub mod llama;
-pub mod model;
-pub mod prefix;
-pub mod prompt;
-pub mod sampler;
-pub mod source;
-pub mod stop;
-pub mod team;
-pub mod template;
-pub mod tokenizer;
+pub(crate) mod arch;
+pub(crate) mod batch;
+pub(crate) mod bench;
+pub(crate) mod complete;
+pub(crate) mod cpu;
+pub(crate) mod gguf;
+pub(crate) mod kernels;
+pub(crate) mod llama;
+pub(crate) mod model;
+pub(crate) mod prefix;
+pub(crate) mod prompt;
+pub(crate) mod sampler;
+pub(crate) mod source;
+pub(crate) mod stop;
+pub(crate) mod team;
+pub(crate) mod template;
+pub(crate) mod tokenizer;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+pub use kernels::Isa;
 pub use sampler::SamplingParams;
 pub use worker::{load, EngineOptions, LoadedEngine};
+
+/// What the tests reach below the engine's handle: the model file, tokenizer, template and
+/// forward pass, checked against llama.cpp's reference outputs. The rest of the engine's
+/// modules are private to the crate; this exists only with the `test-hooks` feature.
+#[cfg(feature = "test-hooks")]
+pub mod testing {
+    pub use super::gguf::GgufFile;
+    pub use super::llama::Llama;
+    pub use super::model::Model;
+    pub use super::template::TemplateMessage;
+    pub use super::tokenizer::TextTokenizer;
+}
 
 use crate::domain::Role;
 
@@ -226,12 +239,19 @@ pub fn model_id(name: &str) -> String {
 pub struct EngineHandle {
     tx: std::sync::mpsc::SyncSender<worker::Job>,
     pub info: Arc<ModelInfo>,
+    /// Sequences generated together: the number of reply slots the chat service hands out.
+    max_batch: usize,
     prefixes: prefix::PrefixCache,
     /// Builds prompts on the caller's side of the queue.
     prompts: Arc<prompt::PromptBuilder>,
 }
 
 impl EngineHandle {
+    /// Sequences the engine steps together (`EngineOptions::max_batch`).
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
     /// Drops the chat's kept attention state (it was edited or deleted).
     pub fn forget_chat(&self, chat: uuid::Uuid) {
         self.prefixes.forget(&chat);
@@ -281,7 +301,9 @@ impl EngineHandle {
 /// Where the model is in its life, as `/readyz` reports it.
 #[derive(Clone)]
 pub enum ModelStatus {
-    /// The server runs without a model (library use, e.g. storage-only tests).
+    /// The server runs without a model: storage-only tests (a test hook, absent from
+    /// builds without the `test-hooks` feature).
+    #[cfg(feature = "test-hooks")]
     NotConfigured,
     Loading,
     Ready(EngineHandle),

@@ -35,10 +35,6 @@ impl KvCache {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     pub fn capacity(&self) -> usize {
         match self {
             KvCache::Cpu(c) => c.capacity,

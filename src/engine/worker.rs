@@ -36,8 +36,12 @@ pub struct EngineOptions {
     /// Bytes of attention state kept between a chat's turns ([`super::prefix`]); 0 keeps
     /// none.
     pub kv_cache_bytes: u64,
-    /// Generate at most one token per this interval. Off in normal use; it makes a tiny
-    /// test model's replies last long enough to cancel, join or kill them mid-stream.
+    /// Which instruction-set extensions the CPU kernels may use.
+    pub isa: super::kernels::Isa,
+    /// Generate at most one token per this interval: a test hook (it makes a tiny test
+    /// model's replies last long enough to cancel, join or kill them mid-stream), absent from
+    /// builds without the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
     pub min_token_interval: Option<std::time::Duration>,
 }
 
@@ -51,6 +55,8 @@ impl Default for EngineOptions {
             max_batch: 8,
             threads: None,
             kv_cache_bytes: 512 * 1024 * 1024,
+            isa: Default::default(),
+            #[cfg(feature = "test-hooks")]
             min_token_interval: None,
         }
     }
@@ -66,14 +72,15 @@ pub(super) struct Job {
 /// The model, owned by the engine thread, and the tokenizer and template it shares with the
 /// handle's callers (prompts are built before a request is queued).
 pub struct LoadedEngine {
-    pub model: Model,
-    pub tokenizer: Arc<TextTokenizer>,
-    pub prompts: Arc<PromptBuilder>,
-    pub context_length: usize,
-    pub prefill_chunk: usize,
-    pub min_token_interval: Option<std::time::Duration>,
+    pub(crate) model: Model,
+    pub(crate) tokenizer: Arc<TextTokenizer>,
+    pub(crate) prompts: Arc<PromptBuilder>,
+    pub(crate) context_length: usize,
+    pub(crate) prefill_chunk: usize,
+    #[cfg(feature = "test-hooks")]
+    pub(crate) min_token_interval: Option<std::time::Duration>,
     /// Chats' kept attention state.
-    pub prefixes: PrefixCache,
+    pub(crate) prefixes: PrefixCache,
 }
 
 /// Parses `cpu`, `cuda`, `cuda:N`.
@@ -102,9 +109,20 @@ pub fn parse_device(spec: &str) -> Result<Device, EngineError> {
 }
 
 impl LoadedEngine {
+    /// The model's vocabulary.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// Turns conversations into prompts (chat template, tokenizer, fitting to the context).
+    pub fn prompts(&self) -> &PromptBuilder {
+        &self.prompts
+    }
+
     /// Reads a GGUF file: header check first (so an unsupported architecture is refused
     /// before any tensor is read), then tokenizer, template and weights.
     pub fn open(path: &Path, opts: &EngineOptions) -> Result<LoadedEngine, EngineError> {
+        super::kernels::choose_isa(opts.isa);
         let device = parse_device(&opts.device)?;
         let (file, mut reader) = GgufFile::open(path)?;
         let md = &file.content.metadata;
@@ -141,6 +159,7 @@ impl LoadedEngine {
             tokenizer,
             context_length,
             prefill_chunk: opts.prefill_chunk.max(1),
+            #[cfg(feature = "test-hooks")]
             min_token_interval: opts.min_token_interval,
             prefixes: PrefixCache::new(opts.kv_cache_bytes),
         })
@@ -188,6 +207,7 @@ pub fn thread_count(threads: Option<usize>) -> usize {
 /// Loads the model on a new thread and starts the engine loop there. Returns once the
 /// model is loaded (or failed to load).
 pub fn load(path: PathBuf, opts: EngineOptions) -> Result<EngineHandle, EngineError> {
+    let max_batch = opts.max_batch.max(1);
     // Room for a whole batch at least: the scheduler hands out `max_batch` slots at once.
     let capacity = opts.queue_capacity.max(opts.max_batch).max(1);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(capacity);
@@ -240,6 +260,7 @@ pub fn load(path: PathBuf, opts: EngineOptions) -> Result<EngineHandle, EngineEr
     Ok(EngineHandle {
         tx,
         info: Arc::new(info),
+        max_batch,
         prefixes,
         prompts,
     })

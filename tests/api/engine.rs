@@ -80,7 +80,7 @@ fn loads_and_reports_the_model() {
 #[test]
 fn tokenizer_and_template_from_gguf_metadata() {
     let e = engine::LoadedEngine::open(&fixture().path, &EngineOptions::default()).expect("open");
-    let t = &*e.tokenizer;
+    let t = e.tokenizer();
     for text in [
         "hello there",
         "ünïcödé 漢字 🎉",
@@ -95,10 +95,10 @@ fn tokenizer_and_template_from_gguf_metadata() {
     assert!(t.is_stop(260) && t.is_stop(258) && !t.is_stop(100));
     // No template in the file: ChatML.
     let p = e
-        .prompts
+        .prompts()
         .template
         .render(
-            &[engine::template::TemplateMessage {
+            &[engine::testing::TemplateMessage {
                 role: "user".into(),
                 content: "hi".into(),
             }],
@@ -242,10 +242,10 @@ async fn old_turns_are_dropped_to_fit_the_context() {
         user(&"z".repeat(100)),
         user("end"),
     ];
-    let p = e.prompts.build(&msgs, 200).unwrap();
+    let p = e.prompts().build(&msgs, 200).unwrap();
     assert_eq!(p.dropped_messages, 1);
     assert!(e
-        .tokenizer
+        .tokenizer()
         .decode(&p.tokens)
         .unwrap()
         .starts_with("system\nbe nice"));
@@ -284,9 +284,9 @@ fn unsupported_architectures_are_refused_by_name() {
 /// The candle model (used on GPUs) runs on the CPU too; it must agree with the CPU path.
 #[test]
 fn candle_path_agrees_with_the_cpu_path() {
-    use confab::engine::gguf::GgufFile;
-    use confab::engine::llama::Llama;
-    use confab::engine::model::Model;
+    use confab::engine::testing::GgufFile;
+    use confab::engine::testing::Llama;
+    use confab::engine::testing::Model;
     let path = &fixture().path;
     let (file, mut reader) = GgufFile::open(path).unwrap();
     let cpu = Model::load(&file, &mut reader, &candle_core::Device::Cpu, 2, None).unwrap();
@@ -579,18 +579,18 @@ fn message_text_cannot_forge_control_tokens() {
         "\u{10FFFD}\u{10FFFD}<|im_end|>\u{10FFFD}",
         "<|im_start|<|im_start|>>",
     ];
-    let specials: Vec<u32> = e.tokenizer.special_tokens().map(|(id, _)| id).collect();
+    let specials: Vec<u32> = e.tokenizer().special_tokens().map(|(id, _)| id).collect();
     let controls = |ids: &[u32]| -> Vec<u32> {
         ids.iter()
             .copied()
             .filter(|i| specials.contains(i))
             .collect()
     };
-    let plain = e.prompts.build(&[user("x")], 8).unwrap().tokens;
+    let plain = e.prompts().build(&[user("x")], 8).unwrap().tokens;
     for text in tricky {
-        let p = e.prompts.build(&[user(text)], 8).unwrap().tokens;
+        let p = e.prompts().build(&[user(text)], 8).unwrap().tokens;
         assert_eq!(controls(&p), controls(&plain), "{text:?}");
-        let shown = e.tokenizer.decode(&p).unwrap();
+        let shown = e.tokenizer().decode(&p).unwrap();
         assert!(shown.contains(text), "{text:?} came back as {shown:?}");
     }
 }

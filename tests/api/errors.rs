@@ -203,6 +203,40 @@ async fn bad_requests(b: Backend) {
         .call(Method::DELETE, "/api/v1/chats/", Some(k), None)
         .await;
     assert_error(st, &v, 405, "method_not_allowed");
+    // A 405 says what the path does accept (RFC 9110), in the header and the details,
+    // for the documented operations and the routes outside the document alike.
+    for (method, path, allowed) in [
+        ("TRACE", "/api/v1/chats", "POST"),
+        (
+            "PUT",
+            "/api/v1/chats/00000000-0000-0000-0000-000000000000",
+            "DELETE, GET, PATCH",
+        ),
+        ("POST", "/metrics", "GET"),
+        ("GET", "/v1/chat/completions", "POST"),
+    ] {
+        let r = s
+            .http
+            .request(
+                Method::from_bytes(method.as_bytes()).unwrap(),
+                format!("{}{path}", s.base),
+            )
+            .header("X-API-Key", k)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}"
+        );
+        assert_eq!(r.headers()["allow"], allowed, "{method} {path}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(
+            v["error"]["details"]["allowed"].as_array().unwrap().len(),
+            allowed.split(", ").count()
+        );
+    }
     s.stop().await;
 }
 

@@ -201,7 +201,10 @@ async fn connections_over_the_per_address_cap_are_refused_at_once(b: Backend) {
 
 async fn double_slashes_are_routed_and_counted_like_single_ones(b: Backend) {
     let settings = ServerSettings {
-        requests_per_minute: 3,
+        quotas: confab::api::quota::QuotaDefaults {
+            requests_per_minute: 3,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let s = TestServer::start_with(b, settings).await;
@@ -295,7 +298,10 @@ async fn metrics_are_closed_on_a_public_address_without_a_token(b: Backend) {
 async fn a_prompt_storm_by_one_tenant_does_not_stall_another(b: Backend) {
     let pace = Duration::from_millis(20);
     let settings = ServerSettings {
-        requests_per_minute: 10_000,
+        quotas: confab::api::quota::QuotaDefaults {
+            requests_per_minute: 10_000,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let s = TestServer::start_full(b, settings, crate::ws::tiny_model(Some(pace))).await;

@@ -221,7 +221,10 @@ async fn random_interleavings_keep_tenants_apart(b: Backend) {
     let s = TestServer::start_full(
         b,
         confab::ServerSettings {
-            requests_per_minute: 1_000_000,
+            quotas: confab::api::quota::QuotaDefaults {
+                requests_per_minute: 1_000_000,
+                ..Default::default()
+            },
             ..Default::default()
         },
         crate::ws::tiny_model(None),

@@ -13,7 +13,10 @@ use crate::common::{assert_error, Backend, TestServer};
 
 fn settings(rpm: u32) -> ServerSettings {
     ServerSettings {
-        requests_per_minute: rpm,
+        quotas: confab::api::quota::QuotaDefaults {
+            requests_per_minute: rpm,
+            ..Default::default()
+        },
         // Tenant overrides are re-read after this long.
         auth_cache_ttl: Duration::from_millis(100),
         ..Default::default()

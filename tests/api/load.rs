@@ -27,7 +27,10 @@ fn rss_kib() -> u64 {
 
 async fn fifty_sockets_and_rest_at_the_limit(b: Backend) {
     let settings = ServerSettings {
-        requests_per_minute: 120,
+        quotas: confab::api::quota::QuotaDefaults {
+            requests_per_minute: 120,
+            ..Default::default()
+        },
         chat: ChatSettings::default(),
         ..Default::default()
     };

@@ -332,7 +332,6 @@ fn in_background(
 /// frees its slot at once.
 async fn completions_share_the_chat_queues(b: Backend) {
     let chat = ChatSettings {
-        slots: 1,
         queue_per_tenant: 1,
         max_waiting_total: 2,
         ..Default::default()
@@ -390,7 +389,10 @@ async fn completions_share_the_chat_queues(b: Backend) {
 
 async fn completions_count_against_the_request_quota(b: Backend) {
     let settings = ServerSettings {
-        requests_per_minute: 2,
+        quotas: confab::api::quota::QuotaDefaults {
+            requests_per_minute: 2,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let s = server(b, settings, None).await;

@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use confab::engine::gguf::GgufFile;
-use confab::engine::model::Model;
-use confab::engine::tokenizer::TextTokenizer;
+use confab::engine::testing::GgufFile;
+use confab::engine::testing::Model;
+use confab::engine::testing::TextTokenizer;
 
 use crate::common::run_confab as confab;
 use crate::tiny::values;

@@ -65,7 +65,7 @@ pub async fn run(req: GenerateRequest) -> (GenerationSummary, Vec<String>) {
 
 #[test]
 fn tokenizer_matches_the_model() {
-    let t = &*loaded().tokenizer;
+    let t = loaded().tokenizer();
     // Pinned ids (the Hugging Face tokenizer of SmolLM2 gives the same).
     assert_eq!(t.encode("Hello, world!").unwrap(), vec![19556, 28, 905, 17]);
     assert_eq!(
@@ -91,13 +91,13 @@ fn tokenizer_matches_the_model() {
 
 #[test]
 fn chat_template_renders_exactly() {
-    use confab::engine::template::TemplateMessage;
+    use confab::engine::testing::TemplateMessage;
     let m = |r: &str, c: &str| TemplateMessage {
         role: r.into(),
         content: c.into(),
     };
     let p = loaded()
-        .prompts
+        .prompts()
         .template
         .render(
             &[
@@ -115,7 +115,7 @@ fn chat_template_renders_exactly() {
     );
     // Without a system message the model's template inserts its default one.
     let p = loaded()
-        .prompts
+        .prompts()
         .template
         .render(&[m("user", "Hi")], true)
         .unwrap();
@@ -301,7 +301,7 @@ async fn batched_replies_equal_solo_replies() {
 #[test]
 fn special_token_text_in_messages_is_not_a_control_token() {
     let e = loaded();
-    let t = &*e.tokenizer;
+    let t = e.tokenizer();
     let specials: Vec<(u32, String)> = t.special_tokens().map(|(i, s)| (i, s.into())).collect();
     assert!(specials.len() >= 17, "{specials:?}");
     let is_special = |id: &u32| specials.iter().any(|(s, _)| s == id);
@@ -313,11 +313,11 @@ fn special_token_text_in_messages_is_not_a_control_token() {
             msg(Role::User, &format!("{inject}2+2?{inject}")),
         ]
     };
-    let benign = e.prompts.build(&conv(""), 16).unwrap().tokens;
+    let benign = e.prompts().build(&conv(""), 16).unwrap().tokens;
     let template_specials: Vec<u32> = benign.iter().copied().filter(is_special).collect();
     assert_eq!(template_specials.len(), 9, "4 turns + the reply's opener");
     for (id, text) in &specials {
-        let prompt = e.prompts.build(&conv(text), 16).unwrap().tokens;
+        let prompt = e.prompts().build(&conv(text), 16).unwrap().tokens;
         let got: Vec<u32> = prompt.iter().copied().filter(is_special).collect();
         assert_eq!(
             got, template_specials,
@@ -345,14 +345,14 @@ fn prompts_of_plain_text_are_tokenized_as_the_whole_string() {
         msg(Role::Assistant, "Sure!"),
         msg(Role::User, "What is the capital of France?"),
     ];
-    let built = e.prompts.build(&msgs, 16).unwrap().tokens;
+    let built = e.prompts().build(&msgs, 16).unwrap().tokens;
     let rendered = e
-        .prompts
+        .prompts()
         .template
         .render(
             &msgs
                 .iter()
-                .map(|m| confab::engine::template::TemplateMessage {
+                .map(|m| confab::engine::testing::TemplateMessage {
                     role: m.role.as_str().into(),
                     content: m.content.clone(),
                 })
@@ -360,5 +360,5 @@ fn prompts_of_plain_text_are_tokenized_as_the_whole_string() {
             true,
         )
         .unwrap();
-    assert_eq!(built, e.tokenizer.encode(&rendered).unwrap());
+    assert_eq!(built, e.tokenizer().encode(&rendered).unwrap());
 }

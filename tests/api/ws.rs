@@ -4,6 +4,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use confab::api::quota::QuotaDefaults;
 use confab::chat::ChatSettings;
 use confab::engine::{self, EngineOptions, ModelSlot, ModelStatus};
 use confab::ServerSettings;
@@ -31,11 +32,17 @@ fn tiny_path() -> &'static std::path::Path {
 }
 
 /// The tiny model, generating at most one token per `pace` (so a reply can be caught
-/// mid-stream).
+/// mid-stream), one reply at a time.
 pub fn tiny_model(pace: Option<Duration>) -> ModelSlot {
+    tiny_model_batched(pace, 1)
+}
+
+/// The tiny model generating up to `max_batch` replies together (the chat service's slots).
+pub fn tiny_model_batched(pace: Option<Duration>, max_batch: usize) -> ModelSlot {
     let opts = EngineOptions {
         min_token_interval: pace,
         threads: Some(1),
+        max_batch,
         ..Default::default()
     };
     let handle = engine::load(tiny_path().to_path_buf(), opts).expect("load tiny model");
@@ -283,11 +290,14 @@ async fn a_reply_streams_and_both_sides_are_saved(b: Backend) {
 }
 
 async fn refused_connections_get_an_error_and_a_close_code(b: Backend) {
-    let chat_settings = ChatSettings {
-        max_connections_per_tenant: 2,
+    let settings = ServerSettings {
+        quotas: QuotaDefaults {
+            max_connections: 2,
+            ..Default::default()
+        },
         ..Default::default()
     };
-    let s = server(b, chat_settings, None).await;
+    let s = TestServer::start_full(b, settings, tiny_model(None)).await;
     let t = s.tenant("acme").await;
     let other = s.tenant("other").await;
     let chat_id = chat(&s, &t.key, "alice", 4).await;
@@ -368,14 +378,18 @@ async fn refused_connections_get_an_error_and_a_close_code(b: Backend) {
 }
 
 async fn bad_input_is_refused_and_the_connection_stays_usable(b: Backend) {
-    let mut chat_settings = ChatSettings {
-        messages_per_second: 1000.0,
-        message_burst: 1000,
-        ..Default::default()
-    };
+    let mut chat_settings = ChatSettings::default();
     chat_settings.messages.max_frame_bytes = 2048;
     chat_settings.messages.max_content_chars = 100;
-    let s = server(b, chat_settings, None).await;
+    let settings = ServerSettings {
+        chat: chat_settings,
+        quotas: QuotaDefaults {
+            ws_messages_per_second: 1000,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let s = TestServer::start_full(b, settings, tiny_model(None)).await;
     let t = s.tenant("acme").await;
     let chat_id = chat(&s, &t.key, "alice", 4).await;
     let mut ws = Ws::connect(&s, &t.key, "alice", &chat_id).await;
@@ -912,11 +926,12 @@ async fn metrics_parse_and_move_with_traffic(b: Backend) {
 /// cancelling them then ends every one as `cancelled` (one after another, the first would
 /// have run to its length before the third started).
 async fn replies_of_several_chats_stream_together(b: Backend) {
-    let settings = ChatSettings {
-        slots: 3,
-        ..ChatSettings::default()
-    };
-    let s = server(b, settings, Some(Duration::from_millis(10))).await;
+    let s = TestServer::start_full(
+        b,
+        ServerSettings::default(),
+        tiny_model_batched(Some(Duration::from_millis(10)), 3),
+    )
+    .await;
     let t = s.tenant("acme").await;
     let mut sockets = Vec::new();
     for user in ["alice", "bob", "carol"] {
@@ -1024,14 +1039,12 @@ async fn every_frame_counts_against_the_rate_and_floods_are_closed(b: Backend) {
 async fn a_socket_that_stops_reading_is_dropped_without_blocking_others(b: Backend) {
     // The rate is high enough that the stalled client's pings are all answered: a refused
     // flood would be closed (1008) for its rate, not for the stall this test is about.
-    let chat_settings = ChatSettings {
-        max_connections_per_tenant: 2,
-        messages_per_second: 1e6,
-        message_burst: 1_000_000,
-        ..Default::default()
-    };
     let settings = ServerSettings {
-        chat: chat_settings,
+        quotas: QuotaDefaults {
+            max_connections: 2,
+            ws_messages_per_second: 1_000_000,
+            ..Default::default()
+        },
         connections: confab::server::ConnectionLimits {
             write_stall_timeout: Duration::from_secs(1),
             ..Default::default()

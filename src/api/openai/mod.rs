@@ -84,10 +84,7 @@ impl IntoResponse for OpenAiError {
         let mut resp = Json(self.body())
             .with_status(self.0.status())
             .into_response();
-        if let Some(secs) = self.0.retry_after_secs() {
-            resp.headers_mut()
-                .insert("retry-after", HeaderValue::from(secs));
-        }
+        self.0.add_headers(&mut resp);
         if self.0.status() == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert("www-authenticate", HeaderValue::from_static("Bearer"));

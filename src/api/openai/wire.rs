@@ -11,14 +11,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::chat::sampling_for;
-use crate::domain::{validate_user_id, ChatConfig, Role, ValidationError};
+use crate::domain::{generation, validate_user_id, ChatConfig, Role, ValidationError};
 use crate::engine::{ChatMessage, FinishReason, GenerateRequest};
 use crate::error::ApiError;
 
-/// Most stop strings a request may give (OpenAI's own limit).
-const MAX_STOP: usize = 4;
-/// Longest stop string, in characters.
-const MAX_STOP_CHARS: usize = 128;
 /// Usage of requests that name no `user` is counted under this user id.
 pub const ANONYMOUS_USER: &str = "(openai)";
 
@@ -109,23 +105,11 @@ fn unsupported(field: &str, what: &str) -> ApiError {
     )
 }
 
-fn range(
-    field: &str,
-    v: Option<f64>,
-    min: f64,
-    min_inclusive: bool,
-    max: f64,
-) -> Result<(), ApiError> {
+/// A setting outside its bounds (`domain::generation`, shared with chats' config).
+fn within(field: &str, v: Option<f64>, bound: generation::FloatBound) -> Result<(), ApiError> {
     match v {
-        Some(x) if !x.is_finite() || x > max || x < min || (!min_inclusive && x == min) => {
-            let lower = if min_inclusive { "≥" } else { ">" };
-            Err(invalid(
-                field,
-                format!("must be {lower} {min} and ≤ {max}, got {x}"),
-                json!({"minimum": min, "exclusive_minimum": !min_inclusive, "maximum": max}),
-            ))
-        }
-        _ => Ok(()),
+        Some(x) => bound.check(field, x).map_err(ApiError::Validation),
+        None => Ok(()),
     }
 }
 
@@ -250,18 +234,26 @@ pub fn parse(
             return Err(unsupported("response_format.type", "only \"text\""));
         }
     }
-    range("temperature", r.temperature, 0.0, true, 2.0)?;
-    range("top_p", r.top_p, 0.0, false, 1.0)?;
-    range("repeat_penalty", r.repeat_penalty, 0.0, false, 10.0)?;
+    within("temperature", r.temperature, generation::TEMPERATURE)?;
+    within("top_p", r.top_p, generation::TOP_P)?;
+    within(
+        "repeat_penalty",
+        r.repeat_penalty,
+        generation::REPEAT_PENALTY,
+    )?;
+    if let Some(k) = r.top_k {
+        generation::TOP_K.check("top_k", u64::from(k))?;
+    }
     let (limit_field, limit) = match (r.max_completion_tokens, r.max_tokens) {
         (Some(n), _) => ("max_completion_tokens", Some(n)),
         (None, n) => ("max_tokens", n),
     };
     if let Some(n) = limit {
-        if n == 0 || n >= context as u64 {
+        generation::MAX_TOKENS.check(limit_field, n)?;
+        if n >= context as u64 {
             return Err(invalid(
                 limit_field,
-                format!("must be at least 1 and less than the model's context of {context} tokens, got {n}"),
+                format!("must be less than the model's context of {context} tokens, got {n}"),
                 json!({"minimum": 1, "maximum": context.saturating_sub(1)}),
             ));
         }
@@ -271,26 +263,11 @@ pub fn parse(
         Some(Stop::One(s)) => vec![s],
         Some(Stop::Many(v)) => v,
     };
-    if stop.len() > MAX_STOP {
-        return Err(invalid(
-            "stop",
-            format!("may hold at most {MAX_STOP} strings, got {}", stop.len()),
-            json!({"max_items": MAX_STOP}),
-        ));
-    }
-    if let Some(s) = stop
-        .iter()
-        .find(|s| s.is_empty() || s.chars().count() > MAX_STOP_CHARS)
-    {
-        return Err(invalid(
-            "stop",
-            format!(
-                "strings must be 1 to {MAX_STOP_CHARS} characters long, got {}",
-                s.chars().count()
-            ),
-            json!({"min_length": 1, "max_length": MAX_STOP_CHARS}),
-        ));
-    }
+    // OpenAI's `param` names the parameter, not an item of it.
+    generation::check_stop("stop", &stop).map_err(|e| ValidationError {
+        field: "stop".into(),
+        ..e
+    })?;
     let user = match r.user {
         Some(u) => {
             validate_user_id("user", &u).map_err(ApiError::Validation)?;

@@ -31,6 +31,7 @@ pub enum Format {
 }
 
 /// Every format, in the order the README lists them.
+#[cfg(test)]
 pub const FORMATS: [Format; 11] = [
     Format::Q4K,
     Format::Q5K,

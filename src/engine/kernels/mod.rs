@@ -35,8 +35,9 @@ mod scalar;
 mod x86;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+#[cfg(test)]
 use candle_core::quantized::QTensor;
 use memmap2::Mmap;
 
@@ -48,6 +49,40 @@ pub use formats::Format;
 #[cfg(target_arch = "x86_64")]
 use prompt::PanelScratch;
 use prompt::PANEL;
+
+/// Which instruction-set extensions the kernels may use, where the CPU has them
+/// (`--no-avx512`, `--no-bf16`: to compare kernels, or to rule one out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Isa {
+    pub avx512: bool,
+    /// AVX512_BF16 dot products for the K-quant, Q4_0 and BF16 kernels.
+    pub bf16: bool,
+}
+
+impl Default for Isa {
+    fn default() -> Self {
+        Isa {
+            avx512: true,
+            bf16: true,
+        }
+    }
+}
+
+static ISA: OnceLock<Isa> = OnceLock::new();
+
+/// Sets what the kernels may use. Once per process, before the first product: every product
+/// of a run must take the same arithmetic (a sequence's tokens must not depend on
+/// batching), so a later, different choice is ignored with a warning.
+pub fn choose_isa(isa: Isa) {
+    if ISA.set(isa).is_err() && ISA.get() != Some(&isa) {
+        tracing::warn!(kept = ?ISA.get(), ignored = ?isa, "the kernels' instruction set is chosen once per process");
+    }
+}
+
+/// The choice in force (everything the CPU has, unless [`choose_isa`] said otherwise).
+fn isa() -> Isa {
+    *ISA.get_or_init(Isa::default)
+}
 
 /// Weight rows per claimed chunk of a product: about 32 chunks per thread (enough for one
 /// thread to take over a stalled one's share, and a short wait for the last), a multiple of
@@ -192,7 +227,8 @@ impl QMat {
     }
 
     /// A copy of a candle tensor (a matrix, or a vector as one row). Formats the kernels do
-    /// not read are refused.
+    /// not read are refused. (The kernels' tests compare against candle's own products.)
+    #[cfg(test)]
     pub fn from_qtensor(t: &QTensor) -> Result<QMat, EngineError> {
         let (rows, cols) = match t.shape().dims() {
             [r, c] => (*r, *c),
@@ -220,16 +256,6 @@ impl QMat {
 
     pub fn cols(&self) -> usize {
         self.cols
-    }
-
-    /// Bytes the weights take.
-    pub fn bytes(&self) -> usize {
-        self.rows * self.row_bytes
-    }
-
-    /// Whether the weights are read in place from a memory-mapped file.
-    pub fn is_mapped(&self) -> bool {
-        matches!(self.storage, Storage::Mapped { .. })
     }
 
     /// The bytes of rows `r0..r1`.

@@ -43,22 +43,18 @@ pub fn available() -> bool {
 /// a run takes the same arithmetic (a sequence's tokens must not depend on batching).
 pub fn avx512() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| {
-        available()
-            && is_x86_feature_detected!("avx512f")
-            && std::env::var_os("CONFAB_NO_AVX512").is_none()
-    })
+    *OK.get_or_init(|| available() && is_x86_feature_detected!("avx512f") && super::isa().avx512)
 }
 
 /// bf16 dot products (AVX512_BF16) for the K-quant matrix-vector kernels ([`bf16`]).
-/// `CONFAB_NO_BF16` turns them off (the f32 kernels of [`kquants`] run instead).
+/// `--no-bf16` turns them off (the f32 kernels of [`kquants`] run instead).
 pub fn bf16() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
         avx512()
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512bf16")
-            && std::env::var_os("CONFAB_NO_BF16").is_none()
+            && super::isa().bf16
     })
 }
 

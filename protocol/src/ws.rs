@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
-use crate::domain::{validate_metadata, Limits};
+use crate::limits::{reject_nul, validate_metadata, validate_user_id, Limits};
 
 /// Token counts of a reply.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -94,14 +94,6 @@ impl Event {
         // Serializing plain structs, strings and numbers cannot fail.
         serde_json::to_string(&stamped).unwrap_or_else(|_| "{}".into())
     }
-
-    pub fn error(code: &'static str, message: impl Into<String>, details: Value) -> Event {
-        Event::Error {
-            code,
-            message: message.into(),
-            details,
-        }
-    }
 }
 
 /// What a client asks for.
@@ -128,12 +120,38 @@ pub struct MessageLimits {
     pub fields: Limits,
 }
 
-/// Why a client frame was refused; the connection stays open.
+/// The close codes the server ends a socket with (RFC 6455 §7.4.1; the 44xx ones mirror the
+/// HTTP status of the same error). Which error gets which code is decided once: by
+/// [`FrameError`]'s constructors here and by `ApiError::close_code` for everything else.
+pub mod close {
+    /// The server is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The client broke a rule it was told about (read too slowly, sent too fast).
+    pub const POLICY_VIOLATION: u16 = 1008;
+    /// A frame far over the size limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// Something failed on the server.
+    pub const INTERNAL_ERROR: u16 = 1011;
+    /// A connection parameter is missing or malformed.
+    pub const BAD_REQUEST: u16 = 4400;
+    /// The API key is missing or not valid.
+    pub const UNAUTHORIZED: u16 = 4401;
+    /// The chat does not exist (for this tenant and user), or was deleted.
+    pub const NOT_FOUND: u16 = 4404;
+    /// The tenant has too many open connections.
+    pub const TOO_MANY: u16 = 4429;
+}
+
+/// Why a client's frame (or, on connecting, its parameters) was refused: the protocol's
+/// own errors, with their stable codes. A refused frame leaves the connection open; refused
+/// parameters close it with `close`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FrameError {
     pub code: &'static str,
     pub message: String,
     pub details: Value,
+    /// The close code when this error ends the connection.
+    pub close: u16,
 }
 
 impl FrameError {
@@ -142,14 +160,7 @@ impl FrameError {
             code,
             message: message.into(),
             details,
-        }
-    }
-
-    pub fn into_event(self) -> Event {
-        Event::Error {
-            code: self.code,
-            message: self.message,
-            details: self.details,
+            close: close::BAD_REQUEST,
         }
     }
 
@@ -162,15 +173,31 @@ impl FrameError {
         )
     }
 
+    /// A frame over `max_frame_bytes`: refused, the connection stays open.
     pub fn too_large(bytes: usize, limits: &MessageLimits) -> FrameError {
-        FrameError::new(
-            "message_too_large",
-            format!(
-                "The frame is {bytes} bytes; at most {} are accepted.",
-                limits.max_frame_bytes
-            ),
-            json!({"bytes": bytes, "max_bytes": limits.max_frame_bytes}),
-        )
+        FrameError {
+            close: close::TOO_BIG,
+            ..FrameError::new(
+                "message_too_large",
+                format!(
+                    "The frame is {bytes} bytes; at most {} are accepted.",
+                    limits.max_frame_bytes
+                ),
+                json!({"bytes": bytes, "max_bytes": limits.max_frame_bytes}),
+            )
+        }
+    }
+
+    /// A frame so far over the limit that it was not even read: the connection ends.
+    pub fn over_hard_limit() -> FrameError {
+        FrameError {
+            close: close::TOO_BIG,
+            ..FrameError::new(
+                "message_too_large",
+                "The frame is far over the size limit; the connection is closed.",
+                json!({}),
+            )
+        }
     }
 }
 
@@ -233,7 +260,7 @@ pub fn parse_client_message(
             ))
         }
     };
-    if let Err(e) = crate::domain::reject_nul("content", &content) {
+    if let Err(e) = reject_nul("content", &content) {
         return Err(FrameError::new(
             "validation_error",
             format!("{e}."),
@@ -304,26 +331,21 @@ impl Credentials {
     }
 
     /// Checks presence and form (not the key itself, which needs the store): the key, the
-    /// user id and the chat id as a UUID, or the refusal event and its close code.
-    pub fn validate(self) -> Result<(String, String, Uuid), (Event, u16)> {
-        let key = self.api_key.ok_or_else(|| {
-            (
-                Event::error(
-                    "missing_api_key",
-                    "An API key is required: pass api_key as a query parameter or the X-API-Key header.",
-                    json!({"parameter": "api_key", "header": "X-API-Key"}),
-                ),
-                4401,
+    /// user id and the chat id as a UUID, or why the connection is refused.
+    pub fn validate(self) -> Result<(String, String, Uuid), FrameError> {
+        let key = self.api_key.ok_or_else(|| FrameError {
+            close: close::UNAUTHORIZED,
+            ..FrameError::new(
+                "missing_api_key",
+                "An API key is required: pass api_key as a query parameter or the X-API-Key header.",
+                json!({"parameter": "api_key", "header": "X-API-Key"}),
             )
         })?;
         let missing = |parameter: &'static str, header: &'static str| {
-            (
-                Event::error(
-                    "missing_parameter",
-                    format!("{parameter} is required: pass it as a query parameter or as the {header} header."),
-                    json!({"parameter": parameter, "header": header}),
-                ),
-                4400,
+            FrameError::new(
+                "missing_parameter",
+                format!("{parameter} is required: pass it as a query parameter or as the {header} header."),
+                json!({"parameter": parameter, "header": header}),
             )
         };
         let user_id = self
@@ -332,24 +354,18 @@ impl Credentials {
         let chat_id = self
             .chat_id
             .ok_or_else(|| missing("chat_id", "X-Chat-ID"))?;
-        crate::domain::validate_user_id("user_id", &user_id).map_err(|e| {
-            (
-                Event::error(
-                    "validation_error",
-                    e.to_string(),
-                    json!({"parameter": "user_id", "rule": e.rule}),
-                ),
-                4400,
+        validate_user_id("user_id", &user_id).map_err(|e| {
+            FrameError::new(
+                "validation_error",
+                e.to_string(),
+                json!({"parameter": "user_id", "rule": e.rule}),
             )
         })?;
         let chat_id = Uuid::parse_str(&chat_id).map_err(|_| {
-            (
-                Event::error(
-                    "validation_error",
-                    "chat_id must be a UUID.",
-                    json!({"parameter": "chat_id", "expected": "uuid"}),
-                ),
-                4400,
+            FrameError::new(
+                "validation_error",
+                "chat_id must be a UUID.",
+                json!({"parameter": "chat_id", "expected": "uuid"}),
             )
         })?;
         Ok((key, user_id, chat_id))
@@ -447,19 +463,11 @@ mod tests {
         assert_eq!(c.api_key.as_deref(), Some("k y"));
         assert_eq!(c.user_id.as_deref(), Some("q-user"));
         assert_eq!(c.chat_id.as_deref(), Some("hdr-chat"));
-        let (_, code) = c.validate().unwrap_err();
-        assert_eq!(code, 4400, "hdr-chat is no UUID");
+        assert_eq!(c.validate().unwrap_err().close, 4400, "hdr-chat is no UUID");
         let id = Uuid::new_v4();
         let c = Credentials::parse(Some(&format!("api_key=k&user_id=u&chat_id={id}")), |_| None);
         assert_eq!(c.validate().unwrap(), ("k".into(), "u".into(), id));
-        let (e, code) = Credentials::default().validate().unwrap_err();
-        assert_eq!(code, 4401);
-        assert!(matches!(
-            e,
-            Event::Error {
-                code: "missing_api_key",
-                ..
-            }
-        ));
+        let e = Credentials::default().validate().unwrap_err();
+        assert_eq!((e.code, e.close), ("missing_api_key", 4401));
     }
 }

@@ -56,6 +56,12 @@ impl ValidationError {
 pub const MAX_USER_ID_CHARS: usize = 128;
 /// Longest chat title, in characters (API contract).
 pub const MAX_TITLE_CHARS: usize = 256;
+/// [`validate_user_id`]'s characters as a JSON Schema pattern (with the lengths above), so
+/// the published schema accepts exactly what the server does. `\s` is Unicode whitespace in
+/// ECMAScript, Python and Rust's `regex` alike; the control characters are Unicode's `Cc`.
+pub const USER_ID_PATTERN: &str = r"^[^\s/\x00-\x1f\x7f-\x9f]+$";
+/// [`validate_title`]'s characters as a JSON Schema pattern.
+pub const TITLE_PATTERN: &str = r"^[^\x00-\x1f\x7f-\x9f]*$";
 
 fn is_forbidden_in_id(c: char) -> bool {
     c.is_control() || c.is_whitespace() || c == '/'
@@ -170,6 +176,25 @@ mod tests {
         assert!(validate_user_id("user_id", " a").is_err());
         assert!(validate_user_id("user_id", "a/b").is_err());
         assert!(validate_user_id("user_id", "a\u{0}b").is_err());
+    }
+
+    /// The patterns published in the schema and the validators agree, character by character.
+    #[test]
+    fn patterns_match_the_validators() {
+        let user_id = regex::Regex::new(USER_ID_PATTERN).unwrap();
+        let title = regex::Regex::new(TITLE_PATTERN).unwrap();
+        let samples = (0u32..0x3100)
+            .chain([0xfeff, 0x1f600, 0x10fffd])
+            .filter_map(char::from_u32);
+        for c in samples {
+            let s = format!("a{c}b");
+            assert_eq!(
+                user_id.is_match(&s),
+                validate_user_id("u", &s).is_ok(),
+                "{c:?}"
+            );
+            assert_eq!(title.is_match(&s), validate_title(&s).is_ok(), "{c:?}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use super::dto::{
     ChatDto, ChatListDto, CreateChatRequest, MessageDto, MessageListDto, OrderDto,
     UpdateChatRequest,
 };
+use super::types::{RuledText, UserIdRule};
 use super::{ApiTags, AppState};
 use crate::domain::{self, PageRequest};
 use crate::error::{ApiError, Authed, Failure, OnChat, OnChatWithBody, WithBody};
@@ -104,10 +105,12 @@ impl ChatsApi {
         state: Data<&AppState>,
         auth: TenantAuth,
         /// The client's id of the user.
-        #[oai(validator(min_length = 1, max_length = 128))]
-        user_id: Path<String>,
+        user_id: Path<RuledText<UserIdRule>>,
         /// Number of chats to skip.
-        #[oai(default, validator(maximum(value = "1000000000")))]
+        #[oai(
+            default,
+            validator(minimum(value = "0"), maximum(value = "1000000000"))
+        )]
         offset: Query<u64>,
         /// Page size, 1 to 200.
         #[oai(
@@ -116,16 +119,15 @@ impl ChatsApi {
         )]
         limit: Query<u64>,
     ) -> Result<ChatPage, Failure<Authed>> {
-        domain::validate_user_id("user_id", &user_id.0).map_err(|v| {
-            ApiError::InvalidParameter {
-                name: "user_id".into(),
-                reason: v.message,
-            }
+        let user_id = user_id.0 .0;
+        domain::validate_user_id("user_id", &user_id).map_err(|v| ApiError::InvalidParameter {
+            name: "user_id".into(),
+            reason: v.message,
         })?;
         let p = state
             .store
             .tenant(auth.0)
-            .list_chats(&user_id.0, page(offset.0, limit.0, OrderDto::Desc))
+            .list_chats(&user_id, page(offset.0, limit.0, OrderDto::Desc))
             .await?;
         let has_more = p.has_more();
         let tenant = auth.0.as_uuid();
@@ -180,7 +182,10 @@ impl ChatsApi {
         auth: TenantAuth,
         chat_id: Path<Uuid>,
         /// Number of messages to skip.
-        #[oai(default, validator(maximum(value = "1000000000")))]
+        #[oai(
+            default,
+            validator(minimum(value = "0"), maximum(value = "1000000000"))
+        )]
         offset: Query<u64>,
         /// Page size, 1 to 200.
         #[oai(

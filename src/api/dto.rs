@@ -8,15 +8,15 @@ use poem_openapi::{Enum, Object};
 use uuid::Uuid;
 
 use super::types::{
-    JsonObject, MaxTokens, Real, RepeatPenalty, StopList, Temperature, Text, Timestamp, TopK, TopP,
-    Whole,
+    JsonObject, MaxTokens, Real, RepeatPenalty, RuledText, Seed, StopList, Temperature, Text,
+    Timestamp, TitleRule, TopK, TopP, UserIdRule, Whole,
 };
 use crate::domain::{self, generation, Limits, Patch, ValidationError};
 
 /// The system prompt and sampling settings of a chat. Every field is optional; an absent
 /// field uses the server's default. In a `PATCH`, `null` clears a field.
 #[derive(Debug, Clone, Default, Object)]
-#[oai(rename = "ChatConfig")]
+#[oai(rename = "ChatConfig", nullable_all)]
 pub struct ChatConfigDto {
     /// Instructions the model sees before the conversation.
     pub system_prompt: MaybeUndefined<Text>,
@@ -31,7 +31,7 @@ pub struct ChatConfigDto {
     /// Penalty for repeating recent tokens; 1 means none.
     pub repeat_penalty: MaybeUndefined<Real<RepeatPenalty>>,
     /// Same seed and same input give the same reply.
-    pub seed: MaybeUndefined<u64>,
+    pub seed: MaybeUndefined<Seed>,
     /// Up to 4 strings (1–128 characters each) that end the reply; not included in it.
     pub stop: MaybeUndefined<StopList>,
 }
@@ -42,10 +42,6 @@ fn patch_with<T, U>(m: MaybeUndefined<T>, f: impl FnOnce(T) -> U) -> Patch<U> {
         MaybeUndefined::Null => Patch::Clear,
         MaybeUndefined::Value(v) => Patch::Set(f(v)),
     }
-}
-
-fn patch<T>(m: MaybeUndefined<T>) -> Patch<T> {
-    patch_with(m, |v| v)
 }
 
 fn undefined_if_none<T>(o: Option<T>) -> MaybeUndefined<T> {
@@ -82,7 +78,7 @@ impl ChatConfigDto {
             top_k: patch_with(self.top_k, |v| v.0),
             max_tokens: patch_with(self.max_tokens, |v| v.0),
             repeat_penalty: patch_with(self.repeat_penalty, |v| v.0),
-            seed: patch(self.seed),
+            seed: patch_with(self.seed, |v| v.0),
             stop: patch_with(self.stop, |v| v.0),
         })
     }
@@ -104,7 +100,7 @@ impl From<domain::ChatConfig> for ChatConfigDto {
             top_k: undefined_if_none(c.top_k.map(Whole::new)),
             max_tokens: undefined_if_none(c.max_tokens.map(Whole::new)),
             repeat_penalty: undefined_if_none(c.repeat_penalty.map(Real::new)),
-            seed: undefined_if_none(c.seed),
+            seed: undefined_if_none(c.seed.map(Seed)),
             stop: undefined_if_none(c.stop.map(StopList)),
         }
     }
@@ -116,13 +112,14 @@ impl From<domain::ChatConfig> for ChatConfigDto {
 pub struct CreateChatRequest {
     /// Your own id for the user (1–128 characters, no whitespace, control characters or
     /// `/`); the user is created on first use.
-    #[oai(validator(min_length = 1, max_length = 128))]
-    pub user_id: Text,
+    pub user_id: RuledText<UserIdRule>,
     /// At most 256 characters, no control characters.
-    #[oai(validator(max_length = 256))]
-    pub title: Option<Text>,
+    #[oai(nullable)]
+    pub title: Option<RuledText<TitleRule>>,
     /// Any JSON object; stored and returned as sent.
+    #[oai(nullable)]
     pub metadata: Option<JsonObject>,
+    #[oai(nullable)]
     pub config: Option<ChatConfigDto>,
 }
 
@@ -152,11 +149,13 @@ impl CreateChatRequest {
 #[oai(rename = "UpdateChatRequest")]
 pub struct UpdateChatRequest {
     /// New title; `null` removes it.
-    #[oai(validator(max_length = 256))]
-    pub title: MaybeUndefined<Text>,
-    /// Replaces the whole metadata object.
+    #[oai(nullable)]
+    pub title: MaybeUndefined<RuledText<TitleRule>>,
+    /// Replaces the whole metadata object (`null`: left as it is).
+    #[oai(nullable)]
     pub metadata: Option<JsonObject>,
     /// Merged field by field into the chat's config; `null` in a field clears it.
+    #[oai(nullable)]
     pub config: Option<ChatConfigDto>,
 }
 

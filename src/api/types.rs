@@ -7,6 +7,9 @@
 //!   their `metadata` back exactly as they wrote it.
 //! - [`Timestamp`]: RFC 3339 in UTC with milliseconds (`2026-11-26T22:49:56.123Z`), the one
 //!   format every response uses, whichever database stored the value.
+//! - [`RuledText`]: a string whose schema states the rule (lengths, pattern) the domain's
+//!   validator enforces, so a schema-driven client knows what is accepted; the validator
+//!   still does the checking, with errors that name the field.
 //! - [`Day`]: a `YYYY-MM-DD` query parameter whose schema has the pattern the parser
 //!   enforces (`format: date` alone lets schema-driven clients send an empty string).
 //! - [`Real`], [`Whole`] and [`StopList`]: generation settings whose bounds, in the schema
@@ -24,6 +27,7 @@ use poem_openapi::types::{
 use serde_json::{Map, Value};
 
 use crate::domain::generation::{self, FloatBound, IntBound};
+use confab_protocol::limits;
 
 /// The `Type` methods of a type that is its own raw value.
 macro_rules! raw_value {
@@ -167,6 +171,89 @@ impl ParseFromJSON for Timestamp {
 impl ToJSON for Timestamp {
     fn to_json(&self) -> Option<Value> {
         Some(Value::String(self.to_rfc3339()))
+    }
+}
+
+/// What a text field accepts: lengths in characters and a pattern.
+pub trait TextRule: Send + Sync + 'static {
+    const NAME: &'static str;
+    const MIN_CHARS: usize;
+    const MAX_CHARS: usize;
+    const PATTERN: &'static str;
+}
+
+/// User ids (`domain::validate_user_id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserIdRule;
+
+impl TextRule for UserIdRule {
+    const NAME: &'static str = "user_id";
+    const MIN_CHARS: usize = 1;
+    const MAX_CHARS: usize = limits::MAX_USER_ID_CHARS;
+    const PATTERN: &'static str = limits::USER_ID_PATTERN;
+}
+
+/// Chat titles (`domain::validate_title`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TitleRule;
+
+impl TextRule for TitleRule {
+    const NAME: &'static str = "title";
+    const MIN_CHARS: usize = 0;
+    const MAX_CHARS: usize = limits::MAX_TITLE_CHARS;
+    const PATTERN: &'static str = limits::TITLE_PATTERN;
+}
+
+/// A JSON string (or path parameter) whose schema states `R`. Any string parses: the handler
+/// checks it with the domain's validator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuledText<R>(pub String, PhantomData<R>);
+
+impl<R> RuledText<R> {
+    pub fn new(s: String) -> Self {
+        RuledText(s, PhantomData)
+    }
+}
+
+impl<R: TextRule + Clone + std::fmt::Debug> Type for RuledText<R> {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        format!("string_{}", R::NAME).into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        MetaSchemaRef::Inline(Box::new(MetaSchema {
+            min_length: (R::MIN_CHARS > 0).then_some(R::MIN_CHARS),
+            max_length: Some(R::MAX_CHARS),
+            pattern: Some(R::PATTERN.into()),
+            ..MetaSchema::new("string")
+        }))
+    }
+
+    raw_value!();
+}
+
+impl<R: TextRule + Clone + std::fmt::Debug> ParseFromJSON for RuledText<R> {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        match value.unwrap_or_default() {
+            Value::String(s) => Ok(RuledText::new(s)),
+            other => Err(ParseError::expected_type(other)),
+        }
+    }
+}
+
+impl<R: TextRule + Clone + std::fmt::Debug> ParseFromParameter for RuledText<R> {
+    fn parse_from_parameter(value: &str) -> ParseResult<Self> {
+        Ok(RuledText::new(value.to_string()))
+    }
+}
+
+impl<R: TextRule + Clone + std::fmt::Debug> ToJSON for RuledText<R> {
+    fn to_json(&self) -> Option<Value> {
+        Some(Value::String(self.0.clone()))
     }
 }
 
@@ -344,6 +431,52 @@ impl<S: WholeSetting + Clone + std::fmt::Debug> ToJSON for Whole<S> {
     }
 }
 
+/// A sampling seed: any whole number from 0. Its schema states no maximum: a JSON Schema
+/// bound is a float, and floats cannot tell 2^64-1 from 2^64 (a client reading the schema
+/// would send numbers just past the bound), so larger numbers are taken as u64::MAX
+/// rather than refused; they still give the same reply for the same input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seed(pub u64);
+
+impl Type for Seed {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        "integer_seed".into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        MetaSchemaRef::Inline(Box::new(MetaSchema {
+            minimum: Some(0.0),
+            ..MetaSchema::new_with_format("integer", "uint64")
+        }))
+    }
+
+    raw_value!();
+}
+
+impl ParseFromJSON for Seed {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        match value.unwrap_or_default() {
+            Value::Number(n) => match (n.as_u64(), n.as_f64()) {
+                (Some(v), _) => Ok(Seed(v)),
+                // Past u64 (serde_json reads such a number as a float).
+                (None, Some(x)) if x >= 0.0 && x.fract() == 0.0 => Ok(Seed(u64::MAX)),
+                _ => Err(ParseError::custom("seed must be a whole number from 0")),
+            },
+            other => Err(ParseError::expected_type(other)),
+        }
+    }
+}
+
+impl ToJSON for Seed {
+    fn to_json(&self) -> Option<Value> {
+        Some(Value::from(self.0))
+    }
+}
+
 /// Strings that end a reply. The schema says how many and how long (`domain::generation`);
 /// the parser takes any list of strings, and the chat's config checks it against the same
 /// bounds, naming the item that breaks them (`config.stop[1]`).
@@ -401,6 +534,30 @@ impl ToJSON for StopList {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn generation_settings_parse_within_their_declared_bounds() {
+        use serde_json::json;
+        let real = |v: Value| Real::<TopP>::parse_from_json(Some(v)).map(|r| r.0);
+        assert_eq!(real(json!(1)).ok(), Some(1.0));
+        assert!(real(json!(0)).is_err() && real(json!(1.01)).is_err() && real(json!("1")).is_err());
+        let whole = |v: Value| Whole::<TopK>::parse_from_json(Some(v)).map(|w| w.0);
+        assert_eq!(whole(json!(40)).ok(), Some(40));
+        assert!(
+            whole(json!(0)).is_err() && whole(json!(1.5)).is_err() && whole(json!(-3)).is_err()
+        );
+        let seed = |v: Value| Seed::parse_from_json(Some(v)).map(|s| s.0);
+        assert_eq!(seed(json!(u64::MAX)).ok(), Some(u64::MAX));
+        assert_eq!(seed(json!(4.5e31)).ok(), Some(u64::MAX));
+        assert!(seed(json!(-1)).is_err() && seed(json!(0.5)).is_err());
+        let Some(MetaSchemaRef::Inline(schema)) = Some(Real::<TopP>::schema_ref()) else {
+            panic!("inline schema");
+        };
+        assert_eq!(
+            (schema.minimum, schema.exclusive_minimum, schema.maximum),
+            (Some(0.0), Some(true), Some(1.0))
+        );
+    }
 
     #[test]
     fn timestamps_use_millis_and_z() {

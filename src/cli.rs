@@ -12,7 +12,7 @@ use crate::config::{
 use crate::credentials;
 use crate::engine::source::ModelSource;
 use crate::engine::{ModelSlot, ModelStatus};
-use crate::store::{redact_url, Store, StoreError, StoreOptions};
+use crate::store::{redact_url, Backend, Store, StoreError, StoreOptions};
 use crate::ServerSettings;
 
 /// Runs the parsed command line.
@@ -215,6 +215,14 @@ fn start_model(args: &crate::config::ModelArgs) -> anyhow::Result<ModelSlot> {
 }
 
 async fn serve(db: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
+    let cluster = args.cluster.settings();
+    if cluster.is_some() && Backend::of_url(&db.url()) != Some(Backend::Postgres) {
+        anyhow::bail!(
+            "cluster mode (--redis-url) needs PostgreSQL: replicas share one database, and a \
+             SQLite file belongs to one process. Set DATABASE_URL=postgres://…, or drop \
+             --redis-url to run one server."
+        );
+    }
     let model = start_model(&args.model)?;
     let store = open(db).await?;
     tracing::info!(database = %redact_url(&db.url()), "database ready");
@@ -243,6 +251,7 @@ async fn serve(db: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
         metrics_token: args.metrics_token.as_ref().map(|t| t.0.clone()),
         metrics_open: addr.ip().is_loopback() || args.metrics_public,
         connections: (&args.connections).into(),
+        cluster,
     };
     crate::run(store.clone(), model, settings, listener, shutdown_signal()).await?;
     store.close().await.ok();

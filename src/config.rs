@@ -407,7 +407,59 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub chat: ChatArgs,
     #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
+}
+
+/// Cluster mode: several replicas on one PostgreSQL database (see `cluster`).
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
+    /// Redis for what the replicas share (`redis://HOST:6379`); turns cluster mode on, which
+    /// needs PostgreSQL.
+    #[arg(long, env = "CONFAB_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<Secret>,
+    /// This replica's id (default: the host name and a random suffix). Keep it across
+    /// restarts and a restarting replica recovers its own unfinished replies at once.
+    #[arg(long, env = "CONFAB_REPLICA_ID", value_parser = replica_id)]
+    pub replica_id: Option<String>,
+    /// Seconds a replica stays alive without renewing its lease; after that the others
+    /// mark its unfinished replies `interrupted`.
+    #[arg(long, env = "CONFAB_REPLICA_LEASE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=30))]
+    pub replica_lease_secs: u64,
+    /// Prefix of the Redis keys (several clusters can share one Redis).
+    #[arg(long, env = "CONFAB_REDIS_PREFIX", default_value = "confab")]
+    pub redis_prefix: String,
+}
+
+/// 1–64 characters: letters, digits, `-`, `_`, `.`.
+fn replica_id(s: &str) -> Result<String, String> {
+    let ok = (1..=64).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a replica id: use 1 to 64 letters, digits, '-', '_' or '.'"
+        ))
+    }
+}
+
+impl ClusterArgs {
+    /// The cluster settings, or `None` without `--redis-url`.
+    pub fn settings(&self) -> Option<crate::cluster::ClusterSettings> {
+        let url = self.redis_url.as_ref()?;
+        Some(crate::cluster::ClusterSettings {
+            redis_url: url.0.clone(),
+            replica_id: self
+                .replica_id
+                .clone()
+                .unwrap_or_else(crate::cluster::default_replica_id),
+            lease: std::time::Duration::from_secs(self.replica_lease_secs),
+            key_prefix: self.redis_prefix.clone(),
+        })
+    }
 }
 
 /// Live chat (WebSocket) settings.

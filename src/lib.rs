@@ -22,6 +22,7 @@
 pub mod api;
 pub mod chat;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod credentials;
 pub mod domain;
@@ -60,6 +61,8 @@ pub struct ServerSettings {
     pub metrics_open: bool,
     /// Caps and timeouts of client connections.
     pub connections: server::ConnectionLimits,
+    /// Cluster mode: this server is one replica of several on the same PostgreSQL database.
+    pub cluster: Option<cluster::ClusterSettings>,
 }
 
 impl Default for ServerSettings {
@@ -73,6 +76,7 @@ impl Default for ServerSettings {
             metrics_token: None,
             metrics_open: true,
             connections: server::ConnectionLimits::default(),
+            cluster: None,
         }
     }
 }
@@ -81,7 +85,8 @@ impl Default for ServerSettings {
 /// messages, running replies get `chat.shutdown_grace` to finish (the rest are saved as
 /// `interrupted`), sockets are closed with 1001, and open requests drain.
 ///
-/// First, replies left `streaming` by a previous process that died are marked `interrupted`.
+/// First, replies left `streaming` by a previous process that died are marked `interrupted`
+/// (in a cluster, only this replica's: see [`cluster`]).
 pub async fn run(
     store: Store,
     model: engine::ModelSlot,
@@ -89,10 +94,22 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
-    let interrupted = store
-        .interrupt_streaming()
-        .await
-        .map_err(|e| std::io::Error::other(format!("cannot recover unfinished replies: {e}")))?;
+    // Alone on the database, every unfinished reply is this server's; in a cluster only the
+    // ones this replica was generating are (the others' may be live).
+    let (store, cluster) = match settings.cluster {
+        None => (store, None),
+        Some(c) => {
+            let cluster = cluster::Cluster::join(c)
+                .await
+                .map_err(std::io::Error::other)?;
+            (store.for_replica(cluster.replica_id()), Some(cluster))
+        }
+    };
+    let interrupted = match &cluster {
+        None => store.interrupt_streaming().await,
+        Some(c) => store.interrupt_streaming_of(c.replica_id()).await,
+    }
+    .map_err(|e| std::io::Error::other(format!("cannot recover unfinished replies: {e}")))?;
     if interrupted > 0 {
         tracing::warn!(
             replies = interrupted,
@@ -103,6 +120,11 @@ pub async fn run(
     let quotas = api::quota::Quotas::new(store.clone(), settings.quotas, settings.auth_cache_ttl);
     let grace = settings.chat.shutdown_grace;
     let chat = chat::ChatService::new(store.clone(), model.clone(), settings.chat);
+    // The lease is held until the running replies have finished (or been interrupted).
+    let (leave, left) = tokio::sync::watch::channel(false);
+    let membership = cluster
+        .clone()
+        .map(|c| tokio::spawn(c.run(store.clone(), left)));
     let state = AppState {
         store,
         auth,
@@ -114,12 +136,17 @@ pub async fn run(
         metrics_token: settings.metrics_token,
         metrics_open: settings.metrics_open,
         connections: settings.connections,
+        cluster,
     };
     let app = api::app(state);
     let shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: finishing running replies");
         chat.shutdown().await;
+        let _ = leave.send(true);
+        if let Some(m) = membership {
+            let _ = m.await;
+        }
     };
     server::serve(
         listener,

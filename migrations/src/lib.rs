@@ -8,6 +8,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261126_000001_init;
 mod m20261127_000001_tenant_limits;
 mod m20261127_000002_usage;
+mod m20261202_000001_replica;
 
 pub struct Migrator;
 
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000001_init::Migration),
             Box::new(m20261127_000001_tenant_limits::Migration),
             Box::new(m20261127_000002_usage::Migration),
+            Box::new(m20261202_000001_replica::Migration),
         ]
     }
 }

@@ -366,7 +366,8 @@ pub struct HealthDto {
 #[derive(Debug, Object)]
 #[oai(rename = "Ready")]
 pub struct ReadyDto {
-    /// `ready`.
+    /// `ready`; `degraded` when a replica of a cluster cannot reach Redis (it still serves,
+    /// alone: see `cluster_detail`).
     pub status: String,
     /// `ok` when the database answers.
     pub database: String,
@@ -378,6 +379,11 @@ pub struct ReadyDto {
     /// What the loaded model is.
     #[oai(nullable)]
     pub model_info: Option<ModelInfoDto>,
+    /// `off` (one server), `ok` (a replica in touch with Redis) or `degraded`.
+    pub cluster: String,
+    /// Why the cluster is degraded.
+    #[oai(nullable)]
+    pub cluster_detail: Option<String>,
 }
 
 /// Facts about the loaded model file.

@@ -7,6 +7,7 @@ use serde_json::{json, Map};
 
 use super::dto::{HealthDto, ModelInfoDto, ReadyDto};
 use super::{ApiTags, AppState};
+use crate::cluster::ClusterHealth;
 use crate::engine::ModelStatus;
 use crate::error::{ApiError, Failure, Readiness};
 
@@ -43,7 +44,8 @@ impl HealthApi {
     /// Readiness
     ///
     /// Ready when the database answers and the model is loaded. While not ready, the 503
-    /// body's `details` say which part is missing (`database`, `model`).
+    /// body's `details` say which part is missing (`database`, `model`). A replica of a
+    /// cluster that cannot reach Redis is `degraded`: it answers 200 and serves alone.
     #[oai(path = "/readyz", method = "get", operation_id = "readyz")]
     async fn readyz(&self, state: Data<&AppState>) -> Result<Ready, Failure<Readiness>> {
         let mut checks = Map::new();
@@ -75,13 +77,25 @@ impl HealthApi {
             }
         };
         checks.insert("model".into(), json!(model));
+        let (cluster, cluster_detail) = match state.cluster.as_ref().map(|c| c.health()) {
+            None => ("off", None),
+            Some(ClusterHealth::Ok) => ("ok", None),
+            Some(ClusterHealth::Degraded(why)) => ("degraded", Some(why)),
+        };
         if database == "ok" && matches!(model, "ready" | "not_configured") {
             Ok(Ready::Ok(Json(ReadyDto {
-                status: "ready".into(),
+                status: if cluster == "degraded" {
+                    "degraded"
+                } else {
+                    "ready"
+                }
+                .into(),
                 database: database.into(),
                 model: model.into(),
                 model_name,
                 model_info,
+                cluster: cluster.into(),
+                cluster_detail,
             })))
         } else {
             Err(ApiError::NotReady(checks).into())

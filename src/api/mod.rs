@@ -44,6 +44,8 @@ pub struct AppState {
     pub metrics_open: bool,
     /// Connection caps and timeouts; the body deadline is applied by the middleware.
     pub connections: crate::server::ConnectionLimits,
+    /// This replica's membership of a cluster (`--redis-url`); `None`: one server.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 #[derive(Tags)]

@@ -178,7 +178,6 @@ struct Socket {
     membership: Membership,
     sink: Sink,
     bucket: TokenBucket,
-    messages_per_second: u32,
     /// Data frames refused for their rate since the last one accepted.
     refused_in_row: usize,
     /// Beyond this many refused in a row the socket is closed (1008): each refused frame
@@ -219,7 +218,6 @@ impl Socket {
             settings: service.settings().clone(),
             service,
             bucket: TokenBucket::new(f64::from(rate), rate),
-            messages_per_second: rate,
             max_refused_in_row: (rate as usize).max(4) * 5,
             refused_in_row: 0,
             last_heard: Instant::now(),
@@ -325,9 +323,10 @@ impl Socket {
             .rate_limited
             .with_label_values(&["ws"])
             .inc();
+        let rate = self.session.messages_per_second;
         let refused = ApiError::MessageRateLimited {
-            per_second: f64::from(self.messages_per_second),
-            burst: self.messages_per_second,
+            per_second: f64::from(rate),
+            burst: rate,
             retry_after_ms: (wait.as_millis().min(u64::MAX as u128) as u64).max(1),
         };
         self.refused_in_row += 1;

@@ -78,6 +78,10 @@ impl TenantScope<'_> {
         new: NewMessage,
     ) -> Result<Message, StoreError> {
         let tenant = self.tenant;
+        // A streaming reply records the replica that generates it.
+        let replica = (new.status == MessageStatus::Streaming)
+            .then(|| self.replica.map(str::to_string))
+            .flatten();
         self.db
             .transaction::<_, Message, StoreError>(|txn| {
                 Box::pin(async move {
@@ -109,6 +113,7 @@ impl TenantScope<'_> {
                         completion_tokens: Set(None),
                         created_at: Set(ts),
                         updated_at: Set(ts),
+                        replica_id: Set(replica),
                     };
                     let id = message::Entity::insert(row).exec(txn).await?.last_insert_id;
                     let m = message::Entity::find_by_id(id)
@@ -182,17 +187,51 @@ pub struct ReplyUpdate {
 
 impl super::Store {
     /// Marks replies that were streaming when the server stopped as `interrupted` (their
-    /// text, saved as it grew, stays). Run at start-up, before anything can stream.
+    /// text, saved as it grew, stays). Run at start-up, before anything can stream, by a
+    /// server that is the only one on its database.
     pub async fn interrupt_streaming(&self) -> Result<u64, StoreError> {
+        self.interrupt_where(message::Column::Status.eq(MessageStatus::Streaming.as_str()))
+            .await
+    }
+
+    /// Marks the unfinished replies of one replica `interrupted` (cluster mode: its own at
+    /// start-up, or a dead one's).
+    pub async fn interrupt_streaming_of(&self, replica: &str) -> Result<u64, StoreError> {
+        self.interrupt_where(
+            message::Column::Status
+                .eq(MessageStatus::Streaming.as_str())
+                .and(message::Column::ReplicaId.eq(replica)),
+        )
+        .await
+    }
+
+    async fn interrupt_where(
+        &self,
+        cond: sea_orm::sea_query::SimpleExpr,
+    ) -> Result<u64, StoreError> {
         let res = message::Entity::update_many()
             .col_expr(
                 message::Column::Status,
                 Expr::value(MessageStatus::Interrupted.as_str().to_string()),
             )
             .col_expr(message::Column::UpdatedAt, Expr::value(now()))
-            .filter(message::Column::Status.eq(MessageStatus::Streaming.as_str()))
+            .filter(cond)
             .exec(&self.db)
             .await?;
         Ok(res.rows_affected)
+    }
+
+    /// The replicas that have replies streaming, by the database.
+    pub async fn streaming_replicas(&self) -> Result<Vec<String>, StoreError> {
+        let rows: Vec<Option<String>> = message::Entity::find()
+            .select_only()
+            .column(message::Column::ReplicaId)
+            .distinct()
+            .filter(message::Column::Status.eq(MessageStatus::Streaming.as_str()))
+            .filter(message::Column::ReplicaId.is_not_null())
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows.into_iter().flatten().collect())
     }
 }

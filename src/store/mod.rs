@@ -18,11 +18,12 @@ pub use error::StoreError;
 pub use messages::ReplyUpdate;
 pub use usage::UserUsage;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use migration::{Migrator, MigratorTrait};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
-use sea_orm::{ConnectOptions, Database, DatabaseConnection};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
 use uuid::Uuid;
 
 /// The id of an authenticated tenant. Only the store hands these out.
@@ -69,6 +70,8 @@ impl Default for StoreOptions {
 #[derive(Clone)]
 pub struct Store {
     db: DatabaseConnection,
+    /// This process's replica id in cluster mode (recorded on the replies it generates).
+    replica: Option<Arc<str>>,
 }
 
 /// Which database a URL names.
@@ -116,6 +119,35 @@ async fn enable_wal(url: &str) -> Result<(), StoreError> {
     })))
 }
 
+/// The PostgreSQL advisory lock migrations run under ("confab" in ASCII).
+const MIGRATION_LOCK: i64 = 0x63_6f_6e_66_61_62;
+
+/// Applies pending migrations holding [`MIGRATION_LOCK`], so replicas starting together on
+/// one database migrate it once: the first applies them, the others wait and then find
+/// nothing to do. (Without it, concurrent `CREATE TABLE`s failed every replica but one.)
+/// A session-level lock, so it runs on a connection of its own, released by closing it
+/// even if a migration fails.
+async fn migrate_locked(url: &str, opts: &StoreOptions) -> Result<(), StoreError> {
+    let mut co = ConnectOptions::new(url.to_string());
+    co.max_connections(1)
+        .min_connections(1)
+        .acquire_timeout(opts.acquire_timeout)
+        .connect_timeout(opts.acquire_timeout)
+        .sqlx_logging(false);
+    let db = Database::connect(co).await.map_err(StoreError::from)?;
+    let migrated = async {
+        db.execute_unprepared(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
+            .await?;
+        Migrator::up(&db, None).await?;
+        db.execute_unprepared(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
+            .await?;
+        Ok::<_, sea_orm::DbErr>(())
+    }
+    .await;
+    db.close().await.ok();
+    migrated.map_err(StoreError::from)
+}
+
 impl Store {
     /// Connects, applies pending migrations and returns the store.
     ///
@@ -147,8 +179,17 @@ impl Store {
             });
         }
         let db = Database::connect(co).await.map_err(StoreError::from)?;
-        Migrator::up(&db, None).await.map_err(StoreError::from)?;
-        Ok(Store { db })
+        match backend {
+            Backend::Sqlite => Migrator::up(&db, None).await.map_err(StoreError::from)?,
+            Backend::Postgres => migrate_locked(url, opts).await?,
+        }
+        Ok(Store { db, replica: None })
+    }
+
+    /// The same store, recording `replica` as the generator of the replies it saves.
+    pub fn for_replica(mut self, replica: &str) -> Store {
+        self.replica = Some(replica.into());
+        self
     }
 
     /// The store seen by one tenant.
@@ -156,6 +197,7 @@ impl Store {
         TenantScope {
             db: &self.db,
             tenant: tenant.0,
+            replica: self.replica.as_deref(),
         }
     }
 
@@ -174,6 +216,7 @@ impl Store {
 pub struct TenantScope<'a> {
     db: &'a DatabaseConnection,
     tenant: Uuid,
+    replica: Option<&'a str>,
 }
 
 /// Hides the password of a database URL for messages and logs.

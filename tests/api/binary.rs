@@ -593,6 +593,222 @@ crate::backend_tests!(
     readme_curl_examples_work
 );
 
+/// Ten replicas started at once on one empty PostgreSQL database: each migrates under the
+/// advisory lock (one applies the migrations, the others find them applied), every one
+/// serves, and there is one `default` tenant, whose key works on all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_replicas_start_together_on_one_database() {
+    let (url, _guard) = crate::common::empty_postgres().await;
+    let key = "ci-known-key-replicas-0123456789";
+    // A directory each: `serve` writes the tiny model file into it.
+    let dirs: Vec<_> = (0..10).map(|_| tempfile::tempdir().unwrap()).collect();
+    let replicas =
+        futures_util::future::join_all(dirs.iter().map(|d| serve(&url, key, d.path()))).await;
+    let http = reqwest::Client::new();
+    for r in &replicas {
+        wait_ready(&r.base).await;
+        let resp = http
+            .get(format!("{}/api/v1/chats/user/u", r.base))
+            .header("X-API-Key", key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{}", r.base);
+    }
+    let store = confab::store::Store::connect(&url, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(store.tenant_count().await.unwrap(), 1);
+    for r in replicas {
+        stop(r.child).await;
+    }
+}
+
+/// The Redis the cluster tests use (`CONFAB_TEST_REDIS_URL`, default the local one).
+fn redis_url() -> String {
+    std::env::var("CONFAB_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Creates a chat on `base`, sends a message over a socket and returns once `tokens` of
+/// the reply have streamed: the chat id, the socket and the text so far.
+async fn reply_under_way(base: &str, key: &str, tokens: usize) -> (String, Socket, String) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let chat: Value = reqwest::Client::new()
+        .post(format!("{base}/api/v1/chats/"))
+        .header("X-API-Key", key)
+        .json(&json!({"user_id": "u", "config": {"temperature": 0, "max_tokens": 300}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let chat_id = chat["id"].as_str().unwrap().to_string();
+    let ws_url = format!(
+        "{}/ws/chat?api_key={key}&user_id=u&chat_id={chat_id}",
+        base.replacen("http", "ws", 1)
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    ws.send(Message::text(json!({"content": "Hi"}).to_string()))
+        .await
+        .unwrap();
+    let mut streamed = String::new();
+    let mut seen = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seen < tokens {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("tokens in time")
+            .expect("open")
+            .unwrap();
+        if let Message::Text(t) = frame {
+            let e: Value = serde_json::from_str(&t).unwrap();
+            if e["event_type"] == "message_stream_token" {
+                streamed.push_str(e["token"].as_str().unwrap());
+                seen += 1;
+            }
+        }
+    }
+    (chat_id, ws, streamed)
+}
+
+/// The chat's reply as stored, asked of `base`.
+async fn stored_reply(base: &str, key: &str, chat_id: &str) -> Value {
+    let page: Value = reqwest::Client::new()
+        .get(format!("{base}/api/v1/chats/{chat_id}/messages"))
+        .header("X-API-Key", key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    page["messages"][1].clone()
+}
+
+/// Cluster mode, two replicas on one PostgreSQL database and one Redis. The replica
+/// generating a reply is killed (-9): once its one-second lease has expired the other marks
+/// the reply `interrupted`, with the text saved so far. The killed replica comes back (same
+/// id) while the other generates: it leaves that live reply alone, which finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_replies_are_recovered_and_a_restart_touches_only_its_own() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (_store, url, _guard) = fresh_store(Backend::Postgres).await;
+    let key = "ci-known-key-cluster-0123456789";
+    let redis = redis_url();
+    let prefix = format!("confab-test-{}", uuid::Uuid::new_v4().simple());
+    let env = |id: &str| -> Vec<(&'static str, String)> {
+        vec![
+            ("CONFAB_REDIS_URL", redis.clone()),
+            ("CONFAB_REDIS_PREFIX", prefix.clone()),
+            ("CONFAB_REPLICA_ID", id.to_string()),
+            ("CONFAB_REPLICA_LEASE_SECS", "1".into()),
+            ("CONFAB_DEBUG_TOKEN_INTERVAL_MS", "30".into()),
+            ("CONFAB_SAVE_INTERVAL_MS", "50".into()),
+        ]
+    };
+    fn refs<'a>(e: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+        e.iter().map(|(k, v)| (*k, v.as_str())).collect()
+    }
+    let (env_a, env_b) = (env("replica-a"), env("replica-b"));
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = serve_with(&url, key, dir_a.path(), &refs(&env_a)).await;
+    let b = serve_with(&url, key, dir_b.path(), &refs(&env_b)).await;
+    for base in [&a.base, &b.base] {
+        let ready: Value = reqwest::get(format!("{base}/readyz"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            (ready["status"].as_str(), ready["cluster"].as_str()),
+            (Some("ready"), Some("ok")),
+            "{ready}"
+        );
+    }
+
+    // Killed mid-reply: the survivor recovers the reply within the lease (and its checks).
+    let (chat_id, ws, streamed) = reply_under_way(&a.base, key, 10).await;
+    let mut a_child = a.child;
+    a_child.kill().unwrap();
+    a_child.wait().unwrap();
+    drop(ws);
+    let killed = std::time::Instant::now();
+    let reply = loop {
+        let reply = stored_reply(&b.base, key, &chat_id).await;
+        if reply["status"] != "streaming" {
+            break reply;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "not recovered: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(reply["status"], "interrupted", "{reply}");
+    let saved = reply["content"].as_str().unwrap();
+    assert!(!saved.is_empty(), "the text saved so far is kept");
+    assert!(
+        streamed.starts_with(saved) || saved.starts_with(&streamed),
+        "saved {saved:?} vs streamed {streamed:?}"
+    );
+
+    // A restart (same id) while the other replica generates: the live reply is left alone.
+    let (chat_id, mut ws, _) = reply_under_way(&b.base, key, 5).await;
+    let a = serve_with(&url, key, dir_a.path(), &refs(&env_a)).await;
+    let ended = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("the reply goes on")
+            .expect("open")
+            .unwrap();
+        if let Message::Text(t) = frame {
+            let e: Value = serde_json::from_str(&t).unwrap();
+            if e["event_type"] == "message_stream_ended" {
+                break e;
+            }
+        }
+    };
+    assert!(
+        ["stop", "length"].contains(&ended["finish_reason"].as_str().unwrap()),
+        "{ended}"
+    );
+    assert_eq!(
+        stored_reply(&a.base, key, &chat_id).await["status"],
+        "complete"
+    );
+    stop(a.child).await;
+    stop(b.child).await;
+}
+
+/// Cluster mode needs PostgreSQL: with SQLite the server refuses to start and says why.
+#[test]
+fn cluster_mode_on_sqlite_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+        ])
+        .env("CONFAB_DATA_DIR", dir.path())
+        .env_remove("DATABASE_URL")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs PostgreSQL"), "{err}");
+}
+
 /// Resident memory of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");

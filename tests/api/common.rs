@@ -110,6 +110,13 @@ pub async fn fresh_store(backend: Backend) -> (Store, String, ScratchGuard) {
     (store, url, ScratchGuard(scratch))
 }
 
+/// A new, empty PostgreSQL database (no migrations run): what a first deployment starts on.
+pub async fn empty_postgres() -> (String, ScratchGuard) {
+    let name = format!("confab_test_{}", Uuid::new_v4().simple());
+    pg_exec(&format!("CREATE DATABASE \"{name}\"")).await;
+    (pg_url_for(&name), ScratchGuard(Scratch::Postgres(name)))
+}
+
 /// Keeps a test's database alive; removes it on drop.
 pub struct ScratchGuard(#[allow(dead_code)] Scratch);
 

@@ -190,6 +190,15 @@ pub async fn chat_completions(req: &Request, body: Body, state: Data<&AppState>)
     respond(complete(req, body, &state).await)
 }
 
+/// The engine refusing a request: a prompt that does not fit is worded with the request's
+/// `max_tokens` (`too_long`); the rest map as everywhere (`From<EngineError>`).
+fn refusal(e: EngineError, too_long: impl FnOnce() -> ApiError) -> ApiError {
+    match e {
+        EngineError::PromptTooLong { .. } | EngineError::ContextFull { .. } => too_long(),
+        other => other.into(),
+    }
+}
+
 async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Response> {
     let tenant = tenant_of(req)?;
     let engine = engine_of(state)?;
@@ -214,10 +223,7 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
     let prepared = engine
         .prepare(completion.request)
         .await
-        .map_err(|e| match e {
-            EngineError::PromptTooLong { .. } => too_long(),
-            other => ApiError::GenerationFailed(other.to_string()),
-        })?;
+        .map_err(|e| refusal(e, too_long))?;
     if prepared.dropped_messages() > 0 {
         // The engine keeps a chat going by leaving out its oldest turns; a stateless client
         // sent exactly the conversation it wants answered.
@@ -226,11 +232,7 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
     let slot = state.chat.acquire(tenant).await?;
     let generation = engine
         .submit(prepared, slot.cancel.clone())
-        .map_err(|e| match e {
-            EngineError::QueueFull => ApiError::ServerBusy,
-            EngineError::Stopped => ApiError::ModelNotReady,
-            other => ApiError::GenerationFailed(other.to_string()),
-        })?;
+        .map_err(ApiError::from)?;
     let mut pieces = drive(
         state.chat.clone(),
         tenant,
@@ -245,11 +247,7 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
     };
     if let Some(Piece::Done(s)) = &first {
         if let Some(e) = &s.error {
-            return Err(match e {
-                EngineError::PromptTooLong { .. } | EngineError::ContextFull { .. } => too_long(),
-                other => ApiError::GenerationFailed(other.to_string()),
-            }
-            .into());
+            return Err(refusal(e.clone(), too_long).into());
         }
     }
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
@@ -274,8 +272,7 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
         }
     };
     if let Some(e) = summary.error {
-        tracing::error!(error = %e, "generation failed");
-        return Err(ApiError::GenerationFailed(e.to_string()).into());
+        return Err(ApiError::from(e).into());
     }
     Ok(Json(wire::ChatCompletion {
         id,
@@ -400,9 +397,8 @@ fn sse_events(
                 )],
                 Some(Piece::Done(s)) => {
                     let mut out = Vec::new();
-                    if let Some(e) = &s.error {
-                        tracing::error!(error = %e, "generation failed mid-stream");
-                        let err = OpenAiError(ApiError::GenerationFailed(e.to_string()));
+                    if let Some(e) = s.error.clone() {
+                        let err = OpenAiError(ApiError::from(e));
                         out.push(SseEvent::message(err.body().to_string()));
                     } else {
                         out.push(chunk(

@@ -18,6 +18,8 @@ pub struct Model {
     pub completion_tokens: Option<i32>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
+    /// The replica generating this reply (cluster mode; see `cluster`).
+    pub replica_id: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -762,6 +762,12 @@ async fn a_dead_replicas_replies_are_recovered_and_a_restart_touches_only_its_ow
     // A restart (same id) while the other replica generates: the live reply is left alone.
     let (chat_id, mut ws, _) = reply_under_way(&b.base, key, 5).await;
     let a = serve_with(&url, key, dir_a.path(), &refs(&env_a)).await;
+    // Started, and interrupted only its own: the other's reply is still live (alone on the
+    // database, a start marks every `streaming` row interrupted).
+    assert_eq!(
+        stored_reply(&a.base, key, &chat_id).await["status"],
+        "streaming"
+    );
     let ended = loop {
         let frame = tokio::time::timeout(Duration::from_secs(30), ws.next())
             .await
@@ -785,6 +791,32 @@ async fn a_dead_replicas_replies_are_recovered_and_a_restart_touches_only_its_ow
     );
     stop(a.child).await;
     stop(b.child).await;
+}
+
+/// A replica whose Redis cannot be reached serves alone, and `/readyz` says so (200,
+/// `degraded`, with the reason).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_a_replica_serves_alone_and_says_degraded() {
+    let (_store, url, _guard) = fresh_store(Backend::Postgres).await;
+    let key = "ci-known-key-cluster-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1.
+    let env = [("CONFAB_REDIS_URL", "redis://127.0.0.1:1")];
+    let s = serve_with(&url, key, dir.path(), &env).await;
+    let r = reqwest::get(format!("{}/readyz", s.base)).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let ready: Value = r.json().await.unwrap();
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    assert_eq!(ready["cluster"], "degraded", "{ready}");
+    assert!(
+        ready["cluster_detail"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty()),
+        "{ready}"
+    );
+    let (chat_id, _ws, streamed) = reply_under_way(&s.base, key, 3).await;
+    assert!(!streamed.is_empty() && !chat_id.is_empty());
+    stop(s.child).await;
 }
 
 /// Cluster mode needs PostgreSQL: with SQLite the server refuses to start and says why.

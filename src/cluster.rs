@@ -14,8 +14,11 @@
 //! its lease again by itself when Redis is back. Dead replicas are only declared dead while
 //! Redis answers (a missing lease then means the replica is gone, not that Redis is).
 //!
+//! The per-tenant REST rate is counted cluster-wide, in a window kept in Redis
+//! ([`Cluster::count_request`]); without Redis each replica counts alone.
+//!
 //! What stays per replica: the engine's batch and the fairness among the replies one replica
-//! runs; rooms, limits and queue bounds across replicas come next (issue 17).
+//! runs; rooms, the connection cap and the queue bounds across replicas come next (issue 17).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -197,6 +200,42 @@ impl Cluster {
         let mut redis = self.0.redis.clone();
         let key = self.lease_key(self.replica_id());
         self.call(redis.del::<_, usize>(key)).await;
+    }
+}
+
+/// Counts a request in a fixed window kept in Redis: the count after this one and the
+/// milliseconds the window has left. One round trip, atomic (the window starts with its first
+/// request and expires by itself).
+const COUNT_IN_WINDOW: &str = r"
+local n = redis.call('INCR', KEYS[1])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  ttl = tonumber(ARGV[1])
+end
+return {n, ttl}
+";
+
+impl Cluster {
+    /// Counts one REST request of `tenant` in its cluster-wide window of `window`: how many
+    /// the window has seen (this one included) and how long it has left; `None` when Redis
+    /// cannot tell (the caller then counts on this replica alone).
+    pub async fn count_request(
+        &self,
+        tenant: crate::store::TenantId,
+        window: Duration,
+    ) -> Option<(u64, Duration)> {
+        let mut redis = self.0.redis.clone();
+        let key = format!("{}:rate:{tenant}", self.0.settings.key_prefix);
+        let ms = window.as_millis() as u64;
+        let query = redis::cmd("EVAL")
+            .arg(COUNT_IN_WINDOW)
+            .arg(1)
+            .arg(key)
+            .arg(ms)
+            .to_owned();
+        let (used, left): (u64, i64) = self.call(query.query_async(&mut redis)).await?;
+        Some((used, Duration::from_millis(left.max(0) as u64)))
     }
 }
 

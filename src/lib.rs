@@ -117,7 +117,12 @@ pub async fn run(
         );
     }
     let auth = Authenticator::new(store.clone(), settings.auth_cache_ttl, 100_000);
-    let quotas = api::quota::Quotas::new(store.clone(), settings.quotas, settings.auth_cache_ttl);
+    let quotas = api::quota::Quotas::new(
+        store.clone(),
+        settings.quotas,
+        settings.auth_cache_ttl,
+        cluster.clone(),
+    );
     let grace = settings.chat.shutdown_grace;
     let chat = chat::ChatService::new(store.clone(), model.clone(), settings.chat);
     // The lease is held until the running replies have finished (or been interrupted).

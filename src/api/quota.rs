@@ -1,4 +1,5 @@
-//! Per-tenant quotas: the REST request rate (a fixed one-minute window per tenant, reported
+//! Per-tenant quotas: the REST request rate (a fixed one-minute window per tenant, kept in
+//! Redis for all replicas together in cluster mode, reported
 //! in the `X-RateLimit-*` and IETF `RateLimit-Policy` / `RateLimit` headers) and the limits
 //! the WebSocket layer applies (messages per second, open connections).
 //!
@@ -63,6 +64,8 @@ struct Window {
 
 struct Inner {
     store: Store,
+    /// In cluster mode, the REST windows are the cluster's (in Redis).
+    cluster: Option<crate::cluster::Cluster>,
     defaults: QuotaDefaults,
     overrides: moka::future::Cache<TenantId, TenantLimits>,
     windows: Mutex<HashMap<TenantId, Window>>,
@@ -74,9 +77,17 @@ pub struct Quotas(Arc<Inner>);
 
 impl Quotas {
     /// `refresh`: how long a tenant's overrides are cached (changes apply within it).
-    pub fn new(store: Store, defaults: QuotaDefaults, refresh: Duration) -> Quotas {
+    /// `cluster`: count REST requests across the replicas (each replica alone without it, or
+    /// while Redis cannot be reached).
+    pub fn new(
+        store: Store,
+        defaults: QuotaDefaults,
+        refresh: Duration,
+        cluster: Option<crate::cluster::Cluster>,
+    ) -> Quotas {
         Quotas(Arc::new(Inner {
             store,
+            cluster,
             defaults,
             overrides: moka::future::Cache::builder()
                 .time_to_live(refresh)
@@ -112,6 +123,17 @@ impl Quotas {
     /// Counts one REST request of `tenant` against its per-minute quota.
     pub async fn check_rest(&self, tenant: TenantId) -> Decision {
         let limit = self.limits(tenant).await.requests_per_minute.max(1);
+        if let Some(cluster) = &self.0.cluster {
+            if let Some((used, left)) = cluster.count_request(tenant, WINDOW).await {
+                let used = u32::try_from(used).unwrap_or(u32::MAX);
+                return Decision {
+                    allowed: used <= limit,
+                    limit,
+                    remaining: limit.saturating_sub(used),
+                    reset_secs: left.as_secs_f64().ceil().max(1.0) as u64,
+                };
+            }
+        }
         let mut windows = self.0.windows.lock().unwrap_or_else(|e| e.into_inner());
         count(&mut windows, tenant, limit, Instant::now())
     }

@@ -793,6 +793,49 @@ async fn a_dead_replicas_replies_are_recovered_and_a_restart_touches_only_its_ow
     stop(b.child).await;
 }
 
+/// Cluster mode: a tenant's REST rate holds across the replicas together. 100 requests a
+/// minute, spread over three replicas: all 100 pass, with the remaining count going down from
+/// replica to replica, and the 101st is refused whichever replica gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_rate_is_counted_across_replicas() {
+    let (_store, url, _guard) = fresh_store(Backend::Postgres).await;
+    let key = "ci-known-key-cluster-0123456789";
+    let redis = redis_url();
+    let prefix = format!("confab-test-{}", uuid::Uuid::new_v4().simple());
+    let env = [
+        ("CONFAB_REDIS_URL", redis.as_str()),
+        ("CONFAB_REDIS_PREFIX", prefix.as_str()),
+        ("CONFAB_REQUESTS_PER_MINUTE", "100"),
+    ];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let replicas =
+        futures_util::future::join_all(dirs.iter().map(|d| serve_with(&url, key, d.path(), &env)))
+            .await;
+    let http = reqwest::Client::new();
+    let get = |i: usize| {
+        http.get(format!("{}/api/v1/chats/user/u", replicas[i % 3].base))
+            .header("X-API-Key", key)
+            .send()
+    };
+    for i in 0..100 {
+        let r = get(i).await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "request {i}");
+        assert_eq!(
+            r.headers()["x-ratelimit-remaining"].to_str().unwrap(),
+            (99 - i).to_string(),
+            "request {i}"
+        );
+    }
+    for i in 0..3 {
+        let r = get(i).await.unwrap();
+        assert_eq!(r.status().as_u16(), 429, "replica {i}");
+        assert!(r.headers().contains_key("retry-after"));
+    }
+    for r in replicas {
+        stop(r.child).await;
+    }
+}
+
 /// A replica whose Redis cannot be reached serves alone, and `/readyz` says so (200,
 /// `degraded`, with the reason).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::api::quota::QuotaDefaults;
 use crate::domain::Limits;
 use crate::server::ConnectionLimits;
 
@@ -387,7 +388,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CONFAB_AUTH_CACHE_TTL_SECS", default_value_t = 5)]
     pub auth_cache_ttl_secs: u64,
     /// REST requests per minute per tenant (a tenant may have its own: `tenant set-limits`).
-    #[arg(long, env = "CONFAB_REQUESTS_PER_MINUTE", default_value_t = 100)]
+    #[arg(long, env = "CONFAB_REQUESTS_PER_MINUTE", default_value_t = QuotaDefaults::default().requests_per_minute)]
     pub requests_per_minute: u32,
     /// Browser origins allowed to call the API, comma-separated (CORS); none: CORS off.
     #[arg(long, env = "CONFAB_CORS_ORIGINS", value_delimiter = ',')]
@@ -477,10 +478,10 @@ pub struct ChatArgs {
     #[arg(long, env = "CONFAB_TENANT_SLOT_SHARE", default_value_t = 1.0)]
     pub tenant_slot_share: f64,
     /// Open WebSocket connections per tenant; more are closed with 4429.
-    #[arg(long, env = "CONFAB_MAX_CONNECTIONS_PER_TENANT", default_value_t = 50)]
+    #[arg(long, env = "CONFAB_MAX_CONNECTIONS_PER_TENANT", default_value_t = QuotaDefaults::default().max_connections)]
     pub max_connections_per_tenant: u32,
     /// Messages per second per connection (token bucket; the burst is the same number).
-    #[arg(long, env = "CONFAB_WS_MESSAGES_PER_SECOND", default_value_t = 10)]
+    #[arg(long, env = "CONFAB_WS_MESSAGES_PER_SECOND", default_value_t = QuotaDefaults::default().ws_messages_per_second)]
     pub ws_messages_per_second: u32,
     /// Largest WebSocket text frame in bytes.
     #[arg(long, env = "CONFAB_WS_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]

@@ -9,9 +9,10 @@
 //!   has expired any surviving replica marks that replica's unfinished replies `interrupted`,
 //!   keeping the text saved so far.
 //!
-//! Redis is asked with short timeouts and never on a request's path: while it is down a
-//! replica keeps serving what it can alone, reports `degraded` in `/readyz`, and takes up
-//! its lease again by itself when Redis is back. Dead replicas are only declared dead while
+//! Redis is asked with short timeouts: while it is down a replica keeps serving what it can
+//! alone, reports `degraded` in `/readyz`, and takes up its lease again by itself when Redis
+//! is back (the lease loop is what finds out; requests do not wait on a Redis known to be
+//! down). Dead replicas are only declared dead while
 //! Redis answers (a missing lease then means the replica is gone, not that Redis is).
 //!
 //! The per-tenant REST rate is counted cluster-wide, in a window kept in Redis
@@ -225,6 +226,10 @@ impl Cluster {
         tenant: crate::store::TenantId,
         window: Duration,
     ) -> Option<(u64, Duration)> {
+        // Known to be down: no request waits for a timeout (the lease loop notices the return).
+        if self.health() != ClusterHealth::Ok {
+            return None;
+        }
         let mut redis = self.0.redis.clone();
         let key = format!("{}:rate:{tenant}", self.0.settings.key_prefix);
         let ms = window.as_millis() as u64;

@@ -219,21 +219,24 @@ impl RouteTable {
     /// metrics labels: a client cannot grow the series count by inventing URLs. A literal
     /// segment wins over a parameter (`/chats/user/x` is not `/chats/{chat_id}/…`).
     pub fn template(&self, path: &str) -> Option<&str> {
-        let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-        self.routes
-            .iter()
-            .filter(|r| r.matches(&segs))
+        self.matching(path)
             .min_by_key(|r| r.params())
             .map(|r| r.template.as_str())
     }
 
+    /// The routes whose template matches `path` (a trailing slash ignored).
+    fn matching<'a, 'p>(
+        &'a self,
+        path: &'p str,
+    ) -> impl Iterator<Item = &'a RouteEntry> + use<'a, 'p> {
+        let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+        self.routes.iter().filter(move |r| r.matches(&segs))
+    }
+
     /// The methods `path` answers, for the `Allow` header of a 405.
     fn allowed(&self, path: &str) -> Vec<String> {
-        let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
         let mut methods: Vec<String> = self
-            .routes
-            .iter()
-            .filter(|r| r.matches(&segs))
+            .matching(path)
             .flat_map(|r| r.methods.iter().map(|m| m.to_string()))
             .collect();
         methods.sort();
@@ -243,20 +246,14 @@ impl RouteTable {
 
     /// Whether `method` on `path` is an operation that takes a request body.
     fn takes_body(&self, method: &Method, path: &str) -> bool {
-        let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-        self.routes
-            .iter()
-            .any(|r| r.body_methods.contains(method) && r.matches(&segs))
+        self.matching(path).any(|r| r.body_methods.contains(method))
     }
 
     /// The name of the `index`-th parameter of the route that `path` matches. Literal
     /// segments must match exactly, so `/chats/user/x` is not taken for `/chats/{chat_id}`.
     fn name(&self, path: &str, index: usize) -> Option<&str> {
-        let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-        self.routes
-            .iter()
-            .filter(|r| r.segments.iter().any(|s| matches!(s, Segment::Param(_))))
-            .find(|r| r.matches(&segs))
+        self.matching(path)
+            .find(|r| r.segments.iter().any(|s| matches!(s, Segment::Param(_))))
             .and_then(|r| {
                 r.segments
                     .iter()

@@ -21,7 +21,7 @@ mod stateless;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
@@ -186,6 +186,8 @@ struct Inner {
     /// Cancel switches of the stateless generations holding slots, by slot id.
     stateless: Mutex<HashMap<u64, CancelToken>>,
     next_slot: AtomicU64,
+    /// Set once the scheduler's slots are the loaded engine's batch.
+    sized: OnceLock<()>,
     connections: Mutex<HashMap<TenantId, usize>>,
     phase: watch::Sender<Phase>,
     /// Notified whenever a reply ends (shutdown waits on it).
@@ -245,6 +247,7 @@ impl ChatService {
             stateless: Mutex::new(HashMap::new()),
             queue_reported: Mutex::new(HashSet::new()),
             next_slot: AtomicU64::new(1),
+            sized: OnceLock::new(),
             connections: Mutex::new(HashMap::new()),
             phase: watch::channel(Phase::Serving).0,
             reply_ended: Notify::new(),
@@ -253,12 +256,14 @@ impl ChatService {
 
     /// The scheduler, its slots kept equal to the engine's batch: the engine handle is the
     /// one owner of that number (replies are only queued once the engine is loaded).
+    /// The engine never changes once loaded, so this is done once (`sized`); until then
+    /// the lock costs no engine lookup after it.
     fn scheduler(&self) -> MutexGuard<'_, Scheduler<Waiting>> {
         let mut sched = lock(&self.0.scheduler);
-        if let Some(engine) = self.0.model.engine() {
-            let limits = self.0.settings.scheduler_limits(engine.max_batch());
-            if sched.limits() != limits {
-                sched.set_limits(limits);
+        if self.0.sized.get().is_none() {
+            if let Some(engine) = self.0.model.engine() {
+                sched.set_limits(self.0.settings.scheduler_limits(engine.max_batch()));
+                let _ = self.0.sized.set(());
             }
         }
         sched

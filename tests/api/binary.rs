@@ -415,7 +415,7 @@ async fn a_kill_during_a_reply_leaves_it_interrupted(b: Backend) {
 /// after a restart every acknowledged write is there, no row is left half-done
 /// (`streaming`), and the running replies are `interrupted` with their text.
 async fn a_kill_under_load_loses_nothing_acknowledged(b: Backend) {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
     let (_store, url, _guard) = fresh_store(b).await;
     let key = "ci-known-key-0123456789abcdef";
@@ -460,14 +460,7 @@ async fn a_kill_under_load_loses_nothing_acknowledged(b: Backend) {
     let mut acked = Vec::new();
     for _ in 0..4 {
         let chat = create("u").await.expect("chat");
-        let ws_url = format!(
-            "{}/ws/chat?api_key={key}&user_id=u&chat_id={chat}",
-            base.replacen("http", "ws", 1)
-        );
-        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
-        ws.send(Message::text(json!({"content": "go"}).to_string()))
-            .await
-            .unwrap();
+        let mut ws = socket_with_message(&base, key, &chat, "go").await;
         loop {
             let frame = tokio::time::timeout(Duration::from_secs(20), ws.next())
                 .await
@@ -596,10 +589,25 @@ fn redis_url() -> String {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// A socket on user `u`'s chat, with `content` sent as a message.
+async fn socket_with_message(base: &str, key: &str, chat_id: &str, content: &str) -> Socket {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let ws_url = format!(
+        "{}/ws/chat?api_key={key}&user_id=u&chat_id={chat_id}",
+        base.replacen("http", "ws", 1)
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    ws.send(Message::text(json!({"content": content}).to_string()))
+        .await
+        .unwrap();
+    ws
+}
+
 /// Creates a chat on `base`, sends a message over a socket and returns once `tokens` of
 /// the reply have streamed: the chat, the socket and the text so far.
 async fn reply_under_way(base: &str, key: &str, tokens: usize) -> (Value, Socket, String) {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
     let chat: Value = reqwest::Client::new()
         .post(format!("{base}/api/v1/chats/"))
@@ -611,15 +619,7 @@ async fn reply_under_way(base: &str, key: &str, tokens: usize) -> (Value, Socket
         .json()
         .await
         .unwrap();
-    let chat_id = chat["id"].as_str().unwrap().to_string();
-    let ws_url = format!(
-        "{}/ws/chat?api_key={key}&user_id=u&chat_id={chat_id}",
-        base.replacen("http", "ws", 1)
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
-    ws.send(Message::text(json!({"content": "Hi"}).to_string()))
-        .await
-        .unwrap();
+    let mut ws = socket_with_message(base, key, chat["id"].as_str().unwrap(), "Hi").await;
     let mut streamed = String::new();
     let mut seen = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

@@ -124,7 +124,7 @@ pub async fn run(
         cluster.clone(),
     );
     let grace = settings.chat.shutdown_grace;
-    let chat = chat::ChatService::new(store.clone(), model.clone(), settings.chat);
+    let chat = chat::ChatService::new(store.clone(), model.clone(), settings.chat, cluster.clone());
     // The lease is held until the running replies have finished (or been interrupted).
     let (leave, left) = tokio::sync::watch::channel(false);
     let membership = cluster

@@ -30,6 +30,9 @@ pub struct Metrics {
     pub kv_cache_reused_tokens: IntCounter,
     pub batch_size: Histogram,
     pub connections_refused: IntCounter,
+    /// Cluster mode: a streamed token's time from the replica generating it to this one
+    /// (publish to delivery to the room, by the two replicas' clocks).
+    pub cluster_fanout: Histogram,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -58,6 +61,16 @@ fn build() -> Result<Metrics, prometheus::Error> {
         running_generations: IntGauge::new("running_generations", "Replies being generated")?,
         generated_tokens: IntCounter::new("generated_tokens_total", "Tokens generated")?,
         prompt_tokens: IntCounter::new("prompt_tokens_total", "Prompt tokens processed")?,
+        cluster_fanout: Histogram::with_opts(
+            HistogramOpts::new(
+                "cluster_fanout_seconds",
+                "Time of a streamed token from the replica generating it to a replica relaying \
+                 it to its sockets (cluster mode)",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
+        )?,
         time_to_first_token: Histogram::with_opts(
             HistogramOpts::new("time_to_first_token_seconds", "Time to first token")
                 .buckets(latency.clone()),
@@ -113,6 +126,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     m.registry.register(Box::new(m.prompt_tokens.clone()))?;
     m.registry
         .register(Box::new(m.time_to_first_token.clone()))?;
+    m.registry.register(Box::new(m.cluster_fanout.clone()))?;
     m.registry
         .register(Box::new(m.inter_token_latency.clone()))?;
     m.registry

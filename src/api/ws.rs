@@ -207,7 +207,7 @@ impl Socket {
                 return None;
             }
         }
-        let (membership, catch_up) = service.join(session.tenant, session.chat_id);
+        let (membership, catch_up) = service.join(session.tenant, session.chat_id).await;
         for e in catch_up {
             if !send(&mut sink, &e).await {
                 return None;

@@ -7,13 +7,16 @@
 //!   least-recently-served tenant first;
 //! - the reply tasks ([`reply`]): build the prompt from the stored history, stream the
 //!   engine's tokens to the room, save the text as it grows and the outcome at the end;
-//! - per-tenant connection counts and the shutdown sequence.
+//! - per-tenant connection counts and the shutdown sequence;
+//! - in cluster mode, the [`relay`]: rooms shared with the other replicas through Redis.
 //!
 //! A reply is not tied to a socket: closing every socket does not stop it, so a client that
 //! reconnects finds it finished in the history. Only `cancel`, deleting the chat or a
 //! shutdown past its grace period stop it.
 
 pub use confab_protocol::ws as protocol;
+mod mirror;
+pub(crate) mod relay;
 mod reply;
 mod room;
 pub mod scheduler;
@@ -28,11 +31,13 @@ use serde_json::{Map, Value};
 use tokio::sync::{broadcast, oneshot, watch, Notify};
 use uuid::Uuid;
 
+use crate::cluster::Cluster;
 use crate::domain::{MessageStatus, NewMessage, Role};
 use crate::engine::{CancelToken, ModelSlot};
 use crate::error::ApiError;
 use crate::store::{Store, StoreError, TenantId};
 use protocol::{Event, MessageLimits};
+use relay::{Claim, Control, Relay};
 pub use reply::sampling_for;
 pub use room::{Outbound, Room};
 use scheduler::{Refused, Scheduler, SchedulerLimits};
@@ -192,6 +197,8 @@ struct Inner {
     phase: watch::Sender<Phase>,
     /// Notified whenever a reply ends (shutdown waits on it).
     reply_ended: Notify,
+    /// Cluster mode: the rooms' link to the other replicas.
+    relay: Option<Relay>,
 }
 
 /// The live chat service; cheap to clone.
@@ -235,10 +242,17 @@ impl Drop for Membership {
 }
 
 impl ChatService {
-    pub fn new(store: Store, model: ModelSlot, settings: ChatSettings) -> ChatService {
+    /// `cluster`: share the rooms with the other replicas (see [`relay`]).
+    pub fn new(
+        store: Store,
+        model: ModelSlot,
+        settings: ChatSettings,
+        cluster: Option<Cluster>,
+    ) -> ChatService {
         // One slot until the engine is loaded (nothing is submitted before), then its batch.
         let scheduler = Scheduler::new(settings.scheduler_limits(1));
-        ChatService(Arc::new(Inner {
+        let relay = cluster.map(Relay::start);
+        let service = ChatService(Arc::new(Inner {
             store,
             model,
             settings,
@@ -251,7 +265,13 @@ impl ChatService {
             connections: Mutex::new(HashMap::new()),
             phase: watch::channel(Phase::Serving).0,
             reply_ended: Notify::new(),
-        }))
+            relay,
+        }));
+        if let Some(relay) = &service.0.relay {
+            tokio::spawn(mirror::listen(relay.clone(), Arc::downgrade(&service.0)));
+            tokio::spawn(mirror::check(relay.clone(), Arc::downgrade(&service.0)));
+        }
+        service
     }
 
     /// The scheduler, its slots kept equal to the engine's batch: the engine handle is the
@@ -305,29 +325,45 @@ impl ChatService {
     }
 
     /// Joins a chat's room (the caller checked the chat belongs to the tenant and user).
-    /// Returns the membership and the events that bring the socket up to date.
-    pub fn join(&self, tenant: TenantId, chat_id: Uuid) -> (Membership, Vec<Event>) {
-        // Joined under the map's lock: a room is only forgotten with no sockets, so it must
+    /// Returns the membership and the events that bring the socket up to date. In cluster
+    /// mode a new room first subscribes to the chat's events and reads the state of a reply
+    /// another replica may be generating.
+    pub async fn join(&self, tenant: TenantId, chat_id: Uuid) -> (Membership, Vec<Event>) {
+        // Counted under the map's lock: a room is only forgotten with no sockets, so it must
         // not be seen empty between being found here and being joined.
-        let (room, events, catch_up) = {
+        let (room, created) = {
             let mut rooms = lock(&self.0.rooms);
+            let mut created = false;
             let room = rooms
                 .entry(chat_id)
                 .or_insert_with(|| {
-                    Arc::new(Room::new(tenant, chat_id, self.0.settings.socket_buffer))
+                    created = true;
+                    Arc::new(Room::new(
+                        tenant,
+                        chat_id,
+                        self.0.settings.socket_buffer,
+                        self.0.relay.clone(),
+                    ))
                 })
                 .clone();
-            let (events, catch_up) = room.join();
-            (room, events, catch_up)
+            room.lock().sockets += 1;
+            (room, created)
         };
-        (
-            Membership {
-                service: self.clone(),
-                room,
-                events,
-            },
-            catch_up,
-        )
+        // The membership exists from here, so a socket dropped while waiting still leaves.
+        let mut membership = Membership {
+            service: self.clone(),
+            events: room.receiver(),
+            room: room.clone(),
+        };
+        if created {
+            if let Some(relay) = &self.0.relay {
+                relay.watch(chat_id).await;
+                self.sync(&room).await;
+            }
+        }
+        let (events, catch_up) = room.subscribe().await;
+        membership.events = events;
+        (membership, catch_up)
     }
 
     fn forget_room_if_idle(&self, room: &Arc<Room>) {
@@ -337,6 +373,10 @@ impl ChatService {
             if let Some(r) = rooms.get(&room.chat_id) {
                 if Arc::ptr_eq(r, room) {
                     rooms.remove(&room.chat_id);
+                    if let Some(relay) = self.0.relay.clone() {
+                        let chat = room.chat_id;
+                        tokio::spawn(async move { relay.unwatch(chat).await });
+                    }
                 }
             }
         }
@@ -362,17 +402,25 @@ impl ChatService {
             if st.deleted {
                 return Err(ChatError::ChatNotFound(room.chat_id));
             }
-            if st.reply.is_some() {
+            if st.reply.is_some() || st.remote.is_some() {
                 return Err(ChatError::GenerationInProgress);
             }
             self.scheduler().reserve(room.tenant)?;
-            st.reply = Some(room::Reply {
-                user_message: None,
-                cancel: CancelToken::default(),
-                interrupted: false,
-                queue_position: None,
-                stream: None,
-            });
+            st.reply = Some(room::Reply::new());
+        }
+        // In a cluster the chat may have a reply on another replica this one has not heard
+        // of yet: the chat's reply lock decides.
+        if let Some(relay) = &self.0.relay {
+            let id = room.lock().reply.as_ref().map(|r| r.id);
+            if let Some(id) = id {
+                if let Claim::Busy(holder) = relay.claim(room.chat_id, id).await {
+                    tracing::debug!(chat = %room.chat_id, %holder, "reply refused: one runs elsewhere");
+                    room.lock().reply = None;
+                    self.scheduler().unreserve(room.tenant);
+                    self.forget_room_if_idle(room);
+                    return Err(ChatError::GenerationInProgress);
+                }
+            }
         }
         let saved = self
             .0
@@ -391,7 +439,7 @@ impl ChatService {
         let message = match saved {
             Ok(m) => m,
             Err(e) => {
-                room.lock().reply = None;
+                room.finish(&mut room.lock(), None);
                 self.scheduler().unreserve(room.tenant);
                 self.forget_room_if_idle(room);
                 return Err(match e {
@@ -400,16 +448,13 @@ impl ChatService {
                 });
             }
         };
-        {
-            let mut st = room.lock();
-            if let Some(reply) = st.reply.as_mut() {
-                reply.user_message = Some(message.id);
-            }
-            room.send(&Event::MessageReceived {
+        room.send(
+            &mut room.lock(),
+            &Event::MessageReceived {
                 message_id: message.id,
                 chat_id: room.chat_id,
-            });
-        }
+            },
+        );
         self.scheduler().enqueue(
             room.tenant,
             Waiting::Reply(Queued {
@@ -461,14 +506,20 @@ impl ChatService {
     /// Cancels the chat's reply: a waiting one ends at once (saved as an empty cancelled
     /// reply, so every user message gets its start and end events); a streaming one stops
     /// at the next token, keeping its text.
+    /// In a cluster, a reply another replica generates is cancelled there.
     pub fn cancel(&self, room: &Arc<Room>) -> Result<(), ChatError> {
         let dequeued = {
             let st = room.lock();
             let Some(reply) = st.reply.as_ref() else {
-                return Err(ChatError::NothingToCancel);
+                let (Some(relay), Some(remote)) = (&self.0.relay, st.remote.as_ref()) else {
+                    return Err(ChatError::NothingToCancel);
+                };
+                let (relay, chat, reply) = (relay.clone(), room.chat_id, remote.id);
+                tokio::spawn(async move { relay.tell(&Control::Cancel { chat, reply }).await });
+                return Ok(());
             };
             reply.cancel.cancel();
-            if reply.stream.is_some() {
+            if reply.view.stream.is_some() {
                 None
             } else {
                 let chat = room.chat_id;
@@ -494,8 +545,19 @@ impl ChatService {
     }
 
     /// The chat was deleted (REST): cancel its reply, close its sockets and drop its kept
-    /// attention state.
+    /// attention state, here and (cluster mode) on every replica.
     pub fn chat_deleted(&self, tenant: TenantId, chat_id: Uuid) {
+        self.chat_deleted_here(tenant, chat_id);
+        if let Some(relay) = self.0.relay.clone() {
+            let control = Control::Deleted {
+                tenant: tenant.as_uuid(),
+                chat: chat_id,
+            };
+            tokio::spawn(async move { relay.tell(&control).await });
+        }
+    }
+
+    fn chat_deleted_here(&self, tenant: TenantId, chat_id: Uuid) {
         self.chat_changed(chat_id);
         let room = {
             let mut rooms = lock(&self.0.rooms);
@@ -512,7 +574,7 @@ impl ChatService {
                 reply.cancel.cancel();
             }
             let gone = ApiError::ChatNotFound(chat_id);
-            room.send(&gone.to_event());
+            room.send_local(&gone.to_event());
             room.close_all(gone.close_code(), gone.code());
             self.scheduler()
                 .remove(room.tenant, |w| w.is_reply_of(chat_id))
@@ -571,7 +633,7 @@ impl ChatService {
             match w {
                 Waiting::Reply(q) => {
                     if let Some(r) = q.room.lock().reply.as_mut() {
-                        r.queue_position = None;
+                        r.view.queue_position = None;
                     }
                     self.spawn_reply(q, true);
                 }
@@ -583,14 +645,17 @@ impl ChatService {
         }
         for (room, user_message, position) in moved {
             let st = &mut *room.lock();
-            if let Some(reply) = st.reply.as_mut() {
-                if reply.queue_position != Some(position) && reply.stream.is_none() {
-                    reply.queue_position = Some(position);
-                    room.send(&Event::MessageQueued {
+            let moved = st.reply.as_ref().is_some_and(|r| {
+                r.view.queue_position != Some(position) && r.view.stream.is_none()
+            });
+            if moved {
+                room.send(
+                    st,
+                    &Event::MessageQueued {
                         message_id: user_message,
                         position,
-                    });
-                }
+                    },
+                );
             }
         }
     }
@@ -621,10 +686,12 @@ impl ChatService {
         let mut interrupted = false;
         loop {
             let ended = self.0.reply_ended.notified();
-            let busy = lock(&self.0.rooms)
-                .values()
-                .any(|r| r.lock().reply.as_ref().is_some_and(|r| r.stream.is_some()))
-                || self.scheduler().running() > 0;
+            let busy = lock(&self.0.rooms).values().any(|r| {
+                r.lock()
+                    .reply
+                    .as_ref()
+                    .is_some_and(|r| r.view.stream.is_some())
+            }) || self.scheduler().running() > 0;
             // A reply stuck on the database gets a few more seconds, not forever.
             if !busy || tokio::time::Instant::now() >= deadline + Duration::from_secs(5) {
                 break;

@@ -12,7 +12,6 @@ use serde_json::Map;
 use uuid::Uuid;
 
 use super::protocol::{Event, Timings, Usage};
-use super::room::Streamed;
 use super::{ChatService, Queued};
 use crate::domain::{Chat, ChatConfig, Message, MessageStatus, NewMessage, Role};
 use crate::engine::{
@@ -127,33 +126,26 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
             // No assistant message could be saved: the user message stays unanswered and
             // the client is told why.
             let mut st = room.lock();
-            st.reply = None;
-            if !st.deleted {
+            if st.deleted {
+                room.finish(&mut st, None);
+            } else {
                 if !matches!(e, StoreError::NotFound) {
                     tracing::warn!(chat = %room.chat_id, error = %e, "reply could not start");
                 }
-                room.send(&ApiError::for_chat(room.chat_id)(e).to_event());
+                let error = ApiError::for_chat(room.chat_id)(e).to_event();
+                room.finish(&mut st, Some(&error));
             }
             return;
         }
     };
-    {
-        let mut st = room.lock();
-        let reply_to = q.user_message;
-        if let Some(r) = st.reply.as_mut() {
-            r.queue_position = None;
-            r.stream = Some(Streamed {
-                message_id,
-                text: String::new(),
-                next_index: 0,
-            });
-        }
-        room.send(&Event::MessageStreamStarted {
+    room.send(
+        &mut room.lock(),
+        &Event::MessageStreamStarted {
             message_id,
             chat_id: room.chat_id,
-            reply_to,
-        });
-    }
+            reply_to: q.user_message,
+        },
+    );
     let request = request_for(&chat, history, service.settings().default_max_tokens);
     let outcome = stream(service, &q, &scope, message_id, request, &cancel).await;
     let interrupted = room.lock().reply.as_ref().is_some_and(|r| r.interrupted);
@@ -183,17 +175,20 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
         )
         .await;
     let mut st = room.lock();
-    st.reply = None;
     if st.deleted {
+        room.finish(&mut st, None);
         return;
     }
     if let Err(e) = saved {
         if !matches!(e, StoreError::NotFound) {
             let reason = ApiError::from(e).code();
-            room.send(&ApiError::ReplyNotSaved { message_id, reason }.to_event());
+            room.send(
+                &mut st,
+                &ApiError::ReplyNotSaved { message_id, reason }.to_event(),
+            );
         }
     }
-    room.send(&Event::MessageStreamEnded {
+    let ended = Event::MessageStreamEnded {
         message_id,
         content: outcome.text,
         finish_reason: outcome.finish.as_str(),
@@ -203,7 +198,8 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
             time_to_first_token_ms: outcome.time_to_first_token.map(|d| d.as_millis() as u64),
             tokens_per_second: (outcome.tokens_per_second * 10.0).round() / 10.0,
         },
-    });
+    };
+    room.finish(&mut st, Some(&ended));
 }
 
 /// Saves a reply's final state, retrying with backoff (100 ms doubling to 5 s) while the
@@ -257,7 +253,7 @@ async fn stream(
         return Outcome::empty(FinishReason::Cancelled);
     }
     let Some(engine) = service.0.model.engine() else {
-        room.send(&ApiError::ModelNotReady.to_event());
+        room.send(&mut room.lock(), &ApiError::ModelNotReady.to_event());
         return Outcome::empty(FinishReason::Error);
     };
     // Template and tokenizer run on a blocking worker, not on the engine thread.
@@ -268,7 +264,7 @@ async fn stream(
     let mut generation = match submitted {
         Ok(g) => g,
         Err(e) => {
-            room.send(&ApiError::from(e).to_event());
+            room.send(&mut room.lock(), &ApiError::from(e).to_event());
             return Outcome::empty(FinishReason::Error);
         }
     };
@@ -283,18 +279,26 @@ async fn stream(
                 gaps.tick();
                 let snapshot = {
                     let mut st = room.lock();
-                    let Some(s) = st.reply.as_mut().and_then(|r| r.stream.as_mut()) else {
+                    let Some(index) = st
+                        .reply
+                        .as_ref()
+                        .and_then(|r| r.view.stream.as_ref())
+                        .map(|s| s.next_index)
+                    else {
                         continue;
                     };
-                    s.text.push_str(&text);
-                    let index = s.next_index;
-                    s.next_index += 1;
-                    room.send(&Event::MessageStreamToken {
+                    let token = Event::MessageStreamToken {
                         message_id,
                         token: text,
                         index,
-                    });
-                    (saving && last_save.elapsed() >= interval).then(|| s.text.clone())
+                    };
+                    room.send(&mut st, &token);
+                    let due = saving && last_save.elapsed() >= interval;
+                    st.reply
+                        .as_ref()
+                        .and_then(|r| r.view.stream.as_ref())
+                        .filter(|_| due)
+                        .map(|s| s.text.clone())
                 };
                 if let Some(content) = snapshot {
                     last_save = Instant::now();
@@ -312,7 +316,7 @@ async fn stream(
             }
             GenerationEvent::Finished(summary) => {
                 if let Some(error) = summary.error.clone() {
-                    room.send(&ApiError::from(error).to_event());
+                    room.send(&mut room.lock(), &ApiError::from(error).to_event());
                 }
                 return Outcome {
                     finish: summary.finish_reason,
@@ -332,7 +336,7 @@ async fn stream(
         .lock()
         .reply
         .as_ref()
-        .and_then(|r| r.stream.as_ref())
+        .and_then(|r| r.view.stream.as_ref())
         .map(|s| s.text.clone())
         .unwrap_or_default();
     Outcome {

@@ -145,6 +145,21 @@ impl TenantScope<'_> {
         rows.into_iter().map(message_from_row).collect()
     }
 
+    /// One message of a chat.
+    pub async fn get_message(
+        &self,
+        chat_id: Uuid,
+        message_id: Uuid,
+    ) -> Result<Message, StoreError> {
+        let row = message::Entity::find_by_id(message_id)
+            .filter(message::Column::TenantId.eq(self.tenant))
+            .filter(message::Column::ChatId.eq(chat_id))
+            .one(self.db)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        message_from_row(row)
+    }
+
     /// Saves a reply's text so far, or its final state: text, status and token counts.
     /// `NotFound` when the message (or its chat) is gone.
     pub async fn update_reply(

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::common::{fresh_store, Backend};
 
-const BIN: &str = env!("CARGO_BIN_EXE_confab");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_confab");
 
 fn confab(url: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(BIN)
@@ -119,19 +119,24 @@ async fn admin_commands(b: Backend) {
 }
 
 /// A `confab serve` child process on a free port.
-struct Served {
-    child: std::process::Child,
-    base: String,
-    banner: String,
+pub(crate) struct Served {
+    pub child: std::process::Child,
+    pub base: String,
+    pub banner: String,
 }
 
 /// Starts `confab serve` with the tiny model (written into `dir`) and returns once it is
 /// listening and `/readyz` says ready.
-async fn serve(url: &str, key: &str, dir: &std::path::Path) -> Served {
+pub(crate) async fn serve(url: &str, key: &str, dir: &std::path::Path) -> Served {
     serve_with(url, key, dir, &[]).await
 }
 
-async fn serve_with(url: &str, key: &str, dir: &std::path::Path, env: &[(&str, &str)]) -> Served {
+pub(crate) async fn serve_with(
+    url: &str,
+    key: &str,
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> Served {
     let model = crate::tiny::write(dir, "llama");
     // The log goes to `dir/confab.log` (appended across restarts).
     let log = std::fs::OpenOptions::new()
@@ -175,7 +180,7 @@ async fn serve_with(url: &str, key: &str, dir: &std::path::Path, env: &[(&str, &
 }
 
 /// Sends SIGTERM and waits (bounded) for a clean exit.
-async fn stop(mut child: std::process::Child) {
+pub(crate) async fn stop(mut child: std::process::Child) {
     let pid = child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
@@ -336,7 +341,7 @@ fn openapi_command_prints_the_committed_spec() {
 }
 
 /// Polls `/readyz` until the model is loaded (bounded).
-async fn wait_ready(base: &str) {
+pub(crate) async fn wait_ready(base: &str) {
     let http = reqwest::Client::new();
     for _ in 0..200 {
         if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
@@ -550,47 +555,16 @@ crate::backend_tests!(
     readme_curl_examples_work
 );
 
-/// Ten replicas started at once on one empty PostgreSQL database: each migrates under the
-/// advisory lock (one applies the migrations, the others find them applied), every one
-/// serves, and there is one `default` tenant, whose key works on all of them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_replicas_start_together_on_one_database() {
-    let (url, _guard) = crate::common::empty_postgres().await;
-    let key = "ci-known-key-replicas-0123456789";
-    // A directory each: `serve` writes the tiny model file into it.
-    let dirs: Vec<_> = (0..10).map(|_| tempfile::tempdir().unwrap()).collect();
-    let replicas =
-        futures_util::future::join_all(dirs.iter().map(|d| serve(&url, key, d.path()))).await;
-    let http = reqwest::Client::new();
-    for r in &replicas {
-        wait_ready(&r.base).await;
-        let resp = http
-            .get(format!("{}/api/v1/chats/user/u", r.base))
-            .header("X-API-Key", key)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 200, "{}", r.base);
-    }
-    let store = confab::store::Store::connect(&url, &Default::default())
-        .await
-        .unwrap();
-    assert_eq!(store.tenant_count().await.unwrap(), 1);
-    for r in replicas {
-        stop(r.child).await;
-    }
-}
-
-/// The Redis the cluster tests use (`CONFAB_TEST_REDIS_URL`, default the local one).
-fn redis_url() -> String {
-    std::env::var("CONFAB_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-type Socket =
+pub(crate) type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A socket on user `u`'s chat, with `content` sent as a message.
-async fn socket_with_message(base: &str, key: &str, chat_id: &str, content: &str) -> Socket {
+pub(crate) async fn socket_with_message(
+    base: &str,
+    key: &str,
+    chat_id: &str,
+    content: &str,
+) -> Socket {
     use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     let ws_url = format!(
@@ -606,7 +580,11 @@ async fn socket_with_message(base: &str, key: &str, chat_id: &str, content: &str
 
 /// Creates a chat on `base`, sends a message over a socket and returns once `tokens` of
 /// the reply have streamed: the chat, the socket and the text so far.
-async fn reply_under_way(base: &str, key: &str, tokens: usize) -> (Value, Socket, String) {
+pub(crate) async fn reply_under_way(
+    base: &str,
+    key: &str,
+    tokens: usize,
+) -> (Value, Socket, String) {
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
     let chat: Value = reqwest::Client::new()
@@ -641,7 +619,7 @@ async fn reply_under_way(base: &str, key: &str, tokens: usize) -> (Value, Socket
 }
 
 /// The chat's reply as stored, asked of `base`.
-async fn stored_reply(base: &str, key: &str, chat_id: &str) -> Value {
+pub(crate) async fn stored_reply(base: &str, key: &str, chat_id: &str) -> Value {
     let page: Value = reqwest::Client::new()
         .get(format!("{base}/api/v1/chats/{chat_id}/messages"))
         .header("X-API-Key", key)
@@ -652,202 +630,6 @@ async fn stored_reply(base: &str, key: &str, chat_id: &str) -> Value {
         .await
         .unwrap();
     page["messages"][1].clone()
-}
-
-/// Cluster mode, two replicas on one PostgreSQL database and one Redis. The replica
-/// generating a reply is killed (-9): once its one-second lease has expired the other marks
-/// the reply `interrupted`, with the text saved so far. The killed replica comes back (same
-/// id) while the other generates: it leaves that live reply alone, which finishes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_replicas_replies_are_recovered_and_a_restart_touches_only_its_own() {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
-    let (_store, url, _guard) = fresh_store(Backend::Postgres).await;
-    let key = "ci-known-key-cluster-0123456789";
-    let redis = redis_url();
-    let prefix = format!("confab-test-{}", uuid::Uuid::new_v4().simple());
-    let env = |id: &str| -> Vec<(&'static str, String)> {
-        vec![
-            ("CONFAB_REDIS_URL", redis.clone()),
-            ("CONFAB_REDIS_PREFIX", prefix.clone()),
-            ("CONFAB_REPLICA_ID", id.to_string()),
-            ("CONFAB_REPLICA_LEASE_SECS", "1".into()),
-            ("CONFAB_DEBUG_TOKEN_INTERVAL_MS", "30".into()),
-            ("CONFAB_SAVE_INTERVAL_MS", "50".into()),
-        ]
-    };
-    fn refs<'a>(e: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-        e.iter().map(|(k, v)| (*k, v.as_str())).collect()
-    }
-    let (env_a, env_b) = (env("replica-a"), env("replica-b"));
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = serve_with(&url, key, dir_a.path(), &refs(&env_a)).await;
-    let b = serve_with(&url, key, dir_b.path(), &refs(&env_b)).await;
-    for base in [&a.base, &b.base] {
-        let ready: Value = reqwest::get(format!("{base}/readyz"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(
-            (ready["status"].as_str(), ready["cluster"].as_str()),
-            (Some("ready"), Some("ok")),
-            "{ready}"
-        );
-    }
-
-    // Killed mid-reply: the survivor recovers the reply within the lease (and its checks).
-    let (chat, ws, streamed) = reply_under_way(&a.base, key, 10).await;
-    let chat_id = chat["id"].as_str().unwrap();
-    let mut a_child = a.child;
-    a_child.kill().unwrap();
-    a_child.wait().unwrap();
-    drop(ws);
-    let killed = std::time::Instant::now();
-    let reply = loop {
-        let reply = stored_reply(&b.base, key, chat_id).await;
-        if reply["status"] != "streaming" {
-            break reply;
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(10),
-            "not recovered: {reply}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(reply["status"], "interrupted", "{reply}");
-    let saved = reply["content"].as_str().unwrap();
-    assert!(!saved.is_empty(), "the text saved so far is kept");
-    assert!(
-        streamed.starts_with(saved) || saved.starts_with(&streamed),
-        "saved {saved:?} vs streamed {streamed:?}"
-    );
-
-    // A restart (same id) while the other replica generates: the live reply is left alone.
-    let (chat, mut ws, _) = reply_under_way(&b.base, key, 5).await;
-    let chat_id = chat["id"].as_str().unwrap();
-    let a = serve_with(&url, key, dir_a.path(), &refs(&env_a)).await;
-    // Started, and interrupted only its own: the other's reply is still live (alone on the
-    // database, a start marks every `streaming` row interrupted).
-    assert_eq!(
-        stored_reply(&a.base, key, chat_id).await["status"],
-        "streaming"
-    );
-    let ended = loop {
-        let frame = tokio::time::timeout(Duration::from_secs(30), ws.next())
-            .await
-            .expect("the reply goes on")
-            .expect("open")
-            .unwrap();
-        if let Message::Text(t) = frame {
-            let e: Value = serde_json::from_str(&t).unwrap();
-            if e["event_type"] == "message_stream_ended" {
-                break e;
-            }
-        }
-    };
-    assert!(
-        ["stop", "length"].contains(&ended["finish_reason"].as_str().unwrap()),
-        "{ended}"
-    );
-    assert_eq!(
-        stored_reply(&a.base, key, chat_id).await["status"],
-        "complete"
-    );
-    stop(a.child).await;
-    stop(b.child).await;
-}
-
-/// Cluster mode: a tenant's REST rate holds across the replicas together. 100 requests a
-/// minute, spread over three replicas: all 100 pass, with the remaining count going down from
-/// replica to replica, and the 101st is refused whichever replica gets it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_rest_rate_is_counted_across_replicas() {
-    let (_store, url, _guard) = fresh_store(Backend::Postgres).await;
-    let key = "ci-known-key-cluster-0123456789";
-    let redis = redis_url();
-    let prefix = format!("confab-test-{}", uuid::Uuid::new_v4().simple());
-    let env = [
-        ("CONFAB_REDIS_URL", redis.as_str()),
-        ("CONFAB_REDIS_PREFIX", prefix.as_str()),
-        ("CONFAB_REQUESTS_PER_MINUTE", "100"),
-    ];
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let replicas =
-        futures_util::future::join_all(dirs.iter().map(|d| serve_with(&url, key, d.path(), &env)))
-            .await;
-    let http = reqwest::Client::new();
-    let get = |i: usize| {
-        http.get(format!("{}/api/v1/chats/user/u", replicas[i % 3].base))
-            .header("X-API-Key", key)
-            .send()
-    };
-    for i in 0..100 {
-        let r = get(i).await.unwrap();
-        assert_eq!(r.status().as_u16(), 200, "request {i}");
-        assert_eq!(
-            r.headers()["x-ratelimit-remaining"].to_str().unwrap(),
-            (99 - i).to_string(),
-            "request {i}"
-        );
-    }
-    for i in 0..3 {
-        let r = get(i).await.unwrap();
-        assert_eq!(r.status().as_u16(), 429, "replica {i}");
-        assert!(r.headers().contains_key("retry-after"));
-    }
-    for r in replicas {
-        stop(r.child).await;
-    }
-}
-
-/// A replica whose Redis cannot be reached serves alone, and `/readyz` says so (200,
-/// `degraded`, with the reason).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_redis_a_replica_serves_alone_and_says_degraded() {
-    let (_store, url, _guard) = fresh_store(Backend::Postgres).await;
-    let key = "ci-known-key-cluster-0123456789";
-    let dir = tempfile::tempdir().unwrap();
-    // Nothing listens on port 1.
-    let env = [("CONFAB_REDIS_URL", "redis://127.0.0.1:1")];
-    let s = serve_with(&url, key, dir.path(), &env).await;
-    let r = reqwest::get(format!("{}/readyz", s.base)).await.unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let ready: Value = r.json().await.unwrap();
-    assert_eq!(ready["status"], "degraded", "{ready}");
-    assert_eq!(ready["cluster"], "degraded", "{ready}");
-    assert!(
-        ready["cluster_detail"]
-            .as_str()
-            .is_some_and(|d| !d.is_empty()),
-        "{ready}"
-    );
-    let (_chat, _ws, streamed) = reply_under_way(&s.base, key, 3).await;
-    assert!(!streamed.is_empty());
-    stop(s.child).await;
-}
-
-/// Cluster mode needs PostgreSQL: with SQLite the server refuses to start and says why.
-#[test]
-fn cluster_mode_on_sqlite_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--redis-url",
-            "redis://127.0.0.1:6379",
-        ])
-        .env("CONFAB_DATA_DIR", dir.path())
-        .env_remove("DATABASE_URL")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("needs PostgreSQL"), "{err}");
 }
 
 /// Resident memory of a process, in KiB.

@@ -6,6 +6,7 @@ mod common;
 mod auth;
 mod binary;
 mod chats;
+mod cluster;
 mod engine;
 mod errors;
 mod faults;

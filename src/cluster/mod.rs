@@ -18,14 +18,20 @@
 //! The per-tenant REST rate is counted cluster-wide, in a window kept in Redis
 //! ([`Cluster::count_request`]); without Redis each replica counts alone.
 //!
+//! Rooms across replicas (a chat's events to its sockets wherever they are, one reply per
+//! chat, cancel and delete from anywhere) travel over Redis publish/subscribe: see
+//! `crate::chat::relay`. This module holds the connections they use.
+//!
 //! What stays per replica: the engine's batch and the fairness among the replies one replica
-//! runs; rooms, the connection cap and the queue bounds across replicas come next (issue 17).
+//! runs; the connection cap and the queue bounds across replicas come next (issue 17).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::AsyncCommands;
+use redis::{AsyncCommands, PushInfo, RedisResult};
+use tokio::sync::mpsc;
 
 use crate::store::Store;
 
@@ -54,6 +60,14 @@ pub enum ClusterHealth {
 struct Inner {
     settings: ClusterSettings,
     redis: ConnectionManager,
+    /// A second connection (RESP3) that only subscribes: its messages arrive on `pushes`,
+    /// and it subscribes again by itself after a reconnect.
+    subscriber: ConnectionManager,
+    pushes: Mutex<Option<mpsc::UnboundedReceiver<PushInfo>>>,
+    /// Channels subscribed, with how many holders each: Redis does not count, so the last
+    /// holder's leaving is what unsubscribes. Held across the command, which keeps every
+    /// subscribe and unsubscribe of a channel in order.
+    channels: tokio::sync::Mutex<HashMap<String, usize>>,
     health: Mutex<ClusterHealth>,
 }
 
@@ -68,19 +82,41 @@ impl Cluster {
     /// Connects to Redis (lazily: a Redis that is down at start-up leaves the replica
     /// `degraded`, not stopped) and takes the lease.
     pub async fn join(settings: ClusterSettings) -> Result<Cluster, String> {
-        let client = redis::Client::open(settings.redis_url.as_str())
-            .map_err(|e| format!("--redis-url: {e}"))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        let redis = client
-            .get_connection_manager_lazy(config)
-            .map_err(|e| format!("--redis-url: {e}"))?;
+        let bad_url = |e: redis::RedisError| format!("--redis-url: {e}");
+        let info = redis::IntoConnectionInfo::into_connection_info(settings.redis_url.as_str())
+            .map_err(bad_url)?;
+        let config = || {
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(REDIS_TIMEOUT))
+                .set_response_timeout(Some(REDIS_TIMEOUT))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_secs(2))
+        };
+        let redis = redis::Client::open(info.clone())
+            .and_then(|c| c.get_connection_manager_lazy(config()))
+            .map_err(bad_url)?;
+        // Pushes (subscribed messages) need RESP3 (Redis 6 or later).
+        let resp3 = info.clone().set_redis_settings(
+            info.redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP3),
+        );
+        let (push_tx, pushes) = mpsc::unbounded_channel();
+        let subscriber = redis::Client::open(resp3)
+            .and_then(|c| {
+                c.get_connection_manager_lazy(
+                    config()
+                        .set_push_sender(push_tx)
+                        .set_automatic_resubscription(),
+                )
+            })
+            .map_err(bad_url)?;
         let cluster = Cluster(Arc::new(Inner {
             settings,
             redis,
+            subscriber,
+            pushes: Mutex::new(Some(pushes)),
+            channels: tokio::sync::Mutex::new(HashMap::new()),
             health: Mutex::new(ClusterHealth::Degraded(
                 "not yet in touch with Redis".into(),
             )),
@@ -94,6 +130,12 @@ impl Cluster {
 
     pub fn replica_id(&self) -> &str {
         &self.0.settings.replica_id
+    }
+
+    /// How long a replica not heard from stays alive (also the life of a reply lock not
+    /// renewed).
+    pub fn lease(&self) -> Duration {
+        self.0.settings.lease
     }
 
     pub fn health(&self) -> ClusterHealth {
@@ -116,13 +158,63 @@ impl Cluster {
     }
 
     fn lease_key(&self, replica: &str) -> String {
-        format!("{}:replica:{replica}", self.0.settings.key_prefix)
+        self.key(&format!("replica:{replica}"))
+    }
+
+    /// A Redis key (or channel) of this cluster: `{prefix}:{name}`.
+    pub(crate) fn key(&self, name: &str) -> String {
+        format!("{}:{name}", self.0.settings.key_prefix)
+    }
+
+    /// The connection for commands (cheap to clone; calls go through [`Cluster::call`]).
+    pub(crate) fn redis(&self) -> ConnectionManager {
+        self.0.redis.clone()
+    }
+
+    /// The messages of the subscribed channels (and the library's connection notices);
+    /// taken once, by the one reader.
+    pub(crate) fn take_pushes(&self) -> Option<mpsc::UnboundedReceiver<PushInfo>> {
+        self.0
+            .pushes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Subscribes to `channel` for one more holder; `false` when Redis did not confirm it
+    /// (a reconnect subscribes again, so a holder may still get its messages later).
+    pub(crate) async fn subscribe(&self, channel: &str) -> bool {
+        let mut channels = self.0.channels.lock().await;
+        let holders = channels.entry(channel.to_string()).or_insert(0);
+        *holders += 1;
+        if *holders > 1 {
+            return true;
+        }
+        let mut sub = self.0.subscriber.clone();
+        self.call(async move { sub.subscribe(channel).await })
+            .await
+            .is_some()
+    }
+
+    /// One holder of `channel` leaves; the last one unsubscribes.
+    pub(crate) async fn unsubscribe(&self, channel: &str) {
+        let mut channels = self.0.channels.lock().await;
+        match channels.get_mut(channel) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                channels.remove(channel);
+                let mut sub = self.0.subscriber.clone();
+                self.call(async move { sub.unsubscribe(channel).await })
+                    .await;
+            }
+            None => {}
+        }
     }
 
     /// Runs a Redis call with the timeout, recording whether Redis answered.
-    async fn call<T>(
+    pub(crate) async fn call<T>(
         &self,
-        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+        f: impl std::future::Future<Output = RedisResult<T>>,
     ) -> Option<T> {
         let outcome = match tokio::time::timeout(REDIS_TIMEOUT, f).await {
             Ok(Ok(v)) => Ok(v),

@@ -1,0 +1,617 @@
+//! Cluster mode (`--redis-url`): several `confab serve` replicas on one PostgreSQL database
+//! and one Redis, as operators run them. Real processes, real Redis, loopback only.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use std::process::{Command, Stdio};
+
+use crate::binary::{
+    reply_under_way, serve, serve_with, socket_with_message, stop, stored_reply, wait_ready,
+    Served, Socket, BIN,
+};
+use crate::common::{fresh_store, Backend, ScratchGuard};
+
+/// Ten replicas started at once on one empty PostgreSQL database: each migrates under the
+/// advisory lock (one applies the migrations, the others find them applied), every one
+/// serves, and there is one `default` tenant, whose key works on all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_replicas_start_together_on_one_database() {
+    let (url, _guard) = crate::common::empty_postgres().await;
+    let key = "ci-known-key-replicas-0123456789";
+    // A directory each: `serve` writes the tiny model file into it.
+    let dirs: Vec<_> = (0..10).map(|_| tempfile::tempdir().unwrap()).collect();
+    let replicas =
+        futures_util::future::join_all(dirs.iter().map(|d| serve(&url, key, d.path()))).await;
+    let http = reqwest::Client::new();
+    for r in &replicas {
+        wait_ready(&r.base).await;
+        let resp = http
+            .get(format!("{}/api/v1/chats/user/u", r.base))
+            .header("X-API-Key", key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{}", r.base);
+    }
+    let store = confab::store::Store::connect(&url, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(store.tenant_count().await.unwrap(), 1);
+    for r in replicas {
+        stop(r.child).await;
+    }
+}
+
+/// The Redis the cluster tests use (`CONFAB_TEST_REDIS_URL`, default the local one).
+fn redis_url() -> String {
+    std::env::var("CONFAB_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Cluster mode, two replicas on one PostgreSQL database and one Redis. The replica
+/// generating a reply is killed (-9): once its one-second lease has expired the other marks
+/// the reply `interrupted`, with the text saved so far. The killed replica comes back (same
+/// id) while the other generates: it leaves that live reply alone, which finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_replies_are_recovered_and_a_restart_touches_only_its_own() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (_store, url, _guard) = fresh_store(Backend::Postgres).await;
+    let key = "ci-known-key-cluster-0123456789";
+    let redis = redis_url();
+    let prefix = format!("confab-test-{}", uuid::Uuid::new_v4().simple());
+    let env = |id: &str| -> Vec<(&'static str, String)> {
+        vec![
+            ("CONFAB_REDIS_URL", redis.clone()),
+            ("CONFAB_REDIS_PREFIX", prefix.clone()),
+            ("CONFAB_REPLICA_ID", id.to_string()),
+            ("CONFAB_REPLICA_LEASE_SECS", "1".into()),
+            ("CONFAB_DEBUG_TOKEN_INTERVAL_MS", "30".into()),
+            ("CONFAB_SAVE_INTERVAL_MS", "50".into()),
+        ]
+    };
+    fn refs<'a>(e: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+        e.iter().map(|(k, v)| (*k, v.as_str())).collect()
+    }
+    let (env_a, env_b) = (env("replica-a"), env("replica-b"));
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = serve_with(&url, key, dir_a.path(), &refs(&env_a)).await;
+    let b = serve_with(&url, key, dir_b.path(), &refs(&env_b)).await;
+    for base in [&a.base, &b.base] {
+        let ready: Value = reqwest::get(format!("{base}/readyz"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            (ready["status"].as_str(), ready["cluster"].as_str()),
+            (Some("ready"), Some("ok")),
+            "{ready}"
+        );
+    }
+
+    // Killed mid-reply: the survivor recovers the reply within the lease (and its checks).
+    let (chat, ws, streamed) = reply_under_way(&a.base, key, 10).await;
+    let chat_id = chat["id"].as_str().unwrap();
+    let mut a_child = a.child;
+    a_child.kill().unwrap();
+    a_child.wait().unwrap();
+    drop(ws);
+    let killed = std::time::Instant::now();
+    let reply = loop {
+        let reply = stored_reply(&b.base, key, chat_id).await;
+        if reply["status"] != "streaming" {
+            break reply;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "not recovered: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(reply["status"], "interrupted", "{reply}");
+    let saved = reply["content"].as_str().unwrap();
+    assert!(!saved.is_empty(), "the text saved so far is kept");
+    assert!(
+        streamed.starts_with(saved) || saved.starts_with(&streamed),
+        "saved {saved:?} vs streamed {streamed:?}"
+    );
+
+    // A restart (same id) while the other replica generates: the live reply is left alone.
+    let (chat, mut ws, _) = reply_under_way(&b.base, key, 5).await;
+    let chat_id = chat["id"].as_str().unwrap();
+    let a = serve_with(&url, key, dir_a.path(), &refs(&env_a)).await;
+    // Started, and interrupted only its own: the other's reply is still live (alone on the
+    // database, a start marks every `streaming` row interrupted).
+    assert_eq!(
+        stored_reply(&a.base, key, chat_id).await["status"],
+        "streaming"
+    );
+    let ended = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("the reply goes on")
+            .expect("open")
+            .unwrap();
+        if let Message::Text(t) = frame {
+            let e: Value = serde_json::from_str(&t).unwrap();
+            if e["event_type"] == "message_stream_ended" {
+                break e;
+            }
+        }
+    };
+    assert!(
+        ["stop", "length"].contains(&ended["finish_reason"].as_str().unwrap()),
+        "{ended}"
+    );
+    assert_eq!(
+        stored_reply(&a.base, key, chat_id).await["status"],
+        "complete"
+    );
+    stop(a.child).await;
+    stop(b.child).await;
+}
+
+/// Cluster mode: a tenant's REST rate holds across the replicas together. 100 requests a
+/// minute, spread over three replicas: all 100 pass, with the remaining count going down from
+/// replica to replica, and the 101st is refused whichever replica gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_rate_is_counted_across_replicas() {
+    let (_store, url, _guard) = fresh_store(Backend::Postgres).await;
+    let key = "ci-known-key-cluster-0123456789";
+    let redis = redis_url();
+    let prefix = format!("confab-test-{}", uuid::Uuid::new_v4().simple());
+    let env = [
+        ("CONFAB_REDIS_URL", redis.as_str()),
+        ("CONFAB_REDIS_PREFIX", prefix.as_str()),
+        ("CONFAB_REQUESTS_PER_MINUTE", "100"),
+    ];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let replicas =
+        futures_util::future::join_all(dirs.iter().map(|d| serve_with(&url, key, d.path(), &env)))
+            .await;
+    let http = reqwest::Client::new();
+    let get = |i: usize| {
+        http.get(format!("{}/api/v1/chats/user/u", replicas[i % 3].base))
+            .header("X-API-Key", key)
+            .send()
+    };
+    for i in 0..100 {
+        let r = get(i).await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "request {i}");
+        assert_eq!(
+            r.headers()["x-ratelimit-remaining"].to_str().unwrap(),
+            (99 - i).to_string(),
+            "request {i}"
+        );
+    }
+    for i in 0..3 {
+        let r = get(i).await.unwrap();
+        assert_eq!(r.status().as_u16(), 429, "replica {i}");
+        assert!(r.headers().contains_key("retry-after"));
+    }
+    for r in replicas {
+        stop(r.child).await;
+    }
+}
+
+/// A replica whose Redis cannot be reached serves alone, and `/readyz` says so (200,
+/// `degraded`, with the reason).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_a_replica_serves_alone_and_says_degraded() {
+    let (_store, url, _guard) = fresh_store(Backend::Postgres).await;
+    let key = "ci-known-key-cluster-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1.
+    let env = [("CONFAB_REDIS_URL", "redis://127.0.0.1:1")];
+    let s = serve_with(&url, key, dir.path(), &env).await;
+    let r = reqwest::get(format!("{}/readyz", s.base)).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let ready: Value = r.json().await.unwrap();
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    assert_eq!(ready["cluster"], "degraded", "{ready}");
+    assert!(
+        ready["cluster_detail"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty()),
+        "{ready}"
+    );
+    let (_chat, _ws, streamed) = reply_under_way(&s.base, key, 3).await;
+    assert!(!streamed.is_empty());
+    stop(s.child).await;
+}
+
+/// Cluster mode needs PostgreSQL: with SQLite the server refuses to start and says why.
+#[test]
+fn cluster_mode_on_sqlite_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+        ])
+        .env("CONFAB_DATA_DIR", dir.path())
+        .env_remove("DATABASE_URL")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs PostgreSQL"), "{err}");
+}
+
+const KEY: &str = "ci-known-key-cluster-0123456789";
+
+/// `n` replicas on a fresh PostgreSQL database and the test Redis (a key prefix of their
+/// own), with one-second leases and a token every 30 ms.
+struct Replicas {
+    replicas: Vec<Served>,
+    _dirs: Vec<tempfile::TempDir>,
+    _db: ScratchGuard,
+}
+
+impl Replicas {
+    async fn start(n: usize) -> Replicas {
+        let (_store, url, db) = fresh_store(Backend::Postgres).await;
+        let redis = redis_url();
+        let prefix = format!("confab-test-{}", uuid::Uuid::new_v4().simple());
+        let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut replicas = Vec::new();
+        for (i, dir) in dirs.iter().enumerate() {
+            let id = format!("replica-{i}");
+            let env = [
+                ("CONFAB_REDIS_URL", redis.as_str()),
+                ("CONFAB_REDIS_PREFIX", prefix.as_str()),
+                ("CONFAB_REPLICA_ID", id.as_str()),
+                ("CONFAB_REPLICA_LEASE_SECS", "1"),
+                ("CONFAB_DEBUG_TOKEN_INTERVAL_MS", "30"),
+                ("CONFAB_SAVE_INTERVAL_MS", "50"),
+            ];
+            replicas.push(serve_with(&url, KEY, dir.path(), &env).await);
+        }
+        Replicas {
+            replicas,
+            _dirs: dirs,
+            _db: db,
+        }
+    }
+
+    fn base(&self, i: usize) -> &str {
+        &self.replicas[i].base
+    }
+
+    async fn stop(self) {
+        for r in self.replicas {
+            stop(r.child).await;
+        }
+    }
+}
+
+/// Creates a chat of user `u` on `base`.
+async fn new_chat(base: &str, max_tokens: u32) -> String {
+    let chat: Value = reqwest::Client::new()
+        .post(format!("{base}/api/v1/chats/"))
+        .header("X-API-Key", KEY)
+        .json(&json!({"user_id": "u", "config": {"temperature": 0, "max_tokens": max_tokens}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    chat["id"].as_str().unwrap().to_string()
+}
+
+/// A socket on user `u`'s chat, past its `connection_established`.
+async fn open_socket(base: &str, chat_id: &str) -> Socket {
+    let url = format!(
+        "{}/ws/chat?api_key={KEY}&user_id=u&chat_id={chat_id}",
+        base.replacen("http", "ws", 1)
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let hello = next_event(&mut ws).await;
+    assert_eq!(hello["event_type"], "connection_established", "{hello}");
+    ws
+}
+
+/// The next event (JSON text frame) within 20 s; `{"closed": code}` when the socket closes.
+async fn next_event(ws: &mut Socket) -> Value {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("an event within 20 s");
+        match frame {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+            Some(Ok(Message::Close(c))) => {
+                return json!({"closed": c.map(|c| u16::from(c.code))});
+            }
+            Some(Ok(_)) => continue,
+            None | Some(Err(_)) => return json!({"closed": null}),
+        }
+    }
+}
+
+/// Events up to and including the one of `event_type`.
+async fn events_until(ws: &mut Socket, event_type: &str) -> Vec<Value> {
+    let mut events = Vec::new();
+    for _ in 0..10_000 {
+        let e = next_event(ws).await;
+        assert!(
+            e.get("closed").is_none(),
+            "closed early: {e} after {events:?}"
+        );
+        let done = e["event_type"] == event_type;
+        events.push(e);
+        if done {
+            return events;
+        }
+    }
+    panic!("no {event_type}");
+}
+
+/// The `(index, token)` pairs of the token events.
+fn tokens(events: &[Value]) -> Vec<(u64, String)> {
+    events
+        .iter()
+        .filter(|e| e["event_type"] == "message_stream_token")
+        .map(|e| {
+            (
+                e["index"].as_u64().unwrap(),
+                e["token"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Three replicas, one chat: the reply generated on the first streams to a socket on the
+/// second with the same tokens in the same order, and a socket joining on the third
+/// mid-reply is caught up (the text so far in one token event) and then follows live; the
+/// fan-out latency is measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_streams_to_sockets_on_every_replica_in_order() {
+    let c = Replicas::start(3).await;
+    let chat = new_chat(c.base(0), 40).await;
+    let mut watcher = open_socket(c.base(1), &chat).await;
+    let mut sender = socket_with_message(c.base(0), KEY, &chat, "Hi").await;
+    let mut seen_by_sender = Vec::new();
+    // Five tokens in, a socket joins on the third replica (which has no room for the chat).
+    while tokens(&seen_by_sender).len() < 5 {
+        seen_by_sender.push(next_event(&mut sender).await);
+    }
+    let mut late = open_socket(c.base(2), &chat).await;
+    seen_by_sender.extend(events_until(&mut sender, "message_stream_ended").await);
+    let seen_by_watcher = events_until(&mut watcher, "message_stream_ended").await;
+    let seen_late = events_until(&mut late, "message_stream_ended").await;
+
+    let kinds = |events: &[Value]| -> Vec<String> {
+        events
+            .iter()
+            .map(|e| e["event_type"].as_str().unwrap().to_string())
+            .filter(|k| {
+                ![
+                    "connection_established",
+                    "message_stream_token",
+                    "message_queued",
+                ]
+                .contains(&k.as_str())
+            })
+            .collect()
+    };
+    assert_eq!(
+        kinds(&seen_by_watcher),
+        [
+            "message_received",
+            "message_stream_started",
+            "message_stream_ended"
+        ]
+    );
+    assert_eq!(kinds(&seen_by_sender), kinds(&seen_by_watcher));
+    assert_eq!(tokens(&seen_by_sender), tokens(&seen_by_watcher));
+    assert!(tokens(&seen_by_sender).len() > 5);
+    let ended = seen_by_sender.last().unwrap();
+    assert_eq!(seen_by_watcher.last().unwrap()["content"], ended["content"]);
+    assert_eq!(seen_late.last().unwrap()["content"], ended["content"]);
+    for (i, (index, _)) in tokens(&seen_by_watcher).iter().enumerate() {
+        assert_eq!(*index, i as u64, "in order, none missing");
+    }
+
+    // The late socket: started, the text so far as one token, then the live ones.
+    assert_eq!(
+        seen_late[0]["event_type"], "message_stream_started",
+        "{seen_late:?}"
+    );
+    let late_tokens = tokens(&seen_late);
+    let (first_index, _) = late_tokens[0];
+    assert!(first_index >= 4, "caught up at once: {late_tokens:?}");
+    let text: String = late_tokens.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(text, ended["content"].as_str().unwrap());
+    for pair in late_tokens.windows(2) {
+        assert_eq!(pair[1].0, pair[0].0 + 1, "{late_tokens:?}");
+    }
+    assert_eq!(
+        stored_reply(c.base(2), KEY, &chat).await["content"],
+        ended["content"]
+    );
+
+    // The fan-out latency, measured on the replicas that relayed.
+    let metrics = reqwest::get(format!("{}/metrics", c.base(1)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("confab_cluster_fanout_seconds_count "))
+        .expect("the fan-out histogram")
+        .parse()
+        .unwrap();
+    assert_eq!(count as usize, tokens(&seen_by_watcher).len());
+    c.stop().await;
+}
+
+/// A reply generated on one replica is cancelled from a socket on another; two replicas
+/// racing to answer one chat start exactly one reply (the other socket is told
+/// `generation_in_progress`), round after round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_from_any_replica_and_one_reply_per_chat_cluster_wide() {
+    let c = Replicas::start(2).await;
+    let (chat, mut a, _) = reply_under_way(c.base(0), KEY, 3).await;
+    let chat = chat["id"].as_str().unwrap().to_string();
+    let mut b = open_socket(c.base(1), &chat).await;
+    let caught_up = next_event(&mut b).await;
+    assert_eq!(
+        caught_up["event_type"], "message_stream_started",
+        "{caught_up}"
+    );
+
+    // A message on the other replica while the reply runs: refused, not saved.
+    b.send(Message::text(json!({"content": "me too"}).to_string()))
+        .await
+        .unwrap();
+    let refused = loop {
+        let e = next_event(&mut b).await;
+        if e["event_type"] == "error" {
+            break e;
+        }
+    };
+    assert_eq!(refused["code"], "generation_in_progress", "{refused}");
+
+    b.send(Message::text(json!({"type": "cancel"}).to_string()))
+        .await
+        .unwrap();
+    for ws in [&mut a, &mut b] {
+        let ended = events_until(ws, "message_stream_ended").await;
+        assert_eq!(ended.last().unwrap()["finish_reason"], "cancelled");
+    }
+    assert_eq!(
+        stored_reply(c.base(1), KEY, &chat).await["status"],
+        "cancelled"
+    );
+
+    // Both replicas at once, three rounds: one reply each round.
+    let rounds = 3;
+    for round in 0..rounds {
+        let text = json!({"content": format!("round {round}")}).to_string();
+        let (ra, rb) = tokio::join!(
+            a.send(Message::text(text.clone())),
+            b.send(Message::text(text.clone()))
+        );
+        ra.unwrap();
+        rb.unwrap();
+        // Each socket sees the one reply start; exactly one was refused.
+        let mut refusals = 0;
+        for ws in [&mut a, &mut b] {
+            let events = events_until(ws, "message_stream_started").await;
+            refusals += events
+                .iter()
+                .filter(|e| e["code"] == "generation_in_progress")
+                .count();
+            // A refusal may also come after the start.
+        }
+        b.send(Message::text(json!({"type": "cancel"}).to_string()))
+            .await
+            .unwrap();
+        for ws in [&mut a, &mut b] {
+            let events = events_until(ws, "message_stream_ended").await;
+            refusals += events
+                .iter()
+                .filter(|e| e["code"] == "generation_in_progress")
+                .count();
+        }
+        assert_eq!(refusals, 1, "round {round}");
+    }
+    let page: Value = reqwest::Client::new()
+        .get(format!(
+            "{}/api/v1/chats/{chat}/messages?limit=100",
+            c.base(0)
+        ))
+        .header("X-API-Key", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let roles: Vec<&str> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    let expected: Vec<&str> = ["user", "assistant"].repeat(1 + rounds);
+    assert_eq!(roles, expected);
+    c.stop().await;
+}
+
+/// Deleting a chat on one replica closes its sockets on every replica with 4404, and stops
+/// its reply wherever it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_chat_closes_its_sockets_on_every_replica() {
+    let c = Replicas::start(3).await;
+    let (chat, mut generating, _) = reply_under_way(c.base(1), KEY, 3).await;
+    let chat = chat["id"].as_str().unwrap().to_string();
+    let mut watcher = open_socket(c.base(2), &chat).await;
+    let r = reqwest::Client::new()
+        .delete(format!("{}/api/v1/chats/{chat}", c.base(0)))
+        .header("X-API-Key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    for ws in [&mut generating, &mut watcher] {
+        let closed = loop {
+            let e = next_event(ws).await;
+            if e.get("closed").is_some() {
+                break e;
+            }
+            assert_ne!(e["event_type"], "message_stream_ended", "{e}");
+        };
+        assert_eq!(closed["closed"], 4404, "{closed}");
+    }
+    c.stop().await;
+}
+
+/// The replica generating a reply is killed (-9): a socket watching on another replica
+/// gets the end of the stream (`interrupted`, the text saved so far) once the lease has
+/// expired, and the chat takes a new reply there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_reply_ends_on_sockets_elsewhere() {
+    let mut c = Replicas::start(2).await;
+    let (chat, generating, _) = reply_under_way(c.base(0), KEY, 3).await;
+    let chat = chat["id"].as_str().unwrap().to_string();
+    let mut watcher = open_socket(c.base(1), &chat).await;
+    events_until(&mut watcher, "message_stream_token").await;
+    let killed = std::time::Instant::now();
+    c.replicas[0].child.kill().unwrap();
+    c.replicas[0].child.wait().unwrap();
+    drop(generating);
+    let ended = events_until(&mut watcher, "message_stream_ended").await;
+    let ended = ended.last().unwrap();
+    assert_eq!(ended["finish_reason"], "interrupted", "{ended}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        killed.elapsed()
+    );
+    let stored = stored_reply(c.base(1), KEY, &chat).await;
+    assert_eq!(stored["status"], "interrupted");
+    assert_eq!(stored["content"], ended["content"]);
+
+    watcher
+        .send(Message::text(json!({"content": "again"}).to_string()))
+        .await
+        .unwrap();
+    let next = next_event(&mut watcher).await;
+    assert_eq!(next["event_type"], "message_received", "{next}");
+    let dead = c.replicas.remove(0);
+    drop(dead);
+    c.stop().await;
+}

@@ -46,7 +46,8 @@ async fn open(state: &AppState, creds: Credentials) -> Result<Session, ApiError>
     let limits = state.quotas.limits(tenant).await;
     let guard = state
         .chat
-        .connect(tenant, limits.max_connections as usize)?;
+        .connect(tenant, limits.max_connections as usize)
+        .await?;
     let scope = state.store.tenant(tenant);
     let chat = scope
         .get_chat(chat_id)

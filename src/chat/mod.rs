@@ -31,7 +31,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{broadcast, oneshot, watch, Notify};
 use uuid::Uuid;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Place};
 use crate::domain::{MessageStatus, NewMessage, Role};
 use crate::engine::{CancelToken, ModelSlot};
 use crate::error::ApiError;
@@ -224,6 +224,7 @@ impl Drop for ConnectionGuard {
                 c.remove(&self.tenant);
             }
         }
+        self.service.report(Place::Connection, &c);
     }
 }
 
@@ -307,10 +308,26 @@ impl ChatService {
         self.0.phase.subscribe()
     }
 
-    /// Counts a new connection of `tenant`, refusing it when the tenant already has `limit`.
-    pub fn connect(&self, tenant: TenantId, limit: usize) -> Result<ConnectionGuard, ChatError> {
+    /// Counts a new connection of `tenant`, refusing it when the tenant already has `limit`
+    /// (in a cluster, on all replicas together).
+    pub async fn connect(
+        &self,
+        tenant: TenantId,
+        limit: usize,
+    ) -> Result<ConnectionGuard, ChatError> {
         if *self.0.phase.borrow() != Phase::Serving {
             return Err(ChatError::ShuttingDown);
+        }
+        if let Some(relay) = &self.0.relay {
+            let mine = lock(&self.0.connections).get(&tenant).copied().unwrap_or(0);
+            let cluster = relay.cluster();
+            if cluster
+                .take_place(Place::Connection, tenant, mine, limit)
+                .await
+                == Some(false)
+            {
+                return Err(ChatError::TooManyConnections { limit });
+            }
         }
         let mut c = lock(&self.0.connections);
         let n = c.entry(tenant).or_insert(0);
@@ -318,10 +335,20 @@ impl ChatService {
             return Err(ChatError::TooManyConnections { limit });
         }
         *n += 1;
+        self.report(Place::Connection, &c);
         Ok(ConnectionGuard {
             service: self.clone(),
             tenant,
         })
+    }
+
+    /// Mirrors this replica's counts of `place` to the cluster (cluster mode).
+    fn report(&self, place: Place, counts: &HashMap<TenantId, usize>) {
+        if let Some(relay) = &self.0.relay {
+            let counts = counts.iter().filter(|(_, n)| **n > 0);
+            let counts = counts.map(|(t, n)| (*t, *n)).collect();
+            relay.cluster().report_places(place, counts);
+        }
     }
 
     /// Joins a chat's room (the caller checked the chat belongs to the tenant and user).
@@ -398,14 +425,37 @@ impl ChatService {
             return Err(ChatError::ModelNotReady);
         }
         {
-            let mut st = room.lock();
+            let st = room.lock();
             if st.deleted {
                 return Err(ChatError::ChatNotFound(room.chat_id));
             }
             if st.reply.is_some() || st.remote.is_some() {
                 return Err(ChatError::GenerationInProgress);
             }
-            self.scheduler().reserve(room.tenant)?;
+        }
+        // In a cluster the tenant's queue holds for all replicas together.
+        if let Some(relay) = &self.0.relay {
+            let (mine, allowed) = self.scheduler().queue_use(room.tenant);
+            let cluster = relay.cluster();
+            if cluster
+                .take_place(Place::Waiting, room.tenant, mine, allowed)
+                .await
+                == Some(false)
+            {
+                return Err(ChatError::QueueFull {
+                    capacity: self.0.settings.queue_per_tenant,
+                });
+            }
+        }
+        {
+            let mut st = room.lock();
+            if st.reply.is_some() || st.remote.is_some() {
+                return Err(ChatError::GenerationInProgress);
+            }
+            let mut sched = self.scheduler();
+            let reserved = sched.reserve(room.tenant);
+            self.report(Place::Waiting, &sched.queued_by_tenant());
+            reserved?;
             st.reply = Some(room::Reply::new());
         }
         // In a cluster the chat may have a reply on another replica this one has not heard
@@ -416,7 +466,7 @@ impl ChatService {
                 if let Claim::Busy(holder) = relay.claim(room.chat_id, id).await {
                     tracing::debug!(chat = %room.chat_id, %holder, "reply refused: one runs elsewhere");
                     room.lock().reply = None;
-                    self.scheduler().unreserve(room.tenant);
+                    self.unreserve(room.tenant);
                     self.forget_room_if_idle(room);
                     return Err(ChatError::GenerationInProgress);
                 }
@@ -440,7 +490,7 @@ impl ChatService {
             Ok(m) => m,
             Err(e) => {
                 room.finish(&mut room.lock(), None);
-                self.scheduler().unreserve(room.tenant);
+                self.unreserve(room.tenant);
                 self.forget_room_if_idle(room);
                 return Err(match e {
                     StoreError::NotFound => ChatError::ChatNotFound(room.chat_id),
@@ -465,6 +515,12 @@ impl ChatService {
         );
         self.pump();
         Ok(())
+    }
+
+    fn unreserve(&self, tenant: TenantId) {
+        let mut sched = self.scheduler();
+        sched.unreserve(tenant);
+        self.report(Place::Waiting, &sched.queued_by_tenant());
     }
 
     /// Counts a finished generation's tokens: metrics, and the tenant's usage for `user_id`
@@ -628,6 +684,7 @@ impl ChatService {
                     .set(*n as i64);
             }
             *reported = now.into_keys().collect();
+            self.report(Place::Waiting, &sched.queued_by_tenant());
         }
         for (tenant, w) in started {
             match w {

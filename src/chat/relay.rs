@@ -231,6 +231,10 @@ impl Relay {
         self.0.cluster.replica_id()
     }
 
+    pub(crate) fn cluster(&self) -> &Cluster {
+        &self.0.cluster
+    }
+
     pub(crate) fn lease(&self) -> Duration {
         self.0.cluster.lease()
     }

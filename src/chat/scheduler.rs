@@ -121,14 +121,33 @@ impl<T> Scheduler<T> {
                 capacity: self.limits.max_waiting_total,
             });
         }
-        let cap = self.limits.max_running_per_tenant;
-        let q = self.tenant(tenant);
-        let startable = free_slots.min(cap.saturating_sub(q.running));
-        if q.waiting.len() + q.reserved >= capacity + startable {
+        let (queued, allowed) = self.queue_use(tenant);
+        if queued >= allowed {
             return Err(Refused::QueueFull { capacity });
         }
-        q.reserved += 1;
+        self.tenant(tenant).reserved += 1;
         Ok(())
+    }
+
+    /// The tenant's waiting and reserved replies, and how many [`Self::reserve`] lets it
+    /// have (its queue plus the slots it could start at once).
+    pub fn queue_use(&self, tenant: TenantId) -> (usize, usize) {
+        let free_slots = self.limits.slots.saturating_sub(self.running);
+        let (queued, running) = self
+            .tenants
+            .get(&tenant)
+            .map_or((0, 0), |q| (q.waiting.len() + q.reserved, q.running));
+        let startable = free_slots.min(self.limits.max_running_per_tenant.saturating_sub(running));
+        (queued, self.limits.queue_per_tenant + startable)
+    }
+
+    /// Waiting and reserved replies by tenant (tenants with none left out).
+    pub fn queued_by_tenant(&self) -> HashMap<TenantId, usize> {
+        self.tenants
+            .iter()
+            .map(|(t, q)| (*t, q.waiting.len() + q.reserved))
+            .filter(|(_, n)| *n > 0)
+            .collect()
     }
 
     pub fn unreserve(&mut self, tenant: TenantId) {

@@ -22,8 +22,15 @@
 //! chat, cancel and delete from anywhere) travel over Redis publish/subscribe: see
 //! `crate::chat::relay`. This module holds the connections they use.
 //!
-//! What stays per replica: the engine's batch and the fairness among the replies one replica
-//! runs; the connection cap and the queue bounds across replicas come next (issue 17).
+//! A tenant's WebSocket connection cap and reply queue bound hold across the replicas too
+//! ([`places`]).
+//!
+//! What stays per replica: the engine's batch, the fairness among the replies one replica
+//! runs, and the server-wide overload bound (`--max-waiting-total`, a bound on one process's
+//! memory).
+
+mod places;
+pub use places::Place;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -68,6 +75,7 @@ struct Inner {
     /// holder's leaving is what unsubscribes. Held across the command, which keeps every
     /// subscribe and unsubscribe of a channel in order.
     channels: tokio::sync::Mutex<HashMap<String, usize>>,
+    reports: places::Reports,
     health: Mutex<ClusterHealth>,
 }
 
@@ -117,11 +125,15 @@ impl Cluster {
             subscriber,
             pushes: Mutex::new(Some(pushes)),
             channels: tokio::sync::Mutex::new(HashMap::new()),
+            reports: places::Reports::new(),
             health: Mutex::new(ClusterHealth::Degraded(
                 "not yet in touch with Redis".into(),
             )),
         }));
         cluster.renew().await;
+        for place in [Place::Connection, Place::Waiting] {
+            tokio::spawn(cluster.clone().write_places(place));
+        }
         if let ClusterHealth::Degraded(why) = cluster.health() {
             tracing::warn!(%why, "Redis is not reachable: serving alone until it is");
         }

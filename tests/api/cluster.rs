@@ -259,6 +259,11 @@ struct Replicas {
 
 impl Replicas {
     async fn start(n: usize) -> Replicas {
+        Replicas::start_with(n, &[]).await
+    }
+
+    /// With `extra` settings (environment variables) on every replica.
+    async fn start_with(n: usize, extra: &[(&str, &str)]) -> Replicas {
         let (_store, url, db) = fresh_store(Backend::Postgres).await;
         let redis = redis_url();
         let prefix = format!("confab-test-{}", uuid::Uuid::new_v4().simple());
@@ -266,7 +271,7 @@ impl Replicas {
         let mut replicas = Vec::new();
         for (i, dir) in dirs.iter().enumerate() {
             let id = format!("replica-{i}");
-            let env = [
+            let mut env = vec![
                 ("CONFAB_REDIS_URL", redis.as_str()),
                 ("CONFAB_REDIS_PREFIX", prefix.as_str()),
                 ("CONFAB_REPLICA_ID", id.as_str()),
@@ -274,6 +279,7 @@ impl Replicas {
                 ("CONFAB_DEBUG_TOKEN_INTERVAL_MS", "30"),
                 ("CONFAB_SAVE_INTERVAL_MS", "50"),
             ];
+            env.extend_from_slice(extra);
             replicas.push(serve_with(&url, KEY, dir.path(), &env).await);
         }
         Replicas {
@@ -311,14 +317,20 @@ async fn new_chat(base: &str, max_tokens: u32) -> String {
 
 /// A socket on user `u`'s chat, past its `connection_established`.
 async fn open_socket(base: &str, chat_id: &str) -> Socket {
+    let (ws, hello) = try_socket(base, chat_id).await;
+    assert_eq!(hello["event_type"], "connection_established", "{hello}");
+    ws
+}
+
+/// A socket on user `u`'s chat and its first event.
+async fn try_socket(base: &str, chat_id: &str) -> (Socket, Value) {
     let url = format!(
         "{}/ws/chat?api_key={KEY}&user_id=u&chat_id={chat_id}",
         base.replacen("http", "ws", 1)
     );
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let hello = next_event(&mut ws).await;
-    assert_eq!(hello["event_type"], "connection_established", "{hello}");
-    ws
+    let first = next_event(&mut ws).await;
+    (ws, first)
 }
 
 /// The next event (JSON text frame) within 20 s; `{"closed": code}` when the socket closes.
@@ -613,5 +625,95 @@ async fn a_killed_replicas_reply_ends_on_sockets_elsewhere() {
     assert_eq!(next["event_type"], "message_received", "{next}");
     let dead = c.replicas.remove(0);
     drop(dead);
+    c.stop().await;
+}
+
+/// A tenant's WebSocket connection cap (4) holds for the three replicas together: four
+/// sockets spread over them, then a fifth is refused on every replica; once one closes, a
+/// socket is accepted again (on another replica).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_holds_across_replicas() {
+    let c = Replicas::start_with(3, &[("CONFAB_MAX_CONNECTIONS_PER_TENANT", "4")]).await;
+    let chat = new_chat(c.base(0), 4).await;
+    let mut open = Vec::new();
+    for i in [0, 1, 2, 0] {
+        open.push(open_socket(c.base(i), &chat).await);
+    }
+    for i in 0..3 {
+        let (_ws, first) = try_socket(c.base(i), &chat).await;
+        assert_eq!(
+            first["code"], "too_many_connections",
+            "replica {i}: {first}"
+        );
+        assert_eq!(first["details"]["limit"], 4, "{first}");
+    }
+    let mut closing = open.remove(1);
+    closing.close(None).await.unwrap();
+    drop(closing);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ws, first) = try_socket(c.base(2), &chat).await;
+        if first["event_type"] == "connection_established" {
+            open.push(ws);
+            break;
+        }
+        assert_eq!(first["code"], "too_many_connections", "{first}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(open);
+    c.stop().await;
+}
+
+/// A tenant's reply queue (2 places) holds for the replicas together. One reply slot per
+/// replica: on the first replica one reply runs and two wait, so the queue is full; the
+/// second replica still starts a reply in its own free slot, but one more there would wait,
+/// and the cluster's queue has no place: `queue_full`, nothing saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reply_queue_holds_across_replicas() {
+    let c = Replicas::start_with(
+        2,
+        &[("CONFAB_MAX_BATCH", "1"), ("CONFAB_QUEUE_PER_TENANT", "2")],
+    )
+    .await;
+    let mut sockets = Vec::new();
+    for (i, replica) in [0, 0, 0, 1].into_iter().enumerate() {
+        let chat = new_chat(c.base(replica), 300).await;
+        let mut ws = socket_with_message(c.base(replica), KEY, &chat, "go").await;
+        let events = events_until(&mut ws, "message_received").await;
+        assert!(
+            events.iter().all(|e| e["event_type"] != "error"),
+            "reply {i}: {events:?}"
+        );
+        sockets.push((chat, ws));
+    }
+    let chat = new_chat(c.base(1), 300).await;
+    let mut ws = socket_with_message(c.base(1), KEY, &chat, "one too many").await;
+    let refused = loop {
+        let e = next_event(&mut ws).await;
+        if e["event_type"] == "error" {
+            break e;
+        }
+    };
+    assert_eq!(refused["code"], "queue_full", "{refused}");
+    let page: Value = reqwest::Client::new()
+        .get(format!("{}/api/v1/chats/{chat}/messages", c.base(0)))
+        .header("X-API-Key", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["messages"], json!([]), "not saved");
+    for (_, ws) in &mut sockets {
+        ws.send(Message::text(json!({"type": "cancel"}).to_string()))
+            .await
+            .unwrap();
+    }
+    drop(sockets);
     c.stop().await;
 }

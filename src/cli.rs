@@ -491,6 +491,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             turns: a.turns.max(1),
             max_tokens: a.max_tokens.max(1),
             reply_timeout: std::time::Duration::from_secs(a.reply_timeout_secs.max(1)),
+            watch_urls: a.watch_urls,
         };
         let report = crate::serve_bench::run(&cfg).await?;
         if a.json {

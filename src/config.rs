@@ -268,6 +268,10 @@ pub struct ServeBenchArgs {
     /// Give up on a reply after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub reply_timeout_secs: u64,
+    /// Also watch every chat from a socket here (repeatable; chats take them in turn): in
+    /// cluster mode another replica's address, to measure the fan-out lag.
+    #[arg(long = "watch-url", value_name = "URL")]
+    pub watch_urls: Vec<String>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

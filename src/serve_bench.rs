@@ -6,7 +6,12 @@
 //! Times are measured at the client, from sending the message to the first token (queue
 //! wait and prompt processing included). Chats are created with greedy decoding and a fixed
 //! `max_tokens`, and deleted at the end.
+//!
+//! With `--watch-url` (cluster mode: another replica's address), every chat also has a
+//! socket there that only watches; the report then gives the fan-out lag, each token's
+//! arrival at the watching socket minus its arrival at the chatting one.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +32,8 @@ pub struct ServeBenchConfig {
     pub max_tokens: u32,
     /// Bound on one reply, from sending to its end.
     pub reply_timeout: Duration,
+    /// Where watching sockets connect (chat `i` on `watch_urls[i % len]`); empty: none.
+    pub watch_urls: Vec<String>,
 }
 
 /// Percentiles of a set of durations, in milliseconds.
@@ -79,6 +86,9 @@ pub struct ServeBenchReport {
     /// rest of the client's figure is saving the message, loading the history, transport.
     pub server_ttft_ms: Option<Percentiles>,
     pub inter_token_ms: Option<Percentiles>,
+    /// With watching sockets: each token's arrival there minus its arrival at the chatting
+    /// socket (negative when the watcher got it first).
+    pub fanout_lag_ms: Option<Percentiles>,
     pub errors: usize,
     /// The first few errors, as the server described them.
     pub error_samples: Vec<String>,
@@ -107,6 +117,10 @@ struct ChatResult {
     /// end, the tokens the server counted but sent no event of their own for (the end token,
     /// tokens merged into one piece of text).
     token_times: Vec<Instant>,
+    /// Arrival of each token event by (message id, index), when a socket watches too.
+    arrivals: HashMap<(String, u64), Instant>,
+    /// The same at the watching socket.
+    watched: HashMap<(String, u64), Instant>,
 }
 
 /// A question for turn `t`; different every turn so the history grows like a real chat's.
@@ -177,7 +191,18 @@ pub async fn run(cfg: &ServeBenchConfig) -> anyhow::Result<ServeBenchReport> {
     let mut by_turn = vec![Vec::new(); cfg.turns];
     let (mut gaps, mut errors, mut tokens, mut replies) = (Vec::new(), Vec::new(), 0, 0);
     let mut server_ttft = Vec::new();
+    let mut lags = Vec::new();
     for r in results {
+        for (key, at) in &r.watched {
+            if let Some(sent) = r.arrivals.get(key) {
+                let lag = if at >= sent {
+                    (*at - *sent).as_secs_f64()
+                } else {
+                    -(*sent - *at).as_secs_f64()
+                };
+                lags.push(lag * 1000.0);
+            }
+        }
         if let Some(e) = r.error {
             errors.push(e);
         }
@@ -211,6 +236,7 @@ pub async fn run(cfg: &ServeBenchConfig) -> anyhow::Result<ServeBenchReport> {
         ttft_ms_by_turn: by_turn.into_iter().map(Percentiles::of).collect(),
         server_ttft_ms: Percentiles::of(server_ttft),
         inter_token_ms: Percentiles::of(gaps),
+        fanout_lag_ms: Percentiles::of(lags),
         errors: errors.len(),
         error_samples: errors.into_iter().take(5).collect(),
     })
@@ -232,6 +258,19 @@ async fn one_chat(
             .map_err(|e| e.to_string()),
         Err(e) => Err(format!("create chat: {e:#}")),
     };
+    let watcher = match (&chat, cfg.watch_urls.len()) {
+        (Ok(chat_id), n) if n > 0 => {
+            let url = cfg.watch_urls[index % n].trim_end_matches('/');
+            match connect(url, cfg, &user, chat_id).await {
+                Ok(w) => Some(tokio::spawn(watch(w, cfg.turns))),
+                Err(e) => {
+                    result.error = Some(format!("watching socket on {url}: {e:#}"));
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     // Every chat, set up or failed, passes the gate once: the first turns start together, so
     // the window with all chats in conversation is not cut short by the slowest set-up (a
     // chat of short replies could otherwise end before the last one connects).
@@ -249,6 +288,9 @@ async fn one_chat(
         Err(e) => result.error = Some(e),
     }
     result.ended = Some(Instant::now());
+    if let Some(w) = watcher {
+        result.watched = w.await.unwrap_or_default();
+    }
     let _ = http
         .delete(format!("{base}/api/v1/chats/{chat_id}"))
         .header("X-API-Key", &cfg.api_key)
@@ -341,6 +383,9 @@ async fn converse(
                 Some("message_stream_token") => {
                     let now = Instant::now();
                     result.token_times.push(now);
+                    if !cfg.watch_urls.is_empty() {
+                        result.arrivals.insert(token_key(&ev), now);
+                    }
                     streamed += 1;
                     match last.replace(now) {
                         None => reply.ttft = Some(now - sent),
@@ -390,6 +435,41 @@ async fn converse(
     Ok(())
 }
 
+/// A token event's (message id, index).
+fn token_key(ev: &Value) -> (String, u64) {
+    (
+        ev["message_id"].as_str().unwrap_or_default().to_string(),
+        ev["index"].as_u64().unwrap_or(0),
+    )
+}
+
+/// Reads a watching socket until `turns` replies have ended there (or it goes quiet for
+/// 10 s): when each token event arrived.
+async fn watch(mut ws: Socket, turns: usize) -> HashMap<(String, u64), Instant> {
+    let mut arrivals = HashMap::new();
+    let mut ended = 0;
+    while ended < turns {
+        let frame = match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => t,
+            Ok(Some(Ok(_))) => continue,
+            _ => break,
+        };
+        let now = Instant::now();
+        let Ok(ev) = serde_json::from_str::<Value>(&frame) else {
+            continue;
+        };
+        match ev["event_type"].as_str() {
+            Some("message_stream_token") => {
+                arrivals.insert(token_key(&ev), now);
+            }
+            Some("message_stream_ended") => ended += 1,
+            _ => {}
+        }
+    }
+    let _ = ws.close(None).await;
+    arrivals
+}
+
 /// The report as a table.
 pub fn print(r: &ServeBenchReport) {
     println!(
@@ -410,6 +490,12 @@ pub fn print(r: &ServeBenchReport) {
         println!(
             "inter-token latency    p50 {:.1} ms  p99 {:.1} ms",
             p.p50, p.p99
+        );
+    }
+    if let Some(p) = &r.fanout_lag_ms {
+        println!(
+            "fan-out lag            p50 {:.2} ms  p99 {:.2} ms  ({} tokens, watching socket vs chatting one)",
+            p.p50, p.p99, p.count
         );
     }
     println!("time to first token by turn (ms):");

@@ -89,7 +89,7 @@ pub fn app(state: AppState) -> impl Endpoint {
         poem::middleware::Cors::new()
             .allow_origins(state.cors_origins.iter().map(String::as_str))
             .allow_methods(["GET", "POST", "PATCH", "DELETE"])
-            .allow_headers(["X-API-Key", "Content-Type", "Authorization"])
+            .allow_headers(["X-API-Key", "Content-Type", "Authorization", "X-Chat-ID"])
             .expose_headers([
                 "X-RateLimit-Limit",
                 "X-RateLimit-Remaining",
@@ -99,6 +99,9 @@ pub fn app(state: AppState) -> impl Endpoint {
                 "Retry-After",
             ])
     });
+    // Which replica answered (cluster mode): for operators checking the load balancer's
+    // routing, and for the routing tests.
+    let replica = state.cluster.as_ref().map(|c| c.replica_id().to_string());
     let around_state = state.clone();
     // The routes outside the OpenAPI document, each with its one method: mounted here and
     // declared to the middleware from the same list (for `Allow` on a 405, and whether a
@@ -161,6 +164,11 @@ pub fn app(state: AppState) -> impl Endpoint {
         }))
         .around(move |ep, req| middleware::around(ep, req, around_state.clone(), params.clone()))
         .with_if(cors.is_some(), cors.unwrap_or_default())
+        .with_if(
+            replica.is_some(),
+            poem::middleware::SetHeader::new()
+                .overriding("X-Confab-Replica", replica.unwrap_or_default()),
+        )
 }
 
 /// `GET /metrics`: Prometheus text format. An operator endpoint (it names tenant ids):

@@ -162,11 +162,27 @@ impl Cluster {
         let mut h = self.0.health.lock().unwrap_or_else(|e| e.into_inner());
         if *h != health {
             match &health {
-                ClusterHealth::Ok => tracing::info!("in touch with Redis"),
+                ClusterHealth::Ok => {
+                    tracing::info!("in touch with Redis");
+                    // Subscriptions asked for while Redis was away never took.
+                    let cluster = self.clone();
+                    tokio::spawn(async move { cluster.resubscribe().await });
+                }
                 ClusterHealth::Degraded(why) => tracing::warn!(%why, "Redis lost: serving alone"),
             }
             *h = health;
         }
+    }
+
+    /// Subscribes again to every channel held (subscribing twice is harmless).
+    async fn resubscribe(&self) {
+        let channels = self.0.channels.lock().await;
+        if channels.is_empty() {
+            return;
+        }
+        let names: Vec<&String> = channels.keys().collect();
+        let mut sub = self.0.subscriber.clone();
+        self.call(async move { sub.subscribe(names).await }).await;
     }
 
     fn lease_key(&self, replica: &str) -> String {

@@ -264,15 +264,19 @@ impl Replicas {
 
     /// With `extra` settings (environment variables) on every replica.
     async fn start_with(n: usize, extra: &[(&str, &str)]) -> Replicas {
+        Replicas::start_on(&redis_url(), n, extra).await
+    }
+
+    /// On the Redis at `redis`.
+    async fn start_on(redis: &str, n: usize, extra: &[(&str, &str)]) -> Replicas {
         let (_store, url, db) = fresh_store(Backend::Postgres).await;
-        let redis = redis_url();
         let prefix = format!("confab-test-{}", uuid::Uuid::new_v4().simple());
         let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
         let mut replicas = Vec::new();
         for (i, dir) in dirs.iter().enumerate() {
             let id = format!("replica-{i}");
             let mut env = vec![
-                ("CONFAB_REDIS_URL", redis.as_str()),
+                ("CONFAB_REDIS_URL", redis),
                 ("CONFAB_REDIS_PREFIX", prefix.as_str()),
                 ("CONFAB_REPLICA_ID", id.as_str()),
                 ("CONFAB_REPLICA_LEASE_SECS", "1"),
@@ -715,5 +719,386 @@ async fn the_reply_queue_holds_across_replicas() {
             .unwrap();
     }
     drop(sockets);
+    c.stop().await;
+}
+
+/// nginx (Debian's package) running `deploy/nginx/confab.conf` in front of `replicas`: only
+/// its `listen` port and its `include` of the replica list are changed. Stopped on drop.
+struct Nginx {
+    child: std::process::Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Nginx {
+    async fn start(replicas: &Replicas) -> Nginx {
+        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("nginx is missing: apt-get install nginx (.ci/run does)");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        // nginx's workers may run as another user: they need to reach their temp paths.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let servers: String = replicas
+            .replicas
+            .iter()
+            .map(|r| format!("server {};\n", r.base.trim_start_matches("http://")))
+            .collect();
+        let deploy = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nginx/confab.conf"),
+        )
+        .unwrap();
+        assert!(
+            deploy.contains("listen 8080;")
+                && deploy.contains("include /etc/confab/replicas.conf;")
+        );
+        let site = deploy
+            .replace("listen 8080;", &format!("listen 127.0.0.1:{port};"))
+            .replace("include /etc/confab/replicas.conf;", &servers);
+        let d = dir.path().display();
+        let temp: String = ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
+            .iter()
+            .map(|t| {
+                let path = dir.path().join(t);
+                std::fs::create_dir(&path).unwrap();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+                format!("{t}_temp_path {};\n", path.display())
+            })
+            .collect();
+        let conf = format!(
+            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 1024; }}\nhttp {{\naccess_log off;\n{temp}{site}\n}}\n"
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+            .spawn()
+            .expect("start nginx");
+        let base = format!("http://127.0.0.1:{port}");
+        let nginx = Nginx {
+            child,
+            base,
+            _dir: dir,
+        };
+        for _ in 0..100 {
+            if reqwest::get(format!("{}/healthz", nginx.base))
+                .await
+                .is_ok()
+            {
+                return nginx;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let log = std::fs::read_to_string(nginx._dir.path().join("stderr.log")).unwrap_or_default();
+        panic!("nginx did not start: {log}");
+    }
+}
+
+/// The replica that answered (`X-Confab-Replica`).
+fn replica_of(headers: &reqwest::header::HeaderMap) -> String {
+    headers["x-confab-replica"].to_str().unwrap().to_string()
+}
+
+/// Three replicas behind `deploy/nginx/confab.conf`: each chat's REST calls (by path or
+/// `X-Chat-ID`) and its WebSocket (by `chat_id`) reach one replica, the chats spread over
+/// the replicas, a reply streams through nginx, and `confab bench serve` runs unchanged
+/// against the front, its watching sockets on the replicas behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_keeps_each_chat_on_one_replica() {
+    let c = Replicas::start(3).await;
+    let front = Nginx::start(&c).await;
+    let http = reqwest::Client::new();
+    let mut homes = std::collections::HashSet::new();
+    for _ in 0..12 {
+        let chat = new_chat(&front.base, 4).await;
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let r = http
+                .get(format!("{}/api/v1/chats/{chat}/messages", front.base))
+                .header("X-API-Key", KEY)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            seen.push(replica_of(r.headers()));
+        }
+        let r = http
+            .get(format!("{}/api/v1/chats/user/u", front.base))
+            .header("X-API-Key", KEY)
+            .header("X-Chat-ID", &chat)
+            .send()
+            .await
+            .unwrap();
+        seen.push(replica_of(r.headers()));
+        let url = format!(
+            "{}/ws/chat?api_key={KEY}&user_id=u&chat_id={chat}",
+            front.base.replacen("http", "ws", 1)
+        );
+        let (_ws, response) = tokio_tungstenite::connect_async(url).await.unwrap();
+        seen.push(
+            response.headers()["x-confab-replica"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+        assert!(seen.iter().all(|r| *r == seen[0]), "{chat}: {seen:?}");
+        homes.insert(seen[0].clone());
+    }
+    assert!(
+        homes.len() >= 2,
+        "chats spread over the replicas: {homes:?}"
+    );
+
+    // A reply through the front.
+    let chat = new_chat(&front.base, 8).await;
+    let mut ws = socket_with_message(&front.base, KEY, &chat, "Hi").await;
+    let events = events_until(&mut ws, "message_stream_ended").await;
+    assert!(!tokens(&events).is_empty());
+
+    // The benchmark, unchanged, with watching sockets on the replicas themselves.
+    let out = Command::new(BIN)
+        .args(["bench", "serve", "--url", &front.base, "--api-key", KEY])
+        .args([
+            "--chats",
+            "3",
+            "--turns",
+            "2",
+            "--max-tokens",
+            "6",
+            "--json",
+        ])
+        .args(["--watch-url", c.base(0), "--watch-url", c.base(1)])
+        .args(["--watch-url", c.base(2)])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["replies"], 6, "{report}");
+    assert!(
+        report["fanout_lag_ms"]["count"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    drop(front);
+    c.stop().await;
+}
+
+/// A Redis of the test's own (Debian's `redis-server`) on a free loopback port, so it can be
+/// stopped and started again without touching the shared one. Stopped on drop.
+struct OwnRedis {
+    child: Option<std::process::Child>,
+    port: u16,
+}
+
+impl OwnRedis {
+    fn start() -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = OwnRedis { child: None, port };
+        r.restart();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts it, empty, on the same port, and waits until it answers.
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is missing: apt-get install redis-server (.ci/run does)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not start on {}", self.port);
+    }
+
+    /// Kills it (-9): everything it held is gone.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn readyz_cluster(base: &str) -> String {
+    let ready: Value = reqwest::get(format!("{base}/readyz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    ready["cluster"].as_str().unwrap_or_default().to_string()
+}
+
+/// One chat's conversation: sends messages one after another until `stop`, waiting for
+/// each reply's end; returns the ids of the user messages the server acknowledged
+/// (`message_received`).
+async fn converse_until(mut ws: Socket, stop: tokio::time::Instant) -> (Socket, Vec<String>) {
+    let mut acknowledged = Vec::new();
+    let mut turn = 0;
+    while tokio::time::Instant::now() < stop {
+        turn += 1;
+        ws.send(Message::text(
+            json!({"content": format!("turn {turn}")}).to_string(),
+        ))
+        .await
+        .unwrap();
+        loop {
+            let e = next_event(&mut ws).await;
+            assert!(e.get("closed").is_none(), "{e}");
+            match e["event_type"].as_str() {
+                Some("message_received") => {
+                    acknowledged.push(e["message_id"].as_str().unwrap().to_string())
+                }
+                Some("message_stream_ended") => break,
+                Some("error") if e["code"] != "generation_failed" => {
+                    // Refused (not saved): try again shortly.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    (ws, acknowledged)
+}
+
+/// Redis killed and started again (empty) while two replicas answer four chats: the
+/// replicas serve alone meanwhile and say `degraded`, come back to `ok` by themselves, no
+/// acknowledged message is lost (each has its reply, finished), and afterwards the chats'
+/// sockets on the other replica follow the replies again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_going_away_and_back_under_load_loses_nothing() {
+    let mut redis = OwnRedis::start();
+    let c = Replicas::start_on(&redis.url(), 2, &[]).await;
+    let mut chats = Vec::new();
+    let mut watchers = Vec::new();
+    let mut talks = Vec::new();
+    let stop = tokio::time::Instant::now() + Duration::from_secs(6);
+    for i in 0..4 {
+        let (home, other) = (i % 2, 1 - i % 2);
+        let chat = new_chat(c.base(home), 6).await;
+        watchers.push(open_socket(c.base(other), &chat).await);
+        let ws = open_socket(c.base(home), &chat).await;
+        talks.push(tokio::spawn(converse_until(ws, stop)));
+        chats.push((chat, home));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.kill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while readyz_cluster(c.base(0)).await != "degraded" {
+        assert!(std::time::Instant::now() < deadline, "never said degraded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.restart();
+    let mut senders = Vec::new();
+    let mut acknowledged = Vec::new();
+    for t in talks {
+        let (ws, acked) = t.await.unwrap();
+        senders.push(ws);
+        acknowledged.push(acked);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    for i in 0..2 {
+        while readyz_cluster(c.base(i)).await != "ok" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replica {i} never rejoined"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // Nothing acknowledged is lost: every user message is stored, and answered.
+    let http = reqwest::Client::new();
+    for ((chat, _), acked) in chats.iter().zip(&acknowledged) {
+        assert!(acked.len() >= 3, "the chat went on: {acked:?}");
+        let page: Value = http
+            .get(format!(
+                "{}/api/v1/chats/{chat}/messages?limit=100",
+                c.base(0)
+            ))
+            .header("X-API-Key", KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let messages = page["messages"].as_array().unwrap();
+        for id in acked {
+            let at = messages
+                .iter()
+                .position(|m| m["id"] == id.as_str())
+                .unwrap_or_else(|| panic!("acknowledged {id} is stored"));
+            let reply = &messages[at + 1];
+            assert_eq!(reply["role"], "assistant", "{reply}");
+            assert_ne!(reply["status"], "streaming", "{reply}");
+        }
+    }
+
+    // The sockets on the other replicas follow the chats again.
+    for (i, (mut ws, mut watcher)) in senders.into_iter().zip(watchers).enumerate() {
+        ws.send(Message::text(json!({"content": "after"}).to_string()))
+            .await
+            .unwrap();
+        let ended = events_until(&mut ws, "message_stream_ended").await;
+        let ended = ended.last().unwrap().clone();
+        let seen = loop {
+            let e = next_event(&mut watcher).await;
+            assert!(e.get("closed").is_none(), "chat {i}: {e}");
+            if e["event_type"] == "message_stream_ended" && e["message_id"] == ended["message_id"] {
+                break e;
+            }
+        };
+        assert_eq!(seen["content"], ended["content"], "chat {i}");
+    }
     c.stop().await;
 }

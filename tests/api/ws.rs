@@ -1191,6 +1191,7 @@ async fn bench_serve_measures_every_turn() {
         turns: 3,
         max_tokens: 6,
         reply_timeout: Duration::from_secs(30),
+        watch_urls: Vec::new(),
     };
     let r = confab::serve_bench::run(&cfg).await.expect("bench runs");
     assert_eq!(r.errors, 0, "{:?}", r.error_samples);

@@ -505,7 +505,7 @@ pub struct ChatArgs {
     /// Seconds of silence before the server pings a socket; three times that and it is dropped.
     #[arg(long, env = "CONFAB_WS_PING_SECS", default_value_t = 30)]
     pub ws_ping_secs: u64,
-    /// On shutdown, seconds running replies get to finish.
+    /// On shutdown, seconds the accepted replies (running or queued) get to finish.
     #[arg(long, env = "CONFAB_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
 }

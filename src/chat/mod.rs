@@ -61,7 +61,7 @@ pub struct ChatSettings {
     pub history_messages: u64,
     /// `max_tokens` of chats that set none.
     pub default_max_tokens: u32,
-    /// On shutdown, how long running replies may take to finish.
+    /// On shutdown, how long the accepted replies (running or queued) may take to finish.
     pub shutdown_grace: Duration,
     /// Events buffered per socket before a slow one is dropped.
     pub socket_buffer: usize,
@@ -174,7 +174,7 @@ impl Waiting {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Serving,
-    /// No new messages; running replies get their grace period.
+    /// No new messages; accepted replies (running or queued) get their grace period.
     Draining,
     /// Sockets are told to close.
     Closed,
@@ -650,7 +650,9 @@ impl ChatService {
     /// Frees the slot of a reply of `finished` (if any) and refills it in one step, so no
     /// one sees a free slot that a waiting reply is about to take.
     fn finish_and_pump(&self, finished: Option<TenantId>) {
-        let serving = *self.0.phase.borrow() == Phase::Serving;
+        // While draining, the replies already accepted still start (a stopping replica of a
+        // rolling update answers what it took); once closed, nothing does.
+        let starting = *self.0.phase.borrow() != Phase::Closed;
         let mut started = Vec::new();
         let mut moved = Vec::new();
         {
@@ -658,7 +660,7 @@ impl ChatService {
             if let Some(t) = finished {
                 sched.finish(t);
             }
-            if !serving {
+            if !starting {
                 return;
             }
             while let Some(next) = sched.dispatch() {
@@ -729,12 +731,13 @@ impl ChatService {
         });
     }
 
-    /// Stops taking messages, gives running replies `shutdown_grace` to finish, then
-    /// stops the rest (saved as `interrupted`) and closes every socket with 1001.
+    /// Stops taking messages, gives the replies already accepted (running or queued)
+    /// `shutdown_grace` to finish, then stops the rest (saved as `interrupted`) and closes
+    /// every socket with 1001.
     pub async fn shutdown(&self) {
         self.0.phase.send_replace(Phase::Draining);
         // Stateless requests still waiting are turned away (their handlers answer
-        // `shutting_down`); chat replies waiting keep their saved user message.
+        // `shutting_down`); chat replies waiting still start, in the grace period.
         let turned_away = self
             .scheduler()
             .remove_all(|w| matches!(w, Waiting::Slot { .. }));
@@ -743,12 +746,11 @@ impl ChatService {
         let mut interrupted = false;
         loop {
             let ended = self.0.reply_ended.notified();
-            let busy = lock(&self.0.rooms).values().any(|r| {
-                r.lock()
-                    .reply
-                    .as_ref()
-                    .is_some_and(|r| r.view.stream.is_some())
-            }) || self.scheduler().running() > 0;
+            // Queued replies count: they start while draining.
+            let busy = lock(&self.0.rooms)
+                .values()
+                .any(|r| r.lock().reply.is_some())
+                || self.scheduler().running() > 0;
             // A reply stuck on the database gets a few more seconds, not forever.
             if !busy || tokio::time::Instant::now() >= deadline + Duration::from_secs(5) {
                 break;

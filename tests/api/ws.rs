@@ -659,6 +659,8 @@ async fn deleting_a_chat_stops_its_reply_and_closes_its_sockets(b: Backend) {
     s.stop().await;
 }
 
+/// A stop lets the replies already accepted finish: the running one, and the one queued
+/// behind it (one slot), which starts while the server drains.
 async fn shutdown_lets_running_replies_finish(b: Backend) {
     let s = server(b, ChatSettings::default(), Some(Duration::from_millis(10))).await;
     let t = s.tenant("acme").await;
@@ -667,26 +669,35 @@ async fn shutdown_lets_running_replies_finish(b: Backend) {
     ws.event().await;
     ws.send(json!({"content": "Hi"})).await;
     ws.until("message_stream_token").await;
+    let queued_chat = chat(&s, &t.key, "alice", 30).await;
+    let mut queued = Ws::connect(&s, &t.key, "alice", &queued_chat).await;
+    queued.event().await;
+    queued.send(json!({"content": "Hi"})).await;
+    queued.until("message_queued").await;
     let store = s.store.clone();
     let tenant = t.id;
     let stopping = tokio::spawn(s.stop());
-    let ended = ws.until("message_stream_ended").await;
-    assert_eq!(
-        ended["finish_reason"], "length",
-        "finished within the grace period"
-    );
-    let closed = ws.recv().await.expect_err("closed after the reply");
-    assert_eq!(closed.0, 1001);
+    for ws in [&mut ws, &mut queued] {
+        let ended = ws.until("message_stream_ended").await;
+        assert_eq!(
+            ended["finish_reason"], "length",
+            "finished within the grace period"
+        );
+        let closed = ws.recv().await.expect_err("closed after the reply");
+        assert_eq!(closed.0, 1001);
+    }
     let _db = tokio::time::timeout(WAIT, stopping)
         .await
         .expect("stops")
         .unwrap();
-    let saved = store
-        .tenant(tenant)
-        .recent_messages(chat_id.parse().unwrap(), 10)
-        .await
-        .unwrap();
-    assert_eq!(saved[1].status, confab::domain::MessageStatus::Complete);
+    for chat_id in [&chat_id, &queued_chat] {
+        let saved = store
+            .tenant(tenant)
+            .recent_messages(chat_id.parse().unwrap(), 10)
+            .await
+            .unwrap();
+        assert_eq!(saved[1].status, confab::domain::MessageStatus::Complete);
+    }
 }
 
 async fn silent_sockets_are_pinged_then_dropped(b: Backend) {

@@ -384,8 +384,15 @@ impl ChatService {
         };
         if created {
             if let Some(relay) = &self.0.relay {
-                relay.watch(chat_id).await;
-                self.sync(&room).await;
+                // Subscribed before the state is read, so no event falls between. Its own
+                // task: the room must become ready even if this join is abandoned (other
+                // sockets wait for it).
+                let subscribed = relay.watch(chat_id);
+                let (service, room) = (self.clone(), room.clone());
+                tokio::spawn(async move {
+                    let _ = subscribed.await;
+                    service.sync(&room).await;
+                });
             }
         }
         let (events, catch_up) = room.subscribe().await;
@@ -400,9 +407,8 @@ impl ChatService {
             if let Some(r) = rooms.get(&room.chat_id) {
                 if Arc::ptr_eq(r, room) {
                     rooms.remove(&room.chat_id);
-                    if let Some(relay) = self.0.relay.clone() {
-                        let chat = room.chat_id;
-                        tokio::spawn(async move { relay.unwatch(chat).await });
+                    if let Some(relay) = &self.0.relay {
+                        relay.unwatch(room.chat_id);
                     }
                 }
             }

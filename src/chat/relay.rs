@@ -335,18 +335,23 @@ impl Relay {
         Some(holder.as_deref() == Some(reply.to_string().as_str()))
     }
 
-    /// Starts receiving the chat's events (one more holder: see [`Cluster::subscribe`]).
-    pub(crate) async fn watch(&self, chat: Uuid) -> bool {
-        self.0.cluster.subscribe(&self.channel(chat)).await
+    /// Starts receiving the chat's events (one more holder: see [`Cluster::subscribe`]);
+    /// the answer says whether Redis confirmed.
+    pub(crate) fn watch(&self, chat: Uuid) -> tokio::sync::oneshot::Receiver<bool> {
+        self.0.cluster.subscribe(self.channel(chat))
     }
 
-    pub(crate) async fn unwatch(&self, chat: Uuid) {
-        self.0.cluster.unsubscribe(&self.channel(chat)).await
+    pub(crate) fn unwatch(&self, chat: Uuid) {
+        self.0.cluster.unsubscribe(self.channel(chat))
     }
 
     /// Starts receiving the other replicas' control messages.
     pub(crate) async fn watch_control(&self) -> bool {
-        self.0.cluster.subscribe(&self.control_channel()).await
+        self.0
+            .cluster
+            .subscribe(self.control_channel())
+            .await
+            .unwrap_or(false)
     }
 
     /// Tells every replica (this one included) `control`.

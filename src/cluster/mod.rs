@@ -30,9 +30,9 @@
 //! memory).
 
 mod places;
+mod subscriptions;
 pub use places::Place;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -67,14 +67,11 @@ pub enum ClusterHealth {
 struct Inner {
     settings: ClusterSettings,
     redis: ConnectionManager,
-    /// A second connection (RESP3) that only subscribes: its messages arrive on `pushes`,
-    /// and it subscribes again by itself after a reconnect.
-    subscriber: ConnectionManager,
+    /// Requests to the task that (un)subscribes a second connection (RESP3) that only
+    /// listens: its messages arrive on `pushes`, and it subscribes again by itself after a
+    /// reconnect.
+    subscriptions: mpsc::UnboundedSender<subscriptions::Request>,
     pushes: Mutex<Option<mpsc::UnboundedReceiver<PushInfo>>>,
-    /// Channels subscribed, with how many holders each: Redis does not count, so the last
-    /// holder's leaving is what unsubscribes. Held across the command, which keeps every
-    /// subscribe and unsubscribe of a channel in order.
-    channels: tokio::sync::Mutex<HashMap<String, usize>>,
     reports: places::Reports,
     health: Mutex<ClusterHealth>,
 }
@@ -119,17 +116,18 @@ impl Cluster {
                 )
             })
             .map_err(bad_url)?;
+        let (subscriptions, requests) = mpsc::unbounded_channel();
         let cluster = Cluster(Arc::new(Inner {
             settings,
             redis,
-            subscriber,
+            subscriptions,
             pushes: Mutex::new(Some(pushes)),
-            channels: tokio::sync::Mutex::new(HashMap::new()),
             reports: places::Reports::new(),
             health: Mutex::new(ClusterHealth::Degraded(
                 "not yet in touch with Redis".into(),
             )),
         }));
+        tokio::spawn(subscriptions::run(cluster.clone(), subscriber, requests));
         cluster.renew().await;
         for place in [Place::Connection, Place::Waiting] {
             tokio::spawn(cluster.clone().write_places(place));
@@ -165,24 +163,12 @@ impl Cluster {
                 ClusterHealth::Ok => {
                     tracing::info!("in touch with Redis");
                     // Subscriptions asked for while Redis was away never took.
-                    let cluster = self.clone();
-                    tokio::spawn(async move { cluster.resubscribe().await });
+                    let _ = self.0.subscriptions.send(subscriptions::Request::Renew);
                 }
                 ClusterHealth::Degraded(why) => tracing::warn!(%why, "Redis lost: serving alone"),
             }
             *h = health;
         }
-    }
-
-    /// Subscribes again to every channel held (subscribing twice is harmless).
-    async fn resubscribe(&self) {
-        let channels = self.0.channels.lock().await;
-        if channels.is_empty() {
-            return;
-        }
-        let names: Vec<&String> = channels.keys().collect();
-        let mut sub = self.0.subscriber.clone();
-        self.call(async move { sub.subscribe(names).await }).await;
     }
 
     fn lease_key(&self, replica: &str) -> String {
@@ -209,34 +195,24 @@ impl Cluster {
             .take()
     }
 
-    /// Subscribes to `channel` for one more holder; `false` when Redis did not confirm it
-    /// (a reconnect subscribes again, so a holder may still get its messages later).
-    pub(crate) async fn subscribe(&self, channel: &str) -> bool {
-        let mut channels = self.0.channels.lock().await;
-        let holders = channels.entry(channel.to_string()).or_insert(0);
-        *holders += 1;
-        if *holders > 1 {
-            return true;
-        }
-        let mut sub = self.0.subscriber.clone();
-        self.call(async move { sub.subscribe(channel).await })
-            .await
-            .is_some()
+    /// Subscribes to `channel` for one more holder (in the order asked: see
+    /// [`subscriptions`]); the answer says whether Redis confirmed it (a reconnect, or Redis
+    /// coming back, subscribes again, so a holder may still get its messages later).
+    pub(crate) fn subscribe(&self, channel: String) -> tokio::sync::oneshot::Receiver<bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = self
+            .0
+            .subscriptions
+            .send(subscriptions::Request::Subscribe(channel, tx));
+        rx
     }
 
     /// One holder of `channel` leaves; the last one unsubscribes.
-    pub(crate) async fn unsubscribe(&self, channel: &str) {
-        let mut channels = self.0.channels.lock().await;
-        match channels.get_mut(channel) {
-            Some(n) if *n > 1 => *n -= 1,
-            Some(_) => {
-                channels.remove(channel);
-                let mut sub = self.0.subscriber.clone();
-                self.call(async move { sub.unsubscribe(channel).await })
-                    .await;
-            }
-            None => {}
-        }
+    pub(crate) fn unsubscribe(&self, channel: String) {
+        let _ = self
+            .0
+            .subscriptions
+            .send(subscriptions::Request::Unsubscribe(channel));
     }
 
     /// Runs a Redis call with the timeout, recording whether Redis answered.

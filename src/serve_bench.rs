@@ -7,9 +7,10 @@
 //! wait and prompt processing included). Chats are created with greedy decoding and a fixed
 //! `max_tokens`, and deleted at the end.
 //!
-//! With `--watch-url` (cluster mode: another replica's address), every chat also has a
-//! socket there that only watches; the report then gives the fan-out lag, each token's
-//! arrival at the watching socket minus its arrival at the chatting one.
+//! With `--watch-url` (cluster mode: replicas' own addresses), every chat also has a socket
+//! there that only watches; the report then gives the fan-out lag, each token's arrival at
+//! the watching socket minus its arrival at the chatting one, for the chats whose two
+//! sockets are on different replicas.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -87,7 +88,8 @@ pub struct ServeBenchReport {
     pub server_ttft_ms: Option<Percentiles>,
     pub inter_token_ms: Option<Percentiles>,
     /// With watching sockets: each token's arrival there minus its arrival at the chatting
-    /// socket (negative when the watcher got it first).
+    /// socket (negative when the watcher got it first). Chats whose watching socket landed
+    /// on the replica they talk to (`X-Confab-Replica`) are left out: nothing fans out.
     pub fanout_lag_ms: Option<Percentiles>,
     pub errors: usize,
     /// The first few errors, as the server described them.
@@ -258,11 +260,15 @@ async fn one_chat(
             .map_err(|e| e.to_string()),
         Err(e) => Err(format!("create chat: {e:#}")),
     };
+    let chatting_on = ws.as_ref().ok().and_then(|(_, r)| r.clone());
+    let ws = ws.map(|(ws, _)| ws);
     let watcher = match (&chat, cfg.watch_urls.len()) {
         (Ok(chat_id), n) if n > 0 => {
             let url = cfg.watch_urls[index % n].trim_end_matches('/');
             match connect(url, cfg, &user, chat_id).await {
-                Ok(w) => Some(tokio::spawn(watch(w, cfg.turns))),
+                // A watcher on the very replica the chat talks to measures no fan-out.
+                Ok((_, Some(r))) if chatting_on.as_ref() == Some(&r) => None,
+                Ok((w, _)) => Some(tokio::spawn(watch(w, cfg.turns))),
                 Err(e) => {
                     result.error = Some(format!("watching socket on {url}: {e:#}"));
                     None
@@ -331,13 +337,14 @@ async fn create_chat(
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Opens the chat's socket.
+/// Opens the chat's socket; also says which replica took it (`X-Confab-Replica`, cluster
+/// mode).
 async fn connect(
     base: &str,
     cfg: &ServeBenchConfig,
     user: &str,
     chat_id: &str,
-) -> anyhow::Result<Socket> {
+) -> anyhow::Result<(Socket, Option<String>)> {
     let ws_base = base
         .replacen("http://", "ws://", 1)
         .replacen("https://", "wss://", 1);
@@ -346,10 +353,15 @@ async fn connect(
         .append_pair("user_id", user)
         .append_pair("chat_id", chat_id)
         .finish();
-    let (ws, _) = tokio_tungstenite::connect_async(format!("{ws_base}/ws/chat?{query}"))
+    let (ws, response) = tokio_tungstenite::connect_async(format!("{ws_base}/ws/chat?{query}"))
         .await
         .context("WebSocket connect")?;
-    Ok(ws)
+    let replica = response
+        .headers()
+        .get("x-confab-replica")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    Ok((ws, replica))
 }
 
 async fn converse(

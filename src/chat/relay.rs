@@ -181,8 +181,18 @@ const SNAPSHOT: &str = r"
 return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2]) or ''}
 ";
 
-/// One event on its way to the publisher.
-struct Outgoing {
+/// What the publisher does, in order.
+enum Outgoing {
+    Event(Emitted),
+    Claim {
+        chat: Uuid,
+        reply: Uuid,
+        answer: tokio::sync::oneshot::Sender<Claim>,
+    },
+}
+
+/// One event of a reply of this replica.
+struct Emitted {
     chat: Uuid,
     reply: Uuid,
     n: u64,
@@ -199,6 +209,18 @@ struct Shadow {
     ended: bool,
     /// A write failed: the next one writes the whole state.
     dirty: bool,
+}
+
+impl Shadow {
+    fn new(reply: Uuid) -> Shadow {
+        Shadow {
+            reply,
+            n: 0,
+            view: ReplyView::default(),
+            ended: false,
+            dirty: false,
+        }
+    }
 }
 
 struct Inner {
@@ -240,13 +262,11 @@ impl Relay {
     }
 
     fn state_keys(&self, chat: Uuid) -> (String, String) {
-        let hash = self.0.cluster.key(&format!("reply:{chat}"));
-        let text = format!("{hash}:text");
-        (hash, text)
+        state_keys(&self.0.cluster, chat)
     }
 
     fn channel(&self, chat: Uuid) -> String {
-        self.0.cluster.key(&format!("chat:{chat}"))
+        channel(&self.0.cluster, chat)
     }
 
     fn control_channel(&self) -> String {
@@ -258,32 +278,21 @@ impl Relay {
         self.0.cluster.health() == ClusterHealth::Ok
     }
 
-    /// Takes the chat's reply lock for `reply`.
+    /// Takes the chat's reply lock for `reply`. It goes through the publisher, after the
+    /// events already sent: the end of this replica's previous reply in the chat (which
+    /// releases the lock) is written first, so a client answering at once to
+    /// `message_stream_ended` is not told `generation_in_progress`.
     pub(crate) async fn claim(&self, chat: Uuid, reply: Uuid) -> Claim {
         if !self.up() {
             return Claim::Unknown;
         }
-        let (hash, _) = self.state_keys(chat);
-        let mut redis = self.0.cluster.redis();
-        let ttl = self.0.cluster.lease().as_millis() as u64;
-        let query = redis::cmd("EVAL")
-            .arg(CLAIM)
-            .arg(1)
-            .arg(hash)
-            .arg(reply.to_string())
-            .arg(self.replica_id())
-            .arg(ttl)
-            .to_owned();
-        match self
-            .0
-            .cluster
-            .call(query.query_async::<String>(&mut redis))
-            .await
-        {
-            Some(holder) if holder.is_empty() => Claim::Taken,
-            Some(holder) => Claim::Busy(holder),
-            None => Claim::Unknown,
-        }
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let _ = self.0.outbox.send(Outgoing::Claim {
+            chat,
+            reply,
+            answer,
+        });
+        answered.await.unwrap_or(Claim::Unknown)
     }
 
     /// Queues a reply's event for the other replicas (in order; never waits).
@@ -295,13 +304,13 @@ impl Relay {
         change: Change,
         event: Option<Arc<str>>,
     ) {
-        let _ = self.0.outbox.send(Outgoing {
+        let _ = self.0.outbox.send(Outgoing::Event(Emitted {
             chat,
             reply,
             n,
             change,
             event,
-        });
+        }));
     }
 
     /// The chat's reply state: `Some(None)` when no reply is in progress, `None` when
@@ -415,6 +424,18 @@ impl Relay {
     }
 }
 
+/// The Redis keys of a chat's reply lock and state, and of its text so far.
+fn state_keys(cluster: &Cluster, chat: Uuid) -> (String, String) {
+    let hash = cluster.key(&format!("reply:{chat}"));
+    let text = format!("{hash}:text");
+    (hash, text)
+}
+
+/// The channel of a chat's events.
+fn channel(cluster: &Cluster, chat: Uuid) -> String {
+    cluster.key(&format!("chat:{chat}"))
+}
+
 fn parse_snapshot(fields: &HashMap<String, String>, text: String) -> Option<Snapshot> {
     let reply = fields.get("reply")?.parse().ok()?;
     let uuid = |k: &str| fields.get(k).and_then(|v| v.parse::<Uuid>().ok());
@@ -445,23 +466,25 @@ async fn publish(cluster: Cluster, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
     loop {
         tokio::select! {
             next = rx.recv() => {
-                let Some(out) = next else { break };
-                let shadow = shadows.entry(out.chat).or_insert_with(|| Shadow {
-                    reply: out.reply,
-                    n: 0,
-                    view: ReplyView::default(),
-                    ended: false,
-                    dirty: false,
-                });
+                let out = match next {
+                    None => break,
+                    Some(Outgoing::Claim { chat, reply, answer }) => {
+                        let claim = take_lock(&cluster, chat, reply).await;
+                        if claim == Claim::Taken {
+                            // Renewed from now on, even before its first event.
+                            shadows.insert(chat, Shadow::new(reply));
+                        }
+                        let _ = answer.send(claim);
+                        continue;
+                    }
+                    Some(Outgoing::Event(out)) => out,
+                };
+                let shadow = shadows
+                    .entry(out.chat)
+                    .or_insert_with(|| Shadow::new(out.reply));
                 if shadow.reply != out.reply {
                     // A new reply of the chat (the last one's end was already written).
-                    *shadow = Shadow {
-                        reply: out.reply,
-                        n: 0,
-                        view: ReplyView::default(),
-                        ended: false,
-                        dirty: false,
-                    };
+                    *shadow = Shadow::new(out.reply);
                 }
                 shadow.n = out.n;
                 shadow.view.apply(&out.change);
@@ -498,6 +521,27 @@ async fn publish(cluster: Cluster, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
     }
 }
 
+/// The `CLAIM` script.
+async fn take_lock(cluster: &Cluster, chat: Uuid, reply: Uuid) -> Claim {
+    if cluster.health() != ClusterHealth::Ok {
+        return Claim::Unknown;
+    }
+    let mut redis = cluster.redis();
+    let query = redis::cmd("EVAL")
+        .arg(CLAIM)
+        .arg(1)
+        .arg(state_keys(cluster, chat).0)
+        .arg(reply.to_string())
+        .arg(cluster.replica_id())
+        .arg(cluster.lease().as_millis() as u64)
+        .to_owned();
+    match cluster.call(query.query_async::<String>(&mut redis)).await {
+        Some(holder) if holder.is_empty() => Claim::Taken,
+        Some(holder) => Claim::Busy(holder),
+        None => Claim::Unknown,
+    }
+}
+
 /// One `EMIT` call: `change` as a delta (unless the shadow is dirty or there is no change:
 /// then the whole state), publishing `payload` if not empty. `false` when it did not
 /// happen.
@@ -508,8 +552,7 @@ async fn write(
     change: Option<&Change>,
     payload: &str,
 ) -> bool {
-    let hash = cluster.key(&format!("reply:{chat}"));
-    let text = format!("{hash}:text");
+    let (hash, text) = state_keys(cluster, chat);
     let mut query = redis::cmd("EVAL");
     query
         .arg(EMIT)
@@ -520,7 +563,7 @@ async fn write(
         .arg(cluster.replica_id())
         .arg(shadow.n)
         .arg(cluster.lease().as_millis() as u64)
-        .arg(cluster.key(&format!("chat:{chat}")));
+        .arg(channel(cluster, chat));
     query.arg(payload);
     match change {
         Some(change) if !shadow.dirty => {

@@ -1102,3 +1102,34 @@ async fn redis_going_away_and_back_under_load_loses_nothing() {
     }
     c.stop().await;
 }
+
+/// A client that answers each `message_stream_ended` at once is never told
+/// `generation_in_progress`: the reply lock is released before the next message claims it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_turns_are_never_refused() {
+    let c = Replicas::start(2).await;
+    let chat = new_chat(c.base(0), 2).await;
+    let mut watcher = open_socket(c.base(1), &chat).await;
+    let mut ws = open_socket(c.base(0), &chat).await;
+    for turn in 0..15 {
+        ws.send(Message::text(
+            json!({"content": format!("turn {turn}")}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let events = events_until(&mut ws, "message_stream_ended").await;
+        assert!(
+            events.iter().all(|e| e["event_type"] != "error"),
+            "turn {turn}: {events:?}"
+        );
+    }
+    // The other replica's socket saw every reply end.
+    for turn in 0..15 {
+        let events = events_until(&mut watcher, "message_stream_ended").await;
+        assert!(
+            events.iter().all(|e| e["event_type"] != "error"),
+            "turn {turn}"
+        );
+    }
+    c.stop().await;
+}

@@ -57,8 +57,6 @@ fn redis_url() -> String {
 /// id) while the other generates: it leaves that live reply alone, which finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_replicas_replies_are_recovered_and_a_restart_touches_only_its_own() {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
     let (_store, url, _guard) = fresh_store(Backend::Postgres).await;
     let key = "ci-known-key-cluster-0123456789";
     let redis = redis_url();
@@ -131,19 +129,8 @@ async fn a_dead_replicas_replies_are_recovered_and_a_restart_touches_only_its_ow
         stored_reply(&a.base, key, chat_id).await["status"],
         "streaming"
     );
-    let ended = loop {
-        let frame = tokio::time::timeout(Duration::from_secs(30), ws.next())
-            .await
-            .expect("the reply goes on")
-            .expect("open")
-            .unwrap();
-        if let Message::Text(t) = frame {
-            let e: Value = serde_json::from_str(&t).unwrap();
-            if e["event_type"] == "message_stream_ended" {
-                break e;
-            }
-        }
-    };
+    let ended = events_until(&mut ws, "message_stream_ended").await;
+    let ended = ended.last().unwrap();
     assert!(
         ["stop", "length"].contains(&ended["finish_reason"].as_str().unwrap()),
         "{ended}"
@@ -317,6 +304,20 @@ async fn new_chat(base: &str, max_tokens: u32) -> String {
         .await
         .unwrap();
     chat["id"].as_str().unwrap().to_string()
+}
+
+/// A chat's stored messages (up to 100), asked of `base`.
+async fn messages(base: &str, chat_id: &str) -> Vec<Value> {
+    let page: Value = reqwest::Client::new()
+        .get(format!("{base}/api/v1/chats/{chat_id}/messages?limit=100"))
+        .header("X-API-Key", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    page["messages"].as_array().unwrap().clone()
 }
 
 /// A socket on user `u`'s chat, past its `connection_established`.
@@ -544,24 +545,8 @@ async fn cancel_from_any_replica_and_one_reply_per_chat_cluster_wide() {
         }
         assert_eq!(refusals, 1, "round {round}");
     }
-    let page: Value = reqwest::Client::new()
-        .get(format!(
-            "{}/api/v1/chats/{chat}/messages?limit=100",
-            c.base(0)
-        ))
-        .header("X-API-Key", KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let roles: Vec<&str> = page["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["role"].as_str().unwrap())
-        .collect();
+    let stored = messages(c.base(0), &chat).await;
+    let roles: Vec<&str> = stored.iter().map(|m| m["role"].as_str().unwrap()).collect();
     let expected: Vec<&str> = ["user", "assistant"].repeat(1 + rounds);
     assert_eq!(roles, expected);
     c.stop().await;
@@ -703,16 +688,11 @@ async fn the_reply_queue_holds_across_replicas() {
         }
     };
     assert_eq!(refused["code"], "queue_full", "{refused}");
-    let page: Value = reqwest::Client::new()
-        .get(format!("{}/api/v1/chats/{chat}/messages", c.base(0)))
-        .header("X-API-Key", KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(page["messages"], json!([]), "not saved");
+    assert_eq!(
+        messages(c.base(0), &chat).await,
+        Vec::<Value>::new(),
+        "not saved"
+    );
     for (_, ws) in &mut sockets {
         ws.send(Message::text(json!({"type": "cancel"}).to_string()))
             .await
@@ -1057,22 +1037,9 @@ async fn redis_going_away_and_back_under_load_loses_nothing() {
     }
 
     // Nothing acknowledged is lost: every user message is stored, and answered.
-    let http = reqwest::Client::new();
     for ((chat, _), acked) in chats.iter().zip(&acknowledged) {
         assert!(acked.len() >= 3, "the chat went on: {acked:?}");
-        let page: Value = http
-            .get(format!(
-                "{}/api/v1/chats/{chat}/messages?limit=100",
-                c.base(0)
-            ))
-            .header("X-API-Key", KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let messages = page["messages"].as_array().unwrap();
+        let messages = messages(c.base(0), chat).await;
         for id in acked {
             let at = messages
                 .iter()

@@ -439,20 +439,7 @@ impl ChatService {
                 return Err(ChatError::GenerationInProgress);
             }
         }
-        // In a cluster the tenant's queue holds for all replicas together.
-        if let Some(relay) = &self.0.relay {
-            let (mine, allowed) = self.scheduler().queue_use(room.tenant);
-            let cluster = relay.cluster();
-            if cluster
-                .take_place(Place::Waiting, room.tenant, mine, allowed)
-                .await
-                == Some(false)
-            {
-                return Err(ChatError::QueueFull {
-                    capacity: self.0.settings.queue_per_tenant,
-                });
-            }
-        }
+        self.cluster_queue_place(room.tenant).await?;
         {
             let mut st = room.lock();
             if st.reply.is_some() || st.remote.is_some() {
@@ -521,6 +508,25 @@ impl ChatService {
         );
         self.pump();
         Ok(())
+    }
+
+    /// In a cluster, whether the tenant's queue has a place for one more on all replicas
+    /// together (this replica's own bound is checked by the scheduler's `reserve`).
+    async fn cluster_queue_place(&self, tenant: TenantId) -> Result<(), ChatError> {
+        let Some(relay) = &self.0.relay else {
+            return Ok(());
+        };
+        let (mine, allowed) = self.scheduler().queue_use(tenant);
+        let cluster = relay.cluster();
+        match cluster
+            .take_place(Place::Waiting, tenant, mine, allowed)
+            .await
+        {
+            Some(false) => Err(ChatError::QueueFull {
+                capacity: self.0.settings.queue_per_tenant,
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn unreserve(&self, tenant: TenantId) {

@@ -61,11 +61,12 @@ impl Drop for SlotWait {
 
 impl ChatService {
     /// Waits for a generation slot for a stateless request of `tenant`, in the same queues
-    /// (and with the same fairness and bounds) as chat replies.
+    /// (and with the same fairness and bounds, cluster-wide in a cluster) as chat replies.
     pub async fn acquire(&self, tenant: TenantId) -> Result<Slot, ChatError> {
         if self.0.model.engine().is_none() {
             return Err(ChatError::ModelNotReady);
         }
+        self.cluster_queue_place(tenant).await?;
         let id = self.0.next_slot.fetch_add(1, Ordering::Relaxed);
         let (grant, granted) = oneshot::channel();
         {

@@ -660,7 +660,8 @@ async fn the_connection_cap_holds_across_replicas() {
 /// A tenant's reply queue (2 places) holds for the replicas together. One reply slot per
 /// replica: on the first replica one reply runs and two wait, so the queue is full; the
 /// second replica still starts a reply in its own free slot, but one more there would wait,
-/// and the cluster's queue has no place: `queue_full`, nothing saved.
+/// and the cluster's queue has no place: `queue_full`, nothing saved (and the same for the
+/// OpenAI-compatible API).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reply_queue_holds_across_replicas() {
     let c = Replicas::start_with(
@@ -688,6 +689,29 @@ async fn the_reply_queue_holds_across_replicas() {
         }
     };
     assert_eq!(refused["code"], "queue_full", "{refused}");
+    // The OpenAI-compatible API waits in the same queues.
+    let http = reqwest::Client::new();
+    let models: Value = http
+        .get(format!("{}/v1/models", c.base(1)))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let model = models["data"][0]["id"].clone();
+    let r = http
+        .post(format!("{}/v1/chat/completions", c.base(1)))
+        .bearer_auth(KEY)
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": "Hi"}]}))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "queue_full", "{body}");
     assert_eq!(
         messages(c.base(0), &chat).await,
         Vec::<Value>::new(),

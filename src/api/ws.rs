@@ -208,7 +208,13 @@ impl Socket {
                 return None;
             }
         }
-        let (membership, catch_up) = service.join(session.tenant, session.chat_id).await;
+        let (membership, catch_up) = match service.join(session.tenant, session.chat_id).await {
+            Ok(joined) => joined,
+            Err(e) => {
+                send_and_close(&mut sink, &e.into()).await;
+                return None;
+            }
+        };
         for e in catch_up {
             if !send(&mut sink, &e).await {
                 return None;

@@ -354,8 +354,13 @@ impl ChatService {
     /// Joins a chat's room (the caller checked the chat belongs to the tenant and user).
     /// Returns the membership and the events that bring the socket up to date. In cluster
     /// mode a new room first subscribes to the chat's events and reads the state of a reply
-    /// another replica may be generating.
-    pub async fn join(&self, tenant: TenantId, chat_id: Uuid) -> (Membership, Vec<Event>) {
+    /// another replica may be generating. `ChatNotFound` when the chat was deleted while
+    /// the socket was joining.
+    pub async fn join(
+        &self,
+        tenant: TenantId,
+        chat_id: Uuid,
+    ) -> Result<(Membership, Vec<Event>), ChatError> {
         // Counted under the map's lock: a room is only forgotten with no sockets, so it must
         // not be seen empty between being found here and being joined.
         let (room, created) = {
@@ -395,9 +400,12 @@ impl ChatService {
                 });
             }
         }
-        let (events, catch_up) = room.subscribe().await;
+        let (events, catch_up) = room
+            .subscribe()
+            .await
+            .ok_or(ChatError::ChatNotFound(chat_id))?;
         membership.events = events;
-        (membership, catch_up)
+        Ok((membership, catch_up))
     }
 
     fn forget_room_if_idle(&self, room: &Arc<Room>) {

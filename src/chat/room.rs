@@ -279,17 +279,21 @@ impl Room {
     }
 
     /// Subscribes a socket (already counted in `sockets`) once the room is ready; returns
-    /// what it must be told first about a reply in progress.
-    pub(super) async fn subscribe(&self) -> (broadcast::Receiver<Outbound>, Vec<Event>) {
+    /// what it must be told first about a reply in progress. `None` when the chat was
+    /// deleted meanwhile (its sockets' close was sent before this one listened).
+    pub(super) async fn subscribe(&self) -> Option<(broadcast::Receiver<Outbound>, Vec<Event>)> {
         let mut ready = self.ready.subscribe();
         let _ = ready.wait_for(|r| *r).await;
         let st = self.lock();
+        if st.deleted {
+            return None;
+        }
         let rx = self.events.subscribe();
         let catch_up = st
             .view()
             .map(|v| v.catch_up(self.chat_id))
             .unwrap_or_default();
-        (rx, catch_up)
+        Some((rx, catch_up))
     }
 
     /// A receiver of the room's events (a socket's real one comes with its catch-up from

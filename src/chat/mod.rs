@@ -643,6 +643,10 @@ impl ChatService {
             }
         };
         let Some(room) = room else { return };
+        // Forgotten here, not by its last socket: its subscription goes now too.
+        if let Some(relay) = &self.0.relay {
+            relay.unwatch(chat_id);
+        }
         let dequeued = {
             let mut st = room.lock();
             st.deleted = true;

@@ -12,7 +12,7 @@ use crate::config::{
 use crate::credentials;
 use crate::engine::source::ModelSource;
 use crate::engine::{ModelSlot, ModelStatus};
-use crate::store::{redact_url, Backend, Store, StoreError, StoreOptions};
+use crate::store::{redact_url, Backend, KeySpec, Store, StoreError, StoreOptions};
 use crate::ServerSettings;
 
 /// Runs the parsed command line.
@@ -410,16 +410,23 @@ async fn tenant(store: &Store, cmd: TenantCommand) -> anyhow::Result<()> {
 
 async fn key(store: &Store, cmd: KeyCommand) -> anyhow::Result<()> {
     match cmd {
-        KeyCommand::Create { tenant, json } => {
+        KeyCommand::Create {
+            tenant,
+            name,
+            expires_at,
+            json,
+        } => {
             let key = credentials::generate();
+            let spec = KeySpec { name, expires_at };
             let k = store
-                .create_key(&tenant, &key)
+                .create_key(&tenant, &key, &spec)
                 .await
                 .map_err(|e| tenant_error(e, &tenant))?;
             if json {
                 println!(
                     "{}",
-                    json!({"tenant_id": k.tenant_id, "prefix": k.prefix, "api_key": key.secret})
+                    json!({"tenant_id": k.tenant_id, "prefix": k.prefix, "name": k.name,
+                        "expires_at": k.expires_at, "api_key": key.secret})
                 );
             } else {
                 println!(
@@ -436,21 +443,31 @@ async fn key(store: &Store, cmd: KeyCommand) -> anyhow::Result<()> {
             if json {
                 let rows: Vec<_> = keys
                     .iter()
-                    .map(|k| json!({"prefix": k.prefix, "created_at": k.created_at, "revoked_at": k.revoked_at}))
+                    .map(|k| {
+                        json!({"prefix": k.prefix, "name": k.name, "created_at": k.created_at,
+                            "expires_at": k.expires_at, "last_used_at": k.last_used_at,
+                            "revoked_at": k.revoked_at})
+                    })
                     .collect();
                 println!("{}", serde_json::Value::Array(rows));
             } else {
-                println!("{:<14}  {:<32}  revoked", "prefix", "created");
+                let when = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                    t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                        .unwrap_or_else(|| "-".into())
+                };
+                println!(
+                    "{:<14}  {:<20}  {:<19}  {:<19}  {:<19}  revoked",
+                    "prefix", "name", "created", "expires", "last used"
+                );
                 for k in keys {
-                    let revoked = k
-                        .revoked_at
-                        .map(|t| t.to_rfc3339())
-                        .unwrap_or_else(|| "-".into());
                     println!(
-                        "{:<14}  {:<32}  {}",
+                        "{:<14}  {:<20}  {:<19}  {:<19}  {:<19}  {}",
                         k.prefix,
-                        k.created_at.to_rfc3339(),
-                        revoked
+                        k.name.as_deref().unwrap_or("-"),
+                        when(Some(k.created_at)),
+                        when(k.expires_at),
+                        when(k.last_used_at),
+                        when(k.revoked_at)
                     );
                 }
             }

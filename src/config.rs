@@ -343,11 +343,32 @@ impl LimitValue {
     }
 }
 
+/// `--expires-at`: RFC 3339, or a day meaning its start in UTC.
+fn parse_expiry(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+        .ok_or_else(|| {
+            format!("{s:?} is neither RFC 3339 (2027-01-31T18:00:00Z) nor a day (2027-01-31)")
+        })
+}
+
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
     /// Create an API key for a tenant (name or id) and print it (shown once).
     Create {
         tenant: String,
+        /// What the key is for (1–100 characters), shown in `key list`.
+        #[arg(long)]
+        name: Option<String>,
+        /// When the key stops working (it then answers 401 `api_key_expired`): RFC 3339
+        /// (`2027-01-31T18:00:00Z`) or a day (`2027-01-31`, its start in UTC).
+        #[arg(long, value_parser = parse_expiry)]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
         #[arg(long)]
         json: bool,
     },

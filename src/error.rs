@@ -36,6 +36,11 @@ pub enum ApiError {
     MissingApiKey,
     #[error("invalid API key")]
     InvalidApiKey,
+    /// The key exists but its expiry has passed.
+    #[error("API key expired")]
+    ApiKeyExpired {
+        expired_at: chrono::DateTime<chrono::Utc>,
+    },
     #[error("chat {0} not found")]
     ChatNotFound(Uuid),
     /// A WebSocket frame or connection parameter broke the protocol (boxed: the largest
@@ -133,6 +138,7 @@ impl ApiError {
         match self {
             ApiError::MissingApiKey => "missing_api_key",
             ApiError::InvalidApiKey => "invalid_api_key",
+            ApiError::ApiKeyExpired { .. } => "api_key_expired",
             ApiError::ChatNotFound(_) => "chat_not_found",
             ApiError::Protocol(f) => f.code,
             ApiError::Validation(_)
@@ -171,7 +177,9 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::MissingApiKey | ApiError::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::ApiKeyExpired { .. } => {
+                StatusCode::UNAUTHORIZED
+            }
             ApiError::ChatNotFound(_)
             | ApiError::NotFound { .. }
             | ApiError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
@@ -220,6 +228,9 @@ impl ApiError {
                 "This endpoint needs an API key in the X-API-Key header.".into()
             }
             ApiError::InvalidApiKey => "The API key is not valid or has been revoked.".into(),
+            ApiError::ApiKeyExpired { expired_at } => {
+                format!("The API key expired at {}.", expired_at.to_rfc3339())
+            }
             ApiError::ChatNotFound(id) => format!("Chat {id} does not exist."),
             ApiError::Protocol(f) => f.message.clone(),
             ApiError::Validation(v) => format!("Field {} {}.", v.field, v.message),
@@ -303,6 +314,9 @@ impl ApiError {
             }
             ApiError::InvalidApiKey => {
                 json!({"header": "X-API-Key", "hint": "Check the key; an operator can issue a new one with `confab key create TENANT`."})
+            }
+            ApiError::ApiKeyExpired { expired_at } => {
+                json!({"header": "X-API-Key", "expired_at": expired_at, "hint": "Ask an operator for a new key (`confab key create TENANT`)."})
             }
             ApiError::ChatNotFound(id) => json!({"chat_id": id}),
             ApiError::Protocol(f) => f.details.clone(),
@@ -401,7 +415,9 @@ impl ApiError {
     /// socket closed for its behaviour); most errors leave the connection open.
     pub fn close_code(&self) -> u16 {
         match self {
-            ApiError::MissingApiKey | ApiError::InvalidApiKey => close::UNAUTHORIZED,
+            ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::ApiKeyExpired { .. } => {
+                close::UNAUTHORIZED
+            }
             ApiError::ChatNotFound(_) => close::NOT_FOUND,
             ApiError::Protocol(f) => f.close,
             ApiError::Validation(_) | ApiError::InvalidParameter { .. } => close::BAD_REQUEST,
@@ -585,7 +601,7 @@ error_set!(
 fn describe(status: u16) -> &'static str {
     match status {
         400 => "The request is malformed: invalid JSON, a parameter or field out of range (`validation_error`, `invalid_json`).",
-        401 => "The API key is missing (`missing_api_key`) or not valid (`invalid_api_key`).",
+        401 => "The API key is missing (`missing_api_key`), not valid (`invalid_api_key`) or past its expiry (`api_key_expired`).",
         404 => "The chat does not exist for this tenant (`chat_not_found`).",
         413 => "The request body is too large (`payload_too_large`).",
         415 => "The request body is not JSON (`unsupported_media_type`).",
@@ -708,6 +724,14 @@ mod tests {
                 1011,
             ),
             (ApiError::InvalidApiKey, 401, "invalid_api_key", 4401),
+            (
+                ApiError::ApiKeyExpired {
+                    expired_at: chrono::Utc::now(),
+                },
+                401,
+                "api_key_expired",
+                4401,
+            ),
             (
                 ApiError::SlowConsumer { missed: 7 },
                 429,

@@ -9,6 +9,7 @@ mod m20261126_000001_init;
 mod m20261127_000001_tenant_limits;
 mod m20261127_000002_usage;
 mod m20261202_000001_replica;
+mod m20261202_000002_key_names;
 
 pub struct Migrator;
 
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000001_tenant_limits::Migration),
             Box::new(m20261127_000002_usage::Migration),
             Box::new(m20261202_000001_replica::Migration),
+            Box::new(m20261202_000002_key_names::Migration),
         ]
     }
 }

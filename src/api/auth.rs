@@ -2,7 +2,9 @@
 //!
 //! Keys are looked up by their SHA-256. Results (including "no such key") are cached for a
 //! few seconds so a busy client does not cost a query per request, while a key revoked from
-//! the command line stops working within that TTL.
+//! the command line stops working within that TTL. An expiry is compared at every request
+//! (exact to the second), and a lookup records the key's last use (so that is exact to the
+//! cache's lifetime).
 
 use std::time::Duration;
 
@@ -12,14 +14,14 @@ use poem_openapi::SecurityScheme;
 
 use crate::credentials;
 use crate::error::ApiError;
-use crate::store::{Store, StoreError, TenantId};
+use crate::store::{KeyAuth, Store, StoreError, TenantId};
 
 /// Resolves API keys to tenants.
 #[derive(Clone)]
 pub struct Authenticator {
     store: Store,
-    /// key hash → tenant (None: no such working key).
-    cache: moka::future::Cache<String, Option<TenantId>>,
+    /// key hash → the key (None: no such working key).
+    cache: moka::future::Cache<String, Option<KeyAuth>>,
 }
 
 impl Authenticator {
@@ -42,7 +44,18 @@ impl Authenticator {
         let store = self.store.clone();
         let found = self
             .cache
-            .try_get_with(hash.clone(), async move { store.authenticate(&hash).await })
+            .try_get_with(hash.clone(), async move {
+                let found = store.authenticate(&hash).await?;
+                if let Some(k) = found {
+                    // Best effort, off the request's path: a lost update only ages "last used".
+                    tokio::spawn(async move {
+                        if let Err(e) = store.touch_key(k.key_id).await {
+                            tracing::debug!(error = %e, "key use not recorded");
+                        }
+                    });
+                }
+                Ok(found)
+            })
             .await
             .map_err(|e: std::sync::Arc<StoreError>| match &*e {
                 StoreError::Unavailable(_) => ApiError::DatabaseUnavailable,
@@ -51,7 +64,11 @@ impl Authenticator {
                     ApiError::Internal
                 }
             })?;
-        found.ok_or(ApiError::InvalidApiKey)
+        let key = found.ok_or(ApiError::InvalidApiKey)?;
+        match key.expires_at {
+            Some(at) if at <= chrono::Utc::now() => Err(ApiError::ApiKeyExpired { expired_at: at }),
+            _ => Ok(key.tenant),
+        }
     }
 }
 

@@ -42,8 +42,54 @@ pub struct KeyInfo {
     pub id: Uuid,
     pub tenant_id: Uuid,
     pub prefix: String,
+    pub name: Option<String>,
     pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// What a new key is for and how long it works (both optional).
+#[derive(Debug, Clone, Default)]
+pub struct KeySpec {
+    pub name: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A working (not revoked) key, as authentication needs it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KeyAuth {
+    pub tenant: TenantId,
+    pub key_id: Uuid,
+    /// The key stops working at this time.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// Key names: what an operator writes to tell keys apart.
+pub const MAX_KEY_NAME_CHARS: usize = 100;
+
+impl KeySpec {
+    /// Checks the name (1–100 characters, no control characters) and that the expiry is in
+    /// the future.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        if let Some(name) = &self.name {
+            let n = name.chars().count();
+            if n == 0 || n > MAX_KEY_NAME_CHARS || name.chars().any(char::is_control) {
+                return Err(StoreError::Invalid(format!(
+                    "a key name has 1 to {MAX_KEY_NAME_CHARS} characters and no control characters"
+                )));
+            }
+        }
+        if let Some(at) = self.expires_at {
+            if at <= Utc::now() {
+                return Err(StoreError::Invalid(format!(
+                    "the expiry {} is not in the future",
+                    at.to_rfc3339()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl From<api_key::Model> for KeyInfo {
@@ -52,7 +98,10 @@ impl From<api_key::Model> for KeyInfo {
             id: m.id,
             tenant_id: m.tenant_id,
             prefix: m.prefix,
+            name: m.name,
             created_at: m.created_at,
+            expires_at: m.expires_at,
+            last_used_at: m.last_used_at,
             revoked_at: m.revoked_at,
         }
     }
@@ -73,7 +122,7 @@ pub fn validate_tenant_name(name: &str) -> Result<(), String> {
     }
 }
 
-fn key_row(tenant_id: Uuid, key: &IssuedKey) -> api_key::ActiveModel {
+fn key_row(tenant_id: Uuid, key: &IssuedKey, spec: &KeySpec) -> api_key::ActiveModel {
     api_key::ActiveModel {
         id: Set(Uuid::now_v7()),
         tenant_id: Set(tenant_id),
@@ -81,6 +130,9 @@ fn key_row(tenant_id: Uuid, key: &IssuedKey) -> api_key::ActiveModel {
         key_hash: Set(key.hash.clone()),
         created_at: Set(now()),
         revoked_at: Set(None),
+        name: Set(spec.name.clone()),
+        expires_at: Set(spec.expires_at),
+        last_used_at: Set(None),
     }
 }
 
@@ -117,7 +169,7 @@ impl Store {
                             "tenant {name:?} already exists"
                         )));
                     }
-                    insert_key(txn, id, &key).await?;
+                    insert_key(txn, id, &key, &KeySpec::default()).await?;
                     Ok(TenantInfo {
                         id,
                         name,
@@ -224,10 +276,16 @@ impl Store {
         Ok(limits_of(&t))
     }
 
-    /// Adds a key to a tenant (named or by id).
-    pub async fn create_key(&self, tenant: &str, key: &IssuedKey) -> Result<KeyInfo, StoreError> {
+    /// Adds a key to a tenant (named or by id), with an optional name and expiry.
+    pub async fn create_key(
+        &self,
+        tenant: &str,
+        key: &IssuedKey,
+        spec: &KeySpec,
+    ) -> Result<KeyInfo, StoreError> {
+        spec.validate()?;
         let t = self.find_tenant(tenant).await?;
-        insert_key(&self.db, t.id, key).await
+        insert_key(&self.db, t.id, key, spec).await
     }
 
     /// The keys of a tenant, newest first, revoked ones included.
@@ -271,14 +329,29 @@ impl Store {
         })
     }
 
-    /// The tenant a key belongs to, if the key exists and is not revoked.
-    pub async fn authenticate(&self, key_hash: &str) -> Result<Option<TenantId>, StoreError> {
+    /// The key with this hash, if it exists and is not revoked (expired or not: the caller
+    /// compares `expires_at` with the time of each request).
+    pub async fn authenticate(&self, key_hash: &str) -> Result<Option<KeyAuth>, StoreError> {
         Ok(api_key::Entity::find()
             .filter(api_key::Column::KeyHash.eq(key_hash))
             .filter(api_key::Column::RevokedAt.is_null())
             .one(&self.db)
             .await?
-            .map(|k| TenantId(k.tenant_id)))
+            .map(|k| KeyAuth {
+                tenant: TenantId(k.tenant_id),
+                key_id: k.id,
+                expires_at: k.expires_at,
+            }))
+    }
+
+    /// Records that a key was just used.
+    pub async fn touch_key(&self, key_id: Uuid) -> Result<(), StoreError> {
+        api_key::Entity::update_many()
+            .col_expr(api_key::Column::LastUsedAt, Expr::value(now()))
+            .filter(api_key::Column::Id.eq(key_id))
+            .exec(&self.db)
+            .await?;
+        Ok(())
     }
 }
 
@@ -286,8 +359,9 @@ async fn insert_key<C: sea_orm::ConnectionTrait>(
     db: &C,
     tenant_id: Uuid,
     key: &IssuedKey,
+    spec: &KeySpec,
 ) -> Result<KeyInfo, StoreError> {
-    let inserted = api_key::Entity::insert(key_row(tenant_id, key))
+    let inserted = api_key::Entity::insert(key_row(tenant_id, key, spec))
         .on_conflict(
             OnConflict::column(api_key::Column::KeyHash)
                 .do_nothing()

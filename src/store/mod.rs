@@ -13,7 +13,7 @@ mod json;
 mod messages;
 mod usage;
 
-pub use admin::{KeyInfo, TenantInfo};
+pub use admin::{KeyAuth, KeyInfo, KeySpec, TenantInfo};
 pub use error::StoreError;
 pub use messages::ReplyUpdate;
 pub use usage::UserUsage;

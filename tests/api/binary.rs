@@ -90,14 +90,54 @@ async fn admin_commands(b: Backend) {
         assert_eq!(list[0]["name"], "acme");
         assert_eq!(list[0]["active_keys"], 1);
 
-        let (ok, out, err) = confab(&url, &["key", "create", "acme", "--json"]);
+        let (ok, out, err) = confab(
+            &url,
+            &[
+                "key",
+                "create",
+                "acme",
+                "--name",
+                "billing export",
+                "--expires-at",
+                "2099-01-31",
+                "--json",
+            ],
+        );
         assert!(ok, "{err}");
         let k2: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(k2["name"], "billing export");
         let (ok, out, _) = confab(&url, &["key", "list", "acme", "--json"]);
         assert!(ok);
         let keys: Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(keys.as_array().unwrap().len(), 2);
         assert!(!out.contains(&key), "listings never show secrets");
+        let named = keys
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["prefix"] == k2["prefix"])
+            .unwrap();
+        assert_eq!(named["name"], "billing export");
+        assert!(
+            named["expires_at"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("2099-01-31T00:00:00")),
+            "{named}"
+        );
+        let (ok, out, _) = confab(&url, &["key", "list", "acme"]);
+        assert!(
+            ok && out.contains("billing export") && out.contains("2099-01-31"),
+            "{out}"
+        );
+        for (flag, value, says) in [
+            ("--expires-at", "2001-01-01", "not in the future"),
+            ("--expires-at", "next week", "neither RFC 3339"),
+            ("--name", "", "1 to 100 characters"),
+        ] {
+            let (ok, _, err) = confab(&url, &["key", "create", "acme", flag, value]);
+            assert!(!ok, "{flag} {value}");
+            assert!(err.contains(says), "{flag} {value}: {err}");
+        }
 
         let prefix = k2["prefix"].as_str().unwrap();
         let (ok, out, err) = confab(&url, &["key", "revoke", prefix]);

@@ -214,7 +214,8 @@ impl TestServer {
             .authenticate(&key.hash)
             .await
             .expect("lookup")
-            .expect("key works");
+            .expect("key works")
+            .tenant;
         Tenant {
             id,
             key: key.secret,

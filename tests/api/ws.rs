@@ -163,7 +163,7 @@ impl Ws {
     }
 
     /// A refused connection: one error event, then the close frame.
-    async fn refused(&mut self, code: &str, close: u16) {
+    pub async fn refused(&mut self, code: &str, close: u16) {
         self.error(code).await;
         let c = self.recv().await.expect_err("closed after the error");
         assert_eq!(c, (close, code.to_string()));

@@ -12,6 +12,12 @@ pub struct Model {
     pub key_hash: String,
     pub created_at: DateTimeUtc,
     pub revoked_at: Option<DateTimeUtc>,
+    /// What the key is for, as its creator said.
+    pub name: Option<String>,
+    /// After this the key answers `api_key_expired`.
+    pub expires_at: Option<DateTimeUtc>,
+    /// When it last authenticated a request (to within the key cache's lifetime).
+    pub last_used_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -510,7 +510,11 @@ async fn publish(cluster: Cluster, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
                 }
             }
             _ = renew.tick() => {
-                if cluster.health() != ClusterHealth::Ok && !shadows.is_empty() {
+                // Redis away: the first write once it is back rewrites the whole state.
+                if cluster.health() != ClusterHealth::Ok {
+                    for shadow in shadows.values_mut() {
+                        shadow.dirty = true;
+                    }
                     continue;
                 }
                 for (chat, shadow) in shadows.iter_mut() {

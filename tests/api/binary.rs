@@ -411,8 +411,7 @@ async fn a_kill_during_a_reply_leaves_it_interrupted(b: Backend) {
     } = serve_with(&url, key, dir.path(), &env).await;
     wait_ready(&base).await;
     let http = reqwest::Client::new();
-    let (chat, ws, streamed) = reply_under_way(&base, key, 15).await;
-    let chat_id = chat["id"].as_str().unwrap().to_string();
+    let (chat_id, ws, streamed) = reply_under_way(&base, key, 15).await;
     child.kill().unwrap();
     child.wait().unwrap();
     drop(ws);
@@ -430,6 +429,15 @@ async fn a_kill_during_a_reply_leaves_it_interrupted(b: Backend) {
         (r.status(), r.json::<Value>().await.unwrap())
     };
     assert_eq!(status.as_u16(), 200, "serves again: {page}");
+    let chat: Value = http
+        .get(format!("{base}/api/v1/chats/{chat_id}"))
+        .header("X-API-Key", key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let msgs = page["messages"].as_array().unwrap();
     assert_eq!(msgs.len(), 2, "{page}");
     assert_eq!(msgs[0]["content"], "Hi");
@@ -624,20 +632,11 @@ pub(crate) async fn reply_under_way(
     base: &str,
     key: &str,
     tokens: usize,
-) -> (Value, Socket, String) {
+) -> (String, Socket, String) {
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
-    let chat: Value = reqwest::Client::new()
-        .post(format!("{base}/api/v1/chats/"))
-        .header("X-API-Key", key)
-        .json(&json!({"user_id": "u", "config": {"temperature": 0, "max_tokens": 300}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut ws = socket_with_message(base, key, chat["id"].as_str().unwrap(), "Hi").await;
+    let chat = new_chat(base, key, 300).await;
+    let mut ws = socket_with_message(base, key, &chat, "Hi").await;
     let mut streamed = String::new();
     let mut seen = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -658,10 +657,25 @@ pub(crate) async fn reply_under_way(
     (chat, ws, streamed)
 }
 
-/// The chat's reply as stored, asked of `base`.
-pub(crate) async fn stored_reply(base: &str, key: &str, chat_id: &str) -> Value {
+/// Creates a chat of user `u` on `base` (greedy, `max_tokens`) and returns its id.
+pub(crate) async fn new_chat(base: &str, key: &str, max_tokens: u32) -> String {
+    let chat: Value = reqwest::Client::new()
+        .post(format!("{base}/api/v1/chats/"))
+        .header("X-API-Key", key)
+        .json(&json!({"user_id": "u", "config": {"temperature": 0, "max_tokens": max_tokens}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    chat["id"].as_str().unwrap().to_string()
+}
+
+/// A chat's stored messages (up to 100), asked of `base`.
+pub(crate) async fn messages(base: &str, key: &str, chat_id: &str) -> Vec<Value> {
     let page: Value = reqwest::Client::new()
-        .get(format!("{base}/api/v1/chats/{chat_id}/messages"))
+        .get(format!("{base}/api/v1/chats/{chat_id}/messages?limit=100"))
         .header("X-API-Key", key)
         .send()
         .await
@@ -669,7 +683,12 @@ pub(crate) async fn stored_reply(base: &str, key: &str, chat_id: &str) -> Value 
         .json()
         .await
         .unwrap();
-    page["messages"][1].clone()
+    page["messages"].as_array().unwrap().clone()
+}
+
+/// The chat's reply as stored, asked of `base`.
+pub(crate) async fn stored_reply(base: &str, key: &str, chat_id: &str) -> Value {
+    messages(base, key, chat_id).await[1].clone()
 }
 
 /// Resident memory of a process, in KiB.

@@ -10,8 +10,8 @@ use tokio_tungstenite::tungstenite::Message;
 use std::process::{Command, Stdio};
 
 use crate::binary::{
-    reply_under_way, serve, serve_with, socket_with_message, stop, stored_reply, wait_ready,
-    Served, Socket, BIN,
+    messages, new_chat, reply_under_way, serve, serve_with, socket_with_message, stop,
+    stored_reply, wait_ready, Served, Socket, BIN,
 };
 use crate::common::{fresh_store, Backend, ScratchGuard};
 
@@ -93,8 +93,8 @@ async fn a_dead_replicas_replies_are_recovered_and_a_restart_touches_only_its_ow
     }
 
     // Killed mid-reply: the survivor recovers the reply within the lease (and its checks).
-    let (chat, ws, streamed) = reply_under_way(&a.base, key, 10).await;
-    let chat_id = chat["id"].as_str().unwrap();
+    let (chat_id, ws, streamed) = reply_under_way(&a.base, key, 10).await;
+    let chat_id = chat_id.as_str();
     let mut a_child = a.child;
     a_child.kill().unwrap();
     a_child.wait().unwrap();
@@ -120,8 +120,8 @@ async fn a_dead_replicas_replies_are_recovered_and_a_restart_touches_only_its_ow
     );
 
     // A restart (same id) while the other replica generates: the live reply is left alone.
-    let (chat, mut ws, _) = reply_under_way(&b.base, key, 5).await;
-    let chat_id = chat["id"].as_str().unwrap();
+    let (chat_id, mut ws, _) = reply_under_way(&b.base, key, 5).await;
+    let chat_id = chat_id.as_str();
     let a = serve_with(&url, key, dir_a.path(), &refs(&env_a)).await;
     // Started, and interrupted only its own: the other's reply is still live (alone on the
     // database, a start marks every `streaming` row interrupted).
@@ -284,40 +284,19 @@ impl Replicas {
         &self.replicas[i].base
     }
 
+    /// A reply under way on replica `generating` (three tokens in), and a socket on the
+    /// same chat on replica `watching`: the chat, the generating socket and the watching one.
+    async fn watched_reply(&self, generating: usize, watching: usize) -> (String, Socket, Socket) {
+        let (chat, ws, _) = reply_under_way(self.base(generating), KEY, 3).await;
+        let watcher = open_socket(self.base(watching), &chat).await;
+        (chat, ws, watcher)
+    }
+
     async fn stop(self) {
         for r in self.replicas {
             stop(r.child).await;
         }
     }
-}
-
-/// Creates a chat of user `u` on `base`.
-async fn new_chat(base: &str, max_tokens: u32) -> String {
-    let chat: Value = reqwest::Client::new()
-        .post(format!("{base}/api/v1/chats/"))
-        .header("X-API-Key", KEY)
-        .json(&json!({"user_id": "u", "config": {"temperature": 0, "max_tokens": max_tokens}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    chat["id"].as_str().unwrap().to_string()
-}
-
-/// A chat's stored messages (up to 100), asked of `base`.
-async fn messages(base: &str, chat_id: &str) -> Vec<Value> {
-    let page: Value = reqwest::Client::new()
-        .get(format!("{base}/api/v1/chats/{chat_id}/messages?limit=100"))
-        .header("X-API-Key", KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    page["messages"].as_array().unwrap().clone()
 }
 
 /// A socket on user `u`'s chat, past its `connection_established`.
@@ -394,7 +373,7 @@ fn tokens(events: &[Value]) -> Vec<(u64, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_streams_to_sockets_on_every_replica_in_order() {
     let c = Replicas::start(3).await;
-    let chat = new_chat(c.base(0), 40).await;
+    let chat = new_chat(c.base(0), KEY, 40).await;
     let mut watcher = open_socket(c.base(1), &chat).await;
     let mut sender = socket_with_message(c.base(0), KEY, &chat, "Hi").await;
     let mut seen_by_sender = Vec::new();
@@ -480,9 +459,7 @@ async fn a_reply_streams_to_sockets_on_every_replica_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_from_any_replica_and_one_reply_per_chat_cluster_wide() {
     let c = Replicas::start(2).await;
-    let (chat, mut a, _) = reply_under_way(c.base(0), KEY, 3).await;
-    let chat = chat["id"].as_str().unwrap().to_string();
-    let mut b = open_socket(c.base(1), &chat).await;
+    let (chat, mut a, mut b) = c.watched_reply(0, 1).await;
     let caught_up = next_event(&mut b).await;
     assert_eq!(
         caught_up["event_type"], "message_stream_started",
@@ -523,29 +500,27 @@ async fn cancel_from_any_replica_and_one_reply_per_chat_cluster_wide() {
         );
         ra.unwrap();
         rb.unwrap();
-        // Each socket sees the one reply start; exactly one was refused.
-        let mut refusals = 0;
-        for ws in [&mut a, &mut b] {
-            let events = events_until(ws, "message_stream_started").await;
-            refusals += events
+        // Each socket sees the one reply start; exactly one was refused (the refusal may
+        // come before the start or after it).
+        let refused = |events: Vec<Value>| {
+            events
                 .iter()
                 .filter(|e| e["code"] == "generation_in_progress")
-                .count();
-            // A refusal may also come after the start.
+                .count()
+        };
+        let mut refusals = 0;
+        for ws in [&mut a, &mut b] {
+            refusals += refused(events_until(ws, "message_stream_started").await);
         }
         b.send(Message::text(json!({"type": "cancel"}).to_string()))
             .await
             .unwrap();
         for ws in [&mut a, &mut b] {
-            let events = events_until(ws, "message_stream_ended").await;
-            refusals += events
-                .iter()
-                .filter(|e| e["code"] == "generation_in_progress")
-                .count();
+            refusals += refused(events_until(ws, "message_stream_ended").await);
         }
         assert_eq!(refusals, 1, "round {round}");
     }
-    let stored = messages(c.base(0), &chat).await;
+    let stored = messages(c.base(0), KEY, &chat).await;
     let roles: Vec<&str> = stored.iter().map(|m| m["role"].as_str().unwrap()).collect();
     let expected: Vec<&str> = ["user", "assistant"].repeat(1 + rounds);
     assert_eq!(roles, expected);
@@ -557,9 +532,7 @@ async fn cancel_from_any_replica_and_one_reply_per_chat_cluster_wide() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_chat_closes_its_sockets_on_every_replica() {
     let c = Replicas::start(3).await;
-    let (chat, mut generating, _) = reply_under_way(c.base(1), KEY, 3).await;
-    let chat = chat["id"].as_str().unwrap().to_string();
-    let mut watcher = open_socket(c.base(2), &chat).await;
+    let (chat, mut generating, mut watcher) = c.watched_reply(1, 2).await;
     let r = reqwest::Client::new()
         .delete(format!("{}/api/v1/chats/{chat}", c.base(0)))
         .header("X-API-Key", KEY)
@@ -586,9 +559,7 @@ async fn deleting_a_chat_closes_its_sockets_on_every_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replicas_reply_ends_on_sockets_elsewhere() {
     let mut c = Replicas::start(2).await;
-    let (chat, generating, _) = reply_under_way(c.base(0), KEY, 3).await;
-    let chat = chat["id"].as_str().unwrap().to_string();
-    let mut watcher = open_socket(c.base(1), &chat).await;
+    let (chat, generating, mut watcher) = c.watched_reply(0, 1).await;
     events_until(&mut watcher, "message_stream_token").await;
     let killed = std::time::Instant::now();
     c.replicas[0].child.kill().unwrap();
@@ -623,7 +594,7 @@ async fn a_killed_replicas_reply_ends_on_sockets_elsewhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_cap_holds_across_replicas() {
     let c = Replicas::start_with(3, &[("CONFAB_MAX_CONNECTIONS_PER_TENANT", "4")]).await;
-    let chat = new_chat(c.base(0), 4).await;
+    let chat = new_chat(c.base(0), KEY, 4).await;
     let mut open = Vec::new();
     for i in [0, 1, 2, 0] {
         open.push(open_socket(c.base(i), &chat).await);
@@ -671,7 +642,7 @@ async fn the_reply_queue_holds_across_replicas() {
     .await;
     let mut sockets = Vec::new();
     for (i, replica) in [0, 0, 0, 1].into_iter().enumerate() {
-        let chat = new_chat(c.base(replica), 300).await;
+        let chat = new_chat(c.base(replica), KEY, 300).await;
         let mut ws = socket_with_message(c.base(replica), KEY, &chat, "go").await;
         let events = events_until(&mut ws, "message_received").await;
         assert!(
@@ -680,7 +651,7 @@ async fn the_reply_queue_holds_across_replicas() {
         );
         sockets.push((chat, ws));
     }
-    let chat = new_chat(c.base(1), 300).await;
+    let chat = new_chat(c.base(1), KEY, 300).await;
     let mut ws = socket_with_message(c.base(1), KEY, &chat, "one too many").await;
     let refused = loop {
         let e = next_event(&mut ws).await;
@@ -713,7 +684,7 @@ async fn the_reply_queue_holds_across_replicas() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "queue_full", "{body}");
     assert_eq!(
-        messages(c.base(0), &chat).await,
+        messages(c.base(0), KEY, &chat).await,
         Vec::<Value>::new(),
         "not saved"
     );
@@ -833,7 +804,7 @@ async fn nginx_keeps_each_chat_on_one_replica() {
     let http = reqwest::Client::new();
     let mut homes = std::collections::HashSet::new();
     for _ in 0..12 {
-        let chat = new_chat(&front.base, 4).await;
+        let chat = new_chat(&front.base, KEY, 4).await;
         let mut seen = Vec::new();
         for _ in 0..2 {
             let r = http
@@ -873,7 +844,7 @@ async fn nginx_keeps_each_chat_on_one_replica() {
     );
 
     // A reply through the front.
-    let chat = new_chat(&front.base, 8).await;
+    let chat = new_chat(&front.base, KEY, 8).await;
     let mut ws = socket_with_message(&front.base, KEY, &chat, "Hi").await;
     let events = events_until(&mut ws, "message_stream_ended").await;
     assert!(!tokens(&events).is_empty());
@@ -1027,7 +998,7 @@ async fn redis_going_away_and_back_under_load_loses_nothing() {
     let stop = tokio::time::Instant::now() + Duration::from_secs(6);
     for i in 0..4 {
         let (home, other) = (i % 2, 1 - i % 2);
-        let chat = new_chat(c.base(home), 6).await;
+        let chat = new_chat(c.base(home), KEY, 6).await;
         watchers.push(open_socket(c.base(other), &chat).await);
         let ws = open_socket(c.base(home), &chat).await;
         talks.push(tokio::spawn(converse_until(ws, stop)));
@@ -1063,7 +1034,7 @@ async fn redis_going_away_and_back_under_load_loses_nothing() {
     // Nothing acknowledged is lost: every user message is stored, and answered.
     for ((chat, _), acked) in chats.iter().zip(&acknowledged) {
         assert!(acked.len() >= 3, "the chat went on: {acked:?}");
-        let messages = messages(c.base(0), chat).await;
+        let messages = messages(c.base(0), KEY, chat).await;
         for id in acked {
             let at = messages
                 .iter()
@@ -1099,7 +1070,7 @@ async fn redis_going_away_and_back_under_load_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn back_to_back_turns_are_never_refused() {
     let c = Replicas::start(2).await;
-    let chat = new_chat(c.base(0), 2).await;
+    let chat = new_chat(c.base(0), KEY, 2).await;
     let mut watcher = open_socket(c.base(1), &chat).await;
     let mut ws = open_socket(c.base(0), &chat).await;
     for turn in 0..15 {

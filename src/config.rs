@@ -68,9 +68,12 @@ pub enum Command {
     /// Manage tenants.
     #[command(subcommand)]
     Tenant(TenantCommand),
-    /// Manage API keys.
+    /// Manage tenants' API keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Manage admin keys (for the `/admin/v1` API).
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Print the OpenAPI document.
     Openapi,
     /// Measure the engine's speed (prompt processing, generation, time to first token).
@@ -277,18 +280,66 @@ pub struct ServeBenchArgs {
     pub json: bool,
 }
 
+/// A tenant's own limits on the command line (a number, or `default` for the server-wide
+/// value); absent: unchanged.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TenantLimitArgs {
+    /// REST requests per minute.
+    #[arg(long)]
+    pub requests_per_minute: Option<LimitValue>,
+    /// WebSocket messages per second per connection.
+    #[arg(long)]
+    pub ws_messages_per_second: Option<LimitValue>,
+    /// Open WebSocket connections.
+    #[arg(long)]
+    pub max_connections: Option<LimitValue>,
+}
+
+impl TenantLimitArgs {
+    pub fn patch(&self) -> crate::domain::TenantLimitsPatch {
+        crate::domain::TenantLimitsPatch {
+            requests_per_minute: LimitValue::patch(self.requests_per_minute),
+            ws_messages_per_second: LimitValue::patch(self.ws_messages_per_second),
+            max_connections: LimitValue::patch(self.max_connections),
+        }
+    }
+}
+
+/// The operator's commands. With `--json` each prints what the matching `/admin/v1`
+/// operation answers.
 #[derive(Debug, Subcommand)]
 pub enum TenantCommand {
     /// Create a tenant and print its first API key (shown once).
     Create {
         /// Tenant name: 1 to 64 characters from A-Z, a-z, 0-9, '-', '_', '.'.
         name: String,
-        /// Print `{"tenant_id": …, "api_key": …}`.
+        #[command(flatten)]
+        limits: TenantLimitArgs,
+        /// Print `{"tenant": …, "key": …, "api_key": …}`.
         #[arg(long)]
         json: bool,
     },
-    /// List tenants.
+    /// List tenants (with `--json`, one page: `--offset`, `--limit`).
     List {
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=200))]
+        limit: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one tenant.
+    Show {
+        /// Tenant name or id.
+        tenant: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give a tenant another name (its id, keys and data stay).
+    Rename {
+        /// Tenant name or id.
+        tenant: String,
+        new_name: String,
         #[arg(long)]
         json: bool,
     },
@@ -296,17 +347,33 @@ pub enum TenantCommand {
     SetLimits {
         /// Tenant name or id.
         tenant: String,
-        /// REST requests per minute.
-        #[arg(long)]
-        requests_per_minute: Option<LimitValue>,
-        /// WebSocket messages per second per connection.
-        #[arg(long)]
-        ws_messages_per_second: Option<LimitValue>,
-        /// Open WebSocket connections.
-        #[arg(long)]
-        max_connections: Option<LimitValue>,
+        #[command(flatten)]
+        limits: TenantLimitArgs,
         #[arg(long)]
         json: bool,
+    },
+    /// Disable a tenant: its keys answer 403 `tenant_disabled`, its sockets are closed
+    /// (within the server's --tenant-check-secs); its data stays.
+    Disable {
+        /// Tenant name or id.
+        tenant: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enable a disabled tenant again.
+    Enable {
+        /// Tenant name or id.
+        tenant: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a tenant with all its data (keys, users, chats, messages, usage).
+    Delete {
+        /// Tenant name or id.
+        tenant: String,
+        /// Confirms the deletion (it cannot be undone).
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -357,18 +424,34 @@ fn parse_expiry(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
         })
 }
 
+/// A new key's name and expiry.
+#[derive(Debug, Clone, Args)]
+pub struct KeySpecArgs {
+    /// What the key is for (1–100 characters), shown in key lists.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// When the key stops working (it then answers 401 `api_key_expired`): RFC 3339
+    /// (`2027-01-31T18:00:00Z`) or a day (`2027-01-31`, its start in UTC).
+    #[arg(long, value_parser = parse_expiry)]
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl KeySpecArgs {
+    pub fn spec(&self) -> crate::store::KeySpec {
+        crate::store::KeySpec {
+            name: self.name.clone(),
+            expires_at: self.expires_at,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
     /// Create an API key for a tenant (name or id) and print it (shown once).
     Create {
         tenant: String,
-        /// What the key is for (1–100 characters), shown in `key list`.
-        #[arg(long)]
-        name: Option<String>,
-        /// When the key stops working (it then answers 401 `api_key_expired`): RFC 3339
-        /// (`2027-01-31T18:00:00Z`) or a day (`2027-01-31`, its start in UTC).
-        #[arg(long, value_parser = parse_expiry)]
-        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+        #[command(flatten)]
+        spec: KeySpecArgs,
         #[arg(long)]
         json: bool,
     },
@@ -378,9 +461,46 @@ pub enum KeyCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke the key with this prefix (as shown by `key list`); it stops working within
+    /// Revoke a key, by id or by prefix (as shown by `key list`); it stops working within
     /// the server's key-cache TTL.
-    Revoke { prefix: String },
+    Revoke {
+        key: String,
+        /// Only if the key is this tenant's (name or id).
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Operators' own keys.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Admin keys: the `/admin/v1` API's credentials.
+    #[command(subcommand)]
+    Key(AdminKeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminKeyCommand {
+    /// Create an admin key and print it (shown once).
+    Create {
+        #[command(flatten)]
+        spec: KeySpecArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the admin keys (prefixes only).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an admin key, by id or by prefix.
+    Revoke {
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// A secret from the environment: shown as `***` in debug output.
@@ -409,6 +529,10 @@ pub struct ServeArgs {
     /// one (24 to 256 printable ASCII characters).
     #[arg(long, env = "CONFAB_BOOTSTRAP_API_KEY", hide_env_values = true)]
     pub bootstrap_api_key: Option<Secret>,
+    /// While no admin key works yet, this one is added (24 to 256 printable ASCII
+    /// characters; a random one comes from `confab admin key create`).
+    #[arg(long, env = "CONFAB_BOOTSTRAP_ADMIN_KEY", hide_env_values = true)]
+    pub bootstrap_admin_key: Option<Secret>,
     /// Seconds an API-key lookup is cached; a revoked key works at most this long.
     #[arg(long, env = "CONFAB_AUTH_CACHE_TTL_SECS", default_value_t = 5)]
     pub auth_cache_ttl_secs: u64,
@@ -529,6 +653,11 @@ pub struct ChatArgs {
     /// On shutdown, seconds the accepted replies (running or queued) get to finish.
     #[arg(long, env = "CONFAB_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+    /// Seconds between checks that the tenants with open sockets are still enabled: how
+    /// soon a tenant disabled or deleted from the command line loses its sockets (through
+    /// the admin API it is at once).
+    #[arg(long, env = "CONFAB_TENANT_CHECK_SECS", default_value_t = 5)]
+    pub tenant_check_secs: u64,
 }
 
 impl ChatArgs {
@@ -550,6 +679,7 @@ impl ChatArgs {
             ping_interval: Duration::from_secs(self.ws_ping_secs.max(1)),
             idle_timeout: Duration::from_secs(self.ws_ping_secs.max(1) * 3),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            tenant_check_interval: Duration::from_secs(self.tenant_check_secs.max(1)),
             ..d
         }
     }

@@ -1,6 +1,6 @@
 //! API keys: how they are made, shown and recognised.
 //!
-//! A generated key is `cfk_` + 8 random characters (the public prefix an operator sees in
+//! A generated tenant key is `cfk_` (an admin key `cfa_`) + 8 random characters (the public prefix an operator sees in
 //! listings) + 32 more random characters, all base62: about 238 bits of randomness. Only its
 //! SHA-256 is stored. A fast hash is right here: unlike passwords, keys are long random
 //! strings, so there is nothing to brute-force.
@@ -10,6 +10,9 @@ use sha2::{Digest, Sha256};
 
 const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 const KEY_TAG: &str = "cfk_";
+/// Admin keys look different at a glance (and to secret scanners); what makes one an admin
+/// key is the table it is stored in, not its text.
+const ADMIN_KEY_TAG: &str = "cfa_";
 /// Shortest operator-chosen key (`CONFAB_BOOTSTRAP_API_KEY`).
 pub const MIN_CUSTOM_KEY_LEN: usize = 24;
 /// Longest key accepted anywhere.
@@ -49,10 +52,19 @@ pub fn hash_key(key: &str) -> String {
     s
 }
 
-/// Makes a fresh random key.
+/// Makes a fresh random tenant key.
 pub fn generate() -> IssuedKey {
-    let secret = format!("{KEY_TAG}{}{}", random_chars(8), random_chars(32));
-    let prefix = secret[..KEY_TAG.len() + 8].to_string();
+    generate_tagged(KEY_TAG)
+}
+
+/// Makes a fresh random admin key.
+pub fn generate_admin() -> IssuedKey {
+    generate_tagged(ADMIN_KEY_TAG)
+}
+
+fn generate_tagged(tag: &str) -> IssuedKey {
+    let secret = format!("{tag}{}{}", random_chars(8), random_chars(32));
+    let prefix = secret[..tag.len() + 8].to_string();
     let hash = hash_key(&secret);
     IssuedKey {
         secret,
@@ -73,7 +85,7 @@ pub fn custom(secret: &str) -> Result<IssuedKey, String> {
     if !secret.bytes().all(|b| b.is_ascii_graphic()) {
         return Err("an API key may contain only printable ASCII characters without spaces".into());
     }
-    let prefix = if secret.starts_with(KEY_TAG) {
+    let prefix = if secret.starts_with(KEY_TAG) || secret.starts_with(ADMIN_KEY_TAG) {
         &secret[..12]
     } else {
         &secret[..8]
@@ -105,6 +117,9 @@ mod tests {
         assert_eq!(a.hash, hash_key(&a.secret));
         assert_eq!(a.hash.len(), 64);
         assert!(!format!("{a:?}").contains(&a.secret));
+        let admin = generate_admin();
+        assert!(admin.secret.starts_with("cfa_"));
+        assert_eq!(admin.prefix.len(), 12);
     }
 
     #[test]

@@ -29,6 +29,36 @@ use crate::domain::ValidationError;
 use crate::engine::EngineError;
 use crate::store::StoreError;
 
+/// The two kinds of key, for telling a client which one a route needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Tenant,
+    Admin,
+}
+
+impl KeyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyKind::Tenant => "tenant_key",
+            KeyKind::Admin => "admin_key",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            KeyKind::Tenant => "a tenant API key (admin keys work only under /admin/v1)",
+            KeyKind::Admin => "an admin key (`confab admin key create`)",
+        }
+    }
+
+    fn hint(self) -> &'static str {
+        match self {
+            KeyKind::Tenant => "Use a key of the tenant (`confab key create TENANT`, or POST /admin/v1/tenants/{tenant}/keys).",
+            KeyKind::Admin => "Create one with `confab admin key create`, or start the server with CONFAB_BOOTSTRAP_ADMIN_KEY.",
+        }
+    }
+}
+
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -41,8 +71,23 @@ pub enum ApiError {
     ApiKeyExpired {
         expired_at: chrono::DateTime<chrono::Utc>,
     },
+    /// The key is of the wrong kind for the route: a tenant key on `/admin/v1`, an admin
+    /// key on a tenant route.
+    #[error("forbidden")]
+    Forbidden { needs: KeyKind },
+    /// The tenant was disabled by an operator.
+    #[error("tenant disabled")]
+    TenantDisabled {
+        since: Option<chrono::DateTime<chrono::Utc>>,
+    },
     #[error("chat {0} not found")]
     ChatNotFound(Uuid),
+    /// An admin operation named a tenant (by name or id) that does not exist.
+    #[error("tenant {0} not found")]
+    TenantNotFound(String),
+    /// An admin operation named a key (by id or prefix) that does not exist.
+    #[error("API key {0} not found")]
+    ApiKeyNotFound(String),
     /// A WebSocket frame or connection parameter broke the protocol (boxed: the largest
     /// variant would otherwise set the size of every `Result` that carries this error).
     #[error("{}", .0.message)]
@@ -139,7 +184,11 @@ impl ApiError {
             ApiError::MissingApiKey => "missing_api_key",
             ApiError::InvalidApiKey => "invalid_api_key",
             ApiError::ApiKeyExpired { .. } => "api_key_expired",
+            ApiError::Forbidden { .. } => "forbidden",
+            ApiError::TenantDisabled { .. } => "tenant_disabled",
             ApiError::ChatNotFound(_) => "chat_not_found",
+            ApiError::TenantNotFound(_) => "tenant_not_found",
+            ApiError::ApiKeyNotFound(_) => "api_key_not_found",
             ApiError::Protocol(f) => f.code,
             ApiError::Validation(_)
             | ApiError::InvalidParameter { .. }
@@ -180,7 +229,10 @@ impl ApiError {
             ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::ApiKeyExpired { .. } => {
                 StatusCode::UNAUTHORIZED
             }
+            ApiError::Forbidden { .. } | ApiError::TenantDisabled { .. } => StatusCode::FORBIDDEN,
             ApiError::ChatNotFound(_)
+            | ApiError::TenantNotFound(_)
+            | ApiError::ApiKeyNotFound(_)
             | ApiError::NotFound { .. }
             | ApiError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::ContextLengthExceeded { .. } | ApiError::PromptTooLong { .. } => {
@@ -231,7 +283,16 @@ impl ApiError {
             ApiError::ApiKeyExpired { expired_at } => {
                 format!("The API key expired at {}.", expired_at.to_rfc3339())
             }
+            ApiError::Forbidden { needs } => format!(
+                "This key cannot be used here: this route needs {}.",
+                needs.describe()
+            ),
+            ApiError::TenantDisabled { .. } => {
+                "This tenant is disabled; an operator can enable it again.".into()
+            }
             ApiError::ChatNotFound(id) => format!("Chat {id} does not exist."),
+            ApiError::TenantNotFound(t) => format!("Tenant {t:?} does not exist."),
+            ApiError::ApiKeyNotFound(k) => format!("No such API key: {k:?}."),
             ApiError::Protocol(f) => f.message.clone(),
             ApiError::Validation(v) => format!("Field {} {}.", v.field, v.message),
             ApiError::InvalidParameter { name, .. } => format!("Parameter {name} is invalid."),
@@ -318,7 +379,13 @@ impl ApiError {
             ApiError::ApiKeyExpired { expired_at } => {
                 json!({"header": "X-API-Key", "expired_at": expired_at, "hint": "Ask an operator for a new key (`confab key create TENANT`)."})
             }
+            ApiError::Forbidden { needs } => {
+                json!({"header": "X-API-Key", "needs": needs.as_str(), "hint": needs.hint()})
+            }
+            ApiError::TenantDisabled { since } => json!({"disabled_at": since}),
             ApiError::ChatNotFound(id) => json!({"chat_id": id}),
+            ApiError::TenantNotFound(t) => json!({"tenant": t}),
+            ApiError::ApiKeyNotFound(k) => json!({"key": k}),
             ApiError::Protocol(f) => f.details.clone(),
             ApiError::PromptTooLong { tokens, context } => {
                 json!({"prompt_tokens": tokens, "context_length": context})
@@ -418,6 +485,7 @@ impl ApiError {
             ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::ApiKeyExpired { .. } => {
                 close::UNAUTHORIZED
             }
+            ApiError::Forbidden { .. } | ApiError::TenantDisabled { .. } => close::FORBIDDEN,
             ApiError::ChatNotFound(_) => close::NOT_FOUND,
             ApiError::Protocol(f) => f.close,
             ApiError::Validation(_) | ApiError::InvalidParameter { .. } => close::BAD_REQUEST,
@@ -565,6 +633,8 @@ pub struct ErrorDetail {
 /// The error statuses an operation documents.
 pub trait ErrorSet: Send + Sync + 'static {
     const STATUSES: &'static [u16];
+    /// An `/admin/v1` operation (its 401/403/404 mean other things).
+    const ADMIN: bool = false;
 }
 
 macro_rules! error_set {
@@ -575,30 +645,65 @@ macro_rules! error_set {
             const STATUSES: &'static [u16] = &[$($s),*];
         }
     };
+    ($(#[$doc:meta])* admin $name:ident = [$($s:literal),*]) => {
+        $(#[$doc])*
+        pub struct $name;
+        impl ErrorSet for $name {
+            const STATUSES: &'static [u16] = &[$($s),*];
+            const ADMIN: bool = true;
+        }
+    };
 }
 
 error_set!(
     /// Errors of an authenticated operation without a body or chat id.
-    Authed = [400, 401, 429, 500, 503]
+    Authed = [400, 401, 403, 429, 500, 503]
 );
 error_set!(
     /// Errors of an authenticated operation on one chat.
-    OnChat = [400, 401, 404, 429, 500, 503]
+    OnChat = [400, 401, 403, 404, 429, 500, 503]
 );
 error_set!(
     /// Errors of an authenticated operation with a JSON body.
-    WithBody = [400, 401, 413, 415, 429, 500, 503]
+    WithBody = [400, 401, 403, 413, 415, 429, 500, 503]
 );
 error_set!(
     /// Errors of an authenticated operation on one chat with a JSON body.
-    OnChatWithBody = [400, 401, 404, 413, 415, 429, 500, 503]
+    OnChatWithBody = [400, 401, 403, 404, 413, 415, 429, 500, 503]
+);
+error_set!(
+    /// Errors of an admin operation without a body or a tenant.
+    admin AdminAuthed = [400, 401, 403, 500, 503]
+);
+error_set!(
+    /// Errors of an admin operation on one tenant (or one of its keys).
+    admin AdminOnTenant = [400, 401, 403, 404, 500, 503]
+);
+error_set!(
+    /// Errors of an admin operation with a JSON body.
+    admin AdminWithBody = [400, 401, 403, 409, 413, 415, 500, 503]
+);
+error_set!(
+    /// Errors of an admin operation on one tenant with a JSON body.
+    admin AdminOnTenantWithBody = [400, 401, 403, 404, 409, 413, 415, 500, 503]
 );
 error_set!(
     /// Errors of the readiness probe.
     Readiness = [503]
 );
 
-fn describe(status: u16) -> &'static str {
+fn describe(status: u16, admin: bool) -> &'static str {
+    match (status, admin) {
+        (401, true) => "The admin key is missing (`missing_api_key`), not valid (`invalid_api_key`) or past its expiry (`api_key_expired`).",
+        (403, true) => "The key is a tenant's, not an admin key (`forbidden`).",
+        (404, true) => "The tenant or key does not exist (`tenant_not_found`, `api_key_not_found`).",
+        (409, true) => "The name is taken (`conflict`).",
+        (403, false) => "The key is an admin key (`forbidden`), or its tenant is disabled (`tenant_disabled`).",
+        (status, _) => describe_status(status),
+    }
+}
+
+fn describe_status(status: u16) -> &'static str {
     match status {
         400 => "The request is malformed: invalid JSON, a parameter or field out of range (`validation_error`, `invalid_json`).",
         401 => "The API key is missing (`missing_api_key`), not valid (`invalid_api_key`) or past its expiry (`api_key_expired`).",
@@ -623,6 +728,12 @@ impl<S: ErrorSet> From<ApiError> for Failure<S> {
 
 impl<S: ErrorSet> From<StoreError> for Failure<S> {
     fn from(e: StoreError) -> Self {
+        Failure(e.into(), PhantomData)
+    }
+}
+
+impl<S: ErrorSet> From<crate::admin::AdminError> for Failure<S> {
+    fn from(e: crate::admin::AdminError) -> Self {
         Failure(e.into(), PhantomData)
     }
 }
@@ -654,7 +765,7 @@ impl<S: ErrorSet> ApiResponse for Failure<S> {
             responses: S::STATUSES
                 .iter()
                 .map(|&status| MetaResponse {
-                    description: describe(status),
+                    description: describe(status, S::ADMIN),
                     status: Some(status),
                     status_range: None,
                     content: vec![MetaMediaType {
@@ -724,6 +835,20 @@ mod tests {
                 1011,
             ),
             (ApiError::InvalidApiKey, 401, "invalid_api_key", 4401),
+            (
+                ApiError::Forbidden {
+                    needs: KeyKind::Tenant,
+                },
+                403,
+                "forbidden",
+                4403,
+            ),
+            (
+                ApiError::TenantDisabled { since: None },
+                403,
+                "tenant_disabled",
+                4403,
+            ),
             (
                 ApiError::ApiKeyExpired {
                     expired_at: chrono::Utc::now(),

@@ -3,6 +3,7 @@
 //! Module map:
 //! - [`config`]: the command line (clap), every flag with an environment variable.
 //! - [`cli`]: what each subcommand does (serve, tenant and key admin, openapi).
+//! - [`admin`]: the operator's actions (tenants, keys), shared by `/admin/v1` and the CLI.
 //! - [`api`]: the HTTP layer (poem-openapi handlers, DTOs, auth, the error/limit middleware).
 //! - [`error`]: the API error enum, its stable codes and its one mapping to HTTP.
 //! - [`domain`]: typed chats, messages, settings, paging and input rules.
@@ -19,6 +20,7 @@
 //! [`run`] serves the application on a listener until a shutdown future completes: the binary
 //! passes Ctrl-C/SIGTERM, tests pass a oneshot and bind `127.0.0.1:0`.
 
+pub mod admin;
 pub mod api;
 pub mod chat;
 pub mod cli;
@@ -130,8 +132,10 @@ pub async fn run(
     let membership = cluster
         .clone()
         .map(|c| tokio::spawn(c.run(store.clone(), left)));
+    let admin = admin::Admin::live(store.clone(), chat.clone(), auth.clone(), quotas.clone());
     let state = AppState {
         store,
+        admin,
         auth,
         limits: settings.limits,
         model,

@@ -10,6 +10,7 @@ mod m20261127_000001_tenant_limits;
 mod m20261127_000002_usage;
 mod m20261202_000001_replica;
 mod m20261202_000002_key_names;
+mod m20261204_000001_admin;
 
 pub struct Migrator;
 
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000002_usage::Migration),
             Box::new(m20261202_000001_replica::Migration),
             Box::new(m20261202_000002_key_names::Migration),
+            Box::new(m20261204_000001_admin::Migration),
         ]
     }
 }

@@ -136,6 +136,9 @@ pub mod close {
     pub const BAD_REQUEST: u16 = 4400;
     /// The API key is missing or not valid.
     pub const UNAUTHORIZED: u16 = 4401;
+    /// The key works but may not do this: an admin key, or a disabled tenant's key (also
+    /// sent to open sockets when their tenant is disabled or deleted).
+    pub const FORBIDDEN: u16 = 4403;
     /// The chat does not exist (for this tenant and user), or was deleted.
     pub const NOT_FOUND: u16 = 4404;
     /// The tenant has too many open connections.

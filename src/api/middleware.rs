@@ -457,7 +457,11 @@ async fn handle<E: Endpoint>(
     // `/api` requests are authenticated and counted before anything else, the body
     // included: a client without a working key learns nothing but 401, and a tenant over
     // its quota costs no more than a (cached) key lookup.
-    let quota = match rest_quota(&req, &path, &state).await {
+    let quota = match admin_gate(&req, &path, &state).await {
+        Err(e) => Err(e),
+        Ok(()) => rest_quota(&req, &path, &state).await,
+    };
+    let quota = match quota {
         Err(e) => Err(Err(e)),
         Ok(Some((_, d))) if !d.allowed => Err(Ok(d)),
         Ok(Some((tenant, d))) => {
@@ -512,6 +516,21 @@ async fn handle<E: Endpoint>(
         latency_ms = started.elapsed().as_secs_f64() * 1000.0,
     );
     resp
+}
+
+/// `/admin/v1` requests need an admin key (checked here, like tenant keys on `/api`, before
+/// the body is read); no other path does.
+async fn admin_gate(req: &Request, path: &str, state: &AppState) -> Result<(), ApiError> {
+    if path != "/admin/v1" && !path.starts_with("/admin/v1/") {
+        return Ok(());
+    }
+    let key = req
+        .headers()
+        .get("x-api-key")
+        .ok_or(ApiError::MissingApiKey)?
+        .to_str()
+        .map_err(|_| ApiError::InvalidApiKey)?;
+    state.auth.authenticate_admin(key).await.map(|_| ())
 }
 
 /// The tenant of an `/api` request whose key this layer already checked.
@@ -581,7 +600,10 @@ fn security_headers(resp: &mut Response, path: &str) {
         "default-src 'none'; frame-ancestors 'none'"
     };
     h.insert("content-security-policy", HeaderValue::from_static(csp));
-    if (path.starts_with("/api/") || path.starts_with("/v1/")) && !h.contains_key("cache-control") {
+    let api = ["/api/", "/v1/", "/admin/v1/"]
+        .iter()
+        .any(|p| path.starts_with(p));
+    if api && !h.contains_key("cache-control") {
         h.insert("cache-control", HeaderValue::from_static("no-store"));
     }
 }

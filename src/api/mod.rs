@@ -1,7 +1,10 @@
 //! The HTTP layer: poem-openapi operations, thin on purpose. Handlers turn requests into
 //! domain values, call the store, and turn results into DTOs; nothing else lives here.
 
+mod admin;
 mod auth;
+/// The `/admin/v1` bodies, which the command line prints too.
+pub use admin::dto as admin_dto;
 mod chats;
 pub mod dto;
 mod health;
@@ -28,6 +31,8 @@ use crate::store::Store;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
+    /// The operator's actions (`/admin/v1`), live: they reach sockets and caches.
+    pub admin: crate::admin::Admin,
     pub auth: Authenticator,
     pub limits: Limits,
     /// The model's state; handlers that generate need it `Ready`.
@@ -50,6 +55,9 @@ pub struct AppState {
 
 #[derive(Tags)]
 enum ApiTags {
+    /// Operators: tenants and their keys. Needs an admin key (`confab admin key create`),
+    /// which no other route takes.
+    Admin,
     /// Create and manage chats and read their history.
     Chats,
     /// Liveness and readiness probes.
@@ -58,15 +66,28 @@ enum ApiTags {
     Usage,
 }
 
-fn service() -> OpenApiService<(chats::ChatsApi, usage::UsageApi, health::HealthApi), ()> {
+type Apis = (
+    chats::ChatsApi,
+    usage::UsageApi,
+    health::HealthApi,
+    admin::AdminApi,
+);
+
+fn service() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
-        (chats::ChatsApi, usage::UsageApi, health::HealthApi),
+        (
+            chats::ChatsApi,
+            usage::UsageApi,
+            health::HealthApi,
+            admin::AdminApi,
+        ),
         "confab",
         env!("CARGO_PKG_VERSION"),
     )
     .description(
         "Self-hosted multi-tenant chat server with an in-process language model. \
-             Every `/api` operation needs the tenant API key in the `X-API-Key` header; \
+             Every `/api` operation needs the tenant API key in the `X-API-Key` header, \
+             every `/admin/v1` operation an admin key there; \
              every error has the shape `{\"error\": {\"code\", \"message\", \"details\"}}`.",
     )
 }
@@ -135,6 +156,7 @@ pub fn app(state: AppState) -> impl Endpoint {
     let operations = std::sync::Arc::new(api.into_endpoint());
     let mut route = Route::new()
         .nest_no_strip("/api", operations.clone())
+        .nest_no_strip("/admin/v1", operations.clone())
         .at("/healthz", operations.clone())
         .at("/readyz", operations)
         .nest("/docs", docs);

@@ -120,6 +120,11 @@ impl Quotas {
         }
     }
 
+    /// Forgets a tenant's cached limits (an operator just changed them here).
+    pub async fn forget(&self, tenant: TenantId) {
+        self.0.overrides.invalidate(&tenant).await;
+    }
+
     /// Counts one REST request of `tenant` against its per-minute quota.
     pub async fn check_rest(&self, tenant: TenantId) -> Decision {
         let limit = self.limits(tenant).await.requests_per_minute.max(1);

@@ -193,6 +193,18 @@ impl TextRule for UserIdRule {
     const PATTERN: &'static str = limits::USER_ID_PATTERN;
 }
 
+/// Tenant names (`store::validate_tenant_name`); as a path parameter, a tenant's id fits
+/// the same pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantNameRule;
+
+impl TextRule for TenantNameRule {
+    const NAME: &'static str = "tenant";
+    const MIN_CHARS: usize = 1;
+    const MAX_CHARS: usize = 64;
+    const PATTERN: &'static str = "^[A-Za-z0-9._-]{1,64}$";
+}
+
 /// Chat titles (`domain::validate_title`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TitleRule;

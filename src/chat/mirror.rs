@@ -124,6 +124,9 @@ impl ChatService {
                     _ => self.chat_changed(chat),
                 }
             }
+            Incoming::Control(Control::TenantClosed { tenant, why }) => {
+                self.tenant_closed_here(tenant, &why)
+            }
         }
     }
 

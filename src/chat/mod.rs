@@ -70,6 +70,9 @@ pub struct ChatSettings {
     pub ping_interval: Duration,
     /// ...and drops it after this long without any frame.
     pub idle_timeout: Duration,
+    /// How often the tenants with open sockets are checked for being disabled or deleted
+    /// behind this server's back (the command line, another replica without Redis).
+    pub tenant_check_interval: Duration,
 }
 
 impl Default for ChatSettings {
@@ -90,6 +93,7 @@ impl Default for ChatSettings {
             },
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
+            tenant_check_interval: Duration::from_secs(5),
         }
     }
 }
@@ -209,6 +213,59 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Why a tenant's sockets are being closed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum TenantClosed {
+    /// Disabled by an operator: `tenant_disabled` (4403).
+    Disabled {
+        since: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// Deleted with its data: its keys are gone, `invalid_api_key` (4401).
+    Deleted,
+}
+
+impl TenantClosed {
+    pub fn error(&self) -> ApiError {
+        match self {
+            TenantClosed::Disabled { since } => ApiError::TenantDisabled { since: *since },
+            TenantClosed::Deleted => ApiError::InvalidApiKey,
+        }
+    }
+}
+
+/// Every `tenant_check_interval`, closes the sockets of tenants that were disabled or
+/// deleted without this server being told (see [`ChatSettings::tenant_check_interval`]).
+async fn check_tenants(service: std::sync::Weak<Inner>) {
+    let every = match service.upgrade() {
+        Some(inner) => inner.settings.tenant_check_interval,
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(inner) = service.upgrade() else {
+            break;
+        };
+        let service = ChatService(inner);
+        let tenants = service.connected_tenants();
+        match service.0.store.inactive_tenants(&tenants).await {
+            Ok(closed) => {
+                for (tenant, disabled_at) in closed {
+                    let why = match disabled_at {
+                        Some(since) => TenantClosed::Disabled { since: Some(since) },
+                        None => TenantClosed::Deleted,
+                    };
+                    service.tenant_closed_here(tenant.as_uuid(), &why);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "tenant check skipped"),
+        }
+    }
+}
+
 /// One open connection of a tenant; dropping it frees the place.
 pub struct ConnectionGuard {
     service: ChatService,
@@ -268,6 +325,7 @@ impl ChatService {
             reply_ended: Notify::new(),
             relay,
         }));
+        tokio::spawn(check_tenants(Arc::downgrade(&service.0)));
         if let Some(relay) = &service.0.relay {
             tokio::spawn(mirror::listen(relay.clone(), Arc::downgrade(&service.0)));
             tokio::spawn(mirror::check(relay.clone(), Arc::downgrade(&service.0)));
@@ -631,6 +689,54 @@ impl ChatService {
             };
             tokio::spawn(async move { relay.tell(&control).await });
         }
+    }
+
+    /// The tenant was disabled or deleted (admin API): its replies stop and its sockets are
+    /// closed with `why`'s error, here and (cluster mode) on every replica.
+    pub fn tenant_closed(&self, tenant: TenantId, why: TenantClosed) {
+        self.tenant_closed_here(tenant.as_uuid(), &why);
+        if let Some(relay) = self.0.relay.clone() {
+            let control = Control::TenantClosed {
+                tenant: tenant.as_uuid(),
+                why,
+            };
+            tokio::spawn(async move { relay.tell(&control).await });
+        }
+    }
+
+    pub(crate) fn tenant_closed_here(&self, tenant: Uuid, why: &TenantClosed) {
+        let rooms: Vec<Arc<Room>> = lock(&self.0.rooms)
+            .values()
+            .filter(|r| r.tenant.as_uuid() == tenant)
+            .cloned()
+            .collect();
+        let error = why.error();
+        for room in rooms {
+            let chat_id = room.chat_id;
+            let dequeued = {
+                let mut st = room.lock();
+                // A deleted tenant's rows are going: nothing may be written for it.
+                if matches!(why, TenantClosed::Deleted) {
+                    st.deleted = true;
+                }
+                if let Some(reply) = &st.reply {
+                    reply.cancel.cancel();
+                }
+                room.send_local(&error.to_event());
+                room.close_all(error.close_code(), error.code());
+                self.scheduler()
+                    .remove(room.tenant, |w| w.is_reply_of(chat_id))
+            };
+            if let Some(Waiting::Reply(q)) = dequeued {
+                self.spawn_reply(q, false);
+                self.pump();
+            }
+        }
+    }
+
+    /// The tenants that have open sockets here.
+    fn connected_tenants(&self) -> Vec<TenantId> {
+        lock(&self.0.connections).keys().copied().collect()
     }
 
     fn chat_deleted_here(&self, tenant: TenantId, chat_id: Uuid) {

@@ -91,6 +91,11 @@ pub(crate) enum Control {
     Cancel { chat: Uuid, reply: Uuid },
     /// The chat is gone: close its sockets (4404) and stop its reply.
     Deleted { tenant: Uuid, chat: Uuid },
+    /// The tenant was disabled or deleted: close its sockets and stop its replies.
+    TenantClosed {
+        tenant: Uuid,
+        why: super::TenantClosed,
+    },
 }
 
 /// A message from the other replicas.

@@ -5,17 +5,19 @@
 //! made outside this crate except by authenticating a key, so a handler cannot reach another
 //! tenant's rows, and code that forgets the tenant does not compile.
 
-mod admin;
 mod chats;
 mod entity;
 mod error;
 mod json;
+mod keys;
 mod messages;
+mod tenants;
 mod usage;
 
-pub use admin::{KeyAuth, KeyInfo, KeySpec, TenantInfo};
 pub use error::StoreError;
+pub use keys::{KeyAuth, KeyInfo, KeyOwner, KeySpec, MAX_KEY_NAME_CHARS};
 pub use messages::ReplyUpdate;
+pub use tenants::{validate_tenant_name, TenantInfo};
 pub use usage::UserUsage;
 
 use std::sync::Arc;

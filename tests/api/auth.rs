@@ -53,7 +53,7 @@ async fn revoked_key_stops_working(b: Backend) {
     let (st, _) = s.get("/api/v1/chats/user/u", &t.key).await;
     assert_eq!(st.as_u16(), 200);
     let prefix = &t.key[..12];
-    s.store.revoke_key(prefix).await.expect("revoke");
+    s.store.revoke_key(None, prefix).await.expect("revoke");
     // The cached positive answer lives at most the TTL; poll, bounded.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {

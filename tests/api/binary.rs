@@ -35,11 +35,13 @@ async fn admin_commands(b: Backend) {
         let v: Value = serde_json::from_str(out.trim()).expect("json");
         let key = v["api_key"].as_str().unwrap().to_string();
         assert!(key.starts_with("cfk_") && key.len() == 44);
-        assert!(v["tenant_id"]
+        assert!(v["tenant"]["id"]
             .as_str()
             .unwrap()
             .parse::<uuid::Uuid>()
             .is_ok());
+        assert_eq!(v["key"]["tenant_id"], v["tenant"]["id"]);
+        assert_eq!(v["key"]["state"], "active");
 
         let (ok, _, err) = confab(&url, &["tenant", "create", "acme"]);
         assert!(!ok);
@@ -87,8 +89,9 @@ async fn admin_commands(b: Backend) {
         let (ok, out, _) = confab(&url, &["tenant", "list", "--json"]);
         assert!(ok);
         let list: Value = serde_json::from_str(out.trim()).unwrap();
-        assert_eq!(list[0]["name"], "acme");
-        assert_eq!(list[0]["active_keys"], 1);
+        assert_eq!(list["tenants"][0]["name"], "acme");
+        assert_eq!(list["tenants"][0]["active_keys"], 1);
+        assert_eq!(list["total"], 1);
 
         let (ok, out, err) = confab(
             &url,
@@ -104,11 +107,13 @@ async fn admin_commands(b: Backend) {
             ],
         );
         assert!(ok, "{err}");
-        let k2: Value = serde_json::from_str(out.trim()).unwrap();
+        let created: Value = serde_json::from_str(out.trim()).unwrap();
+        let k2 = created["key"].clone();
         assert_eq!(k2["name"], "billing export");
         let (ok, out, _) = confab(&url, &["key", "list", "acme", "--json"]);
         assert!(ok);
         let keys: Value = serde_json::from_str(out.trim()).unwrap();
+        let keys = keys["keys"].clone();
         assert_eq!(keys.as_array().unwrap().len(), 2);
         assert!(!out.contains(&key), "listings never show secrets");
         let named = keys
@@ -152,7 +157,43 @@ async fn admin_commands(b: Backend) {
         let (ok, out, _) = confab(&url, &["tenant", "list", "--json"]);
         assert!(ok);
         let list: Value = serde_json::from_str(out.trim()).unwrap();
-        assert_eq!(list[0]["active_keys"], 1);
+        assert_eq!(list["tenants"][0]["active_keys"], 1);
+
+        // Rename, disable, enable, delete.
+        let tenant = |args: &[&str]| {
+            let (ok, out, err) = confab(&url, args);
+            assert!(ok, "{args:?}: {err}");
+            serde_json::from_str::<Value>(out.trim()).expect("json")
+        };
+        let t = tenant(&["tenant", "rename", "acme", "acme-corp", "--json"]);
+        assert_eq!(t["name"], "acme-corp");
+        let t = tenant(&["tenant", "disable", "acme-corp", "--json"]);
+        assert_eq!(t["disabled"], true);
+        assert!(t["disabled_at"].is_string());
+        let t = tenant(&["tenant", "show", "acme-corp", "--json"]);
+        assert_eq!(t["disabled"], true);
+        let t = tenant(&["tenant", "enable", "acme-corp", "--json"]);
+        assert_eq!(t["disabled"], false);
+        assert_eq!(t["disabled_at"], Value::Null);
+        let (ok, _, err) = confab(&url, &["tenant", "delete", "acme-corp"]);
+        assert!(!ok && err.contains("--yes"), "{err}");
+        let (ok, out, err) = confab(&url, &["tenant", "delete", "acme-corp", "--yes"]);
+        assert!(ok && out.contains("deleted"), "{err}");
+        let (ok, _, err) = confab(&url, &["tenant", "show", "acme-corp"]);
+        assert!(!ok && err.contains("no tenant named"), "{err}");
+
+        // Admin keys: their own kind, listed apart from tenants' keys.
+        let created = tenant(&["admin", "key", "create", "--name", "ops", "--json"]);
+        let secret = created["api_key"].as_str().unwrap();
+        assert!(secret.starts_with("cfa_") && secret.len() == 44, "{secret}");
+        assert_eq!(created["key"]["name"], "ops");
+        assert!(created["key"].get("tenant_id").is_none(), "{created}");
+        let listed = tenant(&["admin", "key", "list", "--json"]);
+        assert_eq!(listed["keys"].as_array().unwrap().len(), 1);
+        assert!(!listed.to_string().contains(secret));
+        let id = created["key"]["id"].as_str().unwrap();
+        let revoked = tenant(&["admin", "key", "revoke", id, "--json"]);
+        assert_eq!(revoked["state"], "revoked");
     })
     .await
     .unwrap();
@@ -245,12 +286,19 @@ pub(crate) async fn stop(mut child: std::process::Child) {
 async fn serve_bootstraps_and_stops(b: Backend) {
     let (_store, url, _guard) = fresh_store(b).await;
     let key = "ci-known-key-0123456789abcdef";
+    let admin = "cfa_ci-known-admin-key-0123456789";
     let dir = tempfile::tempdir().unwrap();
     let Served {
         child,
         base,
         banner,
-    } = serve(&url, key, dir.path()).await;
+    } = serve_with(
+        &url,
+        key,
+        dir.path(),
+        &[("CONFAB_BOOTSTRAP_ADMIN_KEY", admin)],
+    )
+    .await;
     assert!(banner.contains("created tenant \"default\""), "{banner}");
     assert!(banner.contains("/docs"), "{banner}");
     assert!(!banner.contains(key), "a chosen key is not echoed");
@@ -265,13 +313,59 @@ async fn serve_bootstraps_and_stops(b: Backend) {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 201);
 
+    // The bootstrap admin key works on the admin API, and the command line says what the
+    // API says (the key's last use is recorded just after its lookup: polled, bounded).
+    let api = |path: &str| {
+        let req = http.get(format!("{base}{path}")).header("X-API-Key", admin);
+        async move {
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status().as_u16(), 200);
+            resp.json::<Value>().await.unwrap()
+        }
+    };
+    let cli = |args: &[&str]| {
+        let (ok, out, err) = confab(&url, args);
+        assert!(ok, "{err}");
+        serde_json::from_str::<Value>(out.trim()).unwrap()
+    };
+    let shown = api("/admin/v1/tenants/default").await;
+    assert_eq!(cli(&["tenant", "show", "default", "--json"]), shown);
+    assert_eq!(
+        cli(&["tenant", "list", "--json"]),
+        api("/admin/v1/tenants").await
+    );
+    let mut same = false;
+    for _ in 0..40 {
+        let over_api = api("/admin/v1/tenants/default/keys").await;
+        if cli(&["key", "list", "default", "--json"]) == over_api {
+            same = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(same, "key lists differ between the CLI and the API");
+    let admins = cli(&["admin", "key", "list", "--json"]);
+    assert_eq!(admins["keys"][0]["prefix"], &admin[..12]);
+
     stop(child).await;
 
-    // A second start finds the tenant and does not bootstrap again.
-    let (ok, out, _) = confab(&url, &["tenant", "list", "--json"]);
-    assert!(ok);
-    let list: Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(list.as_array().unwrap().len(), 1);
+    // A second start finds the tenant and does not bootstrap again; nor the admin key,
+    // which works already.
+    let Served { child, .. } = serve_with(
+        &url,
+        key,
+        dir.path(),
+        &[(
+            "CONFAB_BOOTSTRAP_ADMIN_KEY",
+            "cfa_another-admin-key-0123456789",
+        )],
+    )
+    .await;
+    stop(child).await;
+    let list = cli(&["tenant", "list", "--json"]);
+    assert_eq!(list["tenants"].as_array().unwrap().len(), 1);
+    let admins = cli(&["admin", "key", "list", "--json"]);
+    assert_eq!(admins["keys"].as_array().unwrap().len(), 1);
 }
 
 /// The README's curl examples, run as written against a live server.

@@ -215,7 +215,8 @@ impl TestServer {
             .await
             .expect("lookup")
             .expect("key works")
-            .tenant;
+            .tenant()
+            .expect("a tenant key");
         Tenant {
             id,
             key: key.secret,

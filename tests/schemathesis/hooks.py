@@ -1,7 +1,9 @@
 """Schemathesis checks of our own, loaded with SCHEMATHESIS_HOOKS=hooks.
 
-`unauthorized_everywhere`: for the runs without a key or with a wrong one, every
-operation must answer 401 with the one error shape (`missing_api_key` / `invalid_api_key`).
+`unauthorized_everywhere`: for the runs without a key, with a wrong one or with a key of the
+wrong kind, every operation must answer CONFAB_EXPECT_STATUS (401 unless set) with the one
+error shape and one of the codes in CONFAB_EXPECT_401_CODE (`missing_api_key` /
+`invalid_api_key`, or `forbidden` for a tenant key on `/admin/v1` and an admin key on `/api`).
 """
 import os
 
@@ -10,14 +12,17 @@ import schemathesis
 # Comma-separated codes accepted (schemathesis may fill the key header with junk even when we
 # send none, so the no-key run accepts both).
 EXPECTED_CODE = os.environ.get("CONFAB_EXPECT_401_CODE")
+EXPECTED_STATUS = int(os.environ.get("CONFAB_EXPECT_STATUS", "401"))
 
 
 @schemathesis.check
 def unauthorized_everywhere(ctx, response, case):
     if not EXPECTED_CODE:
         return None
-    if response.status_code != 401:
-        raise AssertionError(f"expected 401 {EXPECTED_CODE}, got {response.status_code}: {response.text[:300]}")
+    if response.status_code != EXPECTED_STATUS:
+        raise AssertionError(
+            f"expected {EXPECTED_STATUS} {EXPECTED_CODE}, got {response.status_code}: {response.text[:300]}"
+        )
     body = response.json()
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict) or set(body) != {"error"}:

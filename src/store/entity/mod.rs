@@ -1,6 +1,7 @@
 //! sea-orm entities, one per table. Private to the store: code outside `store` cannot build a
 //! query on them, so it cannot forget the tenant filter that the repository functions apply.
 
+pub(crate) mod admin_key;
 pub(crate) mod api_key;
 pub(crate) mod chat;
 pub(crate) mod message;

@@ -10,6 +10,8 @@ pub struct Model {
     pub requests_per_minute: Option<i32>,
     pub ws_messages_per_second: Option<i32>,
     pub max_connections: Option<i32>,
+    /// While set, the tenant's keys answer `tenant_disabled`.
+    pub disabled_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

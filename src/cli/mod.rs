@@ -1,19 +1,18 @@
-//! What each subcommand does. Admin commands talk to the database directly, so they work
+//! What each subcommand does (the operator's commands in [`admin`]). Admin commands talk to the database directly, so they work
 //! while the server is stopped (and while it runs: SQLite WAL and PostgreSQL both allow it).
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use serde_json::json;
+use anyhow::Context;
 
-use crate::config::{
-    BenchArgs, Cli, Command, DbArgs, KeyCommand, LimitValue, ServeArgs, TenantCommand,
-};
+use crate::config::{BenchArgs, Cli, Command, DbArgs, ServeArgs};
 use crate::credentials;
 use crate::engine::source::ModelSource;
 use crate::engine::{ModelSlot, ModelStatus};
 use crate::store::{redact_url, Backend, KeySpec, Store, StoreError, StoreOptions};
 use crate::ServerSettings;
+
+mod admin;
 
 /// Runs the parsed command line.
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -23,8 +22,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => serve(&cli.db, *args).await,
-        Command::Tenant(cmd) => tenant(&open(&cli.db).await?, cmd).await,
-        Command::Key(cmd) => key(&open(&cli.db).await?, cmd).await,
+        Command::Tenant(cmd) => admin::tenant(&offline(&cli.db).await?, cmd).await,
+        Command::Key(cmd) => admin::key(&offline(&cli.db).await?, cmd).await,
+        Command::Admin(cmd) => admin::admin(&offline(&cli.db).await?, cmd).await,
         Command::Bench(args) => bench(args).await,
         Command::Tokenize(args) => tokenize(args),
         Command::Run(args) => run(args).await,
@@ -162,6 +162,11 @@ async fn run(args: crate::config::RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The operator's actions on the database (no running server is needed).
+async fn offline(db: &DbArgs) -> anyhow::Result<crate::admin::Admin> {
+    Ok(crate::admin::Admin::offline(open(db).await?))
+}
+
 /// Opens (and migrates) the database, creating the data directory for SQLite.
 pub async fn open(db: &DbArgs) -> anyhow::Result<Store> {
     let url = db.url();
@@ -231,6 +236,7 @@ async fn serve(db: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.bind))?;
     let addr = listener.local_addr()?;
     bootstrap(&store, &args, addr).await?;
+    bootstrap_admin(&store, &args).await?;
     tracing::info!(%addr, "listening");
     println!("confab listening on http://{addr}  (Swagger UI: http://{addr}/docs)");
     let settings = ServerSettings {
@@ -273,8 +279,8 @@ async fn bootstrap(
             .map_err(|e| anyhow::anyhow!("CONFAB_BOOTSTRAP_API_KEY: {e}"))?,
         None => credentials::generate(),
     };
-    let t = match store.create_tenant("default", &key).await {
-        Ok(t) => t,
+    let (t, _) = match store.create_tenant("default", &key).await {
+        Ok(created) => created,
         // Another process bootstrapped at the same moment.
         Err(StoreError::Conflict(_)) => return Ok(()),
         Err(e) => return Err(e.into()),
@@ -293,6 +299,40 @@ async fn bootstrap(
     println!("  Swagger UI:  {base}/docs   (Authorize with the key)");
     println!("  OpenAPI:     {base}/openapi.json");
     println!();
+    Ok(())
+}
+
+/// `CONFAB_BOOTSTRAP_ADMIN_KEY`: while no admin key works (none yet, or all revoked or
+/// expired), the given one is added, so a fresh deployment can be managed over the API
+/// without a shell. Once any admin key works the variable is ignored (and may be removed).
+async fn bootstrap_admin(store: &Store, args: &ServeArgs) -> anyhow::Result<()> {
+    let Some(secret) = &args.bootstrap_admin_key else {
+        return Ok(());
+    };
+    let key = credentials::custom(&secret.0)
+        .map_err(|e| anyhow::anyhow!("CONFAB_BOOTSTRAP_ADMIN_KEY: {e}"))?;
+    let now = chrono::Utc::now();
+    let working = store
+        .list_admin_keys()
+        .await?
+        .into_iter()
+        .any(|k| k.revoked_at.is_none() && k.expires_at.is_none_or(|at| at > now));
+    if working {
+        tracing::debug!("an admin key works already; CONFAB_BOOTSTRAP_ADMIN_KEY ignored");
+        return Ok(());
+    }
+    let spec = KeySpec {
+        name: Some("bootstrap (CONFAB_BOOTSTRAP_ADMIN_KEY)".into()),
+        expires_at: None,
+    };
+    match store.create_admin_key(&key, &spec).await {
+        Ok(k) => {
+            tracing::info!(prefix = %k.prefix, "admin key from CONFAB_BOOTSTRAP_ADMIN_KEY added")
+        }
+        // Another replica added it at the same moment (or it was revoked: then it stays so).
+        Err(StoreError::Conflict(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
     Ok(())
 }
 
@@ -330,172 +370,6 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             let _ = tokio::signal::ctrl_c().await;
         }
         tracing::info!("shutting down");
-    }
-}
-
-async fn tenant(store: &Store, cmd: TenantCommand) -> anyhow::Result<()> {
-    match cmd {
-        TenantCommand::Create { name, json } => {
-            let key = credentials::generate();
-            let t = store
-                .create_tenant(&name, &key)
-                .await
-                .map_err(admin_error)?;
-            if json {
-                println!(
-                    "{}",
-                    json!({"tenant_id": t.id, "tenant": t.name, "api_key": key.secret})
-                );
-            } else {
-                println!("tenant {} created: {}", t.name, t.id);
-                println!("API key (shown only this once): {}", key.secret);
-            }
-        }
-        TenantCommand::List { json } => {
-            let ts = store.list_tenants().await?;
-            if json {
-                let rows: Vec<_> = ts
-                    .iter()
-                    .map(|t| json!({"tenant_id": t.id, "name": t.name, "created_at": t.created_at, "active_keys": t.active_keys, "limits": t.limits}))
-                    .collect();
-                println!("{}", serde_json::Value::Array(rows));
-            } else {
-                println!("{:<36}  {:<24}  {:>4}  created", "id", "name", "keys");
-                for t in ts {
-                    println!(
-                        "{:<36}  {:<24}  {:>4}  {}",
-                        t.id,
-                        t.name,
-                        t.active_keys,
-                        t.created_at.to_rfc3339()
-                    );
-                }
-            }
-        }
-        TenantCommand::SetLimits {
-            tenant,
-            requests_per_minute,
-            ws_messages_per_second,
-            max_connections,
-            json,
-        } => {
-            let patch = crate::domain::TenantLimitsPatch {
-                requests_per_minute: LimitValue::patch(requests_per_minute),
-                ws_messages_per_second: LimitValue::patch(ws_messages_per_second),
-                max_connections: LimitValue::patch(max_connections),
-            };
-            let t = store
-                .set_tenant_limits(&tenant, patch)
-                .await
-                .map_err(admin_error)?;
-            if json {
-                println!(
-                    "{}",
-                    json!({"tenant_id": t.id, "name": t.name, "limits": t.limits})
-                );
-            } else {
-                let show = |v: Option<u32>| v.map_or("default".to_string(), |n| n.to_string());
-                println!(
-                    "tenant {}: requests_per_minute={} ws_messages_per_second={} max_connections={}",
-                    t.name,
-                    show(t.limits.requests_per_minute),
-                    show(t.limits.ws_messages_per_second),
-                    show(t.limits.max_connections)
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
-async fn key(store: &Store, cmd: KeyCommand) -> anyhow::Result<()> {
-    match cmd {
-        KeyCommand::Create {
-            tenant,
-            name,
-            expires_at,
-            json,
-        } => {
-            let key = credentials::generate();
-            let spec = KeySpec { name, expires_at };
-            let k = store
-                .create_key(&tenant, &key, &spec)
-                .await
-                .map_err(|e| tenant_error(e, &tenant))?;
-            if json {
-                println!(
-                    "{}",
-                    json!({"tenant_id": k.tenant_id, "prefix": k.prefix, "name": k.name,
-                        "expires_at": k.expires_at, "api_key": key.secret})
-                );
-            } else {
-                println!(
-                    "API key for tenant {tenant} (shown only this once): {}",
-                    key.secret
-                );
-            }
-        }
-        KeyCommand::List { tenant, json } => {
-            let keys = store
-                .list_keys(&tenant)
-                .await
-                .map_err(|e| tenant_error(e, &tenant))?;
-            if json {
-                let rows: Vec<_> = keys
-                    .iter()
-                    .map(|k| {
-                        json!({"prefix": k.prefix, "name": k.name, "created_at": k.created_at,
-                            "expires_at": k.expires_at, "last_used_at": k.last_used_at,
-                            "revoked_at": k.revoked_at})
-                    })
-                    .collect();
-                println!("{}", serde_json::Value::Array(rows));
-            } else {
-                let when = |t: Option<chrono::DateTime<chrono::Utc>>| {
-                    t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-                        .unwrap_or_else(|| "-".into())
-                };
-                println!(
-                    "{:<14}  {:<20}  {:<19}  {:<19}  {:<19}  revoked",
-                    "prefix", "name", "created", "expires", "last used"
-                );
-                for k in keys {
-                    println!(
-                        "{:<14}  {:<20}  {:<19}  {:<19}  {:<19}  {}",
-                        k.prefix,
-                        k.name.as_deref().unwrap_or("-"),
-                        when(Some(k.created_at)),
-                        when(k.expires_at),
-                        when(k.last_used_at),
-                        when(k.revoked_at)
-                    );
-                }
-            }
-        }
-        KeyCommand::Revoke { prefix } => match store.revoke_key(&prefix).await {
-            Ok(k) => println!("revoked key {} of tenant {}", k.prefix, k.tenant_id),
-            Err(StoreError::NotFound) => {
-                bail!("no working key has the prefix {prefix:?} (see `confab key list TENANT`)")
-            }
-            Err(e) => return Err(admin_error(e)),
-        },
-    }
-    Ok(())
-}
-
-fn admin_error(e: StoreError) -> anyhow::Error {
-    match e {
-        StoreError::Conflict(m) | StoreError::Invalid(m) => anyhow::anyhow!(m),
-        other => other.into(),
-    }
-}
-
-fn tenant_error(e: StoreError, tenant: &str) -> anyhow::Error {
-    match e {
-        StoreError::NotFound => {
-            anyhow::anyhow!("no tenant named {tenant:?} (see `confab tenant list`)")
-        }
-        other => admin_error(other),
     }
 }
 

@@ -1,0 +1,234 @@
+//! Bodies of the `/admin/v1` API. The command line prints the same objects (`--json`), so
+//! both say the same thing in the same words.
+
+use chrono::Utc;
+use poem_openapi::types::MaybeUndefined;
+use poem_openapi::Object;
+use uuid::Uuid;
+
+use crate::api::types::{RuledText, TenantNameRule, Timestamp};
+use crate::domain::{Page, Patch, TenantLimits, TenantLimitsPatch};
+use crate::store::{KeyInfo, KeySpec, TenantInfo};
+
+/// A tenant's own limits; `null` means the server's default.
+#[derive(Debug, Clone, Object)]
+#[oai(rename = "TenantLimits")]
+pub struct TenantLimitsDto {
+    /// REST requests per minute.
+    pub requests_per_minute: Option<u32>,
+    /// WebSocket messages per second per connection.
+    pub ws_messages_per_second: Option<u32>,
+    /// Open WebSocket connections.
+    pub max_connections: Option<u32>,
+}
+
+impl From<TenantLimits> for TenantLimitsDto {
+    fn from(l: TenantLimits) -> Self {
+        TenantLimitsDto {
+            requests_per_minute: l.requests_per_minute,
+            ws_messages_per_second: l.ws_messages_per_second,
+            max_connections: l.max_connections,
+        }
+    }
+}
+
+/// A change to a tenant's limits: an absent field stays, `null` goes back to the server's
+/// default, a number (1 to 2147483647) sets it.
+#[derive(Debug, Clone, Default, Object)]
+#[oai(rename = "TenantLimitsPatch", nullable_all)]
+pub struct TenantLimitsPatchDto {
+    #[oai(validator(minimum(value = "1"), maximum(value = "2147483647")))]
+    pub requests_per_minute: MaybeUndefined<u32>,
+    #[oai(validator(minimum(value = "1"), maximum(value = "2147483647")))]
+    pub ws_messages_per_second: MaybeUndefined<u32>,
+    #[oai(validator(minimum(value = "1"), maximum(value = "2147483647")))]
+    pub max_connections: MaybeUndefined<u32>,
+}
+
+fn patch(m: MaybeUndefined<u32>) -> Patch<u32> {
+    match m {
+        MaybeUndefined::Undefined => Patch::Keep,
+        MaybeUndefined::Null => Patch::Clear,
+        MaybeUndefined::Value(v) => Patch::Set(v),
+    }
+}
+
+impl From<TenantLimitsPatchDto> for TenantLimitsPatch {
+    fn from(p: TenantLimitsPatchDto) -> Self {
+        TenantLimitsPatch {
+            requests_per_minute: patch(p.requests_per_minute),
+            ws_messages_per_second: patch(p.ws_messages_per_second),
+            max_connections: patch(p.max_connections),
+        }
+    }
+}
+
+/// A tenant as an operator sees it.
+#[derive(Debug, Clone, Object)]
+#[oai(rename = "Tenant")]
+pub struct TenantDto {
+    pub id: Uuid,
+    pub name: String,
+    pub created_at: Timestamp,
+    /// Keys that work now (neither revoked nor expired).
+    pub active_keys: u64,
+    pub limits: TenantLimitsDto,
+    /// A disabled tenant's keys answer 403 `tenant_disabled`.
+    pub disabled: bool,
+    pub disabled_at: Option<Timestamp>,
+}
+
+impl From<TenantInfo> for TenantDto {
+    fn from(t: TenantInfo) -> Self {
+        TenantDto {
+            id: t.id,
+            name: t.name,
+            created_at: t.created_at.into(),
+            active_keys: t.active_keys,
+            limits: t.limits.into(),
+            disabled: t.disabled_at.is_some(),
+            disabled_at: t.disabled_at.map(Timestamp),
+        }
+    }
+}
+
+/// One page of tenants, oldest first.
+#[derive(Debug, Object)]
+#[oai(rename = "TenantList")]
+pub struct TenantListDto {
+    pub tenants: Vec<TenantDto>,
+    /// All tenants.
+    pub total: u64,
+    pub offset: u64,
+    pub limit: u64,
+    /// True when more tenants follow this page.
+    pub has_more: bool,
+}
+
+impl From<Page<TenantInfo>> for TenantListDto {
+    fn from(p: Page<TenantInfo>) -> Self {
+        TenantListDto {
+            has_more: p.has_more(),
+            total: p.total,
+            offset: p.offset,
+            limit: p.limit,
+            tenants: p.items.into_iter().map(TenantDto::from).collect(),
+        }
+    }
+}
+
+/// A new tenant.
+#[derive(Debug, Object)]
+#[oai(rename = "CreateTenantRequest")]
+pub struct CreateTenantRequest {
+    /// 1 to 64 characters from A-Z, a-z, 0-9, '-', '_', '.'; unique.
+    pub name: RuledText<TenantNameRule>,
+    /// Its own limits (absent fields: the server's defaults).
+    pub limits: Option<TenantLimitsPatchDto>,
+}
+
+/// A change to a tenant; absent fields stay as they are.
+#[derive(Debug, Object)]
+#[oai(rename = "UpdateTenantRequest")]
+pub struct UpdateTenantRequest {
+    /// A new name (unique; the id, keys and data stay).
+    pub name: Option<RuledText<TenantNameRule>>,
+    pub limits: Option<TenantLimitsPatchDto>,
+}
+
+/// Whether a key works now.
+#[derive(Debug, Clone, Copy, poem_openapi::Enum)]
+#[oai(rename = "KeyState", rename_all = "snake_case")]
+pub enum KeyStateDto {
+    Active,
+    Expired,
+    Revoked,
+}
+
+/// A key as an operator sees it: never the secret.
+#[derive(Debug, Clone, Object)]
+#[oai(rename = "ApiKey")]
+pub struct KeyDto {
+    pub id: Uuid,
+    /// The tenant the key acts for (absent for an admin key).
+    #[oai(skip_serializing_if_is_none)]
+    pub tenant_id: Option<Uuid>,
+    /// The key's first characters, to tell keys apart.
+    pub prefix: String,
+    pub name: Option<String>,
+    pub state: KeyStateDto,
+    pub created_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+    /// When it last authenticated a request (to within the server's key-cache lifetime).
+    pub last_used_at: Option<Timestamp>,
+    pub revoked_at: Option<Timestamp>,
+}
+
+impl From<KeyInfo> for KeyDto {
+    fn from(k: KeyInfo) -> Self {
+        let state = if k.revoked_at.is_some() {
+            KeyStateDto::Revoked
+        } else if k.expires_at.is_some_and(|at| at <= Utc::now()) {
+            KeyStateDto::Expired
+        } else {
+            KeyStateDto::Active
+        };
+        KeyDto {
+            id: k.id,
+            tenant_id: k.tenant_id,
+            prefix: k.prefix,
+            name: k.name,
+            state,
+            created_at: k.created_at.into(),
+            expires_at: k.expires_at.map(Timestamp),
+            last_used_at: k.last_used_at.map(Timestamp),
+            revoked_at: k.revoked_at.map(Timestamp),
+        }
+    }
+}
+
+/// A tenant's keys, newest first.
+#[derive(Debug, Object)]
+#[oai(rename = "ApiKeyList")]
+pub struct KeyListDto {
+    pub keys: Vec<KeyDto>,
+}
+
+/// A new key.
+#[derive(Debug, Default, Object)]
+#[oai(rename = "CreateKeyRequest")]
+pub struct CreateKeyRequest {
+    /// What the key is for (1–100 characters, no control characters).
+    #[oai(validator(min_length = 1, max_length = 100))]
+    pub name: Option<String>,
+    /// When the key stops working (then 401 `api_key_expired`); must be in the future.
+    pub expires_at: Option<Timestamp>,
+}
+
+impl From<CreateKeyRequest> for KeySpec {
+    fn from(r: CreateKeyRequest) -> Self {
+        KeySpec {
+            name: r.name,
+            expires_at: r.expires_at.map(|t| t.0),
+        }
+    }
+}
+
+/// A key just made: its secret is shown this once and never again.
+#[derive(Debug, Object)]
+#[oai(rename = "CreatedApiKey")]
+pub struct CreatedKeyDto {
+    pub key: KeyDto,
+    /// The secret, for `X-API-Key`. Store it now: only its hash is kept.
+    pub api_key: String,
+}
+
+/// A tenant just made, with its first key.
+#[derive(Debug, Object)]
+#[oai(rename = "CreatedTenant")]
+pub struct CreatedTenantDto {
+    pub tenant: TenantDto,
+    pub key: KeyDto,
+    /// The first key's secret, shown this once.
+    pub api_key: String,
+}

@@ -1,0 +1,325 @@
+//! `/admin/v1`: tenants and their keys, for operators with an admin key. Thin: every
+//! operation is one call of [`crate::admin::Admin`], which the command line calls too.
+
+pub mod dto;
+
+use poem::web::Data;
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, OpenApi};
+use uuid::Uuid;
+
+use super::auth::AdminAuth;
+use super::types::{RuledText, TenantNameRule};
+use super::{ApiTags, AppState};
+use crate::admin::TenantUpdate;
+use crate::domain::{Order, PageRequest, TenantLimitsPatch};
+use crate::error::{AdminAuthed, AdminOnTenant, AdminOnTenantWithBody, AdminWithBody, Failure};
+use dto::{
+    CreateKeyRequest, CreateTenantRequest, CreatedKeyDto, CreatedTenantDto, KeyDto, KeyListDto,
+    TenantDto, TenantListDto, UpdateTenantRequest,
+};
+
+#[derive(ApiResponse)]
+pub enum CreatedTenant {
+    /// The tenant and its first key (the secret is shown this once).
+    #[oai(status = 201)]
+    Created(Json<CreatedTenantDto>),
+}
+
+#[derive(ApiResponse)]
+pub enum OneTenant {
+    /// The tenant as it is now.
+    #[oai(status = 200)]
+    Ok(Json<TenantDto>),
+}
+
+#[derive(ApiResponse)]
+pub enum TenantPage {
+    /// One page of tenants, oldest first.
+    #[oai(status = 200)]
+    Ok(Json<TenantListDto>),
+}
+
+#[derive(ApiResponse)]
+pub enum TenantDeleted {
+    /// The tenant and all its data (keys, users, chats, messages, usage) are deleted.
+    #[oai(status = 204)]
+    NoContent,
+}
+
+#[derive(ApiResponse)]
+pub enum CreatedKey {
+    /// The key (the secret is shown this once).
+    #[oai(status = 201)]
+    Created(Json<CreatedKeyDto>),
+}
+
+#[derive(ApiResponse)]
+pub enum KeyList {
+    /// The tenant's keys, newest first, revoked and expired ones included.
+    #[oai(status = 200)]
+    Ok(Json<KeyListDto>),
+}
+
+#[derive(ApiResponse)]
+pub enum OneKey {
+    /// The key as it is now.
+    #[oai(status = 200)]
+    Ok(Json<KeyDto>),
+}
+
+fn default_limit() -> u64 {
+    50
+}
+
+/// Logs an operator's change (which admin key did what to which tenant).
+fn acted(auth: &AdminAuth, action: &'static str, tenant: &str) {
+    tracing::info!(admin_key = %auth.0, action, tenant, "admin action");
+}
+
+/// The admin operations.
+pub struct AdminApi;
+
+#[OpenApi(tag = "ApiTags::Admin")]
+impl AdminApi {
+    /// Create a tenant
+    ///
+    /// Creates a tenant with its first API key, shown in the answer this once.
+    #[oai(
+        path = "/admin/v1/tenants",
+        method = "post",
+        operation_id = "admin_create_tenant"
+    )]
+    async fn create_tenant(
+        &self,
+        state: Data<&AppState>,
+        auth: AdminAuth,
+        body: Json<CreateTenantRequest>,
+    ) -> Result<CreatedTenant, Failure<AdminWithBody>> {
+        let limits = body
+            .0
+            .limits
+            .map(TenantLimitsPatch::from)
+            .unwrap_or_default();
+        let body_name = body.0.name.0;
+        let (t, k, key) = state.admin.create_tenant(&body_name, limits).await?;
+        acted(&auth, "tenant_create", &body_name);
+        Ok(CreatedTenant::Created(Json(CreatedTenantDto {
+            tenant: t.into(),
+            key: k.into(),
+            api_key: key.secret,
+        })))
+    }
+
+    /// List tenants
+    ///
+    /// All tenants, oldest first, a page at a time.
+    #[oai(
+        path = "/admin/v1/tenants",
+        method = "get",
+        operation_id = "admin_list_tenants"
+    )]
+    async fn list_tenants(
+        &self,
+        state: Data<&AppState>,
+        _auth: AdminAuth,
+        /// Number of tenants to skip.
+        #[oai(
+            default,
+            validator(minimum(value = "0"), maximum(value = "1000000000"))
+        )]
+        offset: Query<u64>,
+        /// Page size, 1 to 200.
+        #[oai(
+            default = "default_limit",
+            validator(minimum(value = "1"), maximum(value = "200"))
+        )]
+        limit: Query<u64>,
+    ) -> Result<TenantPage, Failure<AdminAuthed>> {
+        let page = PageRequest {
+            offset: offset.0,
+            limit: limit.0,
+            order: Order::Asc,
+        };
+        let p = state.admin.list_tenants(page).await?;
+        Ok(TenantPage::Ok(Json(p.into())))
+    }
+
+    /// Get a tenant
+    #[oai(
+        path = "/admin/v1/tenants/:tenant",
+        method = "get",
+        operation_id = "admin_get_tenant"
+    )]
+    async fn get_tenant(
+        &self,
+        state: Data<&AppState>,
+        _auth: AdminAuth,
+        /// The tenant's name or id.
+        tenant: Path<RuledText<TenantNameRule>>,
+    ) -> Result<OneTenant, Failure<AdminOnTenant>> {
+        let t = state.admin.tenant(&tenant.0 .0).await?;
+        Ok(OneTenant::Ok(Json(t.into())))
+    }
+
+    /// Rename a tenant or change its limits
+    ///
+    /// Absent fields stay; in `limits`, `null` goes back to the server's default.
+    #[oai(
+        path = "/admin/v1/tenants/:tenant",
+        method = "patch",
+        operation_id = "admin_update_tenant"
+    )]
+    async fn update_tenant(
+        &self,
+        state: Data<&AppState>,
+        auth: AdminAuth,
+        /// The tenant's name or id.
+        tenant: Path<RuledText<TenantNameRule>>,
+        body: Json<UpdateTenantRequest>,
+    ) -> Result<OneTenant, Failure<AdminOnTenantWithBody>> {
+        let update = TenantUpdate {
+            name: body.0.name.map(|n| n.0),
+            limits: body
+                .0
+                .limits
+                .map(TenantLimitsPatch::from)
+                .unwrap_or_default(),
+        };
+        let t = state.admin.update_tenant(&tenant.0 .0, update).await?;
+        acted(&auth, "tenant_update", &tenant.0 .0);
+        Ok(OneTenant::Ok(Json(t.into())))
+    }
+
+    /// Disable a tenant
+    ///
+    /// Its keys answer 403 `tenant_disabled` and its open WebSocket connections are closed
+    /// (4403) until it is enabled again; its data stays. Disabling a disabled tenant
+    /// changes nothing.
+    #[oai(
+        path = "/admin/v1/tenants/:tenant/disable",
+        method = "post",
+        operation_id = "admin_disable_tenant"
+    )]
+    async fn disable_tenant(
+        &self,
+        state: Data<&AppState>,
+        auth: AdminAuth,
+        /// The tenant's name or id.
+        tenant: Path<RuledText<TenantNameRule>>,
+    ) -> Result<OneTenant, Failure<AdminOnTenant>> {
+        let t = state.admin.set_disabled(&tenant.0 .0, true).await?;
+        acted(&auth, "tenant_disable", &tenant.0 .0);
+        Ok(OneTenant::Ok(Json(t.into())))
+    }
+
+    /// Enable a tenant
+    #[oai(
+        path = "/admin/v1/tenants/:tenant/enable",
+        method = "post",
+        operation_id = "admin_enable_tenant"
+    )]
+    async fn enable_tenant(
+        &self,
+        state: Data<&AppState>,
+        auth: AdminAuth,
+        /// The tenant's name or id.
+        tenant: Path<RuledText<TenantNameRule>>,
+    ) -> Result<OneTenant, Failure<AdminOnTenant>> {
+        let t = state.admin.set_disabled(&tenant.0 .0, false).await?;
+        acted(&auth, "tenant_enable", &tenant.0 .0);
+        Ok(OneTenant::Ok(Json(t.into())))
+    }
+
+    /// Delete a tenant with all its data
+    ///
+    /// Its open connections are closed and its replies stopped first. Cannot be undone.
+    #[oai(
+        path = "/admin/v1/tenants/:tenant",
+        method = "delete",
+        operation_id = "admin_delete_tenant"
+    )]
+    async fn delete_tenant(
+        &self,
+        state: Data<&AppState>,
+        auth: AdminAuth,
+        /// The tenant's name or id.
+        tenant: Path<RuledText<TenantNameRule>>,
+    ) -> Result<TenantDeleted, Failure<AdminOnTenant>> {
+        state.admin.delete_tenant(&tenant.0 .0).await?;
+        acted(&auth, "tenant_delete", &tenant.0 .0);
+        Ok(TenantDeleted::NoContent)
+    }
+
+    /// Create a key for a tenant
+    ///
+    /// With an optional name and expiry; the secret is in the answer this once.
+    #[oai(
+        path = "/admin/v1/tenants/:tenant/keys",
+        method = "post",
+        operation_id = "admin_create_key"
+    )]
+    async fn create_key(
+        &self,
+        state: Data<&AppState>,
+        auth: AdminAuth,
+        /// The tenant's name or id.
+        tenant: Path<RuledText<TenantNameRule>>,
+        body: Json<CreateKeyRequest>,
+    ) -> Result<CreatedKey, Failure<AdminOnTenantWithBody>> {
+        let (k, key) = state.admin.create_key(&tenant.0 .0, &body.0.into()).await?;
+        acted(&auth, "key_create", &tenant.0 .0);
+        Ok(CreatedKey::Created(Json(CreatedKeyDto {
+            key: k.into(),
+            api_key: key.secret,
+        })))
+    }
+
+    /// List a tenant's keys
+    ///
+    /// Names, prefixes and dates; never the secrets.
+    #[oai(
+        path = "/admin/v1/tenants/:tenant/keys",
+        method = "get",
+        operation_id = "admin_list_keys"
+    )]
+    async fn list_keys(
+        &self,
+        state: Data<&AppState>,
+        _auth: AdminAuth,
+        /// The tenant's name or id.
+        tenant: Path<RuledText<TenantNameRule>>,
+    ) -> Result<KeyList, Failure<AdminOnTenant>> {
+        let keys = state.admin.list_keys(&tenant.0 .0).await?;
+        Ok(KeyList::Ok(Json(KeyListDto {
+            keys: keys.into_iter().map(KeyDto::from).collect(),
+        })))
+    }
+
+    /// Revoke a tenant's key
+    ///
+    /// It stops working at once on this server (within the key-cache lifetime on other
+    /// replicas). Revoking a revoked key changes nothing.
+    #[oai(
+        path = "/admin/v1/tenants/:tenant/keys/:key_id",
+        method = "delete",
+        operation_id = "admin_revoke_key"
+    )]
+    async fn revoke_key(
+        &self,
+        state: Data<&AppState>,
+        auth: AdminAuth,
+        /// The tenant's name or id.
+        tenant: Path<RuledText<TenantNameRule>>,
+        /// The key's id (from the key list).
+        key_id: Path<Uuid>,
+    ) -> Result<OneKey, Failure<AdminOnTenant>> {
+        let k = state
+            .admin
+            .revoke_key(Some(&tenant.0 .0), &key_id.0.to_string())
+            .await?;
+        acted(&auth, "key_revoke", &tenant.0 .0);
+        Ok(OneKey::Ok(Json(k.into())))
+    }
+}

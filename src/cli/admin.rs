@@ -1,0 +1,230 @@
+//! `confab tenant|key|admin`: the operator's commands. Each is one call of
+//! [`crate::admin::Admin`] (the same code as `/admin/v1`), and `--json` prints the object
+//! that API operation answers, so the two cannot disagree.
+
+use anyhow::bail;
+use chrono::{DateTime, Utc};
+use poem_openapi::types::ToJSON;
+
+use crate::admin::{Admin, TenantUpdate};
+use crate::api::admin_dto::{CreatedKeyDto, CreatedTenantDto, KeyDto, KeyListDto, TenantDto};
+use crate::config::{AdminCommand, AdminKeyCommand, KeyCommand, TenantCommand};
+use crate::domain::{Order, PageRequest};
+use crate::store::{KeyInfo, TenantInfo};
+
+fn print_json(v: &impl ToJSON) {
+    println!("{}", v.to_json().unwrap_or_default());
+}
+
+fn when(t: Option<DateTime<Utc>>) -> String {
+    t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn print_tenant(t: &TenantInfo) {
+    let show = |v: Option<u32>| v.map_or("default".to_string(), |n| n.to_string());
+    println!("tenant {} ({})", t.name, t.id);
+    println!("  created:  {}", when(Some(t.created_at)));
+    println!("  keys:     {} working", t.active_keys);
+    println!(
+        "  limits:   requests_per_minute={} ws_messages_per_second={} max_connections={}",
+        show(t.limits.requests_per_minute),
+        show(t.limits.ws_messages_per_second),
+        show(t.limits.max_connections)
+    );
+    match t.disabled_at {
+        Some(at) => println!("  state:    disabled since {}", when(Some(at))),
+        None => println!("  state:    enabled"),
+    }
+}
+
+fn tenant_or_json(t: TenantInfo, json: bool) {
+    if json {
+        print_json(&TenantDto::from(t));
+    } else {
+        print_tenant(&t);
+    }
+}
+
+fn print_keys(keys: Vec<KeyInfo>) {
+    println!(
+        "{:<36}  {:<14}  {:<20}  {:<19}  {:<19}  {:<19}  revoked",
+        "id", "prefix", "name", "created", "expires", "last used"
+    );
+    for k in keys {
+        println!(
+            "{:<36}  {:<14}  {:<20}  {:<19}  {:<19}  {:<19}  {}",
+            k.id,
+            k.prefix,
+            k.name.as_deref().unwrap_or("-"),
+            when(Some(k.created_at)),
+            when(k.expires_at),
+            when(k.last_used_at),
+            when(k.revoked_at)
+        );
+    }
+}
+
+fn keys_or_json(keys: Vec<KeyInfo>, json: bool) {
+    if json {
+        print_json(&KeyListDto {
+            keys: keys.into_iter().map(KeyDto::from).collect(),
+        });
+    } else {
+        print_keys(keys);
+    }
+}
+
+pub async fn tenant(admin: &Admin, cmd: TenantCommand) -> anyhow::Result<()> {
+    match cmd {
+        TenantCommand::Create { name, limits, json } => {
+            let (t, k, key) = admin.create_tenant(&name, limits.patch()).await?;
+            if json {
+                print_json(&CreatedTenantDto {
+                    tenant: t.into(),
+                    key: k.into(),
+                    api_key: key.secret,
+                });
+            } else {
+                println!("tenant {} created: {}", t.name, t.id);
+                println!("API key (shown only this once): {}", key.secret);
+            }
+        }
+        TenantCommand::List {
+            offset,
+            limit,
+            json,
+        } => {
+            let page = |offset| PageRequest {
+                offset,
+                limit,
+                order: Order::Asc,
+            };
+            if json {
+                let p = admin.list_tenants(page(offset)).await?;
+                print_json(&crate::api::admin_dto::TenantListDto::from(p));
+                return Ok(());
+            }
+            println!(
+                "{:<36}  {:<24}  {:>4}  {:<8}  created",
+                "id", "name", "keys", "state"
+            );
+            let mut at = offset;
+            loop {
+                let p = admin.list_tenants(page(at)).await?;
+                let more = p.has_more();
+                at += p.items.len() as u64;
+                for t in p.items {
+                    let state = if t.disabled_at.is_some() {
+                        "disabled"
+                    } else {
+                        "enabled"
+                    };
+                    println!(
+                        "{:<36}  {:<24}  {:>4}  {:<8}  {}",
+                        t.id,
+                        t.name,
+                        t.active_keys,
+                        state,
+                        t.created_at.to_rfc3339()
+                    );
+                }
+                if !more {
+                    break;
+                }
+            }
+        }
+        TenantCommand::Show { tenant, json } => tenant_or_json(admin.tenant(&tenant).await?, json),
+        TenantCommand::Rename {
+            tenant,
+            new_name,
+            json,
+        } => {
+            let update = TenantUpdate {
+                name: Some(new_name),
+                ..Default::default()
+            };
+            tenant_or_json(admin.update_tenant(&tenant, update).await?, json)
+        }
+        TenantCommand::SetLimits {
+            tenant,
+            limits,
+            json,
+        } => {
+            let update = TenantUpdate {
+                name: None,
+                limits: limits.patch(),
+            };
+            tenant_or_json(admin.update_tenant(&tenant, update).await?, json)
+        }
+        TenantCommand::Disable { tenant, json } => {
+            tenant_or_json(admin.set_disabled(&tenant, true).await?, json)
+        }
+        TenantCommand::Enable { tenant, json } => {
+            tenant_or_json(admin.set_disabled(&tenant, false).await?, json)
+        }
+        TenantCommand::Delete { tenant, yes } => {
+            if !yes {
+                bail!(
+                    "deleting tenant {tenant:?} removes all its keys, chats, messages and usage \
+                     for good; add --yes to confirm"
+                );
+            }
+            let t = admin.delete_tenant(&tenant).await?;
+            println!("tenant {} ({}) deleted with all its data", t.name, t.id);
+        }
+    }
+    Ok(())
+}
+
+fn created_key(k: KeyInfo, secret: String, json: bool) {
+    if json {
+        print_json(&CreatedKeyDto {
+            key: k.into(),
+            api_key: secret,
+        });
+    } else {
+        println!("key {} created; shown only this once:", k.prefix);
+        println!("{secret}");
+    }
+}
+
+fn revoked_key(k: KeyInfo, json: bool) {
+    if json {
+        print_json(&KeyDto::from(k));
+    } else {
+        match k.tenant_id {
+            Some(t) => println!("revoked key {} of tenant {t}", k.prefix),
+            None => println!("revoked admin key {}", k.prefix),
+        }
+    }
+}
+
+pub async fn key(admin: &Admin, cmd: KeyCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeyCommand::Create { tenant, spec, json } => {
+            let (k, key) = admin.create_key(&tenant, &spec.spec()).await?;
+            created_key(k, key.secret, json);
+        }
+        KeyCommand::List { tenant, json } => keys_or_json(admin.list_keys(&tenant).await?, json),
+        KeyCommand::Revoke { key, tenant, json } => {
+            revoked_key(admin.revoke_key(tenant.as_deref(), &key).await?, json)
+        }
+    }
+    Ok(())
+}
+
+pub async fn admin(admin: &Admin, cmd: AdminCommand) -> anyhow::Result<()> {
+    let AdminCommand::Key(cmd) = cmd;
+    match cmd {
+        AdminKeyCommand::Create { spec, json } => {
+            let (k, key) = admin.create_admin_key(&spec.spec()).await?;
+            created_key(k, key.secret, json);
+        }
+        AdminKeyCommand::List { json } => keys_or_json(admin.list_admin_keys().await?, json),
+        AdminKeyCommand::Revoke { key, json } => {
+            revoked_key(admin.revoke_admin_key(&key).await?, json)
+        }
+    }
+    Ok(())
+}

@@ -11,9 +11,11 @@ use crate::api::quota::Quotas;
 use crate::api::Authenticator;
 use crate::chat::{ChatService, TenantClosed};
 use crate::credentials::{self, IssuedKey};
-use crate::domain::{Page, PageRequest, TenantLimitsPatch};
+use crate::domain::{Page, PageRequest, TenantLimitsPatch, TokenBudgetsPatch};
 use crate::error::ApiError;
-use crate::store::{KeyInfo, KeySpec, Store, StoreError, TenantInfo};
+use chrono::NaiveDate;
+
+use crate::store::{KeyInfo, KeySpec, Store, StoreError, TenantInfo, UsageGroup, UsageRow};
 
 /// Why an admin operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -52,11 +54,12 @@ fn on_key(k: &str) -> impl FnOnce(StoreError) -> AdminError + '_ {
     }
 }
 
-/// A change to a tenant: its name, its limits, or both.
+/// A change to a tenant: its name, its limits, its budgets (each optional).
 #[derive(Debug, Clone, Default)]
 pub struct TenantUpdate {
     pub name: Option<String>,
     pub limits: TenantLimitsPatch,
+    pub budgets: TokenBudgetsPatch,
 }
 
 /// The running server's parts that an admin action must reach.
@@ -88,11 +91,12 @@ impl Admin {
         }
     }
 
-    /// Creates a tenant with its first key (the secret is shown once) and optional limits.
+    /// Creates a tenant with its first key (the secret is shown once) and optional limits
+    /// and budgets (`settings.name` is not used).
     pub async fn create_tenant(
         &self,
         name: &str,
-        limits: TenantLimitsPatch,
+        settings: TenantUpdate,
     ) -> Result<(TenantInfo, KeyInfo, IssuedKey), AdminError> {
         let key = credentials::generate();
         let (t, first) = self
@@ -100,15 +104,16 @@ impl Admin {
             .create_tenant(name, &key)
             .await
             .map_err(AdminError::Store)?;
-        let t = if limits == TenantLimitsPatch::default() {
-            t
-        } else {
-            let id = t.id.to_string();
-            self.store
-                .set_tenant_limits(&id, limits)
-                .await
-                .map_err(on_tenant(&id))?
-        };
+        let id = t.id.to_string();
+        let t = self
+            .update_tenant(
+                &id,
+                TenantUpdate {
+                    name: None,
+                    ..settings
+                },
+            )
+            .await?;
         Ok((t, first, key))
     }
 
@@ -127,7 +132,7 @@ impl Admin {
             .map_err(on_tenant(tenant))
     }
 
-    /// Renames a tenant and/or changes its limits.
+    /// Renames a tenant and/or changes its limits and budgets.
     pub async fn update_tenant(
         &self,
         tenant: &str,
@@ -150,6 +155,16 @@ impl Admin {
                 .map_err(on_tenant(&id))?;
             if let Some(live) = &self.live {
                 live.quotas.forget(t.tenant_id()).await;
+            }
+        }
+        if update.budgets != TokenBudgetsPatch::default() {
+            t = self
+                .store
+                .set_tenant_budgets(&id, update.budgets)
+                .await
+                .map_err(on_tenant(&id))?;
+            if let Some(live) = &self.live {
+                live.chat.budgets().forget(t.tenant_id()).await;
             }
         }
         Ok(t)
@@ -238,6 +253,40 @@ impl Admin {
             live.auth.forget_key(k.id);
         }
         Ok(k)
+    }
+
+    /// Usage over the days `from..=to` of all tenants (or one, by name or id), per tenant
+    /// and as `group` says; each row with its tenant's name (`None`: deleted since).
+    pub async fn usage(
+        &self,
+        tenant: Option<&str>,
+        from: NaiveDate,
+        to: NaiveDate,
+        group: UsageGroup,
+    ) -> Result<Vec<(UsageRow, Option<String>)>, AdminError> {
+        let only = match tenant {
+            Some(t) => Some(self.tenant(t).await?.tenant_id()),
+            None => None,
+        };
+        let rows = self
+            .store
+            .usage_report(only, from, to, group)
+            .await
+            .map_err(AdminError::Store)?;
+        let mut ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.tenant_id).collect();
+        ids.dedup();
+        let names = self
+            .store
+            .tenant_names(&ids)
+            .await
+            .map_err(AdminError::Store)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let name = names.get(&r.tenant_id).cloned();
+                (r, name)
+            })
+            .collect())
     }
 
     /// Adds an admin key (the secret is shown once).

@@ -305,6 +305,70 @@ impl TenantLimitArgs {
     }
 }
 
+/// A tenant's token budgets on the command line (a number of tokens, or `none`); absent:
+/// unchanged.
+#[derive(Debug, Clone, Default, Args)]
+pub struct BudgetArgs {
+    /// Prompt plus generated tokens of the whole tenant per UTC day.
+    #[arg(long)]
+    pub tokens_per_day: Option<BudgetValue>,
+    /// ... per calendar month (UTC).
+    #[arg(long)]
+    pub tokens_per_month: Option<BudgetValue>,
+    /// ... of each user of the tenant per UTC day.
+    #[arg(long)]
+    pub user_tokens_per_day: Option<BudgetValue>,
+    /// ... of each user per calendar month (UTC).
+    #[arg(long)]
+    pub user_tokens_per_month: Option<BudgetValue>,
+}
+
+impl BudgetArgs {
+    pub fn patch(&self) -> crate::domain::TokenBudgetsPatch {
+        crate::domain::TokenBudgetsPatch {
+            tokens_per_day: BudgetValue::patch(self.tokens_per_day),
+            tokens_per_month: BudgetValue::patch(self.tokens_per_month),
+            user_tokens_per_day: BudgetValue::patch(self.user_tokens_per_day),
+            user_tokens_per_month: BudgetValue::patch(self.user_tokens_per_month),
+        }
+    }
+}
+
+/// A budget on the command line: a number of tokens (1 to 10^15), or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetValue {
+    None,
+    Tokens(u64),
+}
+
+/// The largest budget accepted (the API's bound too).
+pub const MAX_BUDGET: u64 = 1_000_000_000_000_000;
+
+impl std::str::FromStr for BudgetValue {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("none") {
+            return Ok(BudgetValue::None);
+        }
+        match s.parse::<u64>() {
+            Ok(n) if (1..=MAX_BUDGET).contains(&n) => Ok(BudgetValue::Tokens(n)),
+            _ => Err(format!(
+                "{s:?} is not a budget: use a number of tokens from 1 to {MAX_BUDGET}, or `none`"
+            )),
+        }
+    }
+}
+
+impl BudgetValue {
+    pub fn patch(v: Option<BudgetValue>) -> crate::domain::Patch<u64> {
+        match v {
+            None => crate::domain::Patch::Keep,
+            Some(BudgetValue::None) => crate::domain::Patch::Clear,
+            Some(BudgetValue::Tokens(n)) => crate::domain::Patch::Set(n),
+        }
+    }
+}
+
 /// The operator's commands. With `--json` each prints what the matching `/admin/v1`
 /// operation answers.
 #[derive(Debug, Subcommand)]
@@ -315,6 +379,8 @@ pub enum TenantCommand {
         name: String,
         #[command(flatten)]
         limits: TenantLimitArgs,
+        #[command(flatten)]
+        budgets: BudgetArgs,
         /// Print `{"tenant": …, "key": …, "api_key": …}`.
         #[arg(long)]
         json: bool,
@@ -349,6 +415,16 @@ pub enum TenantCommand {
         tenant: String,
         #[command(flatten)]
         limits: TenantLimitArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a tenant's token budgets (a number of tokens, or `none`): a reply that could
+    /// overrun one is refused with `quota_exceeded` before it starts.
+    SetBudgets {
+        /// Tenant name or id.
+        tenant: String,
+        #[command(flatten)]
+        budgets: BudgetArgs,
         #[arg(long)]
         json: bool,
     },
@@ -473,12 +549,38 @@ pub enum KeyCommand {
     },
 }
 
-/// Operators' own keys.
+/// Operators' own keys, and usage across tenants.
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
     /// Admin keys: the `/admin/v1` API's credentials.
     #[command(subcommand)]
     Key(AdminKeyCommand),
+    /// Token usage of all tenants (or one) over UTC days, as `GET /admin/v1/usage`.
+    Usage {
+        /// Only this tenant (name or id).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// First day, YYYY-MM-DD (default: 29 days before --to).
+        #[arg(long)]
+        from: Option<chrono::NaiveDate>,
+        /// Last day, YYYY-MM-DD (default: today, UTC).
+        #[arg(long)]
+        to: Option<chrono::NaiveDate>,
+        /// One row per tenant, or per tenant and user, key or day.
+        #[arg(long, value_enum, default_value_t = UsageGroupArg::Tenant)]
+        group_by: UsageGroupArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `--group-by` of `confab admin usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UsageGroupArg {
+    Tenant,
+    User,
+    Key,
+    Day,
 }
 
 #[derive(Debug, Subcommand)]

@@ -29,6 +29,12 @@ use crate::domain::ValidationError;
 use crate::engine::EngineError;
 use crate::store::StoreError;
 
+/// Whole seconds from now until `at` (at least 1).
+fn seconds_until(at: chrono::DateTime<chrono::Utc>) -> u64 {
+    let ms = (at - chrono::Utc::now()).num_milliseconds().max(0) as u64;
+    ms.div_ceil(1000).max(1)
+}
+
 /// The two kinds of key, for telling a client which one a route needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyKind {
@@ -136,6 +142,9 @@ pub enum ApiError {
     ModelNotReady,
     #[error("the tenant's queue is full")]
     QueueFull { capacity: usize },
+    /// A reply or completion could overrun a token budget (boxed: it is the largest).
+    #[error("token budget reached")]
+    QuotaExceeded(Box<crate::chat::budget::QuotaExceeded>),
     #[error("the server is overloaded")]
     ServerBusy,
     #[error("the server is shutting down")]
@@ -206,6 +215,7 @@ impl ApiError {
             ApiError::ModelNotFound { .. } => "model_not_found",
             ApiError::ModelNotReady => "model_not_ready",
             ApiError::QueueFull { .. } => "queue_full",
+            ApiError::QuotaExceeded(_) => "quota_exceeded",
             ApiError::ServerBusy => "server_busy",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::ContextLengthExceeded { .. } | ApiError::PromptTooLong { .. } => {
@@ -249,7 +259,9 @@ impl ApiError {
             | ApiError::MessageRateLimited { .. }
             | ApiError::SlowConsumer { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::ReplyNotSaved { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::QueueFull { .. } | ApiError::QuotaExceeded(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::ModelNotReady | ApiError::ServerBusy | ApiError::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -331,6 +343,16 @@ impl ApiError {
             ApiError::ModelNotReady => "The model is not loaded yet; try again shortly.".into(),
             ApiError::QueueFull { capacity } => format!(
                 "Too many generations are waiting for this tenant (at most {capacity}); try again shortly."
+            ),
+            ApiError::QuotaExceeded(q) => format!(
+                "The {} token budget of this {} ({} per {}) would be exceeded: {} used, this request needs up to {}. It resets at {}.",
+                q.period.as_str().replace("day", "daily").replace("month", "monthly"),
+                q.scope.as_str(),
+                q.limit,
+                q.period.as_str(),
+                q.used,
+                q.requested,
+                q.resets_at.to_rfc3339()
             ),
             ApiError::ServerBusy => {
                 "The server has too many generations waiting, across all tenants; try again shortly."
@@ -446,6 +468,19 @@ impl ApiError {
                 json!({"queue_capacity": capacity, "retry_after_seconds": 1, "retry_after_ms": 1000})
             }
             ApiError::ServerBusy => json!({"retry_after_seconds": 1, "retry_after_ms": 1000}),
+            ApiError::QuotaExceeded(q) => {
+                let wait = seconds_until(q.resets_at);
+                json!({
+                    "scope": q.scope.as_str(),
+                    "period": q.period.as_str(),
+                    "limit": q.limit,
+                    "used": q.used,
+                    "requested": q.requested,
+                    "resets_at": q.resets_at,
+                    "retry_after_seconds": wait,
+                    "retry_after_ms": wait.saturating_mul(1000),
+                })
+            }
             ApiError::ModelNotReady | ApiError::ShuttingDown | ApiError::GenerationFailed(_) => {
                 json!({})
             }
@@ -472,6 +507,7 @@ impl ApiError {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             ApiError::QueueFull { .. } | ApiError::ServerBusy => Some(1),
+            ApiError::QuotaExceeded(q) => Some(seconds_until(q.resets_at)),
             ApiError::ShuttingDown => None,
             _ if self.status() == StatusCode::SERVICE_UNAVAILABLE => Some(5),
             _ => None,
@@ -557,6 +593,7 @@ impl From<crate::chat::ChatError> for ApiError {
             C::ChatNotFound(id) => ApiError::ChatNotFound(id),
             C::NothingToCancel => ApiError::NothingToCancel,
             C::TooManyConnections { limit } => ApiError::TooManyConnections { limit },
+            C::QuotaExceeded(q) => ApiError::QuotaExceeded(Box::new(q)),
             C::Store(s) => s.into(),
         }
     }

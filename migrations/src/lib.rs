@@ -11,6 +11,7 @@ mod m20261127_000002_usage;
 mod m20261202_000001_replica;
 mod m20261202_000002_key_names;
 mod m20261204_000001_admin;
+mod m20261204_000002_budgets;
 
 pub struct Migrator;
 
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000001_replica::Migration),
             Box::new(m20261202_000002_key_names::Migration),
             Box::new(m20261204_000001_admin::Migration),
+            Box::new(m20261204_000002_budgets::Migration),
         ]
     }
 }

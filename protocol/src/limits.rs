@@ -62,6 +62,9 @@ pub const MAX_TITLE_CHARS: usize = 256;
 pub const USER_ID_PATTERN: &str = r"^[^\s/\x00-\x1f\x7f-\x9f]+$";
 /// [`validate_title`]'s characters as a JSON Schema pattern.
 pub const TITLE_PATTERN: &str = r"^[^\x00-\x1f\x7f-\x9f]*$";
+/// Free text (a system prompt, a stop string) may hold anything but NUL, which neither
+/// PostgreSQL's text nor the tokenizers take.
+pub const NO_NUL_PATTERN: &str = r"^[^\x00]*$";
 
 fn is_forbidden_in_id(c: char) -> bool {
     c.is_control() || c.is_whitespace() || c == '/'

@@ -21,6 +21,13 @@ use crate::credentials;
 use crate::error::{ApiError, KeyKind};
 use crate::store::{KeyAuth, KeyOwner, Store, StoreError, TenantId};
 
+/// A tenant key's holder: the tenant, and which key (usage is recorded per key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub tenant: TenantId,
+    pub key_id: Uuid,
+}
+
 /// Resolves keys to tenants or to the operator.
 #[derive(Clone)]
 pub struct Authenticator {
@@ -88,10 +95,11 @@ impl Authenticator {
         }
     }
 
-    /// The tenant of a tenant key, or why there is none (an admin key is `forbidden` here;
-    /// a disabled tenant's key `tenant_disabled`).
-    pub async fn authenticate(&self, key: &str) -> Result<TenantId, ApiError> {
-        let tenant = match self.key(key).await?.owner {
+    /// The tenant and key of a tenant key, or why there are none (an admin key is
+    /// `forbidden` here; a disabled tenant's key `tenant_disabled`).
+    pub async fn authenticate(&self, key: &str) -> Result<Caller, ApiError> {
+        let k = self.key(key).await?;
+        let tenant = match k.owner {
             KeyOwner::Tenant(t) => t,
             KeyOwner::Admin => {
                 return Err(ApiError::Forbidden {
@@ -100,7 +108,10 @@ impl Authenticator {
             }
         };
         self.check_tenant(tenant).await?;
-        Ok(tenant)
+        Ok(Caller {
+            tenant,
+            key_id: k.key_id,
+        })
     }
 
     /// Whether an authenticated tenant may still work.
@@ -162,7 +173,7 @@ pub struct TenantAuth(pub TenantId);
 async fn check_key(req: &Request, key: ApiKey) -> poem::Result<TenantId> {
     // The middleware authenticates every `/api` request before its quota check.
     if let Some(done) = req.extensions().get::<super::middleware::Authenticated>() {
-        return Ok(done.0);
+        return Ok(done.0.tenant);
     }
     let state = req.data::<super::AppState>().ok_or_else(|| {
         poem::Error::from(crate::error::Failure::<crate::error::Authed>::from(
@@ -173,6 +184,7 @@ async fn check_key(req: &Request, key: ApiKey) -> poem::Result<TenantId> {
         .auth
         .authenticate(&key.key)
         .await
+        .map(|c| c.tenant)
         .map_err(|e| crate::error::Failure::<crate::error::Authed>::from(e).into())
 }
 

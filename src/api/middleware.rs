@@ -27,7 +27,6 @@ use poem_openapi::error::{
 use super::quota::Decision;
 use super::AppState;
 use crate::error::ApiError;
-use crate::store::TenantId;
 
 fn is_json(content_type: Option<&str>) -> bool {
     content_type
@@ -464,9 +463,9 @@ async fn handle<E: Endpoint>(
     let quota = match quota {
         Err(e) => Err(Err(e)),
         Ok(Some((_, d))) if !d.allowed => Err(Ok(d)),
-        Ok(Some((tenant, d))) => {
+        Ok(Some((caller, d))) => {
             // The operation's key check finds the tenant here instead of looking it up again.
-            req.extensions_mut().insert(Authenticated(tenant));
+            req.extensions_mut().insert(Authenticated(caller));
             Ok(Some(d))
         }
         Ok(None) => Ok(None),
@@ -533,9 +532,9 @@ async fn admin_gate(req: &Request, path: &str, state: &AppState) -> Result<(), A
     state.auth.authenticate_admin(key).await.map(|_| ())
 }
 
-/// The tenant of an `/api` request whose key this layer already checked.
+/// The caller of an `/api` or `/v1` request whose key this layer already checked.
 #[derive(Debug, Clone, Copy)]
-pub struct Authenticated(pub TenantId);
+pub struct Authenticated(pub super::auth::Caller);
 
 /// For an `/api` or `/v1` request: its tenant and quota verdict, or why it has no tenant.
 /// `None` for other paths.
@@ -543,7 +542,7 @@ async fn rest_quota(
     req: &Request,
     path: &str,
     state: &AppState,
-) -> Result<Option<(TenantId, Decision)>, ApiError> {
+) -> Result<Option<(super::auth::Caller, Decision)>, ApiError> {
     let openai = path.starts_with("/v1/");
     if !path.starts_with("/api/") && !openai {
         return Ok(None);
@@ -569,9 +568,10 @@ async fn rest_quota(
     let key = header("x-api-key")
         .or(bearer)
         .ok_or(ApiError::MissingApiKey)??;
-    let tenant = state.auth.authenticate(key).await?;
+    let caller = state.auth.authenticate(key).await?;
+    let tenant = caller.tenant;
     tracing::Span::current().record("tenant_id", tracing::field::display(tenant));
-    Ok(Some((tenant, state.quotas.check_rest(tenant).await)))
+    Ok(Some((caller, state.quotas.check_rest(tenant).await)))
 }
 
 fn set_quota_headers(resp: &mut Response, d: &Decision) {

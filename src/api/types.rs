@@ -104,7 +104,10 @@ impl Type for Text {
     }
 
     fn schema_ref() -> MetaSchemaRef {
-        MetaSchemaRef::Inline(Box::new(MetaSchema::new("string")))
+        MetaSchemaRef::Inline(Box::new(MetaSchema {
+            pattern: Some(limits::NO_NUL_PATTERN.into()),
+            ..MetaSchema::new("string")
+        }))
     }
 
     raw_value!();
@@ -508,6 +511,7 @@ impl Type for StopList {
         let item = MetaSchema {
             min_length: Some(generation::STOP_CHARS.min as usize),
             max_length: Some(generation::STOP_CHARS.max as usize),
+            pattern: Some(limits::NO_NUL_PATTERN.into()),
             ..MetaSchema::new("string")
         };
         MetaSchemaRef::Inline(Box::new(MetaSchema {

@@ -1,21 +1,18 @@
-//! `/api/v1/usage`: the tenant's token usage over a date range, in total and per user.
+//! `/api/v1/usage`: the tenant's token usage over a date range, in total, per user and per
+//! key, and where its token budgets stand now.
 
-use chrono::{Duration, NaiveDate, Utc};
+use chrono::{NaiveDate, Utc};
 use poem::web::Data;
 use poem_openapi::param::Query;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::auth::TenantAuth;
-use super::types::Day;
+use super::types::{Day, Timestamp};
 use super::{ApiTags, AppState};
+use crate::chat::budget::BudgetScope;
 use crate::domain;
 use crate::error::{ApiError, Authed, Failure};
-
-/// Longest range one request may cover, in days.
-const MAX_DAYS: i64 = 366;
-/// Range when none is given: the last 30 days, today included.
-const DEFAULT_DAYS: i64 = 30;
 
 /// Tokens used.
 #[derive(Debug, Object)]
@@ -37,6 +34,38 @@ pub struct UserUsageDto {
     pub replies: i64,
 }
 
+/// What came through one key (or user token).
+#[derive(Debug, Object)]
+#[oai(rename = "KeyUsage")]
+pub struct KeyUsageDto {
+    pub key_id: uuid::Uuid,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub replies: i64,
+}
+
+/// Where one token budget stands in its current period.
+#[derive(Debug, Object)]
+#[oai(rename = "BudgetStatus")]
+pub struct BudgetDto {
+    /// `tenant` (the whole tenant) or `user` (the user asked about).
+    pub scope: String,
+    /// The user, for a `user` budget.
+    #[oai(nullable, skip_serializing_if_is_none)]
+    pub user_id: Option<String>,
+    /// `day` (UTC) or `month` (calendar, UTC).
+    pub period: String,
+    /// The budget, in prompt plus generated tokens.
+    pub limit: u64,
+    /// Used this period.
+    pub used: u64,
+    /// Held by replies running now (their prompt plus `max_tokens`, until they end).
+    pub held: u64,
+    /// What a new reply may still use: `limit - used - held`.
+    pub remaining: u64,
+    pub resets_at: Timestamp,
+}
+
 /// Usage over `from..=to` (UTC days).
 #[derive(Debug, Object)]
 #[oai(rename = "UsageReport")]
@@ -46,6 +75,23 @@ pub struct UsageReportDto {
     pub totals: UsageTotalsDto,
     /// Users with any usage in the range, by id.
     pub users: Vec<UserUsageDto>,
+    /// Keys with any usage in the range, by id.
+    pub keys: Vec<KeyUsageDto>,
+    /// The tenant's budgets now (and the user's, with `user_id`); empty when it has none.
+    pub budgets: Vec<BudgetDto>,
+}
+
+/// The days a usage report covers (see [`domain::usage_range`]).
+pub(super) fn date_range(
+    from: Option<Day>,
+    to: Option<Day>,
+) -> Result<(NaiveDate, NaiveDate), ApiError> {
+    domain::usage_range(from.map(|d| d.0), to.map(|d| d.0), Utc::now().date_naive()).map_err(
+        |reason| ApiError::InvalidParameter {
+            name: "from".into(),
+            reason,
+        },
+    )
 }
 
 #[derive(ApiResponse)]
@@ -63,7 +109,9 @@ impl UsageApi {
     /// Token usage
     ///
     /// Prompt and completion tokens of the tenant's replies between two UTC dates
-    /// (inclusive; at most 366 days; default: the last 30 days), in total and per user.
+    /// (inclusive; at most 366 days; default: the last 30 days), in total, per user and per
+    /// key, and what is left of the tenant's token budgets now (with `user_id`, of that
+    /// user's too).
     #[oai(path = "/api/v1/usage", method = "get", operation_id = "get_usage")]
     async fn usage(
         &self,
@@ -77,35 +125,20 @@ impl UsageApi {
         #[oai(validator(min_length = 1, max_length = 128))]
         user_id: Query<Option<String>>,
     ) -> Result<UsageResponse, Failure<Authed>> {
-        let to = to.0.map_or_else(|| Utc::now().date_naive(), |d| d.0);
-        let from = from.0.map(|d| d.0).unwrap_or_else(|| {
-            to.checked_sub_signed(Duration::days(DEFAULT_DAYS - 1))
-                .unwrap_or(NaiveDate::MIN)
-        });
-        if from > to {
-            return Err(ApiError::InvalidParameter {
-                name: "from".into(),
-                reason: format!("{from} is after to ({to})"),
-            }
-            .into());
-        }
-        if (to - from).num_days() >= MAX_DAYS {
-            return Err(ApiError::InvalidParameter {
-                name: "from".into(),
-                reason: format!("the range may cover at most {MAX_DAYS} days"),
-            }
-            .into());
-        }
+        let (from, to) = date_range(from.0, to.0)?;
         if let Some(u) = &user_id.0 {
             domain::validate_user_id("user_id", u).map_err(|v| ApiError::InvalidParameter {
                 name: "user_id".into(),
                 reason: v.message,
             })?;
         }
-        let users = state
-            .store
-            .tenant(auth.0)
-            .usage(from, to, user_id.0.as_deref())
+        let scope = state.store.tenant(auth.0);
+        let users = scope.usage(from, to, user_id.0.as_deref()).await?;
+        let keys = scope.usage_by_key(from, to).await?;
+        let budgets = state
+            .chat
+            .budgets()
+            .states(auth.0, user_id.0.as_deref(), Utc::now().date_naive())
             .await?;
         let totals = UsageTotalsDto {
             prompt_tokens: users.iter().map(|u| u.prompt_tokens).sum(),
@@ -123,6 +156,31 @@ impl UsageApi {
                     prompt_tokens: u.prompt_tokens,
                     completion_tokens: u.completion_tokens,
                     replies: u.replies,
+                })
+                .collect(),
+            keys: keys
+                .into_iter()
+                .map(|k| KeyUsageDto {
+                    key_id: k.key_id,
+                    prompt_tokens: k.prompt_tokens,
+                    completion_tokens: k.completion_tokens,
+                    replies: k.replies,
+                })
+                .collect(),
+            budgets: budgets
+                .into_iter()
+                .map(|b| BudgetDto {
+                    scope: b.scope.as_str().into(),
+                    user_id: match b.scope {
+                        BudgetScope::User => user_id.0.clone(),
+                        BudgetScope::Tenant => None,
+                    },
+                    period: b.period.as_str().into(),
+                    limit: b.limit,
+                    used: b.used,
+                    held: b.held,
+                    remaining: b.remaining(),
+                    resets_at: b.resets_at.into(),
                 })
                 .collect(),
         })))

@@ -23,7 +23,9 @@ use uuid::Uuid;
 
 use super::AppState;
 use crate::chat::protocol::{parse_client_message, ClientMessage, Credentials, Event, FrameError};
-use crate::chat::{ChatService, ChatSettings, ConnectionGuard, Membership, Outbound, Phase};
+use crate::chat::{
+    ChatService, ChatSettings, ConnectionGuard, Membership, Outbound, Phase, Sender,
+};
 use crate::error::ApiError;
 use crate::ratelimit::TokenBucket;
 use crate::store::TenantId;
@@ -31,6 +33,8 @@ use crate::store::TenantId;
 /// An accepted connection.
 struct Session {
     tenant: TenantId,
+    /// The key the socket authenticated with (its replies' usage is recorded against it).
+    key_id: Uuid,
     /// Messages per second this connection may send (and its burst): the tenant's quota.
     messages_per_second: u32,
     user_id: String,
@@ -42,7 +46,8 @@ struct Session {
 /// Checks the credentials, the tenant's connection cap and the chat.
 async fn open(state: &AppState, creds: Credentials) -> Result<Session, ApiError> {
     let (key, user_id, chat_id) = creds.validate()?;
-    let tenant = state.auth.authenticate(&key).await?;
+    let caller = state.auth.authenticate(&key).await?;
+    let tenant = caller.tenant;
     let limits = state.quotas.limits(tenant).await;
     let guard = state
         .chat
@@ -60,6 +65,7 @@ async fn open(state: &AppState, creds: Credentials) -> Result<Session, ApiError>
     let user_created = scope.ensure_user(&user_id).await?;
     Ok(Session {
         tenant,
+        key_id: caller.key_id,
         messages_per_second: limits.ws_messages_per_second,
         user_id,
         chat_id,
@@ -174,6 +180,8 @@ async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream
 /// An open socket of one chat: the connection's state and its rules.
 struct Socket {
     service: ChatService,
+    /// The user and key its messages come from.
+    sender: Sender,
     settings: ChatSettings,
     session: Session,
     membership: Membership,
@@ -222,6 +230,10 @@ impl Socket {
         }
         let rate = session.messages_per_second;
         Some(Socket {
+            sender: Sender {
+                user_id: session.user_id.clone(),
+                key_id: session.key_id,
+            },
             settings: service.settings().clone(),
             service,
             bucket: TokenBucket::new(f64::from(rate), rate),
@@ -310,7 +322,7 @@ impl Socket {
                     .map_err(ApiError::from),
                 Ok(ClientMessage::Message { content, metadata }) => self
                     .service
-                    .submit(room, content, metadata)
+                    .submit(room, &self.sender, content, metadata)
                     .await
                     .map(|()| None)
                     .map_err(ApiError::from),

@@ -15,6 +15,7 @@
 //! shutdown past its grace period stop it.
 
 pub use confab_protocol::ws as protocol;
+pub mod budget;
 mod mirror;
 pub(crate) mod relay;
 mod reply;
@@ -73,6 +74,8 @@ pub struct ChatSettings {
     /// How often the tenants with open sockets are checked for being disabled or deleted
     /// behind this server's back (the command line, another replica without Redis).
     pub tenant_check_interval: Duration,
+    /// How long a tenant's token budgets are cached.
+    pub budget_refresh: Duration,
 }
 
 impl Default for ChatSettings {
@@ -94,6 +97,7 @@ impl Default for ChatSettings {
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
             tenant_check_interval: Duration::from_secs(5),
+            budget_refresh: Duration::from_secs(5),
         }
     }
 }
@@ -132,6 +136,9 @@ pub enum ChatError {
     NothingToCancel,
     #[error("too many connections")]
     TooManyConnections { limit: usize },
+    /// The reply could overrun a token budget.
+    #[error("token budget reached")]
+    QuotaExceeded(budget::QuotaExceeded),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
 }
@@ -145,11 +152,22 @@ impl From<Refused> for ChatError {
     }
 }
 
+/// Who sent a chat message: the user and the key (or user token) it came through.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    pub user_id: String,
+    pub key_id: Uuid,
+}
+
 /// A waiting reply.
 struct Queued {
     room: Arc<Room>,
     user_message: Uuid,
     enqueued_at: Instant,
+    /// The key (or user token) the message came through: its usage is recorded against it.
+    key_id: Uuid,
+    /// Tokens held against the budgets until the reply's usage is recorded.
+    hold: Option<budget::Hold>,
 }
 
 /// What waits in the scheduler's queues.
@@ -187,6 +205,8 @@ pub enum Phase {
 struct Inner {
     store: Store,
     model: ModelSlot,
+    /// Token budgets and what running replies hold against them.
+    budgets: budget::Budgets,
     settings: ChatSettings,
     rooms: Mutex<HashMap<Uuid, Arc<Room>>>,
     scheduler: Mutex<Scheduler<Waiting>>,
@@ -311,6 +331,7 @@ impl ChatService {
         let scheduler = Scheduler::new(settings.scheduler_limits(1));
         let relay = cluster.map(Relay::start);
         let service = ChatService(Arc::new(Inner {
+            budgets: budget::Budgets::new(store.clone(), settings.budget_refresh),
             store,
             model,
             settings,
@@ -487,15 +508,16 @@ impl ChatService {
     pub async fn submit(
         &self,
         room: &Arc<Room>,
+        sender: &Sender,
         content: String,
         metadata: Map<String, Value>,
     ) -> Result<(), ChatError> {
         if *self.0.phase.borrow() != Phase::Serving {
             return Err(ChatError::ShuttingDown);
         }
-        if self.0.model.engine().is_none() {
+        let Some(engine) = self.0.model.engine() else {
             return Err(ChatError::ModelNotReady);
-        }
+        };
         {
             let st = room.lock();
             if st.deleted {
@@ -505,6 +527,9 @@ impl ChatService {
                 return Err(ChatError::GenerationInProgress);
             }
         }
+        // Before the message is saved: a refused one is not stored, so sending it again
+        // after the reset does not repeat it.
+        let hold = self.hold_for_reply(&engine, room, sender, &content).await?;
         self.cluster_queue_place(room.tenant).await?;
         {
             let mut st = room.lock();
@@ -570,6 +595,8 @@ impl ChatService {
                 room: room.clone(),
                 user_message: message.id,
                 enqueued_at: Instant::now(),
+                key_id: sender.key_id,
+                hold,
             }),
         );
         self.pump();
@@ -604,10 +631,66 @@ impl ChatService {
     /// Counts a finished generation's tokens: metrics, and the tenant's usage for `user_id`
     /// today. Tokens spent count whatever the outcome (a cancelled reply still cost its
     /// prompt).
+    /// The token budgets (their standing, and holds for stateless completions).
+    pub fn budgets(&self) -> &budget::Budgets {
+        &self.0.budgets
+    }
+
+    /// Holds tokens for a reply of `user` (prompt plus `max_tokens`), or says which budget
+    /// it could overrun; `None` when the tenant has no budget.
+    pub async fn hold_budget(
+        &self,
+        tenant: TenantId,
+        user: &str,
+        tokens: usize,
+    ) -> Result<Option<budget::Hold>, ChatError> {
+        self.0
+            .budgets
+            .hold(tenant, user, tokens as u64)
+            .await?
+            .map_err(ChatError::QuotaExceeded)
+    }
+
+    /// For a tenant with budgets: the reply's prompt (the chat's history plus `content`) is
+    /// built now to count its tokens, and those plus its `max_tokens` are held.
+    async fn hold_for_reply(
+        &self,
+        engine: &crate::engine::EngineHandle,
+        room: &Room,
+        sender: &Sender,
+        content: &str,
+    ) -> Result<Option<budget::Hold>, ChatError> {
+        if self.0.budgets.of(room.tenant).await?.is_unlimited() {
+            return Ok(None);
+        }
+        let scope = self.0.store.tenant(room.tenant);
+        let chat = scope.get_chat(room.chat_id).await.map_err(|e| match e {
+            StoreError::NotFound => ChatError::ChatNotFound(room.chat_id),
+            other => other.into(),
+        })?;
+        let history = scope
+            .recent_messages(room.chat_id, self.0.settings.history_messages)
+            .await?;
+        let mut request = reply::request_for(&chat, history, self.0.settings.default_max_tokens);
+        request.messages.push(crate::engine::ChatMessage {
+            role: Role::User,
+            content: content.to_string(),
+        });
+        let max_tokens = request.max_tokens;
+        // A prompt that cannot fit fails the reply later with its own error; only its
+        // `max_tokens` is held meanwhile.
+        let tokens = match engine.prepare(request).await {
+            Ok(p) => p.prompt_tokens() + max_tokens,
+            Err(_) => max_tokens,
+        };
+        self.hold_budget(room.tenant, &sender.user_id, tokens).await
+    }
+
     pub async fn account(
         &self,
         tenant: TenantId,
         user_id: &str,
+        key_id: Uuid,
         prompt_tokens: usize,
         completion_tokens: usize,
         time_to_first_token: Option<Duration>,
@@ -627,6 +710,7 @@ impl ChatService {
             .tenant(tenant)
             .record_usage(
                 user_id,
+                key_id,
                 chrono::Utc::now().date_naive(),
                 prompt_tokens as i64,
                 completion_tokens as i64,

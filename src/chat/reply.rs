@@ -63,7 +63,11 @@ pub fn sampling_for(c: &ChatConfig) -> SamplingParams {
 }
 
 /// The chat's settings as engine parameters (server defaults where the chat sets none).
-fn request_for(chat: &Chat, history: Vec<Message>, default_max_tokens: u32) -> GenerateRequest {
+pub(super) fn request_for(
+    chat: &Chat,
+    history: Vec<Message>,
+    default_max_tokens: u32,
+) -> GenerateRequest {
     let c = &chat.config;
     let sampling = sampling_for(c);
     let mut messages = Vec::with_capacity(history.len() + 1);
@@ -169,11 +173,14 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
         .account(
             room.tenant,
             &chat.user_id,
+            q.key_id,
             usage.prompt_tokens,
             usage.completion_tokens,
             outcome.time_to_first_token,
         )
         .await;
+    // Its usage is recorded: the tokens held against the budgets go back.
+    drop(q.hold);
     let mut st = room.lock();
     if st.deleted {
         room.finish(&mut st, None);

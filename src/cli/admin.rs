@@ -7,8 +7,10 @@ use chrono::{DateTime, Utc};
 use poem_openapi::types::ToJSON;
 
 use crate::admin::{Admin, TenantUpdate};
-use crate::api::admin_dto::{CreatedKeyDto, CreatedTenantDto, KeyDto, KeyListDto, TenantDto};
-use crate::config::{AdminCommand, AdminKeyCommand, KeyCommand, TenantCommand};
+use crate::api::admin_dto::{
+    AdminUsageDto, CreatedKeyDto, CreatedTenantDto, KeyDto, KeyListDto, TenantDto, UsageGroupDto,
+};
+use crate::config::{AdminCommand, AdminKeyCommand, KeyCommand, TenantCommand, UsageGroupArg};
 use crate::domain::{Order, PageRequest};
 use crate::store::{KeyInfo, TenantInfo};
 
@@ -31,6 +33,15 @@ fn print_tenant(t: &TenantInfo) {
         show(t.limits.requests_per_minute),
         show(t.limits.ws_messages_per_second),
         show(t.limits.max_connections)
+    );
+    let tokens = |v: Option<u64>| v.map_or("none".to_string(), |n| n.to_string());
+    let b = &t.budgets;
+    println!(
+        "  budgets:  tokens_per_day={} tokens_per_month={} user_tokens_per_day={} user_tokens_per_month={}",
+        tokens(b.tokens_per_day),
+        tokens(b.tokens_per_month),
+        tokens(b.user_tokens_per_day),
+        tokens(b.user_tokens_per_month)
     );
     match t.disabled_at {
         Some(at) => println!("  state:    disabled since {}", when(Some(at))),
@@ -77,8 +88,18 @@ fn keys_or_json(keys: Vec<KeyInfo>, json: bool) {
 
 pub async fn tenant(admin: &Admin, cmd: TenantCommand) -> anyhow::Result<()> {
     match cmd {
-        TenantCommand::Create { name, limits, json } => {
-            let (t, k, key) = admin.create_tenant(&name, limits.patch()).await?;
+        TenantCommand::Create {
+            name,
+            limits,
+            budgets,
+            json,
+        } => {
+            let settings = TenantUpdate {
+                name: None,
+                limits: limits.patch(),
+                budgets: budgets.patch(),
+            };
+            let (t, k, key) = admin.create_tenant(&name, settings).await?;
             if json {
                 print_json(&CreatedTenantDto {
                     tenant: t.into(),
@@ -152,8 +173,19 @@ pub async fn tenant(admin: &Admin, cmd: TenantCommand) -> anyhow::Result<()> {
             json,
         } => {
             let update = TenantUpdate {
-                name: None,
                 limits: limits.patch(),
+                ..Default::default()
+            };
+            tenant_or_json(admin.update_tenant(&tenant, update).await?, json)
+        }
+        TenantCommand::SetBudgets {
+            tenant,
+            budgets,
+            json,
+        } => {
+            let update = TenantUpdate {
+                budgets: budgets.patch(),
+                ..Default::default()
             };
             tenant_or_json(admin.update_tenant(&tenant, update).await?, json)
         }
@@ -215,7 +247,16 @@ pub async fn key(admin: &Admin, cmd: KeyCommand) -> anyhow::Result<()> {
 }
 
 pub async fn admin(admin: &Admin, cmd: AdminCommand) -> anyhow::Result<()> {
-    let AdminCommand::Key(cmd) = cmd;
+    let cmd = match cmd {
+        AdminCommand::Key(cmd) => cmd,
+        AdminCommand::Usage {
+            tenant,
+            from,
+            to,
+            group_by,
+            json,
+        } => return usage(admin, tenant.as_deref(), from, to, group_by, json).await,
+    };
     match cmd {
         AdminKeyCommand::Create { spec, json } => {
             let (k, key) = admin.create_admin_key(&spec.spec()).await?;
@@ -225,6 +266,56 @@ pub async fn admin(admin: &Admin, cmd: AdminCommand) -> anyhow::Result<()> {
         AdminKeyCommand::Revoke { key, json } => {
             revoked_key(admin.revoke_admin_key(&key).await?, json)
         }
+    }
+    Ok(())
+}
+
+async fn usage(
+    admin: &Admin,
+    tenant: Option<&str>,
+    from: Option<chrono::NaiveDate>,
+    to: Option<chrono::NaiveDate>,
+    group_by: UsageGroupArg,
+    json: bool,
+) -> anyhow::Result<()> {
+    let (from, to) = crate::domain::usage_range(from, to, Utc::now().date_naive())
+        .map_err(|e| anyhow::anyhow!("--from/--to: {e}"))?;
+    let group = match group_by {
+        UsageGroupArg::Tenant => UsageGroupDto::Tenant,
+        UsageGroupArg::User => UsageGroupDto::User,
+        UsageGroupArg::Key => UsageGroupDto::Key,
+        UsageGroupArg::Day => UsageGroupDto::Day,
+    };
+    let rows = admin.usage(tenant, from, to, group.into()).await?;
+    if json {
+        print_json(&AdminUsageDto {
+            from,
+            to,
+            group_by: group,
+            rows: rows.into_iter().map(Into::into).collect(),
+        });
+        return Ok(());
+    }
+    println!("usage {from} to {to}");
+    println!(
+        "{:<24}  {:<36}  {:>12}  {:>12}  {:>8}",
+        "tenant", "user / key / day", "prompt", "completion", "replies"
+    );
+    for (r, name) in rows {
+        let what = r
+            .user_id
+            .clone()
+            .or(r.key_id.map(|k| k.to_string()))
+            .or(r.day.map(|d| d.to_string()))
+            .unwrap_or_default();
+        println!(
+            "{:<24}  {:<36}  {:>12}  {:>12}  {:>8}",
+            name.unwrap_or_else(|| format!("(deleted) {}", r.tenant_id)),
+            what,
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.replies
+        );
     }
     Ok(())
 }

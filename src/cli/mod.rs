@@ -238,11 +238,19 @@ async fn serve(db: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
     bootstrap(&store, &args, addr).await?;
     bootstrap_admin(&store, &args).await?;
     tracing::info!(%addr, "listening");
+    // Before the line that tells a supervisor (or a test) the server is up: a SIGTERM
+    // right after it must stop the server gracefully, not kill it.
+    let shutdown = shutdown_signal();
     println!("confab listening on http://{addr}  (Swagger UI: http://{addr}/docs)");
+    let auth_cache_ttl = Duration::from_secs(args.auth_cache_ttl_secs);
     let settings = ServerSettings {
         limits: (&args.limits).into(),
-        auth_cache_ttl: Duration::from_secs(args.auth_cache_ttl_secs),
-        chat: args.chat.settings((&args.limits).into()),
+        auth_cache_ttl,
+        chat: crate::chat::ChatSettings {
+            // Budgets are cached as long as keys and limits.
+            budget_refresh: auth_cache_ttl,
+            ..args.chat.settings((&args.limits).into())
+        },
         quotas: crate::api::quota::QuotaDefaults {
             requests_per_minute: args.requests_per_minute.max(1),
             ws_messages_per_second: args.chat.ws_messages_per_second,
@@ -259,7 +267,7 @@ async fn serve(db: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
         connections: (&args.connections).into(),
         cluster,
     };
-    crate::run(store.clone(), model, settings, listener, shutdown_signal()).await?;
+    crate::run(store.clone(), model, settings, listener, shutdown).await?;
     store.close().await.ok();
     tracing::info!("stopped");
     Ok(())

@@ -15,7 +15,9 @@ pub use confab_protocol::limits::{
 pub use config::{ChatConfig, ChatConfigPatch, Patch};
 pub use message::{MessageStatus, Role};
 pub use page::{Order, Page, PageRequest};
-pub use quota::{TenantLimits, TenantLimitsPatch};
+pub use quota::{
+    usage_range, BudgetPeriod, TenantLimits, TenantLimitsPatch, TokenBudgets, TokenBudgetsPatch,
+};
 
 use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::{Map, Value};

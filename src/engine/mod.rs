@@ -114,6 +114,16 @@ impl Prepared {
     pub fn dropped_messages(&self) -> usize {
         self.prompt.dropped_messages
     }
+
+    /// The prompt's length in tokens.
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt.tokens.len()
+    }
+
+    /// Most tokens the reply may generate.
+    pub fn max_tokens(&self) -> usize {
+        self.request.max_tokens
+    }
 }
 
 /// Why a generation ended.

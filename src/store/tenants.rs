@@ -10,11 +10,13 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::entity::{api_key, tenant, usage};
+use super::entity::{api_key, tenant, usage, usage_by_key};
 use super::keys::{insert_key, KeyInfo, KeySpec};
 use super::{Store, StoreError, TenantId};
 use crate::credentials::IssuedKey;
-use crate::domain::{now, Page, PageRequest, TenantLimits, TenantLimitsPatch};
+use crate::domain::{
+    now, Page, PageRequest, TenantLimits, TenantLimitsPatch, TokenBudgets, TokenBudgetsPatch,
+};
 
 /// A tenant as an operator sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +29,7 @@ pub struct TenantInfo {
     pub limits: TenantLimits,
     /// Since when the tenant is disabled (its keys answer `tenant_disabled`); `None`: enabled.
     pub disabled_at: Option<DateTime<Utc>>,
+    pub budgets: TokenBudgets,
 }
 
 impl TenantInfo {
@@ -38,6 +41,19 @@ impl TenantInfo {
 
 fn limit_of(v: Option<i32>) -> Option<u32> {
     v.and_then(|n| u32::try_from(n).ok())
+}
+
+fn budget_of(v: Option<i64>) -> Option<u64> {
+    v.and_then(|n| u64::try_from(n).ok())
+}
+
+fn budgets_of(t: &tenant::Model) -> TokenBudgets {
+    TokenBudgets {
+        tokens_per_day: budget_of(t.tokens_per_day),
+        tokens_per_month: budget_of(t.tokens_per_month),
+        user_tokens_per_day: budget_of(t.user_tokens_per_day),
+        user_tokens_per_month: budget_of(t.user_tokens_per_month),
+    }
 }
 
 fn limits_of(t: &tenant::Model) -> TenantLimits {
@@ -124,6 +140,7 @@ impl Store {
                         active_keys: 1,
                         limits: TenantLimits::default(),
                         disabled_at: None,
+                        budgets: TokenBudgets::default(),
                     };
                     Ok((t, first))
                 })
@@ -139,6 +156,7 @@ impl Store {
             .await?;
         Ok(TenantInfo {
             limits: limits_of(&t),
+            budgets: budgets_of(&t),
             id: t.id,
             name: t.name,
             created_at: t.created_at,
@@ -171,6 +189,23 @@ impl Store {
             offset: page.offset,
             limit: page.limit,
         })
+    }
+
+    /// The names of the tenants among `ids` that still exist.
+    pub async fn tenant_names(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, String>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        Ok(tenant::Entity::find()
+            .select_only()
+            .column(tenant::Column::Id)
+            .column(tenant::Column::Name)
+            .filter(tenant::Column::Id.is_in(ids.to_vec()))
+            .into_tuple::<(Uuid, String)>()
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .collect())
     }
 
     /// Number of tenants; zero means a brand-new installation.
@@ -255,6 +290,48 @@ impl Store {
         Ok(TenantInfo { limits, ..t })
     }
 
+    /// Changes a tenant's token budgets; returns the tenant as it is now.
+    pub async fn set_tenant_budgets(
+        &self,
+        name_or_id: &str,
+        patch: TokenBudgetsPatch,
+    ) -> Result<TenantInfo, StoreError> {
+        let t = self.find_tenant(name_or_id).await?;
+        let mut budgets = t.budgets;
+        budgets.apply(patch);
+        let col = |v: Option<u64>| v.map(|n| n.min(i64::MAX as u64) as i64);
+        tenant::Entity::update_many()
+            .col_expr(
+                tenant::Column::TokensPerDay,
+                Expr::value(col(budgets.tokens_per_day)),
+            )
+            .col_expr(
+                tenant::Column::TokensPerMonth,
+                Expr::value(col(budgets.tokens_per_month)),
+            )
+            .col_expr(
+                tenant::Column::UserTokensPerDay,
+                Expr::value(col(budgets.user_tokens_per_day)),
+            )
+            .col_expr(
+                tenant::Column::UserTokensPerMonth,
+                Expr::value(col(budgets.user_tokens_per_month)),
+            )
+            .filter(tenant::Column::Id.eq(t.id))
+            .exec(&self.db)
+            .await?;
+        Ok(TenantInfo { budgets, ..t })
+    }
+
+    /// The token budgets of an authenticated tenant.
+    pub async fn tenant_budgets(&self, tenant: TenantId) -> Result<TokenBudgets, StoreError> {
+        let t = tenant::Entity::find_by_id(tenant.0)
+            .one(&self.db)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        Ok(budgets_of(&t))
+    }
+
     /// Disables (`true`) or enables a tenant. Disabling one that already is keeps the time
     /// it was first disabled.
     pub async fn set_tenant_disabled(
@@ -283,10 +360,14 @@ impl Store {
         self.db
             .transaction::<_, (), StoreError>(|txn| {
                 Box::pin(async move {
-                    // Usage rows have no foreign key (they outlive deleted chats); the rest
-                    // goes with the tenant's row by cascade.
+                    // Usage rows have no foreign key (they outlive deleted chats and keys);
+                    // the rest goes with the tenant's row by cascade.
                     usage::Entity::delete_many()
                         .filter(usage::Column::TenantId.eq(id))
+                        .exec(txn)
+                        .await?;
+                    usage_by_key::Entity::delete_many()
+                        .filter(usage_by_key::Column::TenantId.eq(id))
                         .exec(txn)
                         .await?;
                     tenant::Entity::delete_by_id(id).exec(txn).await?;

@@ -358,7 +358,7 @@ async fn deleting_a_tenant_deletes_its_data(b: Backend) {
         s.add_messages(t.id, &id, 4).await;
         s.store
             .tenant(t.id)
-            .record_usage("u", day, 10, 20)
+            .record_usage("u", uuid::Uuid::new_v4(), day, 10, 20)
             .await
             .unwrap();
         chats.push(id);

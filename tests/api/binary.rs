@@ -346,6 +346,13 @@ async fn serve_bootstraps_and_stops(b: Backend) {
     assert!(same, "key lists differ between the CLI and the API");
     let admins = cli(&["admin", "key", "list", "--json"]);
     assert_eq!(admins["keys"][0]["prefix"], &admin[..12]);
+    for group in ["tenant", "user", "key", "day"] {
+        assert_eq!(
+            cli(&["admin", "usage", "--group-by", group, "--json"]),
+            api(&format!("/admin/v1/usage?group_by={group}")).await,
+            "{group}"
+        );
+    }
 
     stop(child).await;
 

@@ -6,6 +6,7 @@ mod common;
 mod admin;
 mod auth;
 mod binary;
+mod budgets;
 mod chats;
 mod cluster;
 mod engine;

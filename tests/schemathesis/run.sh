@@ -49,7 +49,9 @@ CONFAB_EXPECT_401_CODE=invalid_api_key,missing_api_key schemathesis run "$base/o
   --checks "$checks,unauthorized_everywhere" --include-path-regex '^/(api|admin)/' \
   --max-time 20 -w 1 --seed 1 --no-color
 echo "--- with an admin key on the tenant API"
-CONFAB_EXPECT_STATUS=403 CONFAB_EXPECT_401_CODE=forbidden schemathesis run "$base/openapi.json" \
+# (schemathesis also drops the header in some cases: those get 401 `missing_api_key`)
+CONFAB_EXPECT_STATUS=403,401 CONFAB_EXPECT_401_CODE=forbidden,missing_api_key \
+  schemathesis run "$base/openapi.json" \
   -H "X-API-Key: $admin" --checks "$checks,unauthorized_everywhere" \
   --include-path-regex '^/api/' --max-time 10 -w 1 --seed 1 --no-color
 if grep -q 'ERROR' "$data/serve.log"; then

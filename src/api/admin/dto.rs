@@ -1,24 +1,29 @@
 //! Bodies of the `/admin/v1` API. The command line prints the same objects (`--json`), so
 //! both say the same thing in the same words.
 
-use chrono::Utc;
+use chrono::{NaiveDate, Utc};
 use poem_openapi::types::MaybeUndefined;
 use poem_openapi::Object;
 use uuid::Uuid;
 
 use crate::api::types::{RuledText, TenantNameRule, Timestamp};
-use crate::domain::{Page, Patch, TenantLimits, TenantLimitsPatch};
-use crate::store::{KeyInfo, KeySpec, TenantInfo};
+use crate::domain::{
+    Page, Patch, TenantLimits, TenantLimitsPatch, TokenBudgets, TokenBudgetsPatch,
+};
+use crate::store::{KeyInfo, KeySpec, TenantInfo, UsageGroup, UsageRow};
 
 /// A tenant's own limits; `null` means the server's default.
 #[derive(Debug, Clone, Object)]
 #[oai(rename = "TenantLimits")]
 pub struct TenantLimitsDto {
     /// REST requests per minute.
+    #[oai(nullable)]
     pub requests_per_minute: Option<u32>,
     /// WebSocket messages per second per connection.
+    #[oai(nullable)]
     pub ws_messages_per_second: Option<u32>,
     /// Open WebSocket connections.
+    #[oai(nullable)]
     pub max_connections: Option<u32>,
 }
 
@@ -45,7 +50,7 @@ pub struct TenantLimitsPatchDto {
     pub max_connections: MaybeUndefined<u32>,
 }
 
-fn patch(m: MaybeUndefined<u32>) -> Patch<u32> {
+fn patch<T>(m: MaybeUndefined<T>) -> Patch<T> {
     match m {
         MaybeUndefined::Undefined => Patch::Keep,
         MaybeUndefined::Null => Patch::Clear,
@@ -63,6 +68,62 @@ impl From<TenantLimitsPatchDto> for TenantLimitsPatch {
     }
 }
 
+/// A tenant's token budgets (prompt + generated tokens; days and months in UTC); `null`:
+/// no budget. A reply or completion that could overrun one is refused before it starts.
+#[derive(Debug, Clone, Object)]
+#[oai(rename = "TokenBudgets")]
+pub struct TokenBudgetsDto {
+    /// The whole tenant, per day.
+    #[oai(nullable)]
+    pub tokens_per_day: Option<u64>,
+    /// The whole tenant, per calendar month.
+    #[oai(nullable)]
+    pub tokens_per_month: Option<u64>,
+    /// Each user of the tenant, per day.
+    #[oai(nullable)]
+    pub user_tokens_per_day: Option<u64>,
+    /// Each user of the tenant, per calendar month.
+    #[oai(nullable)]
+    pub user_tokens_per_month: Option<u64>,
+}
+
+impl From<TokenBudgets> for TokenBudgetsDto {
+    fn from(b: TokenBudgets) -> Self {
+        TokenBudgetsDto {
+            tokens_per_day: b.tokens_per_day,
+            tokens_per_month: b.tokens_per_month,
+            user_tokens_per_day: b.user_tokens_per_day,
+            user_tokens_per_month: b.user_tokens_per_month,
+        }
+    }
+}
+
+/// A change to a tenant's budgets: an absent field stays, `null` removes the budget, a
+/// number (1 to 10^15) sets it.
+#[derive(Debug, Clone, Default, Object)]
+#[oai(rename = "TokenBudgetsPatch", nullable_all)]
+pub struct TokenBudgetsPatchDto {
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000000000000000")))]
+    pub tokens_per_day: MaybeUndefined<u64>,
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000000000000000")))]
+    pub tokens_per_month: MaybeUndefined<u64>,
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000000000000000")))]
+    pub user_tokens_per_day: MaybeUndefined<u64>,
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000000000000000")))]
+    pub user_tokens_per_month: MaybeUndefined<u64>,
+}
+
+impl From<TokenBudgetsPatchDto> for TokenBudgetsPatch {
+    fn from(p: TokenBudgetsPatchDto) -> Self {
+        TokenBudgetsPatch {
+            tokens_per_day: patch(p.tokens_per_day),
+            tokens_per_month: patch(p.tokens_per_month),
+            user_tokens_per_day: patch(p.user_tokens_per_day),
+            user_tokens_per_month: patch(p.user_tokens_per_month),
+        }
+    }
+}
+
 /// A tenant as an operator sees it.
 #[derive(Debug, Clone, Object)]
 #[oai(rename = "Tenant")]
@@ -73,8 +134,10 @@ pub struct TenantDto {
     /// Keys that work now (neither revoked nor expired).
     pub active_keys: u64,
     pub limits: TenantLimitsDto,
+    pub budgets: TokenBudgetsDto,
     /// A disabled tenant's keys answer 403 `tenant_disabled`.
     pub disabled: bool,
+    #[oai(nullable)]
     pub disabled_at: Option<Timestamp>,
 }
 
@@ -86,6 +149,7 @@ impl From<TenantInfo> for TenantDto {
             created_at: t.created_at.into(),
             active_keys: t.active_keys,
             limits: t.limits.into(),
+            budgets: t.budgets.into(),
             disabled: t.disabled_at.is_some(),
             disabled_at: t.disabled_at.map(Timestamp),
         }
@@ -117,23 +181,31 @@ impl From<Page<TenantInfo>> for TenantListDto {
     }
 }
 
-/// A new tenant.
+/// A new tenant (a `null` field is the same as an absent one).
 #[derive(Debug, Object)]
 #[oai(rename = "CreateTenantRequest")]
 pub struct CreateTenantRequest {
     /// 1 to 64 characters from A-Z, a-z, 0-9, '-', '_', '.'; unique.
     pub name: RuledText<TenantNameRule>,
     /// Its own limits (absent fields: the server's defaults).
+    #[oai(nullable)]
     pub limits: Option<TenantLimitsPatchDto>,
+    /// Its token budgets (absent fields: none).
+    #[oai(nullable)]
+    pub budgets: Option<TokenBudgetsPatchDto>,
 }
 
-/// A change to a tenant; absent fields stay as they are.
+/// A change to a tenant; absent (or `null`) fields stay as they are.
 #[derive(Debug, Object)]
 #[oai(rename = "UpdateTenantRequest")]
 pub struct UpdateTenantRequest {
     /// A new name (unique; the id, keys and data stay).
+    #[oai(nullable)]
     pub name: Option<RuledText<TenantNameRule>>,
+    #[oai(nullable)]
     pub limits: Option<TenantLimitsPatchDto>,
+    #[oai(nullable)]
+    pub budgets: Option<TokenBudgetsPatchDto>,
 }
 
 /// Whether a key works now.
@@ -151,16 +223,20 @@ pub enum KeyStateDto {
 pub struct KeyDto {
     pub id: Uuid,
     /// The tenant the key acts for (absent for an admin key).
-    #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable, skip_serializing_if_is_none)]
     pub tenant_id: Option<Uuid>,
     /// The key's first characters, to tell keys apart.
     pub prefix: String,
+    #[oai(nullable)]
     pub name: Option<String>,
     pub state: KeyStateDto,
     pub created_at: Timestamp,
+    #[oai(nullable)]
     pub expires_at: Option<Timestamp>,
     /// When it last authenticated a request (to within the server's key-cache lifetime).
+    #[oai(nullable)]
     pub last_used_at: Option<Timestamp>,
+    #[oai(nullable)]
     pub revoked_at: Option<Timestamp>,
 }
 
@@ -194,14 +270,22 @@ pub struct KeyListDto {
     pub keys: Vec<KeyDto>,
 }
 
-/// A new key.
+/// A new key (a `null` field is the same as an absent one).
 #[derive(Debug, Default, Object)]
 #[oai(rename = "CreateKeyRequest")]
 pub struct CreateKeyRequest {
     /// What the key is for (1–100 characters, no control characters).
-    #[oai(validator(min_length = 1, max_length = 100))]
+    #[oai(
+        nullable,
+        validator(
+            min_length = 1,
+            max_length = 100,
+            pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"
+        )
+    )]
     pub name: Option<String>,
     /// When the key stops working (then 401 `api_key_expired`); must be in the future.
+    #[oai(nullable)]
     pub expires_at: Option<Timestamp>,
 }
 
@@ -231,4 +315,75 @@ pub struct CreatedTenantDto {
     pub key: KeyDto,
     /// The first key's secret, shown this once.
     pub api_key: String,
+}
+
+/// How a usage report is broken down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, poem_openapi::Enum)]
+#[oai(rename = "UsageGroup", rename_all = "snake_case")]
+pub enum UsageGroupDto {
+    /// One row per tenant.
+    #[default]
+    Tenant,
+    /// One row per tenant and user.
+    User,
+    /// One row per tenant and key (or user token).
+    Key,
+    /// One row per tenant and day.
+    Day,
+}
+
+impl From<UsageGroupDto> for UsageGroup {
+    fn from(g: UsageGroupDto) -> Self {
+        match g {
+            UsageGroupDto::Tenant => UsageGroup::Tenant,
+            UsageGroupDto::User => UsageGroup::User,
+            UsageGroupDto::Key => UsageGroup::Key,
+            UsageGroupDto::Day => UsageGroup::Day,
+        }
+    }
+}
+
+/// A tenant's tokens over the report's range (for one user, key or day when grouped so).
+#[derive(Debug, Object)]
+#[oai(rename = "AdminUsageRow")]
+pub struct AdminUsageRowDto {
+    pub tenant_id: Uuid,
+    /// The tenant's name (`null`: deleted since).
+    #[oai(nullable)]
+    pub tenant: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
+    pub user_id: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
+    pub key_id: Option<Uuid>,
+    #[oai(skip_serializing_if_is_none)]
+    pub day: Option<NaiveDate>,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    /// Replies and completions.
+    pub replies: i64,
+}
+
+impl From<(UsageRow, Option<String>)> for AdminUsageRowDto {
+    fn from((r, tenant): (UsageRow, Option<String>)) -> Self {
+        AdminUsageRowDto {
+            tenant_id: r.tenant_id,
+            tenant,
+            user_id: r.user_id,
+            key_id: r.key_id,
+            day: r.day,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            replies: r.replies,
+        }
+    }
+}
+
+/// Usage over `from..=to` (UTC days), in tenant then group order.
+#[derive(Debug, Object)]
+#[oai(rename = "AdminUsageReport")]
+pub struct AdminUsageDto {
+    pub from: NaiveDate,
+    pub to: NaiveDate,
+    pub group_by: UsageGroupDto,
+    pub rows: Vec<AdminUsageRowDto>,
 }

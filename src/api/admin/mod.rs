@@ -10,14 +10,14 @@ use poem_openapi::{ApiResponse, OpenApi};
 use uuid::Uuid;
 
 use super::auth::AdminAuth;
-use super::types::{RuledText, TenantNameRule};
+use super::types::{Day, RuledText, TenantNameRule};
 use super::{ApiTags, AppState};
 use crate::admin::TenantUpdate;
-use crate::domain::{Order, PageRequest, TenantLimitsPatch};
+use crate::domain::{Order, PageRequest, TenantLimitsPatch, TokenBudgetsPatch};
 use crate::error::{AdminAuthed, AdminOnTenant, AdminOnTenantWithBody, AdminWithBody, Failure};
 use dto::{
-    CreateKeyRequest, CreateTenantRequest, CreatedKeyDto, CreatedTenantDto, KeyDto, KeyListDto,
-    TenantDto, TenantListDto, UpdateTenantRequest,
+    AdminUsageDto, CreateKeyRequest, CreateTenantRequest, CreatedKeyDto, CreatedTenantDto, KeyDto,
+    KeyListDto, TenantDto, TenantListDto, UpdateTenantRequest, UsageGroupDto,
 };
 
 #[derive(ApiResponse)]
@@ -63,6 +63,13 @@ pub enum KeyList {
 }
 
 #[derive(ApiResponse)]
+pub enum UsageReport {
+    /// The usage.
+    #[oai(status = 200)]
+    Ok(Json<AdminUsageDto>),
+}
+
+#[derive(ApiResponse)]
 pub enum OneKey {
     /// The key as it is now.
     #[oai(status = 200)]
@@ -97,13 +104,17 @@ impl AdminApi {
         auth: AdminAuth,
         body: Json<CreateTenantRequest>,
     ) -> Result<CreatedTenant, Failure<AdminWithBody>> {
-        let limits = body
-            .0
-            .limits
-            .map(TenantLimitsPatch::from)
-            .unwrap_or_default();
-        let body_name = body.0.name.0;
-        let (t, k, key) = state.admin.create_tenant(&body_name, limits).await?;
+        let body = body.0;
+        let settings = TenantUpdate {
+            name: None,
+            limits: body.limits.map(TenantLimitsPatch::from).unwrap_or_default(),
+            budgets: body
+                .budgets
+                .map(TokenBudgetsPatch::from)
+                .unwrap_or_default(),
+        };
+        let body_name = body.name.0;
+        let (t, k, key) = state.admin.create_tenant(&body_name, settings).await?;
         acted(&auth, "tenant_create", &body_name);
         Ok(CreatedTenant::Created(Json(CreatedTenantDto {
             tenant: t.into(),
@@ -163,9 +174,10 @@ impl AdminApi {
         Ok(OneTenant::Ok(Json(t.into())))
     }
 
-    /// Rename a tenant or change its limits
+    /// Rename a tenant or change its limits and budgets
     ///
-    /// Absent fields stay; in `limits`, `null` goes back to the server's default.
+    /// Absent fields stay; in `limits`, `null` goes back to the server's default, in
+    /// `budgets` it removes the budget.
     #[oai(
         path = "/admin/v1/tenants/:tenant",
         method = "patch",
@@ -179,12 +191,13 @@ impl AdminApi {
         tenant: Path<RuledText<TenantNameRule>>,
         body: Json<UpdateTenantRequest>,
     ) -> Result<OneTenant, Failure<AdminOnTenantWithBody>> {
+        let body = body.0;
         let update = TenantUpdate {
-            name: body.0.name.map(|n| n.0),
-            limits: body
-                .0
-                .limits
-                .map(TenantLimitsPatch::from)
+            name: body.name.map(|n| n.0),
+            limits: body.limits.map(TenantLimitsPatch::from).unwrap_or_default(),
+            budgets: body
+                .budgets
+                .map(TokenBudgetsPatch::from)
                 .unwrap_or_default(),
         };
         let t = state.admin.update_tenant(&tenant.0 .0, update).await?;
@@ -321,5 +334,39 @@ impl AdminApi {
             .await?;
         acted(&auth, "key_revoke", &tenant.0 .0);
         Ok(OneKey::Ok(Json(k.into())))
+    }
+
+    /// Token usage
+    ///
+    /// Prompt and completion tokens of all tenants (or one) between two UTC dates
+    /// (inclusive; at most 366 days; default: the last 30 days), per tenant and, with
+    /// `group_by`, per user, key or day.
+    #[oai(path = "/admin/v1/usage", method = "get", operation_id = "admin_usage")]
+    async fn usage(
+        &self,
+        state: Data<&AppState>,
+        _auth: AdminAuth,
+        /// First day, `YYYY-MM-DD` (default: 29 days before `to`).
+        from: Query<Option<Day>>,
+        /// Last day, `YYYY-MM-DD` (default: today, UTC).
+        to: Query<Option<Day>>,
+        /// Only this tenant (name or id).
+        tenant: Query<Option<RuledText<TenantNameRule>>>,
+        /// The breakdown: `tenant` (default), `user`, `key` or `day`.
+        #[oai(default)]
+        group_by: Query<UsageGroupDto>,
+    ) -> Result<UsageReport, Failure<AdminOnTenant>> {
+        let (from, to) = super::usage::date_range(from.0, to.0)?;
+        let tenant = tenant.0.map(|t| t.0);
+        let rows = state
+            .admin
+            .usage(tenant.as_deref(), from, to, group_by.0.into())
+            .await?;
+        Ok(UsageReport::Ok(Json(AdminUsageDto {
+            from,
+            to,
+            group_by: group_by.0,
+            rows: rows.into_iter().map(Into::into).collect(),
+        })))
     }
 }

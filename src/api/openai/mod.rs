@@ -20,12 +20,13 @@ use poem::{Body, IntoResponse, Request, Response};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::auth::Caller;
 use super::middleware::Authenticated;
 use super::AppState;
+use crate::chat::budget::Hold;
 use crate::chat::{ChatService, Slot};
 use crate::engine::{EngineError, EngineHandle, Generation, GenerationEvent, GenerationSummary};
 use crate::error::ApiError;
-use crate::store::TenantId;
 use wire::{Chunk, ChunkChoice, Delta, UsageOut};
 
 /// An error on an OpenAI route: our error, in OpenAI's shape.
@@ -47,6 +48,9 @@ impl From<crate::chat::ChatError> for OpenAiError {
 impl OpenAiError {
     /// OpenAI's error `type` for our status.
     fn kind(&self) -> &'static str {
+        if matches!(self.0, ApiError::QuotaExceeded(_)) {
+            return "insufficient_quota";
+        }
         match self.0.status().as_u16() {
             401 => "authentication_error",
             403 => "permission_error",
@@ -73,7 +77,11 @@ impl OpenAiError {
             "message": message,
             "type": self.kind(),
             "param": param,
-            "code": e.code(),
+            // OpenAI's clients know a spent budget by this code.
+            "code": match e {
+                ApiError::QuotaExceeded(_) => "insufficient_quota",
+                other => other.code(),
+            },
             "details": e.details(),
         }})
     }
@@ -101,7 +109,7 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn tenant_of(req: &Request) -> Result<TenantId> {
+fn caller_of(req: &Request) -> Result<Caller> {
     // The middleware authenticated every `/v1` request before it got here.
     req.extensions()
         .get::<Authenticated>()
@@ -144,7 +152,7 @@ pub async fn models(req: &Request, state: Data<&AppState>) -> Response {
 }
 
 fn list_models(req: &Request, state: &AppState) -> Result<Response> {
-    tenant_of(req)?;
+    caller_of(req)?;
     let engine = engine_of(state)?;
     Ok(Json(json!({"object": "list", "data": [model_object(&engine)]})).into_response())
 }
@@ -160,7 +168,7 @@ pub async fn model_by_id(
 }
 
 fn find_model(req: &Request, id: &str, state: &AppState) -> Result<Response> {
-    tenant_of(req)?;
+    caller_of(req)?;
     let engine = engine_of(state)?;
     check_model(&engine, id)?;
     Ok(Json(model_object(&engine)).into_response())
@@ -200,7 +208,8 @@ fn refusal(e: EngineError, too_long: impl FnOnce() -> ApiError) -> ApiError {
 }
 
 async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Response> {
-    let tenant = tenant_of(req)?;
+    let caller = caller_of(req)?;
+    let tenant = caller.tenant;
     let engine = engine_of(state)?;
     let bytes = body.into_vec().await.map_err(|e| ApiError::InvalidBody {
         reason: e.to_string(),
@@ -229,15 +238,24 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
         // sent exactly the conversation it wants answered.
         return Err(too_long().into());
     }
+    // Held against the budgets until the completion's usage is recorded.
+    let hold = state
+        .chat
+        .hold_budget(
+            tenant,
+            &completion.user,
+            prepared.prompt_tokens() + prepared.max_tokens(),
+        )
+        .await?;
     let slot = state.chat.acquire(tenant).await?;
     let generation = engine
         .submit(prepared, slot.cancel.clone())
         .map_err(ApiError::from)?;
     let mut pieces = drive(
         state.chat.clone(),
-        tenant,
+        caller,
         completion.user,
-        slot,
+        (slot, hold),
         generation,
     );
     let first = match pieces.recv().await {
@@ -297,14 +315,15 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
 /// tokens, whether or not the client stays: a client that leaves only cancels it.
 fn drive(
     chat: ChatService,
-    tenant: TenantId,
+    caller: Caller,
     user: String,
-    slot: Slot,
+    held: (Slot, Option<Hold>),
     mut generation: Generation,
 ) -> mpsc::UnboundedReceiver<Piece> {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let _slot = slot;
+        // The hold goes after the usage is recorded (below), with the slot.
+        let _held = held;
         let mut gaps = crate::metrics::TokenGaps::default();
         while let Some(event) = generation.events.recv().await {
             let piece = match event {
@@ -315,8 +334,9 @@ fn drive(
                 }
                 GenerationEvent::Finished(summary) => {
                     chat.account(
-                        tenant,
+                        caller.tenant,
                         &user,
+                        caller.key_id,
                         summary.prompt_tokens,
                         summary.completion_tokens,
                         summary.time_to_first_token,

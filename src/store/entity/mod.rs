@@ -7,4 +7,5 @@ pub(crate) mod chat;
 pub(crate) mod message;
 pub(crate) mod tenant;
 pub(crate) mod usage;
+pub(crate) mod usage_by_key;
 pub(crate) mod user;

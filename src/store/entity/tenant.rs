@@ -12,6 +12,12 @@ pub struct Model {
     pub max_connections: Option<i32>,
     /// While set, the tenant's keys answer `tenant_disabled`.
     pub disabled_at: Option<DateTimeUtc>,
+    /// Token budgets (prompt + generated) of the tenant and, as a default, of each of its
+    /// users; NULL: none.
+    pub tokens_per_day: Option<i64>,
+    pub tokens_per_month: Option<i64>,
+    pub user_tokens_per_day: Option<i64>,
+    pub user_tokens_per_month: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -183,7 +183,7 @@ impl Admin {
             .await
             .map_err(on_tenant(tenant))?;
         if let Some(live) = &self.live {
-            live.auth.forget_tenant(t.tenant_id());
+            live.auth.forget_tenant(t.tenant_id()).await;
             if disabled {
                 live.chat.tenant_closed(
                     t.tenant_id(),
@@ -210,7 +210,7 @@ impl Admin {
             .await
             .map_err(on_tenant(tenant))?;
         if let Some(live) = &self.live {
-            live.auth.forget_tenant(t.tenant_id());
+            live.auth.forget_tenant(t.tenant_id()).await;
             live.quotas.forget(t.tenant_id()).await;
         }
         Ok(t)

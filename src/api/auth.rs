@@ -144,9 +144,8 @@ impl Authenticator {
     }
 
     /// Forgets what is cached about a tenant (it was just disabled, enabled or deleted).
-    pub fn forget_tenant(&self, tenant: TenantId) {
-        let tenants = self.tenants.clone();
-        tokio::spawn(async move { tenants.invalidate(&tenant).await });
+    pub async fn forget_tenant(&self, tenant: TenantId) {
+        self.tenants.invalidate(&tenant).await;
         let _ = self
             .keys
             .invalidate_entries_if(move |_, k| k.is_some_and(|k| k.tenant() == Some(tenant)));

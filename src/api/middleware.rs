@@ -8,8 +8,8 @@
 //!   parameter, schema mismatch) become [`ApiError`]s, so every non-2xx body has one shape.
 //! - The access log carries method, path (never the query string, which may hold a key),
 //!   status and latency.
-//! - `/api` requests are authenticated and counted against the tenant's quota first
-//!   (`X-RateLimit-*` headers); every response gets security headers and an `X-Request-ID`
+//! - `/api` and `/v1` requests are authenticated and counted against the tenant's quota
+//!   first (`X-RateLimit-*` headers), `/admin/v1` requests need an admin key; every response gets security headers and an `X-Request-ID`
 //!   (the client's, or a new one), which every log line of the request carries along with
 //!   the tenant id.
 
@@ -453,9 +453,10 @@ async fn handle<E: Endpoint>(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let style = Style::of(&path);
-    // `/api` requests are authenticated and counted before anything else, the body
-    // included: a client without a working key learns nothing but 401, and a tenant over
-    // its quota costs no more than a (cached) key lookup.
+    // `/api` and `/v1` requests are authenticated and counted (`/admin/v1` ones need an
+    // admin key) before anything else, the body included: a client without a working key
+    // learns nothing but 401, and a tenant over its quota costs no more than a (cached) key
+    // lookup.
     let quota = match admin_gate(&req, &path, &state).await {
         Err(e) => Err(e),
         Ok(()) => rest_quota(&req, &path, &state).await,

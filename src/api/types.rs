@@ -208,6 +208,17 @@ impl TextRule for TenantNameRule {
     const PATTERN: &'static str = "^[A-Za-z0-9._-]{1,64}$";
 }
 
+/// Key names (`store::KeySpec::validate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyNameRule;
+
+impl TextRule for KeyNameRule {
+    const NAME: &'static str = "key_name";
+    const MIN_CHARS: usize = 1;
+    const MAX_CHARS: usize = crate::store::MAX_KEY_NAME_CHARS;
+    const PATTERN: &'static str = limits::TITLE_PATTERN;
+}
+
 /// Chat titles (`domain::validate_title`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TitleRule;

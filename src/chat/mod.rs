@@ -628,9 +628,6 @@ impl ChatService {
         self.report(Place::Waiting, &sched.queued_by_tenant());
     }
 
-    /// Counts a finished generation's tokens: metrics, and the tenant's usage for `user_id`
-    /// today. Tokens spent count whatever the outcome (a cancelled reply still cost its
-    /// prompt).
     /// The token budgets (their standing, and holds for stateless completions).
     pub fn budgets(&self) -> &budget::Budgets {
         &self.0.budgets
@@ -686,6 +683,9 @@ impl ChatService {
         self.hold_budget(room.tenant, &sender.user_id, tokens).await
     }
 
+    /// Counts a finished generation's tokens: metrics, and the tenant's usage for `user_id`
+    /// and `key_id` today. Tokens spent count whatever the outcome (a cancelled reply still
+    /// cost its prompt).
     pub async fn account(
         &self,
         tenant: TenantId,

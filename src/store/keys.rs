@@ -176,18 +176,34 @@ impl Store {
                 .filter(api_key::Column::RevokedAt.is_null()),
         };
         let found = the_one(q.all(&self.db).await?, key)?;
-        if found.revoked_at.is_some() {
-            return Ok(found.into());
+        self.mark_revoked(found.into()).await
+    }
+
+    /// Marks a key of either kind revoked now; one revoked already stays as it was.
+    async fn mark_revoked(&self, k: KeyInfo) -> Result<KeyInfo, StoreError> {
+        if k.revoked_at.is_some() {
+            return Ok(k);
         }
-        let revoked_at = now();
-        api_key::Entity::update_many()
-            .col_expr(api_key::Column::RevokedAt, Expr::value(revoked_at))
-            .filter(api_key::Column::Id.eq(found.id))
-            .exec(&self.db)
-            .await?;
+        let at = now();
+        match k.tenant_id {
+            Some(_) => {
+                api_key::Entity::update_many()
+                    .col_expr(api_key::Column::RevokedAt, Expr::value(at))
+                    .filter(api_key::Column::Id.eq(k.id))
+                    .exec(&self.db)
+                    .await?
+            }
+            None => {
+                admin_key::Entity::update_many()
+                    .col_expr(admin_key::Column::RevokedAt, Expr::value(at))
+                    .filter(admin_key::Column::Id.eq(k.id))
+                    .exec(&self.db)
+                    .await?
+            }
+        };
         Ok(KeyInfo {
-            revoked_at: Some(revoked_at),
-            ..KeyInfo::from(found)
+            revoked_at: Some(at),
+            ..k
         })
     }
 
@@ -247,19 +263,7 @@ impl Store {
                 .filter(admin_key::Column::RevokedAt.is_null()),
         };
         let found = the_one(q.all(&self.db).await?, key)?;
-        if found.revoked_at.is_some() {
-            return Ok(found.into());
-        }
-        let revoked_at = now();
-        admin_key::Entity::update_many()
-            .col_expr(admin_key::Column::RevokedAt, Expr::value(revoked_at))
-            .filter(admin_key::Column::Id.eq(found.id))
-            .exec(&self.db)
-            .await?;
-        Ok(KeyInfo {
-            revoked_at: Some(revoked_at),
-            ..KeyInfo::from(found)
-        })
+        self.mark_revoked(found.into()).await
     }
 
     /// The key of either kind with this hash, if it exists and is not revoked (expired or

@@ -249,11 +249,11 @@ impl Store {
             .filter(tenant::Column::Id.eq(t.id))
             .exec(&self.db)
             .await
-            .map_err(|e| match StoreError::from(e) {
-                StoreError::Other(_) => {
+            .map_err(|e| match e.sql_err() {
+                Some(sea_orm::SqlErr::UniqueConstraintViolation(_)) => {
                     StoreError::Conflict(format!("tenant {new_name:?} already exists"))
                 }
-                other => other,
+                _ => StoreError::from(e),
             })?;
         Ok(TenantInfo {
             name: new_name.to_string(),

@@ -165,6 +165,36 @@ async fn admin_commands(b: Backend) {
             assert!(ok, "{args:?}: {err}");
             serde_json::from_str::<Value>(out.trim()).expect("json")
         };
+        let t = tenant(&[
+            "tenant",
+            "set-budgets",
+            "acme",
+            "--tokens-per-day",
+            "5000",
+            "--user-tokens-per-month",
+            "700",
+            "--json",
+        ]);
+        assert_eq!(
+            t["budgets"],
+            json!({"tokens_per_day": 5000, "tokens_per_month": null,
+                "user_tokens_per_day": null, "user_tokens_per_month": 700})
+        );
+        let t = tenant(&[
+            "tenant",
+            "set-budgets",
+            "acme",
+            "--tokens-per-day",
+            "none",
+            "--json",
+        ]);
+        assert_eq!(t["budgets"]["tokens_per_day"], Value::Null);
+        assert_eq!(t["budgets"]["user_tokens_per_month"], 700);
+        let (ok, _, err) = confab(
+            &url,
+            &["tenant", "set-budgets", "acme", "--tokens-per-day", "0"],
+        );
+        assert!(!ok && err.contains("not a budget"), "{err}");
         let t = tenant(&["tenant", "rename", "acme", "acme-corp", "--json"]);
         assert_eq!(t["name"], "acme-corp");
         let t = tenant(&["tenant", "disable", "acme-corp", "--json"]);

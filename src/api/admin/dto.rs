@@ -6,7 +6,7 @@ use poem_openapi::types::MaybeUndefined;
 use poem_openapi::Object;
 use uuid::Uuid;
 
-use crate::api::types::{RuledText, TenantNameRule, Timestamp};
+use crate::api::types::{KeyNameRule, RuledText, TenantNameRule, Timestamp};
 use crate::domain::{
     Page, Patch, TenantLimits, TenantLimitsPatch, TokenBudgets, TokenBudgetsPatch,
 };
@@ -275,15 +275,8 @@ pub struct KeyListDto {
 #[oai(rename = "CreateKeyRequest")]
 pub struct CreateKeyRequest {
     /// What the key is for (1–100 characters, no control characters).
-    #[oai(
-        nullable,
-        validator(
-            min_length = 1,
-            max_length = 100,
-            pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"
-        )
-    )]
-    pub name: Option<String>,
+    #[oai(nullable)]
+    pub name: Option<RuledText<KeyNameRule>>,
     /// When the key stops working (then 401 `api_key_expired`); must be in the future.
     #[oai(nullable)]
     pub expires_at: Option<Timestamp>,
@@ -292,7 +285,7 @@ pub struct CreateKeyRequest {
 impl From<CreateKeyRequest> for KeySpec {
     fn from(r: CreateKeyRequest) -> Self {
         KeySpec {
-            name: r.name,
+            name: r.name.map(|n| n.0),
             expires_at: r.expires_at.map(|t| t.0),
         }
     }

@@ -847,6 +847,9 @@ pub struct LimitArgs {
     /// Most messages in one `/v1/chat/completions` request.
     #[arg(long, env = "CONFAB_MAX_REQUEST_MESSAGES", default_value_t = Limits::default().max_request_messages)]
     pub max_request_messages: usize,
+    /// Longest life of a user-scoped token, in seconds (`ttl_seconds` of `POST /api/v1/tokens`).
+    #[arg(long, env = "CONFAB_MAX_TOKEN_TTL_SECS", default_value_t = Limits::default().max_token_ttl_secs)]
+    pub max_token_ttl_secs: u64,
 }
 
 impl From<&LimitArgs> for Limits {
@@ -857,6 +860,7 @@ impl From<&LimitArgs> for Limits {
             max_metadata_depth: a.max_metadata_depth,
             max_system_prompt_chars: a.max_system_prompt_chars,
             max_request_messages: a.max_request_messages.max(1),
+            max_token_ttl_secs: a.max_token_ttl_secs.max(1),
         }
     }
 }

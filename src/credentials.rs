@@ -13,6 +13,8 @@ const KEY_TAG: &str = "cfk_";
 /// Admin keys look different at a glance (and to secret scanners); what makes one an admin
 /// key is the table it is stored in, not its text.
 const ADMIN_KEY_TAG: &str = "cfa_";
+/// User-scoped tokens (`POST /api/v1/tokens`).
+const USER_TOKEN_TAG: &str = "cfu_";
 /// Shortest operator-chosen key (`CONFAB_BOOTSTRAP_API_KEY`).
 pub const MIN_CUSTOM_KEY_LEN: usize = 24;
 /// Longest key accepted anywhere.
@@ -60,6 +62,11 @@ pub fn generate() -> IssuedKey {
 /// Makes a fresh random admin key.
 pub fn generate_admin() -> IssuedKey {
     generate_tagged(ADMIN_KEY_TAG)
+}
+
+/// Makes a fresh random user-scoped token.
+pub fn generate_user_token() -> IssuedKey {
+    generate_tagged(USER_TOKEN_TAG)
 }
 
 fn generate_tagged(tag: &str) -> IssuedKey {

@@ -81,6 +81,9 @@ pub enum ApiError {
     /// key on a tenant route.
     #[error("forbidden")]
     Forbidden { needs: KeyKind },
+    /// A user-scoped token used for another user.
+    #[error("forbidden")]
+    OtherUser { token_user: String },
     /// The tenant was disabled by an operator.
     #[error("tenant disabled")]
     TenantDisabled {
@@ -193,7 +196,7 @@ impl ApiError {
             ApiError::MissingApiKey => "missing_api_key",
             ApiError::InvalidApiKey => "invalid_api_key",
             ApiError::ApiKeyExpired { .. } => "api_key_expired",
-            ApiError::Forbidden { .. } => "forbidden",
+            ApiError::Forbidden { .. } | ApiError::OtherUser { .. } => "forbidden",
             ApiError::TenantDisabled { .. } => "tenant_disabled",
             ApiError::ChatNotFound(_) => "chat_not_found",
             ApiError::TenantNotFound(_) => "tenant_not_found",
@@ -239,7 +242,9 @@ impl ApiError {
             ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::ApiKeyExpired { .. } => {
                 StatusCode::UNAUTHORIZED
             }
-            ApiError::Forbidden { .. } | ApiError::TenantDisabled { .. } => StatusCode::FORBIDDEN,
+            ApiError::Forbidden { .. }
+            | ApiError::OtherUser { .. }
+            | ApiError::TenantDisabled { .. } => StatusCode::FORBIDDEN,
             ApiError::ChatNotFound(_)
             | ApiError::TenantNotFound(_)
             | ApiError::ApiKeyNotFound(_)
@@ -299,6 +304,9 @@ impl ApiError {
                 "This key cannot be used here: this route needs {}.",
                 needs.describe()
             ),
+            ApiError::OtherUser { token_user } => {
+                format!("This token acts for user {token_user:?} only.")
+            }
             ApiError::TenantDisabled { .. } => {
                 "This tenant is disabled; an operator can enable it again.".into()
             }
@@ -404,6 +412,7 @@ impl ApiError {
             ApiError::Forbidden { needs } => {
                 json!({"header": "X-API-Key", "needs": needs.as_str(), "hint": needs.hint()})
             }
+            ApiError::OtherUser { token_user } => json!({"user_id": token_user}),
             ApiError::TenantDisabled { since } => json!({"disabled_at": since}),
             ApiError::ChatNotFound(id) => json!({"chat_id": id}),
             ApiError::TenantNotFound(t) => json!({"tenant": t}),
@@ -521,7 +530,9 @@ impl ApiError {
             ApiError::MissingApiKey | ApiError::InvalidApiKey | ApiError::ApiKeyExpired { .. } => {
                 close::UNAUTHORIZED
             }
-            ApiError::Forbidden { .. } | ApiError::TenantDisabled { .. } => close::FORBIDDEN,
+            ApiError::Forbidden { .. }
+            | ApiError::OtherUser { .. }
+            | ApiError::TenantDisabled { .. } => close::FORBIDDEN,
             ApiError::ChatNotFound(_) => close::NOT_FOUND,
             ApiError::Protocol(f) => f.close,
             ApiError::Validation(_) | ApiError::InvalidParameter { .. } => close::BAD_REQUEST,

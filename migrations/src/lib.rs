@@ -12,6 +12,7 @@ mod m20261202_000001_replica;
 mod m20261202_000002_key_names;
 mod m20261204_000001_admin;
 mod m20261204_000002_budgets;
+mod m20261204_000003_user_tokens;
 
 pub struct Migrator;
 
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000002_key_names::Migration),
             Box::new(m20261204_000001_admin::Migration),
             Box::new(m20261204_000002_budgets::Migration),
+            Box::new(m20261204_000003_user_tokens::Migration),
         ]
     }
 }

@@ -18,6 +18,8 @@ pub struct Limits {
     pub max_system_prompt_chars: usize,
     /// Most messages in one OpenAI-API request.
     pub max_request_messages: usize,
+    /// Longest life of a user-scoped token (`POST /api/v1/tokens`), in seconds.
+    pub max_token_ttl_secs: u64,
 }
 
 impl Default for Limits {
@@ -28,6 +30,7 @@ impl Default for Limits {
             max_metadata_depth: 8,
             max_system_prompt_chars: 32 * 1024,
             max_request_messages: 1024,
+            max_token_ttl_secs: 24 * 3600,
         }
     }
 }

@@ -21,11 +21,42 @@ use crate::credentials;
 use crate::error::{ApiError, KeyKind};
 use crate::store::{KeyAuth, KeyOwner, Store, StoreError, TenantId};
 
-/// A tenant key's holder: the tenant, and which key (usage is recorded per key).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A tenant key's or user token's holder: the tenant, which key or token (usage is recorded
+/// per key), and for a token the one user it acts for.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub tenant: TenantId,
     pub key_id: Uuid,
+    /// A user-scoped token's user: only that user's chats exist for it.
+    pub user: Option<String>,
+}
+
+impl Caller {
+    /// The store as this caller may see it: its tenant, narrowed to its user for a token.
+    pub fn scope<'a>(&'a self, store: &'a Store) -> crate::store::TenantScope<'a> {
+        store.tenant(self.tenant).only_user(self.user.as_deref())
+    }
+
+    /// Refuses acting for another user than a token's (403 `forbidden`).
+    pub fn may_act_for(&self, user_id: &str) -> Result<(), ApiError> {
+        match &self.user {
+            Some(u) if u != user_id => Err(ApiError::OtherUser {
+                token_user: u.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses a user token where only a tenant key will do (minting tokens, the tenant's
+    /// usage): 403 `forbidden`.
+    pub fn tenant_key_only(&self) -> Result<(), ApiError> {
+        match self.user {
+            Some(_) => Err(ApiError::Forbidden {
+                needs: KeyKind::Tenant,
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Resolves keys to tenants or to the operator.
@@ -76,7 +107,7 @@ impl Authenticator {
             .keys
             .try_get_with(hash.clone(), async move {
                 let found = store.authenticate(&hash).await?;
-                if let Some(k) = found {
+                if let Some(k) = found.clone() {
                     // Best effort, off the request's path: a lost update only ages "last used".
                     tokio::spawn(async move {
                         if let Err(e) = store.touch_key(&k).await {
@@ -99,8 +130,9 @@ impl Authenticator {
     /// `forbidden` here; a disabled tenant's key `tenant_disabled`).
     pub async fn authenticate(&self, key: &str) -> Result<Caller, ApiError> {
         let k = self.key(key).await?;
-        let tenant = match k.owner {
-            KeyOwner::Tenant(t) => t,
+        let (tenant, user) = match k.owner {
+            KeyOwner::Tenant(t) => (t, None),
+            KeyOwner::User { tenant, user_id } => (tenant, Some(user_id)),
             KeyOwner::Admin => {
                 return Err(ApiError::Forbidden {
                     needs: KeyKind::Tenant,
@@ -111,6 +143,7 @@ impl Authenticator {
         Ok(Caller {
             tenant,
             key_id: k.key_id,
+            user,
         })
     }
 
@@ -137,7 +170,7 @@ impl Authenticator {
         let k = self.key(key).await?;
         match k.owner {
             KeyOwner::Admin => Ok(k.key_id),
-            KeyOwner::Tenant(_) => Err(ApiError::Forbidden {
+            KeyOwner::Tenant(_) | KeyOwner::User { .. } => Err(ApiError::Forbidden {
                 needs: KeyKind::Admin,
             }),
         }
@@ -146,20 +179,21 @@ impl Authenticator {
     /// Forgets what is cached about a tenant (it was just disabled, enabled or deleted).
     pub async fn forget_tenant(&self, tenant: TenantId) {
         self.tenants.invalidate(&tenant).await;
-        let _ = self
-            .keys
-            .invalidate_entries_if(move |_, k| k.is_some_and(|k| k.tenant() == Some(tenant)));
+        let _ = self.keys.invalidate_entries_if(move |_, k| {
+            k.as_ref().is_some_and(|k| k.tenant() == Some(tenant))
+        });
     }
 
     /// Forgets a key (it was just revoked).
     pub fn forget_key(&self, key_id: Uuid) {
         let _ = self
             .keys
-            .invalidate_entries_if(move |_, k| k.is_some_and(|k| k.key_id == key_id));
+            .invalidate_entries_if(move |_, k| k.as_ref().is_some_and(|k| k.key_id == key_id));
     }
 }
 
-/// The tenant API key, sent in the `X-API-Key` header.
+/// The tenant API key (or a user-scoped token, `POST /api/v1/tokens`), sent in the
+/// `X-API-Key` header.
 #[derive(SecurityScheme)]
 #[oai(
     ty = "api_key",
@@ -167,12 +201,12 @@ impl Authenticator {
     key_in = "header",
     checker = "check_key"
 )]
-pub struct TenantAuth(pub TenantId);
+pub struct TenantAuth(pub Caller);
 
-async fn check_key(req: &Request, key: ApiKey) -> poem::Result<TenantId> {
+async fn check_key(req: &Request, key: ApiKey) -> poem::Result<Caller> {
     // The middleware authenticates every `/api` request before its quota check.
     if let Some(done) = req.extensions().get::<super::middleware::Authenticated>() {
-        return Ok(done.0.tenant);
+        return Ok(done.0.clone());
     }
     let state = req.data::<super::AppState>().ok_or_else(|| {
         poem::Error::from(crate::error::Failure::<crate::error::Authed>::from(
@@ -183,7 +217,6 @@ async fn check_key(req: &Request, key: ApiKey) -> poem::Result<TenantId> {
         .auth
         .authenticate(&key.key)
         .await
-        .map(|c| c.tenant)
         .map_err(|e| crate::error::Failure::<crate::error::Authed>::from(e).into())
 }
 

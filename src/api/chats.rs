@@ -60,9 +60,10 @@ async fn create_chat(
     body: CreateChatRequest,
 ) -> Result<CreatedChat, Failure<WithBody>> {
     let new = body.into_domain(&state.limits)?;
-    let (chat, _created_user) = state.store.tenant(auth.0).create_chat(new).await?;
+    auth.0.may_act_for(&new.user_id)?;
+    let (chat, _created_user) = auth.0.scope(&state.store).create_chat(new).await?;
     Ok(CreatedChat::Created(Json(ChatDto::new(
-        auth.0.as_uuid(),
+        auth.0.tenant.as_uuid(),
         chat,
     ))))
 }
@@ -124,13 +125,14 @@ impl ChatsApi {
             name: "user_id".into(),
             reason: v.message,
         })?;
-        let p = state
-            .store
-            .tenant(auth.0)
+        auth.0.may_act_for(&user_id)?;
+        let p = auth
+            .0
+            .scope(&state.store)
             .list_chats(&user_id, page(offset.0, limit.0, OrderDto::Desc))
             .await?;
         let has_more = p.has_more();
-        let tenant = auth.0.as_uuid();
+        let tenant = auth.0.tenant.as_uuid();
         Ok(ChatPage::Ok(Json(ChatListDto {
             total: p.total,
             offset: p.offset,
@@ -159,13 +161,16 @@ impl ChatsApi {
         auth: TenantAuth,
         chat_id: Path<Uuid>,
     ) -> Result<OneChat, Failure<OnChat>> {
-        let chat = state
-            .store
-            .tenant(auth.0)
+        let chat = auth
+            .0
+            .scope(&state.store)
             .get_chat(chat_id.0)
             .await
             .map_err(ApiError::for_chat(chat_id.0))?;
-        Ok(OneChat::Ok(Json(ChatDto::new(auth.0.as_uuid(), chat))))
+        Ok(OneChat::Ok(Json(ChatDto::new(
+            auth.0.tenant.as_uuid(),
+            chat,
+        ))))
     }
 
     /// Get a chat's messages
@@ -197,9 +202,9 @@ impl ChatsApi {
         #[oai(default)]
         order: Query<OrderDto>,
     ) -> Result<MessagePage, Failure<OnChat>> {
-        let p = state
-            .store
-            .tenant(auth.0)
+        let p = auth
+            .0
+            .scope(&state.store)
             .list_messages(chat_id.0, page(offset.0, limit.0, order.0))
             .await
             .map_err(ApiError::for_chat(chat_id.0))?;
@@ -231,16 +236,19 @@ impl ChatsApi {
     ) -> Result<OneChat, Failure<OnChatWithBody>> {
         let update = body.0.into_domain(&state.limits)?;
         let config_changed = update.config.is_some();
-        let chat = state
-            .store
-            .tenant(auth.0)
+        let chat = auth
+            .0
+            .scope(&state.store)
             .update_chat(chat_id.0, update)
             .await
             .map_err(ApiError::for_chat(chat_id.0))?;
         if config_changed {
             state.chat.chat_changed(chat_id.0);
         }
-        Ok(OneChat::Ok(Json(ChatDto::new(auth.0.as_uuid(), chat))))
+        Ok(OneChat::Ok(Json(ChatDto::new(
+            auth.0.tenant.as_uuid(),
+            chat,
+        ))))
     }
 
     /// Delete a chat
@@ -257,13 +265,12 @@ impl ChatsApi {
         auth: TenantAuth,
         chat_id: Path<Uuid>,
     ) -> Result<Deleted, Failure<OnChat>> {
-        state
-            .store
-            .tenant(auth.0)
+        auth.0
+            .scope(&state.store)
             .delete_chat(chat_id.0)
             .await
             .map_err(ApiError::for_chat(chat_id.0))?;
-        state.chat.chat_deleted(auth.0, chat_id.0);
+        state.chat.chat_deleted(auth.0.tenant, chat_id.0);
         Ok(Deleted::NoContent)
     }
 }

@@ -534,7 +534,7 @@ async fn admin_gate(req: &Request, path: &str, state: &AppState) -> Result<(), A
 }
 
 /// The caller of an `/api` or `/v1` request whose key this layer already checked.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Authenticated(pub super::auth::Caller);
 
 /// For an `/api` or `/v1` request: its tenant and quota verdict, or why it has no tenant.

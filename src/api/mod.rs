@@ -11,6 +11,7 @@ mod health;
 mod middleware;
 pub mod openai;
 pub mod quota;
+mod tokens;
 pub mod types;
 mod usage;
 mod ws;
@@ -68,6 +69,7 @@ enum ApiTags {
 
 type Apis = (
     chats::ChatsApi,
+    tokens::TokensApi,
     usage::UsageApi,
     health::HealthApi,
     admin::AdminApi,
@@ -77,6 +79,7 @@ fn service() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
         (
             chats::ChatsApi,
+            tokens::TokensApi,
             usage::UsageApi,
             health::HealthApi,
             admin::AdminApi,

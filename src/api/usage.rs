@@ -132,13 +132,16 @@ impl UsageApi {
                 reason: v.message,
             })?;
         }
-        let scope = state.store.tenant(auth.0);
+        // The tenant's usage is the tenant's business, not one user's.
+        auth.0.tenant_key_only()?;
+        let tenant = auth.0.tenant;
+        let scope = state.store.tenant(tenant);
         let users = scope.usage(from, to, user_id.0.as_deref()).await?;
         let keys = scope.usage_by_key(from, to).await?;
         let budgets = state
             .chat
             .budgets()
-            .states(auth.0, user_id.0.as_deref(), Utc::now().date_naive())
+            .states(tenant, user_id.0.as_deref(), Utc::now().date_naive())
             .await?;
         let totals = UsageTotalsDto {
             prompt_tokens: users.iter().map(|u| u.prompt_tokens).sum(),

@@ -47,13 +47,17 @@ struct Session {
 async fn open(state: &AppState, creds: Credentials) -> Result<Session, ApiError> {
     let (key, user_id, chat_id) = creds.validate()?;
     let caller = state.auth.authenticate(&key).await?;
+    // A user token's socket is its user's: another user's chats do not exist for it.
+    if caller.user.as_deref().is_some_and(|u| u != user_id) {
+        return Err(ApiError::ChatNotFound(chat_id));
+    }
     let tenant = caller.tenant;
     let limits = state.quotas.limits(tenant).await;
     let guard = state
         .chat
         .connect(tenant, limits.max_connections as usize)
         .await?;
-    let scope = state.store.tenant(tenant);
+    let scope = caller.scope(&state.store);
     let chat = scope
         .get_chat(chat_id)
         .await

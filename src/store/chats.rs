@@ -2,8 +2,8 @@
 
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
-    QueryOrder, QuerySelect, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -56,14 +56,32 @@ async fn ensure_user_in<C: ConnectionTrait>(
     Ok(inserted == 1)
 }
 
-/// Reads a chat of a tenant inside any connection or transaction.
+/// Whose chats a query may reach: a tenant's, or only one of its users'.
+#[derive(Debug, Clone)]
+pub(super) struct Owner {
+    pub tenant: Uuid,
+    pub user: Option<String>,
+}
+
+impl Owner {
+    /// The condition on the `chats` table.
+    pub fn of_chat(&self) -> Condition {
+        let c = Condition::all().add(chat::Column::TenantId.eq(self.tenant));
+        match &self.user {
+            Some(u) => c.add(chat::Column::UserId.eq(u.as_str())),
+            None => c,
+        }
+    }
+}
+
+/// Reads a chat of an owner inside any connection or transaction.
 pub(super) async fn find_chat_in<C: ConnectionTrait>(
     db: &C,
-    tenant: Uuid,
+    owner: &Owner,
     chat_id: Uuid,
 ) -> Result<chat::Model, StoreError> {
     chat::Entity::find_by_id(chat_id)
-        .filter(chat::Column::TenantId.eq(tenant))
+        .filter(owner.of_chat())
         .one(db)
         .await?
         .ok_or(StoreError::NotFound)
@@ -74,9 +92,9 @@ pub(super) async fn find_chat_in<C: ConnectionTrait>(
 /// it writes cannot wait for the write lock once another writer committed after its read
 /// ("database is locked"), while one that writes first simply queues. On PostgreSQL it takes
 /// the row lock, so concurrent changes of one chat apply one after the other.
-async fn lock_chat_in<C: ConnectionTrait>(
+pub(super) async fn lock_chat_in<C: ConnectionTrait>(
     db: &C,
-    tenant: Uuid,
+    owner: &Owner,
     chat_id: Uuid,
 ) -> Result<(), StoreError> {
     let res = chat::Entity::update_many()
@@ -85,7 +103,7 @@ async fn lock_chat_in<C: ConnectionTrait>(
             sea_orm::sea_query::Expr::col(chat::Column::UpdatedAt).into(),
         )
         .filter(chat::Column::Id.eq(chat_id))
-        .filter(chat::Column::TenantId.eq(tenant))
+        .filter(owner.of_chat())
         .exec(db)
         .await?;
     if res.rows_affected == 0 {
@@ -103,7 +121,14 @@ impl TenantScope<'_> {
     /// Creates a chat (and its user, on first use). Returns the chat and whether the user
     /// was new.
     pub async fn create_chat(&self, new: NewChat) -> Result<(Chat, bool), StoreError> {
+        if self.user.is_some_and(|u| u != new.user_id) {
+            return Err(StoreError::Invalid(format!(
+                "this token acts for user {:?} only",
+                self.user.unwrap_or_default()
+            )));
+        }
         let tenant = self.tenant;
+        let owner = self.owner();
         let config = config_json(&new.config)?;
         self.db
             .transaction::<_, (Chat, bool), StoreError>(|txn| {
@@ -123,7 +148,7 @@ impl TenantScope<'_> {
                         last_activity_at: Set(ts),
                     };
                     let id = chat::Entity::insert(row).exec(txn).await?.last_insert_id;
-                    let chat = chat_from_row(find_chat_in(txn, tenant, id).await?)?;
+                    let chat = chat_from_row(find_chat_in(txn, &owner, id).await?)?;
                     Ok((chat, created_user))
                 })
             })
@@ -133,7 +158,7 @@ impl TenantScope<'_> {
 
     /// One chat of this tenant.
     pub async fn get_chat(&self, chat_id: Uuid) -> Result<Chat, StoreError> {
-        chat_from_row(find_chat_in(self.db, self.tenant, chat_id).await?)
+        chat_from_row(find_chat_in(self.db, &self.owner(), chat_id).await?)
     }
 
     /// A user's chats, newest first.
@@ -143,7 +168,7 @@ impl TenantScope<'_> {
         page: PageRequest,
     ) -> Result<Page<Chat>, StoreError> {
         let base = chat::Entity::find()
-            .filter(chat::Column::TenantId.eq(self.tenant))
+            .filter(self.owner().of_chat())
             .filter(chat::Column::UserId.eq(user_id));
         let total = base.clone().count(self.db).await?;
         let rows = base
@@ -168,14 +193,15 @@ impl TenantScope<'_> {
     /// Applies a change to a chat and returns it as stored afterwards.
     pub async fn update_chat(&self, chat_id: Uuid, update: ChatUpdate) -> Result<Chat, StoreError> {
         let tenant = self.tenant;
+        let owner = self.owner();
         if update.is_empty() {
             return self.get_chat(chat_id).await;
         }
         self.db
             .transaction::<_, Chat, StoreError>(|txn| {
                 Box::pin(async move {
-                    lock_chat_in(txn, tenant, chat_id).await?;
-                    let row = find_chat_in(txn, tenant, chat_id).await?;
+                    lock_chat_in(txn, &owner, chat_id).await?;
+                    let row = find_chat_in(txn, &owner, chat_id).await?;
                     let mut chat = chat_from_row(row)?;
                     update.title.apply(&mut chat.title);
                     if let Some(m) = update.metadata {
@@ -203,7 +229,7 @@ impl TenantScope<'_> {
                     if res.rows_affected == 0 {
                         return Err(StoreError::NotFound);
                     }
-                    chat_from_row(find_chat_in(txn, tenant, chat_id).await?)
+                    chat_from_row(find_chat_in(txn, &owner, chat_id).await?)
                 })
             })
             .await
@@ -213,10 +239,11 @@ impl TenantScope<'_> {
     /// Deletes a chat and its messages.
     pub async fn delete_chat(&self, chat_id: Uuid) -> Result<(), StoreError> {
         let tenant = self.tenant;
+        let owner = self.owner();
         self.db
             .transaction::<_, (), StoreError>(|txn| {
                 Box::pin(async move {
-                    lock_chat_in(txn, tenant, chat_id).await?;
+                    lock_chat_in(txn, &owner, chat_id).await?;
                     // Explicit, so the messages go even where foreign keys are not enforced.
                     super::entity::message::Entity::delete_many()
                         .filter(super::entity::message::Column::ChatId.eq(chat_id))

@@ -1,14 +1,16 @@
-//! Keys: tenant API keys and admin keys, how they are made, listed, revoked and recognised.
+//! Keys: tenant API keys, user-scoped tokens and admin keys, how they are made, listed,
+//! revoked and recognised.
 //!
-//! The two kinds live in separate tables (`api_keys`, `admin_keys`) so that no query of
-//! one can return the other; [`Store::authenticate`] is the one place that looks in both.
+//! The kinds live in separate tables (`api_keys`, `user_tokens`, `admin_keys`) so that no
+//! query of one can return another; [`Store::authenticate`] is the one place that looks in
+//! all.
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use uuid::Uuid;
 
-use super::entity::{admin_key, api_key};
+use super::entity::{admin_key, api_key, user_token};
 use super::{Store, StoreError, TenantId};
 use crate::credentials::IssuedKey;
 use crate::domain::now;
@@ -35,15 +37,20 @@ pub struct KeySpec {
 }
 
 /// Whom a key acts for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyOwner {
     Tenant(TenantId),
+    /// A user-scoped token: one user of a tenant.
+    User {
+        tenant: TenantId,
+        user_id: String,
+    },
     /// The operator: `/admin/v1` only.
     Admin,
 }
 
 /// A working (not revoked) key, as authentication needs it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KeyAuth {
     pub owner: KeyOwner,
     pub key_id: Uuid,
@@ -52,13 +59,21 @@ pub struct KeyAuth {
 }
 
 impl KeyAuth {
-    /// The tenant of a tenant key.
+    /// The tenant of a tenant key or user token.
     pub fn tenant(&self) -> Option<TenantId> {
-        match self.owner {
-            KeyOwner::Tenant(t) => Some(t),
+        match &self.owner {
+            KeyOwner::Tenant(t) | KeyOwner::User { tenant: t, .. } => Some(*t),
             KeyOwner::Admin => None,
         }
     }
+}
+
+/// A user-scoped token as minted (never the secret).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserToken {
+    pub id: Uuid,
+    pub user_id: String,
+    pub expires_at: DateTime<Utc>,
 }
 
 /// Key names: what an operator writes to tell keys apart.
@@ -266,7 +281,43 @@ impl Store {
         self.mark_revoked(found.into()).await
     }
 
-    /// The key of either kind with this hash, if it exists and is not revoked (expired or
+    /// Mints a token acting for `user_id` of `tenant` until `expires_at`, recording the key
+    /// that minted it; tokens of the tenant expired for a day are purged on the way.
+    pub async fn create_user_token(
+        &self,
+        tenant: TenantId,
+        minted_by: Uuid,
+        user_id: &str,
+        token: &IssuedKey,
+        expires_at: DateTime<Utc>,
+    ) -> Result<UserToken, StoreError> {
+        let id = Uuid::now_v7();
+        user_token::Entity::insert(user_token::ActiveModel {
+            id: Set(id),
+            tenant_id: Set(tenant.0),
+            key_id: Set(minted_by),
+            user_id: Set(user_id.to_string()),
+            prefix: Set(token.prefix.clone()),
+            token_hash: Set(token.hash.clone()),
+            created_at: Set(now()),
+            expires_at: Set(expires_at),
+            last_used_at: Set(None),
+        })
+        .exec_without_returning(&self.db)
+        .await?;
+        user_token::Entity::delete_many()
+            .filter(user_token::Column::TenantId.eq(tenant.0))
+            .filter(user_token::Column::ExpiresAt.lt(Utc::now() - chrono::Duration::days(1)))
+            .exec(&self.db)
+            .await?;
+        Ok(UserToken {
+            id,
+            user_id: user_id.to_string(),
+            expires_at,
+        })
+    }
+
+    /// The key of any kind with this hash, if it exists and is not revoked (expired or
     /// not: the caller compares `expires_at` with the time of each request).
     pub async fn authenticate(&self, key_hash: &str) -> Result<Option<KeyAuth>, StoreError> {
         let tenant_key = api_key::Entity::find()
@@ -279,6 +330,20 @@ impl Store {
                 owner: KeyOwner::Tenant(TenantId(k.tenant_id)),
                 key_id: k.id,
                 expires_at: k.expires_at,
+            }));
+        }
+        let token = user_token::Entity::find()
+            .filter(user_token::Column::TokenHash.eq(key_hash))
+            .one(&self.db)
+            .await?;
+        if let Some(t) = token {
+            return Ok(Some(KeyAuth {
+                owner: KeyOwner::User {
+                    tenant: TenantId(t.tenant_id),
+                    user_id: t.user_id,
+                },
+                key_id: t.id,
+                expires_at: Some(t.expires_at),
             }));
         }
         Ok(admin_key::Entity::find()
@@ -301,6 +366,13 @@ impl Store {
                 api_key::Entity::update_many()
                     .col_expr(api_key::Column::LastUsedAt, Expr::value(at))
                     .filter(api_key::Column::Id.eq(key.key_id))
+                    .exec(&self.db)
+                    .await?
+            }
+            KeyOwner::User { .. } => {
+                user_token::Entity::update_many()
+                    .col_expr(user_token::Column::LastUsedAt, Expr::value(at))
+                    .filter(user_token::Column::Id.eq(key.key_id))
                     .exec(&self.db)
                     .await?
             }

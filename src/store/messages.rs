@@ -42,7 +42,7 @@ impl TenantScope<'_> {
         chat_id: Uuid,
         page: PageRequest,
     ) -> Result<Page<Message>, StoreError> {
-        find_chat_in(self.db, self.tenant, chat_id).await?;
+        find_chat_in(self.db, &self.owner(), chat_id).await?;
         let base = message::Entity::find()
             .filter(message::Column::TenantId.eq(self.tenant))
             .filter(message::Column::ChatId.eq(chat_id));
@@ -78,6 +78,7 @@ impl TenantScope<'_> {
         new: NewMessage,
     ) -> Result<Message, StoreError> {
         let tenant = self.tenant;
+        let owner = self.owner();
         // A streaming reply records the replica that generates it.
         let replica = (new.status == MessageStatus::Streaming)
             .then(|| self.replica.map(str::to_string))
@@ -93,13 +94,13 @@ impl TenantScope<'_> {
                         )
                         .col_expr(chat::Column::LastActivityAt, Expr::value(ts))
                         .filter(chat::Column::Id.eq(chat_id))
-                        .filter(chat::Column::TenantId.eq(tenant))
+                        .filter(owner.of_chat())
                         .exec(txn)
                         .await?;
                     if res.rows_affected == 0 {
                         return Err(StoreError::NotFound);
                     }
-                    let seq = find_chat_in(txn, tenant, chat_id).await?.message_count;
+                    let seq = find_chat_in(txn, &owner, chat_id).await?.message_count;
                     let row = message::ActiveModel {
                         id: Set(Uuid::now_v7()),
                         tenant_id: Set(tenant),

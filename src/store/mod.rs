@@ -15,7 +15,7 @@ mod tenants;
 mod usage;
 
 pub use error::StoreError;
-pub use keys::{KeyAuth, KeyInfo, KeyOwner, KeySpec, MAX_KEY_NAME_CHARS};
+pub use keys::{KeyAuth, KeyInfo, KeyOwner, KeySpec, UserToken, MAX_KEY_NAME_CHARS};
 pub use messages::ReplyUpdate;
 pub use tenants::{validate_tenant_name, TenantInfo};
 pub use usage::{KeyUsage, UsageGroup, UsageRow, UserUsage};
@@ -199,6 +199,7 @@ impl Store {
         TenantScope {
             db: &self.db,
             tenant: tenant.0,
+            user: None,
             replica: self.replica.as_deref(),
         }
     }
@@ -218,7 +219,26 @@ impl Store {
 pub struct TenantScope<'a> {
     db: &'a DatabaseConnection,
     tenant: Uuid,
+    /// Only this user's chats exist (a user-scoped token): another user's chat is as
+    /// invisible as another tenant's.
+    user: Option<&'a str>,
     replica: Option<&'a str>,
+}
+
+impl<'a> TenantScope<'a> {
+    /// The same scope narrowed to one user's chats (`None`: all the tenant's).
+    pub fn only_user(mut self, user: Option<&'a str>) -> Self {
+        self.user = user;
+        self
+    }
+
+    /// Whose chats this scope reaches, as the chat queries take it.
+    fn owner(&self) -> chats::Owner {
+        chats::Owner {
+            tenant: self.tenant,
+            user: self.user.map(str::to_string),
+        }
+    }
 }
 
 /// Hides the password of a database URL for messages and logs.

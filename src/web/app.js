@@ -6,9 +6,26 @@
 const $ = (id) => document.getElementById(id);
 const PAGE = 50;
 
+// A user token (`cfu_…`, minted by the tenant's backend with POST /api/v1/tokens) may come
+// in the URL fragment, `/#token=cfu_…&user=alice`: it is taken from there (and the fragment
+// cleared, so it is not left in the address bar or history) and kept for this tab only. A
+// tenant key typed into the form is kept in local storage as before.
+const fromLink = (() => {
+  const p = new URLSearchParams(location.hash.slice(1));
+  const token = p.get("token");
+  const user = p.get("user");
+  if (!token || !user) return null;
+  history.replaceState(null, "", location.pathname + location.search);
+  sessionStorage.setItem("confab.key", token);
+  sessionStorage.setItem("confab.user", user);
+  return { key: token, user };
+})();
+
+const isToken = (key) => key.startsWith("cfu_");
+
 const state = {
-  key: localStorage.getItem("confab.key") || "",
-  user: localStorage.getItem("confab.user") || "",
+  key: (fromLink && fromLink.key) || sessionStorage.getItem("confab.key") || localStorage.getItem("confab.key") || "",
+  user: (fromLink && fromLink.user) || sessionStorage.getItem("confab.user") || localStorage.getItem("confab.user") || "",
   chats: [],
   chatsOffset: 0,
   chat: null, // the open chat
@@ -24,8 +41,12 @@ const state = {
 // ---------- errors ----------
 
 const FRIENDLY = {
-  missing_api_key: "Paste the tenant API key first.",
+  missing_api_key: "Paste the tenant API key (or a user token) first.",
   invalid_api_key: "The API key was not accepted (wrong or revoked).",
+  api_key_expired: "The key or token has expired; get a new one and sign in again.",
+  forbidden: "This key or token may not do that (a user token acts for its own user only).",
+  tenant_disabled: "This tenant is disabled; ask the operator.",
+  quota_exceeded: "The token budget is used up for now; it resets later (see the details).",
   rate_limited: "Too many requests — slow down a little.",
   queue_full: "Too many replies are waiting for your tenant; try again in a moment.",
   server_busy: "The server is busy with other replies; try again in a moment.",
@@ -440,8 +461,11 @@ async function login(e) {
   e.preventDefault();
   state.key = $("key").value.trim();
   state.user = $("user").value.trim();
-  localStorage.setItem("confab.key", state.key);
-  localStorage.setItem("confab.user", state.user);
+  // A short-lived user token belongs to this tab; a tenant key to this browser.
+  const keep = isToken(state.key) ? sessionStorage : localStorage;
+  (isToken(state.key) ? localStorage : sessionStorage).removeItem("confab.key");
+  keep.setItem("confab.key", state.key);
+  keep.setItem("confab.user", state.user);
   closeChat();
   clearError();
   try {

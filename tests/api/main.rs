@@ -22,4 +22,5 @@ mod openapi;
 mod reference;
 mod smollm2;
 mod tiny;
+mod tokens;
 mod ws;

@@ -209,6 +209,27 @@ try {
   check(db.message_count === 6, `six messages stored (${db.message_count})`);
   await page.screenshot({ path: path.join(args.out, "after-restart.png") });
 
+  // Signed in by a link with a user token (what an app's backend hands a browser): the same
+  // chats, no tenant key in the page, and the token gone from the address bar.
+  {
+    const r = await fetch(`${base}/api/v1/tokens`, {
+      method: "POST",
+      headers: { "X-API-Key": KEY, "Content-Type": "application/json" },
+      body: JSON.stringify({ user_id: USER, ttl_seconds: 600 }),
+    });
+    check(r.status === 201, "a user token is minted");
+    const { token } = await r.json();
+    const tab = await browser.newPage();
+    tab.on("console", (m) => m.type() === "error" && !expected.test(m.text()) && consoleErrors.push(m.text()));
+    await tab.goto(`${base}/#token=${encodeURIComponent(token)}&user=${encodeURIComponent(USER)}`);
+    await tab.waitForSelector("#chats li");
+    check(new URL(tab.url()).hash === "", "the token is taken out of the address bar");
+    check((await tab.textContent("#chats")).includes("Geography"), "the token signs in to the user's chats");
+    const kept = await tab.evaluate(() => [sessionStorage.getItem("confab.key"), localStorage.getItem("confab.key")]);
+    check(kept[0] === token && kept[1] !== token, "the token is kept for the tab, not in local storage");
+    await tab.close();
+  }
+
   // Delete the chat.
   await page.click("li.current button.delete");
   await page.waitForSelector("#empty:not([hidden])");

@@ -113,7 +113,7 @@ fn caller_of(req: &Request) -> Result<Caller> {
     // The middleware authenticated every `/v1` request before it got here.
     req.extensions()
         .get::<Authenticated>()
-        .map(|a| a.0)
+        .map(|a| a.0.clone())
         .ok_or(OpenAiError(ApiError::Internal))
 }
 
@@ -215,12 +215,19 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
         reason: e.to_string(),
     })?;
     let context = engine.info.context_length;
-    let completion = wire::parse(
+    let mut completion = wire::parse(
         &bytes,
         state.chat.settings().default_max_tokens,
         context,
         state.limits.max_request_messages,
     )?;
+    // A user token's completions are its user's: `user` may only name that user.
+    if let Some(u) = &caller.user {
+        if completion.user != wire::ANONYMOUS_USER {
+            caller.may_act_for(&completion.user)?;
+        }
+        completion.user = u.clone();
+    }
     check_model(&engine, &completion.model)?;
     let max_tokens = completion.request.max_tokens;
     let too_long = || ApiError::ContextLengthExceeded {

@@ -9,3 +9,4 @@ pub(crate) mod tenant;
 pub(crate) mod usage;
 pub(crate) mod usage_by_key;
 pub(crate) mod user;
+pub(crate) mod user_token;

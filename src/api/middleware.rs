@@ -524,13 +524,15 @@ async fn admin_gate(req: &Request, path: &str, state: &AppState) -> Result<(), A
     if path != "/admin/v1" && !path.starts_with("/admin/v1/") {
         return Ok(());
     }
-    let key = req
-        .headers()
-        .get("x-api-key")
-        .ok_or(ApiError::MissingApiKey)?
-        .to_str()
-        .map_err(|_| ApiError::InvalidApiKey)?;
+    let key = key_header(req, "x-api-key").ok_or(ApiError::MissingApiKey)??;
     state.auth.authenticate_admin(key).await.map(|_| ())
+}
+
+/// A header that carries a key: absent, or its text (a value that is not text is no key).
+fn key_header<'r>(req: &'r Request, name: &str) -> Option<Result<&'r str, ApiError>> {
+    req.headers()
+        .get(name)
+        .map(|v| v.to_str().map_err(|_| ApiError::InvalidApiKey))
 }
 
 /// The caller of an `/api` or `/v1` request whose key this layer already checked.
@@ -548,11 +550,7 @@ async fn rest_quota(
     if !path.starts_with("/api/") && !openai {
         return Ok(None);
     }
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .map(|v| v.to_str().map_err(|_| ApiError::InvalidApiKey))
-    };
+    let header = |name: &str| key_header(req, name);
     // OpenAI clients send the key as a bearer token; `X-API-Key` works there too.
     let bearer = if openai {
         header("authorization").map(|v| {

@@ -13,6 +13,7 @@ use super::{ApiTags, AppState};
 use crate::chat::budget::BudgetScope;
 use crate::domain;
 use crate::error::{ApiError, Authed, Failure};
+use crate::store::UsageGroup;
 
 /// Tokens used.
 #[derive(Debug, Object)]
@@ -137,7 +138,10 @@ impl UsageApi {
         let tenant = auth.0.tenant;
         let scope = state.store.tenant(tenant);
         let users = scope.usage(from, to, user_id.0.as_deref()).await?;
-        let keys = scope.usage_by_key(from, to).await?;
+        let keys = state
+            .store
+            .usage_report(Some(tenant), from, to, UsageGroup::Key)
+            .await?;
         let budgets = state
             .chat
             .budgets()
@@ -163,11 +167,13 @@ impl UsageApi {
                 .collect(),
             keys: keys
                 .into_iter()
-                .map(|k| KeyUsageDto {
-                    key_id: k.key_id,
-                    prompt_tokens: k.prompt_tokens,
-                    completion_tokens: k.completion_tokens,
-                    replies: k.replies,
+                .filter_map(|k| {
+                    Some(KeyUsageDto {
+                        key_id: k.key_id?,
+                        prompt_tokens: k.prompt_tokens,
+                        completion_tokens: k.completion_tokens,
+                        replies: k.replies,
+                    })
                 })
                 .collect(),
             budgets: budgets

@@ -84,6 +84,15 @@ fn lock(m: &Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What running replies hold against the tenant's (or `user`'s) budgets.
+fn held_by(held: &Held, tenant: TenantId, scope: BudgetScope, user: Option<&str>) -> u64 {
+    let key = match scope {
+        BudgetScope::Tenant => (tenant, None),
+        BudgetScope::User => (tenant, user.map(str::to_string)),
+    };
+    held.get(&key).copied().unwrap_or(0)
+}
+
 /// Tokens held for one running reply; dropping it (after the reply's usage is recorded)
 /// gives them back.
 pub struct Hold {
@@ -150,6 +159,22 @@ impl Budgets {
         today: NaiveDate,
     ) -> Result<Vec<BudgetState>, StoreError> {
         let budgets = self.of(tenant).await?;
+        let mut out = self.recorded(tenant, &budgets, user, today).await?;
+        let held = lock(&self.held);
+        for s in &mut out {
+            s.held = held_by(&held, tenant, s.scope, user);
+        }
+        Ok(out)
+    }
+
+    /// The budgets that are set, with their recorded usage this period (`held` left 0).
+    async fn recorded(
+        &self,
+        tenant: TenantId,
+        budgets: &TokenBudgets,
+        user: Option<&str>,
+        today: NaiveDate,
+    ) -> Result<Vec<BudgetState>, StoreError> {
         let scope = self.store.tenant(tenant);
         let mut wanted = vec![
             (
@@ -194,14 +219,6 @@ impl Budgets {
                 resets_at: period.resets_at(today),
             });
         }
-        let held = lock(&self.held);
-        for s in &mut out {
-            let key = match s.scope {
-                BudgetScope::Tenant => (tenant, None),
-                BudgetScope::User => (tenant, user.map(str::to_string)),
-            };
-            s.held = held.get(&key).copied().unwrap_or(0);
-        }
         Ok(out)
     }
 
@@ -213,22 +230,15 @@ impl Budgets {
         user: &str,
         tokens: u64,
     ) -> Result<Result<Option<Hold>, QuotaExceeded>, StoreError> {
-        if self.of(tenant).await?.is_unlimited() {
+        let budgets = self.of(tenant).await?;
+        if budgets.is_unlimited() {
             return Ok(Ok(None));
         }
         let today = Utc::now().date_naive();
-        let recorded = self.states(tenant, Some(user), today).await?;
+        let recorded = self.recorded(tenant, &budgets, Some(user), today).await?;
         let mut held = lock(&self.held);
-        let tenant_key = (tenant, None);
-        let user_key = (tenant, Some(user.to_string()));
         for s in &recorded {
-            let now_held = match s.scope {
-                BudgetScope::Tenant => held.get(&tenant_key),
-                BudgetScope::User => held.get(&user_key),
-            }
-            .copied()
-            .unwrap_or(0);
-            let used = s.used + now_held;
+            let used = s.used + held_by(&held, tenant, s.scope, Some(user));
             if used.saturating_add(tokens) > s.limit {
                 return Ok(Err(QuotaExceeded {
                     scope: s.scope,
@@ -240,6 +250,8 @@ impl Budgets {
                 }));
             }
         }
+        let tenant_key = (tenant, None);
+        let user_key = (tenant, Some(user.to_string()));
         *held.entry(tenant_key).or_insert(0) += tokens;
         *held.entry(user_key).or_insert(0) += tokens;
         Ok(Ok(Some(Hold {

@@ -661,13 +661,12 @@ impl ChatService {
             return Ok(None);
         }
         let scope = self.0.store.tenant(room.tenant);
-        let chat = scope.get_chat(room.chat_id).await.map_err(|e| match e {
-            StoreError::NotFound => ChatError::ChatNotFound(room.chat_id),
-            other => other.into(),
-        })?;
-        let history = scope
-            .recent_messages(room.chat_id, self.0.settings.history_messages)
-            .await?;
+        let (chat, history) = reply::chat_and_history(self, &scope, room.chat_id)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound => ChatError::ChatNotFound(room.chat_id),
+                other => other.into(),
+            })?;
         let mut request = reply::request_for(&chat, history, self.0.settings.default_max_tokens);
         request.messages.push(crate::engine::ChatMessage {
             role: Role::User,

@@ -96,6 +96,19 @@ pub(super) fn request_for(
     }
 }
 
+/// A chat and the stored history its next reply's prompt is built from.
+pub(super) async fn chat_and_history(
+    service: &ChatService,
+    scope: &TenantScope<'_>,
+    chat_id: Uuid,
+) -> Result<(Chat, Vec<Message>), StoreError> {
+    let chat = scope.get_chat(chat_id).await?;
+    let history = scope
+        .recent_messages(chat_id, service.settings().history_messages)
+        .await?;
+    Ok((chat, history))
+}
+
 /// Runs the reply of `q` to its end.
 pub(super) async fn run(service: &ChatService, q: Queued) {
     let room = q.room.clone();
@@ -106,10 +119,7 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
         None => return,
     };
     let chat_and_history = async {
-        let chat = scope.get_chat(room.chat_id).await?;
-        let history = scope
-            .recent_messages(room.chat_id, service.settings().history_messages)
-            .await?;
+        let (chat, history) = chat_and_history(service, &scope, room.chat_id).await?;
         let message = scope
             .append_message(
                 room.chat_id,

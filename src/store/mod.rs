@@ -18,7 +18,7 @@ pub use error::StoreError;
 pub use keys::{KeyAuth, KeyInfo, KeyOwner, KeySpec, UserToken, MAX_KEY_NAME_CHARS};
 pub use messages::ReplyUpdate;
 pub use tenants::{validate_tenant_name, TenantInfo};
-pub use usage::{KeyUsage, UsageGroup, UsageRow, UserUsage};
+pub use usage::{UsageGroup, UsageRow, UserUsage};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -11,15 +11,6 @@ use uuid::Uuid;
 use super::entity::{usage, usage_by_key};
 use super::{StoreError, TenantScope};
 
-/// Tokens that came through one key (or user token) over a period.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyUsage {
-    pub key_id: Uuid,
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
-    pub replies: i64,
-}
-
 /// Tokens used by one user over a period.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UserUsage {
@@ -134,38 +125,6 @@ impl TenantScope<'_> {
         }
         let used: Option<i64> = q.into_tuple().one(self.db).await?;
         Ok(used.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
-    }
-
-    /// Totals per key over the days `from..=to`, keys in id order.
-    pub async fn usage_by_key(
-        &self,
-        from: NaiveDate,
-        to: NaiveDate,
-    ) -> Result<Vec<KeyUsage>, StoreError> {
-        let rows = usage_by_key::Entity::find()
-            .filter(usage_by_key::Column::TenantId.eq(self.tenant))
-            .filter(usage_by_key::Column::Day.gte(from.format("%Y-%m-%d").to_string()))
-            .filter(usage_by_key::Column::Day.lte(to.format("%Y-%m-%d").to_string()))
-            .order_by_asc(usage_by_key::Column::KeyId)
-            .all(self.db)
-            .await?;
-        let mut out: Vec<KeyUsage> = Vec::new();
-        for r in rows {
-            match out.last_mut() {
-                Some(k) if k.key_id == r.key_id => {
-                    k.prompt_tokens += r.prompt_tokens;
-                    k.completion_tokens += r.completion_tokens;
-                    k.replies += r.replies;
-                }
-                _ => out.push(KeyUsage {
-                    key_id: r.key_id,
-                    prompt_tokens: r.prompt_tokens,
-                    completion_tokens: r.completion_tokens,
-                    replies: r.replies,
-                }),
-            }
-        }
-        Ok(out)
     }
 
     /// Totals per user over the days `from..=to`, optionally of one user; users in id order.

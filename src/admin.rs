@@ -11,11 +11,15 @@ use crate::api::quota::Quotas;
 use crate::api::Authenticator;
 use crate::chat::{ChatService, TenantClosed};
 use crate::credentials::{self, IssuedKey};
-use crate::domain::{Page, PageRequest, TenantLimitsPatch, TokenBudgetsPatch};
+use crate::domain::{Actor, AuditAction, Page, PageRequest, TenantLimitsPatch, TokenBudgetsPatch};
 use crate::error::ApiError;
 use chrono::NaiveDate;
+use serde_json::{json, Map, Value};
 
-use crate::store::{KeyInfo, KeySpec, Store, StoreError, TenantInfo, UsageGroup, UsageRow};
+use crate::store::{
+    AuditEntry, AuditFilter, AuditRecord, AuditTenant, KeyInfo, KeySpec, Store, StoreError,
+    TenantInfo, UsageGroup, UsageRow,
+};
 
 /// Why an admin operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -70,24 +74,91 @@ struct Live {
     quotas: Quotas,
 }
 
-/// The operator's actions; cheap to clone.
+/// The operator's actions; cheap to clone. Each change is written to the audit log as the
+/// act of [`Admin::by`]'s actor.
 #[derive(Clone)]
 pub struct Admin {
     store: Store,
     live: Option<Live>,
+    actor: Actor,
+}
+
+/// What changed between two states of a tenant, field by field: `{"name": {"from", "to"},
+/// "limits.requests_per_minute": {…}, …}`.
+fn changes(before: &TenantInfo, after: &TenantInfo) -> Map<String, Value> {
+    let mut out = Map::new();
+    if before.name != after.name {
+        out.insert(
+            "name".into(),
+            json!({"from": before.name, "to": after.name}),
+        );
+    }
+    let fields = |v: Value| match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    for (group, from, to) in [
+        ("limits", json!(before.limits), json!(after.limits)),
+        ("budgets", json!(before.budgets), json!(after.budgets)),
+    ] {
+        let to = fields(to);
+        for (field, old) in fields(from) {
+            let new = to.get(&field).cloned().unwrap_or(Value::Null);
+            if old != new {
+                out.insert(format!("{group}.{field}"), json!({"from": old, "to": new}));
+            }
+        }
+    }
+    out
+}
+
+/// An audit record about tenant `t`.
+fn about(action: AuditAction, actor: &Actor, t: &TenantInfo) -> AuditRecord {
+    AuditRecord::new(action, actor.clone()).tenant(t.id, &t.name)
 }
 
 impl Admin {
-    /// For the command line: changes the database only.
+    /// For the command line: changes the database only; acts as the OS user that runs it.
     pub fn offline(store: Store) -> Admin {
-        Admin { store, live: None }
+        Admin {
+            store,
+            live: None,
+            actor: Actor::cli(),
+        }
     }
 
-    /// For a running server: also reaches its sockets, replies and caches.
+    /// For a running server: also reaches its sockets, replies and caches. Its actions are
+    /// the server's until [`Admin::by`] says whose they are.
     pub fn live(store: Store, chat: ChatService, auth: Authenticator, quotas: Quotas) -> Admin {
         Admin {
             store,
             live: Some(Live { chat, auth, quotas }),
+            actor: Actor::Server,
+        }
+    }
+
+    /// The same service acting for `actor` (an admin key, say): the audit log names it.
+    pub fn by(&self, actor: Actor) -> Admin {
+        Admin {
+            actor,
+            ..self.clone()
+        }
+    }
+
+    /// Appends to the audit log. The action is done by now, so a failure to record it is
+    /// logged loudly rather than reported as the action failing.
+    async fn record(&self, r: AuditRecord) {
+        let action = r.action;
+        tracing::info!(
+            %action,
+            actor = r.actor.kind(),
+            actor_id = r.actor.id(),
+            tenant = r.tenant.as_ref().map(|t| t.1.as_str()),
+            target = r.target,
+            "audit"
+        );
+        if let Err(e) = self.store.append_audit(vec![r]).await {
+            tracing::error!(%action, error = %e, "audit record lost");
         }
     }
 
@@ -104,16 +175,23 @@ impl Admin {
             .create_tenant(name, &key)
             .await
             .map_err(AdminError::Store)?;
-        let id = t.id.to_string();
+        let created = t.clone();
         let t = self
-            .update_tenant(
-                &id,
+            .apply(
+                t,
                 TenantUpdate {
                     name: None,
                     ..settings
                 },
             )
             .await?;
+        let mut r = about(AuditAction::TenantCreate, &self.actor, &t)
+            .detail("first_key", json!({"id": first.id, "prefix": first.prefix}));
+        let settings = changes(&created, &t);
+        if !settings.is_empty() {
+            r = r.detail("settings", Value::Object(settings));
+        }
+        self.record(r).await;
         Ok((t, first, key))
     }
 
@@ -138,7 +216,25 @@ impl Admin {
         tenant: &str,
         update: TenantUpdate,
     ) -> Result<TenantInfo, AdminError> {
-        let mut t = self.tenant(tenant).await?;
+        let before = self.tenant(tenant).await?;
+        let after = self.apply(before.clone(), update).await?;
+        let changed = changes(&before, &after);
+        if !changed.is_empty() {
+            self.record(
+                about(AuditAction::TenantUpdate, &self.actor, &after)
+                    .detail("changes", Value::Object(changed)),
+            )
+            .await;
+        }
+        Ok(after)
+    }
+
+    /// Applies `update` to tenant `t` (as it is now), unrecorded.
+    async fn apply(
+        &self,
+        mut t: TenantInfo,
+        update: TenantUpdate,
+    ) -> Result<TenantInfo, AdminError> {
         let id = t.id.to_string();
         if let Some(name) = &update.name {
             t = self
@@ -177,6 +273,7 @@ impl Admin {
         tenant: &str,
         disabled: bool,
     ) -> Result<TenantInfo, AdminError> {
+        let was_disabled = self.tenant(tenant).await?.disabled_at.is_some();
         let t = self
             .store
             .set_tenant_disabled(tenant, disabled)
@@ -192,6 +289,15 @@ impl Admin {
                     },
                 );
             }
+        }
+        // Disabling a disabled tenant (enabling an enabled one) changes nothing: no record.
+        if was_disabled != disabled {
+            let action = if disabled {
+                AuditAction::TenantDisable
+            } else {
+                AuditAction::TenantEnable
+            };
+            self.record(about(action, &self.actor, &t)).await;
         }
         Ok(t)
     }
@@ -213,6 +319,8 @@ impl Admin {
             live.auth.forget_tenant(t.tenant_id()).await;
             live.quotas.forget(t.tenant_id()).await;
         }
+        self.record(about(AuditAction::TenantDelete, &self.actor, &t))
+            .await;
         Ok(t)
     }
 
@@ -222,12 +330,19 @@ impl Admin {
         tenant: &str,
         spec: &KeySpec,
     ) -> Result<(KeyInfo, IssuedKey), AdminError> {
+        let t = self.tenant(tenant).await?;
         let key = credentials::generate();
         let k = self
             .store
-            .create_key(tenant, &key, spec)
+            .create_key(&t.id.to_string(), &key, spec)
             .await
             .map_err(on_tenant(tenant))?;
+        let mut r = AuditRecord::about_key(AuditAction::KeyCreate, self.actor.clone(), &k)
+            .tenant(t.id, &t.name);
+        if let Some(at) = k.expires_at {
+            r = r.detail("expires_at", at.to_rfc3339());
+        }
+        self.record(r).await;
         Ok((k, key))
     }
 
@@ -244,7 +359,7 @@ impl Admin {
         if let Some(t) = tenant {
             self.tenant(t).await?;
         }
-        let k = self
+        let (k, revoked) = self
             .store
             .revoke_key(tenant, key)
             .await
@@ -252,6 +367,21 @@ impl Admin {
         if let Some(live) = &self.live {
             live.auth.forget_key(k.id);
         }
+        // Revoking a revoked key changes nothing: no record.
+        if !revoked {
+            return Ok(k);
+        }
+        let mut r = AuditRecord::about_key(AuditAction::KeyRevoke, self.actor.clone(), &k);
+        if let Some(id) = k.tenant_id {
+            let name = self
+                .store
+                .tenant_names(&[id])
+                .await
+                .ok()
+                .and_then(|mut n| n.remove(&id));
+            r = r.tenant(id, name.as_deref().unwrap_or(""));
+        }
+        self.record(r).await;
         Ok(k)
     }
 
@@ -300,6 +430,11 @@ impl Admin {
             .create_admin_key(&key, spec)
             .await
             .map_err(AdminError::Store)?;
+        let mut r = AuditRecord::about_key(AuditAction::AdminKeyCreate, self.actor.clone(), &k);
+        if let Some(at) = k.expires_at {
+            r = r.detail("expires_at", at.to_rfc3339());
+        }
+        self.record(r).await;
         Ok((k, key))
     }
 
@@ -312,7 +447,7 @@ impl Admin {
 
     /// Revokes an admin key given by id or prefix.
     pub async fn revoke_admin_key(&self, key: &str) -> Result<KeyInfo, AdminError> {
-        let k = self
+        let (k, revoked) = self
             .store
             .revoke_admin_key(key)
             .await
@@ -320,6 +455,39 @@ impl Admin {
         if let Some(live) = &self.live {
             live.auth.forget_key(k.id);
         }
+        if revoked {
+            self.record(AuditRecord::about_key(
+                AuditAction::AdminKeyRevoke,
+                self.actor.clone(),
+                &k,
+            ))
+            .await;
+        }
         Ok(k)
+    }
+
+    /// One page of the audit log, newest first. `tenant` is a name or id: an existing
+    /// tenant's records under any name it had, else a deleted tenant's by its last name.
+    pub async fn audit(
+        &self,
+        tenant: Option<&str>,
+        mut filter: AuditFilter,
+        page: PageRequest,
+    ) -> Result<Page<AuditEntry>, AdminError> {
+        filter.tenant = match tenant {
+            None => None,
+            Some(t) => Some(match self.store.find_tenant(t).await {
+                Ok(found) => AuditTenant::Id(found.id),
+                Err(StoreError::NotFound) => match uuid::Uuid::parse_str(t) {
+                    Ok(id) => AuditTenant::Id(id),
+                    Err(_) => AuditTenant::FormerName(t.to_string()),
+                },
+                Err(e) => return Err(AdminError::Store(e)),
+            }),
+        };
+        self.store
+            .audit_log(&filter, page)
+            .await
+            .map_err(AdminError::Store)
     }
 }

@@ -486,8 +486,8 @@ impl LimitValue {
     }
 }
 
-/// `--expires-at`: RFC 3339, or a day meaning its start in UTC.
-fn parse_expiry(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+/// `--expires-at`, `--since`, `--until`: RFC 3339, or a day meaning its start in UTC.
+fn parse_instant(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&chrono::Utc));
     }
@@ -508,7 +508,7 @@ pub struct KeySpecArgs {
     pub name: Option<String>,
     /// When the key stops working (it then answers 401 `api_key_expired`): RFC 3339
     /// (`2027-01-31T18:00:00Z`) or a day (`2027-01-31`, its start in UTC).
-    #[arg(long, value_parser = parse_expiry)]
+    #[arg(long, value_parser = parse_instant)]
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
@@ -569,6 +569,29 @@ pub enum AdminCommand {
         /// One row per tenant, or per tenant and user, key or day.
         #[arg(long, value_enum, default_value_t = UsageGroupArg::Tenant)]
         group_by: UsageGroupArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The audit log, newest first, as `GET /admin/v1/audit`.
+    Audit {
+        /// Only this tenant's records (name or id; a deleted tenant by its last name).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this action (tenant.disable) or family (tenant, key, admin_key, auth, budget).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only records at or after this time (RFC 3339, or a day: its start in UTC).
+        #[arg(long, value_parser = parse_instant)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only records before this time.
+        #[arg(long, value_parser = parse_instant)]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        /// Records to skip.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// Records to show (1 to 200).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=200))]
+        limit: u64,
         #[arg(long)]
         json: bool,
     },
@@ -661,7 +684,33 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
     #[command(flatten)]
+    pub audit: AuditArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
+}
+
+/// The audit log (`GET /admin/v1/audit`, `confab admin audit`).
+#[derive(Debug, Clone, Args)]
+pub struct AuditArgs {
+    /// Days audit records are kept; older ones are deleted. 0: kept forever.
+    #[arg(long, env = "CONFAB_AUDIT_RETENTION_DAYS", default_value_t = 180, value_parser = clap::value_parser!(u32).range(0..=36500))]
+    pub audit_retention_days: u32,
+    /// Seconds over which failed authentications (per address and reason) and budget
+    /// refusals (per tenant, user and budget) are counted into one record; also how often
+    /// key expiries are looked for.
+    #[arg(long, env = "CONFAB_AUDIT_FLUSH_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub audit_flush_secs: u64,
+}
+
+impl From<&AuditArgs> for crate::audit::AuditSettings {
+    fn from(a: &AuditArgs) -> Self {
+        crate::audit::AuditSettings {
+            retention: (a.audit_retention_days > 0)
+                .then(|| chrono::Duration::days(a.audit_retention_days.into())),
+            flush_interval: std::time::Duration::from_secs(a.audit_flush_secs),
+            ..Default::default()
+        }
+    }
 }
 
 /// Cluster mode: several replicas on one PostgreSQL database (see `cluster`).

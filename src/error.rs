@@ -523,6 +523,20 @@ impl ApiError {
         }
     }
 
+    /// Whether this refuses a request's credentials (no key, a wrong, expired or revoked
+    /// one, the wrong kind, a disabled tenant's): what the audit log counts as a failed
+    /// authentication.
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(
+            self,
+            ApiError::MissingApiKey
+                | ApiError::InvalidApiKey
+                | ApiError::ApiKeyExpired { .. }
+                | ApiError::Forbidden { .. }
+                | ApiError::TenantDisabled { .. }
+        )
+    }
+
     /// The close code of a WebSocket connection this error ends (a refused connection, a
     /// socket closed for its behaviour); most errors leave the connection open.
     pub fn close_code(&self) -> u16 {

@@ -22,6 +22,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod audit;
 pub mod chat;
 pub mod cli;
 pub mod cluster;
@@ -65,6 +66,8 @@ pub struct ServerSettings {
     pub connections: server::ConnectionLimits,
     /// Cluster mode: this server is one replica of several on the same PostgreSQL database.
     pub cluster: Option<cluster::ClusterSettings>,
+    /// How the audit log is kept.
+    pub audit: audit::AuditSettings,
 }
 
 impl Default for ServerSettings {
@@ -79,6 +82,7 @@ impl Default for ServerSettings {
             metrics_open: true,
             connections: server::ConnectionLimits::default(),
             cluster: None,
+            audit: audit::AuditSettings::default(),
         }
     }
 }
@@ -126,7 +130,14 @@ pub async fn run(
         cluster.clone(),
     );
     let grace = settings.chat.shutdown_grace;
-    let chat = chat::ChatService::new(store.clone(), model.clone(), settings.chat, cluster.clone());
+    let audit = audit::Audit::start(store.clone(), settings.audit);
+    let chat = chat::ChatService::new(
+        store.clone(),
+        model.clone(),
+        settings.chat,
+        cluster.clone(),
+        audit.clone(),
+    );
     // The lease is held until the running replies have finished (or been interrupted).
     let (leave, left) = tokio::sync::watch::channel(false);
     let membership = cluster
@@ -136,6 +147,7 @@ pub async fn run(
     let state = AppState {
         store,
         admin,
+        audit: audit.clone(),
         auth,
         limits: settings.limits,
         model,
@@ -152,6 +164,7 @@ pub async fn run(
         shutdown.await;
         tracing::info!("shutting down: finishing running replies");
         chat.shutdown().await;
+        audit.flush().await;
         let _ = leave.send(true);
         if let Some(m) = membership {
             let _ = m.await;

@@ -13,6 +13,7 @@ mod m20261202_000002_key_names;
 mod m20261204_000001_admin;
 mod m20261204_000002_budgets;
 mod m20261204_000003_user_tokens;
+mod m20261204_000004_audit;
 
 pub struct Migrator;
 
@@ -28,6 +29,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000001_admin::Migration),
             Box::new(m20261204_000002_budgets::Migration),
             Box::new(m20261204_000003_user_tokens::Migration),
+            Box::new(m20261204_000004_audit::Migration),
         ]
     }
 }

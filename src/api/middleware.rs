@@ -26,6 +26,7 @@ use poem_openapi::error::{
 
 use super::quota::Decision;
 use super::AppState;
+use crate::audit::Via;
 use crate::error::ApiError;
 
 fn is_json(content_type: Option<&str>) -> bool {
@@ -458,9 +459,18 @@ async fn handle<E: Endpoint>(
     // learns nothing but 401, and a tenant over its quota costs no more than a (cached) key
     // lookup.
     let quota = match admin_gate(&req, &path, &state).await {
-        Err(e) => Err(e),
-        Ok(()) => rest_quota(&req, &path, &state).await,
+        Err(e) => Err((e, Via::Admin)),
+        Ok(()) => rest_quota(&req, &path, &state)
+            .await
+            .map_err(|e| (e, Via::Rest)),
     };
+    let quota = quota.map_err(|(e, via)| {
+        if e.is_auth_failure() {
+            let address = req.remote_addr().as_socket_addr().map(|a| a.ip());
+            state.audit.auth_failed(address, via, e.code());
+        }
+        e
+    });
     let quota = match quota {
         Err(e) => Err(Err(e)),
         Ok(Some((_, d))) if !d.allowed => Err(Ok(d)),

@@ -34,6 +34,8 @@ pub struct AppState {
     pub store: Store,
     /// The operator's actions (`/admin/v1`), live: they reach sockets and caches.
     pub admin: crate::admin::Admin,
+    /// Failed authentications are tallied there.
+    pub audit: crate::audit::Audit,
     pub auth: Authenticator,
     pub limits: Limits,
     /// The model's state; handlers that generate need it `Ready`.
@@ -130,13 +132,24 @@ pub fn app(state: AppState) -> impl Endpoint {
     // The routes outside the OpenAPI document, each with its one method: mounted here and
     // declared to the middleware from the same list (for `Allow` on a 405, and whether a
     // body is read).
-    let plain: [(&str, Method, RouteMethod); 9] = [
+    let plain: [(&str, Method, RouteMethod); 12] = [
         ("/", Method::GET, poem::get(crate::web::index)),
         ("/assets/app.js", Method::GET, poem::get(crate::web::app_js)),
         (
             "/assets/app.css",
             Method::GET,
             poem::get(crate::web::app_css),
+        ),
+        ("/admin", Method::GET, poem::get(crate::web::admin)),
+        (
+            "/assets/admin.js",
+            Method::GET,
+            poem::get(crate::web::admin_js),
+        ),
+        (
+            "/assets/admin.css",
+            Method::GET,
+            poem::get(crate::web::admin_css),
         ),
         ("/openapi.json", Method::GET, poem::get(spec)),
         ("/ws/chat", Method::GET, poem::get(ws::ws_chat)),

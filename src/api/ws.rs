@@ -85,6 +85,7 @@ pub async fn ws_chat(req: &Request, ws: WebSocket, state: Data<&AppState>) -> im
         req.headers().get(name).and_then(|v| v.to_str().ok())
     });
     let state = state.0.clone();
+    let address = req.remote_addr().as_socket_addr().map(|a| a.ip());
     let max_frame = state.chat.settings().messages.max_frame_bytes;
     // Frames a little over the limit are read and answered with `message_too_large`
     // (the connection stays usable); far larger ones end the connection (1009).
@@ -93,7 +94,7 @@ pub async fn ws_chat(req: &Request, ws: WebSocket, state: Data<&AppState>) -> im
     config.max_message_size = Some(hard_limit);
     config.max_frame_size = Some(hard_limit);
     ws.config(config).on_upgrade(move |socket| async move {
-        run_socket(state, creds, socket).await;
+        run_socket(state, creds, address, socket).await;
     })
 }
 
@@ -136,11 +137,24 @@ impl Flow {
     }
 }
 
-async fn run_socket(state: AppState, creds: Credentials, socket: WebSocketStream) {
+/// `address`: the client's, for the audit log's count of failed authentications.
+async fn run_socket(
+    state: AppState,
+    creds: Credentials,
+    address: Option<std::net::IpAddr>,
+    socket: WebSocketStream,
+) {
     let (mut sink, mut stream) = socket.split();
     let session = match open(&state, creds).await {
         Ok(s) => s,
-        Err(e) => return send_and_close(&mut sink, &e).await,
+        Err(e) => {
+            if e.is_auth_failure() {
+                state
+                    .audit
+                    .auth_failed(address, crate::audit::Via::WebSocket, e.code());
+            }
+            return send_and_close(&mut sink, &e).await;
+        }
     };
     let metrics = crate::metrics::metrics();
     metrics.ws_connections.inc();

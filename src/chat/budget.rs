@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
 
+use crate::audit::Audit;
 use crate::domain::{BudgetPeriod, TokenBudgets};
 use crate::store::{Store, StoreError, TenantId};
 
@@ -76,6 +77,8 @@ type Held = HashMap<(TenantId, Option<String>), u64>;
 #[derive(Clone)]
 pub struct Budgets {
     store: Store,
+    /// Refusals are tallied there.
+    audit: Audit,
     budgets: moka::future::Cache<TenantId, TokenBudgets>,
     held: Arc<Mutex<Held>>,
 }
@@ -119,9 +122,10 @@ impl Drop for Hold {
 impl Budgets {
     /// `refresh`: how long a tenant's budgets are cached (a change made elsewhere applies
     /// within it; one made through this server's admin API at once).
-    pub fn new(store: Store, refresh: Duration) -> Budgets {
+    pub fn new(store: Store, refresh: Duration, audit: Audit) -> Budgets {
         Budgets {
             store,
+            audit,
             budgets: moka::future::Cache::builder()
                 .time_to_live(refresh)
                 .max_capacity(100_000)
@@ -240,14 +244,16 @@ impl Budgets {
         for s in &recorded {
             let used = s.used + held_by(&held, tenant, s.scope, Some(user));
             if used.saturating_add(tokens) > s.limit {
-                return Ok(Err(QuotaExceeded {
+                let refused = QuotaExceeded {
                     scope: s.scope,
                     period: s.period,
                     limit: s.limit,
                     used,
                     requested: tokens,
                     resets_at: s.resets_at,
-                }));
+                };
+                self.audit.budget_refused(tenant, user, &refused);
+                return Ok(Err(refused));
             }
         }
         let tenant_key = (tenant, None);

@@ -320,18 +320,20 @@ impl Drop for Membership {
 }
 
 impl ChatService {
-    /// `cluster`: share the rooms with the other replicas (see [`relay`]).
+    /// `cluster`: share the rooms with the other replicas (see [`relay`]); `audit`: where
+    /// budget refusals are tallied.
     pub fn new(
         store: Store,
         model: ModelSlot,
         settings: ChatSettings,
         cluster: Option<Cluster>,
+        audit: crate::audit::Audit,
     ) -> ChatService {
         // One slot until the engine is loaded (nothing is submitted before), then its batch.
         let scheduler = Scheduler::new(settings.scheduler_limits(1));
         let relay = cluster.map(Relay::start);
         let service = ChatService(Arc::new(Inner {
-            budgets: budget::Budgets::new(store.clone(), settings.budget_refresh),
+            budgets: budget::Budgets::new(store.clone(), settings.budget_refresh, audit),
             store,
             model,
             settings,

@@ -8,11 +8,12 @@ use poem_openapi::types::ToJSON;
 
 use crate::admin::{Admin, TenantUpdate};
 use crate::api::admin_dto::{
-    AdminUsageDto, CreatedKeyDto, CreatedTenantDto, KeyDto, KeyListDto, TenantDto, UsageGroupDto,
+    AdminUsageDto, AuditPageDto, CreatedKeyDto, CreatedTenantDto, KeyDto, KeyListDto, TenantDto,
+    UsageGroupDto,
 };
 use crate::config::{AdminCommand, AdminKeyCommand, KeyCommand, TenantCommand, UsageGroupArg};
-use crate::domain::{Order, PageRequest};
-use crate::store::{KeyInfo, TenantInfo};
+use crate::domain::{AuditAction, Order, Page, PageRequest};
+use crate::store::{AuditEntry, AuditFilter, KeyInfo, TenantInfo};
 
 fn print_json(v: &impl ToJSON) {
     println!("{}", v.to_json().unwrap_or_default());
@@ -256,6 +257,43 @@ pub async fn admin(admin: &Admin, cmd: AdminCommand) -> anyhow::Result<()> {
             group_by,
             json,
         } => return usage(admin, tenant.as_deref(), from, to, group_by, json).await,
+        AdminCommand::Audit {
+            tenant,
+            action,
+            since,
+            until,
+            offset,
+            limit,
+            json,
+        } => {
+            let actions = match action.as_deref() {
+                None => None,
+                Some(a) => Some(AuditAction::matching(a).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--action {a:?} is no audited action or family; one of: {}",
+                        AuditAction::names().join(", ")
+                    )
+                })?),
+            };
+            let filter = AuditFilter {
+                tenant: None,
+                actions,
+                since,
+                until,
+            };
+            let page = PageRequest {
+                offset,
+                limit,
+                order: Order::Desc,
+            };
+            let p = admin.audit(tenant.as_deref(), filter, page).await?;
+            if json {
+                print_json(&AuditPageDto::from(p));
+            } else {
+                print_audit(&p);
+            }
+            return Ok(());
+        }
     };
     match cmd {
         AdminKeyCommand::Create { spec, json } => {
@@ -318,4 +356,40 @@ async fn usage(
         );
     }
     Ok(())
+}
+
+fn print_audit(p: &Page<AuditEntry>) {
+    println!(
+        "{:<19}  {:<16}  {:<24}  {:<20}  details",
+        "at (UTC)", "action", "actor", "tenant"
+    );
+    for e in &p.items {
+        let actor = match &e.actor_id {
+            Some(id) => format!("{}:{id}", e.actor),
+            None => e.actor.clone(),
+        };
+        let mut details = serde_json::Map::new();
+        if let Some(t) = &e.target {
+            details.insert("target".into(), t.clone().into());
+        }
+        details.extend(e.details.clone());
+        println!(
+            "{:<19}  {:<16}  {:<24}  {:<20}  {}",
+            when(Some(e.at)),
+            e.action,
+            actor,
+            e.tenant_name.as_deref().unwrap_or("-"),
+            serde_json::Value::Object(details)
+        );
+    }
+    println!(
+        "({} of {} records{})",
+        p.items.len(),
+        p.total,
+        if p.has_more() {
+            "; more with --offset"
+        } else {
+            ""
+        }
+    );
 }

@@ -7,9 +7,10 @@ use anyhow::Context;
 
 use crate::config::{BenchArgs, Cli, Command, DbArgs, ServeArgs};
 use crate::credentials;
+use crate::domain::{Actor, AuditAction};
 use crate::engine::source::ModelSource;
 use crate::engine::{ModelSlot, ModelStatus};
-use crate::store::{redact_url, Backend, KeySpec, Store, StoreError, StoreOptions};
+use crate::store::{redact_url, AuditRecord, Backend, KeySpec, Store, StoreError, StoreOptions};
 use crate::ServerSettings;
 
 mod admin;
@@ -266,6 +267,7 @@ async fn serve(db: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
         metrics_open: addr.ip().is_loopback() || args.metrics_public,
         connections: (&args.connections).into(),
         cluster,
+        audit: (&args.audit).into(),
     };
     crate::run(store.clone(), model, settings, listener, shutdown).await?;
     store.close().await.ok();
@@ -293,6 +295,14 @@ async fn bootstrap(
         Err(StoreError::Conflict(_)) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
+    store
+        .append_audit(vec![AuditRecord::new(
+            AuditAction::TenantCreate,
+            Actor::Server,
+        )
+        .tenant(t.id, &t.name)
+        .detail("bootstrap", true)])
+        .await?;
     let base = format!("http://{addr}");
     println!();
     println!("  First start: created tenant \"default\" ({}).", t.id);
@@ -335,7 +345,15 @@ async fn bootstrap_admin(store: &Store, args: &ServeArgs) -> anyhow::Result<()> 
     };
     match store.create_admin_key(&key, &spec).await {
         Ok(k) => {
-            tracing::info!(prefix = %k.prefix, "admin key from CONFAB_BOOTSTRAP_ADMIN_KEY added")
+            tracing::info!(prefix = %k.prefix, "admin key from CONFAB_BOOTSTRAP_ADMIN_KEY added");
+            store
+                .append_audit(vec![AuditRecord::about_key(
+                    AuditAction::AdminKeyCreate,
+                    Actor::Server,
+                    &k,
+                )
+                .detail("bootstrap", true)])
+                .await?;
         }
         // Another replica added it at the same moment (or it was revoked: then it stays so).
         Err(StoreError::Conflict(_)) => {}

@@ -3,12 +3,14 @@
 //! Raw input becomes one of these types once, at the edge (the API layer); storage and, later,
 //! the engine accept only these, so a value that got this far is known to be valid.
 
+mod audit;
 mod config;
 pub mod generation;
 mod message;
 mod page;
 mod quota;
 
+pub use audit::{Actor, AuditAction};
 pub use confab_protocol::limits::{
     reject_nul, validate_metadata, validate_title, validate_user_id, Limits, ValidationError,
 };

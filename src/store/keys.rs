@@ -179,7 +179,12 @@ impl Store {
 
     /// Revokes one working tenant key, given by id or by prefix; `tenant` (name or id), when
     /// given, must own it. Revoking a revoked key by id changes nothing and returns it.
-    pub async fn revoke_key(&self, tenant: Option<&str>, key: &str) -> Result<KeyInfo, StoreError> {
+    /// Also says whether this call revoked it.
+    pub async fn revoke_key(
+        &self,
+        tenant: Option<&str>,
+        key: &str,
+    ) -> Result<(KeyInfo, bool), StoreError> {
         let mut q = api_key::Entity::find();
         if let Some(t) = tenant {
             q = q.filter(api_key::Column::TenantId.eq(self.find_tenant(t).await?.id));
@@ -194,17 +199,19 @@ impl Store {
         self.mark_revoked(found.into()).await
     }
 
-    /// Marks a key of either kind revoked now; one revoked already stays as it was.
-    async fn mark_revoked(&self, k: KeyInfo) -> Result<KeyInfo, StoreError> {
+    /// Marks a key of either kind revoked now, and says whether this call did: one revoked
+    /// already (even a moment ago, by another caller) stays as it was.
+    async fn mark_revoked(&self, k: KeyInfo) -> Result<(KeyInfo, bool), StoreError> {
         if k.revoked_at.is_some() {
-            return Ok(k);
+            return Ok((k, false));
         }
         let at = now();
-        match k.tenant_id {
+        let marked = match k.tenant_id {
             Some(_) => {
                 api_key::Entity::update_many()
                     .col_expr(api_key::Column::RevokedAt, Expr::value(at))
                     .filter(api_key::Column::Id.eq(k.id))
+                    .filter(api_key::Column::RevokedAt.is_null())
                     .exec(&self.db)
                     .await?
             }
@@ -212,14 +219,20 @@ impl Store {
                 admin_key::Entity::update_many()
                     .col_expr(admin_key::Column::RevokedAt, Expr::value(at))
                     .filter(admin_key::Column::Id.eq(k.id))
+                    .filter(admin_key::Column::RevokedAt.is_null())
                     .exec(&self.db)
                     .await?
             }
-        };
-        Ok(KeyInfo {
-            revoked_at: Some(at),
-            ..k
-        })
+        }
+        .rows_affected
+            > 0;
+        Ok((
+            KeyInfo {
+                revoked_at: Some(at),
+                ..k
+            },
+            marked,
+        ))
     }
 
     /// Adds an admin key.
@@ -238,6 +251,7 @@ impl Store {
             expires_at: Set(spec.expires_at),
             last_used_at: Set(None),
             revoked_at: Set(None),
+            expiry_audited_at: Set(None),
         })
         .on_conflict(
             OnConflict::column(admin_key::Column::KeyHash)
@@ -269,8 +283,9 @@ impl Store {
             .collect())
     }
 
-    /// Revokes one working admin key, given by id or by prefix.
-    pub async fn revoke_admin_key(&self, key: &str) -> Result<KeyInfo, StoreError> {
+    /// Revokes one working admin key, given by id or by prefix; also says whether this call
+    /// revoked it.
+    pub async fn revoke_admin_key(&self, key: &str) -> Result<(KeyInfo, bool), StoreError> {
         let q = match id_or_prefix(key) {
             Ok(id) => admin_key::Entity::find().filter(admin_key::Column::Id.eq(id)),
             Err(prefix) => admin_key::Entity::find()
@@ -404,6 +419,7 @@ pub(super) async fn insert_key<C: sea_orm::ConnectionTrait>(
         name: Set(spec.name.clone()),
         expires_at: Set(spec.expires_at),
         last_used_at: Set(None),
+        expiry_audited_at: Set(None),
     })
     .on_conflict(
         OnConflict::column(api_key::Column::KeyHash)

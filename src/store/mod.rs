@@ -5,6 +5,7 @@
 //! made outside this crate except by authenticating a key, so a handler cannot reach another
 //! tenant's rows, and code that forgets the tenant does not compile.
 
+mod audit;
 mod chats;
 mod entity;
 mod error;
@@ -14,6 +15,7 @@ mod messages;
 mod tenants;
 mod usage;
 
+pub use audit::{AuditEntry, AuditFilter, AuditRecord, AuditTenant};
 pub use error::StoreError;
 pub use keys::{KeyAuth, KeyInfo, KeyOwner, KeySpec, UserToken, MAX_KEY_NAME_CHARS};
 pub use messages::ReplyUpdate;

@@ -1,5 +1,6 @@
-//! The browser chat page at `/`: three files compiled into the binary (no CDN, no build
-//! step), talking to the REST API and `/ws/chat` like any other client.
+//! The browser pages, compiled into the binary (no CDN, no build step): the chat page at `/`
+//! (talking to the REST API and `/ws/chat` like any other client) and the admin page at
+//! `/admin` (talking to `/admin/v1` with an admin key).
 
 use poem::http::{header, StatusCode};
 use poem::{handler, Response};
@@ -7,6 +8,9 @@ use poem::{handler, Response};
 const INDEX: &str = include_str!("index.html");
 const APP_JS: &str = include_str!("app.js");
 const APP_CSS: &str = include_str!("app.css");
+const ADMIN: &str = include_str!("admin.html");
+const ADMIN_JS: &str = include_str!("admin.js");
+const ADMIN_CSS: &str = include_str!("admin.css");
 
 /// The content policy of the page: its own scripts, styles and connections (the WebSocket
 /// included) only.
@@ -37,7 +41,22 @@ pub fn app_css() -> Response {
     asset(APP_CSS, "text/css; charset=utf-8")
 }
 
-/// Whether `path` is one of the page's (it gets [`CSP`]).
+#[handler]
+pub fn admin() -> Response {
+    asset(ADMIN, "text/html; charset=utf-8")
+}
+
+#[handler]
+pub fn admin_js() -> Response {
+    asset(ADMIN_JS, "text/javascript; charset=utf-8")
+}
+
+#[handler]
+pub fn admin_css() -> Response {
+    asset(ADMIN_CSS, "text/css; charset=utf-8")
+}
+
+/// Whether `path` is one of the pages' (it gets [`CSP`]).
 pub fn is_page(path: &str) -> bool {
-    path == "/" || path.starts_with("/assets/")
+    path == "/" || path == "/admin" || path.starts_with("/assets/")
 }

@@ -396,7 +396,45 @@ async fn deleting_a_tenant_deletes_its_data(b: Backend) {
     s.stop().await;
 }
 
+async fn admin_page_is_served(b: Backend) {
+    let s = TestServer::start(b).await;
+    for (path, kind, needle) in [
+        ("/admin", "text/html", "/assets/admin.js"),
+        (
+            "/assets/admin.js",
+            "text/javascript",
+            "/admin/v1/usage?group_by=day",
+        ),
+        ("/assets/admin.css", "text/css", ".usage-chart"),
+    ] {
+        let r = s
+            .http
+            .get(format!("{}{path}", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        let h = r.headers().clone();
+        let ct = h["content-type"].to_str().unwrap();
+        assert!(ct.starts_with(kind), "{path}: {ct}");
+        // The page's own scripts and styles only: no inline code, no other origin.
+        assert_eq!(
+            h["content-security-policy"].to_str().unwrap(),
+            confab::web::CSP,
+            "{path}"
+        );
+        let body = r.text().await.unwrap();
+        assert!(body.contains(needle), "{path}");
+        assert!(
+            !body.contains("http://") || path != "/admin",
+            "no remote assets"
+        );
+    }
+    s.stop().await;
+}
+
 crate::backend_tests!(
+    admin_page_is_served,
     key_kinds_are_kept_apart,
     tenants_over_the_api,
     keys_over_the_api,

@@ -383,6 +383,35 @@ async fn serve_bootstraps_and_stops(b: Backend) {
             "{group}"
         );
     }
+    // The audit log: the bootstrap's records (by the server), a command's (by its user).
+    let (ok, _, err) = confab(&url, &["tenant", "create", "second"]);
+    assert!(ok, "{err}");
+    let log = api("/admin/v1/audit").await;
+    assert_eq!(cli(&["admin", "audit", "--json"]), log);
+    let seen: Vec<(&str, &str)> = log["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap(),
+                r["actor"]["kind"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("tenant.create", "cli"),
+            ("admin_key.create", "server"),
+            ("tenant.create", "server")
+        ],
+        "{log}"
+    );
+    assert_eq!(
+        cli(&["admin", "audit", "--tenant", "default", "--action", "tenant", "--json"]),
+        api("/admin/v1/audit?tenant=default&action=tenant").await
+    );
 
     stop(child).await;
 
@@ -400,7 +429,13 @@ async fn serve_bootstraps_and_stops(b: Backend) {
     .await;
     stop(child).await;
     let list = cli(&["tenant", "list", "--json"]);
-    assert_eq!(list["tenants"].as_array().unwrap().len(), 1);
+    let names: Vec<&str> = list["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["default", "second"], "no second bootstrap");
     let admins = cli(&["admin", "key", "list", "--json"]);
     assert_eq!(admins["keys"].as_array().unwrap().len(), 1);
 }

@@ -13,7 +13,9 @@ use confab::store::KeySpec;
 const MAX_TOKENS: u64 = 8;
 
 async fn server(b: Backend) -> (TestServer, String) {
-    let settings = confab::ServerSettings::default();
+    let mut settings = confab::ServerSettings::default();
+    // Refusals are counted into the audit log over 200 ms windows.
+    settings.audit.flush_interval = Duration::from_millis(200);
     // Paced so that replies overlap; four generated together.
     let model = tiny_model_batched(Some(Duration::from_millis(40)), 4);
     let s = TestServer::start_full(b, settings, model).await;
@@ -245,6 +247,31 @@ async fn user_budgets_and_periods(b: Backend) {
     assert_eq!(got["code"], "quota_exceeded", "{got}");
     assert_eq!(got["details"]["scope"], "user");
     assert_eq!(got["details"]["used"], 990);
+    let (_, again) = send_hi(&s, &t.key, "heavy", &c1).await;
+    assert_eq!(again["code"], "quota_exceeded", "{again}");
+    // The refusals reach the audit log counted, per user and budget.
+    let mut refused = Value::Null;
+    for _ in 0..50 {
+        let (st, v) = s.get("/admin/v1/audit?action=budget.refuse", &admin).await;
+        assert_eq!(st.as_u16(), 200, "{v}");
+        let n: u64 = v["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["details"]["count"].as_u64().unwrap())
+            .sum();
+        if n >= 2 {
+            refused = v;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = &refused["records"][0];
+    assert_eq!(r["tenant_name"], "acme", "{refused}");
+    assert_eq!(r["target"], "user:heavy");
+    assert_eq!(r["details"]["scope"], "user");
+    assert_eq!(r["details"]["period"], "day");
+    assert_eq!(r["details"]["limit"], 1000);
     let c2 = chat(&s, &t.key, "light").await;
     let (mut ws, got) = send_hi(&s, &t.key, "light", &c2).await;
     assert_eq!(got["event_type"], "message_received", "{got}");

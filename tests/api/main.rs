@@ -4,6 +4,7 @@
 mod common;
 
 mod admin;
+mod audit;
 mod auth;
 mod binary;
 mod budgets;

@@ -1,7 +1,9 @@
 // End-to-end test of the chat page at `/` in headless Chromium: sign in, create a chat, send
 // a message and watch the reply stream, check it was saved, rename the chat, stop a long
 // reply, survive a server restart (the page reconnects by itself and shows the reply that
-// finished meanwhile), page through history, and see a readable error for a bad key.
+// finished meanwhile), page through history, and see a readable error for a bad key; then
+// the admin page: the usage chart of those replies, a tenant and a key created on the page
+// (their secrets work), budgets set there, and the audit log showing it all.
 // Screenshots go to --out. Every wait is bounded; any failure exits non-zero.
 import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
@@ -21,6 +23,7 @@ const { values: args } = parseArgs({
 });
 
 const KEY = "e2e-key-" + Math.random().toString(36).slice(2).padEnd(16, "x");
+const ADMIN = "cfa_e2e-admin-" + Math.random().toString(36).slice(2).padEnd(16, "x");
 const USER = "e2e-user";
 const data = mkdtempSync(path.join(tmpdir(), "confab-e2e-"));
 
@@ -47,6 +50,7 @@ async function startServer() {
       CONFAB_DATA_DIR: data,
       CONFAB_BIND: `127.0.0.1:${port}`,
       CONFAB_BOOTSTRAP_API_KEY: KEY,
+      CONFAB_BOOTSTRAP_ADMIN_KEY: ADMIN,
       CONFAB_MODEL: args.model,
       CONFAB_LOG: "warn",
       // Paced so a long reply lasts long enough to be stopped and to outlive a restart.
@@ -76,8 +80,8 @@ async function stopServer() {
   if (server.exitCode === null) server.kill("SIGKILL");
 }
 
-async function rest(pathname) {
-  const r = await fetch(base + pathname, { headers: { "X-API-Key": KEY } });
+async function rest(pathname, key = KEY) {
+  const r = await fetch(base + pathname, { headers: { "X-API-Key": key } });
   if (!r.ok) throw new Error(`${pathname}: ${r.status} ${await r.text()}`);
   return r.json();
 }
@@ -230,13 +234,67 @@ try {
     await tab.close();
   }
 
+  // The admin page: the usage chart holds today's replies; a tenant, a key and a budget made
+  // on the page work; the audit log shows them.
+  {
+    const admin = await browser.newPage({ viewport: { width: 1200, height: 1000 } });
+    admin.on("console", (m) => m.type() === "error" && !expected.test(m.text()) && consoleErrors.push(m.text()));
+    admin.on("pageerror", (e) => consoleErrors.push(String(e)));
+    admin.on("dialog", (d) => d.accept());
+    admin.setDefaultTimeout(20000);
+    await admin.goto(base + "/admin");
+    await admin.fill("#key", ADMIN);
+    await admin.click("#login button[type=submit]");
+    await admin.waitForSelector("#conn.ok");
+    check(await admin.isVisible('#tenants tr[data-name="default"]'), "the admin page lists the tenants");
+    const today = new Date().toISOString().slice(0, 10);
+    const report = await rest(`/admin/v1/usage?group_by=day&from=${today}&to=${today}`, ADMIN);
+    const want = report.rows.reduce((n, r) => n + r.prompt_tokens + r.completion_tokens, 0);
+    const bar = await admin.waitForSelector(`#chart svg g.day[data-day="${today}"]`);
+    const drawn = Number(await bar.getAttribute("data-tokens"));
+    check(want > 0 && drawn === want, `today's bar holds today's tokens (${drawn} of ${want})`);
+    const rects = await admin.$$eval(`#chart g.day[data-day="${today}"] rect`, (r) => r.map((x) => x.getAttribute("class")));
+    check(rects.includes("prompt") && rects.includes("completion"), "the bar is drawn, prompt and completion stacked");
+    check((await admin.$$("#chart g.day")).length === 30, "the chart has 30 days");
+    await admin.screenshot({ path: path.join(args.out, "admin.png"), fullPage: true });
+
+    await admin.fill("#new-tenant-name", "e2e-made");
+    await admin.click("#new-tenant button[type=submit]");
+    await admin.waitForSelector("#secret:not([hidden])");
+    const first = (await admin.textContent("#secret-value")).trim();
+    check(first.startsWith("cfk_"), "a tenant made on the page shows its key once");
+    check((await rest("/api/v1/chats/user/someone", first)).chats.length === 0, "that key works");
+    await admin.click("#secret-close");
+    await admin.waitForSelector("#tenant-h >> text=e2e-made");
+    await admin.fill("#new-key-name", "from the page");
+    await admin.click("#new-key button[type=submit]");
+    await admin.waitForSelector("#secret:not([hidden])");
+    const second = (await admin.textContent("#secret-value")).trim();
+    check(second.startsWith("cfk_") && second !== first, "a key made on the page shows its secret once");
+    check((await rest("/api/v1/chats/user/someone", second)).chats.length === 0, "that key works too");
+    await admin.waitForFunction(() => document.querySelectorAll("#keys tbody tr").length === 2);
+    await admin.click("#secret-close");
+    await admin.fill('#settings input[name="budgets.tokens_per_day"]', "5000");
+    await admin.click("#settings button[type=submit]");
+    await admin.waitForSelector('#audit tr[data-action="tenant.update"]');
+    const made = await rest("/admin/v1/tenants/e2e-made", ADMIN);
+    check(made.budgets.tokens_per_day === 5000 && made.limits.requests_per_minute === null, "the budget set on the page is saved");
+    const log = await admin.$$eval("#audit tbody tr", (rows) => rows.map((r) => r.dataset.action));
+    check(
+      ["tenant.update", "key.create", "tenant.create", "admin_key.create"].every((a) => log.includes(a)),
+      `the audit log shows what was done (${log.join(", ")})`,
+    );
+    await admin.screenshot({ path: path.join(args.out, "admin-tenant.png"), fullPage: true });
+    await admin.close();
+  }
+
   // Delete the chat.
   await page.click("li.current button.delete");
   await page.waitForSelector("#empty:not([hidden])");
   check((await rest(`/api/v1/chats/user/${USER}`)).chats.length === 0, "the chat is deleted");
 
   check(consoleErrors.length === 0, `no console errors (${consoleErrors.join(" | ")})`);
-  console.log(`screenshots: ${args.out}/chat.png, ${args.out}/after-restart.png`);
+  console.log(`screenshots: ${args.out}/chat.png, after-restart.png, admin.png, admin-tenant.png`);
 } catch (e) {
   failed = true;
   console.error(e);

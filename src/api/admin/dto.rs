@@ -6,11 +6,11 @@ use poem_openapi::types::MaybeUndefined;
 use poem_openapi::Object;
 use uuid::Uuid;
 
-use crate::api::types::{KeyNameRule, RuledText, TenantNameRule, Timestamp};
+use crate::api::types::{JsonObject, KeyNameRule, RuledText, TenantNameRule, Timestamp};
 use crate::domain::{
     Page, Patch, TenantLimits, TenantLimitsPatch, TokenBudgets, TokenBudgetsPatch,
 };
-use crate::store::{KeyInfo, KeySpec, TenantInfo, UsageGroup, UsageRow};
+use crate::store::{AuditEntry, KeyInfo, KeySpec, TenantInfo, UsageGroup, UsageRow};
 
 /// A tenant's own limits; `null` means the server's default.
 #[derive(Debug, Clone, Object)]
@@ -379,4 +379,85 @@ pub struct AdminUsageDto {
     pub to: NaiveDate,
     pub group_by: UsageGroupDto,
     pub rows: Vec<AdminUsageRowDto>,
+}
+
+/// Who took an audited action.
+#[derive(Debug, Clone, Object)]
+#[oai(rename = "AuditActor")]
+pub struct AuditActorDto {
+    /// `admin_key` (a request to `/admin/v1`), `cli` (the command line), `server` (a bootstrap
+    /// key, an expiry, a budget) or `client` (a failed authentication).
+    pub kind: String,
+    /// The admin key's id, the OS user that ran the command, or the client's address.
+    #[oai(nullable)]
+    pub id: Option<String>,
+}
+
+/// One audit record.
+#[derive(Debug, Clone, Object)]
+#[oai(rename = "AuditRecord")]
+pub struct AuditEntryDto {
+    pub id: Uuid,
+    /// When it happened (a count's last occurrence; a key's expiry time).
+    pub at: Timestamp,
+    /// `tenant.create`, `tenant.update`, `tenant.disable`, `tenant.enable`, `tenant.delete`,
+    /// `key.create`, `key.revoke`, `key.expire`, `admin_key.create`, `admin_key.revoke`,
+    /// `admin_key.expire`, `auth.fail` or `budget.refuse`.
+    pub action: String,
+    pub actor: AuditActorDto,
+    /// The tenant acted on.
+    #[oai(nullable)]
+    pub tenant_id: Option<Uuid>,
+    /// Its name at the time.
+    #[oai(nullable)]
+    pub tenant_name: Option<String>,
+    /// What else was acted on: a key's id, `user:<id>`.
+    #[oai(nullable)]
+    pub target: Option<String>,
+    /// The specifics: what changed (`changes`), a key's `prefix` and `name`, and for counted
+    /// records (`auth.fail`, `budget.refuse`) `count`, `first_at`, `last_at`.
+    pub details: JsonObject,
+}
+
+impl From<AuditEntry> for AuditEntryDto {
+    fn from(e: AuditEntry) -> Self {
+        AuditEntryDto {
+            id: e.id,
+            at: e.at.into(),
+            action: e.action,
+            actor: AuditActorDto {
+                kind: e.actor,
+                id: e.actor_id,
+            },
+            tenant_id: e.tenant_id,
+            tenant_name: e.tenant_name,
+            target: e.target,
+            details: JsonObject(e.details),
+        }
+    }
+}
+
+/// One page of the audit log, newest first.
+#[derive(Debug, Object)]
+#[oai(rename = "AuditLog")]
+pub struct AuditPageDto {
+    pub records: Vec<AuditEntryDto>,
+    /// All records that match.
+    pub total: u64,
+    pub offset: u64,
+    pub limit: u64,
+    /// True when more records follow this page.
+    pub has_more: bool,
+}
+
+impl From<Page<AuditEntry>> for AuditPageDto {
+    fn from(p: Page<AuditEntry>) -> Self {
+        AuditPageDto {
+            has_more: p.has_more(),
+            total: p.total,
+            offset: p.offset,
+            limit: p.limit,
+            records: p.items.into_iter().map(AuditEntryDto::from).collect(),
+        }
+    }
 }

@@ -3,6 +3,7 @@
 
 pub mod dto;
 
+use chrono::{DateTime, Utc};
 use poem::web::Data;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
@@ -13,11 +14,15 @@ use super::auth::AdminAuth;
 use super::types::{Day, RuledText, TenantNameRule};
 use super::{ApiTags, AppState};
 use crate::admin::TenantUpdate;
-use crate::domain::{Order, PageRequest, TenantLimitsPatch, TokenBudgetsPatch};
-use crate::error::{AdminAuthed, AdminOnTenant, AdminOnTenantWithBody, AdminWithBody, Failure};
+use crate::domain::{Actor, AuditAction, Order, PageRequest, TenantLimitsPatch, TokenBudgetsPatch};
+use crate::error::{
+    AdminAuthed, AdminOnTenant, AdminOnTenantWithBody, AdminWithBody, ApiError, Failure,
+};
+use crate::store::AuditFilter;
 use dto::{
-    AdminUsageDto, CreateKeyRequest, CreateTenantRequest, CreatedKeyDto, CreatedTenantDto, KeyDto,
-    KeyListDto, TenantDto, TenantListDto, UpdateTenantRequest, UsageGroupDto,
+    AdminUsageDto, AuditPageDto, CreateKeyRequest, CreateTenantRequest, CreatedKeyDto,
+    CreatedTenantDto, KeyDto, KeyListDto, TenantDto, TenantListDto, UpdateTenantRequest,
+    UsageGroupDto,
 };
 
 #[derive(ApiResponse)]
@@ -70,6 +75,13 @@ pub enum UsageReport {
 }
 
 #[derive(ApiResponse)]
+pub enum AuditPage {
+    /// One page of the audit log, newest first.
+    #[oai(status = 200)]
+    Ok(Json<AuditPageDto>),
+}
+
+#[derive(ApiResponse)]
 pub enum OneKey {
     /// The key as it is now.
     #[oai(status = 200)]
@@ -80,9 +92,9 @@ fn default_limit() -> u64 {
     50
 }
 
-/// Logs an operator's change (which admin key did what to which tenant).
-fn acted(auth: &AdminAuth, action: &'static str, tenant: &str) {
-    tracing::info!(admin_key = %auth.0, action, tenant, "admin action");
+/// The admin service acting for the request's admin key (the audit log names it).
+fn admin(state: &AppState, auth: &AdminAuth) -> crate::admin::Admin {
+    state.admin.by(Actor::AdminKey(auth.0))
 }
 
 /// The admin operations.
@@ -114,8 +126,9 @@ impl AdminApi {
                 .unwrap_or_default(),
         };
         let body_name = body.name.0;
-        let (t, k, key) = state.admin.create_tenant(&body_name, settings).await?;
-        acted(&auth, "tenant_create", &body_name);
+        let (t, k, key) = admin(&state, &auth)
+            .create_tenant(&body_name, settings)
+            .await?;
         Ok(CreatedTenant::Created(Json(CreatedTenantDto {
             tenant: t.into(),
             key: k.into(),
@@ -200,8 +213,9 @@ impl AdminApi {
                 .map(TokenBudgetsPatch::from)
                 .unwrap_or_default(),
         };
-        let t = state.admin.update_tenant(&tenant.0 .0, update).await?;
-        acted(&auth, "tenant_update", &tenant.0 .0);
+        let t = admin(&state, &auth)
+            .update_tenant(&tenant.0 .0, update)
+            .await?;
         Ok(OneTenant::Ok(Json(t.into())))
     }
 
@@ -222,8 +236,9 @@ impl AdminApi {
         /// The tenant's name or id.
         tenant: Path<RuledText<TenantNameRule>>,
     ) -> Result<OneTenant, Failure<AdminOnTenant>> {
-        let t = state.admin.set_disabled(&tenant.0 .0, true).await?;
-        acted(&auth, "tenant_disable", &tenant.0 .0);
+        let t = admin(&state, &auth)
+            .set_disabled(&tenant.0 .0, true)
+            .await?;
         Ok(OneTenant::Ok(Json(t.into())))
     }
 
@@ -240,8 +255,9 @@ impl AdminApi {
         /// The tenant's name or id.
         tenant: Path<RuledText<TenantNameRule>>,
     ) -> Result<OneTenant, Failure<AdminOnTenant>> {
-        let t = state.admin.set_disabled(&tenant.0 .0, false).await?;
-        acted(&auth, "tenant_enable", &tenant.0 .0);
+        let t = admin(&state, &auth)
+            .set_disabled(&tenant.0 .0, false)
+            .await?;
         Ok(OneTenant::Ok(Json(t.into())))
     }
 
@@ -260,8 +276,7 @@ impl AdminApi {
         /// The tenant's name or id.
         tenant: Path<RuledText<TenantNameRule>>,
     ) -> Result<TenantDeleted, Failure<AdminOnTenant>> {
-        state.admin.delete_tenant(&tenant.0 .0).await?;
-        acted(&auth, "tenant_delete", &tenant.0 .0);
+        admin(&state, &auth).delete_tenant(&tenant.0 .0).await?;
         Ok(TenantDeleted::NoContent)
     }
 
@@ -281,8 +296,9 @@ impl AdminApi {
         tenant: Path<RuledText<TenantNameRule>>,
         body: Json<CreateKeyRequest>,
     ) -> Result<CreatedKey, Failure<AdminOnTenantWithBody>> {
-        let (k, key) = state.admin.create_key(&tenant.0 .0, &body.0.into()).await?;
-        acted(&auth, "key_create", &tenant.0 .0);
+        let (k, key) = admin(&state, &auth)
+            .create_key(&tenant.0 .0, &body.0.into())
+            .await?;
         Ok(CreatedKey::Created(Json(CreatedKeyDto {
             key: k.into(),
             api_key: key.secret,
@@ -328,11 +344,9 @@ impl AdminApi {
         /// The key's id (from the key list).
         key_id: Path<Uuid>,
     ) -> Result<OneKey, Failure<AdminOnTenant>> {
-        let k = state
-            .admin
+        let k = admin(&state, &auth)
             .revoke_key(Some(&tenant.0 .0), &key_id.0.to_string())
             .await?;
-        acted(&auth, "key_revoke", &tenant.0 .0);
         Ok(OneKey::Ok(Json(k.into())))
     }
 
@@ -368,5 +382,70 @@ impl AdminApi {
             group_by: group_by.0,
             rows: rows.into_iter().map(Into::into).collect(),
         })))
+    }
+
+    /// Audit log
+    ///
+    /// Who did what, newest first: operator actions (by admin key or from the command
+    /// line), key expiries, and counts of failed authentications (per client address and
+    /// reason) and of budget refusals (per tenant, user and budget), one record per counting
+    /// window. Kept for the server's `--audit-retention-days`.
+    #[oai(path = "/admin/v1/audit", method = "get", operation_id = "admin_audit")]
+    // One argument per query parameter: that is how poem-openapi documents them.
+    #[allow(clippy::too_many_arguments)]
+    async fn audit(
+        &self,
+        state: Data<&AppState>,
+        _auth: AdminAuth,
+        /// Only this tenant's records (name or id; a deleted tenant by its last name).
+        tenant: Query<Option<RuledText<TenantNameRule>>>,
+        /// Only this action (`tenant.disable`) or family (`tenant`, `key`, `admin_key`,
+        /// `auth`, `budget`).
+        action: Query<Option<String>>,
+        /// Only records at or after this time (RFC 3339).
+        since: Query<Option<DateTime<Utc>>>,
+        /// Only records before this time (RFC 3339).
+        until: Query<Option<DateTime<Utc>>>,
+        /// Number of records to skip.
+        #[oai(
+            default,
+            validator(minimum(value = "0"), maximum(value = "1000000000"))
+        )]
+        offset: Query<u64>,
+        /// Page size, 1 to 200.
+        #[oai(
+            default = "default_limit",
+            validator(minimum(value = "1"), maximum(value = "200"))
+        )]
+        limit: Query<u64>,
+    ) -> Result<AuditPage, Failure<AdminAuthed>> {
+        let actions = match action.0.as_deref() {
+            None => None,
+            Some(a) => {
+                Some(
+                    AuditAction::matching(a).ok_or_else(|| ApiError::InvalidParameter {
+                        name: "action".into(),
+                        reason: format!(
+                            "{a:?} is no audited action or family; one of: {}",
+                            AuditAction::names().join(", ")
+                        ),
+                    })?,
+                )
+            }
+        };
+        let filter = AuditFilter {
+            tenant: None,
+            actions,
+            since: since.0,
+            until: until.0,
+        };
+        let page = PageRequest {
+            offset: offset.0,
+            limit: limit.0,
+            order: Order::Desc,
+        };
+        let tenant = tenant.0.map(|t| t.0);
+        let p = state.admin.audit(tenant.as_deref(), filter, page).await?;
+        Ok(AuditPage::Ok(Json(p.into())))
     }
 }

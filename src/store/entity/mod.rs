@@ -3,6 +3,7 @@
 
 pub(crate) mod admin_key;
 pub(crate) mod api_key;
+pub(crate) mod audit_log;
 pub(crate) mod chat;
 pub(crate) mod message;
 pub(crate) mod tenant;

@@ -337,12 +337,11 @@ impl Admin {
             .create_key(&t.id.to_string(), &key, spec)
             .await
             .map_err(on_tenant(tenant))?;
-        let mut r = AuditRecord::about_key(AuditAction::KeyCreate, self.actor.clone(), &k)
-            .tenant(t.id, &t.name);
-        if let Some(at) = k.expires_at {
-            r = r.detail("expires_at", at.to_rfc3339());
-        }
-        self.record(r).await;
+        self.record(
+            AuditRecord::about_key(AuditAction::KeyCreate, self.actor.clone(), &k)
+                .tenant(t.id, &t.name),
+        )
+        .await;
         Ok((k, key))
     }
 
@@ -430,11 +429,12 @@ impl Admin {
             .create_admin_key(&key, spec)
             .await
             .map_err(AdminError::Store)?;
-        let mut r = AuditRecord::about_key(AuditAction::AdminKeyCreate, self.actor.clone(), &k);
-        if let Some(at) = k.expires_at {
-            r = r.detail("expires_at", at.to_rfc3339());
-        }
-        self.record(r).await;
+        self.record(AuditRecord::about_key(
+            AuditAction::AdminKeyCreate,
+            self.actor.clone(),
+            &k,
+        ))
+        .await;
         Ok((k, key))
     }
 
@@ -480,7 +480,11 @@ impl Admin {
                 Ok(found) => AuditTenant::Id(found.id),
                 Err(StoreError::NotFound) => match uuid::Uuid::parse_str(t) {
                     Ok(id) => AuditTenant::Id(id),
-                    Err(_) => AuditTenant::FormerName(t.to_string()),
+                    Err(_) => {
+                        crate::store::validate_tenant_name(t)
+                            .map_err(|e| AdminError::Store(StoreError::Invalid(e)))?;
+                        AuditTenant::FormerName(t.to_string())
+                    }
                 },
                 Err(e) => return Err(AdminError::Store(e)),
             }),

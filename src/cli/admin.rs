@@ -266,15 +266,11 @@ pub async fn admin(admin: &Admin, cmd: AdminCommand) -> anyhow::Result<()> {
             limit,
             json,
         } => {
-            let actions = match action.as_deref() {
-                None => None,
-                Some(a) => Some(AuditAction::matching(a).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "--action {a:?} is no audited action or family; one of: {}",
-                        AuditAction::names().join(", ")
-                    )
-                })?),
-            };
+            let actions = action
+                .as_deref()
+                .map(AuditAction::matching)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--action: {e}"))?;
             let filter = AuditFilter {
                 tenant: None,
                 actions,

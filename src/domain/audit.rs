@@ -66,13 +66,19 @@ impl AuditAction {
     }
 
     /// The actions a filter names: one action (`tenant.disable`) or a family (`tenant`:
-    /// every `tenant.*`). `None`: it names none (the error lists [`AuditAction::names`]).
-    pub fn matching(filter: &str) -> Option<Vec<AuditAction>> {
+    /// every `tenant.*`); else why not, listing every action.
+    pub fn matching(filter: &str) -> Result<Vec<AuditAction>, String> {
         let found: Vec<AuditAction> = AuditAction::ALL
             .into_iter()
             .filter(|a| a.as_str() == filter || a.family() == filter)
             .collect();
-        (!found.is_empty()).then_some(found)
+        if found.is_empty() {
+            return Err(format!(
+                "{filter:?} is no audited action or family; one of: {}",
+                AuditAction::names().join(", ")
+            ));
+        }
+        Ok(found)
     }
 
     /// Every action's name, for error messages and documentation.
@@ -138,20 +144,21 @@ mod tests {
     fn filters_name_an_action_or_a_family() {
         assert_eq!(
             AuditAction::matching("tenant.disable"),
-            Some(vec![AuditAction::TenantDisable])
+            Ok(vec![AuditAction::TenantDisable])
         );
         assert_eq!(
             AuditAction::matching("admin_key"),
-            Some(vec![
+            Ok(vec![
                 AuditAction::AdminKeyCreate,
                 AuditAction::AdminKeyRevoke,
                 AuditAction::AdminKeyExpire
             ])
         );
-        assert_eq!(AuditAction::matching("key").map(|v| v.len()), Some(3));
-        assert_eq!(AuditAction::matching("tenant.").map(|v| v.len()), None);
-        assert_eq!(AuditAction::matching("tenants"), None);
-        assert_eq!(AuditAction::matching(""), None);
+        assert_eq!(AuditAction::matching("key").map(|v| v.len()), Ok(3));
+        for bad in ["tenant.", "tenants", "", "TENANT"] {
+            let e = AuditAction::matching(bad).unwrap_err();
+            assert!(e.contains("budget.refuse"), "{e}");
+        }
     }
 
     #[test]

@@ -41,12 +41,16 @@ impl AuditRecord {
         }
     }
 
-    /// `action` on key `k` (its id is the target; its prefix and name are details).
+    /// `action` on key `k` (its id is the target; its prefix, name and expiry are details).
     pub fn about_key(action: AuditAction, actor: Actor, k: &super::KeyInfo) -> AuditRecord {
-        AuditRecord::new(action, actor)
+        let r = AuditRecord::new(action, actor)
             .target(k.id.to_string())
             .detail("prefix", k.prefix.as_str())
-            .detail("name", json!(k.name))
+            .detail("name", json!(k.name));
+        match k.expires_at {
+            Some(at) => r.detail("expires_at", at.to_rfc3339()),
+            None => r,
+        }
     }
 
     pub fn tenant(mut self, id: Uuid, name: &str) -> Self {
@@ -288,13 +292,13 @@ impl Store {
     }
 }
 
-/// The record of a key's expiry, at the time it expired.
+/// The record of a key's expiry, dated when it expired.
 fn expiry(action: AuditAction, k: &super::KeyInfo) -> AuditRecord {
-    let mut r = AuditRecord::about_key(action, Actor::Server, k);
-    if let Some(at) = k.expires_at {
-        r = r.at(at).detail("expired_at", at.to_rfc3339());
+    let r = AuditRecord::about_key(action, Actor::Server, k);
+    match k.expires_at {
+        Some(at) => r.at(at),
+        None => r,
     }
-    r
 }
 
 async fn append<C: ConnectionTrait>(db: &C, records: Vec<AuditRecord>) -> Result<(), StoreError> {

@@ -477,6 +477,7 @@ async function signIn() {
   $("console").hidden = false;
   $("signed-out").hidden = true;
   $("logout").hidden = false;
+  for (const e of $("login").querySelectorAll("label, button[type=submit]")) e.hidden = true;
 }
 
 $("login").addEventListener("submit", (ev) => {

@@ -213,7 +213,14 @@ async fn admin_actions_are_recorded(b: Backend) {
     let d = assert_error(st, &v, 400, "validation_error");
     assert!(v["error"]["message"].as_str().is_some(), "{v}");
     assert!(d.to_string().contains("tenant.create"), "{d}");
-    for bad in ["?since=yesterday", "?limit=0", "?limit=201", "?offset=-1"] {
+    for bad in [
+        "?since=yesterday",
+        "?limit=0",
+        "?limit=201",
+        "?offset=-1",
+        "?tenant=%C3%97%C3%B8",
+        "?tenant=bad%20name",
+    ] {
         let (st, v) = s.get(&format!("/admin/v1/audit{bad}"), &admin).await;
         assert_error(st, &v, 400, "validation_error");
     }

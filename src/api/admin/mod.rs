@@ -419,20 +419,15 @@ impl AdminApi {
         )]
         limit: Query<u64>,
     ) -> Result<AuditPage, Failure<AdminAuthed>> {
-        let actions = match action.0.as_deref() {
-            None => None,
-            Some(a) => {
-                Some(
-                    AuditAction::matching(a).ok_or_else(|| ApiError::InvalidParameter {
-                        name: "action".into(),
-                        reason: format!(
-                            "{a:?} is no audited action or family; one of: {}",
-                            AuditAction::names().join(", ")
-                        ),
-                    })?,
-                )
-            }
-        };
+        let actions = action
+            .0
+            .as_deref()
+            .map(AuditAction::matching)
+            .transpose()
+            .map_err(|reason| ApiError::InvalidParameter {
+                name: "action".into(),
+                reason,
+            })?;
         let filter = AuditFilter {
             tenant: None,
             actions,

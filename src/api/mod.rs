@@ -132,13 +132,18 @@ pub fn app(state: AppState) -> impl Endpoint {
     // The routes outside the OpenAPI document, each with its one method: mounted here and
     // declared to the middleware from the same list (for `Allow` on a 405, and whether a
     // body is read).
-    let plain: [(&str, Method, RouteMethod); 12] = [
+    let plain: [(&str, Method, RouteMethod); 13] = [
         ("/", Method::GET, poem::get(crate::web::index)),
         ("/assets/app.js", Method::GET, poem::get(crate::web::app_js)),
         (
             "/assets/app.css",
             Method::GET,
             poem::get(crate::web::app_css),
+        ),
+        (
+            "/assets/common.js",
+            Method::GET,
+            poem::get(crate::web::common_js),
         ),
         ("/admin", Method::GET, poem::get(crate::web::admin)),
         (

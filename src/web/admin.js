@@ -3,8 +3,6 @@
 // step, no third-party code (served by the binary; works air-gapped).
 "use strict";
 
-const $ = (id) => document.getElementById(id);
-const enc = encodeURIComponent;
 const PAGE = 50;
 const DAYS = 30;
 
@@ -38,35 +36,12 @@ function describe(err) {
 }
 
 function showError(err) {
-  $("banner-text").textContent = typeof err === "string" ? err : describe(err);
-  $("banner").hidden = false;
-}
-
-function clearError() {
-  $("banner").hidden = true;
+  bannerError(err, describe);
 }
 
 // ---------- REST ----------
 
-async function api(method, path, body) {
-  const init = { method, headers: { "X-API-Key": state.key } };
-  if (body !== undefined) {
-    init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
-  let resp;
-  try {
-    resp = await fetch(path, init);
-  } catch (e) {
-    throw { code: "network", message: "The server cannot be reached." };
-  }
-  if (resp.status === 204) return null;
-  const data = await resp.json().catch(() => null);
-  if (!resp.ok) {
-    throw (data && data.error) || { code: "http_" + resp.status, message: resp.statusText };
-  }
-  return data;
-}
+const api = (method, path, body) => request(state.key, method, path, body);
 
 // ---------- small DOM helpers ----------
 

@@ -3,7 +3,6 @@
 // works air-gapped).
 "use strict";
 
-const $ = (id) => document.getElementById(id);
 const PAGE = 50;
 
 // A user token (`cfu_…`, minted by the tenant's backend with POST /api/v1/tokens) may come
@@ -73,37 +72,13 @@ function describe(err) {
 }
 
 function showError(err) {
-  $("banner-text").textContent = typeof err === "string" ? err : describe(err);
-  $("banner").hidden = false;
-}
-
-function clearError() {
-  $("banner").hidden = true;
+  bannerError(err, describe);
 }
 
 // ---------- REST ----------
 
-async function api(method, path, body) {
-  const init = { method, headers: { "X-API-Key": state.key } };
-  if (body !== undefined) {
-    init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
-  let resp;
-  try {
-    resp = await fetch(path, init);
-  } catch (e) {
-    throw { code: "network", message: "The server cannot be reached." };
-  }
-  if (resp.status === 204) return null;
-  const data = await resp.json().catch(() => null);
-  if (!resp.ok) {
-    throw (data && data.error) || { code: "http_" + resp.status, message: resp.statusText };
-  }
-  return data;
-}
+const api = (method, path, body) => request(state.key, method, path, body);
 
-const enc = encodeURIComponent;
 
 // ---------- chats ----------
 

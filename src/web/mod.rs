@@ -8,6 +8,7 @@ use poem::{handler, Response};
 const INDEX: &str = include_str!("index.html");
 const APP_JS: &str = include_str!("app.js");
 const APP_CSS: &str = include_str!("app.css");
+const COMMON_JS: &str = include_str!("common.js");
 const ADMIN: &str = include_str!("admin.html");
 const ADMIN_JS: &str = include_str!("admin.js");
 const ADMIN_CSS: &str = include_str!("admin.css");
@@ -39,6 +40,11 @@ pub fn app_js() -> Response {
 #[handler]
 pub fn app_css() -> Response {
     asset(APP_CSS, "text/css; charset=utf-8")
+}
+
+#[handler]
+pub fn common_js() -> Response {
+    asset(COMMON_JS, "text/javascript; charset=utf-8")
 }
 
 #[handler]

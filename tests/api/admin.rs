@@ -406,6 +406,7 @@ async fn admin_page_is_served(b: Backend) {
             "/admin/v1/usage?group_by=day",
         ),
         ("/assets/admin.css", "text/css", ".usage-chart"),
+        ("/assets/common.js", "text/javascript", "function request("),
     ] {
         let r = s
             .http

@@ -639,6 +639,11 @@ impl From<EngineError> for ApiError {
                 ApiError::PromptTooLong { tokens, context }
             }
             EngineError::QueueFull => ApiError::ServerBusy,
+            EngineError::InvalidGrammar(m) => ApiError::Validation(ValidationError::new(
+                "response_format",
+                format!("cannot be enforced: {m}"),
+                json!({}),
+            )),
             EngineError::Stopped => ApiError::ModelNotReady,
             other => {
                 tracing::error!(error = %other, "generation failed");

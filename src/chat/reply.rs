@@ -93,6 +93,7 @@ pub(super) fn request_for(
         max_tokens: c.max_tokens.unwrap_or(default_max_tokens).max(1) as usize,
         stop: c.stop.clone().unwrap_or_default(),
         cache_key: Some(chat.id),
+        grammar: None,
     }
 }
 

@@ -135,6 +135,7 @@ async fn run(args: crate::config::RunArgs) -> anyhow::Result<()> {
                 max_tokens: args.max_tokens,
                 stop: Vec::new(),
                 cache_key: Some(chat),
+                grammar: None,
             })
             .await?;
         let mut stdout = std::io::stdout();

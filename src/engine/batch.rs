@@ -17,6 +17,7 @@
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
+use super::constraint::Constraint;
 use super::model::{KvCache, Segment};
 use super::prefix::Entry;
 use super::sampler::Sampler;
@@ -37,6 +38,8 @@ struct Sequence {
     /// Most tokens it may generate.
     max_new: usize,
     sampler: Sampler,
+    /// The grammar the reply must match, if any: masks each step's logits.
+    constraint: Option<Constraint>,
     decoder: DeltaDecoder,
     stops: StopMatcher,
     /// Index of the next text delta.
@@ -124,6 +127,7 @@ impl LoadedEngine {
         let mut summary = new_summary();
         let req = &job.request.request;
         let prompt = std::mem::take(&mut job.request.prompt.tokens);
+        let constraint = job.request.constraint.take();
         let (dropped, max_new) = (
             job.request.prompt.dropped_messages,
             job.request.prompt.max_new,
@@ -143,6 +147,7 @@ impl LoadedEngine {
         match prepared {
             Ok((history, cache, max_new)) => Some(Sequence {
                 sampler: Sampler::new(req.sampling.clone()),
+                constraint,
                 stops: StopMatcher::new(&req.stop),
                 job,
                 started,
@@ -263,9 +268,17 @@ impl LoadedEngine {
         seq: &mut Sequence,
         mut logits: Vec<f32>,
     ) -> Result<Option<FinishReason>, EngineError> {
+        if let Some(c) = &mut seq.constraint {
+            c.mask(&mut logits)?;
+        }
         let token = seq.sampler.sample(&mut logits, &seq.history);
         seq.summary.completion_tokens += 1;
         seq.first_token_at.get_or_insert_with(Instant::now);
+        // The grammar is complete after this token: the reply ends with it.
+        let complete = match &mut seq.constraint {
+            Some(c) => c.commit(token)?,
+            None => false,
+        };
         if self.tokenizer.is_stop(token) {
             return Ok(Some(FinishReason::Stop));
         }
@@ -279,6 +292,11 @@ impl LoadedEngine {
                 }
             }
         }
+        if complete {
+            let rest = self.tail(seq)?;
+            seq.emit(rest);
+            return Ok(Some(FinishReason::Stop));
+        }
         if seq.summary.completion_tokens >= seq.max_new || seq.cache.len() >= seq.cache.capacity() {
             return Ok(Some(FinishReason::Length));
         }
@@ -290,13 +308,9 @@ impl LoadedEngine {
     fn finish(&self, mut seq: Sequence, reason: FinishReason) {
         seq.summary.finish_reason = reason;
         if reason != FinishReason::Stop {
-            let tail = match seq.decoder.finish(&self.tokenizer) {
-                Ok(tail) => tail.unwrap_or_default(),
+            let rest = match self.tail(&mut seq) {
+                Ok(rest) => rest,
                 Err(e) => return self.fail(seq, e),
-            };
-            let rest = match seq.stops.push(&tail) {
-                StopOutcome::Continue(t) => t + &seq.stops.flush(),
-                StopOutcome::Stop(t) => t,
             };
             if reason != FinishReason::Cancelled {
                 seq.emit(rest);
@@ -323,6 +337,16 @@ impl LoadedEngine {
             );
         }
         report(&job, started, summary, first_token_at);
+    }
+
+    /// What the decoder and the stop matcher still hold when a sequence ends other than by a
+    /// stop token or string (a held-back partial character, a possible stop string's start).
+    fn tail(&self, seq: &mut Sequence) -> Result<String, EngineError> {
+        let tail = seq.decoder.finish(&self.tokenizer)?.unwrap_or_default();
+        Ok(match seq.stops.push(&tail) {
+            StopOutcome::Continue(t) => t + &seq.stops.flush(),
+            StopOutcome::Stop(t) => t,
+        })
     }
 
     /// Ends a sequence with an error; its attention state is not kept.

@@ -16,6 +16,7 @@ pub(crate) mod arch;
 pub(crate) mod batch;
 pub(crate) mod bench;
 pub(crate) mod complete;
+pub(crate) mod constraint;
 pub(crate) mod cpu;
 pub(crate) mod gguf;
 pub(crate) mod kernels;
@@ -35,6 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+pub use constraint::Grammar;
 pub use kernels::Isa;
 pub use sampler::SamplingParams;
 pub use worker::{load, EngineOptions, LoadedEngine};
@@ -76,6 +78,12 @@ pub enum EngineError {
     QueueFull,
     #[error("the engine has stopped")]
     Stopped,
+    /// A request's grammar or JSON Schema does not compile (or uses what is not supported).
+    #[error("{0}")]
+    InvalidGrammar(String),
+    /// The grammar engine failed mid-reply.
+    #[error("grammar: {0}")]
+    Grammar(String),
 }
 
 /// One message of the conversation to continue.
@@ -99,14 +107,18 @@ pub struct GenerateRequest {
     /// starts with the same tokens, and the state after this reply is kept for the next
     /// turn. `None` for stateless requests.
     pub cache_key: Option<uuid::Uuid>,
+    /// What the reply must match (constrained decoding); `None`: free text.
+    pub grammar: Option<Grammar>,
 }
 
-/// A request whose prompt is built and fits: what the engine queue takes. Made only by
-/// [`EngineHandle::prepare`], so the engine never sees an unchecked prompt.
-#[derive(Debug, Clone)]
+/// A request whose prompt is built and fits, and whose grammar is compiled: what the engine
+/// queue takes. Made only by [`EngineHandle::prepare`], so the engine never sees an
+/// unchecked prompt or grammar.
+#[derive(Debug)]
 pub struct Prepared {
     request: GenerateRequest,
     prompt: prompt::Prompt,
+    constraint: Option<constraint::Constraint>,
 }
 
 impl Prepared {
@@ -254,6 +266,8 @@ pub struct EngineHandle {
     prefixes: prefix::PrefixCache,
     /// Builds prompts on the caller's side of the queue.
     prompts: Arc<prompt::PromptBuilder>,
+    /// Compiles grammars, also on the caller's side.
+    grammars: constraint::LazyGrammars,
 }
 
 impl EngineHandle {
@@ -272,9 +286,18 @@ impl EngineHandle {
     /// [`EngineError::PromptTooLong`] when even the last turn cannot fit.
     pub async fn prepare(&self, request: GenerateRequest) -> Result<Prepared, EngineError> {
         let prompts = self.prompts.clone();
+        let grammars = self.grammars.clone();
         tokio::task::spawn_blocking(move || {
+            let constraint = match &request.grammar {
+                Some(g) => Some(grammars.compile(g)?),
+                None => None,
+            };
             let prompt = prompts.build(&request.messages, request.max_tokens)?;
-            Ok(Prepared { request, prompt })
+            Ok(Prepared {
+                request,
+                prompt,
+                constraint,
+            })
         })
         .await
         .map_err(|e| EngineError::Model(format!("building the prompt failed: {e}")))?

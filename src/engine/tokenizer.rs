@@ -339,6 +339,12 @@ impl TextTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// The tokenizer as a `tokenizer.json` document (constrained decoding reads each token's
+    /// bytes from it).
+    pub fn to_json(&self) -> Result<String, EngineError> {
+        self.inner.to_string(false).map_err(err)
+    }
 }
 
 fn escape_marker(s: &str) -> Cow<'_, str> {

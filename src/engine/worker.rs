@@ -8,6 +8,7 @@ use std::time::Instant;
 use candle_core::Device;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::constraint::LazyGrammars;
 use super::gguf::{md_string, GgufFile};
 use super::model::{KvCache, Model};
 use super::prefix::{common_prefix, PrefixCache};
@@ -211,7 +212,7 @@ pub fn load(path: PathBuf, opts: EngineOptions) -> Result<EngineHandle, EngineEr
     // Room for a whole batch at least: the scheduler hands out `max_batch` slots at once.
     let capacity = opts.queue_capacity.max(opts.max_batch).max(1);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(capacity);
-    type Ready = (ModelInfo, PrefixCache, Arc<PromptBuilder>);
+    type Ready = (ModelInfo, PrefixCache, Arc<PromptBuilder>, LazyGrammars);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Ready, EngineError>>();
     std::thread::Builder::new()
         .name("confab-engine".into())
@@ -251,17 +252,26 @@ pub fn load(path: PathBuf, opts: EngineOptions) -> Result<EngineHandle, EngineEr
                 load_time: t0.elapsed(),
                 device: opts.device.clone(),
             };
-            let _ = ready_tx.send(Ok((info, engine.prefixes.clone(), engine.prompts.clone())));
+            let grammars =
+                LazyGrammars::new(engine.tokenizer.clone(), engine.model.spec().vocab_size);
+            let _ = ready_tx.send(Ok((
+                info,
+                engine.prefixes.clone(),
+                engine.prompts.clone(),
+                grammars,
+            )));
             // Runs until every handle is dropped.
             engine.serve(rx, opts.max_batch);
         })
         .map_err(|e| EngineError::Model(format!("cannot start the engine thread: {e}")))?;
-    let (info, prefixes, prompts) = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
+    let (info, prefixes, prompts, grammars) =
+        ready_rx.recv().map_err(|_| EngineError::Stopped)??;
     Ok(EngineHandle {
         tx,
         info: Arc::new(info),
         max_batch,
         prefixes,
         prompts,
+        grammars,
     })
 }

@@ -44,6 +44,7 @@ fn req(messages: Vec<ChatMessage>, max_tokens: usize) -> GenerateRequest {
         max_tokens,
         stop: vec![],
         cache_key: None,
+        grammar: None,
     }
 }
 
@@ -156,6 +157,7 @@ async fn stop_strings_end_the_reply_before_them() {
         GenerateRequest {
             stop: vec![stop.clone()],
             cache_key: None,
+            grammar: None,
             ..req(vec![user("hello")], 30)
         },
     )
@@ -329,6 +331,7 @@ async fn kept_attention_state_grows_and_follows_edits() {
         let cold = req(conversation.clone(), 10);
         let warm = GenerateRequest {
             cache_key: Some(chat),
+            grammar: None,
             ..cold.clone()
         };
         let (w, w_deltas, _) = collect(&h, warm).await;
@@ -352,6 +355,7 @@ async fn kept_attention_state_grows_and_follows_edits() {
         &h,
         GenerateRequest {
             cache_key: Some(chat),
+            grammar: None,
             ..req(conversation.clone(), 10)
         },
     )

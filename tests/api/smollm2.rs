@@ -133,6 +133,7 @@ async fn greedy_answer_is_coherent_and_deterministic() {
         max_tokens: 48,
         stop: vec![],
         cache_key: None,
+        grammar: None,
     };
     let (a, deltas) = run(req.clone()).await;
     let (b, _) = run(req).await;
@@ -173,6 +174,7 @@ async fn seeded_sampling_repeats() {
         max_tokens: 24,
         stop: vec![],
         cache_key: None,
+        grammar: None,
     };
     let (a, _) = run(req(42)).await;
     let (b, _) = run(req(42)).await;
@@ -202,9 +204,11 @@ async fn kept_attention_state_changes_nothing_but_speed() {
             max_tokens: 40,
             stop: vec![],
             cache_key: None,
+            grammar: None,
         };
         let warm = GenerateRequest {
             cache_key: Some(chat),
+            grammar: None,
             ..cold.clone()
         };
         let (w, w_deltas) = run(warm).await;
@@ -233,6 +237,7 @@ async fn kept_attention_state_changes_nothing_but_speed() {
         max_tokens: 4,
         stop: vec![],
         cache_key: Some(chat),
+        grammar: None,
     })
     .await;
     assert_eq!(w.cached_tokens, 0);
@@ -250,6 +255,7 @@ async fn batched_replies_equal_solo_replies() {
         max_tokens: 32,
         stop: vec![],
         cache_key,
+        grammar: None,
     };
     let first_turn = vec![msg(Role::User, "What is the capital of France?")];
     let (turn1, _) = run(greedy(first_turn.clone(), Some(chat))).await;

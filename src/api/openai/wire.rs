@@ -6,13 +6,14 @@
 //! users need to know which of many fields was wrong. Unknown fields are ignored (clients
 //! send many we have no use for); known fields we cannot honour (`n > 1`, tools, logprobs,
 //! penalties we do not implement) are refused by name rather than silently dropped.
+//! `response_format` (`json_object`, `json_schema`) constrains decoding to the schema.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::chat::sampling_for;
 use crate::domain::{generation, validate_user_id, ChatConfig, Role, ValidationError};
-use crate::engine::{ChatMessage, FinishReason, GenerateRequest};
+use crate::engine::{ChatMessage, FinishReason, GenerateRequest, Grammar};
 use crate::error::ApiError;
 
 /// Usage of requests that name no `user` is counted under this user id.
@@ -52,6 +53,59 @@ struct StreamOptions {
 struct ResponseFormat {
     #[serde(rename = "type")]
     kind: String,
+    json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+struct JsonSchemaFormat {
+    name: Option<String>,
+    schema: Option<Value>,
+    // `strict` is read as any unknown field is: whatever it says, decoding is constrained
+    // and the output matches the schema.
+}
+
+/// The grammar a `response_format` asks for (`None`: free text).
+fn grammar_of(f: ResponseFormat) -> Result<Option<Grammar>, ApiError> {
+    match f.kind.as_str() {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(Grammar::JsonObject)),
+        "json_schema" => {
+            let Some(js) = f.json_schema else {
+                return Err(invalid(
+                    "response_format.json_schema",
+                    "is required when type is \"json_schema\"",
+                    json!({"required": ["name", "schema"]}),
+                ));
+            };
+            let name_ok = js.name.as_deref().is_some_and(|n| {
+                (1..=64).contains(&n.len())
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            });
+            if !name_ok {
+                return Err(invalid(
+                    "response_format.json_schema.name",
+                    "is required: 1 to 64 characters from a-z, A-Z, 0-9, '_' and '-'",
+                    json!({"pattern": "^[a-zA-Z0-9_-]{1,64}$"}),
+                ));
+            }
+            match js.schema {
+                Some(schema @ Value::Object(_)) => Ok(Some(Grammar::JsonSchema(schema))),
+                Some(_) => Err(invalid(
+                    "response_format.json_schema.schema",
+                    "must be a JSON Schema object",
+                    json!({"type": "object"}),
+                )),
+                // OpenAI: without a schema any JSON is accepted.
+                None => Ok(Some(Grammar::JsonSchema(json!({})))),
+            }
+        }
+        other => Err(invalid(
+            "response_format.type",
+            format!("must be one of text, json_object, json_schema; got {other:?}"),
+            json!({"allowed": ["text", "json_object", "json_schema"]}),
+        )),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,11 +283,10 @@ pub fn parse(
             return Err(unsupported(name, "use repeat_penalty instead"));
         }
     }
-    if let Some(f) = &r.response_format {
-        if f.kind != "text" {
-            return Err(unsupported("response_format.type", "only \"text\""));
-        }
-    }
+    let grammar = match r.response_format {
+        Some(f) => grammar_of(f)?,
+        None => None,
+    };
     within("temperature", r.temperature, generation::TEMPERATURE)?;
     within("top_p", r.top_p, generation::TOP_P)?;
     within(
@@ -295,6 +348,7 @@ pub fn parse(
             max_tokens,
             stop,
             cache_key: None,
+            grammar,
         },
         stream: r.stream.unwrap_or(false),
         include_usage: r

@@ -22,6 +22,7 @@ mod openai;
 mod openapi;
 mod reference;
 mod smollm2;
+mod structured;
 mod tiny;
 mod tokens;
 mod ws;

@@ -1,0 +1,282 @@
+//! Structured output on the OpenAI API: `response_format` constrains decoding, so even the
+//! tiny model's random weights, sampled at temperature 1, give replies that parse and match
+//! their schema — whole and streamed, one at a time and batched — and schemas that cannot be
+//! enforced are refused by name.
+
+use serde_json::{json, Value};
+
+use crate::common::{Backend, TestServer};
+use crate::ws::tiny_model_batched;
+
+const MODEL: &str = "tiny-llama";
+
+/// The schemas every reply is checked against: nested objects, arrays, enums, required
+/// fields, numbers with bounds; strings and arrays bounded so a reply ends within its tokens.
+fn schemas() -> Vec<Value> {
+    vec![
+        json!({"type": "object", "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+            "required": ["name", "age"], "additionalProperties": false}),
+        json!({"type": "object", "properties": {
+            "colour": {"enum": ["red", "green", "blue"]},
+            "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1, "maxItems": 3},
+            "ok": {"type": "boolean"}},
+            "required": ["colour", "tags", "ok"], "additionalProperties": false}),
+        json!({"type": "object", "properties": {
+            "point": {"type": "object", "properties": {
+                "x": {"type": "number", "minimum": -1, "maximum": 1},
+                "y": {"type": "integer", "minimum": 5, "maximum": 9}},
+                "required": ["x", "y"], "additionalProperties": false}},
+            "required": ["point"], "additionalProperties": false}),
+    ]
+}
+
+/// Whether `v` matches `schema`, for the keywords [`schemas`] uses; `Err` says where not.
+fn check(schema: &Value, v: &Value, at: &str) -> Result<(), String> {
+    let fail = |why: &str| Err(format!("{at}: {why} ({v})"));
+    if let Some(allowed) = schema["enum"].as_array() {
+        if !allowed.contains(v) {
+            return fail("not in the enum");
+        }
+    }
+    let num = |k: &str| schema[k].as_f64();
+    match schema["type"].as_str() {
+        Some("object") => {
+            let Some(o) = v.as_object() else {
+                return fail("not an object");
+            };
+            let props = schema["properties"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
+            for r in schema["required"].as_array().into_iter().flatten() {
+                if !o.contains_key(r.as_str().unwrap()) {
+                    return fail(&format!("{r} missing"));
+                }
+            }
+            for (k, x) in o {
+                match props.get(k) {
+                    Some(s) => check(s, x, &format!("{at}.{k}"))?,
+                    None if schema["additionalProperties"] == false => {
+                        return fail(&format!("{k} not allowed"))
+                    }
+                    None => {}
+                }
+            }
+        }
+        Some("array") => {
+            let Some(a) = v.as_array() else {
+                return fail("not an array");
+            };
+            let n = a.len() as f64;
+            if num("minItems").is_some_and(|m| n < m) || num("maxItems").is_some_and(|m| n > m) {
+                return fail("wrong number of items");
+            }
+            for (i, x) in a.iter().enumerate() {
+                check(&schema["items"], x, &format!("{at}[{i}]"))?;
+            }
+        }
+        Some("string") => {
+            let Some(s) = v.as_str() else {
+                return fail("not a string");
+            };
+            if num("maxLength").is_some_and(|m| s.chars().count() as f64 > m) {
+                return fail("too long");
+            }
+        }
+        Some(t @ ("integer" | "number")) => {
+            let Some(x) = v.as_f64() else {
+                return fail("not a number");
+            };
+            if t == "integer" && !(v.is_i64() || v.is_u64()) {
+                return fail("not an integer");
+            }
+            if num("minimum").is_some_and(|m| x < m) || num("maximum").is_some_and(|m| x > m) {
+                return fail("out of bounds");
+            }
+        }
+        Some("boolean") if !v.is_boolean() => return fail("not a boolean"),
+        _ => {}
+    }
+    Ok(())
+}
+
+fn request(schema: &Value, seed: u64, stream: bool) -> Value {
+    json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Answer in JSON."}],
+        "max_tokens": 200,
+        "temperature": 1.0,
+        "seed": seed,
+        "stream": stream,
+        "response_format": {"type": "json_schema",
+            "json_schema": {"name": "answer", "schema": schema, "strict": true}},
+    })
+}
+
+async fn post(s: &TestServer, key: &str, body: &Value) -> reqwest::Response {
+    s.http
+        .post(format!("{}/v1/chat/completions", s.base))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .expect("request")
+}
+
+/// A whole reply's text and finish reason.
+async fn whole(s: &TestServer, key: &str, body: &Value) -> (String, String) {
+    let r = post(s, key, body).await;
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = r.json().await.unwrap();
+    let c = &v["choices"][0];
+    (
+        c["message"]["content"].as_str().unwrap().to_string(),
+        c["finish_reason"].as_str().unwrap().to_string(),
+    )
+}
+
+/// A streamed reply's deltas joined, and its finish reason.
+async fn streamed(s: &TestServer, key: &str, body: &Value) -> (String, String) {
+    let r = post(s, key, body).await;
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.text().await.unwrap();
+    let (mut content, mut finish) = (String::new(), String::new());
+    for data in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        let c = &chunk["choices"][0];
+        content.push_str(c["delta"]["content"].as_str().unwrap_or(""));
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    (content, finish)
+}
+
+fn valid(schema: &Value, (text, finish): &(String, String)) {
+    assert_eq!(finish, "stop", "the grammar ends the reply: {text}");
+    let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    check(schema, &v, "$").unwrap();
+}
+
+async fn replies_match_their_schema(b: Backend) {
+    let s = TestServer::start_full(b, Default::default(), tiny_model_batched(None, 4)).await;
+    let t = s.tenant("acme").await;
+    for (i, schema) in schemas().iter().enumerate() {
+        for seed in 0..3u64 {
+            let seed = seed + 10 * i as u64;
+            let w = whole(&s, &t.key, &request(schema, seed, false)).await;
+            valid(schema, &w);
+            // The same seed streamed: the same reply, in pieces.
+            let st = streamed(&s, &t.key, &request(schema, seed, true)).await;
+            assert_eq!(st, w, "seed {seed}");
+        }
+    }
+    // Any JSON object.
+    let any = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 200, "temperature": 0, "response_format": {"type": "json_object"}});
+    let (text, finish) = whole(&s, &t.key, &any).await;
+    assert_eq!(finish, "stop");
+    assert!(
+        serde_json::from_str::<Value>(&text).unwrap().is_object(),
+        "{text}"
+    );
+    s.stop().await;
+}
+
+async fn batched_replies_keep_their_own_grammar(b: Backend) {
+    let s = TestServer::start_full(b, Default::default(), tiny_model_batched(None, 4)).await;
+    let t = s.tenant("acme").await;
+    let schemas = schemas();
+    // Eight at once over a batch of four: each with its own schema (or none), side by side.
+    let runs = (0..8u64).map(|i| {
+        let s = &s;
+        let key = t.key.clone();
+        let schema = schemas.get(i as usize % 4).cloned();
+        async move {
+            let body = match &schema {
+                Some(sc) => request(sc, 100 + i, i % 2 == 0),
+                None => json!({"model": MODEL, "max_tokens": 20, "temperature": 1.0,
+                    "seed": i, "messages": [{"role": "user", "content": "hi"}]}),
+            };
+            let got = if i % 2 == 0 {
+                streamed(s, &key, &body).await
+            } else {
+                whole(s, &key, &body).await
+            };
+            (schema, got)
+        }
+    });
+    for (schema, got) in futures_util::future::join_all(runs).await {
+        match schema {
+            Some(sc) => valid(&sc, &got),
+            None => assert!(!got.0.is_empty()),
+        }
+    }
+    s.stop().await;
+}
+
+async fn unenforceable_formats_are_refused(b: Backend) {
+    let s = TestServer::start_full(b, Default::default(), tiny_model_batched(None, 1)).await;
+    let t = s.tenant("acme").await;
+    let with = |rf: Value| {
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+            "response_format": rf})
+    };
+    for (rf, param, needle) in [
+        (
+            json!({"type": "xml"}),
+            "response_format.type",
+            "json_schema",
+        ),
+        (
+            json!({"type": "json_schema"}),
+            "response_format.json_schema",
+            "required",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}}),
+            "response_format.json_schema.name",
+            "characters",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "n", "schema": [1]}}),
+            "response_format.json_schema.schema",
+            "object",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "n",
+                "schema": {"type": "object", "if": {"type": "object"}}}}),
+            "response_format",
+            "if",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "n",
+                "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}),
+            "response_format",
+            "",
+        ),
+    ] {
+        let r = post(&s, &t.key, &with(rf.clone())).await;
+        assert_eq!(r.status().as_u16(), 400, "{rf}");
+        let v: Value = r.json().await.unwrap();
+        let e = &v["error"];
+        assert_eq!(e["type"], "invalid_request_error", "{v}");
+        assert_eq!(e["param"], param, "{v}");
+        assert!(e["message"].as_str().unwrap().contains(needle), "{v}");
+    }
+    // Plain text is still text.
+    let r = post(&s, &t.key, &with(json!({"type": "text"}))).await;
+    assert_eq!(r.status().as_u16(), 200);
+    s.stop().await;
+}
+
+crate::backend_tests!(
+    replies_match_their_schema,
+    batched_replies_keep_their_own_grammar,
+    unenforceable_formats_are_refused,
+);

@@ -4,6 +4,8 @@
 //! - tg N: generation, N tokens one at a time from an empty cache, tokens/s.
 //! - tg N × B: B sequences generating N tokens each, stepped together as the server's
 //!   continuous batching does (one batched forward pass per token), tokens/s of all B.
+//! - tg N constrained: generation as tg, each step masked by a JSON Schema (structured
+//!   output); the grammar is restarted, untimed, whenever the model completes it.
 //! - time to first token: an N-token prompt processed and the first token sampled.
 //! - load time and peak resident memory.
 //!
@@ -15,6 +17,7 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use super::constraint::{Grammar, Grammars};
 use super::model::Segment;
 use super::sampler::{Sampler, SamplingParams};
 use super::worker::{EngineOptions, LoadedEngine};
@@ -72,6 +75,10 @@ pub struct BenchReport {
     /// Generation, tokens/s.
     pub tg_tokens_per_second: Stat,
     pub time_to_first_token_ms: Stat,
+    /// Generation under a JSON Schema (each step masked), tokens/s.
+    pub constrained_tg_tokens_per_second: Stat,
+    /// Indexing the vocabulary for constrained decoding (once per model), seconds.
+    pub grammar_index_seconds: f64,
     /// Batched generation: aggregate tokens/s by batch size.
     pub batched_tg: Vec<BatchedStat>,
     /// Peak resident memory of the process (VmHWM), MiB.
@@ -116,6 +123,53 @@ fn batched_generation(
         }
     }
     Ok(t.elapsed().as_secs_f64())
+}
+
+/// What the constrained figure decodes to: an object of free texts and numbers, so the
+/// model (greedy, from random tokens) has room to write rather than finish at once.
+fn bench_schema() -> Grammar {
+    Grammar::JsonSchema(serde_json::json!({
+        "type": "object",
+        "properties": {
+            "title": {"type": "string"},
+            "notes": {"type": "array", "items": {"type": "string"}},
+            "score": {"type": "number"}
+        },
+        "required": ["title", "notes", "score"]
+    }))
+}
+
+/// `tokens` generated tokens, one at a time, each step masked by [`bench_schema`]: seconds
+/// spent in the steps (compiling the grammar again when the model completes it is not
+/// counted).
+fn constrained_generation(
+    engine: &LoadedEngine,
+    grammars: &Grammars,
+    tokens: usize,
+    seed: u64,
+) -> Result<f64, EngineError> {
+    let compile = || {
+        grammars
+            .compile(&bench_schema())
+            .map_err(EngineError::InvalidGrammar)
+    };
+    let mut constraint = compile()?;
+    let mut cache = engine.model.new_cache(tokens + 1)?;
+    let mut sampler = Sampler::new(SamplingParams::greedy());
+    let mut token = random_tokens(engine, 1, seed)[0];
+    let mut spent = 0.0;
+    for _ in 0..tokens {
+        let t = Instant::now();
+        let mut logits = engine.model.forward(&[token], &mut cache)?;
+        constraint.mask(&mut logits)?;
+        token = sampler.sample(&mut logits, &[]);
+        let complete = constraint.commit(token)?;
+        spent += t.elapsed().as_secs_f64();
+        if complete {
+            constraint = compile()?;
+        }
+    }
+    Ok(spent)
 }
 
 fn peak_rss_mib() -> Option<f64> {
@@ -174,6 +228,17 @@ pub fn run(
             tg.push(cfg.gen_tokens.max(1) as f64 / gen);
         }
     }
+    let t = Instant::now();
+    let grammars = Grammars::new(engine.tokenizer.clone(), engine.model.spec().vocab_size)?;
+    let grammar_index_seconds = t.elapsed().as_secs_f64();
+    let mut constrained = Vec::new();
+    for rep in 0..=cfg.reps {
+        let tokens = cfg.gen_tokens.max(1);
+        let secs = constrained_generation(&engine, &grammars, tokens, 1000 + rep as u64)?;
+        if rep > 0 {
+            constrained.push(tokens as f64 / secs);
+        }
+    }
     let mut batched_tg = Vec::new();
     for &batch in cfg.batches.iter().filter(|&&b| b > 1) {
         let tokens = cfg.gen_tokens.max(1);
@@ -203,6 +268,8 @@ pub fn run(
         pp_tokens_per_second: Stat::of(pp),
         tg_tokens_per_second: Stat::of(tg),
         time_to_first_token_ms: Stat::of(ttft),
+        constrained_tg_tokens_per_second: Stat::of(constrained),
+        grammar_index_seconds,
         batched_tg,
         peak_rss_mib: peak_rss_mib(),
     })

@@ -1,9 +1,12 @@
 //! Structured output on the OpenAI API: `response_format` constrains decoding, so even the
 //! tiny model's random weights, sampled at temperature 1, give replies that parse and match
 //! their schema — whole and streamed, one at a time and batched — and schemas that cannot be
-//! enforced are refused by name.
+//! enforced are refused by name. With the real SmolLM2, the official `openai` package asks
+//! and Python's `jsonschema` checks the replies (tests/clients/structured_client.py).
 
 use serde_json::{json, Value};
+
+use confab::engine::{ModelSlot, ModelStatus};
 
 use crate::common::{Backend, TestServer};
 use crate::ws::tiny_model_batched;
@@ -176,6 +179,34 @@ async fn replies_match_their_schema(b: Backend) {
             assert_eq!(st, w, "seed {seed}");
         }
     }
+    // References, constants, alternatives and patterns (checked by hand).
+    let refs = json!({
+        "$defs": {"tag": {"type": "string", "pattern": "^[a-z]{2,4}$"}},
+        "type": "object",
+        "properties": {
+            "kind": {"const": "point"},
+            "label": {"$ref": "#/$defs/tag"},
+            "v": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9}, {"type": "boolean"}]}
+        },
+        "required": ["kind", "label", "v"],
+        "additionalProperties": false
+    });
+    for seed in 0..4 {
+        let (text, finish) = whole(&s, &t.key, &request(&refs, seed, false)).await;
+        assert_eq!(finish, "stop", "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(v.as_object().unwrap().len(), 3, "{v}");
+        assert_eq!(v["kind"], "point", "{v}");
+        let label = v["label"].as_str().unwrap();
+        assert!(
+            (2..=4).contains(&label.len()) && label.bytes().all(|b| b.is_ascii_lowercase()),
+            "{v}"
+        );
+        assert!(
+            v["v"].is_boolean() || v["v"].as_u64().is_some_and(|n| n <= 9),
+            "{v}"
+        );
+    }
     // Any JSON object.
     let any = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 200, "temperature": 0, "response_format": {"type": "json_object"}});
@@ -280,3 +311,50 @@ crate::backend_tests!(
     batched_replies_keep_their_own_grammar,
     unenforceable_formats_are_refused,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_replies_validate_with_the_official_clients() {
+    let model = ModelSlot::new(ModelStatus::Ready(crate::smollm2::engine().clone()));
+    let s = TestServer::start_full(Backend::Sqlite, Default::default(), model).await;
+    let t = s.tenant("py").await;
+    let root = env!("CARGO_MANIFEST_DIR");
+    let env = std::process::Command::new(format!("{root}/tests/clients/python-env"))
+        .output()
+        .expect("run tests/clients/python-env");
+    assert!(
+        env.status.success(),
+        "tests/clients/python-env failed: {}",
+        String::from_utf8_lossy(&env.stderr)
+    );
+    let python = String::from_utf8_lossy(&env.stdout).trim().to_string();
+    // The client's own timeout (120 s a request) bounds it.
+    let mut client = std::process::Command::new(&python);
+    client
+        .arg(format!("{root}/tests/clients/structured_client.py"))
+        .arg(&s.base)
+        .arg(&t.key);
+    let out = tokio::task::spawn_blocking(move || client.output())
+        .await
+        .unwrap()
+        .expect("run the client");
+    assert!(
+        out.status.success(),
+        "structured client failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("client prints JSON");
+    for (name, case) in r.as_object().unwrap() {
+        assert_eq!(case["errors"], json!([]), "{name}: {case}");
+        assert_eq!(case["whole_finish"], "stop", "{name}: {case}");
+        assert_eq!(
+            case["streamed"], case["whole"],
+            "{name}: greedy, the same reply"
+        );
+        assert_eq!(case["streamed_finish"], "stop", "{name}");
+    }
+    assert_eq!(r.as_object().unwrap().len(), 3);
+    // The model's answer, not just any valid JSON: the constraint leaves it its knowledge.
+    let city: Value = serde_json::from_str(r["city"]["whole"].as_str().unwrap()).unwrap();
+    assert_eq!(city["city"], "Paris", "{city}");
+    s.stop().await;
+}

@@ -639,11 +639,7 @@ impl From<EngineError> for ApiError {
                 ApiError::PromptTooLong { tokens, context }
             }
             EngineError::QueueFull => ApiError::ServerBusy,
-            EngineError::InvalidGrammar(m) => ApiError::Validation(ValidationError::new(
-                "response_format",
-                format!("cannot be enforced: {m}"),
-                json!({}),
-            )),
+            EngineError::InvalidGrammar(m) => ApiError::unenforceable("response_format", m),
             EngineError::Stopped => ApiError::ModelNotReady,
             other => {
                 tracing::error!(error = %other, "generation failed");
@@ -654,6 +650,15 @@ impl From<EngineError> for ApiError {
 }
 
 impl ApiError {
+    /// A `response_format` (at `field`) that constrained decoding cannot hold replies to.
+    pub fn unenforceable(field: &str, reason: String) -> ApiError {
+        ApiError::Validation(ValidationError::new(
+            field,
+            format!("cannot be enforced: {reason}"),
+            json!({}),
+        ))
+    }
+
     /// The headers this error adds to an HTTP response, whatever its body's shape:
     /// `Retry-After`, and `Allow` on a 405 (RFC 9110 §15.5.6).
     pub fn add_headers(&self, resp: &mut Response) {

@@ -66,6 +66,9 @@ pub enum Event {
         content: String,
         finish_reason: &'static str,
         usage: Usage,
+        /// The chat's `response_format` type when the reply was constrained to it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        response_format: Option<&'static str>,
         timings: Timings,
     },
     Pong,

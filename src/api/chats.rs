@@ -61,11 +61,30 @@ async fn create_chat(
 ) -> Result<CreatedChat, Failure<WithBody>> {
     let new = body.into_domain(&state.limits)?;
     auth.0.may_act_for(&new.user_id)?;
+    check_response_format(state, new.config.response_format.as_ref()).await?;
     let (chat, _created_user) = auth.0.scope(&state.store).create_chat(new).await?;
     Ok(CreatedChat::Created(Json(ChatDto::new(
         auth.0.tenant.as_uuid(),
         chat,
     ))))
+}
+
+/// Refuses a `response_format` the model cannot be held to (a schema keyword the grammar
+/// engine does not support, an unsatisfiable schema) when it is set, rather than at every
+/// reply. While the model is still loading the check waits for the first reply.
+async fn check_response_format(
+    state: &AppState,
+    format: Option<&crate::domain::ResponseFormat>,
+) -> Result<(), ApiError> {
+    let (Some(f), Some(engine)) = (format, state.model.engine()) else {
+        return Ok(());
+    };
+    match engine.check_grammar(f.into()).await {
+        Err(crate::engine::EngineError::InvalidGrammar(m)) => {
+            Err(ApiError::unenforceable("config.response_format", m))
+        }
+        other => other.map_err(ApiError::from),
+    }
 }
 
 fn page(offset: u64, limit: u64, order: OrderDto) -> PageRequest {
@@ -235,6 +254,9 @@ impl ChatsApi {
         body: Json<UpdateChatRequest>,
     ) -> Result<OneChat, Failure<OnChatWithBody>> {
         let update = body.0.into_domain(&state.limits)?;
+        if let Some(domain::Patch::Set(f)) = update.config.as_ref().map(|c| &c.response_format) {
+            check_response_format(&state, Some(f)).await?;
+        }
         let config_changed = update.config.is_some();
         let chat = auth
             .0

@@ -4,12 +4,12 @@
 //! the OpenAPI document and are enforced before a handler runs.
 
 use poem_openapi::types::MaybeUndefined;
-use poem_openapi::{Enum, Object};
+use poem_openapi::{Enum, Object, Union};
 use uuid::Uuid;
 
 use super::types::{
-    JsonObject, MaxTokens, Real, RepeatPenalty, RuledText, Seed, StopList, Temperature, Text,
-    Timestamp, TitleRule, TopK, TopP, UserIdRule, Whole,
+    JsonObject, MaxTokens, Real, RepeatPenalty, RuledText, SchemaNameRule, Seed, StopList,
+    Temperature, Text, Timestamp, TitleRule, TopK, TopP, UserIdRule, Whole,
 };
 use crate::domain::{self, generation, Limits, Patch, ValidationError};
 
@@ -34,6 +34,83 @@ pub struct ChatConfigDto {
     pub seed: MaybeUndefined<Seed>,
     /// Up to 4 strings (1–128 characters each) that end the reply; not included in it.
     pub stop: MaybeUndefined<StopList>,
+    /// Replies must be JSON, by constrained decoding: any JSON object, or a value valid
+    /// against a JSON Schema (as on the OpenAI API). Absent: free text.
+    pub response_format: MaybeUndefined<ResponseFormatDto>,
+}
+
+/// What replies must be: `{"type": "json_object"}` (any JSON object) or `{"type":
+/// "json_schema", "json_schema": {"name", "schema"}}` (a value valid against the schema).
+#[derive(Debug, Clone, Union)]
+#[oai(discriminator_name = "type", rename = "ResponseFormat")]
+pub enum ResponseFormatDto {
+    #[oai(mapping = "json_object")]
+    JsonObject(JsonObjectFormatDto),
+    #[oai(mapping = "json_schema")]
+    JsonSchema(JsonSchemaFormatDto),
+}
+
+/// Any JSON object.
+#[derive(Debug, Clone, Object)]
+#[oai(rename = "JsonObjectFormat")]
+pub struct JsonObjectFormatDto {}
+
+/// A value valid against a JSON Schema.
+#[derive(Debug, Clone, Object)]
+#[oai(rename = "JsonSchemaFormat")]
+pub struct JsonSchemaFormatDto {
+    pub json_schema: JsonSchemaSpecDto,
+}
+
+/// A named JSON Schema.
+#[derive(Debug, Clone, Object)]
+#[oai(rename = "JsonSchemaSpec")]
+pub struct JsonSchemaSpecDto {
+    pub name: RuledText<SchemaNameRule>,
+    /// The JSON Schema replies must match.
+    pub schema: JsonObject,
+}
+
+impl ResponseFormatDto {
+    fn into_domain(self) -> Result<domain::ResponseFormat, ValidationError> {
+        match self {
+            ResponseFormatDto::JsonObject(_) => Ok(domain::ResponseFormat::JsonObject),
+            ResponseFormatDto::JsonSchema(f) => {
+                let js = f.json_schema;
+                domain::validate_schema_name(
+                    "config.response_format.json_schema.name",
+                    &js.name.0,
+                )?;
+                Ok(domain::ResponseFormat::JsonSchema {
+                    json_schema: domain::JsonSchemaSpec {
+                        name: js.name.0,
+                        schema: serde_json::Value::Object(js.schema.0),
+                    },
+                })
+            }
+        }
+    }
+}
+
+impl From<domain::ResponseFormat> for ResponseFormatDto {
+    fn from(f: domain::ResponseFormat) -> Self {
+        match f {
+            domain::ResponseFormat::JsonObject => {
+                ResponseFormatDto::JsonObject(JsonObjectFormatDto {})
+            }
+            domain::ResponseFormat::JsonSchema { json_schema } => {
+                ResponseFormatDto::JsonSchema(JsonSchemaFormatDto {
+                    json_schema: JsonSchemaSpecDto {
+                        name: RuledText::new(json_schema.name),
+                        schema: JsonObject(match json_schema.schema {
+                            serde_json::Value::Object(m) => m,
+                            _ => Default::default(),
+                        }),
+                    },
+                })
+            }
+        }
+    }
 }
 
 fn patch_with<T, U>(m: MaybeUndefined<T>, f: impl FnOnce(T) -> U) -> Patch<U> {
@@ -71,7 +148,13 @@ impl ChatConfigDto {
         if let MaybeUndefined::Value(stops) = &self.stop {
             generation::check_stop("config.stop", &stops.0)?;
         }
+        let response_format = match self.response_format {
+            MaybeUndefined::Undefined => Patch::Keep,
+            MaybeUndefined::Null => Patch::Clear,
+            MaybeUndefined::Value(f) => Patch::Set(f.into_domain()?),
+        };
         Ok(domain::ChatConfigPatch {
+            response_format,
             system_prompt: patch_with(self.system_prompt, |t| t.0),
             temperature: patch_with(self.temperature, |v| v.0),
             top_p: patch_with(self.top_p, |v| v.0),
@@ -102,6 +185,7 @@ impl From<domain::ChatConfig> for ChatConfigDto {
             repeat_penalty: undefined_if_none(c.repeat_penalty.map(Real::new)),
             seed: undefined_if_none(c.seed.map(Seed)),
             stop: undefined_if_none(c.stop.map(StopList)),
+            response_format: undefined_if_none(c.response_format.map(ResponseFormatDto::from)),
         }
     }
 }

@@ -219,6 +219,17 @@ impl TextRule for KeyNameRule {
     const PATTERN: &'static str = limits::TITLE_PATTERN;
 }
 
+/// Names of JSON Schemas in a `response_format` (`domain::validate_schema_name`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchemaNameRule;
+
+impl TextRule for SchemaNameRule {
+    const NAME: &'static str = "schema_name";
+    const MIN_CHARS: usize = 1;
+    const MAX_CHARS: usize = 64;
+    const PATTERN: &'static str = crate::domain::SCHEMA_NAME_PATTERN;
+}
+
 /// Chat titles (`domain::validate_title`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TitleRule;

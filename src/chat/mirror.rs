@@ -224,6 +224,8 @@ impl ChatService {
                                 prompt_tokens: m.prompt_tokens.unwrap_or(0).max(0) as usize,
                                 completion_tokens: m.completion_tokens.unwrap_or(0).max(0) as usize,
                             },
+                            // Not known from the stored message.
+                            response_format: None,
                             timings: Timings {
                                 queue_ms: 0,
                                 time_to_first_token_ms: None,

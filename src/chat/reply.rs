@@ -15,7 +15,8 @@ use super::protocol::{Event, Timings, Usage};
 use super::{ChatService, Queued};
 use crate::domain::{Chat, ChatConfig, Message, MessageStatus, NewMessage, Role};
 use crate::engine::{
-    CancelToken, ChatMessage, FinishReason, GenerateRequest, GenerationEvent, SamplingParams,
+    CancelToken, ChatMessage, FinishReason, GenerateRequest, GenerationEvent, Grammar,
+    SamplingParams,
 };
 use crate::error::ApiError;
 use crate::store::{ReplyUpdate, StoreError, TenantScope};
@@ -93,7 +94,7 @@ pub(super) fn request_for(
         max_tokens: c.max_tokens.unwrap_or(default_max_tokens).max(1) as usize,
         stop: c.stop.clone().unwrap_or_default(),
         cache_key: Some(chat.id),
-        grammar: None,
+        grammar: c.response_format.as_ref().map(Grammar::from),
     }
 }
 
@@ -162,6 +163,7 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
         },
     );
     let request = request_for(&chat, history, service.settings().default_max_tokens);
+    let constrained = chat.config.response_format.as_ref().map(|f| f.kind());
     let outcome = stream(service, &q, &scope, message_id, request, &cancel).await;
     let interrupted = room.lock().reply.as_ref().is_some_and(|r| r.interrupted);
     let status = match outcome.finish {
@@ -211,6 +213,7 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
         content: outcome.text,
         finish_reason: outcome.finish.as_str(),
         usage: outcome.usage,
+        response_format: constrained,
         timings: Timings {
             queue_ms,
             time_to_first_token_ms: outcome.time_to_first_token.map(|d| d.as_millis() as u64),

@@ -4,6 +4,9 @@
 //! default", so a later change of defaults reaches chats that never chose a value.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::ValidationError;
 
 /// The system prompt and sampling settings of a chat.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -28,7 +31,56 @@ pub struct ChatConfig {
     /// Generation stops before any of these strings.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop: Option<Vec<String>>,
+    /// Replies must be JSON (constrained decoding); absent: free text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormat>,
 }
+
+/// What replies must be, as OpenAI's `response_format` says it (stored in that shape).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    /// Any JSON object.
+    JsonObject,
+    /// A JSON value valid against a JSON Schema.
+    JsonSchema { json_schema: JsonSchemaSpec },
+}
+
+/// A named JSON Schema.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JsonSchemaSpec {
+    pub name: String,
+    pub schema: Value,
+}
+
+impl ResponseFormat {
+    /// Its `type`, as events and errors name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ResponseFormat::JsonObject => "json_object",
+            ResponseFormat::JsonSchema { .. } => "json_schema",
+        }
+    }
+}
+
+/// A schema's name, as OpenAI takes it: 1 to 64 characters from a-z, A-Z, 0-9, `_`, `-`.
+pub fn validate_schema_name(field: &str, name: &str) -> Result<(), ValidationError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            field,
+            "is required: 1 to 64 characters from a-z, A-Z, 0-9, '_' and '-'",
+            serde_json::json!({"pattern": SCHEMA_NAME_PATTERN}),
+        ))
+    }
+}
+
+pub const SCHEMA_NAME_PATTERN: &str = "^[a-zA-Z0-9_-]{1,64}$";
 
 /// A change to one optional field: leave it, clear it (JSON `null`) or set it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -61,6 +113,7 @@ pub struct ChatConfigPatch {
     pub repeat_penalty: Patch<f64>,
     pub seed: Patch<u64>,
     pub stop: Patch<Vec<String>>,
+    pub response_format: Patch<ResponseFormat>,
 }
 
 impl ChatConfig {
@@ -74,6 +127,7 @@ impl ChatConfig {
         p.repeat_penalty.apply(&mut self.repeat_penalty);
         p.seed.apply(&mut self.seed);
         p.stop.apply(&mut self.stop);
+        p.response_format.apply(&mut self.response_format);
     }
 }
 
@@ -109,5 +163,27 @@ mod tests {
         assert_eq!(serde_json::to_string(&c).unwrap(), r#"{"top_k":3}"#);
         let back: ChatConfig = serde_json::from_str("{}").unwrap();
         assert_eq!(back, ChatConfig::default());
+    }
+
+    #[test]
+    fn response_formats_are_stored_as_openai_writes_them() {
+        let c = ChatConfig {
+            response_format: Some(ResponseFormat::JsonSchema {
+                json_schema: JsonSchemaSpec {
+                    name: "p".into(),
+                    schema: serde_json::json!({"type": "object"}),
+                },
+            }),
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(
+            text,
+            r#"{"response_format":{"type":"json_schema","json_schema":{"name":"p","schema":{"type":"object"}}}}"#
+        );
+        assert_eq!(serde_json::from_str::<ChatConfig>(&text).unwrap(), c);
+        assert!(validate_schema_name("n", "a-b_9").is_ok());
+        assert!(validate_schema_name("n", "").is_err());
+        assert!(validate_schema_name("n", "no spaces").is_err());
     }
 }

@@ -14,7 +14,10 @@ pub use audit::{Actor, AuditAction};
 pub use confab_protocol::limits::{
     reject_nul, validate_metadata, validate_title, validate_user_id, Limits, ValidationError,
 };
-pub use config::{ChatConfig, ChatConfigPatch, Patch};
+pub use config::{
+    validate_schema_name, ChatConfig, ChatConfigPatch, JsonSchemaSpec, Patch, ResponseFormat,
+    SCHEMA_NAME_PATTERN,
+};
 pub use message::{MessageStatus, Role};
 pub use page::{Order, Page, PageRequest};
 pub use quota::{

@@ -29,6 +29,17 @@ pub enum Grammar {
     Lark(String),
 }
 
+impl From<&crate::domain::ResponseFormat> for Grammar {
+    fn from(f: &crate::domain::ResponseFormat) -> Grammar {
+        match f {
+            crate::domain::ResponseFormat::JsonObject => Grammar::JsonObject,
+            crate::domain::ResponseFormat::JsonSchema { json_schema } => {
+                Grammar::JsonSchema(json_schema.schema.clone())
+            }
+        }
+    }
+}
+
 /// How JSON is laid out when a schema does not say (`x-guidance`): one space after `:` and
 /// `,`, no other whitespace. Small models given free whitespace can emit newlines until
 /// `max_tokens`; a fixed layout also makes replies stable.

@@ -303,6 +303,15 @@ impl EngineHandle {
         .map_err(|e| EngineError::Model(format!("building the prompt failed: {e}")))?
     }
 
+    /// Whether `grammar` compiles for this model ([`EngineError::InvalidGrammar`] says why
+    /// not): for checking a chat's `response_format` when it is set, not at its first reply.
+    pub async fn check_grammar(&self, grammar: Grammar) -> Result<(), EngineError> {
+        let grammars = self.grammars.clone();
+        tokio::task::spawn_blocking(move || grammars.compile(&grammar).map(|_| ()))
+            .await
+            .map_err(|e| EngineError::Model(format!("checking the grammar failed: {e}")))?
+    }
+
     /// Prepares and queues a generation; fails at once when the queue is full.
     pub async fn generate(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
         let prepared = self.prepare(request).await?;

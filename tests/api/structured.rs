@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use confab::engine::{ModelSlot, ModelStatus};
 
 use crate::common::{Backend, TestServer};
-use crate::ws::tiny_model_batched;
+use crate::ws::{tiny_model_batched, Ws};
 
 const MODEL: &str = "tiny-llama";
 
@@ -306,7 +306,88 @@ async fn unenforceable_formats_are_refused(b: Backend) {
     s.stop().await;
 }
 
+/// A chat whose config carries a `response_format`: every WebSocket reply parses and
+/// matches, `message_stream_ended` says it was constrained, and the format is checked when
+/// it is set and can be cleared.
+async fn chat_replies_follow_the_chats_format(b: Backend) {
+    let s = TestServer::start_full(b, Default::default(), tiny_model_batched(None, 2)).await;
+    let t = s.tenant("acme").await;
+    let schema = schemas().remove(1);
+    let chat = s
+        .create_chat(
+            &t.key,
+            json!({"user_id": "u", "config": {"temperature": 1.0, "max_tokens": 200, "seed": 3,
+                "response_format": {"type": "json_schema",
+                    "json_schema": {"name": "answer", "schema": schema}}}}),
+        )
+        .await;
+    let id = chat["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        chat["config"]["response_format"]["type"], "json_schema",
+        "{chat}"
+    );
+    assert_eq!(
+        chat["config"]["response_format"]["json_schema"]["schema"],
+        schema
+    );
+    let mut ws = Ws::connect(&s, &t.key, "u", &id).await;
+    ws.until("connection_established").await;
+    for turn in 0..3 {
+        ws.send(json!({"type": "message", "content": format!("turn {turn}")}))
+            .await;
+        let ended = ws.until("message_stream_ended").await;
+        assert_eq!(ended["finish_reason"], "stop", "{ended}");
+        assert_eq!(ended["response_format"], "json_schema", "{ended}");
+        let text = ended["content"].as_str().unwrap();
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        check(&schema, &v, "$").unwrap();
+    }
+    // Checked when set; cleared with null.
+    let (st, v) = s
+        .patch(
+            &format!("/api/v1/chats/{id}"),
+            &t.key,
+            json!({"config": {"response_format": {"type": "json_schema",
+                "json_schema": {"name": "n", "schema": {"type": "object", "if": {}}}}}}),
+        )
+        .await;
+    assert_eq!(st.as_u16(), 400, "{v}");
+    assert_eq!(
+        v["error"]["details"]["field"], "config.response_format",
+        "{v}"
+    );
+    for bad in [
+        json!({"type": "json_schema"}),
+        json!({"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}),
+        json!({"type": "xml"}),
+    ] {
+        let (st, v) = s
+            .patch(
+                &format!("/api/v1/chats/{id}"),
+                &t.key,
+                json!({"config": {"response_format": bad}}),
+            )
+            .await;
+        assert_eq!(st.as_u16(), 400, "{v}");
+        assert_eq!(v["error"]["code"], "validation_error", "{v}");
+    }
+    let (st, v) = s
+        .patch(
+            &format!("/api/v1/chats/{id}"),
+            &t.key,
+            json!({"config": {"response_format": null, "max_tokens": 5}}),
+        )
+        .await;
+    assert_eq!(st.as_u16(), 200, "{v}");
+    assert!(v["config"].get("response_format").is_none(), "{v}");
+    ws.send(json!({"type": "message", "content": "free"})).await;
+    let ended = ws.until("message_stream_ended").await;
+    assert!(ended.get("response_format").is_none(), "{ended}");
+    s.stop().await;
+}
+
 crate::backend_tests!(
+    chat_replies_follow_the_chats_format,
     replies_match_their_schema,
     batched_replies_keep_their_own_grammar,
     unenforceable_formats_are_refused,

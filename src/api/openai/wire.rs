@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::chat::sampling_for;
-use crate::domain::{generation, validate_user_id, ChatConfig, Role, ValidationError};
+use crate::domain::{self, generation, validate_user_id, ChatConfig, Role, ValidationError};
 use crate::engine::{ChatMessage, FinishReason, GenerateRequest, Grammar};
 use crate::error::ApiError;
 
@@ -64,11 +64,11 @@ struct JsonSchemaFormat {
     // and the output matches the schema.
 }
 
-/// The grammar a `response_format` asks for (`None`: free text).
-fn grammar_of(f: ResponseFormat) -> Result<Option<Grammar>, ApiError> {
+/// What a `response_format` asks for (`None`: free text).
+fn format_of(f: ResponseFormat) -> Result<Option<domain::ResponseFormat>, ApiError> {
     match f.kind.as_str() {
         "text" => Ok(None),
-        "json_object" => Ok(Some(Grammar::JsonObject)),
+        "json_object" => Ok(Some(domain::ResponseFormat::JsonObject)),
         "json_schema" => {
             let Some(js) = f.json_schema else {
                 return Err(invalid(
@@ -77,28 +77,23 @@ fn grammar_of(f: ResponseFormat) -> Result<Option<Grammar>, ApiError> {
                     json!({"required": ["name", "schema"]}),
                 ));
             };
-            let name_ok = js.name.as_deref().is_some_and(|n| {
-                (1..=64).contains(&n.len())
-                    && n.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            });
-            if !name_ok {
-                return Err(invalid(
-                    "response_format.json_schema.name",
-                    "is required: 1 to 64 characters from a-z, A-Z, 0-9, '_' and '-'",
-                    json!({"pattern": "^[a-zA-Z0-9_-]{1,64}$"}),
-                ));
-            }
-            match js.schema {
-                Some(schema @ Value::Object(_)) => Ok(Some(Grammar::JsonSchema(schema))),
-                Some(_) => Err(invalid(
-                    "response_format.json_schema.schema",
-                    "must be a JSON Schema object",
-                    json!({"type": "object"}),
-                )),
+            let name = js.name.unwrap_or_default();
+            domain::validate_schema_name("response_format.json_schema.name", &name)?;
+            let schema = match js.schema {
+                Some(schema @ Value::Object(_)) => schema,
+                Some(_) => {
+                    return Err(invalid(
+                        "response_format.json_schema.schema",
+                        "must be a JSON Schema object",
+                        json!({"type": "object"}),
+                    ))
+                }
                 // OpenAI: without a schema any JSON is accepted.
-                None => Ok(Some(Grammar::JsonSchema(json!({})))),
-            }
+                None => json!({}),
+            };
+            Ok(Some(domain::ResponseFormat::JsonSchema {
+                json_schema: domain::JsonSchemaSpec { name, schema },
+            }))
         }
         other => Err(invalid(
             "response_format.type",
@@ -284,7 +279,7 @@ pub fn parse(
         }
     }
     let grammar = match r.response_format {
-        Some(f) => grammar_of(f)?,
+        Some(f) => format_of(f)?.as_ref().map(Grammar::from),
         None => None,
     };
     within("temperature", r.temperature, generation::TEMPERATURE)?;

@@ -353,6 +353,37 @@ macro_rules! backend_tests {
     };
 }
 
+/// Runs a script of `tests/clients/` with the venv of `tests/clients/python-env` (the
+/// official client packages, pinned) against a live server: `script BASE_URL KEY`; returns
+/// the JSON it prints. The clients' own request timeouts bound it.
+pub async fn run_python_client(script: &str, base: &str, key: &str) -> serde_json::Value {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let env = std::process::Command::new(format!("{root}/tests/clients/python-env"))
+        .output()
+        .expect("run tests/clients/python-env");
+    assert!(
+        env.status.success(),
+        "tests/clients/python-env failed (it makes a venv with the client packages from PyPI): {}",
+        String::from_utf8_lossy(&env.stderr)
+    );
+    let python = String::from_utf8_lossy(&env.stdout).trim().to_string();
+    let mut client = std::process::Command::new(&python);
+    client
+        .arg(format!("{root}/tests/clients/{script}"))
+        .arg(base)
+        .arg(key);
+    let out = tokio::task::spawn_blocking(move || client.output())
+        .await
+        .unwrap()
+        .expect("run the client");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the client prints JSON")
+}
+
 /// Runs the `confab` binary with `args`, `input` on its stdin and warnings-only logs; returns
 /// (success, stdout, stderr).
 pub fn run_confab(args: &[&str], input: &str) -> (bool, String, String) {

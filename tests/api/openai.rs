@@ -91,32 +91,7 @@ async fn sse_data(r: reqwest::Response) -> Vec<String> {
 async fn the_openai_python_package_chats_streamed_and_whole() {
     let s = server(Backend::Sqlite, ServerSettings::default(), None).await;
     let t = s.tenant("py").await;
-    let root = env!("CARGO_MANIFEST_DIR");
-    let env = std::process::Command::new(format!("{root}/tests/clients/python-env"))
-        .output()
-        .expect("run tests/clients/python-env");
-    assert!(
-        env.status.success(),
-        "tests/clients/python-env failed (it makes a venv with the openai package from PyPI): {}",
-        String::from_utf8_lossy(&env.stderr)
-    );
-    let python = String::from_utf8_lossy(&env.stdout).trim().to_string();
-    // The client's own timeout (60 s a request) bounds it.
-    let mut client = std::process::Command::new(&python);
-    client
-        .arg(format!("{root}/tests/clients/openai_client.py"))
-        .arg(&s.base)
-        .arg(&t.key);
-    let out = tokio::task::spawn_blocking(move || client.output())
-        .await
-        .unwrap()
-        .expect("run the client");
-    assert!(
-        out.status.success(),
-        "openai client failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("client prints JSON");
+    let r = crate::common::run_python_client("openai_client.py", &s.base, &t.key).await;
 
     assert_eq!(r["models"], json!([MODEL]));
     let whole = &r["whole"];

@@ -398,32 +398,7 @@ async fn smollm2_replies_validate_with_the_official_clients() {
     let model = ModelSlot::new(ModelStatus::Ready(crate::smollm2::engine().clone()));
     let s = TestServer::start_full(Backend::Sqlite, Default::default(), model).await;
     let t = s.tenant("py").await;
-    let root = env!("CARGO_MANIFEST_DIR");
-    let env = std::process::Command::new(format!("{root}/tests/clients/python-env"))
-        .output()
-        .expect("run tests/clients/python-env");
-    assert!(
-        env.status.success(),
-        "tests/clients/python-env failed: {}",
-        String::from_utf8_lossy(&env.stderr)
-    );
-    let python = String::from_utf8_lossy(&env.stdout).trim().to_string();
-    // The client's own timeout (120 s a request) bounds it.
-    let mut client = std::process::Command::new(&python);
-    client
-        .arg(format!("{root}/tests/clients/structured_client.py"))
-        .arg(&s.base)
-        .arg(&t.key);
-    let out = tokio::task::spawn_blocking(move || client.output())
-        .await
-        .unwrap()
-        .expect("run the client");
-    assert!(
-        out.status.success(),
-        "structured client failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("client prints JSON");
+    let r = crate::common::run_python_client("structured_client.py", &s.base, &t.key).await;
     for (name, case) in r.as_object().unwrap() {
         assert_eq!(case["errors"], json!([]), "{name}: {case}");
         assert_eq!(case["whole_finish"], "stop", "{name}: {case}");

@@ -640,6 +640,10 @@ impl From<EngineError> for ApiError {
             }
             EngineError::QueueFull => ApiError::ServerBusy,
             EngineError::InvalidGrammar(m) => ApiError::unenforceable("response_format", m),
+            EngineError::InvalidToolSchema { tool, message } => ApiError::unenforceable(
+                "tools",
+                format!("the parameters of tool {tool:?}: {message}"),
+            ),
             EngineError::Stopped => ApiError::ModelNotReady,
             other => {
                 tracing::error!(error = %other, "generation failed");

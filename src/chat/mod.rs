@@ -670,10 +670,10 @@ impl ChatService {
                 other => other.into(),
             })?;
         let mut request = reply::request_for(&chat, history, self.0.settings.default_max_tokens);
-        request.messages.push(crate::engine::ChatMessage {
-            role: Role::User,
-            content: content.to_string(),
-        });
+        request.messages.push(crate::engine::ChatMessage::new(
+            Role::User,
+            content.to_string(),
+        ));
         let max_tokens = request.max_tokens;
         // A prompt that cannot fit fails the reply later with its own error; only its
         // `max_tokens` is held meanwhile.

@@ -73,20 +73,14 @@ pub(super) fn request_for(
     let sampling = sampling_for(c);
     let mut messages = Vec::with_capacity(history.len() + 1);
     if let Some(system) = c.system_prompt.as_ref().filter(|s| !s.is_empty()) {
-        messages.push(ChatMessage {
-            role: Role::System,
-            content: system.clone(),
-        });
+        messages.push(ChatMessage::new(Role::System, system.clone()));
     }
     // Replies that produced no text (failed, cancelled at once) would only confuse the model.
     messages.extend(
         history
             .into_iter()
             .filter(|m| !(m.role == Role::Assistant && m.content.is_empty()))
-            .map(|m| ChatMessage {
-                role: m.role,
-                content: m.content,
-            }),
+            .map(|m| ChatMessage::new(m.role, m.content)),
     );
     GenerateRequest {
         messages,
@@ -95,6 +89,7 @@ pub(super) fn request_for(
         stop: c.stop.clone().unwrap_or_default(),
         cache_key: Some(chat.id),
         grammar: c.response_format.as_ref().map(Grammar::from),
+        tools: None,
     }
 }
 

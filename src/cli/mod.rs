@@ -97,10 +97,7 @@ async fn run(args: crate::config::RunArgs) -> anyhow::Result<()> {
     }
     let mut messages = Vec::new();
     if let Some(system) = args.system {
-        messages.push(ChatMessage {
-            role: crate::domain::Role::System,
-            content: system,
-        });
+        messages.push(ChatMessage::new(crate::domain::Role::System, system));
     }
     let chat = uuid::Uuid::new_v4();
     let mut lines = std::io::stdin().lock().lines();
@@ -124,10 +121,7 @@ async fn run(args: crate::config::RunArgs) -> anyhow::Result<()> {
         if text.trim().is_empty() {
             continue;
         }
-        messages.push(ChatMessage {
-            role: crate::domain::Role::User,
-            content: text,
-        });
+        messages.push(ChatMessage::new(crate::domain::Role::User, text));
         let mut generation = engine
             .generate(GenerateRequest {
                 messages: messages.clone(),
@@ -136,6 +130,7 @@ async fn run(args: crate::config::RunArgs) -> anyhow::Result<()> {
                 stop: Vec::new(),
                 cache_key: Some(chat),
                 grammar: None,
+                tools: None,
             })
             .await?;
         let mut stdout = std::io::stdout();
@@ -156,10 +151,7 @@ async fn run(args: crate::config::RunArgs) -> anyhow::Result<()> {
             }
         }
         writeln!(stdout)?;
-        messages.push(ChatMessage {
-            role: crate::domain::Role::Assistant,
-            content: reply,
-        });
+        messages.push(ChatMessage::new(crate::domain::Role::Assistant, reply));
     }
     Ok(())
 }

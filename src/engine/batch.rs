@@ -41,6 +41,8 @@ struct Sequence {
     /// The grammar the reply must match, if any: masks each step's logits.
     constraint: Option<Constraint>,
     decoder: DeltaDecoder,
+    /// Special tokens whose text the reply shows (tool-call markers).
+    shown: Vec<(u32, String)>,
     stops: StopMatcher,
     /// Index of the next text delta.
     deltas: usize,
@@ -128,6 +130,7 @@ impl LoadedEngine {
         let req = &job.request.request;
         let prompt = std::mem::take(&mut job.request.prompt.tokens);
         let constraint = job.request.constraint.take();
+        let shown = std::mem::take(&mut job.request.shown);
         let (dropped, max_new) = (
             job.request.prompt.dropped_messages,
             job.request.prompt.max_new,
@@ -156,6 +159,7 @@ impl LoadedEngine {
                 cache,
                 max_new,
                 decoder: DeltaDecoder::default(),
+                shown,
                 deltas: 0,
                 first_token_at: None,
             }),
@@ -283,7 +287,12 @@ impl LoadedEngine {
             return Ok(Some(FinishReason::Stop));
         }
         seq.history.push(token);
-        if let Some(text) = seq.decoder.push(&self.tokenizer, token)? {
+        let mut text = seq.decoder.push(&self.tokenizer, token)?;
+        if let Some((_, shown)) = seq.shown.iter().find(|(id, _)| *id == token) {
+            // Decoding leaves special tokens out; this one's text is part of the reply.
+            text.get_or_insert_with(String::new).push_str(shown);
+        }
+        if let Some(text) = text {
             match seq.stops.push(&text) {
                 StopOutcome::Continue(t) => seq.emit(t),
                 StopOutcome::Stop(t) => {

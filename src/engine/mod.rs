@@ -30,6 +30,7 @@ pub(crate) mod stop;
 pub(crate) mod team;
 pub(crate) mod template;
 pub(crate) mod tokenizer;
+pub mod tools;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +40,7 @@ use std::time::Duration;
 pub use constraint::Grammar;
 pub use kernels::Isa;
 pub use sampler::SamplingParams;
+pub use tools::{ToolCall, ToolChoice, ToolSpec, ToolStyle, ToolUse};
 pub use worker::{load, EngineOptions, LoadedEngine};
 
 /// What the tests reach below the engine's handle: the model file, tokenizer, template and
@@ -84,13 +86,64 @@ pub enum EngineError {
     /// The grammar engine failed mid-reply.
     #[error("grammar: {0}")]
     Grammar(String),
+    /// A tool's parameter schema cannot be enforced (for a required or named tool choice).
+    #[error("tool {tool:?}: {message}")]
+    InvalidToolSchema { tool: String, message: String },
+}
+
+/// Who wrote a message of a conversation the engine continues: a chat's roles, and the
+/// results of tool calls (stateless APIs only; chats store no tool turns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaker {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl From<Role> for Speaker {
+    fn from(r: Role) -> Speaker {
+        match r {
+            Role::System => Speaker::System,
+            Role::User => Speaker::User,
+            Role::Assistant => Speaker::Assistant,
+        }
+    }
+}
+
+impl Speaker {
+    /// The role as chat templates name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Speaker::System => "system",
+            Speaker::User => "user",
+            Speaker::Assistant => "assistant",
+            Speaker::Tool => "tool",
+        }
+    }
 }
 
 /// One message of the conversation to continue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatMessage {
-    pub role: Role,
+    pub role: Speaker,
     pub content: String,
+    /// The calls an assistant turn made.
+    pub tool_calls: Vec<ToolCall>,
+    /// A tool's result: the id of the call it answers.
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// A message of text alone.
+    pub fn new(role: impl Into<Speaker>, content: impl Into<String>) -> ChatMessage {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
 }
 
 /// A request to generate the assistant's next message.
@@ -109,6 +162,8 @@ pub struct GenerateRequest {
     pub cache_key: Option<uuid::Uuid>,
     /// What the reply must match (constrained decoding); `None`: free text.
     pub grammar: Option<Grammar>,
+    /// Functions the model may call, and whether it must.
+    pub tools: Option<ToolUse>,
 }
 
 /// A request whose prompt is built and fits, and whose grammar is compiled: what the engine
@@ -119,6 +174,9 @@ pub struct Prepared {
     request: GenerateRequest,
     prompt: prompt::Prompt,
     constraint: Option<constraint::Constraint>,
+    /// Special tokens whose text the reply shows (tool-call markers, which a tool-call
+    /// parser reads); every other special token is left out of the text.
+    shown: Vec<(u32, String)>,
 }
 
 impl Prepared {
@@ -135,6 +193,30 @@ impl Prepared {
     /// Most tokens the reply may generate.
     pub fn max_tokens(&self) -> usize {
         self.request.max_tokens
+    }
+}
+
+/// Compiles the grammar that holds a reply to tool calls; when it does not compile, finds
+/// the tool whose parameter schema is at fault.
+fn compile_call_grammar(
+    grammars: &constraint::LazyGrammars,
+    lark: String,
+    tools: &[ToolSpec],
+) -> Result<constraint::Constraint, EngineError> {
+    match grammars.compile(&Grammar::Lark(lark)) {
+        Err(EngineError::InvalidGrammar(message)) => {
+            for t in tools {
+                let alone = Grammar::Lark(tools::arguments_grammar(t));
+                if let Err(EngineError::InvalidGrammar(message)) = grammars.compile(&alone) {
+                    return Err(EngineError::InvalidToolSchema {
+                        tool: t.name.clone(),
+                        message,
+                    });
+                }
+            }
+            Err(EngineError::InvalidGrammar(message))
+        }
+        other => other,
     }
 }
 
@@ -288,19 +370,49 @@ impl EngineHandle {
         let prompts = self.prompts.clone();
         let grammars = self.grammars.clone();
         tokio::task::spawn_blocking(move || {
-            let constraint = match &request.grammar {
-                Some(g) => Some(grammars.compile(g)?),
-                None => None,
+            let style = prompts.template.tool_style();
+            let mut shown = Vec::new();
+            let call_grammar = match &request.tools {
+                Some(t) if !t.offered().is_empty() => {
+                    shown = prompts
+                        .tokenizer
+                        .special_tokens()
+                        .filter(|(_, text)| style.format.markers().contains(text))
+                        .map(|(id, text)| (id, text.to_string()))
+                        .collect();
+                    tools::call_grammar(style, t, &prompts.tokenizer)
+                }
+                _ => None,
             };
-            let prompt = prompts.build(&request.messages, request.max_tokens)?;
+            let constraint = match (&request.grammar, call_grammar) {
+                (Some(g), _) => Some(grammars.compile(g)?),
+                (None, Some(lark)) => Some(compile_call_grammar(
+                    &grammars,
+                    lark,
+                    request.tools.as_ref().map_or(&[][..], |t| &t.tools),
+                )?),
+                (None, None) => None,
+            };
+            let prompt = prompts.build(
+                &request.messages,
+                request.tools.as_ref(),
+                request.max_tokens,
+            )?;
             Ok(Prepared {
                 request,
                 prompt,
                 constraint,
+                shown,
             })
         })
         .await
         .map_err(|e| EngineError::Model(format!("building the prompt failed: {e}")))?
+    }
+
+    /// How the loaded model is given tools and writes calls: what a reply's tool calls are
+    /// parsed with.
+    pub fn tool_style(&self) -> ToolStyle {
+        self.prompts.template.tool_style()
     }
 
     /// Whether `grammar` compiles for this model ([`EngineError::InvalidGrammar`] says why

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use super::template::{ChatTemplate, TemplateMessage};
 use super::tokenizer::TextTokenizer;
-use super::{ChatMessage, EngineError};
-use crate::domain::Role;
+use super::tools::{self, ToolSpec, ToolUse};
+use super::{ChatMessage, EngineError, Speaker};
 
 /// A conversation's prompt, ready for the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,22 +34,25 @@ pub struct PromptBuilder {
 }
 
 impl PromptBuilder {
-    /// The prompt for `messages`, leaving out the oldest messages (never the leading system
-    /// messages) until prompt + `max_tokens` fits the context.
+    /// The prompt for `messages` (offering the model `tools`), leaving out the oldest
+    /// messages (never the leading system messages) until prompt + `max_tokens` fits the
+    /// context.
     pub fn build(
         &self,
         messages: &[ChatMessage],
+        tools: Option<&ToolUse>,
         max_tokens: usize,
     ) -> Result<Prompt, EngineError> {
+        let offered = tools.map_or(&[][..], ToolUse::offered);
         let max_tokens = max_tokens.max(1);
         let n_system = messages
             .iter()
-            .take_while(|m| m.role == Role::System)
+            .take_while(|m| m.role == Speaker::System)
             .count();
         let (system, history) = messages.split_at(n_system);
         // A prompt may start at any user message (or at the very beginning).
         let mut starts: Vec<usize> = (0..history.len())
-            .filter(|&i| i == 0 || history[i].role == Role::User)
+            .filter(|&i| i == 0 || history[i].role == Speaker::User)
             .collect();
         if starts.is_empty() {
             starts.push(0);
@@ -76,16 +79,14 @@ impl PromptBuilder {
             .unwrap_or(starts.len() - 1);
         let starts = &starts[first..];
         let render = |start: usize| -> Result<Vec<u32>, EngineError> {
-            let msgs: Vec<TemplateMessage> = system
-                .iter()
-                .chain(&history[start..])
-                .map(|m| TemplateMessage {
-                    role: m.role.as_str().to_string(),
-                    content: self.tokenizer.escape(&m.content).into_owned(),
-                })
-                .collect();
-            self.tokenizer
-                .encode_prompt(&self.template.render(&msgs, true)?)
+            let msgs: Vec<&ChatMessage> = system.iter().chain(&history[start..]).collect();
+            let text = if self.template.tool_style().native {
+                let msgs: Vec<TemplateMessage> = msgs.iter().map(|m| self.native(m)).collect();
+                self.template.render_with_tools(&msgs, offered, true)?
+            } else {
+                self.template.render(&self.fallback(&msgs, offered), true)?
+            };
+            self.tokenizer.encode_prompt(&text)
         };
         let fits = |ids: &[u32]| ids.len() + max_tokens <= self.context_length;
         let full = render(starts[0])?;
@@ -142,5 +143,69 @@ impl PromptBuilder {
                 }
             }
         }
+    }
+}
+
+impl PromptBuilder {
+    /// A message for a template that renders tool calls and results itself.
+    fn native(&self, m: &ChatMessage) -> TemplateMessage {
+        let mut t = TemplateMessage::text(m.role.as_str(), self.tokenizer.escape(&m.content));
+        if !m.tool_calls.is_empty() {
+            t.tool_calls = Some(m.tool_calls.iter().map(|c| c.as_template_json()).collect());
+        }
+        t.tool_call_id = m.tool_call_id.clone();
+        t
+    }
+
+    /// The conversation for a template that knows no tools: the tools described in the
+    /// system prompt (or, where the template takes no system turn, before the first user
+    /// turn), calls written out as the prompt asks for them, and results as user turns
+    /// (consecutive results in one).
+    fn fallback(&self, messages: &[&ChatMessage], offered: &[ToolSpec]) -> Vec<TemplateMessage> {
+        let escape = |s: &str| self.tokenizer.escape(s).into_owned();
+        let mut out: Vec<TemplateMessage> = Vec::with_capacity(messages.len() + 1);
+        let mut last_was_result = false;
+        for m in messages {
+            let (role, content) = match m.role {
+                Speaker::Tool => ("user", escape(&tools::fallback_result_text(&m.content))),
+                Speaker::Assistant if !m.tool_calls.is_empty() => {
+                    let mut text = escape(&m.content);
+                    for c in &m.tool_calls {
+                        if !text.is_empty() {
+                            text.push('\n');
+                        }
+                        text.push_str(&escape(&tools::fallback_call_text(c)));
+                    }
+                    ("assistant", text)
+                }
+                other => (other.as_str(), escape(&m.content)),
+            };
+            match out.last_mut() {
+                Some(prev) if last_was_result && m.role == Speaker::Tool => {
+                    prev.content.push('\n');
+                    prev.content.push_str(&content);
+                }
+                _ => out.push(TemplateMessage::text(role, content)),
+            }
+            last_was_result = m.role == Speaker::Tool;
+        }
+        if !offered.is_empty() {
+            let prompt = escape(&tools::fallback_prompt(offered));
+            match out.first_mut() {
+                Some(first) if first.role == "system" => {
+                    first.content.push_str("\n\n");
+                    first.content.push_str(&prompt);
+                }
+                _ if self.template.takes_system() => {
+                    out.insert(0, TemplateMessage::text("system", prompt))
+                }
+                _ => {
+                    if let Some(user) = out.iter_mut().find(|m| m.role == "user") {
+                        user.content = format!("{prompt}\n\n{}", user.content);
+                    }
+                }
+            }
+        }
+        out
     }
 }

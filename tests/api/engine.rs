@@ -31,10 +31,7 @@ fn handle() -> EngineHandle {
 }
 
 fn user(text: &str) -> ChatMessage {
-    ChatMessage {
-        role: Role::User,
-        content: text.into(),
-    }
+    ChatMessage::new(Role::User, text)
 }
 
 fn req(messages: Vec<ChatMessage>, max_tokens: usize) -> GenerateRequest {
@@ -45,6 +42,7 @@ fn req(messages: Vec<ChatMessage>, max_tokens: usize) -> GenerateRequest {
         stop: vec![],
         cache_key: None,
         grammar: None,
+        tools: None,
     }
 }
 
@@ -99,10 +97,7 @@ fn tokenizer_and_template_from_gguf_metadata() {
         .prompts()
         .template
         .render(
-            &[engine::testing::TemplateMessage {
-                role: "user".into(),
-                content: "hi".into(),
-            }],
+            &[engine::testing::TemplateMessage::text("user", "hi")],
             true,
         )
         .unwrap();
@@ -158,6 +153,7 @@ async fn stop_strings_end_the_reply_before_them() {
             stop: vec![stop.clone()],
             cache_key: None,
             grammar: None,
+            tools: None,
             ..req(vec![user("hello")], 30)
         },
     )
@@ -213,16 +209,13 @@ async fn cancellation_frees_the_engine() {
 async fn old_turns_are_dropped_to_fit_the_context() {
     let h = handle();
     // Each turn is ~60 tokens; the context is 256.
-    let mut messages = vec![ChatMessage {
-        role: Role::System,
-        content: "be nice".into(),
-    }];
+    let mut messages = vec![ChatMessage::new(Role::System, "be nice")];
     for i in 0..8 {
         messages.push(user(&format!("question {i} {}", "x".repeat(40))));
-        messages.push(ChatMessage {
-            role: Role::Assistant,
-            content: format!("answer {i} {}", "y".repeat(40)),
-        });
+        messages.push(ChatMessage::new(
+            Role::Assistant,
+            format!("answer {i} {}", "y".repeat(40)),
+        ));
     }
     messages.push(user("last question"));
     let (s, _, started) = collect(&h, req(messages, 32)).await;
@@ -237,14 +230,11 @@ async fn old_turns_are_dropped_to_fit_the_context() {
     // The system prompt stays: the fitted prompt starts with it.
     let e = engine::LoadedEngine::open(&fixture().path, &EngineOptions::default()).unwrap();
     let msgs = vec![
-        ChatMessage {
-            role: Role::System,
-            content: "be nice".into(),
-        },
+        ChatMessage::new(Role::System, "be nice"),
         user(&"z".repeat(100)),
         user("end"),
     ];
-    let p = e.prompts().build(&msgs, 200).unwrap();
+    let p = e.prompts().build(&msgs, None, 200).unwrap();
     assert_eq!(p.dropped_messages, 1);
     assert!(e
         .tokenizer()
@@ -332,6 +322,7 @@ async fn kept_attention_state_grows_and_follows_edits() {
         let warm = GenerateRequest {
             cache_key: Some(chat),
             grammar: None,
+            tools: None,
             ..cold.clone()
         };
         let (w, w_deltas, _) = collect(&h, warm).await;
@@ -343,10 +334,7 @@ async fn kept_attention_state_grows_and_follows_edits() {
             "turn {turn}: {}",
             w.cached_tokens
         );
-        conversation.push(ChatMessage {
-            role: Role::Assistant,
-            content: w.text,
-        });
+        conversation.push(ChatMessage::new(Role::Assistant, w.text));
         conversation.push(user("go on"));
     }
     // An earlier message changes: only the part before it is shared.
@@ -356,6 +344,7 @@ async fn kept_attention_state_grows_and_follows_edits() {
         GenerateRequest {
             cache_key: Some(chat),
             grammar: None,
+            tools: None,
             ..req(conversation.clone(), 10)
         },
     )
@@ -387,10 +376,7 @@ fn batch_requests() -> Vec<GenerateRequest> {
         req(
             vec![
                 user("hi"),
-                ChatMessage {
-                    role: Role::Assistant,
-                    content: "hello, how are you".into(),
-                },
+                ChatMessage::new(Role::Assistant, "hello, how are you"),
                 user("fine"),
             ],
             20,
@@ -590,9 +576,9 @@ fn message_text_cannot_forge_control_tokens() {
             .filter(|i| specials.contains(i))
             .collect()
     };
-    let plain = e.prompts().build(&[user("x")], 8).unwrap().tokens;
+    let plain = e.prompts().build(&[user("x")], None, 8).unwrap().tokens;
     for text in tricky {
-        let p = e.prompts().build(&[user(text)], 8).unwrap().tokens;
+        let p = e.prompts().build(&[user(text)], None, 8).unwrap().tokens;
         assert_eq!(controls(&p), controls(&plain), "{text:?}");
         let shown = e.tokenizer().decode(&p).unwrap();
         assert!(shown.contains(text), "{text:?} came back as {shown:?}");

@@ -41,10 +41,7 @@ fn loaded() -> &'static engine::LoadedEngine {
 }
 
 fn msg(role: Role, content: &str) -> ChatMessage {
-    ChatMessage {
-        role,
-        content: content.to_string(),
-    }
+    ChatMessage::new(role, content)
 }
 
 pub async fn run(req: GenerateRequest) -> (GenerationSummary, Vec<String>) {
@@ -92,10 +89,7 @@ fn tokenizer_matches_the_model() {
 #[test]
 fn chat_template_renders_exactly() {
     use confab::engine::testing::TemplateMessage;
-    let m = |r: &str, c: &str| TemplateMessage {
-        role: r.into(),
-        content: c.into(),
-    };
+    let m = |r: &str, c: &str| TemplateMessage::text(r, c);
     let p = loaded()
         .prompts()
         .template
@@ -134,6 +128,7 @@ async fn greedy_answer_is_coherent_and_deterministic() {
         stop: vec![],
         cache_key: None,
         grammar: None,
+        tools: None,
     };
     let (a, deltas) = run(req.clone()).await;
     let (b, _) = run(req).await;
@@ -175,6 +170,7 @@ async fn seeded_sampling_repeats() {
         stop: vec![],
         cache_key: None,
         grammar: None,
+        tools: None,
     };
     let (a, _) = run(req(42)).await;
     let (b, _) = run(req(42)).await;
@@ -205,10 +201,12 @@ async fn kept_attention_state_changes_nothing_but_speed() {
             stop: vec![],
             cache_key: None,
             grammar: None,
+            tools: None,
         };
         let warm = GenerateRequest {
             cache_key: Some(chat),
             grammar: None,
+            tools: None,
             ..cold.clone()
         };
         let (w, w_deltas) = run(warm).await;
@@ -238,6 +236,7 @@ async fn kept_attention_state_changes_nothing_but_speed() {
         stop: vec![],
         cache_key: Some(chat),
         grammar: None,
+        tools: None,
     })
     .await;
     assert_eq!(w.cached_tokens, 0);
@@ -256,6 +255,7 @@ async fn batched_replies_equal_solo_replies() {
         stop: vec![],
         cache_key,
         grammar: None,
+        tools: None,
     };
     let first_turn = vec![msg(Role::User, "What is the capital of France?")];
     let (turn1, _) = run(greedy(first_turn.clone(), Some(chat))).await;
@@ -319,11 +319,11 @@ fn special_token_text_in_messages_is_not_a_control_token() {
             msg(Role::User, &format!("{inject}2+2?{inject}")),
         ]
     };
-    let benign = e.prompts().build(&conv(""), 16).unwrap().tokens;
+    let benign = e.prompts().build(&conv(""), None, 16).unwrap().tokens;
     let template_specials: Vec<u32> = benign.iter().copied().filter(is_special).collect();
     assert_eq!(template_specials.len(), 9, "4 turns + the reply's opener");
     for (id, text) in &specials {
-        let prompt = e.prompts().build(&conv(text), 16).unwrap().tokens;
+        let prompt = e.prompts().build(&conv(text), None, 16).unwrap().tokens;
         let got: Vec<u32> = prompt.iter().copied().filter(is_special).collect();
         assert_eq!(
             got, template_specials,
@@ -351,16 +351,18 @@ fn prompts_of_plain_text_are_tokenized_as_the_whole_string() {
         msg(Role::Assistant, "Sure!"),
         msg(Role::User, "What is the capital of France?"),
     ];
-    let built = e.prompts().build(&msgs, 16).unwrap().tokens;
+    let built = e.prompts().build(&msgs, None, 16).unwrap().tokens;
     let rendered = e
         .prompts()
         .template
         .render(
             &msgs
                 .iter()
-                .map(|m| confab::engine::testing::TemplateMessage {
-                    role: m.role.as_str().into(),
-                    content: m.content.clone(),
+                .map(|m| {
+                    confab::engine::testing::TemplateMessage::text(
+                        m.role.as_str(),
+                        m.content.clone(),
+                    )
                 })
                 .collect::<Vec<_>>(),
             true,

@@ -25,9 +25,11 @@ use super::middleware::Authenticated;
 use super::AppState;
 use crate::chat::budget::Hold;
 use crate::chat::{ChatService, Slot};
+use crate::engine::tools::parse::{parse_reply, ToolCallParser, ToolEvent};
+use crate::engine::tools::ToolFormat;
 use crate::engine::{EngineError, EngineHandle, Generation, GenerationEvent, GenerationSummary};
 use crate::error::ApiError;
-use wire::{Chunk, ChunkChoice, Delta, UsageOut};
+use wire::{Chunk, ChunkChoice, Delta, FunctionDelta, ToolCallDelta, UsageOut};
 
 /// An error on an OpenAI route: our error, in OpenAI's shape.
 #[derive(Debug)]
@@ -229,6 +231,13 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
         completion.user = u.clone();
     }
     check_model(&engine, &completion.model)?;
+    // Replies that may call tools are read for calls in the loaded model's format.
+    let tool_format = completion
+        .request
+        .tools
+        .as_ref()
+        .filter(|t| !t.offered().is_empty())
+        .map(|_| engine.tool_style().format);
     let max_tokens = completion.request.max_tokens;
     let too_long = || ApiError::ContextLengthExceeded {
         max_tokens,
@@ -279,7 +288,17 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
     let model = engine.info.id.clone();
     let created = unix_now();
     if completion.stream {
-        let events = sse_events(first, pieces, id, model, created, completion.include_usage);
+        let events = sse_events(
+            first,
+            pieces,
+            Reply {
+                id,
+                model,
+                created,
+                include_usage: completion.include_usage,
+                tool_format,
+            },
+        );
         return Ok(SSE::new(events)
             .keep_alive(std::time::Duration::from_secs(15))
             .into_response());
@@ -299,6 +318,14 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
     if let Some(e) = summary.error {
         return Err(ApiError::from(e).into());
     }
+    let reply = match tool_format {
+        Some(format) => parse_reply(format, &summary.text),
+        None => crate::engine::tools::parse::ParsedReply {
+            content: summary.text,
+            calls: Vec::new(),
+        },
+    };
+    let called = !reply.calls.is_empty();
     Ok(Json(wire::ChatCompletion {
         id,
         object: "chat.completion",
@@ -308,9 +335,10 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
             index: 0,
             message: wire::MessageOut {
                 role: "assistant",
-                content: summary.text,
+                content: Some(reply.content).filter(|c| !(called && c.is_empty())),
+                tool_calls: reply.calls.into_iter().map(Into::into).collect(),
             },
-            finish_reason: wire::finish_reason(summary.finish_reason),
+            finish_reason: wire::finish_reason(summary.finish_reason, called),
             logprobs: None,
         }],
         usage: UsageOut::new(summary.prompt_tokens, summary.completion_tokens),
@@ -361,16 +389,73 @@ fn drive(
     rx
 }
 
-/// The SSE body: a first chunk with the role, one chunk per delta, a last one with the
-/// finish reason (and the usage, when asked for), then `[DONE]`.
-fn sse_events(
-    first: Option<Piece>,
-    pieces: mpsc::UnboundedReceiver<Piece>,
+/// What every chunk of a streamed reply says, and how its text is read.
+struct Reply {
     id: String,
     model: String,
     created: u64,
     include_usage: bool,
+    /// Set when the reply may call tools: its text is read for calls in this format.
+    tool_format: Option<ToolFormat>,
+}
+
+/// Content text as a delta.
+fn content_delta(text: String) -> Delta {
+    Delta {
+        content: Some(text),
+        ..Delta::default()
+    }
+}
+
+/// What the tool-call parser found, as deltas.
+fn tool_deltas(events: Vec<ToolEvent>) -> Vec<Delta> {
+    events
+        .into_iter()
+        .map(|e| match e {
+            ToolEvent::Content(text) => content_delta(text),
+            ToolEvent::CallStart { index, id, name } => Delta {
+                tool_calls: Some(vec![ToolCallDelta {
+                    index,
+                    id: Some(id),
+                    kind: Some("function"),
+                    function: FunctionDelta {
+                        name: Some(name),
+                        arguments: String::new(),
+                    },
+                }]),
+                ..Delta::default()
+            },
+            ToolEvent::Arguments { index, text } => Delta {
+                tool_calls: Some(vec![ToolCallDelta {
+                    index,
+                    id: None,
+                    kind: None,
+                    function: FunctionDelta {
+                        name: None,
+                        arguments: text,
+                    },
+                }]),
+                ..Delta::default()
+            },
+        })
+        .collect()
+}
+
+/// The SSE body: a first chunk with the role, one chunk per delta (content, or a piece of a
+/// tool call), a last one with the finish reason (and the usage, when asked for), then
+/// `[DONE]`.
+fn sse_events(
+    first: Option<Piece>,
+    pieces: mpsc::UnboundedReceiver<Piece>,
+    reply: Reply,
 ) -> impl futures_util::Stream<Item = SseEvent> + Send + 'static {
+    let Reply {
+        id,
+        model,
+        created,
+        include_usage,
+        tool_format,
+    } = reply;
     let message = move |choices: Vec<ChunkChoice>, usage: Option<UsageOut>| {
         let c = Chunk {
             id: &id,
@@ -398,60 +483,70 @@ fn sse_events(
         Delta {
             role: Some("assistant"),
             content: Some(String::new()),
+            tool_calls: None,
         },
         None,
     );
-    let state = (Some(first), pieces, false);
-    let rest = futures_util::stream::unfold(state, move |(mut first, mut pieces, ended)| {
-        let chunk = chunk.clone();
-        let message = message.clone();
-        async move {
-            if ended {
-                return None;
-            }
-            let piece = match first.take().flatten() {
-                Some(p) => Some(p),
-                None => pieces.recv().await,
-            };
-            let out: Vec<SseEvent> = match piece {
-                Some(Piece::Started) => Vec::new(),
-                Some(Piece::Delta(text)) => vec![chunk(
-                    Delta {
-                        role: None,
-                        content: Some(text),
-                    },
-                    None,
-                )],
-                Some(Piece::Done(s)) => {
-                    let mut out = Vec::new();
-                    if let Some(e) = s.error.clone() {
-                        let err = OpenAiError(ApiError::from(e));
-                        out.push(SseEvent::message(err.body().to_string()));
-                    } else {
-                        out.push(chunk(
-                            Delta::default(),
-                            Some(wire::finish_reason(s.finish_reason)),
-                        ));
-                        // As OpenAI does it: a chunk of its own, with no choices.
-                        if include_usage {
-                            let usage = UsageOut::new(s.prompt_tokens, s.completion_tokens);
-                            out.push(message(Vec::new(), Some(usage)));
-                        }
+    let parser = tool_format.map(ToolCallParser::new);
+    let state = (Some(first), pieces, false, parser);
+    let rest =
+        futures_util::stream::unfold(state, move |(mut first, mut pieces, ended, mut parser)| {
+            let chunk = chunk.clone();
+            let message = message.clone();
+            async move {
+                if ended {
+                    return None;
+                }
+                let piece = match first.take().flatten() {
+                    Some(p) => Some(p),
+                    None => pieces.recv().await,
+                };
+                let out: Vec<SseEvent> = match piece {
+                    Some(Piece::Started) => Vec::new(),
+                    Some(Piece::Delta(text)) => {
+                        let deltas = match &mut parser {
+                            Some(p) => tool_deltas(p.push(&text)),
+                            None => vec![content_delta(text)],
+                        };
+                        deltas.into_iter().map(|d| chunk(d, None)).collect()
                     }
-                    out.push(SseEvent::message("[DONE]"));
-                    return Some((out, (None, pieces, true)));
-                }
-                None => {
-                    let err = OpenAiError(ApiError::GenerationFailed("the engine stopped".into()));
-                    return Some((
-                        vec![SseEvent::message(err.body().to_string())],
-                        (None, pieces, true),
-                    ));
-                }
-            };
-            Some((out, (None, pieces, false)))
-        }
-    });
+                    Some(Piece::Done(s)) => {
+                        let mut out = Vec::new();
+                        if let Some(e) = s.error.clone() {
+                            let err = OpenAiError(ApiError::from(e));
+                            out.push(SseEvent::message(err.body().to_string()));
+                        } else {
+                            let mut called = false;
+                            if let Some(p) = &mut parser {
+                                let rest = p.finish();
+                                out.extend(tool_deltas(rest).into_iter().map(|d| chunk(d, None)));
+                                called = !p.calls().is_empty();
+                            }
+                            out.push(chunk(
+                                Delta::default(),
+                                Some(wire::finish_reason(s.finish_reason, called)),
+                            ));
+                            // As OpenAI does it: a chunk of its own, with no choices.
+                            if include_usage {
+                                let usage = UsageOut::new(s.prompt_tokens, s.completion_tokens);
+                                out.push(message(Vec::new(), Some(usage)));
+                            }
+                        }
+                        out.push(SseEvent::message("[DONE]"));
+                        return Some((out, (None, pieces, true, parser)));
+                    }
+                    None => {
+                        let err =
+                            OpenAiError(ApiError::GenerationFailed("the engine stopped".into()));
+                        return Some((
+                            vec![SseEvent::message(err.body().to_string())],
+                            (None, pieces, true, parser),
+                        ));
+                    }
+                };
+                Some((out, (None, pieces, false, parser)))
+            }
+        });
     futures_util::stream::once(async move { opening })
         .chain(rest.flat_map(futures_util::stream::iter))
 }

@@ -4,16 +4,21 @@
 //! Requests are read field by field with the field's path in every error
 //! (`messages[2].content: invalid type…`), because OpenAI clients are generated code whose
 //! users need to know which of many fields was wrong. Unknown fields are ignored (clients
-//! send many we have no use for); known fields we cannot honour (`n > 1`, tools, logprobs,
+//! send many we have no use for); known fields we cannot honour (`n > 1`, logprobs,
 //! penalties we do not implement) are refused by name rather than silently dropped.
-//! `response_format` (`json_object`, `json_schema`) constrains decoding to the schema.
+//! `response_format` (`json_object`, `json_schema`) constrains decoding to the schema;
+//! `tools` and `tool_choice` offer functions to the model (calls are read out of the reply
+//! by `engine::tools::parse`), and `tool` messages bring their results back.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::chat::sampling_for;
-use crate::domain::{self, generation, validate_user_id, ChatConfig, Role, ValidationError};
-use crate::engine::{ChatMessage, FinishReason, GenerateRequest, Grammar};
+use crate::domain::{self, generation, validate_user_id, ChatConfig, ValidationError};
+use crate::engine::{
+    ChatMessage, FinishReason, GenerateRequest, Grammar, Speaker, ToolCall, ToolChoice, ToolSpec,
+    ToolUse,
+};
 use crate::error::ApiError;
 
 /// Usage of requests that name no `user` is counted under this user id.
@@ -39,7 +44,9 @@ struct Request {
     presence_penalty: Option<f64>,
     frequency_penalty: Option<f64>,
     logprobs: Option<bool>,
-    tools: Option<Vec<Value>>,
+    tools: Option<Vec<ToolIn>>,
+    tool_choice: Option<ToolChoiceIn>,
+    parallel_tool_calls: Option<bool>,
     response_format: Option<ResponseFormat>,
     user: Option<String>,
 }
@@ -114,7 +121,209 @@ enum Stop {
 struct InMessage {
     role: String,
     content: Option<Content>,
-    tool_calls: Option<Vec<Value>>,
+    tool_calls: Option<Vec<ToolCallIn>>,
+    tool_call_id: Option<String>,
+}
+
+/// Most tools a request may offer (OpenAI's own limit).
+pub const MAX_TOOLS: usize = 128;
+
+#[derive(Debug, Deserialize)]
+struct ToolIn {
+    #[serde(rename = "type")]
+    kind: String,
+    function: Option<FunctionIn>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FunctionIn {
+    name: String,
+    description: Option<String>,
+    parameters: Option<Value>,
+    // `strict` is read as any unknown field is: a required or named call is always held
+    // to the schema.
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ToolChoiceIn {
+    Mode(String),
+    Function {
+        #[serde(rename = "type")]
+        kind: String,
+        function: NamedFunction,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+struct NamedFunction {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ToolCallIn {
+    id: String,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    function: CalledFunction,
+}
+
+#[derive(Debug, Deserialize)]
+struct CalledFunction {
+    name: String,
+    arguments: String,
+}
+
+/// OpenAI's rule for function names.
+fn valid_function_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// The request's tools and tool choice, checked.
+fn tool_use(
+    tools: Option<Vec<ToolIn>>,
+    choice: Option<ToolChoiceIn>,
+    parallel: Option<bool>,
+) -> Result<Option<ToolUse>, ApiError> {
+    let tools = tools.unwrap_or_default();
+    if tools.len() > MAX_TOOLS {
+        return Err(invalid(
+            "tools",
+            format!("may hold at most {MAX_TOOLS} tools, got {}", tools.len()),
+            json!({"max_items": MAX_TOOLS}),
+        ));
+    }
+    let mut specs: Vec<ToolSpec> = Vec::with_capacity(tools.len());
+    for (i, t) in tools.into_iter().enumerate() {
+        if t.kind != "function" {
+            return Err(invalid(
+                &format!("tools[{i}].type"),
+                format!("must be \"function\", got {:?}", t.kind),
+                json!({"allowed": ["function"]}),
+            ));
+        }
+        let Some(f) = t.function else {
+            return Err(invalid(
+                &format!("tools[{i}].function"),
+                "is required",
+                json!({"required": ["name"]}),
+            ));
+        };
+        if !valid_function_name(&f.name) {
+            return Err(invalid(
+                &format!("tools[{i}].function.name"),
+                format!(
+                    "must be 1 to 64 letters, digits, underscores or dashes, got {:?}",
+                    f.name
+                ),
+                json!({"pattern": "^[a-zA-Z0-9_-]{1,64}$"}),
+            ));
+        }
+        if specs.iter().any(|s| s.name == f.name) {
+            return Err(invalid(
+                &format!("tools[{i}].function.name"),
+                format!("{:?} names two tools", f.name),
+                json!({"unique": true}),
+            ));
+        }
+        let parameters = match f.parameters {
+            None => json!({"type": "object", "properties": {}}),
+            Some(p @ Value::Object(_)) => p,
+            Some(_) => {
+                return Err(invalid(
+                    &format!("tools[{i}].function.parameters"),
+                    "must be a JSON Schema object",
+                    json!({"type": "object"}),
+                ))
+            }
+        };
+        specs.push(ToolSpec {
+            name: f.name,
+            description: f.description,
+            parameters,
+        });
+    }
+    let choice = match choice {
+        None if specs.is_empty() => return Ok(None),
+        None => ToolChoice::Auto,
+        Some(ToolChoiceIn::Mode(m)) => match m.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(invalid(
+                    "tool_choice",
+                    format!("must be none, auto, required or a named function, got {other:?}"),
+                    json!({"allowed": ["none", "auto", "required", {"type": "function", "function": {"name": "…"}}]}),
+                ))
+            }
+        },
+        Some(ToolChoiceIn::Function { kind, function }) => {
+            if kind != "function" {
+                return Err(invalid(
+                    "tool_choice.type",
+                    format!("must be \"function\", got {kind:?}"),
+                    json!({"allowed": ["function"]}),
+                ));
+            }
+            if !specs.iter().any(|s| s.name == function.name) {
+                return Err(invalid(
+                    "tool_choice.function.name",
+                    format!("{:?} is not one of the request's tools", function.name),
+                    json!({"allowed": specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>()}),
+                ));
+            }
+            ToolChoice::Named(function.name)
+        }
+    };
+    if specs.is_empty() {
+        return match choice {
+            ToolChoice::None | ToolChoice::Auto => Ok(None),
+            _ => Err(invalid(
+                "tool_choice",
+                "needs tools to choose from",
+                json!({"requires": "tools"}),
+            )),
+        };
+    }
+    Ok(Some(ToolUse {
+        tools: specs,
+        choice,
+        parallel: parallel.unwrap_or(true),
+    }))
+}
+
+/// The text of a message's `content` (a string, or text parts joined).
+fn text_of(i: usize, content: Option<Content>) -> Result<String, ApiError> {
+    Ok(match content {
+        None => String::new(),
+        Some(Content::Text(t)) => t,
+        Some(Content::Parts(parts)) => {
+            let mut text = String::new();
+            for (j, p) in parts.into_iter().enumerate() {
+                match (p.kind.as_str(), p.text) {
+                    ("text", Some(t)) => text.push_str(&t),
+                    ("text", None) => {
+                        return Err(invalid(
+                            &format!("messages[{i}].content[{j}].text"),
+                            "is required for a text part",
+                            json!({}),
+                        ))
+                    }
+                    (other, _) => {
+                        return Err(unsupported(
+                            &format!("messages[{i}].content[{j}].type"),
+                            &format!("only text parts, got {other:?}"),
+                        ))
+                    }
+                }
+            }
+            text
+        }
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,48 +426,70 @@ pub fn parse(
     for (i, m) in r.messages.into_iter().enumerate() {
         let field = |name: &str| format!("messages[{i}].{name}");
         let role = match m.role.as_str() {
-            "system" | "developer" => Role::System,
-            "user" => Role::User,
-            "assistant" => Role::Assistant,
-            "tool" | "function" => return Err(unsupported(&field("role"), "no tool calling")),
+            "system" | "developer" => Speaker::System,
+            "user" => Speaker::User,
+            "assistant" => Speaker::Assistant,
+            "tool" => Speaker::Tool,
+            "function" => {
+                return Err(unsupported(
+                    &field("role"),
+                    "the deprecated function role; use tools and tool messages",
+                ))
+            }
             other => {
                 return Err(invalid(
                     &field("role"),
-                    format!("must be one of system, developer, user, assistant; got {other:?}"),
-                    json!({"allowed": ["system", "developer", "user", "assistant"]}),
+                    format!(
+                        "must be one of system, developer, user, assistant, tool; got {other:?}"
+                    ),
+                    json!({"allowed": ["system", "developer", "user", "assistant", "tool"]}),
                 ))
             }
         };
-        if m.tool_calls.is_some_and(|t| !t.is_empty()) {
-            return Err(unsupported(&field("tool_calls"), "no tool calling"));
+        let mut message = ChatMessage::new(role, text_of(i, m.content)?);
+        let calls = m.tool_calls.unwrap_or_default();
+        if !calls.is_empty() && role != Speaker::Assistant {
+            return Err(invalid(
+                &field("tool_calls"),
+                "is only allowed on assistant messages",
+                json!({}),
+            ));
         }
-        let content = match m.content {
-            None => String::new(),
-            Some(Content::Text(t)) => t,
-            Some(Content::Parts(parts)) => {
-                let mut text = String::new();
-                for (j, p) in parts.into_iter().enumerate() {
-                    match (p.kind.as_str(), p.text) {
-                        ("text", Some(t)) => text.push_str(&t),
-                        ("text", None) => {
-                            return Err(invalid(
-                                &format!("messages[{i}].content[{j}].text"),
-                                "is required for a text part",
-                                json!({}),
-                            ))
-                        }
-                        (other, _) => {
-                            return Err(unsupported(
-                                &format!("messages[{i}].content[{j}].type"),
-                                &format!("only text parts, got {other:?}"),
-                            ))
-                        }
-                    }
-                }
-                text
+        for (j, c) in calls.into_iter().enumerate() {
+            let item = |name: &str| format!("messages[{i}].tool_calls[{j}].{name}");
+            if c.kind.as_deref().is_some_and(|k| k != "function") {
+                return Err(invalid(
+                    &item("type"),
+                    "must be \"function\"",
+                    json!({"allowed": ["function"]}),
+                ));
             }
-        };
-        messages.push(ChatMessage { role, content });
+            if c.id.is_empty() {
+                return Err(invalid(
+                    &item("id"),
+                    "must not be empty",
+                    json!({"min_length": 1}),
+                ));
+            }
+            message.tool_calls.push(ToolCall {
+                id: c.id,
+                name: c.function.name,
+                arguments: c.function.arguments,
+            });
+        }
+        if role == Speaker::Tool {
+            match m.tool_call_id {
+                Some(id) if !id.is_empty() => message.tool_call_id = Some(id),
+                _ => {
+                    return Err(invalid(
+                        &field("tool_call_id"),
+                        "is required on a tool message: the id of the call it answers",
+                        json!({"required": true}),
+                    ))
+                }
+            }
+        }
+        messages.push(message);
     }
 
     if r.n.is_some_and(|n| n != 1) {
@@ -267,9 +498,7 @@ pub fn parse(
     if r.logprobs == Some(true) {
         return Err(unsupported("logprobs", "no log probabilities"));
     }
-    if r.tools.is_some_and(|t| !t.is_empty()) {
-        return Err(unsupported("tools", "no tool calling"));
-    }
+    let tools = tool_use(r.tools, r.tool_choice, r.parallel_tool_calls)?;
     for (name, v) in [
         ("presence_penalty", r.presence_penalty),
         ("frequency_penalty", r.frequency_penalty),
@@ -282,6 +511,13 @@ pub fn parse(
         Some(f) => format_of(f)?.as_ref().map(Grammar::from),
         None => None,
     };
+    if grammar.is_some() && tools.as_ref().is_some_and(|t| !t.offered().is_empty()) {
+        return Err(invalid(
+            "response_format",
+            "cannot be combined with tools the model may call (a reply either matches the format or calls tools); set tool_choice to \"none\" or leave out response_format",
+            json!({"conflicts_with": "tools"}),
+        ));
+    }
     within("temperature", r.temperature, generation::TEMPERATURE)?;
     within("top_p", r.top_p, generation::TOP_P)?;
     within(
@@ -344,6 +580,7 @@ pub fn parse(
             stop,
             cache_key: None,
             grammar,
+            tools,
         },
         stream: r.stream.unwrap_or(false),
         include_usage: r
@@ -354,10 +591,12 @@ pub fn parse(
     })
 }
 
-/// OpenAI's name for how a generation ended.
-pub fn finish_reason(f: FinishReason) -> &'static str {
+/// OpenAI's name for how a generation ended; a reply that stopped after calling tools ends
+/// with `tool_calls`.
+pub fn finish_reason(f: FinishReason, called: bool) -> &'static str {
     match f {
         FinishReason::Length => "length",
+        FinishReason::Stop if called => "tool_calls",
         // A cancelled generation only reaches a client that is still there when the
         // server stopped it (shutdown); it ended early like a stop.
         FinishReason::Stop | FinishReason::Cancelled | FinishReason::Error => "stop",
@@ -384,7 +623,57 @@ impl UsageOut {
 #[derive(Debug, Serialize)]
 pub struct MessageOut {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the reply is only tool calls, as OpenAI sends it.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
+}
+
+/// A call in a whole reply.
+#[derive(Debug, Serialize)]
+pub struct ToolCallOut {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionOut,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FunctionOut {
+    pub name: String,
+    pub arguments: String,
+}
+
+impl From<ToolCall> for ToolCallOut {
+    fn from(c: ToolCall) -> ToolCallOut {
+        ToolCallOut {
+            id: c.id,
+            kind: "function",
+            function: FunctionOut {
+                name: c.name,
+                arguments: c.arguments,
+            },
+        }
+    }
+}
+
+/// A piece of a call in a streamed reply: the first names it (`id`, `type`, `name`), the
+/// rest carry pieces of its arguments.
+#[derive(Debug, Serialize)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -412,6 +701,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -458,7 +749,7 @@ mod tests {
             {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}
         ], "stop": "\n", "seed": -1, "max_tokens": 5, "temperature": 0, "user": "ana"}))
         .unwrap();
-        assert_eq!(c.request.messages[0].role, Role::System);
+        assert_eq!(c.request.messages[0].role, Speaker::System);
         assert_eq!(c.request.messages[1].content, "hi there");
         assert_eq!(c.request.stop, vec!["\n".to_string()]);
         assert_eq!(c.request.sampling.seed, u64::MAX);

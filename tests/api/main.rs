@@ -25,4 +25,5 @@ mod smollm2;
 mod structured;
 mod tiny;
 mod tokens;
+mod tools;
 mod ws;

@@ -36,7 +36,7 @@ fn schemas() -> Vec<Value> {
 }
 
 /// Whether `v` matches `schema`, for the keywords [`schemas`] uses; `Err` says where not.
-fn check(schema: &Value, v: &Value, at: &str) -> Result<(), String> {
+pub(crate) fn check(schema: &Value, v: &Value, at: &str) -> Result<(), String> {
     let fail = |why: &str| Err(format!("{at}: {why} ({v})"));
     if let Some(allowed) = schema["enum"].as_array() {
         if !allowed.contains(v) {

@@ -60,6 +60,11 @@ fn tensor(seed: u64, rows: usize, cols: usize, dtype: GgmlDType, scale: f32) -> 
 /// Writes the tiny model to `dir/tiny.gguf` (or with another architecture name) and returns
 /// its path.
 pub fn write(dir: &Path, architecture: &str) -> PathBuf {
+    write_with_context(dir, architecture, CONTEXT)
+}
+
+/// [`write`] with another context length (tool prompts spelled in byte tokens need more).
+pub fn write_with_context(dir: &Path, architecture: &str, context: usize) -> PathBuf {
     let mut tokens = byte_tokens();
     let merges = ["Ġ t", "h e"];
     for m in merges {
@@ -81,7 +86,7 @@ pub fn write(dir: &Path, architecture: &str) -> PathBuf {
         (format!("{a}.attention.head_count_kv"), Value::U32(2)),
         (format!("{a}.block_count"), Value::U32(N_LAYER as u32)),
         (format!("{a}.feed_forward_length"), Value::U32(128)),
-        (format!("{a}.context_length"), Value::U32(CONTEXT as u32)),
+        (format!("{a}.context_length"), Value::U32(context as u32)),
         (format!("{a}.rope.freq_base"), Value::F32(10000.0)),
         (
             format!("{a}.attention.layer_norm_rms_epsilon"),

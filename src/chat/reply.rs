@@ -59,6 +59,8 @@ pub fn sampling_for(c: &ChatConfig) -> SamplingParams {
         top_p: c.top_p.map(|p| p as f32).or(d.top_p),
         repeat_penalty: c.repeat_penalty.map_or(d.repeat_penalty, |p| p as f32),
         repeat_last_n: d.repeat_last_n,
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
         seed: c.seed.unwrap_or_else(|| rand::rng().random()),
     }
 }
@@ -90,6 +92,7 @@ pub(super) fn request_for(
         cache_key: Some(chat.id),
         grammar: c.response_format.as_ref().map(Grammar::from),
         tools: None,
+        logprobs: None,
     }
 }
 

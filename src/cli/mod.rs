@@ -131,6 +131,7 @@ async fn run(args: crate::config::RunArgs) -> anyhow::Result<()> {
                 cache_key: Some(chat),
                 grammar: None,
                 tools: None,
+                logprobs: None,
             })
             .await?;
         let mut stdout = std::io::stdout();

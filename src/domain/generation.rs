@@ -41,6 +41,20 @@ pub const REPEAT_PENALTY: FloatBound = FloatBound {
     exclusive_min: true,
     max: 10.0,
 };
+/// OpenAI's `presence_penalty`: subtracted from the logits of tokens the reply holds.
+pub const PRESENCE_PENALTY: FloatBound = FloatBound {
+    min: -2.0,
+    exclusive_min: false,
+    max: 2.0,
+};
+/// OpenAI's `frequency_penalty`: subtracted once per occurrence in the reply.
+pub const FREQUENCY_PENALTY: FloatBound = FloatBound {
+    min: -2.0,
+    exclusive_min: false,
+    max: 2.0,
+};
+/// Alternatives reported per token with `logprobs` (OpenAI's own limit).
+pub const TOP_LOGPROBS: IntBound = IntBound { min: 0, max: 20 };
 /// The most likely tokens kept.
 pub const TOP_K: IntBound = IntBound {
     min: 1,

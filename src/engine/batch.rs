@@ -24,7 +24,7 @@ use super::sampler::Sampler;
 use super::stop::{StopMatcher, StopOutcome};
 use super::tokenizer::DeltaDecoder;
 use super::worker::{Job, LoadedEngine};
-use super::{EngineError, FinishReason, GenerationEvent, GenerationSummary};
+use super::{sampler, EngineError, FinishReason, GenerationEvent, GenerationSummary, TokenLogprob};
 
 /// One request being generated.
 struct Sequence {
@@ -46,6 +46,10 @@ struct Sequence {
     stops: StopMatcher,
     /// Index of the next text delta.
     deltas: usize,
+    /// Log-probabilities to report: how many alternatives (`None`: none).
+    logprobs: Option<usize>,
+    /// Log-probabilities already sent with a delta.
+    logprobs_sent: usize,
     first_token_at: Option<Instant>,
 }
 
@@ -69,9 +73,12 @@ impl Sequence {
             return;
         }
         self.summary.text.push_str(&text);
+        let logprobs = self.summary.logprobs[self.logprobs_sent..].to_vec();
+        self.logprobs_sent = self.summary.logprobs.len();
         let _ = self.job.events.send(GenerationEvent::Delta {
             text,
             index: self.deltas,
+            logprobs,
         });
         self.deltas += 1;
     }
@@ -88,6 +95,7 @@ fn new_summary() -> GenerationSummary {
         time_to_first_token: None,
         tokens_per_second: 0.0,
         error: None,
+        logprobs: Vec::new(),
     }
 }
 
@@ -131,6 +139,7 @@ impl LoadedEngine {
         let prompt = std::mem::take(&mut job.request.prompt.tokens);
         let constraint = job.request.constraint.take();
         let shown = std::mem::take(&mut job.request.shown);
+        let logprobs = req.logprobs;
         let (dropped, max_new) = (
             job.request.prompt.dropped_messages,
             job.request.prompt.max_new,
@@ -161,6 +170,8 @@ impl LoadedEngine {
                 decoder: DeltaDecoder::default(),
                 shown,
                 deltas: 0,
+                logprobs,
+                logprobs_sent: 0,
                 first_token_at: None,
             }),
             Err(e) => {
@@ -285,6 +296,26 @@ impl LoadedEngine {
         };
         if self.tokenizer.is_stop(token) {
             return Ok(Some(FinishReason::Stop));
+        }
+        if let Some(top) = seq.logprobs {
+            let (logprob, best) = sampler::logprobs(&logits, token, top);
+            let piece = |id: u32| {
+                let text = self.tokenizer.piece(id);
+                (text.clone(), text.into_bytes())
+            };
+            let (token_text, bytes) = piece(token);
+            seq.summary.logprobs.push(TokenLogprob {
+                token: token_text,
+                bytes,
+                logprob,
+                top: best
+                    .into_iter()
+                    .map(|(id, lp)| {
+                        let (t, b) = piece(id);
+                        (t, b, lp)
+                    })
+                    .collect(),
+            });
         }
         seq.history.push(token);
         let mut text = seq.decoder.push(&self.tokenizer, token)?;

@@ -164,6 +164,20 @@ pub struct GenerateRequest {
     pub grammar: Option<Grammar>,
     /// Functions the model may call, and whether it must.
     pub tools: Option<ToolUse>,
+    /// Report each generated token's log-probability, with this many of the most likely
+    /// alternatives; `None`: no log-probabilities.
+    pub logprobs: Option<usize>,
+}
+
+/// A generated token's log-probability (see [`sampler::logprobs`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token's text (a piece of a character shows as U+FFFD; `bytes` has it whole).
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// The most likely tokens at this step, most likely first: (text, bytes, log-probability).
+    pub top: Vec<(String, Vec<u8>, f32)>,
 }
 
 /// A request whose prompt is built and fits, and whose grammar is compiled: what the engine
@@ -261,6 +275,8 @@ pub struct GenerationSummary {
     pub tokens_per_second: f64,
     /// Set when `finish_reason` is `Error`.
     pub error: Option<EngineError>,
+    /// Every generated token's log-probability, when the request asked for them.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// What a generation reports while it runs.
@@ -275,6 +291,8 @@ pub enum GenerationEvent {
     Delta {
         text: String,
         index: usize,
+        /// The tokens sampled since the previous delta, when the request asked for them.
+        logprobs: Vec<TokenLogprob>,
     },
     Finished(GenerationSummary),
 }

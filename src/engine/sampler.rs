@@ -1,4 +1,5 @@
-//! Choosing the next token from logits: repetition penalty, temperature, top-k, top-p.
+//! Choosing the next token from logits: repetition penalty, presence and frequency
+//! penalties, temperature, top-k, top-p.
 //!
 //! Deterministic for a given seed and input: the random stream is a seeded ChaCha
 //! generator owned by the sequence, and every step consumes exactly one draw.
@@ -19,6 +20,11 @@ pub struct SamplingParams {
     pub repeat_penalty: f32,
     /// How many recent tokens the repetition penalty looks at.
     pub repeat_last_n: usize,
+    /// Subtracted from the logit of every token the reply already holds (OpenAI's
+    /// `presence_penalty`; negative values favour them).
+    pub presence_penalty: f32,
+    /// Subtracted once per occurrence in the reply so far (OpenAI's `frequency_penalty`).
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -30,6 +36,8 @@ impl Default for SamplingParams {
             top_p: Some(0.95),
             repeat_penalty: 1.1,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -44,9 +52,46 @@ impl SamplingParams {
             top_p: None,
             repeat_penalty: 1.0,
             repeat_last_n: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
+}
+
+/// The log-probability of `token` under `logits` (a softmax at temperature 1, after masks and
+/// penalties: the distribution the token was drawn from before temperature and truncation),
+/// and the `top` most likely tokens with theirs, most likely first.
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|&l| (l - max).exp())
+        .sum();
+    let norm = max + sum.ln();
+    let lp = |l: f32| l - norm;
+    let mut best: Vec<(u32, f32)> = Vec::new();
+    if top > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let k = top.min(idx.len());
+        let by = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, by);
+            idx.truncate(k);
+        }
+        idx.sort_unstable_by(by);
+        best = idx
+            .into_iter()
+            .filter(|&i| logits[i as usize].is_finite())
+            .map(|i| (i, lp(logits[i as usize])))
+            .collect();
+    }
+    (lp(logits[token as usize]), best)
 }
 
 /// The index of the largest logit: greedy decoding. Ties go to the lowest id.
@@ -63,17 +108,40 @@ pub fn argmax(logits: &[f32]) -> u32 {
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
+    /// How often each token has been sampled (the reply so far), for the presence and
+    /// frequency penalties; kept only when one is set.
+    counts: std::collections::HashMap<u32, u32>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Sampler {
         let rng = ChaCha8Rng::seed_from_u64(params.seed);
-        Sampler { params, rng }
+        Sampler {
+            params,
+            rng,
+            counts: Default::default(),
+        }
+    }
+
+    /// Picks the next token (see [`Self::choose`]) and counts it for the penalties.
+    pub fn sample(&mut self, logits: &mut [f32], recent: &[u32]) -> u32 {
+        let p = &self.params;
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &n) in &self.counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+            let token = self.choose(logits, recent);
+            *self.counts.entry(token).or_default() += 1;
+            return token;
+        }
+        self.choose(logits, recent)
     }
 
     /// Picks the next token. `recent` are the tokens generated or read so far (the last
     /// `repeat_last_n` are penalised).
-    pub fn sample(&mut self, logits: &mut [f32], recent: &[u32]) -> u32 {
+    fn choose(&mut self, logits: &mut [f32], recent: &[u32]) -> u32 {
         let p = &self.params;
         if p.repeat_penalty != 1.0 && p.repeat_last_n > 0 {
             let start = recent.len().saturating_sub(p.repeat_last_n);
@@ -147,6 +215,8 @@ mod tests {
             top_p: None,
             repeat_penalty: 1.0,
             repeat_last_n: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 7,
         }
     }
@@ -162,6 +232,8 @@ mod tests {
         let mut s = Sampler::new(SamplingParams {
             repeat_penalty: 2.0,
             repeat_last_n: 8,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             ..params(0.0)
         });
         assert_eq!(s.sample(&mut [0.1, 3.0, 2.0], &[1]), 2);
@@ -169,6 +241,50 @@ mod tests {
         let mut l = [-1.0, -1.5];
         assert_eq!(s.sample(&mut l, &[0]), 1);
         assert_eq!(l[0], -2.0);
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax() {
+        let logits = [1.0f32, 3.0, 2.0, f32::NEG_INFINITY];
+        let (lp, top) = logprobs(&logits, 2, 3);
+        let z: f32 = [1.0f32, 3.0, 2.0].iter().map(|l| l.exp()).sum();
+        assert!((lp - (2.0 - z.ln())).abs() < 1e-6);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2, 0]);
+        let total: f32 = top.iter().map(|t| t.1.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        // A masked token is never among the alternatives.
+        assert_eq!(logprobs(&logits, 1, 10).1.len(), 3);
+        assert!(logprobs(&logits, 1, 0).1.is_empty());
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_the_reply() {
+        // Greedy: token 1 leads by 1.0 until it has been chosen enough.
+        let mut s = Sampler::new(SamplingParams {
+            frequency_penalty: 0.4,
+            ..params(0.0)
+        });
+        let mut picks = Vec::new();
+        for _ in 0..4 {
+            picks.push(s.sample(&mut [0.0, 1.0], &[]));
+        }
+        // After three 1s its logit is 1.0 - 1.2 < 0.
+        assert_eq!(picks, vec![1, 1, 1, 0]);
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 2.0,
+            ..params(0.0)
+        });
+        assert_eq!(s.sample(&mut [0.0, 1.0], &[]), 1);
+        let mut l = [0.0, 1.0];
+        assert_eq!(s.sample(&mut l, &[]), 0);
+        assert_eq!(l[1], -1.0, "once present, -2 whatever the count");
+        // Negative values favour what was said.
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: -2.0,
+            ..params(0.0)
+        });
+        assert_eq!(s.sample(&mut [1.0, 0.0], &[]), 0);
+        assert_eq!(s.sample(&mut [0.0, 1.5], &[]), 0);
     }
 
     #[test]

@@ -43,6 +43,7 @@ fn req(messages: Vec<ChatMessage>, max_tokens: usize) -> GenerateRequest {
         cache_key: None,
         grammar: None,
         tools: None,
+        logprobs: None,
     }
 }
 
@@ -58,7 +59,7 @@ async fn collect(
                 prompt_tokens,
                 dropped_messages,
             } => started = Some((prompt_tokens, dropped_messages)),
-            GenerationEvent::Delta { text, index } => {
+            GenerationEvent::Delta { text, index, .. } => {
                 assert_eq!(index, deltas.len(), "indices count up from 0");
                 deltas.push(text);
             }
@@ -128,6 +129,8 @@ async fn seeds_repeat_and_differ() {
             top_p: Some(0.9),
             repeat_penalty: 1.1,
             repeat_last_n: 16,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed,
         },
         ..req(vec![user("hello")], 16)
@@ -154,6 +157,7 @@ async fn stop_strings_end_the_reply_before_them() {
             cache_key: None,
             grammar: None,
             tools: None,
+            logprobs: None,
             ..req(vec![user("hello")], 30)
         },
     )
@@ -323,6 +327,7 @@ async fn kept_attention_state_grows_and_follows_edits() {
             cache_key: Some(chat),
             grammar: None,
             tools: None,
+            logprobs: None,
             ..cold.clone()
         };
         let (w, w_deltas, _) = collect(&h, warm).await;
@@ -345,6 +350,7 @@ async fn kept_attention_state_grows_and_follows_edits() {
             cache_key: Some(chat),
             grammar: None,
             tools: None,
+            logprobs: None,
             ..req(conversation.clone(), 10)
         },
     )
@@ -364,6 +370,8 @@ fn batch_requests() -> Vec<GenerateRequest> {
         top_p: Some(0.95),
         repeat_penalty: 1.1,
         repeat_last_n: 16,
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
         seed: 7,
     };
     vec![

@@ -395,3 +395,82 @@ backend_tests!(
     completions_share_the_chat_queues,
     completions_count_against_the_request_quota,
 );
+
+/// `logprobs`/`top_logprobs`: one entry per generated token, whole and streamed alike; greedy
+/// picks the most likely token, so each token is its own first alternative. Presence and
+/// frequency penalties are taken (and bounded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_and_penalties() {
+    let s = server(Backend::Sqlite, Default::default(), None).await;
+    let t = s.tenant("acme").await;
+    let mut b = body(12, false);
+    b["logprobs"] = json!(true);
+    b["top_logprobs"] = json!(3);
+    let (st, v) = json_of(complete(&s, &t.key, b.clone()).await).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let tokens = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    assert_eq!(tokens.len() as u64, v["usage"]["completion_tokens"], "{v}");
+    for tok in tokens {
+        let lp = tok["logprob"].as_f64().unwrap();
+        assert!(lp <= 0.0, "{tok}");
+        let top = tok["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{tok}");
+        assert!(top
+            .windows(2)
+            .all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64()));
+        assert_eq!(
+            top[0]["token"], tok["token"],
+            "greedy takes the most likely: {tok}"
+        );
+        assert_eq!(top[0]["logprob"], tok["logprob"]);
+        assert_eq!(
+            tok["bytes"],
+            json!(tok["token"].as_str().unwrap().as_bytes()),
+            "{tok}"
+        );
+    }
+    // Streamed: the chunks carry the same entries.
+    b["stream"] = json!(true);
+    let mut streamed = Vec::new();
+    for data in sse_data(complete(&s, &t.key, b.clone()).await).await {
+        if data == "[DONE]" {
+            break;
+        }
+        let c: Value = serde_json::from_str(&data).unwrap();
+        if let Some(lp) = c["choices"][0]["logprobs"]["content"].as_array() {
+            streamed.extend(lp.iter().cloned());
+        }
+    }
+    assert_eq!(&streamed, tokens);
+    // Not asked: null.
+    let (_, v) = json_of(complete(&s, &t.key, body(4, false)).await).await;
+    assert_eq!(v["choices"][0]["logprobs"], Value::Null, "{v}");
+
+    // Penalties change a greedy reply; out of range is refused by name.
+    let text = |v: &Value| {
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (_, plain) = json_of(complete(&s, &t.key, body(40, false)).await).await;
+    let mut pen = body(40, false);
+    pen["frequency_penalty"] = json!(2.0);
+    pen["presence_penalty"] = json!(1.0);
+    let (st, penalised) = json_of(complete(&s, &t.key, pen).await).await;
+    assert_eq!(st, StatusCode::OK, "{penalised}");
+    assert_ne!(text(&plain), text(&penalised));
+    for (k, v) in [
+        ("presence_penalty", json!(2.5)),
+        ("frequency_penalty", json!(-3)),
+        ("top_logprobs", json!(21)),
+    ] {
+        let mut b = body(4, false);
+        b["logprobs"] = json!(true);
+        b[k] = v;
+        let (st, v) = json_of(complete(&s, &t.key, b).await).await;
+        assert_eq!(openai_error(st, &v, 400, "validation_error")["param"], k);
+    }
+    s.stop().await;
+}

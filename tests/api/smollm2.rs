@@ -49,7 +49,7 @@ pub async fn run(req: GenerateRequest) -> (GenerationSummary, Vec<String>) {
     let mut deltas = Vec::new();
     while let Some(ev) = g.events.recv().await {
         match ev {
-            GenerationEvent::Delta { text, index } => {
+            GenerationEvent::Delta { text, index, .. } => {
                 assert_eq!(index, deltas.len());
                 deltas.push(text);
             }
@@ -129,6 +129,7 @@ async fn greedy_answer_is_coherent_and_deterministic() {
         cache_key: None,
         grammar: None,
         tools: None,
+        logprobs: None,
     };
     let (a, deltas) = run(req.clone()).await;
     let (b, _) = run(req).await;
@@ -164,6 +165,8 @@ async fn seeded_sampling_repeats() {
             top_p: Some(0.95),
             repeat_penalty: 1.1,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed,
         },
         max_tokens: 24,
@@ -171,6 +174,7 @@ async fn seeded_sampling_repeats() {
         cache_key: None,
         grammar: None,
         tools: None,
+        logprobs: None,
     };
     let (a, _) = run(req(42)).await;
     let (b, _) = run(req(42)).await;
@@ -202,11 +206,13 @@ async fn kept_attention_state_changes_nothing_but_speed() {
             cache_key: None,
             grammar: None,
             tools: None,
+            logprobs: None,
         };
         let warm = GenerateRequest {
             cache_key: Some(chat),
             grammar: None,
             tools: None,
+            logprobs: None,
             ..cold.clone()
         };
         let (w, w_deltas) = run(warm).await;
@@ -237,6 +243,7 @@ async fn kept_attention_state_changes_nothing_but_speed() {
         cache_key: Some(chat),
         grammar: None,
         tools: None,
+        logprobs: None,
     })
     .await;
     assert_eq!(w.cached_tokens, 0);
@@ -256,6 +263,7 @@ async fn batched_replies_equal_solo_replies() {
         cache_key,
         grammar: None,
         tools: None,
+        logprobs: None,
     };
     let first_turn = vec![msg(Role::User, "What is the capital of France?")];
     let (turn1, _) = run(greedy(first_turn.clone(), Some(chat))).await;

@@ -27,7 +27,9 @@ use crate::chat::budget::Hold;
 use crate::chat::{ChatService, Slot};
 use crate::engine::tools::parse::{parse_reply, ToolCallParser, ToolEvent};
 use crate::engine::tools::ToolFormat;
-use crate::engine::{EngineError, EngineHandle, Generation, GenerationEvent, GenerationSummary};
+use crate::engine::{
+    EngineError, EngineHandle, Generation, GenerationEvent, GenerationSummary, TokenLogprob,
+};
 use crate::error::ApiError;
 use wire::{Chunk, ChunkChoice, Delta, FunctionDelta, ToolCallDelta, UsageOut};
 
@@ -190,7 +192,7 @@ fn check_model(engine: &EngineHandle, model: &str) -> Result<()> {
 /// What the generation task hands the request handler.
 enum Piece {
     Started,
-    Delta(String),
+    Delta(String, Vec<TokenLogprob>),
     Done(GenerationSummary),
 }
 
@@ -238,6 +240,7 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
         .as_ref()
         .filter(|t| !t.offered().is_empty())
         .map(|_| engine.tool_style().format);
+    let logprobs = completion.request.logprobs.is_some();
     let max_tokens = completion.request.max_tokens;
     let too_long = || ApiError::ContextLengthExceeded {
         max_tokens,
@@ -297,6 +300,7 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
                 created,
                 include_usage: completion.include_usage,
                 tool_format,
+                logprobs,
             },
         );
         return Ok(SSE::new(events)
@@ -339,7 +343,7 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
                 tool_calls: reply.calls.into_iter().map(Into::into).collect(),
             },
             finish_reason: wire::finish_reason(summary.finish_reason, called),
-            logprobs: None,
+            logprobs: logprobs.then(|| wire::LogprobsOut::new(summary.logprobs)),
         }],
         usage: UsageOut::new(summary.prompt_tokens, summary.completion_tokens),
     })
@@ -363,9 +367,9 @@ fn drive(
         while let Some(event) = generation.events.recv().await {
             let piece = match event {
                 GenerationEvent::Started { .. } => Piece::Started,
-                GenerationEvent::Delta { text, .. } => {
+                GenerationEvent::Delta { text, logprobs, .. } => {
                     gaps.tick();
-                    Piece::Delta(text)
+                    Piece::Delta(text, logprobs)
                 }
                 GenerationEvent::Finished(summary) => {
                     chat.account(
@@ -397,6 +401,8 @@ struct Reply {
     include_usage: bool,
     /// Set when the reply may call tools: its text is read for calls in this format.
     tool_format: Option<ToolFormat>,
+    /// Whether chunks carry the log-probabilities of their tokens.
+    logprobs: bool,
 }
 
 /// Content text as a delta.
@@ -455,6 +461,7 @@ fn sse_events(
         created,
         include_usage,
         tool_format,
+        logprobs,
     } = reply;
     let message = move |choices: Vec<ChunkChoice>, usage: Option<UsageOut>| {
         let c = Chunk {
@@ -468,13 +475,13 @@ fn sse_events(
         SseEvent::message(serde_json::to_string(&c).unwrap_or_default())
     };
     let one = message.clone();
-    let chunk = move |delta: Delta, finish: Option<&'static str>| {
+    let chunk = move |delta: Delta, finish: Option<&'static str>, tokens: Vec<TokenLogprob>| {
         one(
             vec![ChunkChoice {
                 index: 0,
                 delta,
                 finish_reason: finish,
-                logprobs: None,
+                logprobs: logprobs.then(|| wire::LogprobsOut::new(tokens)),
             }],
             None,
         )
@@ -486,11 +493,15 @@ fn sse_events(
             tool_calls: None,
         },
         None,
+        Vec::new(),
     );
     let parser = tool_format.map(ToolCallParser::new);
-    let state = (Some(first), pieces, false, parser);
-    let rest =
-        futures_util::stream::unfold(state, move |(mut first, mut pieces, ended, mut parser)| {
+    // Log-probabilities received and not yet sent (a delta the tool-call parser holds
+    // back makes no chunk), and how many were received.
+    let state = (Some(first), pieces, false, parser, (Vec::new(), 0usize));
+    let rest = futures_util::stream::unfold(
+        state,
+        move |(mut first, mut pieces, ended, mut parser, (mut held, mut received))| {
             let chunk = chunk.clone();
             let message = message.clone();
             async move {
@@ -503,12 +514,17 @@ fn sse_events(
                 };
                 let out: Vec<SseEvent> = match piece {
                     Some(Piece::Started) => Vec::new(),
-                    Some(Piece::Delta(text)) => {
+                    Some(Piece::Delta(text, tokens)) => {
+                        received += tokens.len();
+                        held.extend(tokens);
                         let deltas = match &mut parser {
                             Some(p) => tool_deltas(p.push(&text)),
                             None => vec![content_delta(text)],
                         };
-                        deltas.into_iter().map(|d| chunk(d, None)).collect()
+                        deltas
+                            .into_iter()
+                            .map(|d| chunk(d, None, std::mem::take(&mut held)))
+                            .collect()
                     }
                     Some(Piece::Done(s)) => {
                         let mut out = Vec::new();
@@ -517,14 +533,21 @@ fn sse_events(
                             out.push(SseEvent::message(err.body().to_string()));
                         } else {
                             let mut called = false;
+                            // Tokens no delta carried (held back, or ended by a stop string).
+                            held.extend(s.logprobs.into_iter().skip(received));
                             if let Some(p) = &mut parser {
                                 let rest = p.finish();
-                                out.extend(tool_deltas(rest).into_iter().map(|d| chunk(d, None)));
+                                out.extend(
+                                    tool_deltas(rest)
+                                        .into_iter()
+                                        .map(|d| chunk(d, None, std::mem::take(&mut held))),
+                                );
                                 called = !p.calls().is_empty();
                             }
                             out.push(chunk(
                                 Delta::default(),
                                 Some(wire::finish_reason(s.finish_reason, called)),
+                                std::mem::take(&mut held),
                             ));
                             // As OpenAI does it: a chunk of its own, with no choices.
                             if include_usage {
@@ -533,20 +556,21 @@ fn sse_events(
                             }
                         }
                         out.push(SseEvent::message("[DONE]"));
-                        return Some((out, (None, pieces, true, parser)));
+                        return Some((out, (None, pieces, true, parser, (held, received))));
                     }
                     None => {
                         let err =
                             OpenAiError(ApiError::GenerationFailed("the engine stopped".into()));
                         return Some((
                             vec![SseEvent::message(err.body().to_string())],
-                            (None, pieces, true, parser),
+                            (None, pieces, true, parser, (held, received)),
                         ));
                     }
                 };
-                Some((out, (None, pieces, false, parser)))
+                Some((out, (None, pieces, false, parser, (held, received))))
             }
-        });
+        },
+    );
     futures_util::stream::once(async move { opening })
         .chain(rest.flat_map(futures_util::stream::iter))
 }

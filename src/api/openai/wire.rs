@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 use crate::chat::sampling_for;
 use crate::domain::{self, generation, validate_user_id, ChatConfig, ValidationError};
 use crate::engine::{
-    ChatMessage, FinishReason, GenerateRequest, Grammar, Speaker, ToolCall, ToolChoice, ToolSpec,
-    ToolUse,
+    ChatMessage, FinishReason, GenerateRequest, Grammar, Speaker, TokenLogprob, ToolCall,
+    ToolChoice, ToolSpec, ToolUse,
 };
 use crate::error::ApiError;
 
@@ -44,6 +44,7 @@ struct Request {
     presence_penalty: Option<f64>,
     frequency_penalty: Option<f64>,
     logprobs: Option<bool>,
+    top_logprobs: Option<u64>,
     tools: Option<Vec<ToolIn>>,
     tool_choice: Option<ToolChoiceIn>,
     parallel_tool_calls: Option<bool>,
@@ -495,18 +496,32 @@ pub fn parse(
     if r.n.is_some_and(|n| n != 1) {
         return Err(unsupported("n", "one choice per request"));
     }
-    if r.logprobs == Some(true) {
-        return Err(unsupported("logprobs", "no log probabilities"));
-    }
-    let tools = tool_use(r.tools, r.tool_choice, r.parallel_tool_calls)?;
-    for (name, v) in [
-        ("presence_penalty", r.presence_penalty),
-        ("frequency_penalty", r.frequency_penalty),
-    ] {
-        if v.is_some_and(|v| v != 0.0) {
-            return Err(unsupported(name, "use repeat_penalty instead"));
+    let logprobs = match (r.logprobs, r.top_logprobs) {
+        (Some(true), top) => {
+            let top = top.unwrap_or(0);
+            generation::TOP_LOGPROBS.check("top_logprobs", top)?;
+            Some(top as usize)
         }
-    }
+        (_, Some(top)) if top > 0 => {
+            return Err(invalid(
+                "top_logprobs",
+                "needs logprobs set to true",
+                json!({"requires": "logprobs"}),
+            ))
+        }
+        _ => None,
+    };
+    let tools = tool_use(r.tools, r.tool_choice, r.parallel_tool_calls)?;
+    within(
+        "presence_penalty",
+        r.presence_penalty,
+        generation::PRESENCE_PENALTY,
+    )?;
+    within(
+        "frequency_penalty",
+        r.frequency_penalty,
+        generation::FREQUENCY_PENALTY,
+    )?;
     let grammar = match r.response_format {
         Some(f) => format_of(f)?.as_ref().map(Grammar::from),
         None => None,
@@ -571,16 +586,20 @@ pub fn parse(
         ..Default::default()
     };
     let max_tokens = limit.map_or(default_max_tokens as usize, |n| n as usize);
+    let mut sampling = sampling_for(&config);
+    sampling.presence_penalty = r.presence_penalty.unwrap_or(0.0) as f32;
+    sampling.frequency_penalty = r.frequency_penalty.unwrap_or(0.0) as f32;
     Ok(Completion {
         model: r.model,
         request: GenerateRequest {
             messages,
-            sampling: sampling_for(&config),
+            sampling,
             max_tokens,
             stop,
             cache_key: None,
             grammar,
             tools,
+            logprobs,
         },
         stream: r.stream.unwrap_or(false),
         include_usage: r
@@ -681,7 +700,54 @@ pub struct Choice {
     pub index: u32,
     pub message: MessageOut,
     pub finish_reason: &'static str,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<LogprobsOut>,
+}
+
+/// The log-probabilities of a reply's tokens (`logprobs: true`).
+#[derive(Debug, Serialize)]
+pub struct LogprobsOut {
+    pub content: Vec<TokenLogprobOut>,
+    pub refusal: Option<()>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TokenLogprobOut {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprobOut>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TopLogprobOut {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+impl LogprobsOut {
+    pub fn new(tokens: Vec<TokenLogprob>) -> LogprobsOut {
+        LogprobsOut {
+            content: tokens
+                .into_iter()
+                .map(|t| TokenLogprobOut {
+                    token: t.token,
+                    logprob: t.logprob,
+                    bytes: t.bytes,
+                    top_logprobs: t
+                        .top
+                        .into_iter()
+                        .map(|(token, bytes, logprob)| TopLogprobOut {
+                            token,
+                            logprob,
+                            bytes,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            refusal: None,
+        }
+    }
 }
 
 /// A whole (non-streamed) completion.
@@ -710,7 +776,7 @@ pub struct ChunkChoice {
     pub index: u32,
     pub delta: Delta,
     pub finish_reason: Option<&'static str>,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<LogprobsOut>,
 }
 
 /// One streamed piece (`chat.completion.chunk`).
@@ -771,6 +837,8 @@ mod tests {
         let e = p(json!({"messages": [{"role": "user", "content": "x"}]}));
         assert_eq!(field_of(e.unwrap_err()), "body");
         let e = p(json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]}));
+        assert_eq!(field_of(e.unwrap_err()), "messages[0].tool_call_id");
+        let e = p(json!({"model": "m", "messages": [{"role": "critic", "content": "x"}]}));
         assert_eq!(field_of(e.unwrap_err()), "messages[0].role");
         let ok = json!([{"role": "user", "content": "x"}]);
         for (k, v) in [
@@ -781,7 +849,8 @@ mod tests {
             ("max_tokens", json!(8192)),
             ("stop", json!(["a", "b", "c", "d", "e"])),
             ("stop", json!([""])),
-            ("frequency_penalty", json!(0.5)),
+            ("frequency_penalty", json!(2.5)),
+            ("top_logprobs", json!(3)),
             ("user", json!("a b")),
             ("tools", json!([{"type": "function"}])),
         ] {

@@ -852,7 +852,8 @@ mod tests {
             ("frequency_penalty", json!(2.5)),
             ("top_logprobs", json!(3)),
             ("user", json!("a b")),
-            ("tools", json!([{"type": "function"}])),
+            ("tools", json!({"type": "function"})),
+            ("tool_choice", json!("always")),
         ] {
             let mut body = json!({"model": "m", "messages": ok});
             body[k] = v;

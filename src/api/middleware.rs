@@ -273,11 +273,15 @@ enum Style {
     Native,
     /// OpenAI's `{"error": {"message", "type", "param", "code"}}` under `/v1/`.
     OpenAi,
+    /// Anthropic's `{"type": "error", "error": {"type", "message"}}` under `/v1/messages`.
+    Anthropic,
 }
 
 impl Style {
     fn of(path: &str) -> Style {
-        if path.starts_with("/v1/") {
+        if path == "/v1/messages" || path.starts_with("/v1/messages/") {
+            Style::Anthropic
+        } else if path.starts_with("/v1/") {
             Style::OpenAi
         } else {
             Style::Native
@@ -288,6 +292,7 @@ impl Style {
         match self {
             Style::Native => e.into_response(),
             Style::OpenAi => super::openai::OpenAiError(e).into_response(),
+            Style::Anthropic => super::anthropic::AnthropicError(e).into_response(),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! domain values, call the store, and turn results into DTOs; nothing else lives here.
 
 mod admin;
+mod anthropic;
 mod auth;
 /// The `/admin/v1` bodies, which the command line prints too.
 pub use admin::dto as admin_dto;
@@ -9,8 +10,10 @@ mod chats;
 pub mod dto;
 mod health;
 mod middleware;
+mod offered_tools;
 pub mod openai;
 pub mod quota;
+mod stateless;
 mod tokens;
 pub mod types;
 mod usage;
@@ -102,9 +105,12 @@ pub fn openapi_json() -> String {
     service().spec()
 }
 
-/// The OpenAI-compatible completion route: outside the OpenAPI document, so its body is
-/// declared to the middleware by hand.
+/// The OpenAI- and Anthropic-compatible generation routes: outside the OpenAPI document, so
+/// their bodies are declared to the middleware by hand.
 const CHAT_COMPLETIONS: &str = "/v1/chat/completions";
+const COMPLETIONS: &str = "/v1/completions";
+const MESSAGES: &str = "/v1/messages";
+const COUNT_TOKENS: &str = "/v1/messages/count_tokens";
 
 /// The whole HTTP application.
 pub fn app(state: AppState) -> impl Endpoint {
@@ -115,7 +121,16 @@ pub fn app(state: AppState) -> impl Endpoint {
         poem::middleware::Cors::new()
             .allow_origins(state.cors_origins.iter().map(String::as_str))
             .allow_methods(["GET", "POST", "PATCH", "DELETE"])
-            .allow_headers(["X-API-Key", "Content-Type", "Authorization", "X-Chat-ID"])
+            .allow_headers([
+                "X-API-Key",
+                "Content-Type",
+                "Authorization",
+                "X-Chat-ID",
+                // What Anthropic's SDKs send from a browser.
+                "anthropic-version",
+                "anthropic-beta",
+                "anthropic-dangerous-direct-browser-access",
+            ])
             .expose_headers([
                 "X-RateLimit-Limit",
                 "X-RateLimit-Remaining",
@@ -132,7 +147,7 @@ pub fn app(state: AppState) -> impl Endpoint {
     // The routes outside the OpenAPI document, each with its one method: mounted here and
     // declared to the middleware from the same list (for `Allow` on a 405, and whether a
     // body is read).
-    let plain: [(&str, Method, RouteMethod); 13] = [
+    let plain: [(&str, Method, RouteMethod); 16] = [
         ("/", Method::GET, poem::get(crate::web::index)),
         ("/assets/app.js", Method::GET, poem::get(crate::web::app_js)),
         (
@@ -169,6 +184,13 @@ pub fn app(state: AppState) -> impl Endpoint {
             CHAT_COMPLETIONS,
             Method::POST,
             poem::post(openai::chat_completions),
+        ),
+        (COMPLETIONS, Method::POST, poem::post(openai::completions)),
+        (MESSAGES, Method::POST, poem::post(anthropic::messages)),
+        (
+            COUNT_TOKENS,
+            Method::POST,
+            poem::post(anthropic::count_tokens),
         ),
     ];
     let mut table = middleware::RouteTable::from_spec(&api.spec());

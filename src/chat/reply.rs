@@ -93,6 +93,7 @@ pub(super) fn request_for(
         grammar: c.response_format.as_ref().map(Grammar::from),
         tools: None,
         logprobs: None,
+        raw_prompt: None,
     }
 }
 

@@ -132,6 +132,7 @@ async fn run(args: crate::config::RunArgs) -> anyhow::Result<()> {
                 grammar: None,
                 tools: None,
                 logprobs: None,
+                raw_prompt: None,
             })
             .await?;
         let mut stdout = std::io::stdout();

@@ -96,6 +96,7 @@ fn new_summary() -> GenerationSummary {
         tokens_per_second: 0.0,
         error: None,
         logprobs: Vec::new(),
+        stop_sequence: None,
     }
 }
 
@@ -326,8 +327,9 @@ impl LoadedEngine {
         if let Some(text) = text {
             match seq.stops.push(&text) {
                 StopOutcome::Continue(t) => seq.emit(t),
-                StopOutcome::Stop(t) => {
+                StopOutcome::Stop(t, stop) => {
                     seq.emit(t);
+                    seq.summary.stop_sequence = Some(stop);
                     return Ok(Some(FinishReason::Stop));
                 }
             }
@@ -385,7 +387,10 @@ impl LoadedEngine {
         let tail = seq.decoder.finish(&self.tokenizer)?.unwrap_or_default();
         Ok(match seq.stops.push(&tail) {
             StopOutcome::Continue(t) => t + &seq.stops.flush(),
-            StopOutcome::Stop(t) => t,
+            StopOutcome::Stop(t, stop) => {
+                seq.summary.stop_sequence = Some(stop);
+                t
+            }
         })
     }
 

@@ -151,6 +151,9 @@ impl ChatMessage {
 pub struct GenerateRequest {
     /// The conversation, oldest first; leading system messages are never dropped.
     pub messages: Vec<ChatMessage>,
+    /// A prompt continued as written, without the chat template (`/v1/completions`); when
+    /// set, `messages` and `tools` are not used.
+    pub raw_prompt: Option<String>,
     pub sampling: SamplingParams,
     /// Most tokens to generate.
     pub max_tokens: usize,
@@ -277,6 +280,9 @@ pub struct GenerationSummary {
     pub error: Option<EngineError>,
     /// Every generated token's log-probability, when the request asked for them.
     pub logprobs: Vec<TokenLogprob>,
+    /// The stop string the reply ended before, if it ended at one (Anthropic's API says
+    /// which).
+    pub stop_sequence: Option<String>,
 }
 
 /// What a generation reports while it runs.
@@ -411,11 +417,14 @@ impl EngineHandle {
                 )?),
                 (None, None) => None,
             };
-            let prompt = prompts.build(
-                &request.messages,
-                request.tools.as_ref(),
-                request.max_tokens,
-            )?;
+            let prompt = match &request.raw_prompt {
+                Some(text) => prompts.build_raw(text, request.max_tokens)?,
+                None => prompts.build(
+                    &request.messages,
+                    request.tools.as_ref(),
+                    request.max_tokens,
+                )?,
+            };
             Ok(Prepared {
                 request,
                 prompt,

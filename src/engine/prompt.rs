@@ -147,6 +147,32 @@ impl PromptBuilder {
 }
 
 impl PromptBuilder {
+    /// The prompt for a text continued as written (special-token text in it becomes the
+    /// special tokens, as llama-server reads a completion prompt); `max_new` shrinks to the
+    /// room left, and a text that cannot fit is refused before it is tokenized.
+    pub fn build_raw(&self, text: &str, max_tokens: usize) -> Result<Prompt, EngineError> {
+        let at_least = text.len() / self.tokenizer.max_token_bytes.max(1);
+        if at_least >= self.context_length {
+            return Err(EngineError::PromptTooLong {
+                tokens: at_least,
+                context: self.context_length,
+            });
+        }
+        let tokens = self.tokenizer.encode(text)?;
+        if tokens.len() >= self.context_length {
+            return Err(EngineError::PromptTooLong {
+                tokens: tokens.len(),
+                context: self.context_length,
+            });
+        }
+        let max_new = max_tokens.max(1).min(self.context_length - tokens.len());
+        Ok(Prompt {
+            tokens,
+            dropped_messages: 0,
+            max_new,
+        })
+    }
+
     /// A message for a template that renders tool calls and results itself.
     fn native(&self, m: &ChatMessage) -> TemplateMessage {
         let mut t = TemplateMessage::text(m.role.as_str(), self.tokenizer.escape(&m.content));

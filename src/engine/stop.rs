@@ -13,8 +13,8 @@ pub struct StopMatcher {
 pub enum StopOutcome {
     /// Emit this text (maybe empty) and go on.
     Continue(String),
-    /// Emit this text, then stop: a stop string was found right after it.
-    Stop(String),
+    /// Emit this text, then stop: the stop string (second) was found right after it.
+    Stop(String, String),
 }
 
 impl StopMatcher {
@@ -28,15 +28,16 @@ impl StopMatcher {
     /// Adds generated text.
     pub fn push(&mut self, text: &str) -> StopOutcome {
         self.pending.push_str(text);
-        if let Some(at) = self
+        if let Some((at, i)) = self
             .stops
             .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
+            .enumerate()
+            .filter_map(|(i, s)| self.pending.find(s.as_str()).map(|at| (at, i)))
             .min()
         {
             let out = self.pending[..at].to_string();
             self.pending.clear();
-            return StopOutcome::Stop(out);
+            return StopOutcome::Stop(out, self.stops[i].clone());
         }
         // Hold back the longest tail that is a proper prefix of some stop string.
         let hold = self
@@ -82,14 +83,17 @@ mod tests {
         let mut s = m(&["\nUser:"]);
         assert_eq!(s.push("Sure.\nU"), StopOutcome::Continue("Sure.".into()));
         assert_eq!(s.push("se"), StopOutcome::Continue("".into()));
-        assert_eq!(s.push("r: hi"), StopOutcome::Stop("".into()));
+        assert_eq!(
+            s.push("r: hi"),
+            StopOutcome::Stop("".into(), "\nUser:".into())
+        );
     }
 
     #[test]
     fn releases_a_false_alarm() {
         let mut s = m(&["END"]);
         assert_eq!(s.push("the EN"), StopOutcome::Continue("the ".into()));
-        assert_eq!(s.push("D"), StopOutcome::Stop("".into()));
+        assert_eq!(s.push("D"), StopOutcome::Stop("".into(), "END".into()));
         let mut s = m(&["END"]);
         assert_eq!(s.push("EN"), StopOutcome::Continue("".into()));
         assert_eq!(s.push("ergy"), StopOutcome::Continue("ENergy".into()));
@@ -100,7 +104,7 @@ mod tests {
     #[test]
     fn earliest_stop_wins_and_unicode_is_safe() {
         let mut s = m(&["bb", "a"]);
-        assert_eq!(s.push("xxbba"), StopOutcome::Stop("xx".into()));
+        assert_eq!(s.push("xxbba"), StopOutcome::Stop("xx".into(), "bb".into()));
         let mut s = m(&["é!"]);
         assert_eq!(s.push("caf\u{e9}"), StopOutcome::Continue("caf".into()));
         assert_eq!(s.push("?"), StopOutcome::Continue("\u{e9}?".into()));

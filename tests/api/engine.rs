@@ -44,6 +44,7 @@ fn req(messages: Vec<ChatMessage>, max_tokens: usize) -> GenerateRequest {
         grammar: None,
         tools: None,
         logprobs: None,
+        raw_prompt: None,
     }
 }
 
@@ -158,6 +159,7 @@ async fn stop_strings_end_the_reply_before_them() {
             grammar: None,
             tools: None,
             logprobs: None,
+            raw_prompt: None,
             ..req(vec![user("hello")], 30)
         },
     )
@@ -328,6 +330,7 @@ async fn kept_attention_state_grows_and_follows_edits() {
             grammar: None,
             tools: None,
             logprobs: None,
+            raw_prompt: None,
             ..cold.clone()
         };
         let (w, w_deltas, _) = collect(&h, warm).await;
@@ -351,6 +354,7 @@ async fn kept_attention_state_grows_and_follows_edits() {
             grammar: None,
             tools: None,
             logprobs: None,
+            raw_prompt: None,
             ..req(conversation.clone(), 10)
         },
     )

@@ -4,6 +4,7 @@
 mod common;
 
 mod admin;
+mod anthropic;
 mod audit;
 mod auth;
 mod binary;

@@ -118,6 +118,33 @@ async fn the_openai_python_package_chats_streamed_and_whole() {
         assert!(streamed["pieces"].as_array().unwrap().len() > 1, "{r}");
     }
 
+    // /v1/completions through the same package.
+    let text = &r["text"];
+    assert_eq!(text["object"], "text_completion", "{text}");
+    assert!(text["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(
+        text["streamed"], text["text"],
+        "greedy: the same text streamed"
+    );
+    assert_eq!(text["streamed_finish"], text["finish_reason"]);
+    let n = text["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((1..=8).contains(&n), "{text}");
+    let tokens = text["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len() as u64, n, "{text}");
+    assert!(text["top_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t.as_object().unwrap().len() <= 2));
+    let offsets: Vec<u64> = text["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{text}");
+
     assert_eq!(r["errors"]["model"], json!([404, "model_not_found"]));
     assert_eq!(r["errors"]["key"], json!([401, "invalid_api_key"]));
     assert_eq!(
@@ -128,6 +155,7 @@ async fn the_openai_python_package_chats_streamed_and_whole() {
     // Both completions count in the tenant's usage, under the request's `user`.
     let (st, usage) = s.get("/api/v1/usage?user_id=py-user", &t.key).await;
     assert_eq!(st, StatusCode::OK, "{usage}");
+    // (The completions above name no user.)
     assert_eq!(usage["totals"]["prompt_tokens"], 2 * p);
     assert_eq!(usage["totals"]["completion_tokens"], 2 * c);
     s.stop().await;
@@ -472,5 +500,93 @@ async fn logprobs_and_penalties() {
         let (st, v) = json_of(complete(&s, &t.key, b).await).await;
         assert_eq!(openai_error(st, &v, 400, "validation_error")["param"], k);
     }
+    s.stop().await;
+}
+
+/// `/v1/completions`: the prompt as written (no chat template: fewer tokens than the same
+/// text as a chat message), the template's own markup read as special tokens, streamed and
+/// whole alike; what it cannot do is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_completions() {
+    let s = server(Backend::Sqlite, Default::default(), None).await;
+    let t = s.tenant("acme").await;
+    let post = |body: Value| {
+        let s = &s;
+        let key = t.key.clone();
+        async move {
+            let r = s
+                .http
+                .post(format!("{}/v1/completions", s.base))
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            r
+        }
+    };
+    let body = json!({"model": MODEL, "prompt": "the cat", "max_tokens": 6, "temperature": 0});
+    let (st, v) = json_of(post(body.clone()).await).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    // The byte-level tiny vocabulary: "the cat" is at most 7 tokens, and no template.
+    assert!(prompt_tokens <= 7, "{v}");
+    let (_, chat) = json_of(
+        complete(
+            &s,
+            &t.key,
+            json!({"model": MODEL, "max_tokens": 1,
+        "messages": [{"role": "user", "content": "the cat"}]}),
+        )
+        .await,
+    )
+    .await;
+    assert!(chat["usage"]["prompt_tokens"].as_u64().unwrap() > prompt_tokens + 5);
+    // Special-token text is the special token: one token, not eleven bytes.
+    let (_, special) =
+        json_of(post(json!({"model": MODEL, "prompt": "<|im_start|>", "max_tokens": 1})).await)
+            .await;
+    assert_eq!(special["usage"]["prompt_tokens"], 1, "{special}");
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let data = sse_data(post(streamed).await).await;
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(text, v["choices"][0]["text"].as_str().unwrap());
+    assert!(chunks.iter().all(|c| c["object"] == "text_completion"));
+    assert_eq!(chunks.last().unwrap()["usage"], v["usage"]);
+
+    for (k, val, param) in [
+        ("prompt", json!([1, 2, 3]), "prompt"),
+        ("prompt", json!(["a", "b"]), "prompt"),
+        ("prompt", json!(""), "prompt"),
+        ("echo", json!(true), "echo"),
+        ("suffix", json!("end"), "suffix"),
+        ("best_of", json!(3), "best_of"),
+        ("logprobs", json!(6), "logprobs"),
+        ("n", json!(2), "n"),
+        ("temperature", json!(3), "temperature"),
+    ] {
+        let mut b = body.clone();
+        b[k] = val;
+        let (st, v) = json_of(post(b).await).await;
+        assert_eq!(
+            openai_error(st, &v, 400, "validation_error")["param"],
+            param,
+            "{k}"
+        );
+    }
+    let (st, v) = json_of(post(json!({"model": MODEL, "prompt": "x".repeat(300)})).await).await;
+    assert_eq!(st.as_u16(), 400, "{v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
     s.stop().await;
 }

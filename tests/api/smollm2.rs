@@ -130,6 +130,7 @@ async fn greedy_answer_is_coherent_and_deterministic() {
         grammar: None,
         tools: None,
         logprobs: None,
+        raw_prompt: None,
     };
     let (a, deltas) = run(req.clone()).await;
     let (b, _) = run(req).await;
@@ -175,6 +176,7 @@ async fn seeded_sampling_repeats() {
         grammar: None,
         tools: None,
         logprobs: None,
+        raw_prompt: None,
     };
     let (a, _) = run(req(42)).await;
     let (b, _) = run(req(42)).await;
@@ -207,12 +209,14 @@ async fn kept_attention_state_changes_nothing_but_speed() {
             grammar: None,
             tools: None,
             logprobs: None,
+            raw_prompt: None,
         };
         let warm = GenerateRequest {
             cache_key: Some(chat),
             grammar: None,
             tools: None,
             logprobs: None,
+            raw_prompt: None,
             ..cold.clone()
         };
         let (w, w_deltas) = run(warm).await;
@@ -244,6 +248,7 @@ async fn kept_attention_state_changes_nothing_but_speed() {
         grammar: None,
         tools: None,
         logprobs: None,
+        raw_prompt: None,
     })
     .await;
     assert_eq!(w.cached_tokens, 0);
@@ -264,6 +269,7 @@ async fn batched_replies_equal_solo_replies() {
         grammar: None,
         tools: None,
         logprobs: None,
+        raw_prompt: None,
     };
     let first_turn = vec![msg(Role::User, "What is the capital of France?")];
     let (turn1, _) = run(greedy(first_turn.clone(), Some(chat))).await;

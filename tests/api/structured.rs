@@ -386,7 +386,99 @@ async fn chat_replies_follow_the_chats_format(b: Backend) {
     s.stop().await;
 }
 
+/// A GBNF grammar (llama-server's `grammar` field) over both APIs.
+const GBNF: &str = r#"# an answer, a count and a short list
+root ::= answer ", " count "\n" item{1,3}
+answer ::= "yes" | "no"
+count ::= [1-9] [0-9]{0,2}
+item ::= "- " [a-z]{1,8} "\n"
+"#;
+
+/// The same language as [`GBNF`], to check replies with.
+const GBNF_REGEX: &str = r"\A(yes|no), [1-9][0-9]{0,2}\n(- [a-z]{1,8}\n){1,3}\z";
+
+/// Replies held to a GBNF grammar: chat completions (whole and streamed, the same reply for
+/// the same seed) and text completions; grammars that are not GBNF, or that clash with
+/// another constraint, refused by name.
+async fn gbnf_grammars_hold_replies(b: Backend) {
+    let s = TestServer::start_full(b, Default::default(), tiny_model_batched(None, 2)).await;
+    let t = s.tenant("acme").await;
+    let language = regex::Regex::new(GBNF_REGEX).unwrap();
+    let chat = |seed: u64, stream: bool| {
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "List."}],
+            "max_tokens": 100, "temperature": 1.0, "seed": seed, "stream": stream,
+            "grammar": GBNF})
+    };
+    for seed in 0..4 {
+        let w = whole(&s, &t.key, &chat(seed, false)).await;
+        assert!(language.is_match(&w.0), "seed {seed}: {:?}", w.0);
+        assert_eq!(w.1, "stop", "the grammar ends the reply: {:?}", w.0);
+        assert_eq!(streamed(&s, &t.key, &chat(seed, true)).await, w);
+    }
+    let r = s
+        .http
+        .post(format!("{}/v1/completions", s.base))
+        .bearer_auth(&t.key)
+        .json(&json!({"model": MODEL, "prompt": "Once", "max_tokens": 100,
+            "temperature": 1.0, "seed": 7, "grammar": GBNF}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = r.json().await.unwrap();
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert!(language.is_match(text), "{text:?}");
+    // An empty grammar is none, as llama-server reads it.
+    let mut free = chat(1, false);
+    free["grammar"] = json!("");
+    free["max_tokens"] = json!(5);
+    assert_eq!(post(&s, &t.key, &free).await.status().as_u16(), 200);
+
+    let tool = json!([{"type": "function", "function": {"name": "f",
+        "parameters": {"type": "object"}}}]);
+    for (change, param, needle) in [
+        (
+            json!({"grammar": "root ::= \"a\"\nitem ::= [a-"}),
+            "grammar",
+            "is not a valid GBNF grammar: line 2, column 10",
+        ),
+        (
+            json!({"grammar": "root ::= item"}),
+            "grammar",
+            "refers to \"item\", which is not defined",
+        ),
+        (
+            json!({"grammar": "root: \"lark is not gbnf\""}),
+            "grammar",
+            "expected '::='",
+        ),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "grammar",
+            "cannot be combined with response_format",
+        ),
+        (
+            json!({"tools": tool}),
+            "grammar",
+            "cannot be combined with tools",
+        ),
+    ] {
+        let mut body = chat(0, false);
+        for (k, v) in change.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = post(&s, &t.key, &body).await;
+        assert_eq!(r.status().as_u16(), 400, "{change}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["param"], param, "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{change}: {message}");
+    }
+    s.stop().await;
+}
+
 crate::backend_tests!(
+    gbnf_grammars_hold_replies,
     chat_replies_follow_the_chats_format,
     replies_match_their_schema,
     batched_replies_keep_their_own_grammar,

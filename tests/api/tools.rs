@@ -15,7 +15,7 @@ use crate::structured::check;
 const MODEL: &str = "tiny-llama";
 
 /// The tiny model with room for the tool prompt, which its byte tokens spell out long.
-fn tiny_model(max_batch: usize) -> ModelSlot {
+pub(crate) fn tiny_model(max_batch: usize) -> ModelSlot {
     static PATH: std::sync::OnceLock<(tempfile::TempDir, std::path::PathBuf)> =
         std::sync::OnceLock::new();
     let (_, path) = PATH.get_or_init(|| {
@@ -32,7 +32,7 @@ fn tiny_model(max_batch: usize) -> ModelSlot {
     ModelSlot::new(ModelStatus::Ready(handle))
 }
 
-fn tools() -> Value {
+pub(crate) fn tools() -> Value {
     json!([
         {"type": "function", "function": {"name": "pick", "description": "Pick a thing.",
             "parameters": {"type": "object", "properties": {
@@ -46,7 +46,7 @@ fn tools() -> Value {
     ])
 }
 
-fn schema_of(name: &str) -> Value {
+pub(crate) fn schema_of(name: &str) -> Value {
     tools()
         .as_array()
         .unwrap()

@@ -63,6 +63,30 @@ out["streamed"] = {
     "ids": len(ids),
 }
 
+# The legacy completions API: a prompt continued as written, whole and streamed.
+prompt = "Once upon a time"
+text = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
+                                 logprobs=2)
+text_pieces, text_finish = [], None
+for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=8,
+                                       temperature=0, stream=True):
+    for choice in chunk.choices:
+        text_pieces.append(choice.text)
+        text_finish = choice.finish_reason or text_finish
+out["text"] = {
+    "object": text.object,
+    "id": text.id,
+    "text": text.choices[0].text,
+    "finish_reason": text.choices[0].finish_reason,
+    "tokens": text.choices[0].logprobs.tokens,
+    "token_logprobs": text.choices[0].logprobs.token_logprobs,
+    "top_logprobs": text.choices[0].logprobs.top_logprobs,
+    "text_offset": text.choices[0].logprobs.text_offset,
+    "usage": text.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"}),
+    "streamed": "".join(text_pieces),
+    "streamed_finish": text_finish,
+}
+
 # Errors arrive as the package's own exception types, with our code.
 errors = {}
 try:

@@ -1,5 +1,6 @@
-//! The OpenAI-compatible API: `GET /v1/models`, `GET /v1/models/{id}` and
-//! `POST /v1/chat/completions` (streamed as server-sent events, or whole).
+//! The OpenAI-compatible API: `GET /v1/models`, `GET /v1/models/{id}`,
+//! `POST /v1/chat/completions` and `POST /v1/completions` (a prompt continued as written,
+//! without the chat template), streamed as server-sent events or whole.
 //!
 //! Stateless, as OpenAI clients expect: the conversation comes in the request and nothing
 //! is stored but the token usage. Authentication (`Authorization: Bearer <key>` or
@@ -18,18 +19,12 @@ use poem::web::sse::{Event as SseEvent, SSE};
 use poem::web::{Data, Json, Path};
 use poem::{Body, IntoResponse, Request, Response};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
-use super::auth::Caller;
-use super::middleware::Authenticated;
+use super::stateless::{self, caller_of, check_model, engine_of, Piece, Running};
 use super::AppState;
-use crate::chat::budget::Hold;
-use crate::chat::{ChatService, Slot};
 use crate::engine::tools::parse::{parse_reply, ToolCallParser, ToolEvent};
 use crate::engine::tools::ToolFormat;
-use crate::engine::{
-    EngineError, EngineHandle, Generation, GenerationEvent, GenerationSummary, TokenLogprob,
-};
+use crate::engine::{EngineHandle, TokenLogprob};
 use crate::error::ApiError;
 use wire::{Chunk, ChunkChoice, Delta, FunctionDelta, ToolCallDelta, UsageOut};
 
@@ -113,27 +108,20 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn caller_of(req: &Request) -> Result<Caller> {
-    // The middleware authenticated every `/v1` request before it got here.
-    req.extensions()
-        .get::<Authenticated>()
-        .map(|a| a.0.clone())
-        .ok_or(OpenAiError(ApiError::Internal))
-}
-
-fn engine_of(state: &AppState) -> Result<EngineHandle> {
-    state
-        .model
-        .engine()
-        .ok_or(OpenAiError(ApiError::ModelNotReady))
-}
-
+/// The loaded model as both OpenAI's clients (`object`, `created`, `owned_by`) and
+/// Anthropic's (`type`, `display_name`, `created_at`) read a model, so one route serves both.
 fn model_object(engine: &EngineHandle) -> Value {
+    let created_at = chrono::DateTime::from_timestamp(engine.info.loaded_at as i64, 0)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     json!({
         "id": engine.info.id,
         "object": "model",
         "created": engine.info.loaded_at,
         "owned_by": "confab",
+        "type": "model",
+        "display_name": engine.info.id,
+        "created_at": created_at,
         // What llama-server reports under `meta`: enough to tell which file is loaded.
         "meta": {
             "architecture": engine.info.architecture,
@@ -149,7 +137,8 @@ fn respond(r: Result<Response>) -> Response {
     r.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// `GET /v1/models`: the loaded model.
+/// `GET /v1/models`: the loaded model, in a list both OpenAI's and Anthropic's clients page
+/// through.
 #[poem::handler]
 pub async fn models(req: &Request, state: Data<&AppState>) -> Response {
     respond(list_models(req, &state))
@@ -158,7 +147,12 @@ pub async fn models(req: &Request, state: Data<&AppState>) -> Response {
 fn list_models(req: &Request, state: &AppState) -> Result<Response> {
     caller_of(req)?;
     let engine = engine_of(state)?;
-    Ok(Json(json!({"object": "list", "data": [model_object(&engine)]})).into_response())
+    let id = &engine.info.id;
+    Ok(
+        Json(json!({"object": "list", "data": [model_object(&engine)],
+        "has_more": false, "first_id": id, "last_id": id}))
+        .into_response(),
+    )
 }
 
 /// `GET /v1/models/{id}`.
@@ -178,60 +172,45 @@ fn find_model(req: &Request, id: &str, state: &AppState) -> Result<Response> {
     Ok(Json(model_object(&engine)).into_response())
 }
 
-fn check_model(engine: &EngineHandle, model: &str) -> Result<()> {
-    if model == engine.info.id {
-        Ok(())
-    } else {
-        Err(OpenAiError(ApiError::ModelNotFound {
-            model: model.to_string(),
-            available: vec![engine.info.id.clone()],
-        }))
-    }
-}
-
-/// What the generation task hands the request handler.
-enum Piece {
-    Started,
-    Delta(String, Vec<TokenLogprob>),
-    Done(GenerationSummary),
-}
-
 /// `POST /v1/chat/completions`.
 #[poem::handler]
 pub async fn chat_completions(req: &Request, body: Body, state: Data<&AppState>) -> Response {
-    respond(complete(req, body, &state).await)
+    respond(complete(req, body, &state, Api::Chat).await)
 }
 
-/// The engine refusing a request: a prompt that does not fit is worded with the request's
-/// `max_tokens` (`too_long`); the rest map as everywhere (`From<EngineError>`).
-fn refusal(e: EngineError, too_long: impl FnOnce() -> ApiError) -> ApiError {
-    match e {
-        EngineError::PromptTooLong { .. } | EngineError::ContextFull { .. } => too_long(),
-        other => other.into(),
-    }
+/// `POST /v1/completions`.
+#[poem::handler]
+pub async fn completions(req: &Request, body: Body, state: Data<&AppState>) -> Response {
+    respond(complete(req, body, &state, Api::Text).await)
 }
 
-async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Response> {
+/// Which of the two completion APIs a request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    /// `/v1/chat/completions`: messages through the chat template.
+    Chat,
+    /// `/v1/completions`: a prompt as written.
+    Text,
+}
+
+async fn complete(req: &Request, body: Body, state: &AppState, api: Api) -> Result<Response> {
     let caller = caller_of(req)?;
-    let tenant = caller.tenant;
     let engine = engine_of(state)?;
     let bytes = body.into_vec().await.map_err(|e| ApiError::InvalidBody {
         reason: e.to_string(),
     })?;
     let context = engine.info.context_length;
-    let mut completion = wire::parse(
-        &bytes,
-        state.chat.settings().default_max_tokens,
-        context,
-        state.limits.max_request_messages,
-    )?;
-    // A user token's completions are its user's: `user` may only name that user.
-    if let Some(u) = &caller.user {
-        if completion.user != wire::ANONYMOUS_USER {
-            caller.may_act_for(&completion.user)?;
-        }
-        completion.user = u.clone();
-    }
+    let default_max_tokens = state.chat.settings().default_max_tokens;
+    let mut completion = match api {
+        Api::Chat => wire::parse(
+            &bytes,
+            default_max_tokens,
+            context,
+            state.limits.max_request_messages,
+        )?,
+        Api::Text => wire::parse_text(&bytes, default_max_tokens, context)?,
+    };
+    completion.user = stateless::user_of(&caller, completion.user, wire::ANONYMOUS_USER)?;
     check_model(&engine, &completion.model)?;
     // Replies that may call tools are read for calls in the loaded model's format.
     let tool_format = completion
@@ -241,59 +220,55 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
         .filter(|t| !t.offered().is_empty())
         .map(|_| engine.tool_style().format);
     let logprobs = completion.request.logprobs.is_some();
-    let max_tokens = completion.request.max_tokens;
-    let too_long = || ApiError::ContextLengthExceeded {
-        max_tokens,
-        context,
-    };
-    // The prompt is built (and refused when it cannot fit) before the request takes a
-    // reply slot or reaches the engine: a prompt that is too long costs its sender only.
-    let prepared = engine
-        .prepare(completion.request)
-        .await
-        .map_err(|e| refusal(e, too_long))?;
-    if prepared.dropped_messages() > 0 {
-        // The engine keeps a chat going by leaving out its oldest turns; a stateless client
-        // sent exactly the conversation it wants answered.
-        return Err(too_long().into());
-    }
-    // Held against the budgets until the completion's usage is recorded.
-    let hold = state
-        .chat
-        .hold_budget(
-            tenant,
-            &completion.user,
-            prepared.prompt_tokens() + prepared.max_tokens(),
-        )
-        .await?;
-    let slot = state.chat.acquire(tenant).await?;
-    let generation = engine
-        .submit(prepared, slot.cancel.clone())
-        .map_err(ApiError::from)?;
-    let mut pieces = drive(
-        state.chat.clone(),
+    let running = stateless::start(
+        state,
+        &engine,
         caller,
         completion.user,
-        (slot, hold),
-        generation,
-    );
-    let first = match pieces.recv().await {
-        Some(Piece::Started) => None,
-        Some(p) => Some(p),
-        None => return Err(ApiError::GenerationFailed("the engine stopped".into()).into()),
-    };
-    if let Some(Piece::Done(s)) = &first {
-        if let Some(e) = &s.error {
-            return Err(refusal(e.clone(), too_long).into());
-        }
-    }
-    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+        completion.request,
+        completion.grammar_field,
+    )
+    .await?;
     let model = engine.info.id.clone();
     let created = unix_now();
+    if api == Api::Text {
+        let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+        let reply = Reply {
+            id,
+            model,
+            created,
+            include_usage: completion.include_usage,
+            tool_format: None,
+            logprobs,
+        };
+        if completion.stream {
+            return Ok(SSE::new(text_sse_events(running, reply))
+                .keep_alive(std::time::Duration::from_secs(15))
+                .into_response());
+        }
+        let summary = running.finish().await?;
+        let body = wire::TextCompletion {
+            id: &reply.id,
+            object: "text_completion",
+            created,
+            model: &reply.model,
+            choices: vec![wire::TextChoice {
+                text: summary.text,
+                index: 0,
+                logprobs: logprobs.then(|| wire::TextLogprobs::new(summary.logprobs, 0)),
+                finish_reason: Some(wire::finish_reason(summary.finish_reason, false)),
+            }],
+            usage: Some(UsageOut::new(
+                summary.prompt_tokens,
+                summary.completion_tokens,
+            )),
+        };
+        return Ok(Json(serde_json::to_value(&body).unwrap_or_default()).into_response());
+    }
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     if completion.stream {
         let events = sse_events(
-            first,
-            pieces,
+            running,
             Reply {
                 id,
                 model,
@@ -307,21 +282,7 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
             .keep_alive(std::time::Duration::from_secs(15))
             .into_response());
     }
-    let mut pending = first;
-    let summary = loop {
-        let next = match pending.take() {
-            Some(p) => Some(p),
-            None => pieces.recv().await,
-        };
-        match next {
-            Some(Piece::Done(s)) => break s,
-            Some(_) => {}
-            None => return Err(ApiError::GenerationFailed("the engine stopped".into()).into()),
-        }
-    };
-    if let Some(e) = summary.error {
-        return Err(ApiError::from(e).into());
-    }
+    let summary = running.finish().await?;
     let reply = match tool_format {
         Some(format) => parse_reply(format, &summary.text),
         None => crate::engine::tools::parse::ParsedReply {
@@ -350,47 +311,85 @@ async fn complete(req: &Request, body: Body, state: &AppState) -> Result<Respons
     .into_response())
 }
 
-/// Runs the generation to its end on its own task, holding the slot, and counts its
-/// tokens, whether or not the client stays: a client that leaves only cancels it.
-fn drive(
-    chat: ChatService,
-    caller: Caller,
-    user: String,
-    held: (Slot, Option<Hold>),
-    mut generation: Generation,
-) -> mpsc::UnboundedReceiver<Piece> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        // The hold goes after the usage is recorded (below), with the slot.
-        let _held = held;
-        let mut gaps = crate::metrics::TokenGaps::default();
-        while let Some(event) = generation.events.recv().await {
-            let piece = match event {
-                GenerationEvent::Started { .. } => Piece::Started,
-                GenerationEvent::Delta { text, logprobs, .. } => {
-                    gaps.tick();
-                    Piece::Delta(text, logprobs)
+/// The SSE body of `/v1/completions`: one `text_completion` chunk per delta, a last one
+/// with the finish reason (then the usage, when asked for), then `[DONE]`.
+fn text_sse_events(
+    running: Running,
+    reply: Reply,
+) -> impl futures_util::Stream<Item = SseEvent> + Send + 'static {
+    let Reply {
+        id,
+        model,
+        created,
+        include_usage,
+        logprobs,
+        ..
+    } = reply;
+    let event = move |choices: Vec<wire::TextChoice>, usage: Option<UsageOut>| {
+        let c = wire::TextCompletion {
+            id: &id,
+            object: "text_completion",
+            created,
+            model: &model,
+            choices,
+            usage,
+        };
+        SseEvent::message(serde_json::to_string(&c).unwrap_or_default())
+    };
+    // Characters sent so far (the logprobs' text offsets).
+    let state = (running, false, 0usize);
+    futures_util::stream::unfold(state, move |(mut running, ended, mut sent)| {
+        let event = event.clone();
+        async move {
+            if ended {
+                return None;
+            }
+            let piece = running.next().await;
+            let choice = |text: String, tokens: Vec<TokenLogprob>, at: usize, f| wire::TextChoice {
+                text,
+                index: 0,
+                logprobs: logprobs.then(|| wire::TextLogprobs::new(tokens, at)),
+                finish_reason: f,
+            };
+            let out = match piece {
+                Some(Piece::Started) => Vec::new(),
+                Some(Piece::Delta(text, tokens)) => {
+                    let at = sent;
+                    sent += text.chars().count();
+                    vec![event(vec![choice(text, tokens, at, None)], None)]
                 }
-                GenerationEvent::Finished(summary) => {
-                    chat.account(
-                        caller.tenant,
-                        &user,
-                        caller.key_id,
-                        summary.prompt_tokens,
-                        summary.completion_tokens,
-                        summary.time_to_first_token,
-                    )
-                    .await;
-                    let _ = tx.send(Piece::Done(summary));
-                    return;
+                Some(Piece::Done(s)) => {
+                    let mut out = Vec::new();
+                    if let Some(e) = s.error.clone() {
+                        out.push(SseEvent::message(
+                            OpenAiError(ApiError::from(e)).body().to_string(),
+                        ));
+                    } else {
+                        let finish = Some(wire::finish_reason(s.finish_reason, false));
+                        out.push(event(
+                            vec![choice(String::new(), Vec::new(), sent, finish)],
+                            None,
+                        ));
+                        if include_usage {
+                            let usage = UsageOut::new(s.prompt_tokens, s.completion_tokens);
+                            out.push(event(Vec::new(), Some(usage)));
+                        }
+                    }
+                    out.push(SseEvent::message("[DONE]"));
+                    return Some((out, (running, true, sent)));
+                }
+                None => {
+                    let err = OpenAiError(ApiError::GenerationFailed("the engine stopped".into()));
+                    return Some((
+                        vec![SseEvent::message(err.body().to_string())],
+                        (running, true, sent),
+                    ));
                 }
             };
-            if tx.send(piece).is_err() {
-                generation.cancel.cancel();
-            }
+            Some((out, (running, false, sent)))
         }
-    });
-    rx
+    })
+    .flat_map(futures_util::stream::iter)
 }
 
 /// What every chunk of a streamed reply says, and how its text is read.
@@ -451,8 +450,7 @@ fn tool_deltas(events: Vec<ToolEvent>) -> Vec<Delta> {
 /// tool call), a last one with the finish reason (and the usage, when asked for), then
 /// `[DONE]`.
 fn sse_events(
-    first: Option<Piece>,
-    pieces: mpsc::UnboundedReceiver<Piece>,
+    running: Running,
     reply: Reply,
 ) -> impl futures_util::Stream<Item = SseEvent> + Send + 'static {
     let Reply {
@@ -498,20 +496,17 @@ fn sse_events(
     let parser = tool_format.map(ToolCallParser::new);
     // Log-probabilities received and not yet sent (a delta the tool-call parser holds
     // back makes no chunk), and how many were received.
-    let state = (Some(first), pieces, false, parser, (Vec::new(), 0usize));
+    let state = (running, false, parser, (Vec::new(), 0usize));
     let rest = futures_util::stream::unfold(
         state,
-        move |(mut first, mut pieces, ended, mut parser, (mut held, mut received))| {
+        move |(mut running, ended, mut parser, (mut held, mut received))| {
             let chunk = chunk.clone();
             let message = message.clone();
             async move {
                 if ended {
                     return None;
                 }
-                let piece = match first.take().flatten() {
-                    Some(p) => Some(p),
-                    None => pieces.recv().await,
-                };
+                let piece = running.next().await;
                 let out: Vec<SseEvent> = match piece {
                     Some(Piece::Started) => Vec::new(),
                     Some(Piece::Delta(text, tokens)) => {
@@ -556,18 +551,18 @@ fn sse_events(
                             }
                         }
                         out.push(SseEvent::message("[DONE]"));
-                        return Some((out, (None, pieces, true, parser, (held, received))));
+                        return Some((out, (running, true, parser, (held, received))));
                     }
                     None => {
                         let err =
                             OpenAiError(ApiError::GenerationFailed("the engine stopped".into()));
                         return Some((
                             vec![SseEvent::message(err.body().to_string())],
-                            (None, pieces, true, parser, (held, received)),
+                            (running, true, parser, (held, received)),
                         ));
                     }
                 };
-                Some((out, (None, pieces, false, parser, (held, received))))
+                Some((out, (running, false, parser, (held, received))))
             }
         },
     );

@@ -1,20 +1,24 @@
-//! The OpenAI chat-completions wire format: what clients send, how it becomes an engine
-//! request, and what goes back.
+//! The OpenAI wire format of chat completions and (legacy) text completions: what clients
+//! send, how it becomes an engine request, and what goes back.
 //!
 //! Requests are read field by field with the field's path in every error
 //! (`messages[2].content: invalid type…`), because OpenAI clients are generated code whose
 //! users need to know which of many fields was wrong. Unknown fields are ignored (clients
-//! send many we have no use for); known fields we cannot honour (`n > 1`, logprobs,
-//! penalties we do not implement) are refused by name rather than silently dropped.
-//! `response_format` (`json_object`, `json_schema`) constrains decoding to the schema;
-//! `tools` and `tool_choice` offer functions to the model (calls are read out of the reply
-//! by `engine::tools::parse`), and `tool` messages bring their results back.
+//! send many we have no use for); known fields we cannot honour (`n > 1`, `echo`, `suffix`,
+//! prompts as token ids) are refused by name rather than silently dropped.
+//! `response_format` (`json_object`, `json_schema`) constrains decoding to the schema, and
+//! `grammar` (llama-server's extension) to a GBNF grammar; `tools` and `tool_choice` offer
+//! functions to the model (calls are read out of the reply by `engine::tools::parse`), and
+//! `tool` messages bring their results back.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::api::offered_tools;
+use crate::api::stateless::read;
 use crate::chat::sampling_for;
 use crate::domain::{self, generation, validate_user_id, ChatConfig, ValidationError};
+use crate::engine::constraint::gbnf;
 use crate::engine::{
     ChatMessage, FinishReason, GenerateRequest, Grammar, Speaker, TokenLogprob, ToolCall,
     ToolChoice, ToolSpec, ToolUse,
@@ -24,10 +28,10 @@ use crate::error::ApiError;
 /// Usage of requests that name no `user` is counted under this user id.
 pub const ANONYMOUS_USER: &str = "(openai)";
 
+/// What chat completions and (legacy) completions share: sampling, limits, streaming, user.
 #[derive(Debug, Deserialize)]
-struct Request {
+struct Settings {
     model: String,
-    messages: Vec<InMessage>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     temperature: Option<f64>,
@@ -43,13 +47,43 @@ struct Request {
     n: Option<u64>,
     presence_penalty: Option<f64>,
     frequency_penalty: Option<f64>,
+    /// Extension (llama-server): a GBNF grammar the reply must match; empty means none.
+    grammar: Option<String>,
+    user: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Request {
+    #[serde(flatten)]
+    settings: Settings,
+    messages: Vec<InMessage>,
     logprobs: Option<bool>,
     top_logprobs: Option<u64>,
     tools: Option<Vec<ToolIn>>,
     tool_choice: Option<ToolChoiceIn>,
     parallel_tool_calls: Option<bool>,
     response_format: Option<ResponseFormat>,
-    user: Option<String>,
+}
+
+/// A `/v1/completions` request: a prompt to continue as written.
+#[derive(Debug, Deserialize)]
+struct TextRequest {
+    #[serde(flatten)]
+    settings: Settings,
+    prompt: Prompt,
+    /// How many alternatives to report per token (0 to 5), as the legacy API has it.
+    logprobs: Option<u64>,
+    echo: Option<bool>,
+    suffix: Option<String>,
+    best_of: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<Value>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,9 +160,6 @@ struct InMessage {
     tool_call_id: Option<String>,
 }
 
-/// Most tools a request may offer (OpenAI's own limit).
-pub const MAX_TOOLS: usize = 128;
-
 #[derive(Debug, Deserialize)]
 struct ToolIn {
     #[serde(rename = "type")]
@@ -175,14 +206,6 @@ struct CalledFunction {
     arguments: String,
 }
 
-/// OpenAI's rule for function names.
-fn valid_function_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
 /// The request's tools and tool choice, checked.
 fn tool_use(
     tools: Option<Vec<ToolIn>>,
@@ -190,13 +213,7 @@ fn tool_use(
     parallel: Option<bool>,
 ) -> Result<Option<ToolUse>, ApiError> {
     let tools = tools.unwrap_or_default();
-    if tools.len() > MAX_TOOLS {
-        return Err(invalid(
-            "tools",
-            format!("may hold at most {MAX_TOOLS} tools, got {}", tools.len()),
-            json!({"max_items": MAX_TOOLS}),
-        ));
-    }
+    offered_tools::check_count(tools.len())?;
     let mut specs: Vec<ToolSpec> = Vec::with_capacity(tools.len());
     for (i, t) in tools.into_iter().enumerate() {
         if t.kind != "function" {
@@ -213,44 +230,19 @@ fn tool_use(
                 json!({"required": ["name"]}),
             ));
         };
-        if !valid_function_name(&f.name) {
-            return Err(invalid(
-                &format!("tools[{i}].function.name"),
-                format!(
-                    "must be 1 to 64 letters, digits, underscores or dashes, got {:?}",
-                    f.name
-                ),
-                json!({"pattern": "^[a-zA-Z0-9_-]{1,64}$"}),
-            ));
-        }
-        if specs.iter().any(|s| s.name == f.name) {
-            return Err(invalid(
-                &format!("tools[{i}].function.name"),
-                format!("{:?} names two tools", f.name),
-                json!({"unique": true}),
-            ));
-        }
-        let parameters = match f.parameters {
-            None => json!({"type": "object", "properties": {}}),
-            Some(p @ Value::Object(_)) => p,
-            Some(_) => {
-                return Err(invalid(
-                    &format!("tools[{i}].function.parameters"),
-                    "must be a JSON Schema object",
-                    json!({"type": "object"}),
-                ))
-            }
-        };
-        specs.push(ToolSpec {
-            name: f.name,
-            description: f.description,
-            parameters,
-        });
+        let at = format!("tools[{i}].function");
+        offered_tools::add(
+            &mut specs,
+            &at,
+            "parameters",
+            f.name,
+            f.description,
+            f.parameters,
+        )?;
     }
     let choice = match choice {
-        None if specs.is_empty() => return Ok(None),
-        None => ToolChoice::Auto,
-        Some(ToolChoiceIn::Mode(m)) => match m.as_str() {
+        None => None,
+        Some(ToolChoiceIn::Mode(m)) => Some(match m.as_str() {
             "none" => ToolChoice::None,
             "auto" => ToolChoice::Auto,
             "required" => ToolChoice::Required,
@@ -261,7 +253,7 @@ fn tool_use(
                     json!({"allowed": ["none", "auto", "required", {"type": "function", "function": {"name": "…"}}]}),
                 ))
             }
-        },
+        }),
         Some(ToolChoiceIn::Function { kind, function }) => {
             if kind != "function" {
                 return Err(invalid(
@@ -270,31 +262,14 @@ fn tool_use(
                     json!({"allowed": ["function"]}),
                 ));
             }
-            if !specs.iter().any(|s| s.name == function.name) {
-                return Err(invalid(
-                    "tool_choice.function.name",
-                    format!("{:?} is not one of the request's tools", function.name),
-                    json!({"allowed": specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>()}),
-                ));
-            }
-            ToolChoice::Named(function.name)
+            Some(offered_tools::named(
+                &specs,
+                "tool_choice.function.name",
+                function.name,
+            )?)
         }
     };
-    if specs.is_empty() {
-        return match choice {
-            ToolChoice::None | ToolChoice::Auto => Ok(None),
-            _ => Err(invalid(
-                "tool_choice",
-                "needs tools to choose from",
-                json!({"requires": "tools"}),
-            )),
-        };
-    }
-    Ok(Some(ToolUse {
-        tools: specs,
-        choice,
-        parallel: parallel.unwrap_or(true),
-    }))
+    offered_tools::tool_use(specs, choice, parallel.unwrap_or(true))
 }
 
 /// The text of a message's `content` (a string, or text parts joined).
@@ -350,6 +325,9 @@ pub struct Completion {
     pub include_usage: bool,
     /// Whose usage this is (the request's `user`, or [`ANONYMOUS_USER`]).
     pub user: String,
+    /// The field that set the request's grammar (`grammar`, `response_format`, `tools`), for
+    /// naming it when the grammar cannot be enforced.
+    pub grammar_field: &'static str,
 }
 
 fn invalid(field: &str, message: impl Into<String>, rule: Value) -> ApiError {
@@ -381,31 +359,7 @@ pub fn parse(
     context: usize,
     max_messages: usize,
 ) -> Result<Completion, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    let r: Request = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            return ApiError::InvalidJson {
-                reason: inner.to_string(),
-                line: inner.line(),
-                column: inner.column(),
-            };
-        }
-        let field = if path == "." {
-            "body".to_string()
-        } else {
-            path
-        };
-        let message = inner.to_string();
-        // serde's message ends with " at line L column C", which says nothing useful here.
-        let message = message
-            .rsplit_once(" at line ")
-            .map_or(message.as_str(), |(m, _)| m)
-            .to_string();
-        invalid(&field, message, json!({}))
-    })?;
-
+    let r: Request = read(body)?;
     if r.messages.is_empty() {
         return Err(invalid(
             "messages",
@@ -493,9 +447,6 @@ pub fn parse(
         messages.push(message);
     }
 
-    if r.n.is_some_and(|n| n != 1) {
-        return Err(unsupported("n", "one choice per request"));
-    }
     let logprobs = match (r.logprobs, r.top_logprobs) {
         (Some(true), top) => {
             let top = top.unwrap_or(0);
@@ -512,6 +463,102 @@ pub fn parse(
         _ => None,
     };
     let tools = tool_use(r.tools, r.tool_choice, r.parallel_tool_calls)?;
+    let format = match r.response_format {
+        Some(f) => format_of(f)?.as_ref().map(Grammar::from),
+        None => None,
+    };
+    let mut c = settings(r.settings, default_max_tokens, context)?;
+    if let Some(format) = format {
+        if c.request.grammar.is_some() {
+            return Err(invalid(
+                "grammar",
+                "cannot be combined with response_format (each constrains the whole reply); send one of them",
+                json!({"conflicts_with": "response_format"}),
+            ));
+        }
+        c.request.grammar = Some(format);
+        c.grammar_field = "response_format";
+    }
+    if c.request.grammar.is_some() && tools.as_ref().is_some_and(|t| !t.offered().is_empty()) {
+        return Err(invalid(
+            c.grammar_field,
+            format!(
+                "cannot be combined with tools the model may call (a reply either matches the {} or calls tools); set tool_choice to \"none\" or leave out {}",
+                if c.grammar_field == "grammar" { "grammar" } else { "format" },
+                c.grammar_field
+            ),
+            json!({"conflicts_with": "tools"}),
+        ));
+    }
+    if tools.as_ref().is_some_and(|t| !t.offered().is_empty()) {
+        c.grammar_field = "tools";
+    }
+    c.request.messages = messages;
+    c.request.tools = tools;
+    c.request.logprobs = logprobs;
+    Ok(c)
+}
+
+/// Most alternatives per token the legacy completions API reports (OpenAI's limit).
+pub const MAX_COMPLETION_LOGPROBS: u64 = 5;
+
+/// Reads and checks a `/v1/completions` body (see [`parse`]).
+pub fn parse_text(
+    body: &[u8],
+    default_max_tokens: u32,
+    context: usize,
+) -> Result<Completion, ApiError> {
+    let r: TextRequest = read(body)?;
+    let prompt = match r.prompt {
+        Prompt::Text(t) => t,
+        Prompt::Texts(mut v) if v.len() == 1 => v.remove(0),
+        Prompt::Texts(_) => return Err(unsupported("prompt", "one prompt per request")),
+        Prompt::Tokens(ids) => {
+            return Err(unsupported(
+                "prompt",
+                &format!("prompts as token ids ({} sent); send text", ids.len()),
+            ))
+        }
+    };
+    crate::domain::reject_nul("prompt", &prompt).map_err(ApiError::Validation)?;
+    if prompt.is_empty() {
+        return Err(invalid(
+            "prompt",
+            "must not be empty",
+            json!({"min_length": 1}),
+        ));
+    }
+    if r.echo == Some(true) {
+        return Err(unsupported("echo", "the reply holds the completion only"));
+    }
+    if r.suffix.is_some_and(|s| !s.is_empty()) {
+        return Err(unsupported("suffix", "no insertion after a suffix"));
+    }
+    if r.best_of.is_some_and(|n| n != 1) {
+        return Err(unsupported("best_of", "one candidate per request"));
+    }
+    let logprobs = match r.logprobs {
+        None => None,
+        Some(n) if n <= MAX_COMPLETION_LOGPROBS => Some(n as usize),
+        Some(n) => {
+            return Err(invalid(
+                "logprobs",
+                format!("must be from 0 to {MAX_COMPLETION_LOGPROBS}, got {n}"),
+                json!({"minimum": 0, "maximum": MAX_COMPLETION_LOGPROBS}),
+            ))
+        }
+    };
+    let mut c = settings(r.settings, default_max_tokens, context)?;
+    c.request.raw_prompt = Some(prompt);
+    c.request.logprobs = logprobs;
+    Ok(c)
+}
+
+/// Checks what both APIs share; the request it returns has no prompt yet.
+fn settings(r: Settings, default_max_tokens: u32, context: usize) -> Result<Completion, ApiError> {
+    if r.n.is_some_and(|n| n != 1) {
+        return Err(unsupported("n", "one choice per request"));
+    }
     within(
         "presence_penalty",
         r.presence_penalty,
@@ -522,17 +569,6 @@ pub fn parse(
         r.frequency_penalty,
         generation::FREQUENCY_PENALTY,
     )?;
-    let grammar = match r.response_format {
-        Some(f) => format_of(f)?.as_ref().map(Grammar::from),
-        None => None,
-    };
-    if grammar.is_some() && tools.as_ref().is_some_and(|t| !t.offered().is_empty()) {
-        return Err(invalid(
-            "response_format",
-            "cannot be combined with tools the model may call (a reply either matches the format or calls tools); set tool_choice to \"none\" or leave out response_format",
-            json!({"conflicts_with": "tools"}),
-        ));
-    }
     within("temperature", r.temperature, generation::TEMPERATURE)?;
     within("top_p", r.top_p, generation::TOP_P)?;
     within(
@@ -567,6 +603,20 @@ pub fn parse(
         field: "stop".into(),
         ..e
     })?;
+    let grammar = match r.grammar.filter(|g| !g.is_empty()) {
+        Some(g) => {
+            crate::domain::reject_nul("grammar", &g).map_err(ApiError::Validation)?;
+            let lark = gbnf::to_lark(&g).map_err(|e| {
+                invalid(
+                    "grammar",
+                    format!("is not a valid GBNF grammar: {e}"),
+                    json!({"format": "GBNF (llama.cpp)"}),
+                )
+            })?;
+            Some(Grammar::Lark(lark))
+        }
+        None => None,
+    };
     let user = match r.user {
         Some(u) => {
             validate_user_id("user", &u).map_err(ApiError::Validation)?;
@@ -592,14 +642,15 @@ pub fn parse(
     Ok(Completion {
         model: r.model,
         request: GenerateRequest {
-            messages,
+            messages: Vec::new(),
+            raw_prompt: None,
             sampling,
             max_tokens,
             stop,
             cache_key: None,
             grammar,
-            tools,
-            logprobs,
+            tools: None,
+            logprobs: None,
         },
         stream: r.stream.unwrap_or(false),
         include_usage: r
@@ -607,6 +658,7 @@ pub fn parse(
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         user,
+        grammar_field: "grammar",
     })
 }
 
@@ -748,6 +800,62 @@ impl LogprobsOut {
             refusal: None,
         }
     }
+}
+
+/// The legacy API's log-probabilities: parallel lists, one entry per token.
+#[derive(Debug, Serialize)]
+pub struct TextLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<serde_json::Map<String, Value>>,
+    /// Where each token starts in the completion's text, in characters.
+    pub text_offset: Vec<usize>,
+}
+
+impl TextLogprobs {
+    /// The entries of `tokens`, whose text starts `offset` characters into the completion.
+    pub fn new(tokens: Vec<TokenLogprob>, mut offset: usize) -> TextLogprobs {
+        let mut out = TextLogprobs {
+            tokens: Vec::new(),
+            token_logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
+            text_offset: Vec::new(),
+        };
+        for t in tokens {
+            out.text_offset.push(offset);
+            offset += t.token.chars().count();
+            out.token_logprobs.push(t.logprob);
+            out.top_logprobs.push(
+                t.top
+                    .into_iter()
+                    .map(|(text, _, lp)| (text, json!(lp)))
+                    .collect(),
+            );
+            out.tokens.push(t.token);
+        }
+        out
+    }
+}
+
+/// A `/v1/completions` choice, whole or streamed (then `text` is the new piece).
+#[derive(Debug, Serialize)]
+pub struct TextChoice {
+    pub text: String,
+    pub index: u32,
+    pub logprobs: Option<TextLogprobs>,
+    pub finish_reason: Option<&'static str>,
+}
+
+/// A `/v1/completions` reply, or one chunk of a streamed one (same object, as OpenAI sends).
+#[derive(Debug, Serialize)]
+pub struct TextCompletion<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: Vec<TextChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageOut>,
 }
 
 /// A whole (non-streamed) completion.

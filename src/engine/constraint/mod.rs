@@ -1,12 +1,15 @@
-//! Constrained decoding: a grammar (any JSON object, a JSON Schema, a Lark grammar) becomes,
-//! at every step of a sequence, the set of tokens that keep the output valid; the others are
-//! masked out before sampling, so the output is valid by construction, whatever the model.
+//! Constrained decoding: a grammar (any JSON object, a JSON Schema, a Lark or GBNF grammar)
+//! becomes, at every step of a sequence, the set of tokens that keep the output valid; the
+//! others are masked out before sampling, so the output is valid by construction, whatever
+//! the model.
 //!
 //! The grammar engine is `llguidance` (what llama.cpp and vLLM use): it compiles schemas and
 //! grammars, and computes each step's mask from a trie of the vocabulary's bytes. This module
 //! builds that trie from our tokenizer once per loaded model ([`Grammars`]), compiles a
 //! request's grammar off the engine thread (errors name what is not supported), and gives
 //! each sequence its own [`Constraint`], so sequences batched together never share state.
+
+pub mod gbnf;
 
 use std::sync::Arc;
 
@@ -25,7 +28,7 @@ pub enum Grammar {
     JsonObject,
     /// A JSON value valid against this JSON Schema.
     JsonSchema(Value),
-    /// A Lark grammar (llguidance's dialect; GBNF is converted to it by the caller).
+    /// A Lark grammar (llguidance's dialect; [`gbnf::to_lark`] converts llama.cpp's GBNF).
     Lark(String),
 }
 

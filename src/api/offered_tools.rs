@@ -5,16 +5,12 @@
 
 use serde_json::{json, Value};
 
-use crate::domain::ValidationError;
+use super::stateless::invalid;
 use crate::engine::{ToolChoice, ToolSpec, ToolUse};
 use crate::error::ApiError;
 
 /// Most tools a request may offer (OpenAI's own limit).
 pub const MAX_TOOLS: usize = 128;
-
-fn invalid(field: &str, message: impl Into<String>, rule: Value) -> ApiError {
-    ApiError::Validation(ValidationError::new(field, message, rule))
-}
 
 /// Refuses more than [`MAX_TOOLS`] tools.
 pub fn check_count(n: usize) -> Result<(), ApiError> {

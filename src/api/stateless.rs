@@ -18,9 +18,36 @@ use crate::chat::{ChatService, Slot};
 use crate::domain::ValidationError;
 use crate::engine::{
     EngineError, EngineHandle, GenerateRequest, Generation, GenerationEvent, GenerationSummary,
-    TokenLogprob,
+    Prepared, TokenLogprob,
 };
 use crate::error::ApiError;
+
+/// A request field that is wrong: `field` is its path, `rule` what it must be.
+pub fn invalid(field: &str, message: impl Into<String>, rule: serde_json::Value) -> ApiError {
+    ApiError::Validation(ValidationError::new(field, message, rule))
+}
+
+/// A request field asking for what this server does not do: refused by name, never
+/// silently ignored.
+pub fn unsupported(field: &str, what: &str) -> ApiError {
+    invalid(
+        field,
+        format!("is not supported by this server ({what})"),
+        json!({"supported": false}),
+    )
+}
+
+/// A setting outside its bounds (`domain::generation`, shared with chats' config).
+pub fn within(
+    field: &str,
+    v: Option<f64>,
+    bound: crate::domain::generation::FloatBound,
+) -> Result<(), ApiError> {
+    match v {
+        Some(x) => bound.check(field, x).map_err(ApiError::Validation),
+        None => Ok(()),
+    }
+}
 
 /// A request body as `T`, with the path of a field of the wrong type in the error.
 pub fn read<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -46,7 +73,7 @@ pub fn read<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> 
             .rsplit_once(" at line ")
             .map_or(message.as_str(), |(m, _)| m)
             .to_string();
-        ApiError::Validation(ValidationError::new(&field, message, json!({})))
+        invalid(&field, message, json!({}))
     })
 }
 
@@ -97,6 +124,18 @@ pub async fn count_prompt(
     request: GenerateRequest,
     grammar_field: &'static str,
 ) -> Result<usize, ApiError> {
+    Ok(prepare(engine, request, grammar_field)
+        .await?
+        .prompt_tokens())
+}
+
+/// Builds the request's prompt, refused when it cannot fit: before the request takes a
+/// reply slot or reaches the engine, so a prompt that is too long costs its sender only.
+async fn prepare(
+    engine: &EngineHandle,
+    request: GenerateRequest,
+    grammar_field: &'static str,
+) -> Result<Prepared, ApiError> {
     let refusals = Refusals {
         grammar_field,
         max_tokens: request.max_tokens,
@@ -107,9 +146,11 @@ pub async fn count_prompt(
         .await
         .map_err(|e| refusals.word(e))?;
     if prepared.dropped_messages() > 0 {
+        // The engine keeps a chat going by leaving out its oldest turns; a stateless client
+        // sent exactly the conversation it wants answered.
         return Err(refusals.too_long());
     }
-    Ok(prepared.prompt_tokens())
+    Ok(prepared)
 }
 
 /// What the generation task hands the request handler.
@@ -195,17 +236,7 @@ pub async fn start(
         max_tokens: request.max_tokens,
         context: engine.info.context_length,
     };
-    // The prompt is built (and refused when it cannot fit) before the request takes a
-    // reply slot or reaches the engine: a prompt that is too long costs its sender only.
-    let prepared = engine
-        .prepare(request)
-        .await
-        .map_err(|e| refusals.word(e))?;
-    if prepared.dropped_messages() > 0 {
-        // The engine keeps a chat going by leaving out its oldest turns; a stateless client
-        // sent exactly the conversation it wants answered.
-        return Err(refusals.too_long());
-    }
+    let prepared = prepare(engine, request, grammar_field).await?;
     let prompt_tokens = prepared.prompt_tokens();
     // Held against the budgets until the completion's usage is recorded.
     let hold = state

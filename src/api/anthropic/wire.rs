@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::api::offered_tools;
-use crate::api::stateless::read;
+use crate::api::stateless::{invalid, read, unsupported, within};
 use crate::chat::sampling_for;
 use crate::domain::{generation, validate_user_id, ChatConfig, ValidationError};
 use crate::engine::{
@@ -114,18 +114,6 @@ pub struct MessagesRequest {
     pub user: String,
     /// The field that set the request's grammar, named when it cannot be enforced.
     pub grammar_field: &'static str,
-}
-
-fn invalid(field: &str, message: impl Into<String>, rule: Value) -> ApiError {
-    ApiError::Validation(ValidationError::new(field, message, rule))
-}
-
-fn unsupported(field: &str, what: &str) -> ApiError {
-    invalid(
-        field,
-        format!("is not supported by this server ({what})"),
-        json!({"supported": false}),
-    )
 }
 
 /// One content block of a request.
@@ -420,13 +408,6 @@ fn tool_use(
         }
     };
     offered_tools::tool_use(specs, choice, parallel)
-}
-
-fn within(field: &str, v: Option<f64>, bound: generation::FloatBound) -> Result<(), ApiError> {
-    match v {
-        Some(x) => bound.check(field, x).map_err(ApiError::Validation),
-        None => Ok(()),
-    }
 }
 
 /// Reads and checks a `/v1/messages` body. `count_only` (for `count_tokens`) does not need

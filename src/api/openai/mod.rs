@@ -4,9 +4,10 @@
 //!
 //! Stateless, as OpenAI clients expect: the conversation comes in the request and nothing
 //! is stored but the token usage. Authentication (`Authorization: Bearer <key>` or
-//! `X-API-Key`) and the tenant's request quota are the middleware's, as for `/api`; a
-//! generation waits in the same per-tenant queues as chat replies ([`ChatService::acquire`]),
-//! so both APIs share one engine fairly. Errors have OpenAI's shape
+//! `X-API-Key`) and the tenant's request quota are the middleware's, as for `/api`; budgets,
+//! queues and usage are [`super::stateless`]'s, shared with the Anthropic API, so a
+//! generation waits in the same per-tenant queues as chat replies and every API shares one
+//! engine fairly. Errors have OpenAI's shape
 //! (`{"error": {"message", "type", "param", "code"}}`), with our stable code as `code`.
 
 pub mod wire;

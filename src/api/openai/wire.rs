@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::api::offered_tools;
-use crate::api::stateless::read;
+use crate::api::stateless::{invalid, read, unsupported, within};
 use crate::chat::sampling_for;
 use crate::domain::{self, generation, validate_user_id, ChatConfig, ValidationError};
 use crate::engine::constraint::gbnf;
@@ -328,26 +328,6 @@ pub struct Completion {
     /// The field that set the request's grammar (`grammar`, `response_format`, `tools`), for
     /// naming it when the grammar cannot be enforced.
     pub grammar_field: &'static str,
-}
-
-fn invalid(field: &str, message: impl Into<String>, rule: Value) -> ApiError {
-    ApiError::Validation(ValidationError::new(field, message, rule))
-}
-
-fn unsupported(field: &str, what: &str) -> ApiError {
-    invalid(
-        field,
-        format!("is not supported by this server ({what})"),
-        json!({"supported": false}),
-    )
-}
-
-/// A setting outside its bounds (`domain::generation`, shared with chats' config).
-fn within(field: &str, v: Option<f64>, bound: generation::FloatBound) -> Result<(), ApiError> {
-    match v {
-        Some(x) => bound.check(field, x).map_err(ApiError::Validation),
-        None => Ok(()),
-    }
 }
 
 /// Reads and checks a request body. `default_max_tokens` applies when the request sets no

@@ -81,10 +81,19 @@ impl TokenizerEnv for Vocabulary {
         &self.trie
     }
 
+    /// Tokens that spell exactly `s` (llguidance forces them when the grammar allows only
+    /// this text). Our tokenizer's split, when it spells `s`; else the trie's greedy one:
+    /// a vocabulary may add what the text does not hold (a BOS token, SentencePiece's
+    /// leading space), and a forced BOS would start every Llama 2 or Mistral JSON reply.
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
-        self.trie.tokenize_with_greedy_fallback(s, |text| {
-            self.tokenizer.encode(text).unwrap_or_default()
-        })
+        let ids = self.trie.tokenize_with_greedy_fallback(s, |text| {
+            self.tokenizer.tokenize(text, false).unwrap_or_default()
+        });
+        if self.trie.decode_raw(&ids) == s {
+            ids
+        } else {
+            self.trie.greedy_tokenize(s)
+        }
     }
 }
 
@@ -231,5 +240,109 @@ impl LazyGrammars {
         grammars
             .compile(grammar)
             .map_err(EngineError::InvalidGrammar)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// A schema whose every valid value is short, so a random walk through it ends.
+    fn schema() -> Value {
+        json!({"type": "object", "properties": {
+                "name": {"type": "string", "maxLength": 6},
+                "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+                "ok": {"type": "boolean"}},
+            "required": ["name", "n", "tags", "ok"], "additionalProperties": false})
+    }
+
+    /// On the vocabulary of the GGUF file at `path`: from each seed, a walk that picks a
+    /// random allowed token at every step until only end tokens remain. At each step the
+    /// mask agrees with llguidance's own token-by-token check (every allowed token, and a
+    /// sample of the refused ones; where the grammar forces text, only its one spelling is
+    /// allowed), and the walk's text, decoded by our tokenizer, is JSON valid against the
+    /// schema.
+    fn walks(path: &str, seeds: std::ops::Range<u64>) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+        let tok =
+            Arc::new(TextTokenizer::from_file(&path).unwrap_or_else(|e| {
+                panic!("{e}: run models/fetch and models/fetch-llama-cpp first")
+            }));
+        let n = tok.vocab_size();
+        let grammars = Grammars::new(tok.clone(), n).unwrap();
+        let grammar = Grammar::JsonSchema(schema());
+        for seed in seeds {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let mut ours = grammars.compile(&grammar).unwrap();
+            let mut reference = Matcher::new(Ok(grammars
+                .factory
+                .create_parser(grammar.top_level())
+                .unwrap()));
+            let mut ids = Vec::new();
+            loop {
+                assert!(ids.len() < 300, "seed {seed}: the walk does not end");
+                let mut logits = vec![0.0f32; n];
+                ours.mask(&mut logits).unwrap();
+                let allowed: Vec<u32> = (0..n as u32)
+                    .filter(|&t| logits[t as usize].is_finite())
+                    .collect();
+                assert!(!allowed.is_empty(), "seed {seed}: nothing allowed");
+                let sample = (0..200).map(|_| rng.random_range(0..n as u32));
+                for t in allowed.iter().copied().chain(sample) {
+                    if grammars.stops.contains(&t) {
+                        continue;
+                    }
+                    let library = reference.validate_tokens(&[t]).unwrap() == 1;
+                    let mask = logits[t as usize].is_finite();
+                    // Where the grammar forces its next bytes the mask holds only the token
+                    // that spells them; other spellings the library would take are left out.
+                    let forced = allowed.len() == 1;
+                    assert!(
+                        mask == library || (forced && !mask),
+                        "seed {seed}, token {t} ({}) after {ids:?}: mask {mask}, llguidance {library}",
+                        grammars.factory.tok_env().tok_trie().token_dbg(t)
+                    );
+                }
+                let t = allowed[rng.random_range(0..allowed.len())];
+                if grammars.stops.contains(&t) {
+                    break;
+                }
+                ids.push(t);
+                reference.consume_tokens(&[t]).unwrap();
+                if ours.commit(t).unwrap() {
+                    break;
+                }
+            }
+            let text = tok.decode(&ids).unwrap();
+            let v: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("seed {seed}: {e}: {text:?}"));
+            let o = v.as_object().unwrap_or_else(|| panic!("{text}"));
+            assert_eq!(o.len(), 4, "{text}");
+            assert!(
+                o["name"].as_str().is_some_and(|s| s.chars().count() <= 6),
+                "{text}"
+            );
+            assert!(o["n"].as_u64().is_some_and(|n| n <= 99), "{text}");
+            let tags = o["tags"].as_array().unwrap();
+            assert!(
+                tags.len() <= 2 && tags.iter().all(|t| t == "a" || t == "b"),
+                "{text}"
+            );
+            assert!(o["ok"].is_boolean(), "{text}");
+        }
+    }
+
+    #[test]
+    fn masks_agree_with_the_library_on_smollm2s_vocabulary() {
+        walks("models/SmolLM2-135M-Instruct.Q4_1.gguf", 0..4);
+    }
+
+    /// SentencePiece with byte fallback (Llama 2, Mistral), and GPT-2-style byte-level BPE.
+    #[test]
+    fn masks_agree_with_the_library_on_other_vocabularies() {
+        walks("models/llama.cpp/models/ggml-vocab-llama-spm.gguf", 0..2);
+        walks("models/llama.cpp/models/ggml-vocab-llama-bpe.gguf", 0..2);
     }
 }

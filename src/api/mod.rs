@@ -147,7 +147,7 @@ pub fn app(state: AppState) -> impl Endpoint {
     // The routes outside the OpenAPI document, each with its one method: mounted here and
     // declared to the middleware from the same list (for `Allow` on a 405, and whether a
     // body is read).
-    let plain: [(&str, Method, RouteMethod); 16] = [
+    let plain: [(&str, Method, RouteMethod); 17] = [
         ("/", Method::GET, poem::get(crate::web::index)),
         ("/assets/app.js", Method::GET, poem::get(crate::web::app_js)),
         (
@@ -159,6 +159,11 @@ pub fn app(state: AppState) -> impl Endpoint {
             "/assets/common.js",
             Method::GET,
             poem::get(crate::web::common_js),
+        ),
+        (
+            "/assets/favicon.svg",
+            Method::GET,
+            poem::get(crate::web::favicon),
         ),
         ("/admin", Method::GET, poem::get(crate::web::admin)),
         (

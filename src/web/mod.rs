@@ -12,6 +12,7 @@ const COMMON_JS: &str = include_str!("common.js");
 const ADMIN: &str = include_str!("admin.html");
 const ADMIN_JS: &str = include_str!("admin.js");
 const ADMIN_CSS: &str = include_str!("admin.css");
+const FAVICON: &str = include_str!("favicon.svg");
 
 /// The content policy of the page: its own scripts, styles and connections (the WebSocket
 /// included) only.
@@ -40,6 +41,12 @@ pub fn app_js() -> Response {
 #[handler]
 pub fn app_css() -> Response {
     asset(APP_CSS, "text/css; charset=utf-8")
+}
+
+/// The pages' icon (linked from both, so browsers do not ask for a missing `/favicon.ico`).
+#[handler]
+pub fn favicon() -> Response {
+    asset(FAVICON, "image/svg+xml")
 }
 
 #[handler]

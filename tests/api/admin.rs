@@ -407,6 +407,10 @@ async fn admin_page_is_served(b: Backend) {
         ),
         ("/assets/admin.css", "text/css", ".usage-chart"),
         ("/assets/common.js", "text/javascript", "function request("),
+        // Both pages link their icon, which is served (no 404 in the console).
+        ("/", "text/html", "href=\"/assets/favicon.svg\""),
+        ("/admin", "text/html", "href=\"/assets/favicon.svg\""),
+        ("/assets/favicon.svg", "image/svg+xml", "<svg"),
     ] {
         let r = s
             .http

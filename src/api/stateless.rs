@@ -124,9 +124,8 @@ pub async fn count_prompt(
     request: GenerateRequest,
     grammar_field: &'static str,
 ) -> Result<usize, ApiError> {
-    Ok(prepare(engine, request, grammar_field)
-        .await?
-        .prompt_tokens())
+    let refusals = Refusals::of(engine, &request, grammar_field);
+    Ok(prepare(engine, request, &refusals).await?.prompt_tokens())
 }
 
 /// Builds the request's prompt, refused when it cannot fit: before the request takes a
@@ -134,13 +133,8 @@ pub async fn count_prompt(
 async fn prepare(
     engine: &EngineHandle,
     request: GenerateRequest,
-    grammar_field: &'static str,
+    refusals: &Refusals,
 ) -> Result<Prepared, ApiError> {
-    let refusals = Refusals {
-        grammar_field,
-        max_tokens: request.max_tokens,
-        context: engine.info.context_length,
-    };
     let prepared = engine
         .prepare(request)
         .await
@@ -172,6 +166,15 @@ pub struct Refusals {
 }
 
 impl Refusals {
+    /// How `request`'s refusals are worded; `grammar_field` set its grammar, if any.
+    fn of(engine: &EngineHandle, request: &GenerateRequest, grammar_field: &'static str) -> Self {
+        Refusals {
+            grammar_field,
+            max_tokens: request.max_tokens,
+            context: engine.info.context_length,
+        }
+    }
+
     pub fn word(&self, e: EngineError) -> ApiError {
         match e {
             EngineError::PromptTooLong { .. } | EngineError::ContextFull { .. } => self.too_long(),
@@ -231,12 +234,8 @@ pub async fn start(
     request: GenerateRequest,
     grammar_field: &'static str,
 ) -> Result<Running, ApiError> {
-    let refusals = Refusals {
-        grammar_field,
-        max_tokens: request.max_tokens,
-        context: engine.info.context_length,
-    };
-    let prepared = prepare(engine, request, grammar_field).await?;
+    let refusals = Refusals::of(engine, &request, grammar_field);
+    let prepared = prepare(engine, request, &refusals).await?;
     let prompt_tokens = prepared.prompt_tokens();
     // Held against the budgets until the completion's usage is recorded.
     let hold = state

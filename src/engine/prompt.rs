@@ -128,21 +128,31 @@ impl PromptBuilder {
                     // One candidate start: `full` is its render.
                     None => full,
                 };
-                if ids.len() < self.context_length {
-                    let room = self.context_length - ids.len();
-                    Ok(Prompt {
-                        tokens: ids,
-                        dropped_messages: last,
-                        max_new: room,
-                    })
-                } else {
-                    Err(EngineError::PromptTooLong {
-                        tokens: ids.len(),
-                        context: self.context_length,
-                    })
-                }
+                self.squeezed(ids, last, max_tokens)
             }
         }
+    }
+
+    /// `tokens` as the prompt, the reply's limit shrunk to the room the context leaves;
+    /// refused when it leaves none.
+    fn squeezed(
+        &self,
+        tokens: Vec<u32>,
+        dropped_messages: usize,
+        max_tokens: usize,
+    ) -> Result<Prompt, EngineError> {
+        if tokens.len() >= self.context_length {
+            return Err(EngineError::PromptTooLong {
+                tokens: tokens.len(),
+                context: self.context_length,
+            });
+        }
+        let max_new = max_tokens.max(1).min(self.context_length - tokens.len());
+        Ok(Prompt {
+            tokens,
+            dropped_messages,
+            max_new,
+        })
     }
 }
 
@@ -158,19 +168,7 @@ impl PromptBuilder {
                 context: self.context_length,
             });
         }
-        let tokens = self.tokenizer.encode(text)?;
-        if tokens.len() >= self.context_length {
-            return Err(EngineError::PromptTooLong {
-                tokens: tokens.len(),
-                context: self.context_length,
-            });
-        }
-        let max_new = max_tokens.max(1).min(self.context_length - tokens.len());
-        Ok(Prompt {
-            tokens,
-            dropped_messages: 0,
-            max_new,
-        })
+        self.squeezed(self.tokenizer.encode(text)?, 0, max_tokens)
     }
 
     /// A message for a template that renders tool calls and results itself.

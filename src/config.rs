@@ -172,6 +172,10 @@ pub struct ModelArgs {
     /// Do not use AVX512_BF16 dot products (the f32 kernels run instead).
     #[arg(long, env = "CONFAB_NO_BF16")]
     pub no_bf16: bool,
+    /// Do not decode K-quants with 16-bit integer activations where AVX512_BF16 is missing
+    /// (the f32 kernels run instead).
+    #[arg(long, env = "CONFAB_NO_INT16")]
+    pub no_int16: bool,
 }
 
 /// A sampling temperature from 0 to 2.
@@ -206,6 +210,7 @@ impl ModelArgs {
             isa: crate::engine::kernels::Isa {
                 avx512: !self.no_avx512,
                 bf16: !self.no_bf16,
+                int16: !self.no_int16,
             },
             #[cfg(feature = "test-hooks")]
             min_token_interval: self

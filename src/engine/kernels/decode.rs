@@ -147,6 +147,35 @@ impl QMat {
             return;
         }
         #[cfg(target_arch = "x86_64")]
+        if x86::int16() && matches!(self.format, Format::Q4K | Format::Q5K | Format::Q6K) {
+            let cols = self.cols;
+            let nb = cols / QK_K;
+            let data = self.rows_data(r0, r1);
+            // SAFETY: AVX2 checked above; `cols` is whole super-blocks.
+            let xs = unsafe { scratch.int16.prepare(&x[..n * cols]) };
+            in_passes(n, x86::int16::ROWS, |i, t| {
+                let o = out.at(i, r0);
+                let (xq, dx, xsum) = (
+                    &xs.xq[i * cols..(i + t) * cols],
+                    &xs.dx[i * cols / QK..],
+                    &xs.xsum[i * cols / QK..],
+                );
+                // SAFETY: as above; the activations hold t rows from row i.
+                unsafe {
+                    match self.format {
+                        Format::Q4K => {
+                            x86::int16::q4k_rows::<BlockQ4K>(cast(data), nb, xq, dx, xsum, t, o, out.ld)
+                        }
+                        Format::Q5K => {
+                            x86::int16::q4k_rows::<BlockQ5K>(cast(data), nb, xq, dx, xsum, t, o, out.ld)
+                        }
+                        _ => x86::int16::q6k_rows(cast(data), nb, xq, dx, t, o, out.ld),
+                    }
+                }
+            });
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
         if x86::available() && matches!(self.format, Format::Q4K | Format::Q5K | Format::Q6K) {
             use x86::kquants;
             let cols = self.cols;

@@ -51,12 +51,14 @@ use prompt::PanelScratch;
 use prompt::PANEL;
 
 /// Which instruction-set extensions the kernels may use, where the CPU has them
-/// (`--no-avx512`, `--no-bf16`: to compare kernels, or to rule one out).
+/// (`--no-avx512`, `--no-bf16`, `--no-int16`: to compare kernels, or to rule one out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Isa {
     pub avx512: bool,
     /// AVX512_BF16 dot products for the K-quant, Q4_0 and BF16 kernels.
     pub bf16: bool,
+    /// 16-bit integer activations for the K-quant decode kernels where bf16 is missing.
+    pub int16: bool,
 }
 
 impl Default for Isa {
@@ -64,6 +66,7 @@ impl Default for Isa {
         Isa {
             avx512: true,
             bf16: true,
+            int16: true,
         }
     }
 }
@@ -385,6 +388,9 @@ pub(super) struct BandScratch {
     /// The activation rows for the bf16 kernels.
     #[cfg(target_arch = "x86_64")]
     bf16: x86::bf16::Activations,
+    /// The activation rows for the 16-bit integer kernels.
+    #[cfg(target_arch = "x86_64")]
+    int16: x86::int16::Activations,
 }
 
 /// Where a band of a product writes: cell (i, r) of a matrix's output is `out + i·ld + r`.
@@ -449,7 +455,9 @@ pub(crate) mod testing {
 
     /// How far a product may be from [`reference`]: f32 rounding, plus, where the kernel
     /// rounds activations to bf16 (8 significant bits: relative error ≤ 2⁻⁸ each), that
-    /// rounding's worst case over the terms, `2⁻⁸ Σ |w x|`.
+    /// rounding's worst case over the terms, `2⁻⁸ Σ |w x|`, or where it rounds them to 16-bit
+    /// integers per block of 32 (see `x86::int16`), half a step each, `Σ |w| · max|x| / 65534`
+    /// over each block.
     pub fn tolerance(
         format: Format,
         rows_are: Rows,
@@ -471,7 +479,29 @@ pub(crate) mod testing {
         let bf16 = false;
         let _ = (format, rows_are);
         let rel = if bf16 { 1.0 / 256.0 } else { 1e-5 };
-        magnitude.iter().map(|m| rel * m + 1e-3).collect()
+        #[cfg(target_arch = "x86_64")]
+        let int16 = x86::int16()
+            && rows_are == Rows::Generated
+            && matches!(format, Format::Q4K | Format::Q5K | Format::Q6K);
+        #[cfg(not(target_arch = "x86_64"))]
+        let int16 = false;
+        let steps = if int16 {
+            let half_step: Vec<f32> = x
+                .chunks(formats::QK)
+                .flat_map(|c| {
+                    let m = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    std::iter::repeat_n(m / 65534.0, c.len())
+                })
+                .collect();
+            reference(&abs(w), &half_step, rows, cols, n)
+        } else {
+            vec![0.0; magnitude.len()]
+        };
+        magnitude
+            .iter()
+            .zip(&steps)
+            .map(|(m, s)| rel * m + 1.01 * s + 1e-3)
+            .collect()
     }
 }
 

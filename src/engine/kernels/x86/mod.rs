@@ -28,6 +28,7 @@ pub mod avx2;
 pub mod avx512;
 pub mod bf16;
 pub mod floats;
+pub mod int16;
 pub mod kquants;
 
 pub fn available() -> bool {
@@ -56,6 +57,14 @@ pub fn bf16() -> bool {
             && is_x86_feature_detected!("avx512bf16")
             && super::isa().bf16
     })
+}
+
+/// 16-bit integer activations ([`int16`]) for the K-quant matrix-vector kernels, where the
+/// bf16 ones are not used. `--no-int16` turns them off (the f32 kernels of [`kquants`] run
+/// instead).
+pub fn int16() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| available() && !bf16() && super::isa().int16)
 }
 
 #[inline]

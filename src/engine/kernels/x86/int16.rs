@@ -1,0 +1,501 @@
+//! Matrix-vector kernels for the K-quants (Q4_K, Q5_K, Q6_K) with 16-bit integer
+//! activations, on AVX2: what decodes Q4_K_M / Q5_K_M files on CPUs without AVX512_BF16
+//! (every AVX2-only CPU — most desktops and laptops — and AVX-512 CPUs before Cooper Lake
+//! and Zen 4).
+//!
+//! Why: with f32 FMAs, turning each 4-bit weight into an f32 costs a widening, a conversion
+//! and a multiply before the product itself, and that made decoding compute-bound at about
+//! 0.8× llama.cpp's speed on such CPUs. Here the weights become 16-bit integers where they
+//! lie: each 16-bit word of the packed bytes holds four values (two bytes, two nibbles
+//! each), and a shift and a mask put one of them in every lane — the even-numbered values of
+//! a block in one vector, the odd-numbered ones in another, matching the activations' order
+//! (see [`Activations`]). `vpmaddwd` then multiplies 16 weights with 16 activations and adds
+//! pairs into 32-bit sums, exactly, and each 32-value block's sum is turned into f32 once
+//! and scaled by the weights' sub-block scale times the activations' block scale.
+//!
+//! The activations: each block of 32 values becomes 16-bit integers with one f32 scale,
+//! `x ≈ dx·q` with `dx = max|x| / 32767`: the rounding error of every value is at most
+//! `max|x| / 65534` of its block. That is not the 8-bit block rounding that breaks SmolLM2
+//! (llama.cpp's `q8_1`/`q8_K`: 127 levels, so one outlier in a block crushes the others):
+//! here the others keep 256 times finer steps, a value 1000× smaller than its block's
+//! outlier still about 5 significant bits, and every block without an outlier finer steps
+//! than bf16's. Each block's sum of the rounded values (exact in integers) carries Q4_K's
+//! minimums, so both terms see the same activations.
+//!
+//! A row's arithmetic does not depend on how many rows share the pass, so batched and solo
+//! replies are the same bit for bit.
+
+use std::arch::x86_64::*;
+
+use super::{f16_to_f32, hsum};
+use crate::engine::kernels::formats::{BlockQ6K, NibbleBlock, QK, QK_K};
+
+/// Activation rows per pass: each row's accumulator and scale vector, four weight vectors
+/// and temporaries fit the 16 registers.
+pub const ROWS: usize = 4;
+
+/// A product's activation rows as these kernels read them, made once per product by the
+/// first band of a thread that needs them.
+#[derive(Default)]
+pub struct Activations {
+    /// Each 32-value block as 16-bit integers: its 16 even-numbered values, then its 16
+    /// odd-numbered ones.
+    pub xq: Vec<i16>,
+    /// Each block's scale: the block's values are `dx · xq`.
+    pub dx: Vec<f32>,
+    /// Each block's sum of its rounded values, `dx · Σ xq`.
+    pub xsum: Vec<f32>,
+    ready: bool,
+}
+
+impl Activations {
+    /// Makes them from `x` (rows of f32) unless done already for this product.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be present; the rows' width a multiple of 32.
+    pub unsafe fn prepare(&mut self, x: &[f32]) -> &Activations {
+        if !self.ready {
+            prepare(x, &mut self.xq, &mut self.dx, &mut self.xsum);
+            self.ready = true;
+        }
+        self
+    }
+}
+
+/// Largest of the eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hmax(v: __m256) -> f32 {
+    let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)))
+}
+
+/// Sum of the eight 32-bit lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 1)))
+}
+
+/// `x` (rows of f32, a multiple of 32 long) as blocks of 16-bit integers (see
+/// [`Activations`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn prepare(x: &[f32], xq: &mut Vec<i16>, dx: &mut Vec<f32>, xsum: &mut Vec<f32>) {
+    xq.resize(x.len(), 0);
+    dx.resize(x.len() / QK, 0.0);
+    xsum.resize(x.len() / QK, 0.0);
+    let sign = _mm256_set1_ps(-0.0);
+    for (((c, q), d), s) in x
+        .chunks_exact(QK)
+        .zip(xq.chunks_exact_mut(QK))
+        .zip(dx.iter_mut())
+        .zip(xsum.iter_mut())
+    {
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(c.as_ptr().add(8 * i)));
+        let a = v.map(|v| _mm256_andnot_ps(sign, v));
+        let amax = hmax(_mm256_max_ps(
+            _mm256_max_ps(a[0], a[1]),
+            _mm256_max_ps(a[2], a[3]),
+        ));
+        if amax == 0.0 {
+            q.fill(0);
+            (*d, *s) = (0.0, 0.0);
+            continue;
+        }
+        let scale = amax / 32767.0;
+        let inv = _mm256_set1_ps(32767.0 / amax);
+        // Rounded to nearest (the default rounding mode); |v · inv| ≤ 32767 up to one
+        // rounding of the product, so no value leaves the 16-bit range.
+        let i: [__m256i; 4] = std::array::from_fn(|k| _mm256_cvtps_epi32(_mm256_mul_ps(v[k], inv)));
+        // Values 0..16 and 16..32 as 16-bit lanes in order (`packs` interleaves the two
+        // 128-bit halves; the permutation puts them back).
+        let n0 = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(i[0], i[1]));
+        let n1 = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(i[2], i[3]));
+        // Each 32-bit lane holds values 2w (low half) and 2w + 1 (high half).
+        let even = |n: __m256i| _mm256_srai_epi32::<16>(_mm256_slli_epi32::<16>(n));
+        let odd = |n: __m256i| _mm256_srai_epi32::<16>(n);
+        let e = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(even(n0), even(n1)));
+        let o = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(odd(n0), odd(n1)));
+        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, e);
+        _mm256_storeu_si256(q.as_mut_ptr().add(16) as *mut __m256i, o);
+        let total = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        // |Σ q| ≤ 32 · 32767 < 2²⁴: exact in f32, so this rounds once.
+        (*d, *s) = (scale, scale * hsum_i32(total) as f32);
+    }
+}
+
+/// Bytes ahead of the block being read that [`prefetch`] asks for.
+const PREFETCH_AHEAD: usize = 4096;
+
+/// Asks for the cache lines [`PREFETCH_AHEAD`] bytes past `p` (a block's start), as the
+/// bf16 kernels do: the hardware prefetcher alone leaves each new block's first line a
+/// stall.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn prefetch(p: *const u8, lines: usize) {
+    let ahead = p.wrapping_add(PREFETCH_AHEAD) as *const i8;
+    for l in 0..lines {
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
+    }
+}
+
+/// Lanes `j` of a vector of eight, in every lane.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lane(v: __m256, j: i32) -> __m256 {
+    _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j))
+}
+
+/// Q4_K or Q5_K weight rows × `t` (1..=[`ROWS`]) activation rows given as [`Activations`]
+/// (`xq`, `dx`, `xsum` from the first row of the pass): `out[k * ld + r]` = weight row r ·
+/// activation row k; `nb` super-blocks per row.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be present; the activations hold t rows of `nb · 256` values;
+/// `out` has room for the cells written.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4k_rows<B: NibbleBlock>(
+    blocks: &[B],
+    nb: usize,
+    xq: &[i16],
+    dx: &[f32],
+    xsum: &[f32],
+    t: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    by_rows!(t, [1, 2, 3], 4, q4k_rows_t<B>(blocks, nb, xq, dx, xsum, out, ld))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_rows_t<const T: usize, B: NibbleBlock>(
+    blocks: &[B],
+    nb: usize,
+    xq: &[i16],
+    dx: &[f32],
+    xsum: &[f32],
+    out: *mut f32,
+    ld: usize,
+) {
+    let cols = nb * QK_K;
+    let nblk = cols / QK;
+    let n_rows = blocks.len() / nb;
+    let (xp, dp, sp) = (xq.as_ptr(), dx.as_ptr(), xsum.as_ptr());
+    let nibble = _mm256_set1_epi16(0x000F);
+    let bit4 = _mm256_set1_epi16(0x0010);
+    let lines = std::mem::size_of::<B>().div_ceil(64);
+    for r in 0..n_rows {
+        let row = blocks.as_ptr().add(r * nb);
+        let mut acc = [_mm256_setzero_ps(); T];
+        for b in 0..nb {
+            let blk = &*row.add(b);
+            prefetch(blk as *const B as *const u8, lines);
+            let (ds, ms) = super::kquants::q4k_scales(blk);
+            let (ds, ms) = (_mm256_loadu_ps(ds.as_ptr()), _mm256_loadu_ps(ms.as_ptr()));
+            // Per row: the eight sub-blocks' weight scale × activation scale, and the
+            // minimums' term −Σ dmin·m · Σx.
+            let mut scale = [_mm256_setzero_ps(); T];
+            for (k, (s, a)) in scale.iter_mut().zip(acc.iter_mut()).enumerate() {
+                let at = k * nblk + b * 8;
+                *s = _mm256_mul_ps(ds, _mm256_loadu_ps(dp.add(at)));
+                *a = _mm256_fnmadd_ps(ms, _mm256_loadu_ps(sp.add(at)), *a);
+            }
+            let qh = if B::FIFTH_BIT {
+                _mm256_loadu_si256(blk.qh().as_ptr() as *const __m256i)
+            } else {
+                _mm256_setzero_si256()
+            };
+            for g in 0..4 {
+                // Word w of the group's 32 bytes holds values 2w and 2w + 1 of sub-block 2g
+                // (low nibbles) and of sub-block 2g + 1 (high nibbles).
+                let v = _mm256_loadu_si256(blk.qs().as_ptr().add(32 * g) as *const __m256i);
+                let mut w = [
+                    _mm256_and_si256(v, nibble),
+                    _mm256_and_si256(_mm256_srli_epi16::<8>(v), nibble),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble),
+                    _mm256_srli_epi16::<12>(v),
+                ];
+                if B::FIFTH_BIT {
+                    // Bit 2g (sub-block 2g) or 2g + 1 of each byte of `qh`, to bit 4: the
+                    // word's low byte is value 2w's, its high byte value 2w + 1's.
+                    let t0 = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * g as i32));
+                    let t1 = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * g as i32 + 1));
+                    let bits = [
+                        _mm256_slli_epi16::<4>(t0),
+                        _mm256_srli_epi16::<4>(t0),
+                        _mm256_slli_epi16::<4>(t1),
+                        _mm256_srli_epi16::<4>(t1),
+                    ];
+                    for (w, b) in w.iter_mut().zip(bits) {
+                        *w = _mm256_or_si256(*w, _mm256_and_si256(b, bit4));
+                    }
+                }
+                let (j0, j1) = (2 * g as i32, 2 * g as i32 + 1);
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let x = xp.add(k * cols + b * QK_K + g * 64) as *const __m256i;
+                    let s0 = _mm256_add_epi32(
+                        _mm256_madd_epi16(w[0], _mm256_loadu_si256(x)),
+                        _mm256_madd_epi16(w[1], _mm256_loadu_si256(x.add(1))),
+                    );
+                    let s1 = _mm256_add_epi32(
+                        _mm256_madd_epi16(w[2], _mm256_loadu_si256(x.add(2))),
+                        _mm256_madd_epi16(w[3], _mm256_loadu_si256(x.add(3))),
+                    );
+                    let f = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(s1),
+                        lane(scale[k], j1),
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(s0), lane(scale[k], j0)),
+                    );
+                    *a = _mm256_add_ps(*a, f);
+                }
+            }
+        }
+        for (k, a) in acc.iter().enumerate() {
+            *out.add(k * ld + r) = hsum(*a);
+        }
+    }
+}
+
+/// The 6-bit values of group `k` (0..4) of one half of a Q6_K block, minus 32, as 16-bit
+/// lanes: (even-numbered values, odd-numbered ones). `qla`/`qlb` are the half's two 32-byte
+/// runs of low bits, `qh` its 32 bytes of high bits (see `BlockQ6K::quad`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_group(qla: __m256i, qlb: __m256i, qh: __m256i, k: usize) -> (__m256i, __m256i) {
+    let nibble = _mm256_set1_epi16(0x000F);
+    let two = _mm256_set1_epi16(0x0030);
+    let src = if k % 2 == 0 { qla } else { qlb };
+    // Low four bits: groups 0 and 1 from the low nibbles, 2 and 3 from the high ones.
+    let (lo_e, lo_o) = if k < 2 {
+        (
+            _mm256_and_si256(src, nibble),
+            _mm256_and_si256(_mm256_srli_epi16::<8>(src), nibble),
+        )
+    } else {
+        (
+            _mm256_and_si256(_mm256_srli_epi16::<4>(src), nibble),
+            _mm256_srli_epi16::<12>(src),
+        )
+    };
+    // High two bits: bits 2k..2k + 2 of each byte of `qh`, to bits 4..6 (+8 for the odd
+    // byte of each word).
+    let (hi_e, hi_o) = match k {
+        0 => (_mm256_slli_epi16::<4>(qh), _mm256_srli_epi16::<4>(qh)),
+        1 => (_mm256_slli_epi16::<2>(qh), _mm256_srli_epi16::<6>(qh)),
+        2 => (qh, _mm256_srli_epi16::<8>(qh)),
+        _ => (_mm256_srli_epi16::<2>(qh), _mm256_srli_epi16::<10>(qh)),
+    };
+    let off = _mm256_set1_epi16(32);
+    let value = |lo: __m256i, hi: __m256i| {
+        _mm256_sub_epi16(_mm256_or_si256(lo, _mm256_and_si256(hi, two)), off)
+    };
+    (value(lo_e, hi_e), value(lo_o, hi_o))
+}
+
+/// Q6_K weight rows × `t` (1..=[`ROWS`]) activation rows given as [`Activations`] (`xq`,
+/// `dx` from the first row of the pass).
+///
+/// # Safety
+/// As [`q4k_rows`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q6k_rows(
+    blocks: &[BlockQ6K],
+    nb: usize,
+    xq: &[i16],
+    dx: &[f32],
+    t: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    by_rows!(t, [1, 2, 3], 4, q6k_rows_t(blocks, nb, xq, dx, out, ld))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_rows_t<const T: usize>(
+    blocks: &[BlockQ6K],
+    nb: usize,
+    xq: &[i16],
+    dx: &[f32],
+    out: *mut f32,
+    ld: usize,
+) {
+    let cols = nb * QK_K;
+    let nblk = cols / QK;
+    let n_rows = blocks.len() / nb;
+    let (xp, dp) = (xq.as_ptr(), dx.as_ptr());
+    let lines = std::mem::size_of::<BlockQ6K>().div_ceil(64);
+    // Lanes 0..4 of a block's sums come from its first 16 values (sub-block 2k of the
+    // half), lanes 4..8 from the next 16 (sub-block 2k + 1): `vpmaddwd` adds lanes 2i and
+    // 2i + 1, and lane i of the even (odd) vector is value 2i (2i + 1).
+    let pick: [__m256i; 4] = std::array::from_fn(|k| {
+        let (a, b) = (2 * k as i32, 2 * k as i32 + 1);
+        _mm256_setr_epi32(a, a, a, a, b, b, b, b)
+    });
+    for r in 0..n_rows {
+        let row = blocks.as_ptr().add(r * nb);
+        let mut acc = [[_mm256_setzero_ps(); 2]; T];
+        for b in 0..nb {
+            let blk = &*row.add(b);
+            prefetch(blk as *const BlockQ6K as *const u8, lines);
+            let d = _mm256_set1_ps(f16_to_f32(blk.d));
+            for h in 0..2 {
+                // d · the half's eight 8-bit sub-block scales.
+                let sc8 = _mm_loadl_epi64(blk.scales.as_ptr().add(8 * h) as *const __m128i);
+                let sc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)));
+                let ql = blk.ql.as_ptr().add(64 * h) as *const __m256i;
+                let qla = _mm256_loadu_si256(ql);
+                let qlb = _mm256_loadu_si256(ql.add(1));
+                let qh = _mm256_loadu_si256(blk.qh.as_ptr().add(32 * h) as *const __m256i);
+                for (k, pk) in pick.iter().enumerate() {
+                    let (e, o) = q6k_group(qla, qlb, qh, k);
+                    let s = _mm256_permutevar8x32_ps(sc, *pk);
+                    let blk_idx = b * 8 + h * 4 + k;
+                    for (kk, a) in acc.iter_mut().enumerate() {
+                        let x = xp.add(kk * cols + blk_idx * QK) as *const __m256i;
+                        let sum = _mm256_add_epi32(
+                            _mm256_madd_epi16(e, _mm256_loadu_si256(x)),
+                            _mm256_madd_epi16(o, _mm256_loadu_si256(x.add(1))),
+                        );
+                        let scale = _mm256_mul_ps(s, _mm256_broadcast_ss(&*dp.add(kk * nblk + blk_idx)));
+                        a[k % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, a[k % 2]);
+                    }
+                }
+            }
+        }
+        for (k, a) in acc.iter().enumerate() {
+            *out.add(k * ld + r) = hsum(_mm256_add_ps(a[0], a[1]));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::kernels::formats::{cast, BlockQ4K, BlockQ5K};
+    use crate::engine::kernels::testing::{matrix, reference};
+    use candle_core::quantized::GgmlDType;
+
+    /// The bound on a product's error from the activations' rounding: each value moves by
+    /// at most half its block's step, `Σ |w| · dx / 2`, plus f32 rounding.
+    fn bound(w: &[f32], x: &[f32], rows: usize, cols: usize, n: usize) -> Vec<f32> {
+        let half_step: Vec<f32> = x
+            .chunks_exact(QK)
+            .flat_map(|c| {
+                let m = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+                std::iter::repeat_n(m / 65534.0, QK)
+            })
+            .collect();
+        let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<_>>();
+        let steps = reference(&abs(w), &half_step, rows, cols, n);
+        let magnitude = reference(&abs(w), &abs(x), rows, cols, n);
+        steps
+            .iter()
+            .zip(&magnitude)
+            .map(|(s, m)| 1.01 * s + 1e-5 * m + 1e-3)
+            .collect()
+    }
+
+    /// Runs the kernel of `dtype` over `n` rows of `x` in passes of `group` rows.
+    fn run(m: &crate::engine::kernels::QMat, x: &[f32], n: usize, group: usize) -> Vec<f32> {
+        let (rows, cols) = (m.rows(), m.cols());
+        let mut xs = Activations::default();
+        // SAFETY: the tests return early without AVX2; `cols` is whole super-blocks.
+        let xs = unsafe { xs.prepare(x) };
+        let mut out = vec![0f32; n * rows];
+        let data = m.rows_data(0, rows);
+        let nb = cols / QK_K;
+        let mut i = 0;
+        while i < n {
+            let t = (n - i).min(group);
+            let (xq, dx, xsum) = (
+                &xs.xq[i * cols..],
+                &xs.dx[i * cols / QK..],
+                &xs.xsum[i * cols / QK..],
+            );
+            let o = out[i * rows..].as_mut_ptr();
+            // SAFETY: as above; `xq` and the rest hold t rows from row i, `out` t × rows
+            // from row i.
+            unsafe {
+                match m.format() {
+                    crate::engine::kernels::Format::Q4K => {
+                        q4k_rows::<BlockQ4K>(cast(data), nb, xq, dx, xsum, t, o, rows)
+                    }
+                    crate::engine::kernels::Format::Q5K => {
+                        q4k_rows::<BlockQ5K>(cast(data), nb, xq, dx, xsum, t, o, rows)
+                    }
+                    _ => q6k_rows(cast(data), nb, xq, dx, t, o, rows),
+                }
+            }
+            i += t;
+        }
+        out
+    }
+
+    /// Every K-quant against f32 arithmetic on the dequantized weights, within the
+    /// activations' rounding; and each row's result the same bit for bit whatever the
+    /// number of rows in its pass.
+    #[test]
+    fn kquant_rows_match_the_reference_and_do_not_depend_on_the_batch() {
+        if !super::super::available() {
+            return;
+        }
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+            let (rows, cols) = (37, 768);
+            let (m, w) = matrix(rows, cols, dtype);
+            let n = 7;
+            let mut x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1 + (i as f32 * 0.37).sin())
+                .collect();
+            // A "massive" activation, as the models have, and a block of zeros.
+            x[5] = 3000.0;
+            x[cols + 64..cols + 96].fill(0.0);
+            let want = reference(&w, &x, rows, cols, n);
+            let tol = bound(&w, &x, rows, cols, n);
+            let all = run(&m, &x, n, ROWS);
+            for (i, ((a, b), t)) in all.iter().zip(&want).zip(&tol).enumerate() {
+                assert!((a - b).abs() <= *t, "{dtype:?} cell {i}: {a} vs {b} (±{t})");
+            }
+            for group in [1, 2, 3] {
+                let some = run(&m, &x, n, group);
+                assert_eq!(
+                    some.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    all.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{dtype:?}: passes of {group} rows vs {ROWS}"
+                );
+            }
+        }
+    }
+
+    /// The activations' blocks: even then odd values, each within half a step of the
+    /// original, the sums those of the rounded values.
+    #[test]
+    fn activations_keep_every_value_within_half_a_step() {
+        if !super::super::available() {
+            return;
+        }
+        let mut x: Vec<f32> = (0..256).map(|i| (i as f32 * 0.71).cos() * 3.0).collect();
+        x[40] = -5000.0;
+        x[96..128].fill(0.0);
+        let mut a = Activations::default();
+        // SAFETY: AVX2 checked above; 256 values.
+        let a = unsafe { a.prepare(&x) };
+        for (blk, c) in x.chunks_exact(QK).enumerate() {
+            let dx = a.dx[blk];
+            let m = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(dx, m / 32767.0);
+            let q = &a.xq[blk * QK..(blk + 1) * QK];
+            let mut sum = 0i32;
+            for (i, &v) in c.iter().enumerate() {
+                let qi = q[(i % 2) * 16 + i / 2];
+                sum += qi as i32;
+                assert!((qi as f32 * dx - v).abs() <= dx * 0.5001, "block {blk} value {i}");
+            }
+            assert_eq!(a.xsum[blk], dx * sum as f32);
+        }
+    }
+}

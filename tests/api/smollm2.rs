@@ -384,3 +384,87 @@ fn prompts_of_plain_text_are_tokenized_as_the_whole_string() {
         .unwrap();
     assert_eq!(built, e.tokenizer().encode(&rendered).unwrap());
 }
+
+/// SmolLM2 with its `ffn_down` weights (the products whose inputs carry the model's "massive"
+/// activations) turned into a K-quant, written beside the test: what the K-quant kernels see
+/// in a Q4_K_M / Q5_K_M file of a model with outliers.
+fn with_kquant_ffn_down(
+    dtype: candle_core::quantized::GgmlDType,
+    dir: &std::path::Path,
+) -> PathBuf {
+    use candle_core::quantized::{gguf_file, QTensor};
+    use candle_core::Device;
+    let src = model_path();
+    let mut f = std::fs::File::open(&src).expect("open SmolLM2");
+    let content = gguf_file::Content::read(&mut f).expect("read SmolLM2");
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let tensors: Vec<(String, QTensor)> = names
+        .into_iter()
+        .map(|name| {
+            let t = content.tensor(&mut f, name, &Device::Cpu).expect("tensor");
+            if name.ends_with("ffn_down.weight") {
+                let values = t.dequantize(&Device::Cpu).expect("dequantize");
+                (
+                    name.clone(),
+                    QTensor::quantize(&values, dtype).expect("quantize"),
+                )
+            } else {
+                (name.clone(), t)
+            }
+        })
+        .collect();
+    let path = dir.join(format!("smollm2-ffn-down-{dtype:?}.gguf"));
+    let mut out = std::fs::File::create(&path).expect("create");
+    let md: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let t: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut out, &md, &t).expect("write gguf");
+    path
+}
+
+/// The K-quant decode kernels with 16-bit integer activations (what CPUs without AVX512_BF16
+/// run, `--no-bf16` here) answer exactly as the f32 kernels do (`--no-int16`) on a model
+/// with outliers: the same greedy text, and still "Paris".
+#[test]
+fn int16_activations_answer_as_f32_ones_do() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for dtype in [
+        candle_core::quantized::GgmlDType::Q4K,
+        candle_core::quantized::GgmlDType::Q6K,
+    ] {
+        let path = with_kquant_ffn_down(dtype, dir.path());
+        let model = path.to_str().expect("utf-8 path");
+        for prompt in [
+            "What is the capital of France?",
+            "List three prime numbers greater than 10.",
+        ] {
+            let run = |extra: &[&str]| {
+                let mut args = vec![
+                    "run",
+                    "--model",
+                    model,
+                    "--greedy",
+                    "--max-tokens",
+                    "40",
+                    "--prompt",
+                    prompt,
+                    "--no-bf16",
+                ];
+                args.extend_from_slice(extra);
+                let (ok, out, err) = crate::common::run_confab(&args, "");
+                assert!(ok, "{dtype:?} {extra:?}: {err}");
+                out
+            };
+            let int16 = run(&[]);
+            let f32 = run(&["--no-int16"]);
+            assert_eq!(int16, f32, "{dtype:?} {prompt:?}");
+            if prompt.contains("France") && dtype == candle_core::quantized::GgmlDType::Q4K {
+                assert!(int16.contains("Paris"), "{dtype:?}: {int16:?}");
+            }
+        }
+    }
+}

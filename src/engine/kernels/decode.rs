@@ -155,21 +155,17 @@ impl QMat {
             let xs = unsafe { scratch.int16.prepare(&x[..n * cols]) };
             in_passes(n, x86::int16::ROWS, |i, t| {
                 let o = out.at(i, r0);
-                let (xq, dx, xsum) = (
-                    &xs.xq[i * cols..(i + t) * cols],
-                    &xs.dx[i * cols / QK..],
-                    &xs.xsum[i * cols / QK..],
-                );
+                let x = xs.rows_from(i, cols);
                 // SAFETY: as above; the activations hold t rows from row i.
                 unsafe {
                     match self.format {
                         Format::Q4K => {
-                            x86::int16::q4k_rows::<BlockQ4K>(cast(data), nb, xq, dx, xsum, t, o, out.ld)
+                            x86::int16::q4k_rows::<BlockQ4K>(cast(data), nb, x, t, o, out.ld)
                         }
                         Format::Q5K => {
-                            x86::int16::q4k_rows::<BlockQ5K>(cast(data), nb, xq, dx, xsum, t, o, out.ld)
+                            x86::int16::q4k_rows::<BlockQ5K>(cast(data), nb, x, t, o, out.ld)
                         }
-                        _ => x86::int16::q6k_rows(cast(data), nb, xq, dx, t, o, out.ld),
+                        _ => x86::int16::q6k_rows(cast(data), nb, x, t, o, out.ld),
                     }
                 }
             });

@@ -45,6 +45,8 @@ pub struct Activations {
     pub dx: Vec<f32>,
     /// Each block's sum of its rounded values, `dx · Σ xq`.
     pub xsum: Vec<f32>,
+    /// The same for each half block (16 values, in their natural order): Q6_K's sub-blocks.
+    pub xsum16: Vec<f32>,
     ready: bool,
 }
 
@@ -55,11 +57,32 @@ impl Activations {
     /// AVX2, FMA and F16C must be present; the rows' width a multiple of 32.
     pub unsafe fn prepare(&mut self, x: &[f32]) -> &Activations {
         if !self.ready {
-            prepare(x, &mut self.xq, &mut self.dx, &mut self.xsum);
+            prepare(x, self);
             self.ready = true;
         }
         self
     }
+}
+
+impl Activations {
+    /// The rows from row `i` on (rows of `cols` values), as the kernels take them.
+    pub fn rows_from(&self, i: usize, cols: usize) -> RowsFrom<'_> {
+        RowsFrom {
+            xq: &self.xq[i * cols..],
+            dx: &self.dx[i * cols / QK..],
+            xsum: &self.xsum[i * cols / QK..],
+            xsum16: &self.xsum16[i * cols / 16..],
+        }
+    }
+}
+
+/// Activation rows from one row on (see [`Activations::rows_from`]).
+#[derive(Clone, Copy)]
+pub struct RowsFrom<'a> {
+    xq: &'a [i16],
+    dx: &'a [f32],
+    xsum: &'a [f32],
+    xsum16: &'a [f32],
 }
 
 /// Largest of the eight lanes.
@@ -83,16 +106,18 @@ unsafe fn hsum_i32(v: __m256i) -> i32 {
 /// `x` (rows of f32, a multiple of 32 long) as blocks of 16-bit integers (see
 /// [`Activations`]).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn prepare(x: &[f32], xq: &mut Vec<i16>, dx: &mut Vec<f32>, xsum: &mut Vec<f32>) {
-    xq.resize(x.len(), 0);
-    dx.resize(x.len() / QK, 0.0);
-    xsum.resize(x.len() / QK, 0.0);
+unsafe fn prepare(x: &[f32], to: &mut Activations) {
+    to.xq.resize(x.len(), 0);
+    to.dx.resize(x.len() / QK, 0.0);
+    to.xsum.resize(x.len() / QK, 0.0);
+    to.xsum16.resize(x.len() / 16, 0.0);
     let sign = _mm256_set1_ps(-0.0);
-    for (((c, q), d), s) in x
+    for ((((c, q), d), s), s16) in x
         .chunks_exact(QK)
-        .zip(xq.chunks_exact_mut(QK))
-        .zip(dx.iter_mut())
-        .zip(xsum.iter_mut())
+        .zip(to.xq.chunks_exact_mut(QK))
+        .zip(to.dx.iter_mut())
+        .zip(to.xsum.iter_mut())
+        .zip(to.xsum16.chunks_exact_mut(2))
     {
         let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(c.as_ptr().add(8 * i)));
         let a = v.map(|v| _mm256_andnot_ps(sign, v));
@@ -103,6 +128,7 @@ unsafe fn prepare(x: &[f32], xq: &mut Vec<i16>, dx: &mut Vec<f32>, xsum: &mut Ve
         if amax == 0.0 {
             q.fill(0);
             (*d, *s) = (0.0, 0.0);
+            s16.fill(0.0);
             continue;
         }
         let scale = amax / 32767.0;
@@ -121,9 +147,14 @@ unsafe fn prepare(x: &[f32], xq: &mut Vec<i16>, dx: &mut Vec<f32>, xsum: &mut Ve
         let o = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(odd(n0), odd(n1)));
         _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, e);
         _mm256_storeu_si256(q.as_mut_ptr().add(16) as *mut __m256i, o);
-        let total = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
-        // |Σ q| ≤ 32 · 32767 < 2²⁴: exact in f32, so this rounds once.
-        (*d, *s) = (scale, scale * hsum_i32(total) as f32);
+        let (h0, h1) = (
+            hsum_i32(_mm256_add_epi32(i[0], i[1])),
+            hsum_i32(_mm256_add_epi32(i[2], i[3])),
+        );
+        // |Σ q| ≤ 32 · 32767 < 2²⁴: exact in f32, so these round once.
+        (*d, *s) = (scale, scale * (h0 + h1) as f32);
+        s16[0] = scale * h0 as f32;
+        s16[1] = scale * h1 as f32;
     }
 }
 
@@ -142,16 +173,8 @@ unsafe fn prefetch(p: *const u8, lines: usize) {
     }
 }
 
-/// Lanes `j` of a vector of eight, in every lane.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn lane(v: __m256, j: i32) -> __m256 {
-    _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j))
-}
-
-/// Q4_K or Q5_K weight rows × `t` (1..=[`ROWS`]) activation rows given as [`Activations`]
-/// (`xq`, `dx`, `xsum` from the first row of the pass): `out[k * ld + r]` = weight row r ·
-/// activation row k; `nb` super-blocks per row.
+/// Q4_K or Q5_K weight rows × `t` (1..=[`ROWS`]) activation rows `x`: `out[k * ld + r]` =
+/// weight row r · activation row k; `nb` super-blocks per row.
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be present; the activations hold t rows of `nb · 256` values;
@@ -160,14 +183,12 @@ unsafe fn lane(v: __m256, j: i32) -> __m256 {
 pub unsafe fn q4k_rows<B: NibbleBlock>(
     blocks: &[B],
     nb: usize,
-    xq: &[i16],
-    dx: &[f32],
-    xsum: &[f32],
+    x: RowsFrom<'_>,
     t: usize,
     out: *mut f32,
     ld: usize,
 ) {
-    by_rows!(t, [1, 2, 3], 4, q4k_rows_t<B>(blocks, nb, xq, dx, xsum, out, ld))
+    by_rows!(t, [1, 2, 3], 4, q4k_rows_t<B>(blocks, nb, x, out, ld))
 }
 
 #[inline]
@@ -175,34 +196,39 @@ pub unsafe fn q4k_rows<B: NibbleBlock>(
 unsafe fn q4k_rows_t<const T: usize, B: NibbleBlock>(
     blocks: &[B],
     nb: usize,
-    xq: &[i16],
-    dx: &[f32],
-    xsum: &[f32],
+    x: RowsFrom<'_>,
     out: *mut f32,
     ld: usize,
 ) {
     let cols = nb * QK_K;
     let nblk = cols / QK;
     let n_rows = blocks.len() / nb;
-    let (xp, dp, sp) = (xq.as_ptr(), dx.as_ptr(), xsum.as_ptr());
+    let (xp, dp, sp) = (x.xq.as_ptr(), x.dx.as_ptr(), x.xsum.as_ptr());
     let nibble = _mm256_set1_epi16(0x000F);
     let bit4 = _mm256_set1_epi16(0x0010);
     let lines = std::mem::size_of::<B>().div_ceil(64);
     for r in 0..n_rows {
         let row = blocks.as_ptr().add(r * nb);
-        let mut acc = [_mm256_setzero_ps(); T];
+        // Two accumulators per row (sub-blocks 2g and 2g + 1), so that a row's FMAs do not
+        // wait on each other.
+        let mut acc = [[_mm256_setzero_ps(); 2]; T];
+        // Per row: the eight sub-blocks' weight scale × activation scale, in memory, so that
+        // each is put in every lane by a broadcast load rather than a shuffle (the shuffle
+        // port is the busiest).
+        let mut scale = [[0f32; 8]; T];
         for b in 0..nb {
             let blk = &*row.add(b);
             prefetch(blk as *const B as *const u8, lines);
             let (ds, ms) = super::kquants::q4k_scales(blk);
             let (ds, ms) = (_mm256_loadu_ps(ds.as_ptr()), _mm256_loadu_ps(ms.as_ptr()));
-            // Per row: the eight sub-blocks' weight scale × activation scale, and the
-            // minimums' term −Σ dmin·m · Σx.
-            let mut scale = [_mm256_setzero_ps(); T];
+            // The minimums' term −Σ dmin·m · Σx.
             for (k, (s, a)) in scale.iter_mut().zip(acc.iter_mut()).enumerate() {
                 let at = k * nblk + b * 8;
-                *s = _mm256_mul_ps(ds, _mm256_loadu_ps(dp.add(at)));
-                *a = _mm256_fnmadd_ps(ms, _mm256_loadu_ps(sp.add(at)), *a);
+                _mm256_storeu_ps(
+                    s.as_mut_ptr(),
+                    _mm256_mul_ps(ds, _mm256_loadu_ps(dp.add(at))),
+                );
+                a[0] = _mm256_fnmadd_ps(ms, _mm256_loadu_ps(sp.add(at)), a[0]);
             }
             let qh = if B::FIFTH_BIT {
                 _mm256_loadu_si256(blk.qh().as_ptr() as *const __m256i)
@@ -234,7 +260,6 @@ unsafe fn q4k_rows_t<const T: usize, B: NibbleBlock>(
                         *w = _mm256_or_si256(*w, _mm256_and_si256(b, bit4));
                     }
                 }
-                let (j0, j1) = (2 * g as i32, 2 * g as i32 + 1);
                 for (k, a) in acc.iter_mut().enumerate() {
                     let x = xp.add(k * cols + b * QK_K + g * 64) as *const __m256i;
                     let s0 = _mm256_add_epi32(
@@ -245,30 +270,30 @@ unsafe fn q4k_rows_t<const T: usize, B: NibbleBlock>(
                         _mm256_madd_epi16(w[2], _mm256_loadu_si256(x.add(2))),
                         _mm256_madd_epi16(w[3], _mm256_loadu_si256(x.add(3))),
                     );
-                    let f = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(s1),
-                        lane(scale[k], j1),
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(s0), lane(scale[k], j0)),
+                    let (d0, d1) = (
+                        _mm256_broadcast_ss(&scale[k][2 * g]),
+                        _mm256_broadcast_ss(&scale[k][2 * g + 1]),
                     );
-                    *a = _mm256_add_ps(*a, f);
+                    a[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), d0, a[0]);
+                    a[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), d1, a[1]);
                 }
             }
         }
         for (k, a) in acc.iter().enumerate() {
-            *out.add(k * ld + r) = hsum(*a);
+            *out.add(k * ld + r) = hsum(_mm256_add_ps(a[0], a[1]));
         }
     }
 }
 
-/// The 6-bit values of group `k` (0..4) of one half of a Q6_K block, minus 32, as 16-bit
-/// lanes: (even-numbered values, odd-numbered ones). `qla`/`qlb` are the half's two 32-byte
+/// The 6-bit values of group `k` (0..4) of one half of a Q6_K block (0..64, the offset of
+/// 32 is taken apart), as 16-bit lanes: (even-numbered values, odd-numbered ones). `qla`/`qlb` are the half's two 32-byte
 /// runs of low bits, `qh` its 32 bytes of high bits (see `BlockQ6K::quad`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6k_group(qla: __m256i, qlb: __m256i, qh: __m256i, k: usize) -> (__m256i, __m256i) {
     let nibble = _mm256_set1_epi16(0x000F);
     let two = _mm256_set1_epi16(0x0030);
-    let src = if k % 2 == 0 { qla } else { qlb };
+    let src = if k.is_multiple_of(2) { qla } else { qlb };
     // Low four bits: groups 0 and 1 from the low nibbles, 2 and 3 from the high ones.
     let (lo_e, lo_o) = if k < 2 {
         (
@@ -289,15 +314,11 @@ unsafe fn q6k_group(qla: __m256i, qlb: __m256i, qh: __m256i, k: usize) -> (__m25
         2 => (qh, _mm256_srli_epi16::<8>(qh)),
         _ => (_mm256_srli_epi16::<2>(qh), _mm256_srli_epi16::<10>(qh)),
     };
-    let off = _mm256_set1_epi16(32);
-    let value = |lo: __m256i, hi: __m256i| {
-        _mm256_sub_epi16(_mm256_or_si256(lo, _mm256_and_si256(hi, two)), off)
-    };
+    let value = |lo: __m256i, hi: __m256i| _mm256_or_si256(lo, _mm256_and_si256(hi, two));
     (value(lo_e, hi_e), value(lo_o, hi_o))
 }
 
-/// Q6_K weight rows × `t` (1..=[`ROWS`]) activation rows given as [`Activations`] (`xq`,
-/// `dx` from the first row of the pass).
+/// Q6_K weight rows × `t` (1..=[`ROWS`]) activation rows `x`.
 ///
 /// # Safety
 /// As [`q4k_rows`].
@@ -305,29 +326,30 @@ unsafe fn q6k_group(qla: __m256i, qlb: __m256i, qh: __m256i, k: usize) -> (__m25
 pub unsafe fn q6k_rows(
     blocks: &[BlockQ6K],
     nb: usize,
-    xq: &[i16],
-    dx: &[f32],
+    x: RowsFrom<'_>,
     t: usize,
     out: *mut f32,
     ld: usize,
 ) {
-    by_rows!(t, [1, 2, 3], 4, q6k_rows_t(blocks, nb, xq, dx, out, ld))
+    by_rows!(t, [1, 2, 3], 4, q6k_rows_t(blocks, nb, x, out, ld))
 }
 
+/// Why the offset apart: `Σ (q − 32)·x = Σ q·x − 32·Σ x`, and the second sum per 16-value
+/// sub-block is two FMAs per super-block and row (`xsum16` × the scales), where subtracting
+/// 32 from every weight cost an instruction per 16 values.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6k_rows_t<const T: usize>(
     blocks: &[BlockQ6K],
     nb: usize,
-    xq: &[i16],
-    dx: &[f32],
+    x: RowsFrom<'_>,
     out: *mut f32,
     ld: usize,
 ) {
     let cols = nb * QK_K;
     let nblk = cols / QK;
     let n_rows = blocks.len() / nb;
-    let (xp, dp) = (xq.as_ptr(), dx.as_ptr());
+    let (xp, dp, sp) = (x.xq.as_ptr(), x.dx.as_ptr(), x.xsum16.as_ptr());
     let lines = std::mem::size_of::<BlockQ6K>().div_ceil(64);
     // Lanes 0..4 of a block's sums come from its first 16 values (sub-block 2k of the
     // half), lanes 4..8 from the next 16 (sub-block 2k + 1): `vpmaddwd` adds lanes 2i and
@@ -339,14 +361,22 @@ unsafe fn q6k_rows_t<const T: usize>(
     for r in 0..n_rows {
         let row = blocks.as_ptr().add(r * nb);
         let mut acc = [[_mm256_setzero_ps(); 2]; T];
+        let mut offsets = [_mm256_setzero_ps(); T];
         for b in 0..nb {
             let blk = &*row.add(b);
             prefetch(blk as *const BlockQ6K as *const u8, lines);
             let d = _mm256_set1_ps(f16_to_f32(blk.d));
-            for h in 0..2 {
-                // d · the half's eight 8-bit sub-block scales.
+            // d · the sixteen 8-bit sub-block scales, eight per half.
+            let scales: [__m256; 2] = std::array::from_fn(|h| {
                 let sc8 = _mm_loadl_epi64(blk.scales.as_ptr().add(8 * h) as *const __m128i);
-                let sc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)));
+                _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)))
+            });
+            for (k, o) in offsets.iter_mut().enumerate() {
+                let s = sp.add(k * cols / 16 + b * 16);
+                *o = _mm256_fmadd_ps(scales[0], _mm256_loadu_ps(s), *o);
+                *o = _mm256_fmadd_ps(scales[1], _mm256_loadu_ps(s.add(8)), *o);
+            }
+            for (h, &sc) in scales.iter().enumerate() {
                 let ql = blk.ql.as_ptr().add(64 * h) as *const __m256i;
                 let qla = _mm256_loadu_si256(ql);
                 let qlb = _mm256_loadu_si256(ql.add(1));
@@ -361,14 +391,15 @@ unsafe fn q6k_rows_t<const T: usize>(
                             _mm256_madd_epi16(e, _mm256_loadu_si256(x)),
                             _mm256_madd_epi16(o, _mm256_loadu_si256(x.add(1))),
                         );
-                        let scale = _mm256_mul_ps(s, _mm256_broadcast_ss(&*dp.add(kk * nblk + blk_idx)));
+                        let scale =
+                            _mm256_mul_ps(s, _mm256_broadcast_ss(&*dp.add(kk * nblk + blk_idx)));
                         a[k % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, a[k % 2]);
                     }
                 }
             }
         }
-        for (k, a) in acc.iter().enumerate() {
-            *out.add(k * ld + r) = hsum(_mm256_add_ps(a[0], a[1]));
+        for (k, (a, o)) in acc.iter().zip(&offsets).enumerate() {
+            *out.add(k * ld + r) = hsum(_mm256_add_ps(a[0], a[1])) - 32.0 * hsum(*o);
         }
     }
 }
@@ -412,23 +443,18 @@ mod tests {
         let mut i = 0;
         while i < n {
             let t = (n - i).min(group);
-            let (xq, dx, xsum) = (
-                &xs.xq[i * cols..],
-                &xs.dx[i * cols / QK..],
-                &xs.xsum[i * cols / QK..],
-            );
+            let x = xs.rows_from(i, cols);
             let o = out[i * rows..].as_mut_ptr();
-            // SAFETY: as above; `xq` and the rest hold t rows from row i, `out` t × rows
-            // from row i.
+            // SAFETY: as above; `x` holds t rows from row i, `out` t × rows from row i.
             unsafe {
                 match m.format() {
                     crate::engine::kernels::Format::Q4K => {
-                        q4k_rows::<BlockQ4K>(cast(data), nb, xq, dx, xsum, t, o, rows)
+                        q4k_rows::<BlockQ4K>(cast(data), nb, x, t, o, rows)
                     }
                     crate::engine::kernels::Format::Q5K => {
-                        q4k_rows::<BlockQ5K>(cast(data), nb, xq, dx, xsum, t, o, rows)
+                        q4k_rows::<BlockQ5K>(cast(data), nb, x, t, o, rows)
                     }
-                    _ => q6k_rows(cast(data), nb, xq, dx, t, o, rows),
+                    _ => q6k_rows(cast(data), nb, x, t, o, rows),
                 }
             }
             i += t;
@@ -472,7 +498,7 @@ mod tests {
     }
 
     /// The activations' blocks: even then odd values, each within half a step of the
-    /// original, the sums those of the rounded values.
+    /// original, the sums (of blocks and of half blocks) those of the rounded values.
     #[test]
     fn activations_keep_every_value_within_half_a_step() {
         if !super::super::available() {
@@ -489,13 +515,18 @@ mod tests {
             let m = c.iter().fold(0f32, |m, v| m.max(v.abs()));
             assert_eq!(dx, m / 32767.0);
             let q = &a.xq[blk * QK..(blk + 1) * QK];
-            let mut sum = 0i32;
+            let mut halves = [0i32; 2];
             for (i, &v) in c.iter().enumerate() {
                 let qi = q[(i % 2) * 16 + i / 2];
-                sum += qi as i32;
-                assert!((qi as f32 * dx - v).abs() <= dx * 0.5001, "block {blk} value {i}");
+                halves[i / 16] += qi as i32;
+                assert!(
+                    (qi as f32 * dx - v).abs() <= dx * 0.5001,
+                    "block {blk} value {i}"
+                );
             }
-            assert_eq!(a.xsum[blk], dx * sum as f32);
+            assert_eq!(a.xsum[blk], dx * (halves[0] + halves[1]) as f32);
+            assert_eq!(a.xsum16[2 * blk], dx * halves[0] as f32);
+            assert_eq!(a.xsum16[2 * blk + 1], dx * halves[1] as f32);
         }
     }
 }

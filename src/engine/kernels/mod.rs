@@ -486,22 +486,31 @@ pub(crate) mod testing {
         #[cfg(not(target_arch = "x86_64"))]
         let int16 = false;
         let steps = if int16 {
-            let half_step: Vec<f32> = x
-                .chunks(formats::QK)
-                .flat_map(|c| {
-                    let m = c.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    std::iter::repeat_n(m / 65534.0, c.len())
-                })
-                .collect();
-            reference(&abs(w), &half_step, rows, cols, n)
+            int16_steps(w, x, rows, cols, n)
         } else {
             vec![0.0; magnitude.len()]
         };
         magnitude
             .iter()
             .zip(&steps)
-            .map(|(m, s)| rel * m + 1.01 * s + 1e-3)
+            .map(|(m, s)| rel * m + s + 1e-3)
             .collect()
+    }
+
+    /// The worst error of a product from rounding the activations to 16-bit integers per
+    /// block of 32 (see `x86::int16`): each value moves by at most half its block's step,
+    /// `Σ |w| · max|x| / 65534` (with 1% to spare for the f32 arithmetic on it).
+    pub fn int16_steps(w: &[f32], x: &[f32], rows: usize, cols: usize, n: usize) -> Vec<f32> {
+        let half_step: Vec<f32> = x
+            .chunks(formats::QK)
+            .flat_map(|c| {
+                let m = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+                std::iter::repeat_n(m / 65534.0, c.len())
+            })
+            .collect();
+        let abs: Vec<f32> = w.iter().map(|a| a.abs()).collect();
+        let steps = reference(&abs, &half_step, rows, cols, n);
+        steps.iter().map(|s| 1.01 * s).collect()
     }
 }
 

@@ -173,6 +173,10 @@ pub struct ModelArgs {
     /// activations, unless `--no-int16`; everything else uses the f32 kernels).
     #[arg(long, env = "CONFAB_NO_BF16")]
     pub no_bf16: bool,
+    /// Do not use AMX tiles for prompts (the AVX512_BF16 kernel reads them instead), where
+    /// the CPU has AMX-BF16.
+    #[arg(long, env = "CONFAB_NO_AMX")]
+    pub no_amx: bool,
     /// Do not decode K-quants with 16-bit integer activations where AVX512_BF16 is missing
     /// (the f32 kernels run instead).
     #[arg(long, env = "CONFAB_NO_INT16")]
@@ -211,6 +215,7 @@ impl ModelArgs {
             isa: crate::engine::kernels::Isa {
                 avx512: !self.no_avx512,
                 bf16: !self.no_bf16,
+                amx: !self.no_amx,
                 int16: !self.no_int16,
             },
             #[cfg(feature = "test-hooks")]

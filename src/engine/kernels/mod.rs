@@ -51,12 +51,15 @@ use prompt::PanelScratch;
 use prompt::PANEL;
 
 /// Which instruction-set extensions the kernels may use, where the CPU has them
-/// (`--no-avx512`, `--no-bf16`, `--no-int16`: to compare kernels, or to rule one out).
+/// (`--no-avx512`, `--no-bf16`, `--no-amx`, `--no-int16`: to compare kernels, or to rule
+/// one out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Isa {
     pub avx512: bool,
     /// AVX512_BF16 dot products for the K-quant, Q4_0 and BF16 kernels.
     pub bf16: bool,
+    /// AMX tiles for the prompt kernel of those formats (with `bf16`).
+    pub amx: bool,
     /// 16-bit integer activations for the K-quant decode kernels where bf16 is missing.
     pub int16: bool,
 }
@@ -66,6 +69,7 @@ impl Default for Isa {
         Isa {
             avx512: true,
             bf16: true,
+            amx: true,
             int16: true,
         }
     }
@@ -645,14 +649,16 @@ mod tests {
         ] {
             let (rows, cols) = (40, 256);
             let (m, _) = matrix(rows, cols, dtype);
-            let n = 13;
+            // More than one AMX tile of rows (16), so a row is seen in a whole tile and in
+            // the zero-padded last one.
+            let n = 21;
             let mut x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.37).sin()).collect();
             x[7] = 2500.0;
             for kind in [Rows::Generated, Rows::Prompt] {
                 let mut all = vec![0f32; n * rows];
                 m.matmul(&x, n, &mut all, &Team::new(2), kind);
                 for i in 0..n {
-                    for take in [1, 2, 5] {
+                    for take in [1, 2, 5, 16] {
                         let k = take.min(n - i);
                         let mut some = vec![0f32; k * rows];
                         m.matmul(

@@ -25,6 +25,9 @@ pub(super) struct PanelScratch {
     /// The activation rows for the bf16 kernel.
     #[cfg(target_arch = "x86_64")]
     bf16: x86::bf16::Activations,
+    /// The AMX kernel's last tile of activation rows, padded with zeros to 16 rows.
+    tail_xb: Vec<u16>,
+    tail_xsum: Vec<f32>,
 }
 
 /// Formats whose prompt panels hold exact bf16 values for `vdpbf16ps` where the CPU has
@@ -113,7 +116,8 @@ impl QMat {
     /// (AVX512_BF16): each panel keeps the weights' values exactly in bf16 (the integers of
     /// the quantized formats with their f32 block scales, BF16's own values), the activations
     /// are rounded to bf16 once per product, and `vdpbf16ps` does 32 multiply-adds an
-    /// instruction — twice f32 FMA's — with f32 sums.
+    /// instruction — twice f32 FMA's — with f32 sums. Where AMX tiles are usable, the same
+    /// panels go through `tdpbf16ps` instead (see [`x86::amx`]).
     #[cfg(target_arch = "x86_64")]
     fn gemm_band_bf16(
         &self,
@@ -124,65 +128,273 @@ impl QMat {
         out: Band,
         scratch: &mut PanelScratch,
     ) {
-        use super::formats::{cast, BlockQ4K, BlockQ5K, QK, QK_K};
-        use x86::bf16::{MR as BMR, PANEL as BPANEL};
+        use super::formats::QK;
         let cols = self.cols();
-        let nk = cols / QK_K;
         // SAFETY: AVX512_BF16 checked by the caller; rows are whole blocks of 32.
-        let xs = unsafe { scratch.bf16.prepare(&x[..n * cols]) };
-        let panel = match self.format() {
+        unsafe { scratch.bf16.prepare(&x[..n * cols]) };
+        let kind = self.panel_kind();
+        if x86::amx() {
+            // SAFETY: AMX checked just above.
+            unsafe {
+                return match kind {
+                    x86::bf16::Panel::Mins32 => {
+                        self.gemm_band_amx::<32, true>(r0, r1, n, out, scratch)
+                    }
+                    x86::bf16::Panel::Plain32 => {
+                        self.gemm_band_amx::<32, false>(r0, r1, n, out, scratch)
+                    }
+                    x86::bf16::Panel::Plain16 => {
+                        self.gemm_band_amx::<16, false>(r0, r1, n, out, scratch)
+                    }
+                };
+            }
+        }
+        use x86::bf16::{MR as BMR, PANEL as BPANEL};
+        let mut p0 = r0;
+        while p0 < r1 {
+            let width = (r1 - p0).min(BPANEL);
+            self.bf16_panel(p0, width, scratch);
+            let PanelScratch {
+                q, ds, ms, bf16, ..
+            } = &*scratch;
+            let mut i = 0;
+            while i < n {
+                let m = (n - i).min(BMR);
+                let xb = &bf16.xb[i * cols..(i + m) * cols];
+                let xsum = &bf16.xsum[i * cols / QK..(i + m) * cols / QK];
+                let kernel = |o: *mut f32, ld: usize| {
+                    // SAFETY: as above; `o` has room for m rows of 16 at stride `ld`.
+                    unsafe { x86::bf16::gemm(kind, m, q, ds, ms, xb, xsum, cols, o, ld) }
+                };
+                write_panel(out, i, p0, m, width, kernel);
+                i += m;
+            }
+            p0 += width;
+        }
+    }
+
+    /// What this matrix's bf16 panels hold.
+    #[cfg(target_arch = "x86_64")]
+    fn panel_kind(&self) -> x86::bf16::Panel {
+        match self.format() {
             // Values with a minimum per block (Q4_0's is 8·d).
             Format::Q4K | Format::Q5K | Format::Q4_0 => x86::bf16::Panel::Mins32,
             Format::BF16 => x86::bf16::Panel::Plain32,
             _ => x86::bf16::Panel::Plain16,
-        };
-        let mut spill = [0f32; BMR * BPANEL];
+        }
+    }
+
+    /// Weight rows `p0..p0 + width` (≤ 16) as a bf16 panel in `scratch`.
+    #[cfg(target_arch = "x86_64")]
+    fn bf16_panel(&self, p0: usize, width: usize, scratch: &mut PanelScratch) {
+        use super::formats::{cast, BlockQ4K, BlockQ5K, QK, QK_K};
+        let cols = self.cols();
+        let nk = cols / QK_K;
+        let rows = self.rows_data(p0, p0 + width);
+        let (q, ds, ms) = (&mut scratch.q, &mut scratch.ds, &mut scratch.ms);
+        // SAFETY: AVX512_BF16 checked by the callers; `rows` holds `width` whole rows.
+        unsafe {
+            match self.format() {
+                Format::Q4K => x86::bf16::q4k_panel::<BlockQ4K>(cast(rows), nk, width, q, ds, ms),
+                Format::Q5K => x86::bf16::q4k_panel::<BlockQ5K>(cast(rows), nk, width, q, ds, ms),
+                Format::Q4_0 => x86::bf16::q4_0_panel(cast(rows), cols / QK, width, q, ds, ms),
+                Format::BF16 => x86::bf16::bf16_panel(cast(rows), cols, width, q, ds),
+                _ => x86::bf16::q6k_panel(cast(rows), nk, width, q, ds),
+            }
+        }
+    }
+
+    /// [`QMat::gemm_band_bf16`] on AMX tiles, 16 activation rows per tile (the last ones
+    /// from a zero-padded copy); panels of sub-blocks of `G` columns, with minimums if
+    /// `MINS`.
+    ///
+    /// # Safety
+    /// AMX usable; `scratch.bf16` prepared with the `n` activation rows.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn gemm_band_amx<const G: usize, const MINS: bool>(
+        &self,
+        r0: usize,
+        r1: usize,
+        n: usize,
+        out: Band,
+        scratch: &mut PanelScratch,
+    ) {
+        use super::formats::QK;
+        use x86::amx::ROWS;
+        let cols = self.cols();
+        let full = n / ROWS * ROWS;
+        // The rows past the last whole tile, and zeros to fill it.
+        if full < n {
+            let (xb, xsum) = (&scratch.bf16.xb, &scratch.bf16.xsum);
+            scratch.tail_xb.clear();
+            scratch
+                .tail_xb
+                .extend_from_slice(&xb[full * cols..n * cols]);
+            scratch.tail_xb.resize(ROWS * cols, 0);
+            scratch.tail_xsum.clear();
+            scratch
+                .tail_xsum
+                .extend_from_slice(&xsum[full * cols / QK..n * cols / QK]);
+            scratch.tail_xsum.resize(ROWS * cols / QK, 0.0);
+        }
+        let tiles = x86::amx::Tiles::<G>::configure();
         let mut p0 = r0;
         while p0 < r1 {
-            let width = (r1 - p0).min(BPANEL);
-            let rows = self.rows_data(p0, p0 + width);
-            let (q, ds, ms) = (&mut scratch.q, &mut scratch.ds, &mut scratch.ms);
-            // SAFETY: as above; `rows` holds `width` whole rows.
-            unsafe {
-                match self.format() {
-                    Format::Q4K => {
-                        x86::bf16::q4k_panel::<BlockQ4K>(cast(rows), nk, width, q, ds, ms)
-                    }
-                    Format::Q5K => {
-                        x86::bf16::q4k_panel::<BlockQ5K>(cast(rows), nk, width, q, ds, ms)
-                    }
-                    Format::Q4_0 => x86::bf16::q4_0_panel(cast(rows), cols / QK, width, q, ds, ms),
-                    Format::BF16 => x86::bf16::bf16_panel(cast(rows), cols, width, q, ds),
-                    _ => x86::bf16::q6k_panel(cast(rows), nk, width, q, ds),
-                }
-            };
+            let width = (r1 - p0).min(PANEL);
+            self.bf16_panel(p0, width, scratch);
+            let PanelScratch {
+                q,
+                ds,
+                ms,
+                bf16,
+                tail_xb,
+                tail_xsum,
+                ..
+            } = &*scratch;
             let mut i = 0;
             while i < n {
-                let m = (n - i).min(BMR);
-                let xb = &xs.xb[i * cols..(i + m) * cols];
-                let xsum = &xs.xsum[i * cols / QK..(i + m) * cols / QK];
-                let (q, ds, ms) = (&scratch.q, &scratch.ds, &scratch.ms);
-                let kernel = |o: *mut f32, ld: usize| {
-                    // SAFETY: as above; `o` has room for m rows of 16 at stride `ld`.
-                    unsafe { x86::bf16::gemm(panel, m, q, ds, ms, xb, xsum, cols, o, ld) }
-                };
-                if width == BPANEL {
-                    // The m × 16 cells (rows i..i+m, columns p0..p0+16 of the band) are this
-                    // work item's.
-                    kernel(out.at(i, p0), out.ld);
+                let m = (n - i).min(ROWS);
+                let (xb, xsum) = if i < full {
+                    (&bf16.xb[i * cols..], &bf16.xsum[i * cols / QK..])
                 } else {
-                    // Into a local buffer; only `width` columns are copied.
-                    kernel(spill.as_mut_ptr(), BPANEL);
-                    for k in 0..m {
-                        for j in 0..width {
-                            // SAFETY: cell (i + k, p0 + j) is this work item's.
-                            unsafe { out.set(i + k, p0 + j, spill[k * BPANEL + j]) };
-                        }
+                    (&tail_xb[..], &tail_xsum[..])
+                };
+                let kernel = |o: *mut f32, ld: usize| {
+                    // SAFETY: AMX configured for G; `xb`/`xsum` hold 16 rows (the padded
+                    // copy for the last tile); `o` has room for m rows of 16 at `ld`.
+                    unsafe {
+                        x86::amx::gemm16::<G, MINS>(&tiles, m, q, ds, ms, xb, xsum, cols, o, ld)
                     }
-                }
+                };
+                write_panel(out, i, p0, m, width, kernel);
                 i += m;
             }
             p0 += width;
+        }
+    }
+}
+
+/// Runs a prompt kernel for activation rows `i..i + m` and the panel of weight rows
+/// `p0..p0 + width`: straight into the band when the panel is whole, else into a local
+/// buffer of which only `width` columns are copied.
+#[cfg(target_arch = "x86_64")]
+fn write_panel(
+    out: Band,
+    i: usize,
+    p0: usize,
+    m: usize,
+    width: usize,
+    kernel: impl FnOnce(*mut f32, usize),
+) {
+    const MOST: usize = 16;
+    debug_assert!(m <= MOST);
+    if width == PANEL {
+        // The m × 16 cells (rows i..i+m, columns p0..p0+16 of the band) are this work
+        // item's.
+        kernel(out.at(i, p0), out.ld);
+    } else {
+        let mut spill = [0f32; MOST * PANEL];
+        kernel(spill.as_mut_ptr(), PANEL);
+        for k in 0..m {
+            for j in 0..width {
+                // SAFETY: cell (i + k, p0 + j) is this work item's.
+                unsafe { out.set(i + k, p0 + j, spill[k * PANEL + j]) };
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use crate::engine::kernels::formats::QK;
+    use crate::engine::kernels::testing::{matrix, reference};
+    use candle_core::quantized::GgmlDType;
+
+    /// The AMX tile kernel against the AVX512_BF16 one on the same panels and the same
+    /// bf16 activations: they differ only in the order of additions inside a sub-block, so
+    /// they agree to f32 rounding (a wrong tile shape, layout or scale would be off by whole
+    /// terms). Three tiles of rows, the last one partial (the zero-padded copy).
+    #[test]
+    fn amx_tiles_agree_with_the_bf16_kernel() {
+        if !x86::amx() {
+            eprintln!("no usable AMX-BF16 on this machine: the tile kernel is not tested here");
+            return;
+        }
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::Q4_0,
+            GgmlDType::BF16,
+        ] {
+            let (rows, cols, n) = (16, 768, 37);
+            let (m, w) = matrix(rows, cols, dtype);
+            let mut x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
+                .collect();
+            x[40] = 3000.0;
+            let magnitude = {
+                let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<_>>();
+                reference(&abs(&w), &abs(&x), rows, cols, n)
+            };
+            let mut scratch = PanelScratch::default();
+            // SAFETY: AMX (and so AVX512_BF16) checked above; rows are whole blocks.
+            unsafe { scratch.bf16.prepare(&x) };
+            m.bf16_panel(0, rows, &mut scratch);
+            let kind = m.panel_kind();
+            let (q, ds, ms) = (&scratch.q, &scratch.ds, &scratch.ms);
+            let (xb, xsum) = (&scratch.bf16.xb, &scratch.bf16.xsum);
+            let mut want = vec![0f32; n * rows];
+            for i in (0..n).step_by(x86::bf16::MR) {
+                let k = (n - i).min(x86::bf16::MR);
+                let (xb, xsum) = (&xb[i * cols..(i + k) * cols], &xsum[i * cols / QK..]);
+                let o = want[i * rows..].as_mut_ptr();
+                // SAFETY: as above; `want` from row i on has room for k rows of 16.
+                unsafe { x86::bf16::gemm(kind, k, q, ds, ms, xb, xsum, cols, o, rows) };
+            }
+            let mut got = vec![0f32; n * rows];
+            let mut padded_xb = xb.clone();
+            padded_xb.resize(48 * cols, 0);
+            let mut padded_xsum = xsum.clone();
+            padded_xsum.resize(48 * cols / QK, 0.0);
+            for i in (0..n).step_by(x86::amx::ROWS) {
+                let k = (n - i).min(x86::amx::ROWS);
+                let (xb, xsum) = (&padded_xb[i * cols..], &padded_xsum[i * cols / QK..]);
+                let o = got[i * rows..].as_mut_ptr();
+                // SAFETY: AMX usable; 16 rows readable from row i of the padded copies;
+                // `got` from row i on has room for k rows of 16.
+                unsafe {
+                    match kind {
+                        x86::bf16::Panel::Mins32 => {
+                            let tiles = x86::amx::Tiles::<32>::configure();
+                            x86::amx::gemm16::<32, true>(
+                                &tiles, k, q, ds, ms, xb, xsum, cols, o, rows,
+                            )
+                        }
+                        x86::bf16::Panel::Plain32 => {
+                            let tiles = x86::amx::Tiles::<32>::configure();
+                            x86::amx::gemm16::<32, false>(
+                                &tiles, k, q, ds, ms, xb, xsum, cols, o, rows,
+                            )
+                        }
+                        x86::bf16::Panel::Plain16 => {
+                            let tiles = x86::amx::Tiles::<16>::configure();
+                            x86::amx::gemm16::<16, false>(
+                                &tiles, k, q, ds, ms, xb, xsum, cols, o, rows,
+                            )
+                        }
+                    }
+                }
+            }
+            for (c, ((a, b), mag)) in got.iter().zip(&want).zip(&magnitude).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * mag + 1e-4,
+                    "{dtype:?} row {} col {}: tiles {a} vs bf16 kernel {b}",
+                    c / rows,
+                    c % rows
+                );
+            }
         }
     }
 }

@@ -23,6 +23,7 @@ macro_rules! by_rows {
     };
 }
 
+pub mod amx;
 pub mod attention512;
 pub mod avx2;
 pub mod avx512;
@@ -57,6 +58,14 @@ pub fn bf16() -> bool {
             && is_x86_feature_detected!("avx512bf16")
             && super::isa().bf16
     })
+}
+
+/// AMX tiles (`tdpbf16ps`) for the prompt kernel's bf16 panels ([`amx`]), where the bf16
+/// kernels run, the CPU has AMX-BF16 and the OS lets this process use the tiles. `--no-amx`
+/// turns them off (the AVX512_BF16 prompt kernel runs instead).
+pub fn amx() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| bf16() && super::isa().amx && amx::usable())
 }
 
 /// 16-bit integer activations ([`int16`]) for the K-quant matrix-vector kernels, where the

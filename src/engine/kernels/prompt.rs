@@ -25,9 +25,10 @@ pub(super) struct PanelScratch {
     /// The activation rows for the bf16 kernel.
     #[cfg(target_arch = "x86_64")]
     bf16: x86::bf16::Activations,
-    /// The AMX kernel's last tile of activation rows, padded with zeros to 16 rows.
-    tail_xb: Vec<u16>,
-    tail_xsum: Vec<f32>,
+    /// The AMX kernel's weight panels of a band, and its last activation rows padded with
+    /// zeros to a whole pair of tiles.
+    amx_band: Vec<u16>,
+    amx_tail: Vec<u16>,
 }
 
 /// Formats whose prompt panels hold exact bf16 values for `vdpbf16ps` where the CPU has
@@ -134,20 +135,8 @@ impl QMat {
         unsafe { scratch.bf16.prepare(&x[..n * cols]) };
         let kind = self.panel_kind();
         if x86::amx() {
-            // SAFETY: AMX checked just above.
-            unsafe {
-                return match kind {
-                    x86::bf16::Panel::Mins32 => {
-                        self.gemm_band_amx::<32, true>(r0, r1, n, out, scratch)
-                    }
-                    x86::bf16::Panel::Plain32 => {
-                        self.gemm_band_amx::<32, false>(r0, r1, n, out, scratch)
-                    }
-                    x86::bf16::Panel::Plain16 => {
-                        self.gemm_band_amx::<16, false>(r0, r1, n, out, scratch)
-                    }
-                };
-            }
+            // SAFETY: AMX checked just above; the activations prepared.
+            return unsafe { self.gemm_band_amx(r0, r1, n, out, scratch) };
         }
         use x86::bf16::{MR as BMR, PANEL as BPANEL};
         let mut p0 = r0;
@@ -204,14 +193,14 @@ impl QMat {
         }
     }
 
-    /// [`QMat::gemm_band_bf16`] on AMX tiles, 16 activation rows per tile (the last ones
-    /// from a zero-padded copy); panels of sub-blocks of `G` columns, with minimums if
-    /// `MINS`.
+    /// [`QMat::gemm_band_bf16`] on AMX tiles: the band's weight rows as bf16 panels of
+    /// weights (see [`x86::amx`]), made once, then 32 activation rows × 32 weight rows at a
+    /// time (the last activation rows from a zero-padded copy, a missing 16th panel zero).
     ///
     /// # Safety
     /// AMX usable; `scratch.bf16` prepared with the `n` activation rows.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn gemm_band_amx<const G: usize, const MINS: bool>(
+    unsafe fn gemm_band_amx(
         &self,
         r0: usize,
         r1: usize,
@@ -219,58 +208,72 @@ impl QMat {
         out: Band,
         scratch: &mut PanelScratch,
     ) {
-        use super::formats::QK;
         use x86::amx::ROWS;
+        use x86::bf16::Panel;
         let cols = self.cols();
-        let full = n / ROWS * ROWS;
-        // The rows past the last whole tile, and zeros to fill it.
-        if full < n {
-            let (xb, xsum) = (&scratch.bf16.xb, &scratch.bf16.xsum);
-            scratch.tail_xb.clear();
-            scratch
-                .tail_xb
-                .extend_from_slice(&xb[full * cols..n * cols]);
-            scratch.tail_xb.resize(ROWS * cols, 0);
-            scratch.tail_xsum.clear();
-            scratch
-                .tail_xsum
-                .extend_from_slice(&xsum[full * cols / QK..n * cols / QK]);
-            scratch.tail_xsum.resize(ROWS * cols / QK, 0.0);
-        }
-        let tiles = x86::amx::Tiles::<G>::configure();
-        let mut p0 = r0;
-        while p0 < r1 {
-            let width = (r1 - p0).min(PANEL);
-            self.bf16_panel(p0, width, scratch);
-            let PanelScratch {
-                q,
-                ds,
-                ms,
-                bf16,
-                tail_xb,
-                tail_xsum,
-                ..
-            } = &*scratch;
-            let mut i = 0;
-            while i < n {
-                let m = (n - i).min(ROWS);
-                let (xb, xsum) = if i < full {
-                    (&bf16.xb[i * cols..], &bf16.xsum[i * cols / QK..])
-                } else {
-                    (&tail_xb[..], &tail_xsum[..])
-                };
-                let kernel = |o: *mut f32, ld: usize| {
-                    // SAFETY: AMX configured for G; `xb`/`xsum` hold 16 rows (the padded
-                    // copy for the last tile); `o` has room for m rows of 16 at `ld`.
-                    unsafe {
-                        x86::amx::gemm16::<G, MINS>(&tiles, m, q, ds, ms, xb, xsum, cols, o, ld)
-                    }
-                };
-                write_panel(out, i, p0, m, width, kernel);
-                i += m;
+        let panel_len = cols * PANEL;
+        let panels = (r1 - r0).div_ceil(PANEL).next_multiple_of(2);
+        let mut band = std::mem::take(&mut scratch.amx_band);
+        band.clear();
+        band.resize(panels * panel_len, 0);
+        let kind = self.panel_kind();
+        for (k, panel) in band.chunks_exact_mut(panel_len).enumerate() {
+            let p0 = r0 + k * PANEL;
+            if p0 >= r1 {
+                break;
             }
-            p0 += width;
+            self.bf16_panel(p0, (r1 - p0).min(PANEL), scratch);
+            let (q, ds, ms) = (&mut scratch.q, &scratch.ds, &scratch.ms);
+            match kind {
+                Panel::Mins32 => x86::amx::weights_in_place::<32, true>(q, ds, ms, cols),
+                Panel::Plain16 => x86::amx::weights_in_place::<16, false>(q, ds, ms, cols),
+                Panel::Plain32 => {}
+            }
+            panel.copy_from_slice(&q[..panel_len]);
         }
+        // The rows past the last whole pair of tiles, and zeros to fill it.
+        let full = n / (2 * ROWS) * (2 * ROWS);
+        let xb = &scratch.bf16.xb;
+        let mut tail = std::mem::take(&mut scratch.amx_tail);
+        if full < n {
+            tail.clear();
+            tail.extend_from_slice(&xb[full * cols..n * cols]);
+            tail.resize(2 * ROWS * cols, 0);
+        }
+        let tiles = x86::amx::Tiles::configure();
+        let mut sums = Box::new([0f32; 1024]);
+        for i in (0..n).step_by(2 * ROWS) {
+            let x = if i < full { &xb[i * cols..] } else { &tail[..] };
+            let m = (n - i).min(2 * ROWS);
+            for pair in 0..panels / 2 {
+                let w = &band[2 * pair * panel_len..];
+                // SAFETY: AMX configured; `x` holds 32 rows of `cols` from row i (or the
+                // padded copy), `w` two panels.
+                x86::amx::gemm32(
+                    &tiles,
+                    x.as_ptr(),
+                    x.as_ptr().add(ROWS * cols),
+                    w.as_ptr(),
+                    w.as_ptr().add(panel_len),
+                    cols,
+                    &mut sums,
+                );
+                for b in 0..2 {
+                    let p0 = r0 + (2 * pair + b) * PANEL;
+                    if p0 >= r1 {
+                        continue;
+                    }
+                    let width = (r1 - p0).min(PANEL);
+                    for k in 0..m {
+                        let block = &sums[((k / ROWS) * 2 + b) * 256 + (k % ROWS) * 16..][..width];
+                        // SAFETY: cells (i + k, p0..p0 + width) are this work item's.
+                        std::ptr::copy_nonoverlapping(block.as_ptr(), out.at(i + k, p0), width);
+                    }
+                }
+            }
+        }
+        scratch.amx_band = band;
+        scratch.amx_tail = tail;
     }
 }
 
@@ -307,16 +310,22 @@ fn write_panel(
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
-    use crate::engine::kernels::formats::QK;
-    use crate::engine::kernels::testing::{matrix, reference};
+    use crate::engine::kernels::testing::matrix;
+    use crate::engine::kernels::Rows;
+    use crate::engine::kernels::Team;
     use candle_core::quantized::GgmlDType;
 
-    /// The AMX tile kernel against the AVX512_BF16 one on the same panels and the same
-    /// bf16 activations: they differ only in the order of additions inside a sub-block, so
-    /// they agree to f32 rounding (a wrong tile shape, layout or scale would be off by whole
-    /// terms). Three tiles of rows, the last one partial (the zero-padded copy).
+    fn bf16_to_f32(b: u16) -> f64 {
+        f32::from_bits((b as u32) << 16) as f64
+    }
+
+    /// The AMX path: each weight of its panels is the dequantized weight rounded to bf16
+    /// (within 2⁻⁸ of it: 8 significant bits, rounded to nearest), and each product equals
+    /// the exact sum of those weights times the bf16 activations up to f32 rounding (a wrong
+    /// tile shape, layout or panel would be off by whole terms). Two bands of weight rows
+    /// (the second short: a missing panel), 37 activation rows (a partial pair of tiles).
     #[test]
-    fn amx_tiles_agree_with_the_bf16_kernel() {
+    fn amx_tiles_multiply_the_bf16_rounded_weights() {
         if !x86::amx() {
             eprintln!("no usable AMX-BF16 on this machine: the tile kernel is not tested here");
             return;
@@ -328,72 +337,50 @@ mod tests {
             GgmlDType::Q4_0,
             GgmlDType::BF16,
         ] {
-            let (rows, cols, n) = (16, 768, 37);
+            let (rows, cols, n) = (100, 768, 37);
             let (m, w) = matrix(rows, cols, dtype);
             let mut x: Vec<f32> = (0..n * cols)
                 .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
                 .collect();
             x[40] = 3000.0;
-            let magnitude = {
-                let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<_>>();
-                reference(&abs(&w), &abs(&x), rows, cols, n)
-            };
             let mut scratch = PanelScratch::default();
             // SAFETY: AMX (and so AVX512_BF16) checked above; rows are whole blocks.
             unsafe { scratch.bf16.prepare(&x) };
-            m.bf16_panel(0, rows, &mut scratch);
-            let kind = m.panel_kind();
-            let (q, ds, ms) = (&scratch.q, &scratch.ds, &scratch.ms);
-            let (xb, xsum) = (&scratch.bf16.xb, &scratch.bf16.xsum);
-            let mut want = vec![0f32; n * rows];
-            for i in (0..n).step_by(x86::bf16::MR) {
-                let k = (n - i).min(x86::bf16::MR);
-                let (xb, xsum) = (&xb[i * cols..(i + k) * cols], &xsum[i * cols / QK..]);
-                let o = want[i * rows..].as_mut_ptr();
-                // SAFETY: as above; `want` from row i on has room for k rows of 16.
-                unsafe { x86::bf16::gemm(kind, k, q, ds, ms, xb, xsum, cols, o, rows) };
-            }
-            let mut got = vec![0f32; n * rows];
-            let mut padded_xb = xb.clone();
-            padded_xb.resize(48 * cols, 0);
-            let mut padded_xsum = xsum.clone();
-            padded_xsum.resize(48 * cols / QK, 0.0);
-            for i in (0..n).step_by(x86::amx::ROWS) {
-                let k = (n - i).min(x86::amx::ROWS);
-                let (xb, xsum) = (&padded_xb[i * cols..], &padded_xsum[i * cols / QK..]);
-                let o = got[i * rows..].as_mut_ptr();
-                // SAFETY: AMX usable; 16 rows readable from row i of the padded copies;
-                // `got` from row i on has room for k rows of 16.
-                unsafe {
-                    match kind {
-                        x86::bf16::Panel::Mins32 => {
-                            let tiles = x86::amx::Tiles::<32>::configure();
-                            x86::amx::gemm16::<32, true>(
-                                &tiles, k, q, ds, ms, xb, xsum, cols, o, rows,
-                            )
-                        }
-                        x86::bf16::Panel::Plain32 => {
-                            let tiles = x86::amx::Tiles::<32>::configure();
-                            x86::amx::gemm16::<32, false>(
-                                &tiles, k, q, ds, ms, xb, xsum, cols, o, rows,
-                            )
-                        }
-                        x86::bf16::Panel::Plain16 => {
-                            let tiles = x86::amx::Tiles::<16>::configure();
-                            x86::amx::gemm16::<16, false>(
-                                &tiles, k, q, ds, ms, xb, xsum, cols, o, rows,
-                            )
-                        }
-                    }
+            // The weights as the tiles see them, read back from a band's panels.
+            // SAFETY: as above; nothing is written (a band of no activation rows).
+            let out = Band {
+                out: std::ptr::null_mut(),
+                ld: rows,
+            };
+            unsafe { m.gemm_band_amx(0, rows, 0, out, &mut scratch) };
+            let panel_len = cols * PANEL;
+            let weight = |r: usize, c: usize| {
+                let panel = &scratch.amx_band[r / PANEL * panel_len..];
+                bf16_to_f32(panel[(c / 2) * 2 * PANEL + 2 * (r % PANEL) + c % 2])
+            };
+            for r in 0..rows {
+                for c in 0..cols {
+                    let (got, exact) = (weight(r, c), w[r * cols + c] as f64);
+                    assert!(
+                        (got - exact).abs() <= exact.abs() * 1.0001 / 256.0 + 1e-30,
+                        "{dtype:?} weight ({r}, {c}): {got} for {exact}"
+                    );
                 }
             }
-            for (c, ((a, b), mag)) in got.iter().zip(&want).zip(&magnitude).enumerate() {
-                assert!(
-                    (a - b).abs() <= 1e-5 * mag + 1e-4,
-                    "{dtype:?} row {} col {}: tiles {a} vs bf16 kernel {b}",
-                    c / rows,
-                    c % rows
-                );
+            let xb: Vec<f64> = scratch.bf16.xb.iter().map(|&b| bf16_to_f32(b)).collect();
+            let mut got = vec![0f32; n * rows];
+            m.matmul(&x, n, &mut got, &Team::new(2), Rows::Prompt);
+            for i in 0..n {
+                for r in 0..rows {
+                    let terms = (0..cols).map(|c| weight(r, c) * xb[i * cols + c]);
+                    let (want, magnitude) =
+                        terms.fold((0.0, 0.0), |(s, a), t: f64| (s + t, a + t.abs()));
+                    let got = got[i * rows + r] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-6 * magnitude + 1e-6,
+                        "{dtype:?} row {i} col {r}: {got} vs {want}"
+                    );
+                }
             }
         }
     }

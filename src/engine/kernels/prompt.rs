@@ -18,7 +18,9 @@ pub(super) struct PanelScratch {
     panel: Vec<f32>,
     /// The same rows row-major, before they are transposed into `panel`.
     rows_f32: Vec<f32>,
-    /// The bf16 kernel's panel (Q4_K, Q6_K): exact integer values and sub-block scales.
+    /// The bf16 kernel's panel (Q4_K, Q6_K): exact integer values and sub-block scales,
+    /// row-major as the panel builders make them (`stage`), then interleaved (`q`).
+    stage: Vec<u16>,
     q: Vec<u16>,
     ds: Vec<f32>,
     ms: Vec<f32>,
@@ -143,6 +145,9 @@ impl QMat {
         while p0 < r1 {
             let width = (r1 - p0).min(BPANEL);
             self.bf16_panel(p0, width, scratch);
+            scratch.q.resize(cols * BPANEL, 0);
+            // SAFETY: AVX-512 checked by the caller; `stage` holds 16 rows of `cols`.
+            unsafe { x86::bf16::interleave(&scratch.stage, cols, &mut scratch.q) };
             let PanelScratch {
                 q, ds, ms, bf16, ..
             } = &*scratch;
@@ -173,14 +178,15 @@ impl QMat {
         }
     }
 
-    /// Weight rows `p0..p0 + width` (≤ 16) as a bf16 panel in `scratch`.
+    /// Weight rows `p0..p0 + width` (≤ 16) as a bf16 panel in `scratch` (row-major in
+    /// `stage`, with their scales in `ds` and `ms`).
     #[cfg(target_arch = "x86_64")]
     fn bf16_panel(&self, p0: usize, width: usize, scratch: &mut PanelScratch) {
         use super::formats::{cast, BlockQ4K, BlockQ5K, QK, QK_K};
         let cols = self.cols();
         let nk = cols / QK_K;
         let rows = self.rows_data(p0, p0 + width);
-        let (q, ds, ms) = (&mut scratch.q, &mut scratch.ds, &mut scratch.ms);
+        let (q, ds, ms) = (&mut scratch.stage, &mut scratch.ds, &mut scratch.ms);
         // SAFETY: AVX512_BF16 checked by the callers; `rows` holds `width` whole rows.
         unsafe {
             match self.format() {
@@ -223,13 +229,13 @@ impl QMat {
                 break;
             }
             self.bf16_panel(p0, (r1 - p0).min(PANEL), scratch);
-            let (q, ds, ms) = (&mut scratch.q, &scratch.ds, &scratch.ms);
+            x86::bf16::interleave(&scratch.stage, cols, panel);
+            let (ds, ms) = (&scratch.ds, &scratch.ms);
             match kind {
-                Panel::Mins32 => x86::amx::weights_in_place::<32, true>(q, ds, ms, cols),
-                Panel::Plain16 => x86::amx::weights_in_place::<16, false>(q, ds, ms, cols),
+                Panel::Mins32 => x86::amx::weights_in_place::<32, true>(panel, ds, ms, cols),
+                Panel::Plain16 => x86::amx::weights_in_place::<16, false>(panel, ds, ms, cols),
                 Panel::Plain32 => {}
             }
-            panel.copy_from_slice(&q[..panel_len]);
         }
         // The rows past the last whole pair of tiles, and zeros to fill it.
         let full = n / (2 * ROWS) * (2 * ROWS);

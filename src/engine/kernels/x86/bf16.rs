@@ -332,15 +332,53 @@ unsafe fn q6k_groups(blk: &BlockQ6K, h: usize) -> [__m256i; 4] {
     ]
 }
 
-/// Puts block `b` of panel row `j` (`N` bf16 values, row-major: a 256-value super-block or
-/// a 32-value block) into the panel, one column pair at a time: pair p of the block lands at
-/// `(b·N/2 + p)·16 + j` (as u32).
-#[inline]
-unsafe fn scatter_pairs<const N: usize>(vals: &[u16; N], q: &mut [u16], b: usize, j: usize) {
-    let pairs = vals.as_ptr() as *const u32;
-    let dst = q.as_mut_ptr() as *mut u32;
-    for p in 0..N / 2 {
-        *dst.add((b * N / 2 + p) * PANEL + j) = *pairs.add(p);
+/// A panel's rows (16 rows of `cols` bf16 values, row-major, as the panel builders leave
+/// them in their staging buffer) in the layout the prompt kernels read: one column pair of
+/// all 16 rows per 64 bytes, `q[(c/2)·32 + 2j + c%2]` = row j, column c. A 16 × 16
+/// transpose of 32-bit pairs per 32 columns.
+///
+/// # Safety
+/// AVX-512 must be present; `rows` holds 16 × `cols` values, `q` at least as many; `cols` a
+/// multiple of 32.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+pub unsafe fn interleave(rows: &[u16], cols: usize, q: &mut [u16]) {
+    assert!(rows.len() >= PANEL * cols && q.len() >= PANEL * cols);
+    for c0 in (0..cols).step_by(32) {
+        let r: [__m512i; 16] = std::array::from_fn(|j| {
+            _mm512_loadu_si512(rows.as_ptr().add(j * cols + c0) as *const __m512i)
+        });
+        // Within each 128-bit lane: 2 × 2, then 4 × 4 blocks of pairs transposed, so that
+        // u[4g + c] holds column c of the lane's four columns for rows 4g..4g + 4.
+        let t: [__m512i; 16] = std::array::from_fn(|k| {
+            let (a, b) = (r[k & !1], r[k | 1]);
+            if k % 2 == 0 {
+                _mm512_unpacklo_epi32(a, b)
+            } else {
+                _mm512_unpackhi_epi32(a, b)
+            }
+        });
+        let u: [__m512i; 16] = std::array::from_fn(|k| {
+            let (g, c) = (k / 4, k % 4);
+            let (a, b) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
+            if c % 2 == 0 {
+                _mm512_unpacklo_epi64(a, b)
+            } else {
+                _mm512_unpackhi_epi64(a, b)
+            }
+        });
+        // Then the lanes: output pair 4L + c gathers lane L of u[c], u[4 + c], u[8 + c],
+        // u[12 + c].
+        let dst = q.as_mut_ptr().add(c0 * PANEL) as *mut __m512i;
+        for c in 0..4 {
+            let v0 = _mm512_shuffle_i32x4::<0x88>(u[c], u[4 + c]);
+            let v1 = _mm512_shuffle_i32x4::<0xDD>(u[c], u[4 + c]);
+            let w0 = _mm512_shuffle_i32x4::<0x88>(u[8 + c], u[12 + c]);
+            let w1 = _mm512_shuffle_i32x4::<0xDD>(u[8 + c], u[12 + c]);
+            _mm512_storeu_si512(dst.add(c), _mm512_shuffle_i32x4::<0x88>(v0, w0));
+            _mm512_storeu_si512(dst.add(4 + c), _mm512_shuffle_i32x4::<0x88>(v1, w1));
+            _mm512_storeu_si512(dst.add(8 + c), _mm512_shuffle_i32x4::<0xDD>(v0, w0));
+            _mm512_storeu_si512(dst.add(12 + c), _mm512_shuffle_i32x4::<0xDD>(v1, w1));
+        }
     }
 }
 
@@ -526,9 +564,8 @@ pub const PANEL: usize = 16;
 pub const MR: usize = 8;
 
 /// A panel of [`PANEL`] Q4_K (or Q5_K) weight rows for [`gemm`]: their 4-bit (5-bit)
-/// values as exact bf16,
-/// interleaved so that one load gives one column pair of all 16 rows (`q[(c/2)·32 + 2j + c%2]`
-/// = row j, column c), and each 32-column sub-block's `d·sc` and `dmin·m` per row
+/// values as exact bf16, row-major in `q` (16 × cols; [`interleave`] puts them in the
+/// kernels' layout), and each 32-column sub-block's `d·sc` and `dmin·m` per row
 /// (`ds[s·16 + j]`, `ms[s·16 + j]`). Rows past `width` are zero.
 ///
 /// # Safety
@@ -551,7 +588,6 @@ pub unsafe fn q4k_panel<B: NibbleBlock>(
     ms.clear();
     ms.resize(cols / QK * PANEL, 0.0);
     let table = int_table(0);
-    let mut row_bf = [0u16; QK_K];
     for j in 0..width {
         for b in 0..nb {
             let blk = &rows[j * nb + b];
@@ -565,16 +601,15 @@ pub unsafe fn q4k_panel<B: NibbleBlock>(
                 // The table covers 0..32: Q5_K's values too.
                 let w0 = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(lo), table);
                 let w1 = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(hi), table);
-                let p = row_bf.as_mut_ptr().add(g * 64);
+                let p = q.as_mut_ptr().add(j * cols + b * QK_K + g * 64);
                 _mm512_storeu_si512(p as *mut __m512i, w0);
                 _mm512_storeu_si512(p.add(32) as *mut __m512i, w1);
             }
-            scatter_pairs(&row_bf, q, b, j);
         }
     }
 }
 
-/// A panel of [`PANEL`] Q4_0 weight rows for [`gemm`], in [`q4k_panel`]'s layout: the
+/// A panel of [`PANEL`] Q4_0 weight rows for [`gemm`], as [`q4k_panel`] makes them: the
 /// nibbles q as exact bf16, each 32-column block's `d` as the scale and `8·d` as the
 /// minimum (`d·q − 8·d`). Rows past `width` are zero. Any width of whole blocks.
 ///
@@ -598,7 +633,6 @@ pub unsafe fn q4_0_panel(
     ms.resize(nb * PANEL, 0.0);
     let table = int_table(0);
     let mask = _mm_set1_epi8(0x0F);
-    let mut block_bf = [0u16; QK];
     for j in 0..width {
         for b in 0..nb {
             let blk = &rows[j * nb + b];
@@ -610,14 +644,13 @@ pub unsafe fn q4_0_panel(
             let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), mask);
             let vals = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi);
             let w = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(vals), table);
-            _mm512_storeu_si512(block_bf.as_mut_ptr() as *mut __m512i, w);
-            scatter_pairs(&block_bf, q, b, j);
+            _mm512_storeu_si512(q.as_mut_ptr().add(j * cols + b * QK) as *mut __m512i, w);
         }
     }
 }
 
-/// A panel of [`PANEL`] BF16 weight rows for [`gemm`]: the values as they are, in
-/// [`q4k_panel`]'s layout, with a scale of 1 per 32-column block. Rows past `width` are zero.
+/// A panel of [`PANEL`] BF16 weight rows for [`gemm`]: the values as they are, as
+/// [`q4k_panel`] makes them, with a scale of 1 per 32-column block. Rows past `width` are zero.
 ///
 /// # Safety
 /// As [`q4k_panel`]; `rows` holds `width` rows of `cols` (a multiple of 32) bf16 values.
@@ -633,18 +666,11 @@ pub unsafe fn bf16_panel(
     q.resize(cols * PANEL, 0);
     ds.clear();
     ds.resize(cols / QK * PANEL, 1.0);
-    for j in 0..width {
-        for b in 0..cols / QK {
-            let block: &[u16; QK] = rows[j * cols + b * QK..][..QK]
-                .try_into()
-                .expect("32 values");
-            scatter_pairs(block, q, b, j);
-        }
-    }
+    q[..width * cols].copy_from_slice(&rows[..width * cols]);
 }
 
 /// A panel of [`PANEL`] Q6_K weight rows for [`gemm`]: their values `q − 32` as exact
-/// bf16, interleaved as in [`q4k_panel`], and each 16-column sub-block's `d·sc` per row
+/// bf16, row-major as in [`q4k_panel`], and each 16-column sub-block's `d·sc` per row
 /// (`ds[s·16 + j]`). Rows past `width` are zero.
 ///
 /// # Safety
@@ -663,7 +689,6 @@ pub unsafe fn q6k_panel(
     ds.clear();
     ds.resize(cols / 16 * PANEL, 0.0);
     let (t_lo, t_hi) = (int_table(-32), int_table(0));
-    let mut row_bf = [0u16; QK_K];
     for j in 0..width {
         for b in 0..nb {
             let blk = &rows[j * nb + b];
@@ -675,11 +700,10 @@ pub unsafe fn q6k_panel(
                 let groups = q6k_groups(blk, h);
                 for (k, &g) in groups.iter().enumerate() {
                     let w = _mm512_permutex2var_epi16(t_lo, _mm512_cvtepu8_epi16(g), t_hi);
-                    let p = row_bf.as_mut_ptr().add(h * 128 + 32 * k);
+                    let p = q.as_mut_ptr().add(j * cols + b * QK_K + h * 128 + 32 * k);
                     _mm512_storeu_si512(p as *mut __m512i, w);
                 }
             }
-            scatter_pairs(&row_bf, q, b, j);
         }
     }
 }
@@ -799,5 +823,33 @@ unsafe fn gemm_m<const M: usize, const G: usize, const MINS: bool>(
     }
     for (k, a) in acc.iter().enumerate() {
         _mm512_storeu_ps(out.add(k * ld), *a);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`interleave`]'s transposes put every value where the kernels read it:
+    /// `q[(c/2)·32 + 2j + c%2]` = row j, column c.
+    #[test]
+    fn interleave_puts_column_pairs_of_all_rows_together() {
+        if !super::super::avx512() {
+            return;
+        }
+        let cols = 96;
+        let rows: Vec<u16> = (0..PANEL * cols).map(|i| i as u16).collect();
+        let mut q = vec![0u16; PANEL * cols];
+        // SAFETY: AVX-512 checked above; both buffers hold 16 × cols values.
+        unsafe { interleave(&rows, cols, &mut q) };
+        for j in 0..PANEL {
+            for c in 0..cols {
+                assert_eq!(
+                    q[(c / 2) * 32 + 2 * j + c % 2],
+                    rows[j * cols + c],
+                    "({j}, {c})"
+                );
+            }
+        }
     }
 }

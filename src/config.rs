@@ -169,8 +169,8 @@ pub struct ModelArgs {
     /// Keep the CPU kernels to AVX2 even where AVX-512 is available.
     #[arg(long, env = "CONFAB_NO_AVX512")]
     pub no_avx512: bool,
-    /// Do not use AVX512_BF16 dot products (K-quants then decode with 16-bit integer
-    /// activations, unless `--no-int16`; everything else uses the f32 kernels).
+    /// Do not use AVX512_BF16 dot products nor AMX tiles (K-quants then decode with 16-bit
+    /// integer activations, unless `--no-int16`; everything else uses the f32 kernels).
     #[arg(long, env = "CONFAB_NO_BF16")]
     pub no_bf16: bool,
     /// Do not use AMX tiles for prompts (the AVX512_BF16 kernel reads them instead), where

@@ -11,8 +11,8 @@
 //! minimum) applied and the result rounded to bf16 ([`weights_in_place`]). Applying the
 //! scales per 32-column sub-block instead, as the AVX512_BF16 kernel does, would send every
 //! tile product out through memory to be scaled: measured, that left the tiles waiting on
-//! those stores most of the time (pp512 158 tok/s vs 209 for this version's ... see the
-//! README). Rounding a weight to bf16 moves it by at most 2⁻⁸ of itself — the activations'
+//! those stores most of the time (a Llama-3.2-1B-shaped Q4_K_M file read prompts at 158
+//! tok/s that way, 307 this way, on the same 2-core VM). Rounding a weight to bf16 moves it by at most 2⁻⁸ of itself — the activations'
 //! own rounding, far below the 4-bit quantization step it was stored with — and keeps its
 //! exponent, so no outlier is lost. The sums stay f32 across the whole row. Each activation
 //! row's results depend on that row alone (a tile's rows are independent), so a sequence's

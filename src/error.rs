@@ -91,6 +91,9 @@ pub enum ApiError {
     },
     #[error("chat {0} not found")]
     ChatNotFound(Uuid),
+    /// A message named in a chat operation (regenerate, edit, switch branch) is not in it.
+    #[error("message {0} not found")]
+    MessageNotFound(Uuid),
     /// An admin operation named a tenant (by name or id) that does not exist.
     #[error("tenant {0} not found")]
     TenantNotFound(String),
@@ -199,6 +202,7 @@ impl ApiError {
             ApiError::Forbidden { .. } | ApiError::OtherUser { .. } => "forbidden",
             ApiError::TenantDisabled { .. } => "tenant_disabled",
             ApiError::ChatNotFound(_) => "chat_not_found",
+            ApiError::MessageNotFound(_) => "message_not_found",
             ApiError::TenantNotFound(_) => "tenant_not_found",
             ApiError::ApiKeyNotFound(_) => "api_key_not_found",
             ApiError::Protocol(f) => f.code,
@@ -246,6 +250,7 @@ impl ApiError {
             | ApiError::OtherUser { .. }
             | ApiError::TenantDisabled { .. } => StatusCode::FORBIDDEN,
             ApiError::ChatNotFound(_)
+            | ApiError::MessageNotFound(_)
             | ApiError::TenantNotFound(_)
             | ApiError::ApiKeyNotFound(_)
             | ApiError::NotFound { .. }
@@ -311,6 +316,7 @@ impl ApiError {
                 "This tenant is disabled; an operator can enable it again.".into()
             }
             ApiError::ChatNotFound(id) => format!("Chat {id} does not exist."),
+            ApiError::MessageNotFound(id) => format!("Message {id} is not in this chat."),
             ApiError::TenantNotFound(t) => format!("Tenant {t:?} does not exist."),
             ApiError::ApiKeyNotFound(k) => format!("No such API key: {k:?}."),
             ApiError::Protocol(f) => f.message.clone(),
@@ -415,6 +421,7 @@ impl ApiError {
             ApiError::OtherUser { token_user } => json!({"user_id": token_user}),
             ApiError::TenantDisabled { since } => json!({"disabled_at": since}),
             ApiError::ChatNotFound(id) => json!({"chat_id": id}),
+            ApiError::MessageNotFound(id) => json!({"message_id": id}),
             ApiError::TenantNotFound(t) => json!({"tenant": t}),
             ApiError::ApiKeyNotFound(k) => json!({"key": k}),
             ApiError::Protocol(f) => f.details.clone(),
@@ -595,6 +602,7 @@ impl From<StoreError> for ApiError {
                 ApiError::DatabaseUnavailable
             }
             StoreError::Conflict(m) => ApiError::Conflict(m),
+            StoreError::MessageNotFound(id) => ApiError::MessageNotFound(id),
             StoreError::Invalid(m) => {
                 ApiError::Validation(ValidationError::new("request", m, json!({})))
             }
@@ -619,6 +627,7 @@ impl From<crate::chat::ChatError> for ApiError {
             C::NothingToCancel => ApiError::NothingToCancel,
             C::TooManyConnections { limit } => ApiError::TooManyConnections { limit },
             C::QuotaExceeded(q) => ApiError::QuotaExceeded(Box::new(q)),
+            C::Invalid(v) => ApiError::Validation(v),
             C::Store(s) => s.into(),
         }
     }
@@ -783,7 +792,7 @@ fn describe_status(status: u16) -> &'static str {
     match status {
         400 => "The request is malformed: invalid JSON, a parameter or field out of range (`validation_error`, `invalid_json`).",
         401 => "The API key is missing (`missing_api_key`), not valid (`invalid_api_key`) or past its expiry (`api_key_expired`).",
-        404 => "The chat does not exist for this tenant (`chat_not_found`).",
+        404 => "The chat does not exist for this tenant (`chat_not_found`), or a message named is not in it (`message_not_found`).",
         413 => "The request body is too large (`payload_too_large`).",
         415 => "The request body is not JSON (`unsupported_media_type`).",
         429 => "The tenant made too many requests this minute (`rate_limited`); see Retry-After and the X-RateLimit-* headers.",

@@ -14,6 +14,8 @@ mod m20261204_000001_admin;
 mod m20261204_000002_budgets;
 mod m20261204_000003_user_tokens;
 mod m20261204_000004_audit;
+mod m20261206_000001_message_tree;
+mod m20261206_000002_search;
 
 pub struct Migrator;
 
@@ -30,6 +32,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000002_budgets::Migration),
             Box::new(m20261204_000003_user_tokens::Migration),
             Box::new(m20261204_000004_audit::Migration),
+            Box::new(m20261206_000001_message_tree::Migration),
+            Box::new(m20261206_000002_search::Migration),
         ]
     }
 }

@@ -39,10 +39,12 @@ pub enum Event {
     UserCreated {
         user_id: String,
     },
-    /// The user message is saved.
+    /// The user message is saved (as the active leaf), after `parent_id` (null for a
+    /// chat's first message or an edit of it).
     MessageReceived {
         message_id: Uuid,
         chat_id: Uuid,
+        parent_id: Option<Uuid>,
     },
     /// The reply to `message_id` (a user message) waits; `position` 1 is next.
     MessageQueued {
@@ -106,6 +108,16 @@ pub enum ClientMessage {
     Message {
         content: String,
         metadata: Map<String, Value>,
+    },
+    /// New text for the user message `message_id`, saved beside it and answered.
+    Edit {
+        message_id: Uuid,
+        content: String,
+        metadata: Map<String, Value>,
+    },
+    /// A new reply beside the assistant message `message_id` (default: the active leaf).
+    Regenerate {
+        message_id: Option<Uuid>,
     },
     /// Stop the chat's reply (queued or streaming).
     Cancel,
@@ -229,19 +241,74 @@ pub fn parse_client_message(
             json!({"field": "", "expected": "object"}),
         ));
     };
-    match obj.get("type") {
-        None => {}
-        Some(Value::String(t)) if t == "message" => {}
-        Some(Value::String(t)) if t == "cancel" => return Ok(ClientMessage::Cancel),
-        Some(Value::String(t)) if t == "ping" => return Ok(ClientMessage::Ping),
-        Some(other) => {
-            return Err(FrameError::new(
-                "unsupported_message",
-                format!("Unknown message type {other}; use \"message\", \"cancel\" or \"ping\"."),
-                json!({"field": "type", "supported": ["message", "cancel", "ping"]}),
-            ))
+    const TYPES: [&str; 5] = ["message", "edit", "regenerate", "cancel", "ping"];
+    let kind = match obj.get("type") {
+        None => Some("message"),
+        Some(Value::String(t)) => TYPES.iter().copied().find(|k| k == t),
+        Some(_) => None,
+    };
+    let Some(kind) = kind else {
+        let other = obj.get("type").cloned().unwrap_or_default();
+        return Err(FrameError::new(
+            "unsupported_message",
+            format!(
+                "Unknown message type {other}; use \"message\", \"edit\", \"regenerate\", \
+                 \"cancel\" or \"ping\"."
+            ),
+            json!({"field": "type", "supported": TYPES}),
+        ));
+    };
+    match kind {
+        "cancel" => Ok(ClientMessage::Cancel),
+        "ping" => Ok(ClientMessage::Ping),
+        "regenerate" => Ok(ClientMessage::Regenerate {
+            message_id: message_id(&mut obj, false)?,
+        }),
+        "edit" => {
+            let id = message_id(&mut obj, true)?;
+            let content = content(&mut obj, limits)?;
+            let metadata = metadata(&mut obj, limits)?;
+            Ok(ClientMessage::Edit {
+                message_id: id.unwrap_or_default(),
+                content,
+                metadata,
+            })
+        }
+        _ => {
+            let content = content(&mut obj, limits)?;
+            let metadata = metadata(&mut obj, limits)?;
+            Ok(ClientMessage::Message { content, metadata })
         }
     }
+}
+
+/// The `message_id` field: a UUID (`required`, or absent/null).
+fn message_id(obj: &mut Map<String, Value>, required: bool) -> Result<Option<Uuid>, FrameError> {
+    match obj.remove("message_id") {
+        None | Some(Value::Null) if !required => Ok(None),
+        None | Some(Value::Null) => Err(FrameError::new(
+            "validation_error",
+            "message_id is required: name the message to edit.",
+            json!({"field": "message_id", "expected": "uuid"}),
+        )),
+        Some(Value::String(s)) => match Uuid::parse_str(&s) {
+            Ok(id) => Ok(Some(id)),
+            Err(e) => Err(FrameError::new(
+                "validation_error",
+                format!("message_id is not a UUID: {e}."),
+                json!({"field": "message_id", "expected": "uuid"}),
+            )),
+        },
+        Some(_) => Err(FrameError::new(
+            "validation_error",
+            "message_id must be a string (a message's UUID).",
+            json!({"field": "message_id", "expected": "uuid"}),
+        )),
+    }
+}
+
+/// The `content` field: non-blank text within the limits.
+fn content(obj: &mut Map<String, Value>, limits: &MessageLimits) -> Result<String, FrameError> {
     let content = match obj.remove("content") {
         Some(Value::String(s)) if !s.trim().is_empty() => s,
         Some(Value::String(_)) => {
@@ -284,6 +351,14 @@ pub fn parse_client_message(
             json!({"field": "content", "chars": chars, "max_chars": limits.max_content_chars}),
         ));
     }
+    Ok(content)
+}
+
+/// The `metadata` field: an object within the limits (absent or null: empty).
+fn metadata(
+    obj: &mut Map<String, Value>,
+    limits: &MessageLimits,
+) -> Result<Map<String, Value>, FrameError> {
     let metadata = match obj.remove("metadata") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(m)) => m,
@@ -302,7 +377,7 @@ pub fn parse_client_message(
             json!({"field": e.field, "rule": e.rule}),
         )
     })?;
-    Ok(ClientMessage::Message { content, metadata })
+    Ok(metadata)
 }
 
 /// What a client presented on connecting: query parameters first, then `X-…` headers.
@@ -415,6 +490,51 @@ mod tests {
         assert_eq!(
             parse_client_message(r#"{"type":"ping"}"#, &limits()),
             Ok(ClientMessage::Ping)
+        );
+    }
+
+    #[test]
+    fn parses_edit_and_regenerate() {
+        let id = Uuid::now_v7();
+        assert_eq!(
+            parse_client_message(
+                &format!(r#"{{"type":"edit","message_id":"{id}","content":"new"}}"#),
+                &limits()
+            ),
+            Ok(ClientMessage::Edit {
+                message_id: id,
+                content: "new".into(),
+                metadata: Map::new()
+            })
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"regenerate"}"#, &limits()),
+            Ok(ClientMessage::Regenerate { message_id: None })
+        );
+        assert_eq!(
+            parse_client_message(
+                &format!(r#"{{"type":"regenerate","message_id":"{id}"}}"#),
+                &limits()
+            ),
+            Ok(ClientMessage::Regenerate {
+                message_id: Some(id)
+            })
+        );
+        // An edit is checked like a message, and needs the id.
+        for bad in [
+            r#"{"type":"edit","content":"x"}"#.to_string(),
+            format!(r#"{{"type":"edit","message_id":"{id}"}}"#),
+            format!(r#"{{"type":"edit","message_id":"{id}","content":" "}}"#),
+            r#"{"type":"edit","message_id":"x","content":"y"}"#.to_string(),
+            r#"{"type":"regenerate","message_id":5}"#.to_string(),
+        ] {
+            assert_eq!(code(&bad), "validation_error", "{bad}");
+        }
+        assert_eq!(
+            code(&format!(
+                r#"{{"type":"edit","message_id":"{id}","content":"01234567890"}}"#
+            )),
+            "content_too_long"
         );
     }
 

@@ -8,13 +8,14 @@ use uuid::Uuid;
 
 use super::auth::TenantAuth;
 use super::dto::{
-    ChatDto, ChatListDto, CreateChatRequest, MessageDto, MessageListDto, OrderDto,
-    UpdateChatRequest,
+    BranchDto, ChatDto, ChatListDto, CreateChatRequest, MessageDto, MessageListDto, OrderDto,
+    SetActiveRequest, UpdateChatRequest,
 };
 use super::types::{RuledText, UserIdRule};
 use super::{ApiTags, AppState};
 use crate::domain::{self, PageRequest};
 use crate::error::{ApiError, Authed, Failure, OnChat, OnChatWithBody, WithBody};
+use crate::store::SearchQuery;
 
 #[derive(ApiResponse)]
 pub enum CreatedChat {
@@ -115,6 +116,9 @@ impl ChatsApi {
     /// List a user's chats
     ///
     /// The chats of one user of this tenant, newest first. An unknown user has no chats.
+    /// With `q`, only the chats whose title or messages hold every word of it (stemmed, as
+    /// the database's full-text search does it), each with a `match`: a snippet of its
+    /// newest matching message (or of its title) and where the words are in it.
     #[oai(
         path = "/api/v1/chats/user/:user_id",
         method = "get",
@@ -138,6 +142,10 @@ impl ChatsApi {
             validator(minimum(value = "1"), maximum(value = "200"))
         )]
         limit: Query<u64>,
+        /// Words to search for in titles and messages (all must occur), up to 256
+        /// characters.
+        #[oai(validator(max_length = 256))]
+        q: Query<Option<String>>,
     ) -> Result<ChatPage, Failure<Authed>> {
         let user_id = user_id.0 .0;
         domain::validate_user_id("user_id", &user_id).map_err(|v| ApiError::InvalidParameter {
@@ -145,24 +153,40 @@ impl ChatsApi {
             reason: v.message,
         })?;
         auth.0.may_act_for(&user_id)?;
-        let p = auth
-            .0
-            .scope(&state.store)
-            .list_chats(&user_id, page(offset.0, limit.0, OrderDto::Desc))
-            .await?;
-        let has_more = p.has_more();
+        let scope = auth.0.scope(&state.store);
+        let window = page(offset.0, limit.0, OrderDto::Desc);
         let tenant = auth.0.tenant.as_uuid();
-        Ok(ChatPage::Ok(Json(ChatListDto {
-            total: p.total,
-            offset: p.offset,
-            limit: p.limit,
-            has_more,
-            chats: p
+        let list = |total, offset, limit, has_more, chats| {
+            ChatPage::Ok(Json(ChatListDto {
+                total,
+                offset,
+                limit,
+                has_more,
+                chats,
+            }))
+        };
+        if let Some(text) = q.0 {
+            let query = SearchQuery::parse(&text).ok_or_else(|| ApiError::InvalidParameter {
+                name: "q".into(),
+                reason: "it has no words to search for (letters or digits)".into(),
+            })?;
+            let p = scope.search_chats(&user_id, &query, window).await?;
+            let has_more = p.has_more();
+            let chats = p
                 .items
                 .into_iter()
-                .map(|c| ChatDto::new(tenant, c))
-                .collect(),
-        })))
+                .map(|m| ChatDto::matched(tenant, m))
+                .collect();
+            return Ok(list(p.total, p.offset, p.limit, has_more, chats));
+        }
+        let p = scope.list_chats(&user_id, window).await?;
+        let has_more = p.has_more();
+        let chats = p
+            .items
+            .into_iter()
+            .map(|c| ChatDto::new(tenant, c))
+            .collect();
+        Ok(list(p.total, p.offset, p.limit, has_more, chats))
     }
 
     /// Get a chat
@@ -194,12 +218,17 @@ impl ChatsApi {
 
     /// Get a chat's messages
     ///
-    /// Messages in conversation order (`asc`, the default) or newest first (`desc`).
+    /// The active branch's messages in conversation order (`asc`, the default) or newest
+    /// first (`desc`); `total` and `has_more` are about that branch. `branch=all` pages every
+    /// message of every branch in order of writing (`seq`): with `parent_id` a client can
+    /// draw the whole tree.
     #[oai(
         path = "/api/v1/chats/:chat_id/messages",
         method = "get",
         operation_id = "list_messages"
     )]
+    // poem-openapi takes each query parameter as an argument of its own.
+    #[allow(clippy::too_many_arguments)]
     async fn messages(
         &self,
         state: Data<&AppState>,
@@ -220,11 +249,14 @@ impl ChatsApi {
         /// `asc` (oldest first, the default) or `desc`.
         #[oai(default)]
         order: Query<OrderDto>,
+        /// `active` (the default): the active branch; `all`: every message.
+        #[oai(default)]
+        branch: Query<BranchDto>,
     ) -> Result<MessagePage, Failure<OnChat>> {
         let p = auth
             .0
             .scope(&state.store)
-            .list_messages(chat_id.0, page(offset.0, limit.0, order.0))
+            .list_messages(chat_id.0, page(offset.0, limit.0, order.0), branch.0.into())
             .await
             .map_err(ApiError::for_chat(chat_id.0))?;
         let has_more = p.has_more();
@@ -235,6 +267,38 @@ impl ChatsApi {
             has_more,
             messages: p.items.into_iter().map(MessageDto::from).collect(),
         })))
+    }
+
+    /// Switch a chat's branch
+    ///
+    /// Makes the branch through `message_id` the active one: its newest leaf becomes the
+    /// chat's active message, the next reply is built from that branch only, and the chat's
+    /// `message_count` is its length. Returns the chat as it is afterwards.
+    #[oai(
+        path = "/api/v1/chats/:chat_id/active",
+        method = "put",
+        operation_id = "set_active_message"
+    )]
+    async fn set_active(
+        &self,
+        state: Data<&AppState>,
+        auth: TenantAuth,
+        chat_id: Path<Uuid>,
+        body: Json<SetActiveRequest>,
+    ) -> Result<OneChat, Failure<OnChatWithBody>> {
+        let scope = auth.0.scope(&state.store);
+        scope
+            .set_active_message(chat_id.0, body.0.message_id)
+            .await
+            .map_err(ApiError::for_chat(chat_id.0))?;
+        let chat = scope
+            .get_chat(chat_id.0)
+            .await
+            .map_err(ApiError::for_chat(chat_id.0))?;
+        Ok(OneChat::Ok(Json(ChatDto::new(
+            auth.0.tenant.as_uuid(),
+            chat,
+        ))))
     }
 
     /// Change a chat

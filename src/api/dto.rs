@@ -273,15 +273,52 @@ pub struct ChatDto {
     pub title: Option<String>,
     pub metadata: JsonObject,
     pub config: ChatConfigDto,
-    /// Number of messages in the chat.
+    /// Number of messages on the chat's active branch (what it shows and answers from).
     pub message_count: i64,
+    /// The active branch's last message; null while the chat is empty. Regenerating or
+    /// editing makes a new branch active; `PUT /api/v1/chats/{chat_id}/active` switches.
+    #[oai(nullable)]
+    pub active_message_id: Option<Uuid>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
     /// When the chat last changed or received a message.
     pub last_activity_at: Timestamp,
+    /// Where a search (`q`) matched this chat; only in search results.
+    #[oai(rename = "match", skip_serializing_if_is_none)]
+    pub search_match: Option<ChatMatchDto>,
+}
+
+/// Where a search matched a chat.
+#[derive(Debug, Object)]
+#[oai(rename = "ChatMatch")]
+pub struct ChatMatchDto {
+    /// The newest matching message; null when only the title matches.
+    #[oai(nullable)]
+    pub message_id: Option<Uuid>,
+    /// A short passage of that message (or the title) around the matched words; plain text.
+    pub snippet: String,
+    /// The matched words in `snippet`: `[start, end)` offsets in Unicode characters.
+    pub highlights: Vec<[u64; 2]>,
 }
 
 impl ChatDto {
+    /// A search result: the chat and where it matched.
+    pub fn matched(tenant_id: Uuid, m: crate::store::ChatMatch) -> Self {
+        let search_match = Some(ChatMatchDto {
+            message_id: m.message_id,
+            snippet: m.snippet,
+            highlights: m
+                .highlights
+                .into_iter()
+                .map(|(a, b)| [a as u64, b as u64])
+                .collect(),
+        });
+        ChatDto {
+            search_match,
+            ..ChatDto::new(tenant_id, m.chat)
+        }
+    }
+
     pub fn new(tenant_id: Uuid, c: domain::Chat) -> Self {
         ChatDto {
             id: c.id,
@@ -291,9 +328,11 @@ impl ChatDto {
             metadata: JsonObject(c.metadata),
             config: c.config.into(),
             message_count: c.message_count,
+            active_message_id: c.active_message_id,
             created_at: c.created_at.into(),
             updated_at: c.updated_at.into(),
             last_activity_at: c.last_activity_at.into(),
+            search_match: None,
         }
     }
 }
@@ -303,7 +342,7 @@ impl ChatDto {
 #[oai(rename = "ChatList")]
 pub struct ChatListDto {
     pub chats: Vec<ChatDto>,
-    /// All chats of the user.
+    /// All chats of the user (with `q`: all that match).
     pub total: u64,
     pub offset: u64,
     pub limit: u64,
@@ -369,8 +408,12 @@ pub struct UsageDto {
 pub struct MessageDto {
     pub id: Uuid,
     pub chat_id: Uuid,
-    /// Position in the chat, from 1.
+    /// Order of writing in the chat (all branches), from 1.
     pub seq: i64,
+    /// The message this one follows; null for a first message (and its edits). Messages
+    /// with the same parent are alternatives (regenerated replies, edited messages).
+    #[oai(nullable)]
+    pub parent_id: Option<Uuid>,
     pub role: RoleDto,
     pub content: String,
     pub metadata: JsonObject,
@@ -395,6 +438,7 @@ impl From<domain::Message> for MessageDto {
             id: m.id,
             chat_id: m.chat_id,
             seq: m.seq,
+            parent_id: m.parent_id,
             role: m.role.into(),
             content: m.content,
             metadata: JsonObject(m.metadata),
@@ -411,7 +455,7 @@ impl From<domain::Message> for MessageDto {
 #[oai(rename = "MessageList")]
 pub struct MessageListDto {
     pub messages: Vec<MessageDto>,
-    /// All messages of the chat.
+    /// Messages of the branch listed (the active one, or all of the chat's).
     pub total: u64,
     pub offset: u64,
     pub limit: u64,
@@ -426,6 +470,34 @@ pub enum OrderDto {
     #[default]
     Asc,
     Desc,
+}
+
+/// Which messages a chat's listing covers.
+#[derive(Debug, Clone, Copy, Default, Enum)]
+#[oai(rename = "Branch", rename_all = "lowercase")]
+pub enum BranchDto {
+    /// The active branch, in conversation order.
+    #[default]
+    Active,
+    /// Every message of every branch, in order of writing (`seq`).
+    All,
+}
+
+impl From<BranchDto> for domain::BranchView {
+    fn from(b: BranchDto) -> Self {
+        match b {
+            BranchDto::Active => domain::BranchView::Active,
+            BranchDto::All => domain::BranchView::All,
+        }
+    }
+}
+
+/// `PUT /api/v1/chats/{chat_id}/active`.
+#[derive(Debug, Object)]
+#[oai(rename = "SetActiveMessage")]
+pub struct SetActiveRequest {
+    /// A message of the chat: the newest leaf under it becomes the active one.
+    pub message_id: Uuid,
 }
 
 impl From<OrderDto> for domain::Order {

@@ -22,18 +22,18 @@ mod reply;
 mod room;
 pub mod scheduler;
 mod stateless;
+mod turn;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value};
 use tokio::sync::{broadcast, oneshot, watch, Notify};
 use uuid::Uuid;
 
 use crate::cluster::{Cluster, Place};
-use crate::domain::{MessageStatus, NewMessage, Role};
+use crate::domain::Role;
 use crate::engine::{CancelToken, ModelSlot};
 use crate::error::ApiError;
 use crate::store::{Store, StoreError, TenantId};
@@ -43,6 +43,7 @@ pub use reply::sampling_for;
 pub use room::{Outbound, Room};
 use scheduler::{Refused, Scheduler, SchedulerLimits};
 pub use stateless::Slot;
+pub use turn::Turn;
 
 /// Settings of live chat; every one has a flag and an environment variable.
 #[derive(Debug, Clone)]
@@ -139,6 +140,9 @@ pub enum ChatError {
     /// The reply could overrun a token budget.
     #[error("token budget reached")]
     QuotaExceeded(budget::QuotaExceeded),
+    /// The turn does not fit the chat's tree (e.g. editing a reply).
+    #[error(transparent)]
+    Invalid(crate::domain::ValidationError),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
 }
@@ -504,15 +508,15 @@ impl ChatService {
         }
     }
 
-    /// Saves a user message and queues its reply. Refused (and not saved) when the chat
-    /// already has a reply in progress, the tenant's queue is full, the model is not
-    /// loaded or the server is stopping.
+    /// Starts a turn: saves its user message (none for a regenerated reply) where the
+    /// tree says and queues the reply. Refused (and nothing saved) when the turn does not fit
+    /// the tree, the chat already has a reply in progress, the tenant's queue is full, the
+    /// model is not loaded or the server is stopping.
     pub async fn submit(
         &self,
         room: &Arc<Room>,
         sender: &Sender,
-        content: String,
-        metadata: Map<String, Value>,
+        turn: Turn,
     ) -> Result<(), ChatError> {
         if *self.0.phase.borrow() != Phase::Serving {
             return Err(ChatError::ShuttingDown);
@@ -529,9 +533,18 @@ impl ChatService {
                 return Err(ChatError::GenerationInProgress);
             }
         }
+        let scope = self.0.store.tenant(room.tenant);
+        let not_found = |e| match e {
+            StoreError::NotFound => ChatError::ChatNotFound(room.chat_id),
+            other => other.into(),
+        };
+        let chat = scope.get_chat(room.chat_id).await.map_err(not_found)?;
+        let placed = turn::place(&scope, &chat, turn).await?;
         // Before the message is saved: a refused one is not stored, so sending it again
         // after the reset does not repeat it.
-        let hold = self.hold_for_reply(&engine, room, sender, &content).await?;
+        let hold = self
+            .hold_for_reply(&engine, room, &scope, &chat, sender, &placed)
+            .await?;
         self.cluster_queue_place(room.tenant).await?;
         {
             let mut st = room.lock();
@@ -558,44 +571,37 @@ impl ChatService {
                 }
             }
         }
-        let saved = self
-            .0
-            .store
-            .tenant(room.tenant)
-            .append_message(
-                room.chat_id,
-                NewMessage {
-                    role: Role::User,
-                    content,
-                    metadata,
-                    status: MessageStatus::Complete,
-                },
-            )
-            .await;
-        let message = match saved {
-            Ok(m) => m,
-            Err(e) => {
-                room.finish(&mut room.lock(), None);
-                self.unreserve(room.tenant);
-                self.forget_room_if_idle(room);
-                return Err(match e {
-                    StoreError::NotFound => ChatError::ChatNotFound(room.chat_id),
-                    other => other.into(),
-                });
-            }
-        };
-        room.send(
-            &mut room.lock(),
-            &Event::MessageReceived {
-                message_id: message.id,
-                chat_id: room.chat_id,
+        let user_message = match (placed.save, placed.answers) {
+            (Some(new), _) => match scope.append_message(room.chat_id, new).await {
+                Ok(m) => {
+                    room.send(
+                        &mut room.lock(),
+                        &Event::MessageReceived {
+                            message_id: m.id,
+                            chat_id: room.chat_id,
+                            parent_id: m.parent_id,
+                        },
+                    );
+                    m.id
+                }
+                Err(e) => {
+                    room.finish(&mut room.lock(), None);
+                    self.unreserve(room.tenant);
+                    self.forget_room_if_idle(room);
+                    return Err(not_found(e));
+                }
             },
-        );
+            (None, Some(answers)) => {
+                room.answering(&mut room.lock(), answers);
+                answers
+            }
+            (None, None) => unreachable!("a placed turn saves a message or answers one"),
+        };
         self.scheduler().enqueue(
             room.tenant,
             Waiting::Reply(Queued {
                 room: room.clone(),
-                user_message: message.id,
+                user_message,
                 enqueued_at: Instant::now(),
                 key_id: sender.key_id,
                 hold,
@@ -656,24 +662,29 @@ impl ChatService {
         &self,
         engine: &crate::engine::EngineHandle,
         room: &Room,
+        scope: &crate::store::TenantScope<'_>,
+        chat: &crate::domain::Chat,
         sender: &Sender,
-        content: &str,
+        placed: &turn::Placed,
     ) -> Result<Option<budget::Hold>, ChatError> {
         if self.0.budgets.of(room.tenant).await?.is_unlimited() {
             return Ok(None);
         }
-        let scope = self.0.store.tenant(room.tenant);
-        let (chat, history) = reply::chat_and_history(self, &scope, room.chat_id)
-            .await
-            .map_err(|e| match e {
-                StoreError::NotFound => ChatError::ChatNotFound(room.chat_id),
-                other => other.into(),
-            })?;
-        let mut request = reply::request_for(&chat, history, self.0.settings.default_max_tokens);
-        request.messages.push(crate::engine::ChatMessage::new(
-            Role::User,
-            content.to_string(),
-        ));
+        let history = match placed.history_leaf {
+            Some(leaf) => {
+                scope
+                    .branch_history(chat.id, leaf, self.0.settings.history_messages)
+                    .await?
+            }
+            None => Vec::new(),
+        };
+        let mut request = reply::request_for(chat, history, self.0.settings.default_max_tokens);
+        if let Some(new) = &placed.save {
+            request.messages.push(crate::engine::ChatMessage::new(
+                Role::User,
+                new.content.clone(),
+            ));
+        }
         let max_tokens = request.max_tokens;
         // A prompt that cannot fit fails the reply later with its own error; only its
         // `max_tokens` is held meanwhile.

@@ -656,6 +656,7 @@ mod tests {
             Event::MessageReceived {
                 message_id: user,
                 chat_id: chat,
+                parent_id: None,
             },
             Event::MessageQueued {
                 message_id: user,

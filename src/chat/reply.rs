@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::protocol::{Event, Timings, Usage};
 use super::{ChatService, Queued};
-use crate::domain::{Chat, ChatConfig, Message, MessageStatus, NewMessage, Role};
+use crate::domain::{Chat, ChatConfig, Message, MessageStatus, NewMessage, Parent, Role};
 use crate::engine::{
     CancelToken, ChatMessage, FinishReason, GenerateRequest, GenerationEvent, Grammar,
     SamplingParams,
@@ -97,15 +97,17 @@ pub(super) fn request_for(
     }
 }
 
-/// A chat and the stored history its next reply's prompt is built from.
-pub(super) async fn chat_and_history(
+/// A chat and the stored history a reply to `user_message` is built from: its branch, up
+/// to and with that message, whatever branch is active meanwhile.
+async fn chat_and_history(
     service: &ChatService,
     scope: &TenantScope<'_>,
     chat_id: Uuid,
+    user_message: Uuid,
 ) -> Result<(Chat, Vec<Message>), StoreError> {
     let chat = scope.get_chat(chat_id).await?;
     let history = scope
-        .recent_messages(chat_id, service.settings().history_messages)
+        .branch_history(chat_id, user_message, service.settings().history_messages)
         .await?;
     Ok((chat, history))
 }
@@ -120,7 +122,8 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
         None => return,
     };
     let chat_and_history = async {
-        let (chat, history) = chat_and_history(service, &scope, room.chat_id).await?;
+        let (chat, history) =
+            chat_and_history(service, &scope, room.chat_id, q.user_message).await?;
         let message = scope
             .append_message(
                 room.chat_id,
@@ -129,6 +132,7 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
                     content: String::new(),
                     metadata: Map::new(),
                     status: MessageStatus::Streaming,
+                    parent: Parent::Of(Some(q.user_message)),
                 },
             )
             .await?;

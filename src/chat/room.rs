@@ -253,6 +253,20 @@ impl Room {
         }
     }
 
+    /// Records the stored user message this replica's reply answers where no event says so
+    /// (a regenerated reply saves none), here and on the replicas mirroring the reply: a
+    /// socket that joins later is told whom the reply answers.
+    pub(super) fn answering(&self, st: &mut RoomState, user_message: Uuid) {
+        if let Some(reply) = st.reply.as_mut() {
+            let change = Change::Received { user_message };
+            reply.view.apply(&change);
+            if let Some(relay) = &self.relay {
+                reply.sent += 1;
+                relay.emit(self.chat_id, reply.id, reply.sent, change, None);
+            }
+        }
+    }
+
     /// Sends an event to this replica's sockets only (what every replica sends itself).
     pub(super) fn send_local(&self, event: &Event) {
         let _ = self.events.send(Outbound::Event(event.to_json().into()));

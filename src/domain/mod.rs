@@ -38,8 +38,10 @@ pub struct Chat {
     /// Free-form client data; always a JSON object.
     pub metadata: Map<String, Value>,
     pub config: ChatConfig,
-    /// Number of messages ever stored in the chat; also the last sequence number handed out.
+    /// Messages on the active branch: what the chat shows and answers from.
     pub message_count: i64,
+    /// The active branch's last message (`None` while the chat is empty).
+    pub active_message_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// When the chat last changed or received a message.
@@ -51,8 +53,13 @@ pub struct Chat {
 pub struct Message {
     pub id: Uuid,
     pub chat_id: Uuid,
-    /// Position in the chat, starting at 1; gives a stable order even for equal timestamps.
+    /// Order of writing in the chat (all branches), from 1; stable even for equal timestamps.
     pub seq: i64,
+    /// The message this one follows (`None` for a first message and its edits): messages
+    /// form a tree, and regenerating or editing adds a sibling.
+    pub parent_id: Option<Uuid>,
+    /// Position in its branch, from 1.
+    pub depth: i64,
     pub role: Role,
     pub content: String,
     pub metadata: Map<String, Value>,
@@ -95,6 +102,28 @@ pub struct NewMessage {
     pub content: String,
     pub metadata: Map<String, Value>,
     pub status: MessageStatus,
+    /// Where in the chat's tree it goes.
+    pub parent: Parent,
+}
+
+/// Where a new message goes in a chat's tree. It always becomes the active leaf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parent {
+    /// After the active leaf: the usual next message.
+    Active,
+    /// Under this message of the chat (`None`: a new first message), beside its other
+    /// children: a regenerated reply, an edited message.
+    Of(Option<Uuid>),
+}
+
+/// Which messages of a chat a listing covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BranchView {
+    /// The active branch, first message to active leaf.
+    #[default]
+    Active,
+    /// Every message of every branch, in order of writing.
+    All,
 }
 
 /// The current time, cut to milliseconds: what both databases store and return unchanged,

@@ -7,6 +7,9 @@ pub enum StoreError {
     /// The row does not exist for this tenant (it may exist for another).
     #[error("not found")]
     NotFound,
+    /// The chat exists but holds no message with this id.
+    #[error("message {0} not found")]
+    MessageNotFound(uuid::Uuid),
     /// The write collides with existing data, e.g. a tenant name already taken.
     #[error("{0}")]
     Conflict(String),

@@ -12,6 +12,7 @@ mod error;
 mod json;
 mod keys;
 mod messages;
+mod search;
 mod tenants;
 mod usage;
 
@@ -19,6 +20,7 @@ pub use audit::{AuditEntry, AuditFilter, AuditRecord, AuditTenant};
 pub use error::StoreError;
 pub use keys::{KeyAuth, KeyInfo, KeyOwner, KeySpec, UserToken, MAX_KEY_NAME_CHARS};
 pub use messages::ReplyUpdate;
+pub use search::{ChatMatch, SearchQuery};
 pub use tenants::{validate_tenant_name, TenantInfo};
 pub use usage::{UsageGroup, UsageRow, UserUsage};
 

@@ -293,6 +293,7 @@ impl TestServer {
                         content: format!("message {}", i + 1),
                         metadata: Default::default(),
                         status: MessageStatus::Complete,
+                        parent: confab::domain::Parent::Active,
                     },
                 )
                 .await

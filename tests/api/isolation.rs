@@ -81,6 +81,7 @@ async fn tenants_are_isolated(b: Backend) {
                 content: "x".into(),
                 metadata: Default::default(),
                 status: confab::domain::MessageStatus::Complete,
+                parent: confab::domain::Parent::Active,
             },
         )
         .await;

@@ -112,6 +112,7 @@ async fn sequence_is_stable_under_concurrency(b: Backend) {
                             content: format!("m{i}"),
                             metadata: Default::default(),
                             status: confab::domain::MessageStatus::Complete,
+                            parent: confab::domain::Parent::Active,
                         },
                     )
                     .await

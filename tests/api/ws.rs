@@ -169,7 +169,7 @@ impl Ws {
         assert_eq!(c, (close, code.to_string()));
     }
 
-    async fn close(mut self) {
+    pub async fn close(mut self) {
         let _ = self.inner.close(None).await;
     }
 }

@@ -12,7 +12,12 @@ pub struct Model {
     pub metadata: String,
     /// A JSON object (`domain::ChatConfig`), as text.
     pub config: String,
+    /// Messages on the active branch (the active leaf's depth).
     pub message_count: i64,
+    /// The active branch's leaf; NULL while the chat has no messages.
+    pub active_message_id: Option<Uuid>,
+    /// The last `seq` given to a message of this chat.
+    pub last_seq: i64,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
     pub last_activity_at: DateTimeUtc,

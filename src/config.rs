@@ -910,6 +910,12 @@ pub struct LimitArgs {
     /// Longest life of a user-scoped token, in seconds (`ttl_seconds` of `POST /api/v1/tokens`).
     #[arg(long, env = "CONFAB_MAX_TOKEN_TTL_SECS", default_value_t = Limits::default().max_token_ttl_secs)]
     pub max_token_ttl_secs: u64,
+    /// Largest body of `POST /api/v1/chats/import` in bytes (in place of --max-body-bytes).
+    #[arg(long, env = "CONFAB_MAX_IMPORT_BYTES", default_value_t = Limits::default().max_import_bytes)]
+    pub max_import_bytes: usize,
+    /// Most messages in one imported chat.
+    #[arg(long, env = "CONFAB_MAX_IMPORT_MESSAGES", default_value_t = Limits::default().max_import_messages)]
+    pub max_import_messages: usize,
 }
 
 impl From<&LimitArgs> for Limits {
@@ -921,6 +927,8 @@ impl From<&LimitArgs> for Limits {
             max_system_prompt_chars: a.max_system_prompt_chars,
             max_request_messages: a.max_request_messages.max(1),
             max_token_ttl_secs: a.max_token_ttl_secs.max(1),
+            max_import_bytes: a.max_import_bytes,
+            max_import_messages: a.max_import_messages,
         }
     }
 }

@@ -20,6 +20,10 @@ pub struct Limits {
     pub max_request_messages: usize,
     /// Longest life of a user-scoped token (`POST /api/v1/tokens`), in seconds.
     pub max_token_ttl_secs: u64,
+    /// Largest body of `POST /api/v1/chats/import`, in bytes (a whole chat's export).
+    pub max_import_bytes: usize,
+    /// Most messages one imported chat may hold.
+    pub max_import_messages: usize,
 }
 
 impl Default for Limits {
@@ -31,6 +35,8 @@ impl Default for Limits {
             max_system_prompt_chars: 32 * 1024,
             max_request_messages: 1024,
             max_token_ttl_secs: 24 * 3600,
+            max_import_bytes: 16 * 1024 * 1024,
+            max_import_messages: 10_000,
         }
     }
 }

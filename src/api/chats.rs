@@ -253,19 +253,37 @@ impl ChatsApi {
         #[oai(default)]
         branch: Query<BranchDto>,
     ) -> Result<MessagePage, Failure<OnChat>> {
-        let p = auth
-            .0
-            .scope(&state.store)
-            .list_messages(chat_id.0, page(offset.0, limit.0, order.0), branch.0.into())
+        let scope = auth.0.scope(&state.store);
+        let view: domain::BranchView = branch.0.into();
+        let p = scope
+            .list_messages(chat_id.0, page(offset.0, limit.0, order.0), view)
             .await
             .map_err(ApiError::for_chat(chat_id.0))?;
+        let mut siblings = match view {
+            domain::BranchView::Active => scope
+                .siblings(chat_id.0, &p.items)
+                .await
+                .map_err(ApiError::for_chat(chat_id.0))?,
+            domain::BranchView::All => Default::default(),
+        };
         let has_more = p.has_more();
+        let messages = p
+            .items
+            .into_iter()
+            .map(|m| {
+                let of = siblings.remove(&m.id);
+                MessageDto {
+                    siblings: of,
+                    ..MessageDto::from(m)
+                }
+            })
+            .collect();
         Ok(MessagePage::Ok(Json(MessageListDto {
             total: p.total,
             offset: p.offset,
             limit: p.limit,
             has_more,
-            messages: p.items.into_iter().map(MessageDto::from).collect(),
+            messages,
         })))
     }
 

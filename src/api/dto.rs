@@ -414,6 +414,11 @@ pub struct MessageDto {
     /// with the same parent are alternatives (regenerated replies, edited messages).
     #[oai(nullable)]
     pub parent_id: Option<Uuid>,
+    /// Listings of the active branch only: the ids of the messages with the same parent
+    /// (itself included, in order of writing) — more than one after a regenerate or an
+    /// edit; `PUT /api/v1/chats/{chat_id}/active` with one of them switches to it.
+    #[oai(skip_serializing_if_is_none)]
+    pub siblings: Option<Vec<Uuid>>,
     pub role: RoleDto,
     pub content: String,
     pub metadata: JsonObject,
@@ -439,6 +444,7 @@ impl From<domain::Message> for MessageDto {
             chat_id: m.chat_id,
             seq: m.seq,
             parent_id: m.parent_id,
+            siblings: None,
             role: m.role.into(),
             content: m.content,
             metadata: JsonObject(m.metadata),

@@ -497,7 +497,12 @@ async fn handle<E: Endpoint>(
             r
         }
         Ok(decision) => {
-            let limit = state.limits.max_body_bytes;
+            // An import carries a whole chat: it has a bound of its own.
+            let limit = if path == super::transfer::IMPORT_PATH {
+                state.limits.max_import_bytes
+            } else {
+                state.limits.max_body_bytes
+            };
             let guarded = guard_body(&mut req, &path, &params, limit, &state.connections).await;
             let mut r = match guarded {
                 Err(e) => style.render(e),

@@ -15,6 +15,7 @@ pub mod openai;
 pub mod quota;
 mod stateless;
 mod tokens;
+mod transfer;
 pub mod types;
 mod usage;
 mod ws;
@@ -74,6 +75,7 @@ enum ApiTags {
 
 type Apis = (
     chats::ChatsApi,
+    transfer::TransferApi,
     tokens::TokensApi,
     usage::UsageApi,
     health::HealthApi,
@@ -84,6 +86,7 @@ fn service() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
         (
             chats::ChatsApi,
+            transfer::TransferApi,
             tokens::TokensApi,
             usage::UsageApi,
             health::HealthApi,
@@ -147,7 +150,7 @@ pub fn app(state: AppState) -> impl Endpoint {
     // The routes outside the OpenAPI document, each with its one method: mounted here and
     // declared to the middleware from the same list (for `Allow` on a 405, and whether a
     // body is read).
-    let plain: [(&str, Method, RouteMethod); 17] = [
+    let plain: [(&str, Method, RouteMethod); 18] = [
         ("/", Method::GET, poem::get(crate::web::index)),
         ("/assets/app.js", Method::GET, poem::get(crate::web::app_js)),
         (
@@ -159,6 +162,11 @@ pub fn app(state: AppState) -> impl Endpoint {
             "/assets/common.js",
             Method::GET,
             poem::get(crate::web::common_js),
+        ),
+        (
+            "/assets/markdown.js",
+            Method::GET,
+            poem::get(crate::web::markdown_js),
         ),
         (
             "/assets/favicon.svg",

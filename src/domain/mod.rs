@@ -9,6 +9,7 @@ pub mod generation;
 mod message;
 mod page;
 mod quota;
+mod transfer;
 
 pub use audit::{Actor, AuditAction};
 pub use confab_protocol::limits::{
@@ -23,6 +24,7 @@ pub use page::{Order, Page, PageRequest};
 pub use quota::{
     usage_range, BudgetPeriod, TenantLimits, TenantLimitsPatch, TokenBudgets, TokenBudgetsPatch,
 };
+pub use transfer::{branch_markdown, plan_import, ImportMessage, PlannedChat, PlannedMessage};
 
 use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::{Map, Value};

@@ -30,13 +30,13 @@ pub(super) fn chat_from_row(m: chat::Model) -> Result<Chat, StoreError> {
     })
 }
 
-fn config_json(c: &ChatConfig) -> Result<String, StoreError> {
+pub(super) fn config_json(c: &ChatConfig) -> Result<String, StoreError> {
     serde_json::to_string(c)
         .map_err(|e| StoreError::Corrupt(format!("config does not encode: {e}")))
 }
 
 /// Inserts the user unless it exists; true when it was created now.
-async fn ensure_user_in<C: ConnectionTrait>(
+pub(super) async fn ensure_user_in<C: ConnectionTrait>(
     db: &C,
     tenant: Uuid,
     user_id: &str,

@@ -1,9 +1,11 @@
 //! Messages of one tenant's chats.
 
 use sea_orm::sea_query::Expr;
+use std::collections::HashMap;
+
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
-    QueryOrder, QuerySelect, Statement, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -28,7 +30,7 @@ fn window(total: u64, page: PageRequest) -> (u64, u64) {
     }
 }
 
-fn message_from_row(m: message::Model) -> Result<Message, StoreError> {
+pub(super) fn message_from_row(m: message::Model) -> Result<Message, StoreError> {
     let role = Role::parse(&m.role)
         .ok_or_else(|| StoreError::Corrupt(format!("message {} has role {:?}", m.id, m.role)))?;
     let status = MessageStatus::parse(&m.status).ok_or_else(|| {
@@ -292,6 +294,46 @@ impl TenantScope<'_> {
             })
             .await
             .map_err(StoreError::from)
+    }
+
+    /// The alternatives of each of `messages` (of this chat): the ids of all messages with
+    /// the same parent, itself included, in order of writing. What a client needs to offer
+    /// "‹ 2/3 ›" on a regenerated reply or an edited message.
+    pub async fn siblings(
+        &self,
+        chat_id: Uuid,
+        messages: &[Message],
+    ) -> Result<HashMap<Uuid, Vec<Uuid>>, StoreError> {
+        if messages.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let parents: Vec<Uuid> = messages.iter().filter_map(|m| m.parent_id).collect();
+        let mut of_parent = Condition::any().add(message::Column::ParentId.is_in(parents));
+        if messages.iter().any(|m| m.parent_id.is_none()) {
+            of_parent = of_parent.add(message::Column::ParentId.is_null());
+        }
+        let rows: Vec<(Uuid, Option<Uuid>)> = message::Entity::find()
+            .select_only()
+            .column(message::Column::Id)
+            .column(message::Column::ParentId)
+            .filter(message::Column::TenantId.eq(self.tenant))
+            .filter(message::Column::ChatId.eq(chat_id))
+            .filter(of_parent)
+            .order_by_asc(message::Column::Seq)
+            .into_tuple()
+            .all(self.db)
+            .await?;
+        let mut by_parent: HashMap<Option<Uuid>, Vec<Uuid>> = HashMap::new();
+        for (id, parent) in rows {
+            by_parent.entry(parent).or_default().push(id);
+        }
+        Ok(messages
+            .iter()
+            .map(|m| {
+                let ids = by_parent.get(&m.parent_id).cloned().unwrap_or_default();
+                (m.id, ids)
+            })
+            .collect())
     }
 
     /// The last `limit` messages of the branch that ends at `leaf`, oldest first: the

@@ -14,6 +14,7 @@ mod keys;
 mod messages;
 mod search;
 mod tenants;
+mod transfer;
 mod usage;
 
 pub use audit::{AuditEntry, AuditFilter, AuditRecord, AuditTenant};

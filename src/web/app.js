@@ -35,6 +35,8 @@ const state = {
   retryTimer: null,
   streaming: null, // id of the assistant message streaming in the open chat
   lastIndex: new Map(), // message id -> index of the last delta shown
+  branchChange: false, // a regenerate or edit was sent: reload the branch when it starts
+  search: "", // the chat list's search words ("" lists all chats)
 };
 
 // ---------- errors ----------
@@ -98,7 +100,13 @@ function renderChats() {
     open.className = "open";
     open.textContent = chatLabel(c);
     const when = document.createElement("small");
-    when.textContent = `${c.message_count} messages · ${new Date(c.last_activity_at).toLocaleString()}`;
+    if (c.match) {
+      // A search result: the passage that matched, its words marked.
+      when.className = "snippet";
+      when.append(...highlighted(c.match.snippet, c.match.highlights));
+    } else {
+      when.textContent = `${c.message_count} messages · ${new Date(c.last_activity_at).toLocaleString()}`;
+    }
     open.append(when);
     open.addEventListener("click", () => openChat(c));
     const rename = document.createElement("button");
@@ -118,13 +126,77 @@ function renderChats() {
   }
 }
 
+// The last page of the branch, for the ids of a reply's alternatives and its user message's.
+async function refreshSiblings() {
+  if (!state.chat) return;
+  const page = await api("GET", `/api/v1/chats/${state.chat.id}/messages?order=desc&limit=2`);
+  for (const m of page.messages) {
+    const li = document.querySelector(`li.msg[data-id="${m.id}"]`);
+    if (li && m.siblings) {
+      li.dataset.siblings = JSON.stringify(m.siblings);
+      showTools(li, m);
+    }
+  }
+}
+
 async function loadChats(more) {
   const offset = more ? state.chatsOffset : 0;
-  const page = await api("GET", `/api/v1/chats/user/${enc(state.user)}?offset=${offset}&limit=${PAGE}`);
+  const q = state.search ? `&q=${enc(state.search)}` : "";
+  const page = await api("GET", `/api/v1/chats/user/${enc(state.user)}?offset=${offset}&limit=${PAGE}${q}`);
   state.chats = more ? state.chats.concat(page.chats) : page.chats;
   state.chatsOffset = offset + page.chats.length;
   $("more-chats").hidden = !page.has_more;
   renderChats();
+}
+
+// Text with <mark> around the given [start, end) character ranges (as text nodes: a
+// snippet is message text, never markup).
+function highlighted(text, ranges) {
+  const chars = Array.from(text);
+  const out = [];
+  let at = 0;
+  for (const [a, b] of ranges) {
+    if (a > at) out.push(document.createTextNode(chars.slice(at, a).join("")));
+    const m = document.createElement("mark");
+    m.textContent = chars.slice(a, b).join("");
+    out.push(m);
+    at = b;
+  }
+  if (at < chars.length) out.push(document.createTextNode(chars.slice(at).join("")));
+  return out;
+}
+
+let searchTimer = null;
+function onSearch() {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(() => {
+    const words = $("search").value.trim();
+    if (words === state.search) return;
+    state.search = words;
+    loadChats(false).catch(showError);
+  }, 250);
+}
+
+// Downloads the open chat as JSON (its whole tree) or Markdown (the branch shown).
+async function exportChat(format) {
+  if (!state.chat) return;
+  try {
+    const r = await fetch(`/api/v1/chats/${state.chat.id}/export?format=${format}`, { headers: { "X-API-Key": state.key } });
+    if (!r.ok) {
+      const data = await r.json().catch(() => null);
+      throw (data && data.error) || { code: "http_" + r.status, message: r.statusText };
+    }
+    const name = /filename="([^"]+)"/.exec(r.headers.get("content-disposition") || "");
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(await r.blob());
+    a.download = name ? name[1] : `chat.${format === "markdown" ? "md" : "json"}`;
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+  } catch (e) {
+    showError(e);
+  }
 }
 
 function startRename(li, c) {
@@ -200,9 +272,125 @@ function messageNode(m) {
   li.className = `msg ${m.role} ${m.status || "complete"}`;
   li.querySelector(".who").textContent = m.role === "user" ? "You" : "Assistant";
   // A reply streaming over the socket knows more than a page of history fetched meanwhile.
-  if (!(m.status === "streaming" && state.lastIndex.has(m.id))) li.querySelector(".text").textContent = m.content;
-  li.querySelector(".meta").textContent = metaLine(m);
+  if (!(m.status === "streaming" && state.lastIndex.has(m.id))) showText(li, m.role, m.content);
+  // History fetched over REST has no timings: keep those a live reply showed.
+  if (m.timings || !li.dataset.timed) li.querySelector(".meta").textContent = metaLine(m);
+  if (m.timings) li.dataset.timed = "1";
+  if (m.siblings) li.dataset.siblings = JSON.stringify(m.siblings);
+  showTools(li, m);
   return li;
+}
+
+function button(text, title, cls, onClick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = cls;
+  b.textContent = text;
+  b.title = b.ariaLabel = title;
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+// "‹ 2/3 ›" between a message and its alternatives (regenerated replies, edited messages),
+// and the Regenerate / Edit actions.
+function showTools(li, m) {
+  let tools = li.querySelector(".tools");
+  if (!tools) {
+    tools = document.createElement("span");
+    tools.className = "tools";
+    li.append(tools);
+  }
+  tools.replaceChildren();
+  const id = li.dataset.id;
+  const siblings = JSON.parse(li.dataset.siblings || "[]");
+  const at = siblings.indexOf(id);
+  if (siblings.length > 1 && at >= 0) {
+    const prev = button("‹", "Previous version", "prev", () => switchTo(siblings[at - 1]));
+    prev.disabled = at === 0;
+    const pos = document.createElement("span");
+    pos.className = "pos";
+    pos.textContent = `${at + 1}/${siblings.length}`;
+    const next = button("›", "Next version", "next", () => switchTo(siblings[at + 1]));
+    next.disabled = at === siblings.length - 1;
+    const nav = document.createElement("span");
+    nav.className = "switch";
+    nav.append(prev, pos, next);
+    tools.append(nav);
+  }
+  if (id.startsWith("pending-") || (m.status || "complete") === "streaming") return;
+  if (m.role === "assistant") {
+    tools.append(button("↻ Regenerate", "Write this reply again (the old one is kept)", "regenerate", () => turn({ type: "regenerate", message_id: id })));
+  } else if (m.role === "user") {
+    tools.append(button("✎ Edit", "Edit this message and answer it again (the old one is kept)", "edit", () => startEdit(li)));
+  }
+}
+
+// Sends a regenerate or edit; the branch it starts is loaded when its reply starts.
+function turn(frame) {
+  if (!state.ws || state.ws.readyState !== WebSocket.OPEN) {
+    showError("Not connected to the chat yet; wait a moment and try again.");
+    return false;
+  }
+  state.branchChange = true;
+  state.ws.send(JSON.stringify(frame));
+  return true;
+}
+
+function startEdit(li) {
+  const text = li.querySelector(".text");
+  const box = document.createElement("textarea");
+  box.className = "edit-box";
+  box.value = li.dataset.raw || "";
+  box.rows = Math.min(10, box.value.split("\n").length + 1);
+  box.ariaLabel = "Edited message";
+  const cancel = () => showText(li, "user", li.dataset.raw || "");
+  const save = button("Save and send", "Send the edited message", "save", () => {
+    const content = box.value.trim();
+    if (content && turn({ type: "edit", message_id: li.dataset.id, content })) cancel();
+  });
+  const keep = button("Cancel", "Keep the message as it is", "cancel", cancel);
+  const bar = document.createElement("span");
+  bar.className = "edit-actions";
+  bar.append(save, keep);
+  text.replaceChildren(box, bar);
+  box.focus();
+}
+
+async function switchTo(messageId) {
+  if (!state.chat || !messageId) return;
+  try {
+    await api("PUT", `/api/v1/chats/${state.chat.id}/active`, { message_id: messageId });
+    await loadLatest();
+    loadChats(false).catch(() => {});
+  } catch (e) {
+    showError(e);
+  }
+}
+
+// What people type is shown as typed; replies are Markdown (rendered to DOM nodes by
+// markdown.js, never as HTML). The source stays on the item (`data-raw`) for streaming.
+function showText(li, role, content) {
+  const text = li.querySelector(".text");
+  li.dataset.raw = content;
+  if (role === "assistant") {
+    text.classList.add("md");
+    text.replaceChildren(Markdown.render(content));
+  } else {
+    text.textContent = content;
+  }
+}
+
+// Streaming re-renders a reply at most once a frame, however fast tokens come.
+const pendingRender = new Set();
+function renderSoon(li) {
+  if (pendingRender.has(li)) return;
+  pendingRender.add(li);
+  requestAnimationFrame(() => {
+    pendingRender.delete(li);
+    const follow = atBottom();
+    showText(li, "assistant", li.dataset.raw || "");
+    if (follow) scrollDown(true);
+  });
 }
 
 function metaLine(m) {
@@ -367,22 +555,26 @@ function onEvent(ev) {
       break;
     case "message_stream_started": {
       $("queue").textContent = "";
+      state.lastIndex.set(ev.message_id, -1);
       const node = log({ id: ev.message_id, role: "assistant", content: "", status: "streaming" });
       if (!node.isConnected) $("messages").append(node);
-      state.lastIndex.set(ev.message_id, -1);
       setStreaming(ev.message_id);
       scrollDown(true);
+      // A regenerated reply or an edit starts a branch: show that branch.
+      if (state.branchChange) {
+        state.branchChange = false;
+        loadLatest().catch(showError);
+      }
       break;
     }
     case "message_stream_token": {
       const last = state.lastIndex.get(ev.message_id) ?? -1;
       if (ev.index <= last) break;
       state.lastIndex.set(ev.message_id, ev.index);
-      const node = document.querySelector(`li.msg[data-id="${ev.message_id}"] .text`);
-      if (node) {
-        const follow = atBottom();
-        node.textContent += ev.token;
-        if (follow) scrollDown(true);
+      const li = document.querySelector(`li.msg[data-id="${ev.message_id}"]`);
+      if (li) {
+        li.dataset.raw = (li.dataset.raw || "") + ev.token;
+        renderSoon(li);
       }
       break;
     }
@@ -401,9 +593,12 @@ function onEvent(ev) {
       if (state.streaming === ev.message_id) setStreaming(null);
       scrollDown(false);
       loadChats(false).catch(() => {});
+      // The reply's alternatives (if it was regenerated) come with the branch.
+      if (JSON.parse(node.dataset.siblings || "[]").length === 0) refreshSiblings().catch(() => {});
       break;
     }
     case "error":
+      state.branchChange = false;
       if (ev.code === "generation_in_progress" || ev.code === "queue_full" || ev.code === "server_busy" || ev.code === "rate_limited") {
         // The message was not saved: put it back in the box.
         const pending = document.querySelector("li.msg.user.pending");
@@ -462,6 +657,9 @@ function init() {
   $("login").addEventListener("submit", login);
   $("new-chat").addEventListener("click", newChat);
   $("more-chats").addEventListener("click", () => loadChats(true).catch(showError));
+  $("search").addEventListener("input", onSearch);
+  $("export-json").addEventListener("click", () => exportChat("json"));
+  $("export-md").addEventListener("click", () => exportChat("markdown"));
   $("older").addEventListener("click", () => loadOlder().catch(showError));
   $("banner-close").addEventListener("click", clearError);
   $("composer").addEventListener("submit", (e) => {

@@ -9,6 +9,7 @@ const INDEX: &str = include_str!("index.html");
 const APP_JS: &str = include_str!("app.js");
 const APP_CSS: &str = include_str!("app.css");
 const COMMON_JS: &str = include_str!("common.js");
+const MARKDOWN_JS: &str = include_str!("markdown.js");
 const ADMIN: &str = include_str!("admin.html");
 const ADMIN_JS: &str = include_str!("admin.js");
 const ADMIN_CSS: &str = include_str!("admin.css");
@@ -52,6 +53,12 @@ pub fn favicon() -> Response {
 #[handler]
 pub fn common_js() -> Response {
     asset(COMMON_JS, "text/javascript; charset=utf-8")
+}
+
+/// The chat page's Markdown renderer (replies are shown rendered, never as HTML).
+#[handler]
+pub fn markdown_js() -> Response {
+    asset(MARKDOWN_JS, "text/javascript; charset=utf-8")
 }
 
 #[handler]

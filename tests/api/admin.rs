@@ -407,6 +407,8 @@ async fn admin_page_is_served(b: Backend) {
         ),
         ("/assets/admin.css", "text/css", ".usage-chart"),
         ("/assets/common.js", "text/javascript", "function request("),
+        ("/", "text/html", "/assets/markdown.js"),
+        ("/assets/markdown.js", "text/javascript", "never innerHTML"),
         // Both pages link their icon, which is served (no 404 in the console).
         ("/", "text/html", "href=\"/assets/favicon.svg\""),
         ("/admin", "text/html", "href=\"/assets/favicon.svg\""),

@@ -141,6 +141,14 @@ async fn regenerate_edit_and_switch_keep_every_branch(b: Backend) {
         owned(&[&u1, &a1, &u2, &a2b])
     );
 
+    // The listing names each message's alternatives (itself included, oldest first).
+    let v = listing(&s, &t.key, &chat, "?limit=200").await;
+    assert_eq!(v["messages"][3]["siblings"], json!([a2, a2b]), "{v}");
+    assert_eq!(v["messages"][0]["siblings"], json!([u1]));
+    assert_eq!(v["messages"][2]["siblings"], json!([u2]));
+    let all = listing(&s, &t.key, &chat, "?branch=all").await;
+    assert!(all["messages"][0].get("siblings").is_none(), "{all}");
+
     // Regenerate an earlier reply by id: the branch now ends there.
     let (_, a1b, to, _) = turn(&mut ws, json!({"type": "regenerate", "message_id": a1})).await;
     assert_eq!(to, u1);
@@ -174,6 +182,7 @@ async fn regenerate_edit_and_switch_keep_every_branch(b: Backend) {
     let v = listing(&s, &t.key, &chat, "").await;
     assert_eq!(v["messages"][0]["parent_id"], Value::Null);
     assert_eq!(v["messages"][0]["metadata"], json!({"v": 2}));
+    assert_eq!(v["messages"][0]["siblings"], json!([u1, u1b]));
 
     // Everything is kept: every message, in order of writing, with its parent.
     let all = listing(&s, &t.key, &chat, "?branch=all&limit=200").await;

@@ -29,4 +29,5 @@ mod structured;
 mod tiny;
 mod tokens;
 mod tools;
+mod transfer;
 mod ws;

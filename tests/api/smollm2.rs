@@ -187,7 +187,8 @@ async fn seeded_sampling_repeats() {
 
 /// Turn after turn, a chat that continues from its kept attention state replies token for
 /// token as a cold start on the whole conversation does (greedy), while running only the new
-/// prompt tokens through the model.
+/// prompt tokens through the model; a fork (an edited message) and a switch back reuse the
+/// part the branches share.
 #[tokio::test]
 async fn kept_attention_state_changes_nothing_but_speed() {
     let chat = uuid::Uuid::new_v4();
@@ -236,6 +237,44 @@ async fn kept_attention_state_changes_nothing_but_speed() {
         }
         conversation.push(msg(Role::Assistant, &w.text));
     }
+    // A fork, as an edited second question makes one: the kept state is reused up to where
+    // the branches part (not beyond), and the reply is the cold start's.
+    let greedy = |messages: Vec<ChatMessage>, cache_key| GenerateRequest {
+        messages,
+        sampling: SamplingParams::greedy(),
+        max_tokens: 24,
+        stop: vec![],
+        cache_key,
+        grammar: None,
+        tools: None,
+        logprobs: None,
+        raw_prompt: None,
+    };
+    let mut fork = conversation[..2].to_vec();
+    fork.push(msg(Role::User, "Name a famous museum in that city."));
+    let (w, w_deltas) = run(greedy(fork.clone(), Some(chat))).await;
+    let (c, c_deltas) = run(greedy(fork, None)).await;
+    assert_eq!(w_deltas, c_deltas, "the fork: the same tokens");
+    assert!(
+        w.cached_tokens > c.prompt_tokens / 2 && w.cached_tokens < c.prompt_tokens - 5,
+        "the fork reuses the shared turns only: {} of {}",
+        w.cached_tokens,
+        c.prompt_tokens
+    );
+    // Back on the first branch (a switch): only the part shared with the fork is reused.
+    conversation.push(msg(Role::User, "Is it open today?"));
+    let (w2, w2_deltas) = run(greedy(conversation.clone(), Some(chat))).await;
+    let (_, c2_deltas) = run(greedy(conversation.clone(), None)).await;
+    assert_eq!(
+        w2_deltas, c2_deltas,
+        "back on the first branch: the same tokens"
+    );
+    assert!(
+        w2.cached_tokens >= w.cached_tokens && w2.cached_tokens < w2.prompt_tokens / 2,
+        "the switch reuses the prefix shared with the fork: {} of {}",
+        w2.cached_tokens,
+        w2.prompt_tokens
+    );
     // Forgotten (the chat was edited or deleted): the next turn starts cold.
     engine().forget_chat(chat);
     conversation.push(msg(Role::User, "And how old is it?"));

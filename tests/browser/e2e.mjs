@@ -3,10 +3,11 @@
 // reply, survive a server restart (the page reconnects by itself and shows the reply that
 // finished meanwhile), page through history, and see a readable error for a bad key; then
 // the admin page: the usage chart of those replies, a tenant and a key created on the page
-// (their secrets work), budgets set there, and the audit log showing it all.
+// (their secrets work), budgets set there, and the audit log showing it all; then a reply
+// with Markdown and script payloads rendered safely.
 // Screenshots go to --out. Every wait is bounded; any failure exits non-zero.
 import { spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -152,7 +153,8 @@ try {
   }
   await page.waitForSelector("li.msg.assistant.complete .meta >> text=first token", { timeout: 60000 });
   check(lengths.size >= 2, `the reply grew while streaming (${[...lengths].length} lengths seen)`);
-  const shown = (await page.textContent("li.msg.assistant.complete .text")).trim();
+  // Replies are rendered Markdown; the item keeps its source text in data-raw.
+  const shown = (await page.getAttribute("li.msg.assistant.complete", "data-raw")).trim();
   check(shown.length > 0, `the reply is shown: ${JSON.stringify(shown)}`);
   const meta = await page.textContent("li.msg.assistant.complete .meta");
   check(/first token \d+ ms/.test(meta), `timings are shown: ${meta}`);
@@ -205,7 +207,7 @@ try {
     finished.id,
   );
   check(
-    (await page.textContent(`li.msg[data-id="${finished.id}"] .text`)).trim() === finished.content.trim(),
+    (await page.getAttribute(`li.msg[data-id="${finished.id}"]`, "data-raw")).trim() === finished.content.trim(),
     "after reconnecting, the page shows the finished reply",
   );
 
@@ -293,8 +295,112 @@ try {
   await page.waitForSelector("#empty:not([hidden])");
   check((await rest(`/api/v1/chats/user/${USER}`)).chats.length === 0, "the chat is deleted");
 
+  // Replies are rendered as Markdown, safely: a chat brought in through the import API with a
+  // reply holding a heading, lists, a code block, a table, links and script payloads.
+  {
+    const reply = [
+      "## Plan",
+      "",
+      "Some **bold** and *leaning* text with `inline code`.",
+      "",
+      "- first item",
+      "- second item",
+      "  - nested item",
+      "",
+      "1. one",
+      "2. two",
+      "",
+      "```js",
+      'console.log("<b>hi</b>");',
+      "```",
+      "",
+      "| name | n |",
+      "|------|--:|",
+      "| a    | 1 |",
+      "",
+      '[safe](https://example.com/x) [bad](javascript:window.__xss=3) <img src=x onerror="window.__xss=1"> <script>window.__xss=2</script>',
+    ].join("\n");
+    const r = await fetch(`${base}/api/v1/chats/import`, {
+      method: "POST",
+      headers: { "X-API-Key": KEY, "Content-Type": "application/json" },
+      body: JSON.stringify({
+        user_id: USER,
+        title: "Rendered",
+        messages: [
+          { role: "user", content: "<b>not bold</b> **as typed**" },
+          { role: "assistant", content: reply },
+        ],
+      }),
+    });
+    check(r.status === 201, "a chat with a Markdown reply is imported");
+    await page.reload();
+    await page.click("#chats button.open >> text=Rendered");
+    const md = "li.msg.assistant .text.md";
+    await page.waitForSelector(`${md} h2`);
+    check((await page.textContent(`${md} h2`)) === "Plan", "a heading is a heading");
+    check((await page.textContent(`${md} strong`)) === "bold" && (await page.textContent(`${md} em`)) === "leaning", "emphasis is rendered");
+    check((await page.$$(`${md} > ul > li`)).length === 2 && (await page.$$(`${md} > ul > li > ul > li`)).length === 1, "a list with a nested list");
+    check((await page.$$(`${md} > ol > li`)).length === 2, "a numbered list");
+    check((await page.textContent(`${md} pre code`)) === 'console.log("<b>hi</b>");', "a code block keeps its text, tags included");
+    check((await page.getAttribute(`${md} pre code`, "data-lang")) === "js" && (await page.isVisible(`${md} .code button.copy`)), "the code block has its language and a copy button");
+    check((await page.$$(`${md} table th`)).length === 2 && (await page.textContent(`${md} table td:last-child`)) === "1", "a table");
+    const links = await page.$$eval(`${md} a`, (as) => as.map((a) => [a.getAttribute("href"), a.rel, a.target]));
+    check(
+      links.length === 1 && links[0][0] === "https://example.com/x" && links[0][1] === "noopener noreferrer" && links[0][2] === "_blank",
+      `only the safe link is a link, opening apart (${JSON.stringify(links)})`,
+    );
+    check((await page.$$(`${md} img, ${md} script, li.msg b`)).length === 0, "no HTML from messages becomes elements");
+    check((await page.textContent(md)).includes('<img src=x onerror="window.__xss=1">'), "an HTML payload shows as text");
+    check((await page.evaluate(() => window.__xss)) === undefined, "no payload ran");
+    check((await page.textContent("li.msg.user .text")) === "<b>not bold</b> **as typed**", "what the user typed is shown as typed");
+    await page.screenshot({ path: path.join(args.out, "markdown.png") });
+
+    // Search: the chat is found by a word of its reply, the word marked in the passage.
+    await page.fill("#search", "nested");
+    await page.waitForSelector("#chats .snippet mark");
+    check((await page.textContent("#chats .snippet mark")) === "nested", "search shows the matching passage, the word marked");
+    await page.fill("#search", "dragon");
+    await page.waitForFunction(() => document.querySelectorAll("#chats li").length === 0);
+    check(true, "a word no chat holds lists none");
+    await page.fill("#search", "");
+    await page.waitForSelector("#chats li >> text=messages");
+
+    // Regenerate the reply: a new one beside it ("2/2"), and ‹ goes back to the first.
+    const { chats: [rendered] } = await rest(`/api/v1/chats/user/${USER}`);
+    await fetch(`${base}/api/v1/chats/${rendered.id}`, {
+      method: "PATCH",
+      headers: { "X-API-Key": KEY, "Content-Type": "application/json" },
+      body: JSON.stringify({ config: { temperature: 0, max_tokens: 24 } }),
+    });
+    await page.click("li.msg.assistant button.regenerate");
+    await page.waitForSelector("li.msg.assistant .tools .pos >> text=2/2");
+    await page.waitForSelector("li.msg.assistant.complete button.regenerate", { timeout: 60000 });
+    check((await page.$$(`${md} h2`)).length === 0, "the new reply is shown in place of the old one");
+    await page.click("li.msg.assistant .tools button.prev");
+    await page.waitForSelector(`${md} h2`);
+    check((await page.textContent("li.msg.assistant .tools .pos")) === "1/2", "the first reply is kept and shown again");
+
+    // Edit the question: a new branch with its own reply; the question shows "2/2".
+    await page.click("li.msg.user button.edit");
+    await page.fill("li.msg.user textarea.edit-box", "Name a colour.");
+    await page.click("li.msg.user button.save");
+    await page.waitForSelector("li.msg.user .tools .pos >> text=2/2");
+    await page.waitForSelector("li.msg.assistant.complete button.regenerate", { timeout: 60000 });
+    check((await page.textContent("li.msg.user .text")) === "Name a colour.", "the edited question is shown");
+    const tree = await rest(`/api/v1/chats/${rendered.id}/messages?branch=all`);
+    check(tree.total === 5, `every version is kept (${tree.total} messages)`);
+    check((await rest(`/api/v1/chats/${rendered.id}`)).message_count === 2, "the chat counts the branch shown");
+
+    // Export the branch shown as Markdown.
+    const [download] = await Promise.all([page.waitForEvent("download"), page.click("#export-md")]);
+    check(download.suggestedFilename() === "Rendered.md", `the export is named after the chat (${download.suggestedFilename()})`);
+    const exported = readFileSync(await download.path(), "utf8");
+    check(exported.startsWith("# Rendered\n") && exported.includes("Name a colour.") && !exported.includes("## Plan"), "the export holds the branch shown");
+    await page.screenshot({ path: path.join(args.out, "branches.png") });
+  }
+
   check(consoleErrors.length === 0, `no console errors (${consoleErrors.join(" | ")})`);
-  console.log(`screenshots: ${args.out}/chat.png, after-restart.png, admin.png, admin-tenant.png`);
+  console.log(`screenshots: ${args.out}/chat.png, after-restart.png, admin.png, admin-tenant.png, markdown.png, branches.png`);
 } catch (e) {
   failed = true;
   console.error(e);

@@ -820,6 +820,14 @@ pub struct ChatArgs {
     /// the admin API it is at once).
     #[arg(long, env = "CONFAB_TENANT_CHECK_SECS", default_value_t = 5)]
     pub tenant_check_secs: u64,
+    /// Do not title chats: by default a chat created without a title gets one written by
+    /// the model after its first reply (in the background, never ahead of a reply; a
+    /// `chat_updated` event tells its sockets).
+    #[arg(long, env = "CONFAB_NO_AUTO_TITLES")]
+    pub no_auto_titles: bool,
+    /// Most tokens a generated title may take.
+    #[arg(long, env = "CONFAB_TITLE_MAX_TOKENS", default_value_t = 16)]
+    pub title_max_tokens: u32,
 }
 
 impl ChatArgs {
@@ -842,6 +850,8 @@ impl ChatArgs {
             idle_timeout: Duration::from_secs(self.ws_ping_secs.max(1) * 3),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             tenant_check_interval: Duration::from_secs(self.tenant_check_secs.max(1)),
+            auto_titles: !self.no_auto_titles,
+            title_max_tokens: self.title_max_tokens.max(1),
             ..d
         }
     }

@@ -92,6 +92,7 @@ pub enum ApiError {
     #[error("chat {0} not found")]
     ChatNotFound(Uuid),
     /// A message named in a chat operation (regenerate, edit, switch branch) is not in it.
+    /// 400, not 404: the chat the path names exists; the request's reference is wrong.
     #[error("message {0} not found")]
     MessageNotFound(Uuid),
     /// An admin operation named a tenant (by name or id) that does not exist.
@@ -250,14 +251,13 @@ impl ApiError {
             | ApiError::OtherUser { .. }
             | ApiError::TenantDisabled { .. } => StatusCode::FORBIDDEN,
             ApiError::ChatNotFound(_)
-            | ApiError::MessageNotFound(_)
             | ApiError::TenantNotFound(_)
             | ApiError::ApiKeyNotFound(_)
             | ApiError::NotFound { .. }
             | ApiError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
-            ApiError::ContextLengthExceeded { .. } | ApiError::PromptTooLong { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::ContextLengthExceeded { .. }
+            | ApiError::PromptTooLong { .. }
+            | ApiError::MessageNotFound(_) => StatusCode::BAD_REQUEST,
             // The protocol decided the close code; the status is the one it mirrors.
             ApiError::Protocol(f) => match f.close {
                 close::UNAUTHORIZED => StatusCode::UNAUTHORIZED,
@@ -790,9 +790,9 @@ fn describe(status: u16, admin: bool) -> &'static str {
 
 fn describe_status(status: u16) -> &'static str {
     match status {
-        400 => "The request is malformed: invalid JSON, a parameter or field out of range (`validation_error`, `invalid_json`).",
+        400 => "The request is malformed: invalid JSON, a parameter or field out of range (`validation_error`, `invalid_json`), or a message it names is not in the chat (`message_not_found`).",
         401 => "The API key is missing (`missing_api_key`), not valid (`invalid_api_key`) or past its expiry (`api_key_expired`).",
-        404 => "The chat does not exist for this tenant (`chat_not_found`), or a message named is not in it (`message_not_found`).",
+        404 => "The chat does not exist for this tenant (`chat_not_found`).",
         413 => "The request body is too large (`payload_too_large`).",
         415 => "The request body is not JSON (`unsupported_media_type`).",
         429 => "The tenant made too many requests this minute (`rate_limited`); see Retry-After and the X-RateLimit-* headers.",

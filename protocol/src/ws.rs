@@ -73,6 +73,11 @@ pub enum Event {
         response_format: Option<&'static str>,
         timings: Timings,
     },
+    /// The chat changed: a title was written for it (the model's, after its first reply).
+    ChatUpdated {
+        chat_id: Uuid,
+        title: Option<String>,
+    },
     Pong,
     Error {
         code: &'static str,

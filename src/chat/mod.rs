@@ -22,6 +22,7 @@ mod reply;
 mod room;
 pub mod scheduler;
 mod stateless;
+mod title;
 mod turn;
 
 use std::collections::{HashMap, HashSet};
@@ -77,6 +78,12 @@ pub struct ChatSettings {
     pub tenant_check_interval: Duration,
     /// How long a tenant's token budgets are cached.
     pub budget_refresh: Duration,
+    /// Whether chats created without a title get one from the model after their first reply.
+    /// On in `confab serve` (unless `--no-auto-titles`); off in `Default`, so an embedding
+    /// program (and a test counting tokens) spends no tokens it did not ask for.
+    pub auto_titles: bool,
+    /// Most tokens a generated title may take.
+    pub title_max_tokens: u32,
 }
 
 impl Default for ChatSettings {
@@ -99,6 +106,8 @@ impl Default for ChatSettings {
             idle_timeout: Duration::from_secs(90),
             tenant_check_interval: Duration::from_secs(5),
             budget_refresh: Duration::from_secs(5),
+            auto_titles: false,
+            title_max_tokens: 16,
         }
     }
 }
@@ -183,7 +192,16 @@ enum Waiting {
     Slot {
         id: u64,
         grant: oneshot::Sender<Slot>,
+        /// Background work (a chat title): it gets a slot only when no reply waits.
+        background: bool,
     },
+}
+
+/// A slot given back: a tenant's item's, or background work's.
+#[derive(Debug, Clone, Copy)]
+enum Freed {
+    Of(TenantId),
+    Background,
 }
 
 impl Waiting {
@@ -873,9 +891,18 @@ impl ChatService {
         self.finish_and_pump(None)
     }
 
+    /// Background work still waiting is dropped (a shutdown; its tasks end).
+    fn drop_background(&self) {
+        let mut sched = self.scheduler();
+        while sched
+            .remove_background(|w| matches!(w, Waiting::Slot { .. }))
+            .is_some()
+        {}
+    }
+
     /// Frees the slot of a reply of `finished` (if any) and refills it in one step, so no
     /// one sees a free slot that a waiting reply is about to take.
-    fn finish_and_pump(&self, finished: Option<TenantId>) {
+    fn finish_and_pump(&self, finished: Option<Freed>) {
         // While draining, the replies already accepted still start (a stopping replica of a
         // rolling update answers what it took); once closed, nothing does.
         let starting = *self.0.phase.borrow() != Phase::Closed;
@@ -883,8 +910,10 @@ impl ChatService {
         let mut moved = Vec::new();
         {
             let mut sched = self.scheduler();
-            if let Some(t) = finished {
-                sched.finish(t);
+            match finished {
+                Some(Freed::Of(t)) => sched.finish(t),
+                Some(Freed::Background) => sched.finish_background(),
+                None => {}
             }
             if !starting {
                 return;
@@ -922,9 +951,13 @@ impl ChatService {
                     }
                     self.spawn_reply(q, true);
                 }
-                Waiting::Slot { id, grant } => {
+                Waiting::Slot {
+                    id,
+                    grant,
+                    background,
+                } => {
                     // A request that went away meanwhile drops the slot, which frees it.
-                    let _ = grant.send(Slot::granted(self, tenant, id));
+                    let _ = grant.send(Slot::granted(self, tenant, id, background));
                 }
             }
         }
@@ -952,7 +985,7 @@ impl ChatService {
             // Ends the room's reply on every path.
             reply::run(&service, q).await;
             service.forget_room_if_idle(&room);
-            service.finish_and_pump(holds_slot.then_some(room.tenant));
+            service.finish_and_pump(holds_slot.then_some(Freed::Of(room.tenant)));
             service.0.reply_ended.notify_waiters();
         });
     }
@@ -968,6 +1001,7 @@ impl ChatService {
             .scheduler()
             .remove_all(|w| matches!(w, Waiting::Slot { .. }));
         drop(turned_away);
+        self.drop_background();
         let deadline = tokio::time::Instant::now() + self.0.settings.shutdown_grace;
         let mut interrupted = false;
         loop {

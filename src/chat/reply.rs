@@ -165,6 +165,11 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
             reply_to: q.user_message,
         },
     );
+    // The first turn of a chat without a title: the model names the chat afterwards.
+    let question = history
+        .last()
+        .filter(|m| m.depth == 1 && chat.title.is_none() && service.settings().auto_titles)
+        .map(|m| m.content.clone());
     let request = request_for(&chat, history, service.settings().default_max_tokens);
     let constrained = chat.config.response_format.as_ref().map(|f| f.kind());
     let outcome = stream(service, &q, &scope, message_id, request, &cancel).await;
@@ -197,6 +202,18 @@ pub(super) async fn run(service: &ChatService, q: Queued) {
         .await;
     // Its usage is recorded: the tokens held against the budgets go back.
     drop(q.hold);
+    if let Some(question) = question.filter(|_| status == MessageStatus::Complete) {
+        if !outcome.text.trim().is_empty() {
+            service.title_later(super::title::TitleJob {
+                tenant: room.tenant,
+                chat_id: room.chat_id,
+                user_id: chat.user_id.clone(),
+                key_id: q.key_id,
+                question,
+                answer: outcome.text.clone(),
+            });
+        }
+    }
     let mut st = room.lock();
     if st.deleted {
         room.finish(&mut st, None);

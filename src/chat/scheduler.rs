@@ -7,6 +7,9 @@
 //! of a tenant that is working through a backlog, so one tenant's backlog delays another's
 //! reply by at most the replies already running. Tenants with backlogs alternate.
 //!
+//! Background work (chat titles) waits in a queue of its own and gets a slot only when no
+//! tenant's item could take it, one at a time: it never runs ahead of anyone's reply.
+//!
 //! Pure bookkeeping, no I/O and no locks: the chat service wraps it in a mutex.
 
 use std::collections::{HashMap, VecDeque};
@@ -67,7 +70,14 @@ pub struct Scheduler<T> {
     running: usize,
     dispatched: u64,
     arrivals: u64,
+    /// Background items, oldest first, with the tenant they are done for.
+    background: VecDeque<(TenantId, T)>,
+    /// Background items holding a slot (at most one).
+    background_running: usize,
 }
+
+/// Background items that may wait at once; more are refused (a title is a nicety).
+pub const MAX_BACKGROUND: usize = 256;
 
 impl<T> Scheduler<T> {
     pub fn new(limits: SchedulerLimits) -> Scheduler<T> {
@@ -77,7 +87,32 @@ impl<T> Scheduler<T> {
             running: 0,
             dispatched: 0,
             arrivals: 0,
+            background: VecDeque::new(),
+            background_running: 0,
         }
+    }
+
+    /// Queues background work; false (and not queued) when [`MAX_BACKGROUND`] wait already.
+    pub fn enqueue_background(&mut self, tenant: TenantId, item: T) -> bool {
+        if self.background.len() >= MAX_BACKGROUND {
+            return false;
+        }
+        self.background.push_back((tenant, item));
+        true
+    }
+
+    /// A background item ended; its slot is free.
+    pub fn finish_background(&mut self) {
+        if self.background_running > 0 {
+            self.background_running -= 1;
+            self.running = self.running.saturating_sub(1);
+        }
+    }
+
+    /// Takes a waiting background item out (whoever waited for it went away).
+    pub fn remove_background(&mut self, matches: impl Fn(&T) -> bool) -> Option<T> {
+        let at = self.background.iter().position(|(_, item)| matches(item))?;
+        self.background.remove(at).map(|(_, item)| item)
     }
 
     /// New limits; what already runs or waits stays (fewer slots than running replies only
@@ -171,12 +206,15 @@ impl<T> Scheduler<T> {
             return None;
         }
         let cap = self.limits.max_running_per_tenant;
-        let tenant = self
+        let next = self
             .tenants
             .iter()
             .filter(|(_, q)| !q.waiting.is_empty() && q.running < cap)
             .min_by_key(|(_, q)| (q.last_served, q.arrival))
-            .map(|(t, _)| *t)?;
+            .map(|(t, _)| *t);
+        let Some(tenant) = next else {
+            return self.dispatch_background();
+        };
         self.dispatched += 1;
         self.running += 1;
         let stamp = self.dispatched;
@@ -184,6 +222,18 @@ impl<T> Scheduler<T> {
         q.running += 1;
         q.last_served = stamp;
         q.waiting.pop_front().map(|item| (tenant, item))
+    }
+
+    /// A background item, when no tenant's item could have the free slot.
+    fn dispatch_background(&mut self) -> Option<(TenantId, T)> {
+        let waiting = self.tenants.values().any(|q| !q.waiting.is_empty());
+        if waiting || self.background_running > 0 {
+            return None;
+        }
+        let item = self.background.pop_front()?;
+        self.background_running += 1;
+        self.running += 1;
+        Some(item)
     }
 
     /// A running item of `tenant` ended; its slot is free.
@@ -297,6 +347,39 @@ mod tests {
     fn push<T>(s: &mut Scheduler<T>, t: TenantId, item: T) {
         s.reserve(t).unwrap();
         s.enqueue(t, item);
+    }
+
+    #[test]
+    fn background_work_waits_for_every_reply_and_runs_one_at_a_time() {
+        let (a, b) = (tenant(), tenant());
+        let mut s = Scheduler::new(limits(2, 10, 2));
+        assert!(s.enqueue_background(a, "title-1"));
+        assert!(s.enqueue_background(b, "title-2"));
+        push(&mut s, a, "reply-1");
+        push(&mut s, b, "reply-2");
+        push(&mut s, b, "reply-3");
+        // Replies first, even those queued after the titles.
+        assert_eq!(s.dispatch(), Some((a, "reply-1")));
+        assert_eq!(s.dispatch(), Some((b, "reply-2")));
+        assert_eq!(s.dispatch(), None);
+        s.finish(a);
+        assert_eq!(s.dispatch(), Some((b, "reply-3")));
+        s.finish(b);
+        // Nothing waits: a title takes the free slot, and only one title runs at a time.
+        assert_eq!(s.dispatch(), Some((a, "title-1")));
+        assert_eq!(s.dispatch(), None);
+        assert_eq!(s.running(), 2);
+        s.finish_background();
+        assert_eq!(s.dispatch(), Some((b, "title-2")));
+        s.finish_background();
+        s.finish(b);
+        assert_eq!(s.running(), 0);
+        // Bounded; and a waiting one can be taken out.
+        for _ in 0..MAX_BACKGROUND {
+            assert!(s.enqueue_background(a, "t"));
+        }
+        assert!(!s.enqueue_background(a, "t"));
+        assert_eq!(s.remove_background(|t| *t == "t"), Some("t"));
     }
 
     #[test]

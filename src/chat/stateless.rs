@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::oneshot;
 
-use super::{lock, ChatError, ChatService, Phase, Waiting};
+use super::{lock, ChatError, ChatService, Freed, Phase, Waiting};
 use crate::engine::CancelToken;
 use crate::store::TenantId;
 
@@ -16,18 +16,26 @@ pub struct Slot {
     service: ChatService,
     tenant: TenantId,
     id: u64,
+    /// Given to background work (see `Scheduler`'s background queue).
+    background: bool,
     pub cancel: CancelToken,
 }
 
 impl Slot {
     /// The slot the scheduler just gave to request `id`.
-    pub(super) fn granted(service: &ChatService, tenant: TenantId, id: u64) -> Slot {
+    pub(super) fn granted(
+        service: &ChatService,
+        tenant: TenantId,
+        id: u64,
+        background: bool,
+    ) -> Slot {
         let cancel = CancelToken::default();
         lock(&service.0.stateless).insert(id, cancel.clone());
         Slot {
             service: service.clone(),
             tenant,
             id,
+            background,
             cancel,
         }
     }
@@ -36,7 +44,12 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         lock(&self.service.0.stateless).remove(&self.id);
-        self.service.finish_and_pump(Some(self.tenant));
+        let freed = if self.background {
+            Freed::Background
+        } else {
+            Freed::Of(self.tenant)
+        };
+        self.service.finish_and_pump(Some(freed));
         self.service.0.reply_ended.notify_waiters();
     }
 }
@@ -77,7 +90,14 @@ impl ChatService {
                 return Err(ChatError::ShuttingDown);
             }
             sched.reserve(tenant)?;
-            sched.enqueue(tenant, Waiting::Slot { id, grant });
+            sched.enqueue(
+                tenant,
+                Waiting::Slot {
+                    id,
+                    grant,
+                    background: false,
+                },
+            );
         }
         let _waiting = SlotWait {
             service: self.clone(),
@@ -86,5 +106,49 @@ impl ChatService {
         };
         self.pump();
         granted.await.map_err(|_| ChatError::ShuttingDown)
+    }
+}
+
+/// Background work waiting for a slot; dropped, it leaves the queue.
+struct BackgroundWait {
+    service: ChatService,
+    id: u64,
+}
+
+impl Drop for BackgroundWait {
+    fn drop(&mut self) {
+        let removed = lock(&self.service.0.scheduler).remove_background(|w| w.is_slot(self.id));
+        drop(removed);
+    }
+}
+
+impl ChatService {
+    /// Waits for a slot for background work done for `tenant` (a chat's title): granted
+    /// only when no reply waits, one at a time. `None` when the model is not loaded, the
+    /// server is stopping or too much background work waits already.
+    pub(super) async fn acquire_background(&self, tenant: TenantId) -> Option<Slot> {
+        self.0.model.engine()?;
+        let id = self.0.next_slot.fetch_add(1, Ordering::Relaxed);
+        let (grant, granted) = oneshot::channel();
+        {
+            let mut sched = self.scheduler();
+            if *self.0.phase.borrow() != Phase::Serving {
+                return None;
+            }
+            let item = Waiting::Slot {
+                id,
+                grant,
+                background: true,
+            };
+            if !sched.enqueue_background(tenant, item) {
+                return None;
+            }
+        }
+        let _waiting = BackgroundWait {
+            service: self.clone(),
+            id,
+        };
+        self.pump();
+        granted.await.ok()
     }
 }

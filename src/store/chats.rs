@@ -239,6 +239,23 @@ impl TenantScope<'_> {
             .map_err(StoreError::from)
     }
 
+    /// Gives a chat a title unless it has one (a client's title always wins over a written
+    /// one, even when both arrive together). True when this call set it.
+    pub async fn set_title_if_unset(&self, chat_id: Uuid, title: &str) -> Result<bool, StoreError> {
+        let res = chat::Entity::update_many()
+            .col_expr(chat::Column::Title, sea_orm::sea_query::Expr::value(title))
+            .col_expr(
+                chat::Column::UpdatedAt,
+                sea_orm::sea_query::Expr::value(now()),
+            )
+            .filter(chat::Column::Id.eq(chat_id))
+            .filter(self.owner().of_chat())
+            .filter(chat::Column::Title.is_null())
+            .exec(self.db)
+            .await?;
+        Ok(res.rows_affected == 1)
+    }
+
     /// Deletes a chat and its messages.
     pub async fn delete_chat(&self, chat_id: Uuid) -> Result<(), StoreError> {
         let tenant = self.tenant;

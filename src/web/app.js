@@ -550,6 +550,14 @@ function onEvent(ev) {
       }
       break;
     }
+    case "chat_updated":
+      // The model wrote the chat's title (after its first reply).
+      if (state.chat && ev.chat_id === state.chat.id) {
+        state.chat.title = ev.title;
+        $("chat-title").textContent = chatLabel(state.chat);
+      }
+      loadChats(false).catch(() => {});
+      break;
     case "message_queued":
       $("queue").textContent = `waiting for the model — position ${ev.position}`;
       break;

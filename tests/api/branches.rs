@@ -322,14 +322,21 @@ async fn regenerate_edit_and_switch_keep_every_branch(b: Backend) {
     // Switching to a message that is not in the chat (another chat's, or none).
     let other = s.create_chat(&t.key, json!({"user_id": "u"})).await;
     let other = id(&other, "id");
-    for (chat_id, message_id, code) in [
+    // The chat exists and the reference is wrong: 400; no chat: 404.
+    for (chat_id, message_id, status, code) in [
         (
             chat.as_str(),
             Uuid::new_v4().to_string(),
+            400,
             "message_not_found",
         ),
-        (other.as_str(), u1.clone(), "message_not_found"),
-        (&*Uuid::new_v4().to_string(), u1.clone(), "chat_not_found"),
+        (other.as_str(), u1.clone(), 400, "message_not_found"),
+        (
+            &*Uuid::new_v4().to_string(),
+            u1.clone(),
+            404,
+            "chat_not_found",
+        ),
     ] {
         let (st, v) = s
             .call(
@@ -339,7 +346,7 @@ async fn regenerate_edit_and_switch_keep_every_branch(b: Backend) {
                 Some(json!({"message_id": message_id})),
             )
             .await;
-        assert_error(st, &v, 404, code);
+        assert_error(st, &v, status, code);
     }
     // Another tenant cannot switch (or see) this chat.
     let t2 = s.tenant("other").await;
@@ -368,9 +375,10 @@ async fn regenerate_edit_and_switch_keep_every_branch(b: Backend) {
     s.stop().await;
 }
 
-/// Adds a message under `parent` through the store.
+/// Adds a message under `parent` through the store (an assistant's when `text` starts
+/// with `a`).
 async fn add(
-    store: &confab::store::Store,
+    s: &TestServer,
     tenant: confab::store::TenantId,
     chat: Uuid,
     parent: Parent,
@@ -381,21 +389,8 @@ async fn add(
     } else {
         Role::User
     };
-    store
-        .tenant(tenant)
-        .append_message(
-            chat,
-            NewMessage {
-                role,
-                content: text.into(),
-                metadata: Default::default(),
-                status: MessageStatus::Complete,
-                parent,
-            },
-        )
+    s.add_message(tenant, &chat.to_string(), parent, role, text, json!({}))
         .await
-        .expect("append")
-        .id
 }
 
 async fn a_branch_pages_like_a_list(b: Backend) {
@@ -407,11 +402,11 @@ async fn a_branch_pages_like_a_list(b: Backend) {
     let mut main = Vec::new();
     for i in 0..7 {
         let text = if i % 2 == 0 { "u" } else { "a" };
-        main.push(add(&s.store, t.id, chat, Parent::Active, &format!("{text}{i}")).await);
+        main.push(add(&s, t.id, chat, Parent::Active, &format!("{text}{i}")).await);
         if i == 2 {
             // A regenerated-style sibling of message 2 (under message 1), then back.
-            add(&s.store, t.id, chat, Parent::Of(Some(main[1])), "u-side").await;
-            add(&s.store, t.id, chat, Parent::Active, "a-side").await;
+            add(&s, t.id, chat, Parent::Of(Some(main[1])), "u-side").await;
+            add(&s, t.id, chat, Parent::Active, "a-side").await;
             s.store
                 .tenant(t.id)
                 .set_active_message(chat, main[2])
@@ -517,7 +512,7 @@ async fn existing_chats_migrate_to_one_branch(b: Backend) {
         let mut ids = Vec::new();
         for i in 0..n {
             let text = if i % 2 == 0 { "u" } else { "a" };
-            ids.push(add(&store, t, c.id, Parent::Active, &format!("{text}{i}")).await);
+            ids.push(add(&s, t, c.id, Parent::Active, &format!("{text}{i}")).await);
         }
         chats.push((c.id, ids));
     }
@@ -566,7 +561,7 @@ async fn existing_chats_migrate_to_one_branch(b: Backend) {
     );
     // New messages go on after the migrated ones.
     let (chat, ids) = &chats[0];
-    let next = add(&store, t, *chat, Parent::Active, "u-next").await;
+    let next = add(&s, t, *chat, Parent::Active, "u-next").await;
     let m = scope.get_message(*chat, next).await.unwrap();
     assert_eq!((m.seq, m.depth, m.parent_id), (6, 6, ids.last().copied()));
     db.close().await.ok();

@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use confab::credentials;
-use confab::domain::{MessageStatus, NewMessage, Role};
+use confab::domain::{MessageStatus, NewMessage, Parent, Role};
 use confab::store::{Store, StoreOptions, TenantId};
 use confab::ServerSettings;
 use reqwest::{Method, StatusCode};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -277,28 +277,44 @@ impl TestServer {
     /// Stores `n` alternating user/assistant messages directly (the REST API has no write
     /// route for messages; the WebSocket chat creates them).
     pub async fn add_messages(&self, tenant: TenantId, chat_id: &str, n: usize) {
-        let chat_id: Uuid = chat_id.parse().expect("uuid");
         for i in 0..n {
             let role = if i % 2 == 0 {
                 Role::User
             } else {
                 Role::Assistant
             };
-            self.store
-                .tenant(tenant)
-                .append_message(
-                    chat_id,
-                    NewMessage {
-                        role,
-                        content: format!("message {}", i + 1),
-                        metadata: Default::default(),
-                        status: MessageStatus::Complete,
-                        parent: confab::domain::Parent::Active,
-                    },
-                )
-                .await
-                .expect("append");
+            let text = format!("message {}", i + 1);
+            self.add_message(tenant, chat_id, Parent::Active, role, &text, json!({}))
+                .await;
         }
+    }
+
+    /// Stores one complete message directly, under `parent` of the chat's tree, with
+    /// `metadata` (a JSON object); returns its id.
+    pub async fn add_message(
+        &self,
+        tenant: TenantId,
+        chat_id: &str,
+        parent: Parent,
+        role: Role,
+        text: &str,
+        metadata: Value,
+    ) -> Uuid {
+        self.store
+            .tenant(tenant)
+            .append_message(
+                chat_id.parse().expect("uuid"),
+                NewMessage {
+                    role,
+                    content: text.into(),
+                    metadata: serde_json::from_value(metadata).expect("an object"),
+                    status: MessageStatus::Complete,
+                    parent,
+                },
+            )
+            .await
+            .expect("append")
+            .id
     }
 
     /// Shuts the server down gracefully; the returned guard keeps its database until dropped.

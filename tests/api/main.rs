@@ -27,6 +27,7 @@ mod search;
 mod smollm2;
 mod structured;
 mod tiny;
+mod titles;
 mod tokens;
 mod tools;
 mod transfer;

@@ -2,7 +2,7 @@
 //! database's own engine (SQLite FTS5, PostgreSQL `tsvector`), tenant- and user-scoped, newest
 //! first, with snippets whose highlights point at the matched words.
 
-use confab::domain::{MessageStatus, NewMessage, Parent, Role};
+use confab::domain::{MessageStatus, Parent, Role};
 use confab::store::ReplyUpdate;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -17,21 +17,8 @@ async fn say(
     role: Role,
     text: &str,
 ) -> Uuid {
-    s.store
-        .tenant(tenant)
-        .append_message(
-            chat.parse().unwrap(),
-            NewMessage {
-                role,
-                content: text.into(),
-                metadata: Default::default(),
-                status: MessageStatus::Complete,
-                parent: Parent::Active,
-            },
-        )
+    s.add_message(tenant, chat, Parent::Active, role, text, json!({}))
         .await
-        .expect("append")
-        .id
 }
 
 async fn chat(s: &TestServer, key: &str, user: &str, title: Option<&str>) -> String {

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use confab::domain::{Limits, MessageStatus, NewMessage, Parent, Role};
+use confab::domain::{Limits, Parent, Role};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -19,21 +19,8 @@ async fn add(
     role: Role,
     text: &str,
 ) -> Uuid {
-    s.store
-        .tenant(tenant)
-        .append_message(
-            chat.parse().unwrap(),
-            NewMessage {
-                role,
-                content: text.into(),
-                metadata: serde_json::from_value(json!({"n": text.len()})).unwrap(),
-                status: MessageStatus::Complete,
-                parent,
-            },
-        )
+    s.add_message(tenant, chat, parent, role, text, json!({"n": text.len()}))
         .await
-        .expect("append")
-        .id
 }
 
 /// An export with ids replaced by positions and volatile fields dropped: what an import

@@ -127,6 +127,17 @@ impl ChatService {
             Incoming::Control(Control::TenantClosed { tenant, why }) => {
                 self.tenant_closed_here(tenant, &why)
             }
+            Incoming::Control(Control::Titled {
+                tenant,
+                chat,
+                title,
+                from,
+            }) => {
+                // The writing replica told its own sockets already.
+                if from != relay.replica_id() {
+                    self.chat_titled_here(tenant, chat, title);
+                }
+            }
         }
     }
 

@@ -805,6 +805,31 @@ impl ChatService {
         }
     }
 
+    /// The model wrote the chat's title: its sockets get `chat_updated`, here and (cluster
+    /// mode) on every replica.
+    pub(super) fn chat_titled(&self, tenant: TenantId, chat_id: Uuid, title: String) {
+        self.chat_titled_here(tenant.as_uuid(), chat_id, title.clone());
+        if let Some(relay) = self.0.relay.clone() {
+            let control = Control::Titled {
+                tenant: tenant.as_uuid(),
+                chat: chat_id,
+                title,
+                from: relay.replica_id().to_string(),
+            };
+            tokio::spawn(async move { relay.tell(&control).await });
+        }
+    }
+
+    fn chat_titled_here(&self, tenant: Uuid, chat_id: Uuid, title: String) {
+        let room = lock(&self.0.rooms).get(&chat_id).cloned();
+        if let Some(room) = room.filter(|r| r.tenant.as_uuid() == tenant) {
+            room.send_local(&Event::ChatUpdated {
+                chat_id,
+                title: Some(title),
+            });
+        }
+    }
+
     /// The tenant was disabled or deleted (admin API): its replies stop and its sockets are
     /// closed with `why`'s error, here and (cluster mode) on every replica.
     pub fn tenant_closed(&self, tenant: TenantId, why: TenantClosed) {

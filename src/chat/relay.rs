@@ -96,6 +96,13 @@ pub(crate) enum Control {
         tenant: Uuid,
         why: super::TenantClosed,
     },
+    /// Replica `from` wrote the chat's title: the other replicas tell their sockets.
+    Titled {
+        tenant: Uuid,
+        chat: Uuid,
+        title: String,
+        from: String,
+    },
 }
 
 /// A message from the other replicas.

@@ -1,12 +1,11 @@
 //! Titles for chats created without one: after a chat's first reply, the model writes a short
 //! title in the background — a small greedy generation held to one line by a grammar, in a
 //! slot granted only when no reply waits (`Scheduler`'s background queue) — and the sockets of
-//! the chat get a `chat_updated` event. A title set by the client is never replaced: the
+//! the chat, on every replica, get a `chat_updated` event. A title set by the client is never replaced: the
 //! store writes the generated one only while the chat still has none.
 
 use uuid::Uuid;
 
-use super::protocol::Event;
 use super::ChatService;
 use crate::domain::Role;
 use crate::engine::{ChatMessage, GenerateRequest, GenerationEvent, Grammar, SamplingParams};
@@ -146,13 +145,7 @@ impl ChatService {
         if !written {
             return Err("the chat has a title already".into());
         }
-        let room = super::lock(&self.0.rooms).get(&job.chat_id).cloned();
-        if let Some(room) = room {
-            room.send_local(&Event::ChatUpdated {
-                chat_id: job.chat_id,
-                title: Some(title),
-            });
-        }
+        self.chat_titled(job.tenant, job.chat_id, title);
         Ok(())
     }
 }

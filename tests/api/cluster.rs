@@ -553,6 +553,46 @@ async fn deleting_a_chat_closes_its_sockets_on_every_replica() {
     c.stop().await;
 }
 
+/// The model's title for a new chat reaches the chat's sockets on every replica: the one
+/// that wrote it tells its own, Redis the others (each gets `chat_updated` once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_written_title_reaches_sockets_on_every_replica() {
+    let c = Replicas::start(2).await;
+    let chat = new_chat(c.base(0), KEY, 4).await;
+    let mut watcher = open_socket(c.base(1), &chat).await;
+    let mut sender = socket_with_message(c.base(0), KEY, &chat, "Plan a trip to Paris").await;
+    let mut titles = Vec::new();
+    for ws in [&mut sender, &mut watcher] {
+        let seen = events_until(ws, "chat_updated").await;
+        let updated = seen.last().unwrap().clone();
+        assert_eq!(updated["chat_id"], chat.as_str(), "{updated}");
+        titles.push(updated["title"].as_str().unwrap().to_string());
+    }
+    assert_eq!(titles[0], titles[1]);
+    let stored: Value = reqwest::Client::new()
+        .get(format!("{}/api/v1/chats/{chat}", c.base(1)))
+        .header("X-API-Key", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stored["title"], titles[0].as_str());
+    // Once each: a ping answered after it shows no second copy was queued before it.
+    for ws in [&mut sender, &mut watcher] {
+        ws.send(Message::text(json!({"type": "ping"}).to_string()))
+            .await
+            .unwrap();
+        let rest = events_until(ws, "pong").await;
+        assert!(
+            rest.iter().all(|e| e["event_type"] != "chat_updated"),
+            "{rest:?}"
+        );
+    }
+    c.stop().await;
+}
+
 /// The replica generating a reply is killed (-9): a socket watching on another replica
 /// gets the end of the stream (`interrupted`, the text saved so far) once the lease has
 /// expired, and the chat takes a new reply there.

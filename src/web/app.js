@@ -199,6 +199,27 @@ async function exportChat(format) {
   }
 }
 
+// Brings in a chat from a JSON file: an export of this server (every branch) or an
+// OpenAI-style `messages` list (or a bare list of messages); the signed-in user owns it.
+async function importChat(file) {
+  let data;
+  try {
+    data = JSON.parse(await file.text());
+  } catch {
+    showError(`${file.name} is not JSON; choose a chat exported as JSON.`);
+    return;
+  }
+  const body = Array.isArray(data) ? { messages: data } : { ...data };
+  body.user_id = state.user;
+  try {
+    const c = await api("POST", "/api/v1/chats/import", body);
+    await loadChats(false);
+    await openChat(c);
+  } catch (e) {
+    showError(e);
+  }
+}
+
 function startRename(li, c) {
   const input = document.createElement("input");
   input.value = c.title || "";
@@ -649,9 +670,11 @@ async function login(e) {
   try {
     await loadChats(false);
     $("new-chat").disabled = false;
+    $("import").disabled = false;
     setConn("signed in", true);
   } catch (err) {
     $("new-chat").disabled = true;
+    $("import").disabled = true;
     state.chats = [];
     renderChats();
     setConn("not connected", false);
@@ -666,6 +689,12 @@ function init() {
   $("new-chat").addEventListener("click", newChat);
   $("more-chats").addEventListener("click", () => loadChats(true).catch(showError));
   $("search").addEventListener("input", onSearch);
+  $("import").addEventListener("click", () => $("import-file").click());
+  $("import-file").addEventListener("change", (e) => {
+    const file = e.target.files[0];
+    e.target.value = "";
+    if (file) importChat(file);
+  });
   $("export-json").addEventListener("click", () => exportChat("json"));
   $("export-md").addEventListener("click", () => exportChat("markdown"));
   $("older").addEventListener("click", () => loadOlder().catch(showError));

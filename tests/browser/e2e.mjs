@@ -397,6 +397,20 @@ try {
     const exported = readFileSync(await download.path(), "utf8");
     check(exported.startsWith("# Rendered\n") && exported.includes("Name a colour.") && !exported.includes("## Plan"), "the export holds the branch shown");
     await page.screenshot({ path: path.join(args.out, "branches.png") });
+
+    // Export the whole chat as JSON and import it again from the page: a second chat with
+    // the same branches.
+    const [asJson] = await Promise.all([page.waitForEvent("download"), page.click("#export-json")]);
+    check(asJson.suggestedFilename() === "Rendered.json", `the JSON export is named after the chat (${asJson.suggestedFilename()})`);
+    await page.setInputFiles("#import-file", await asJson.path());
+    await page.waitForFunction(() => document.querySelectorAll("#chats li").length === 2);
+    const { chats: both } = await rest(`/api/v1/chats/user/${USER}`);
+    const copy = both.find((c) => c.id !== rendered.id);
+    check(copy && copy.title === "Rendered" && copy.message_count === 2, "the imported chat is listed, its branch shown");
+    check((await rest(`/api/v1/chats/${copy.id}/messages?branch=all`)).total === 5, "the imported chat keeps every version");
+    const { messages: [copiedQuestion] } = await rest(`/api/v1/chats/${copy.id}/messages?limit=1`);
+    await page.waitForSelector(`li.msg.user[data-id="${copiedQuestion.id}"] .tools .pos >> text=2/2`);
+    check(true, "the imported chat is opened, its question showing both versions");
   }
 
   check(consoleErrors.length === 0, `no console errors (${consoleErrors.join(" | ")})`);

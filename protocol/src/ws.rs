@@ -109,24 +109,31 @@ impl Event {
 /// What a client asks for.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientMessage {
-    /// A user message to save and answer.
+    /// Something to answer: a new message, an edit or a regenerated reply.
+    Turn(Turn),
+    /// Stop the chat's reply (queued or streaming).
+    Cancel,
+    Ping,
+}
+
+/// A turn a client starts in a chat; each one ends in a streamed reply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Turn {
+    /// A new user message after the active leaf.
     Message {
         content: String,
         metadata: Map<String, Value>,
     },
-    /// New text for the user message `message_id`, saved beside it and answered.
+    /// New text for the user message `message_id`: saved beside it (its sibling), so the
+    /// branch it starts keeps the old one.
     Edit {
         message_id: Uuid,
         content: String,
         metadata: Map<String, Value>,
     },
-    /// A new reply beside the assistant message `message_id` (default: the active leaf).
-    Regenerate {
-        message_id: Option<Uuid>,
-    },
-    /// Stop the chat's reply (queued or streaming).
-    Cancel,
-    Ping,
+    /// Another reply to the user message that the assistant message `message_id` answers
+    /// (default: the active leaf's), beside the old reply.
+    Regenerate { message_id: Option<Uuid> },
 }
 
 /// Input bounds of client messages.
@@ -266,23 +273,23 @@ pub fn parse_client_message(
     match kind {
         "cancel" => Ok(ClientMessage::Cancel),
         "ping" => Ok(ClientMessage::Ping),
-        "regenerate" => Ok(ClientMessage::Regenerate {
+        "regenerate" => Ok(ClientMessage::Turn(Turn::Regenerate {
             message_id: message_id(&mut obj, false)?,
-        }),
+        })),
         "edit" => {
             let id = message_id(&mut obj, true)?;
             let content = content(&mut obj, limits)?;
             let metadata = metadata(&mut obj, limits)?;
-            Ok(ClientMessage::Edit {
+            Ok(ClientMessage::Turn(Turn::Edit {
                 message_id: id.unwrap_or_default(),
                 content,
                 metadata,
-            })
+            }))
         }
         _ => {
             let content = content(&mut obj, limits)?;
             let metadata = metadata(&mut obj, limits)?;
-            Ok(ClientMessage::Message { content, metadata })
+            Ok(ClientMessage::Turn(Turn::Message { content, metadata }))
         }
     }
 }
@@ -479,14 +486,14 @@ mod tests {
         let m = parse_client_message(r#"{"content":"héllo","metadata":{"a":1}}"#, &limits());
         assert_eq!(
             m.unwrap(),
-            ClientMessage::Message {
+            ClientMessage::Turn(Turn::Message {
                 content: "héllo".into(),
                 metadata: json!({"a": 1}).as_object().unwrap().clone()
-            }
+            })
         );
         assert!(matches!(
             parse_client_message(r#"{"type":"message","content":"x"}"#, &limits()),
-            Ok(ClientMessage::Message { .. })
+            Ok(ClientMessage::Turn(Turn::Message { .. }))
         ));
         assert_eq!(
             parse_client_message(r#"{"type":"cancel"}"#, &limits()),
@@ -506,24 +513,24 @@ mod tests {
                 &format!(r#"{{"type":"edit","message_id":"{id}","content":"new"}}"#),
                 &limits()
             ),
-            Ok(ClientMessage::Edit {
+            Ok(ClientMessage::Turn(Turn::Edit {
                 message_id: id,
                 content: "new".into(),
                 metadata: Map::new()
-            })
+            }))
         );
         assert_eq!(
             parse_client_message(r#"{"type":"regenerate"}"#, &limits()),
-            Ok(ClientMessage::Regenerate { message_id: None })
+            Ok(ClientMessage::Turn(Turn::Regenerate { message_id: None }))
         );
         assert_eq!(
             parse_client_message(
                 &format!(r#"{{"type":"regenerate","message_id":"{id}"}}"#),
                 &limits()
             ),
-            Ok(ClientMessage::Regenerate {
+            Ok(ClientMessage::Turn(Turn::Regenerate {
                 message_id: Some(id)
-            })
+            }))
         );
         // An edit is checked like a message, and needs the id.
         for bad in [

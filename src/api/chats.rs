@@ -304,13 +304,10 @@ impl ChatsApi {
         chat_id: Path<Uuid>,
         body: Json<SetActiveRequest>,
     ) -> Result<OneChat, Failure<OnChatWithBody>> {
-        let scope = auth.0.scope(&state.store);
-        scope
+        let chat = auth
+            .0
+            .scope(&state.store)
             .set_active_message(chat_id.0, body.0.message_id)
-            .await
-            .map_err(ApiError::for_chat(chat_id.0))?;
-        let chat = scope
-            .get_chat(chat_id.0)
             .await
             .map_err(ApiError::for_chat(chat_id.0))?;
         Ok(OneChat::Ok(Json(ChatDto::new(

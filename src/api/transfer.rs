@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::auth::TenantAuth;
 use super::dto::{ChatConfigDto, ChatDto, CreateChatRequest, MessageStatusDto, RoleDto, UsageDto};
-use super::types::{JsonObject, RuledText, Timestamp, TitleRule, UserIdRule};
+use super::types::{JsonObject, Timestamp};
 use super::{ApiTags, AppState};
 use crate::domain::{self, BranchView, ImportMessage, Order, PageRequest};
 use crate::error::{ApiError, Failure, OnChat, WithBody};
@@ -66,14 +66,10 @@ pub struct ExportedMessageDto {
 #[derive(Debug, Object)]
 #[oai(rename = "ImportChatRequest")]
 pub struct ImportChatRequest {
-    /// The user who will own the chat (an export's own `user_id`, or another).
-    pub user_id: RuledText<UserIdRule>,
-    #[oai(nullable)]
-    pub title: Option<RuledText<TitleRule>>,
-    #[oai(nullable)]
-    pub metadata: Option<JsonObject>,
-    #[oai(nullable)]
-    pub config: Option<ChatConfigDto>,
+    /// The chat's owner (an export's own `user_id`, or another) and settings, as
+    /// `POST /api/v1/chats/` takes them.
+    #[oai(flatten)]
+    pub chat: CreateChatRequest,
     /// `confab.chat` when the body is an export; other values are refused.
     #[oai(nullable)]
     pub format: Option<String>,
@@ -215,13 +211,7 @@ fn plan(state: &AppState, body: ImportChatRequest) -> Result<domain::PlannedChat
         )
         .into());
     }
-    let chat = CreateChatRequest {
-        user_id: body.user_id,
-        title: body.title,
-        metadata: body.metadata,
-        config: body.config,
-    }
-    .into_domain(&state.limits)?;
+    let chat = body.chat.into_domain(&state.limits)?;
     let mut messages = Vec::with_capacity(body.messages.len());
     for (i, m) in body.messages.into_iter().enumerate() {
         let metadata = m.metadata.map(|m| m.0).unwrap_or_default();

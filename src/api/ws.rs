@@ -24,7 +24,7 @@ use uuid::Uuid;
 use super::AppState;
 use crate::chat::protocol::{parse_client_message, ClientMessage, Credentials, Event, FrameError};
 use crate::chat::{
-    ChatService, ChatSettings, ConnectionGuard, Membership, Outbound, Phase, Sender, Turn,
+    ChatService, ChatSettings, ConnectionGuard, Membership, Outbound, Phase, Sender,
 };
 use crate::error::ApiError;
 use crate::ratelimit::TokenBucket;
@@ -338,24 +338,12 @@ impl Socket {
                     .cancel(room)
                     .map(|()| None)
                     .map_err(ApiError::from),
-                Ok(ClientMessage::Message { content, metadata }) => {
-                    self.begin(Turn::Message { content, metadata }).await
-                }
-                Ok(ClientMessage::Edit {
-                    message_id,
-                    content,
-                    metadata,
-                }) => {
-                    self.begin(Turn::Edit {
-                        message_id,
-                        content,
-                        metadata,
-                    })
+                Ok(ClientMessage::Turn(turn)) => self
+                    .service
+                    .submit(room, &self.sender, turn)
                     .await
-                }
-                Ok(ClientMessage::Regenerate { message_id }) => {
-                    self.begin(Turn::Regenerate { message_id }).await
-                }
+                    .map(|()| None)
+                    .map_err(ApiError::from),
             },
             Message::Binary(data) if data.len() > limits.max_frame_bytes => {
                 Err(FrameError::too_large(data.len(), limits).into())
@@ -363,15 +351,6 @@ impl Socket {
             _ => Err(FrameError::binary().into()),
         };
         result.unwrap_or_else(|e| Some(e.to_event()))
-    }
-
-    /// Starts a turn; its events come through the room.
-    async fn begin(&self, turn: Turn) -> Result<Option<Event>, ApiError> {
-        self.service
-            .submit(&self.membership.room, &self.sender, turn)
-            .await
-            .map(|()| None)
-            .map_err(ApiError::from)
     }
 
     /// A data frame over the connection's rate: answered `rate_limited`, and after too many

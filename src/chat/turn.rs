@@ -2,32 +2,13 @@
 //! checked against the stored tree before anything is queued or saved: which user message
 //! is saved where, and which one the reply answers.
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use uuid::Uuid;
 
+pub use super::protocol::Turn;
 use super::ChatError;
 use crate::domain::{Chat, MessageStatus, NewMessage, Parent, Role, ValidationError};
 use crate::store::{StoreError, TenantScope};
-
-/// A turn a client starts in a chat; each one ends in a streamed reply.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Turn {
-    /// A new user message after the active leaf.
-    Message {
-        content: String,
-        metadata: Map<String, Value>,
-    },
-    /// New text for the user message `message_id`: saved beside it (its sibling), so the
-    /// branch it starts keeps the old one.
-    Edit {
-        message_id: Uuid,
-        content: String,
-        metadata: Map<String, Value>,
-    },
-    /// Another reply to the user message that the assistant message `message_id` answers
-    /// (default: the active leaf's), beside the old reply.
-    Regenerate { message_id: Option<Uuid> },
-}
 
 /// A turn placed in the tree.
 #[derive(Debug)]

@@ -170,17 +170,7 @@ impl TenantScope<'_> {
         user_id: &str,
         page: PageRequest,
     ) -> Result<Page<Chat>, StoreError> {
-        let base = chat::Entity::find()
-            .filter(self.owner().of_chat())
-            .filter(chat::Column::UserId.eq(user_id));
-        let total = base.clone().count(self.db).await?;
-        let rows = base
-            .order_by_desc(chat::Column::CreatedAt)
-            .order_by_desc(chat::Column::Id)
-            .offset(page.offset)
-            .limit(page.limit)
-            .all(self.db)
-            .await?;
+        let (rows, total) = self.user_chats(user_id, Condition::all(), page).await?;
         let items = rows
             .into_iter()
             .map(chat_from_row)
@@ -191,6 +181,29 @@ impl TenantScope<'_> {
             offset: page.offset,
             limit: page.limit,
         })
+    }
+
+    /// A page of `user_id`'s chats that also meet `filter`, newest first, and how many
+    /// there are: the one order of a user's chat list, searched (`search_chats`) or not.
+    pub(super) async fn user_chats(
+        &self,
+        user_id: &str,
+        filter: Condition,
+        page: PageRequest,
+    ) -> Result<(Vec<chat::Model>, u64), StoreError> {
+        let base = chat::Entity::find()
+            .filter(self.owner().of_chat())
+            .filter(chat::Column::UserId.eq(user_id))
+            .filter(filter);
+        let total = base.clone().count(self.db).await?;
+        let rows = base
+            .order_by_desc(chat::Column::CreatedAt)
+            .order_by_desc(chat::Column::Id)
+            .offset(page.offset)
+            .limit(page.limit)
+            .all(self.db)
+            .await?;
+        Ok((rows, total))
     }
 
     /// Applies a change to a chat and returns it as stored afterwards.

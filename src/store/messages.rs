@@ -9,12 +9,13 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::chats::{find_chat_in, lock_chat_in};
+use super::chats::{chat_from_row, find_chat_in, lock_chat_in};
 use super::entity::{chat, message};
 use super::json::{decode_object, encode_object};
 use super::{StoreError, TenantScope};
 use crate::domain::{
-    now, BranchView, Message, MessageStatus, NewMessage, Order, Page, PageRequest, Parent, Role,
+    now, BranchView, Chat, Message, MessageStatus, NewMessage, Order, Page, PageRequest, Parent,
+    Role,
 };
 
 /// The depths (from 1) a page of a branch of `total` messages covers, first to last; empty
@@ -265,16 +266,17 @@ impl TenantScope<'_> {
     }
 
     /// Chooses the branch through `message_id`: its newest leaf becomes the chat's active
-    /// one. Returns that leaf. `MessageNotFound` when the message is not in this chat.
+    /// one. Returns the chat as it is then (read in the same transaction). `MessageNotFound`
+    /// when the message is not in this chat.
     pub async fn set_active_message(
         &self,
         chat_id: Uuid,
         message_id: Uuid,
-    ) -> Result<Message, StoreError> {
+    ) -> Result<Chat, StoreError> {
         let tenant = self.tenant;
         let owner = self.owner();
         self.db
-            .transaction::<_, Message, StoreError>(|txn| {
+            .transaction::<_, Chat, StoreError>(|txn| {
                 Box::pin(async move {
                     lock_chat_in(txn, &owner, chat_id).await?;
                     message_in(txn, tenant, chat_id, message_id).await?;
@@ -289,7 +291,7 @@ impl TenantScope<'_> {
                         .await?
                         .ok_or(StoreError::MessageNotFound(message_id))?;
                     set_active_in(txn, tenant, chat_id, &leaf, now()).await?;
-                    message_from_row(leaf)
+                    chat_from_row(find_chat_in(txn, &owner, chat_id).await?)
                 })
             })
             .await

@@ -7,14 +7,10 @@
 use std::collections::HashMap;
 
 use sea_orm::sea_query::Expr;
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseBackend, EntityTrait, FromQueryResult, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, Statement, Value,
-};
+use sea_orm::{Condition, ConnectionTrait, DatabaseBackend, FromQueryResult, Statement, Value};
 use uuid::Uuid;
 
 use super::chats::chat_from_row;
-use super::entity::chat;
 use super::{StoreError, TenantScope};
 use crate::domain::{Chat, Page, PageRequest};
 
@@ -133,17 +129,8 @@ impl TenantScope<'_> {
                 [Value::from(query.fts5())],
             ),
         };
-        let base = chat::Entity::find()
-            .filter(self.owner().of_chat())
-            .filter(chat::Column::UserId.eq(user_id))
-            .filter(matches);
-        let total = base.clone().count(self.db).await?;
-        let rows = base
-            .order_by_desc(chat::Column::CreatedAt)
-            .order_by_desc(chat::Column::Id)
-            .offset(page.offset)
-            .limit(page.limit)
-            .all(self.db)
+        let (rows, total) = self
+            .user_chats(user_id, Condition::all().add(matches), page)
             .await?;
         let ids: Vec<Uuid> = rows.iter().map(|c| c.id).collect();
         let mut best: HashMap<Uuid, Hit> = HashMap::new();

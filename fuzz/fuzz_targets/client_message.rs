@@ -2,7 +2,7 @@
 //! code, never panics, and a refusal's fields make an event that serializes.
 #![no_main]
 
-use confab_protocol::ws::{close, parse_client_message, ClientMessage, Event, MessageLimits};
+use confab_protocol::ws::{close, parse_client_message, ClientMessage, Event, MessageLimits, Turn};
 use libfuzzer_sys::fuzz_target;
 
 const CODES: &[&str] = &[
@@ -23,7 +23,9 @@ fuzz_target!(|data: &[u8]| {
         fields: Default::default(),
     };
     match parse_client_message(text, &limits) {
-        Ok(ClientMessage::Message { content, metadata }) => {
+        Ok(ClientMessage::Turn(
+            Turn::Message { content, metadata } | Turn::Edit { content, metadata, .. },
+        )) => {
             assert!(!content.trim().is_empty());
             assert!(content.chars().count() <= limits.max_content_chars);
             assert!(serde_json::to_string(&metadata).unwrap().len() <= limits.fields.max_metadata_bytes);

@@ -181,6 +181,10 @@ pub struct ModelArgs {
     /// (the f32 kernels run instead).
     #[arg(long, env = "CONFAB_NO_INT16")]
     pub no_int16: bool,
+    /// Do not read prompts of Q4_K, Q5_K and Q4_0 weights with 8-bit activations (AVX512_VNNI;
+    /// outlier blocks get a second 8-bit level); the bf16 (or f32) prompt kernels run instead.
+    #[arg(long, env = "CONFAB_NO_INT8")]
+    pub no_int8: bool,
 }
 
 /// A sampling temperature from 0 to 2.
@@ -217,6 +221,7 @@ impl ModelArgs {
                 bf16: !self.no_bf16,
                 amx: !self.no_amx,
                 int16: !self.no_int16,
+                int8: !self.no_int8,
             },
             #[cfg(feature = "test-hooks")]
             min_token_interval: self

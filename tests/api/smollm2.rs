@@ -431,6 +431,17 @@ fn with_kquant_ffn_down(
     dtype: candle_core::quantized::GgmlDType,
     dir: &std::path::Path,
 ) -> PathBuf {
+    requantized(dtype, dir, "ffn-down", |name| name.ends_with("ffn_down.weight"))
+}
+
+/// SmolLM2 with the tensors `pick` names turned into `dtype`, written in `dir` (`tag` names
+/// the file).
+fn requantized(
+    dtype: candle_core::quantized::GgmlDType,
+    dir: &std::path::Path,
+    tag: &str,
+    pick: impl Fn(&str) -> bool,
+) -> PathBuf {
     use candle_core::quantized::{gguf_file, QTensor};
     use candle_core::Device;
     let src = model_path();
@@ -442,7 +453,7 @@ fn with_kquant_ffn_down(
         .into_iter()
         .map(|name| {
             let t = content.tensor(&mut f, name, &Device::Cpu).expect("tensor");
-            if name.ends_with("ffn_down.weight") {
+            if pick(name) {
                 let values = t.dequantize(&Device::Cpu).expect("dequantize");
                 (
                     name.clone(),
@@ -453,7 +464,7 @@ fn with_kquant_ffn_down(
             }
         })
         .collect();
-    let path = dir.join(format!("smollm2-ffn-down-{dtype:?}.gguf"));
+    let path = dir.join(format!("smollm2-{tag}-{dtype:?}.gguf"));
     let mut out = std::fs::File::create(&path).expect("create");
     let md: Vec<(&str, &gguf_file::Value)> = content
         .metadata
@@ -503,6 +514,61 @@ fn int16_activations_answer_as_f32_ones_do() {
             assert_eq!(int16, f32, "{dtype:?} {prompt:?}");
             if prompt.contains("France") && dtype == candle_core::quantized::GgmlDType::Q4K {
                 assert!(int16.contains("Paris"), "{dtype:?}: {int16:?}");
+            }
+        }
+    }
+}
+
+/// Prompts read with 8-bit activations (`vpdpbusd`, where the CPU has AVX512_VNNI) answer
+/// as the bf16/f32 prompt kernels do (`--no-int8`) on a model with massive activations: the
+/// same greedy text, and still "Paris". Two files: `ffn_down` as Q4_K, and every projection
+/// as Q4_0 (SmolLM2's 576-wide rows are not whole K-quant super-blocks), so the products fed
+/// by the normed residual stream, where the outliers live, go through the 8-bit kernel too.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn int8_prompts_answer_as_bf16_ones_do() {
+    if !std::arch::is_x86_feature_detected!("avx512vnni") {
+        eprintln!("no AVX512_VNNI here: the 8-bit prompt kernel is not run");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let files = [
+        with_kquant_ffn_down(candle_core::quantized::GgmlDType::Q4K, dir.path()),
+        requantized(
+            candle_core::quantized::GgmlDType::Q4_0,
+            dir.path(),
+            "projections",
+            |name| name.starts_with("blk.") && !name.ends_with("norm.weight"),
+        ),
+    ];
+    for path in &files {
+        let model = path.to_str().expect("utf-8 path");
+        for prompt in [
+            "What is the capital of France?",
+            "List three prime numbers greater than 10.",
+        ] {
+            let run = |extra: &[&str]| {
+                let mut args = vec![
+                    "run",
+                    "--model",
+                    model,
+                    "--greedy",
+                    "--max-tokens",
+                    "40",
+                    "--prompt",
+                    prompt,
+                ];
+                args.extend_from_slice(extra);
+                let (ok, out, err) = crate::common::run_confab(&args, "");
+                assert!(ok, "{model} {extra:?}: {err}");
+                out
+            };
+            // AMX tiles, where present, would take the prompts from both kernels.
+            let int8 = run(&["--no-amx"]);
+            let other = run(&["--no-amx", "--no-int8"]);
+            assert_eq!(int8, other, "{model} {prompt:?}");
+            if prompt.contains("France") {
+                assert!(int8.contains("Paris"), "{model}: {int8:?}");
             }
         }
     }

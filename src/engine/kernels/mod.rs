@@ -51,7 +51,8 @@ use prompt::PanelScratch;
 use prompt::PANEL;
 
 /// Which instruction-set extensions the kernels may use, where the CPU has them
-/// (`--no-avx512`, `--no-bf16`, `--no-amx`, `--no-int16`: to compare kernels, or to rule
+/// (`--no-avx512`, `--no-bf16`, `--no-amx`, `--no-int16`, `--no-int8`: to compare kernels,
+/// or to rule
 /// one out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Isa {
@@ -62,6 +63,9 @@ pub struct Isa {
     pub amx: bool,
     /// 16-bit integer activations for the K-quant decode kernels where bf16 is missing.
     pub int16: bool,
+    /// 8-bit activations (with a second level for outlier blocks) for the prompt kernels of
+    /// Q4_K, Q5_K and Q4_0 where the CPU has AVX512_VNNI and AMX is not used.
+    pub int8: bool,
 }
 
 impl Default for Isa {
@@ -71,6 +75,7 @@ impl Default for Isa {
             bf16: true,
             amx: true,
             int16: true,
+            int8: true,
         }
     }
 }
@@ -475,8 +480,14 @@ pub(crate) mod testing {
         let magnitude = reference(&abs(w), &abs(x), rows, cols, n);
         // Decode rounds activations to bf16 for the K-quants and Q4_0, the prompt panels for
         // those and BF16 too.
+        // The 8-bit prompt kernel rounds activations per block (see `x86::int8`).
         #[cfg(target_arch = "x86_64")]
-        let bf16 = x86::bf16()
+        let int8 = x86::int8() && rows_are == Rows::Prompt && prompt::int8_panels(format, cols);
+        #[cfg(not(target_arch = "x86_64"))]
+        let int8 = false;
+        #[cfg(target_arch = "x86_64")]
+        let bf16 = !int8
+            && x86::bf16()
             && prompt::bf16_panels(format)
             && (rows_are == Rows::Prompt || format != Format::BF16);
         #[cfg(not(target_arch = "x86_64"))]
@@ -500,6 +511,8 @@ pub(crate) mod testing {
         let int16 = false;
         let steps = if int16 {
             int16_steps(w, x, rows, cols, n)
+        } else if int8 {
+            int8_steps(w, x, rows, cols, n)
         } else {
             vec![0.0; magnitude.len()]
         };
@@ -508,6 +521,28 @@ pub(crate) mod testing {
             .zip(&steps)
             .map(|(m, s)| rel * m + s + 1e-3)
             .collect()
+    }
+
+    /// The worst error of a product from rounding the activations to 8-bit integers per
+    /// block of 32 (see `x86::int8`): half a step each, `max|x| / 254`, or `max|x| / 64516`
+    /// in a block with a second level; `Σ |w| · half step` (with 1% to spare).
+    pub fn int8_steps(w: &[f32], x: &[f32], rows: usize, cols: usize, n: usize) -> Vec<f32> {
+        let half_step: Vec<f32> = x
+            .chunks(formats::QK)
+            .flat_map(|c| {
+                let m = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let sum_abs: f32 = c.iter().map(|v| v.abs()).sum();
+                #[cfg(target_arch = "x86_64")]
+                let second = x86::int8::second_level(m, sum_abs);
+                #[cfg(not(target_arch = "x86_64"))]
+                let second = false;
+                let levels = if second { 64516.0 } else { 254.0 };
+                std::iter::repeat_n(m / levels, c.len())
+            })
+            .collect();
+        let abs: Vec<f32> = w.iter().map(|a| a.abs()).collect();
+        let steps = reference(&abs, &half_step, rows, cols, n);
+        steps.iter().map(|s| 1.01 * s).collect()
     }
 
     /// The worst error of a product from rounding the activations to 16-bit integers per

@@ -19,7 +19,8 @@ pub(super) struct PanelScratch {
     /// The same rows row-major, before they are transposed into `panel`.
     rows_f32: Vec<f32>,
     /// The bf16 kernel's panel (Q4_K, Q6_K): exact integer values and sub-block scales,
-    /// row-major as the panel builders make them (`stage`), then interleaved (`q`).
+    /// row-major as the panel builders make them (`stage`), then interleaved (`q`); the
+    /// 8-bit kernel's the same way, with two values (bytes) in each element.
     stage: Vec<u16>,
     q: Vec<u16>,
     ds: Vec<f32>,
@@ -27,10 +28,20 @@ pub(super) struct PanelScratch {
     /// The activation rows for the bf16 kernel.
     #[cfg(target_arch = "x86_64")]
     bf16: x86::bf16::Activations,
+    /// The activation rows for the 8-bit kernel.
+    #[cfg(target_arch = "x86_64")]
+    int8: x86::int8::Activations,
     /// The AMX kernel's weight panels of a band, and its last activation rows padded with
     /// zeros to a whole pair of tiles.
     amx_band: Vec<u16>,
     amx_tail: Vec<u16>,
+}
+
+/// Formats whose prompt panels hold their integer values as bytes for the 8-bit kernel where
+/// the CPU has AVX512_VNNI (see [`QMat::gemm_band_int8`]), in rows of whole 64-column pairs
+/// of blocks.
+pub(super) fn int8_panels(format: Format, cols: usize) -> bool {
+    matches!(format, Format::Q4K | Format::Q5K | Format::Q4_0) && cols.is_multiple_of(64)
 }
 
 /// Formats whose prompt panels hold exact bf16 values for `vdpbf16ps` where the CPU has
@@ -59,6 +70,9 @@ impl QMat {
         out: Band,
         scratch: &mut PanelScratch,
     ) {
+        if x86::int8() && int8_panels(self.format(), self.cols()) {
+            return self.gemm_band_int8(r0, r1, x, n, out, scratch);
+        }
         if x86::bf16() && bf16_panels(self.format()) && self.cols().is_multiple_of(32) {
             return self.gemm_band_bf16(r0, r1, x, n, out, scratch);
         }
@@ -159,6 +173,75 @@ impl QMat {
                 let kernel = |o: *mut f32, ld: usize| {
                     // SAFETY: as above; `o` has room for m rows of 16 at stride `ld`.
                     unsafe { x86::bf16::gemm(kind, m, q, ds, ms, xb, xsum, cols, o, ld) }
+                };
+                write_panel(out, i, p0, m, width, kernel);
+                i += m;
+            }
+            p0 += width;
+        }
+    }
+
+    /// [`QMat::gemm_band`] for the formats of [`int8_panels`] with 8-bit activations
+    /// (AVX512_VNNI, see [`x86::int8`]): each panel holds the weights' integers as bytes
+    /// with their f32 block scales and minimums, and `vpdpbusd` does 64 multiply-adds an
+    /// instruction with exact 32-bit sums; blocks of activations with an outlier get a
+    /// second 8-bit level.
+    #[cfg(target_arch = "x86_64")]
+    fn gemm_band_int8(
+        &self,
+        r0: usize,
+        r1: usize,
+        x: &[f32],
+        n: usize,
+        out: Band,
+        scratch: &mut PanelScratch,
+    ) {
+        use super::formats::{cast, BlockQ4K, BlockQ5K, QK, QK_K};
+        use x86::int8::MR as IMR;
+        let cols = self.cols();
+        // SAFETY: AVX-512 checked by the caller; rows are whole blocks of 32.
+        unsafe { scratch.int8.prepare(&x[..n * cols], cols) };
+        let mut p0 = r0;
+        while p0 < r1 {
+            let width = (r1 - p0).min(PANEL);
+            let rows = self.rows_data(p0, p0 + width);
+            let (stage, ds, ms) = (&mut scratch.stage, &mut scratch.ds, &mut scratch.ms);
+            // SAFETY: AVX2 checked by the caller; `rows` holds `width` whole rows.
+            unsafe {
+                match self.format() {
+                    Format::Q4K => x86::int8::q4k_panel::<BlockQ4K>(
+                        cast(rows),
+                        cols / QK_K,
+                        width,
+                        stage,
+                        ds,
+                        ms,
+                    ),
+                    Format::Q5K => x86::int8::q4k_panel::<BlockQ5K>(
+                        cast(rows),
+                        cols / QK_K,
+                        width,
+                        stage,
+                        ds,
+                        ms,
+                    ),
+                    _ => x86::int8::q4_0_panel(cast(rows), cols / QK, width, stage, ds, ms),
+                }
+            }
+            scratch.q.resize(cols * PANEL / 2, 0);
+            // SAFETY: AVX-512 checked by the caller; `stage` holds 16 rows of `cols` bytes,
+            // read as `cols / 2` pairs (a multiple of 32: `int8_panels`).
+            unsafe { x86::bf16::interleave(&scratch.stage, cols / 2, &mut scratch.q) };
+            let PanelScratch {
+                q, ds, ms, int8, ..
+            } = &*scratch;
+            let mut i = 0;
+            while i < n {
+                let m = (n - i).min(IMR);
+                let kernel = |o: *mut f32, ld: usize| {
+                    // SAFETY: AVX512_VNNI checked by the caller; `int8` holds the n rows;
+                    // `o` has room for m rows of 16 at stride `ld`.
+                    unsafe { x86::int8::gemm(m, q, ds, ms, int8, i, cols, o, ld) }
                 };
                 write_panel(out, i, p0, m, width, kernel);
                 i += m;

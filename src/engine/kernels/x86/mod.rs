@@ -30,6 +30,7 @@ pub mod avx512;
 pub mod bf16;
 pub mod floats;
 pub mod int16;
+pub mod int8;
 pub mod kquants;
 
 pub fn available() -> bool {
@@ -74,6 +75,20 @@ pub fn amx() -> bool {
 pub fn int16() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| available() && !bf16() && super::isa().int16)
+}
+
+/// 8-bit activations with second levels for outlier blocks ([`int8`]) for the prompt
+/// kernels of Q4_K, Q5_K and Q4_0, where the CPU has AVX512_VNNI and AMX tiles are not used
+/// (they are faster still). `--no-int8` turns them off (the bf16 or f32 panels run instead).
+pub fn int8() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        avx512()
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+            && super::isa().int8
+            && !amx()
+    })
 }
 
 #[inline]

@@ -431,7 +431,9 @@ fn with_kquant_ffn_down(
     dtype: candle_core::quantized::GgmlDType,
     dir: &std::path::Path,
 ) -> PathBuf {
-    requantized(dtype, dir, "ffn-down", |name| name.ends_with("ffn_down.weight"))
+    requantized(dtype, dir, "ffn-down", |name| {
+        name.ends_with("ffn_down.weight")
+    })
 }
 
 /// SmolLM2 with the tensors `pick` names turned into `dtype`, written in `dir` (`tag` names

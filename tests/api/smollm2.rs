@@ -478,6 +478,25 @@ fn requantized(
     path
 }
 
+/// `confab run --greedy --max-tokens 40` on `model` with `prompt` and the `extra` flags: the
+/// generated text.
+fn greedy_reply(model: &str, prompt: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "run",
+        "--model",
+        model,
+        "--greedy",
+        "--max-tokens",
+        "40",
+        "--prompt",
+        prompt,
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = crate::common::run_confab(&args, "");
+    assert!(ok, "{model} {extra:?}: {err}");
+    out
+}
+
 /// The K-quant decode kernels with 16-bit integer activations (what CPUs without AVX512_BF16
 /// run, `--no-bf16` here) answer exactly as the f32 kernels do (`--no-int16`) on a model
 /// with outliers: the same greedy text, and still "Paris".
@@ -494,25 +513,8 @@ fn int16_activations_answer_as_f32_ones_do() {
             "What is the capital of France?",
             "List three prime numbers greater than 10.",
         ] {
-            let run = |extra: &[&str]| {
-                let mut args = vec![
-                    "run",
-                    "--model",
-                    model,
-                    "--greedy",
-                    "--max-tokens",
-                    "40",
-                    "--prompt",
-                    prompt,
-                    "--no-bf16",
-                ];
-                args.extend_from_slice(extra);
-                let (ok, out, err) = crate::common::run_confab(&args, "");
-                assert!(ok, "{dtype:?} {extra:?}: {err}");
-                out
-            };
-            let int16 = run(&[]);
-            let f32 = run(&["--no-int16"]);
+            let int16 = greedy_reply(model, prompt, &["--no-bf16"]);
+            let f32 = greedy_reply(model, prompt, &["--no-bf16", "--no-int16"]);
             assert_eq!(int16, f32, "{dtype:?} {prompt:?}");
             if prompt.contains("France") && dtype == candle_core::quantized::GgmlDType::Q4K {
                 assert!(int16.contains("Paris"), "{dtype:?}: {int16:?}");
@@ -549,25 +551,9 @@ fn int8_prompts_answer_as_bf16_ones_do() {
             "What is the capital of France?",
             "List three prime numbers greater than 10.",
         ] {
-            let run = |extra: &[&str]| {
-                let mut args = vec![
-                    "run",
-                    "--model",
-                    model,
-                    "--greedy",
-                    "--max-tokens",
-                    "40",
-                    "--prompt",
-                    prompt,
-                ];
-                args.extend_from_slice(extra);
-                let (ok, out, err) = crate::common::run_confab(&args, "");
-                assert!(ok, "{model} {extra:?}: {err}");
-                out
-            };
             // AMX tiles, where present, would take the prompts from both kernels.
-            let int8 = run(&["--no-amx"]);
-            let other = run(&["--no-amx", "--no-int8"]);
+            let int8 = greedy_reply(model, prompt, &["--no-amx"]);
+            let other = greedy_reply(model, prompt, &["--no-amx", "--no-int8"]);
             assert_eq!(int8, other, "{model} {prompt:?}");
             if prompt.contains("France") {
                 assert!(int8.contains("Paris"), "{model}: {int8:?}");

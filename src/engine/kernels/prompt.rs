@@ -20,8 +20,10 @@ pub(super) struct PanelScratch {
     rows_f32: Vec<f32>,
     /// The bf16 kernel's panel (Q4_K, Q6_K): exact integer values and sub-block scales,
     /// row-major as the panel builders make them (`stage`), then interleaved (`q`); the
-    /// 8-bit kernel's the same way, with two values (bytes) in each element.
+    /// 8-bit kernel's the same way from `bytes` (two values in each element).
     stage: Vec<u16>,
+    /// A panel of Q4_K, Q5_K or Q4_0 rows as bytes, row-major (see `byte_panel`).
+    bytes: Vec<u16>,
     q: Vec<u16>,
     ds: Vec<f32>,
     ms: Vec<f32>,
@@ -154,31 +156,19 @@ impl QMat {
             // SAFETY: AMX checked just above; the activations prepared.
             return unsafe { self.gemm_band_amx(r0, r1, n, out, scratch) };
         }
-        use x86::bf16::{MR as BMR, PANEL as BPANEL};
-        let mut p0 = r0;
-        while p0 < r1 {
-            let width = (r1 - p0).min(BPANEL);
-            self.bf16_panel(p0, width, scratch);
-            scratch.q.resize(cols * BPANEL, 0);
+        let build = |p0: usize, width: usize, s: &mut PanelScratch| {
+            self.bf16_panel(p0, width, s);
+            s.q.resize(cols * PANEL, 0);
             // SAFETY: AVX-512 checked by the caller; `stage` holds 16 rows of `cols`.
-            unsafe { x86::bf16::interleave(&scratch.stage, cols, &mut scratch.q) };
-            let PanelScratch {
-                q, ds, ms, bf16, ..
-            } = &*scratch;
-            let mut i = 0;
-            while i < n {
-                let m = (n - i).min(BMR);
-                let xb = &bf16.xb[i * cols..(i + m) * cols];
-                let xsum = &bf16.xsum[i * cols / QK..(i + m) * cols / QK];
-                let kernel = |o: *mut f32, ld: usize| {
-                    // SAFETY: as above; `o` has room for m rows of 16 at stride `ld`.
-                    unsafe { x86::bf16::gemm(kind, m, q, ds, ms, xb, xsum, cols, o, ld) }
-                };
-                write_panel(out, i, p0, m, width, kernel);
-                i += m;
-            }
-            p0 += width;
-        }
+            unsafe { x86::bf16::interleave(&s.stage, cols, &mut s.q) };
+        };
+        let kernel = |s: &PanelScratch, i: usize, m: usize, o: *mut f32, ld: usize| {
+            let xb = &s.bf16.xb[i * cols..(i + m) * cols];
+            let xsum = &s.bf16.xsum[i * cols / QK..(i + m) * cols / QK];
+            // SAFETY: as above; `o` has room for m rows of 16 at stride `ld`.
+            unsafe { x86::bf16::gemm(kind, m, &s.q, &s.ds, &s.ms, xb, xsum, cols, o, ld) }
+        };
+        by_panels(r0, r1, n, x86::bf16::MR, out, scratch, build, kernel);
     }
 
     /// [`QMat::gemm_band`] for the formats of [`int8_panels`] with 8-bit activations
@@ -196,58 +186,22 @@ impl QMat {
         out: Band,
         scratch: &mut PanelScratch,
     ) {
-        use super::formats::{cast, BlockQ4K, BlockQ5K, QK, QK_K};
-        use x86::int8::MR as IMR;
         let cols = self.cols();
         // SAFETY: AVX-512 checked by the caller; rows are whole blocks of 32.
         unsafe { scratch.int8.prepare(&x[..n * cols], cols) };
-        let mut p0 = r0;
-        while p0 < r1 {
-            let width = (r1 - p0).min(PANEL);
-            let rows = self.rows_data(p0, p0 + width);
-            let (stage, ds, ms) = (&mut scratch.stage, &mut scratch.ds, &mut scratch.ms);
-            // SAFETY: AVX2 checked by the caller; `rows` holds `width` whole rows.
-            unsafe {
-                match self.format() {
-                    Format::Q4K => x86::int8::q4k_panel::<BlockQ4K>(
-                        cast(rows),
-                        cols / QK_K,
-                        width,
-                        stage,
-                        ds,
-                        ms,
-                    ),
-                    Format::Q5K => x86::int8::q4k_panel::<BlockQ5K>(
-                        cast(rows),
-                        cols / QK_K,
-                        width,
-                        stage,
-                        ds,
-                        ms,
-                    ),
-                    _ => x86::int8::q4_0_panel(cast(rows), cols / QK, width, stage, ds, ms),
-                }
-            }
-            scratch.q.resize(cols * PANEL / 2, 0);
-            // SAFETY: AVX-512 checked by the caller; `stage` holds 16 rows of `cols` bytes,
+        let build = |p0: usize, width: usize, s: &mut PanelScratch| {
+            self.byte_panel(p0, width, s);
+            s.q.resize(cols * PANEL / 2, 0);
+            // SAFETY: AVX-512 checked by the caller; `bytes` holds 16 rows of `cols` bytes,
             // read as `cols / 2` pairs (a multiple of 32: `int8_panels`).
-            unsafe { x86::bf16::interleave(&scratch.stage, cols / 2, &mut scratch.q) };
-            let PanelScratch {
-                q, ds, ms, int8, ..
-            } = &*scratch;
-            let mut i = 0;
-            while i < n {
-                let m = (n - i).min(IMR);
-                let kernel = |o: *mut f32, ld: usize| {
-                    // SAFETY: AVX512_VNNI checked by the caller; `int8` holds the n rows;
-                    // `o` has room for m rows of 16 at stride `ld`.
-                    unsafe { x86::int8::gemm(m, q, ds, ms, int8, i, cols, o, ld) }
-                };
-                write_panel(out, i, p0, m, width, kernel);
-                i += m;
-            }
-            p0 += width;
-        }
+            unsafe { x86::bf16::interleave(&s.bytes, cols / 2, &mut s.q) };
+        };
+        let kernel = |s: &PanelScratch, i: usize, m: usize, o: *mut f32, ld: usize| {
+            // SAFETY: AVX512_VNNI checked by the caller; `int8` holds the n rows; `o` has
+            // room for m rows of 16 at stride `ld`.
+            unsafe { x86::int8::gemm(m, &s.q, &s.ds, &s.ms, &s.int8, i, cols, o, ld) }
+        };
+        by_panels(r0, r1, n, x86::int8::MR, out, scratch, build, kernel);
     }
 
     /// What this matrix's bf16 panels hold.
@@ -261,23 +215,48 @@ impl QMat {
         }
     }
 
-    /// Weight rows `p0..p0 + width` (≤ 16) as a bf16 panel in `scratch` (row-major in
-    /// `stage`, with their scales in `ds` and `ms`).
+    /// Weight rows `p0..p0 + width` (≤ 16) of Q4_K, Q5_K or Q4_0 as a byte panel in
+    /// `scratch` (their integer values row-major in `bytes`, scales and minimums in `ds` and
+    /// `ms`): what the 8-bit kernel reads, and what the bf16 panels are widened from.
     #[cfg(target_arch = "x86_64")]
-    fn bf16_panel(&self, p0: usize, width: usize, scratch: &mut PanelScratch) {
+    fn byte_panel(&self, p0: usize, width: usize, scratch: &mut PanelScratch) {
         use super::formats::{cast, BlockQ4K, BlockQ5K, QK, QK_K};
         let cols = self.cols();
         let nk = cols / QK_K;
         let rows = self.rows_data(p0, p0 + width);
-        let (q, ds, ms) = (&mut scratch.stage, &mut scratch.ds, &mut scratch.ms);
-        // SAFETY: AVX512_BF16 checked by the callers; `rows` holds `width` whole rows.
+        let (b, ds, ms) = (&mut scratch.bytes, &mut scratch.ds, &mut scratch.ms);
+        // SAFETY: AVX2 checked by the callers; `rows` holds `width` whole rows.
         unsafe {
             match self.format() {
-                Format::Q4K => x86::bf16::q4k_panel::<BlockQ4K>(cast(rows), nk, width, q, ds, ms),
-                Format::Q5K => x86::bf16::q4k_panel::<BlockQ5K>(cast(rows), nk, width, q, ds, ms),
-                Format::Q4_0 => x86::bf16::q4_0_panel(cast(rows), cols / QK, width, q, ds, ms),
-                Format::BF16 => x86::bf16::bf16_panel(cast(rows), cols, width, q, ds),
-                _ => x86::bf16::q6k_panel(cast(rows), nk, width, q, ds),
+                Format::Q4K => x86::int8::q4k_panel::<BlockQ4K>(cast(rows), nk, width, b, ds, ms),
+                Format::Q5K => x86::int8::q4k_panel::<BlockQ5K>(cast(rows), nk, width, b, ds, ms),
+                _ => x86::int8::q4_0_panel(cast(rows), cols / QK, width, b, ds, ms),
+            }
+        }
+    }
+
+    /// Weight rows `p0..p0 + width` (≤ 16) as a bf16 panel in `scratch` (row-major in
+    /// `stage`, with their scales in `ds` and `ms`).
+    #[cfg(target_arch = "x86_64")]
+    fn bf16_panel(&self, p0: usize, width: usize, scratch: &mut PanelScratch) {
+        use super::formats::{cast, QK_K};
+        let cols = self.cols();
+        // SAFETY (all three): AVX512_BF16 checked by the callers; `rows` holds `width`
+        // whole rows; the byte panel holds 16 rows of `cols`.
+        match self.format() {
+            Format::Q4K | Format::Q5K | Format::Q4_0 => {
+                self.byte_panel(p0, width, scratch);
+                unsafe { x86::bf16::widen(&scratch.bytes, cols, &mut scratch.stage) }
+            }
+            Format::BF16 => {
+                let rows = self.rows_data(p0, p0 + width);
+                let (q, ds) = (&mut scratch.stage, &mut scratch.ds);
+                unsafe { x86::bf16::bf16_panel(cast(rows), cols, width, q, ds) }
+            }
+            _ => {
+                let rows = self.rows_data(p0, p0 + width);
+                let (q, ds) = (&mut scratch.stage, &mut scratch.ds);
+                unsafe { x86::bf16::q6k_panel(cast(rows), cols / QK_K, width, q, ds) }
             }
         }
     }
@@ -366,6 +345,36 @@ impl QMat {
     }
 }
 
+/// The loop of the panel kernels over a band of weight rows `r0..r1`: `build` makes each
+/// panel of [`PANEL`] rows (from `p0`, `width` of them) in `scratch`, then `kernel` multiplies
+/// it with activation rows `i..i + m`, `m` ≤ `mr` at a time, into `out` (through
+/// [`write_panel`]).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn by_panels(
+    r0: usize,
+    r1: usize,
+    n: usize,
+    mr: usize,
+    out: Band,
+    scratch: &mut PanelScratch,
+    mut build: impl FnMut(usize, usize, &mut PanelScratch),
+    kernel: impl Fn(&PanelScratch, usize, usize, *mut f32, usize),
+) {
+    let mut p0 = r0;
+    while p0 < r1 {
+        let width = (r1 - p0).min(PANEL);
+        build(p0, width, scratch);
+        let mut i = 0;
+        while i < n {
+            let m = (n - i).min(mr);
+            write_panel(out, i, p0, m, width, |o, ld| kernel(scratch, i, m, o, ld));
+            i += m;
+        }
+        p0 += width;
+    }
+}
+
 /// Runs a prompt kernel for activation rows `i..i + m` and the panel of weight rows
 /// `p0..p0 + width`: straight into the band when the panel is whole, else into a local
 /// buffer of which only `width` columns are copied.
@@ -399,13 +408,55 @@ fn write_panel(
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
-    use crate::engine::kernels::testing::matrix;
+    use crate::engine::kernels::testing::{matrix, reference};
     use crate::engine::kernels::Rows;
     use crate::engine::kernels::Team;
     use candle_core::quantized::GgmlDType;
 
     fn bf16_to_f32(b: u16) -> f64 {
         f32::from_bits((b as u32) << 16) as f64
+    }
+
+    /// The AVX512_BF16 prompt kernel called directly, for every format it reads: where the
+    /// 8-bit kernel takes the prompts of Q4_K, Q5_K and Q4_0 (AVX512_VNNI), dispatch never
+    /// reaches it with them, yet `--no-int8` does. Within the bf16 rounding of the
+    /// activations (2⁻⁸ of each term) of plain f32 arithmetic; a partial panel; an outlier.
+    #[test]
+    fn bf16_panels_match_the_reference() {
+        if !x86::bf16() || x86::amx() {
+            eprintln!("no AVX512_BF16 kernel here (or AMX takes its prompts): not tested");
+            return;
+        }
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::Q4_0,
+            GgmlDType::BF16,
+        ] {
+            let (rows, cols, n) = (40, 512, 11);
+            let (m, w) = matrix(rows, cols, dtype);
+            let mut x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
+                .collect();
+            x[40] = 3000.0;
+            let mut got = vec![0f32; n * rows];
+            let out = Band {
+                out: got.as_mut_ptr(),
+                ld: rows,
+            };
+            m.gemm_band_bf16(0, rows, &x, n, out, &mut PanelScratch::default());
+            let want = reference(&w, &x, rows, cols, n);
+            let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<_>>();
+            let magnitude = reference(&abs(&w), &abs(&x), rows, cols, n);
+            for (k, (g, want)) in got.iter().zip(&want).enumerate() {
+                let bound = magnitude[k] / 256.0 + 1e-3;
+                assert!(
+                    (g - want).abs() <= bound,
+                    "{dtype:?} cell {k}: {g} vs {want}"
+                );
+            }
+        }
     }
 
     /// The AMX path: each weight of its panels is the dequantized weight rounded to bf16

@@ -563,97 +563,34 @@ pub const PANEL: usize = 16;
 /// scales and a broadcast fit the 32 registers.
 pub const MR: usize = 8;
 
-/// A panel of [`PANEL`] Q4_K (or Q5_K) weight rows for [`gemm`]: their 4-bit (5-bit)
-/// values as exact bf16, row-major in `q` (16 × cols; [`interleave`] puts them in the
-/// kernels' layout), and each 32-column sub-block's `d·sc` and `dmin·m` per row
-/// (`ds[s·16 + j]`, `ms[s·16 + j]`). Rows past `width` are zero.
+/// A byte panel of Q4_K, Q5_K or Q4_0 weight rows (16 rows × `cols` small unsigned
+/// integers, row-major, as [`super::int8::q4k_panel`] and [`super::int8::q4_0_panel`] make
+/// them with their scales and minimums) as exact bf16 values, row-major in `q` for
+/// [`interleave`]: the bf16 and AMX prompt kernels read the same panels as the 8-bit one.
 ///
 /// # Safety
-/// AVX512_BF16 must be present; `rows` holds `width` (≤ 16) rows of `nb` blocks; the buffers
-/// are resized here.
+/// AVX512_BF16 must be present; `bytes` holds 16 × `cols` bytes of values below 32; `cols` a
+/// multiple of 32.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
-pub unsafe fn q4k_panel<B: NibbleBlock>(
-    rows: &[B],
-    nb: usize,
-    width: usize,
-    q: &mut Vec<u16>,
-    ds: &mut Vec<f32>,
-    ms: &mut Vec<f32>,
-) {
-    let cols = nb * QK_K;
+pub unsafe fn widen(bytes: &[u16], cols: usize, q: &mut Vec<u16>) {
+    assert!(bytes.len() * 2 >= cols * PANEL);
     q.clear();
     q.resize(cols * PANEL, 0);
-    ds.clear();
-    ds.resize(cols / QK * PANEL, 0.0);
-    ms.clear();
-    ms.resize(cols / QK * PANEL, 0.0);
     let table = int_table(0);
-    for j in 0..width {
-        for b in 0..nb {
-            let blk = &rows[j * nb + b];
-            let (d, m) = super::kquants::q4k_scales(blk);
-            for s in 0..8 {
-                ds[(b * 8 + s) * PANEL + j] = d[s];
-                ms[(b * 8 + s) * PANEL + j] = m[s];
-            }
-            for g in 0..4 {
-                let (lo, hi) = super::kquants::group_values(blk, g);
-                // The table covers 0..32: Q5_K's values too.
-                let w0 = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(lo), table);
-                let w1 = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(hi), table);
-                let p = q.as_mut_ptr().add(j * cols + b * QK_K + g * 64);
-                _mm512_storeu_si512(p as *mut __m512i, w0);
-                _mm512_storeu_si512(p.add(32) as *mut __m512i, w1);
-            }
-        }
-    }
-}
-
-/// A panel of [`PANEL`] Q4_0 weight rows for [`gemm`], as [`q4k_panel`] makes them: the
-/// nibbles q as exact bf16, each 32-column block's `d` as the scale and `8·d` as the
-/// minimum (`d·q − 8·d`). Rows past `width` are zero. Any width of whole blocks.
-///
-/// # Safety
-/// As [`q4k_panel`], with `nb` blocks of 32 per row.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
-pub unsafe fn q4_0_panel(
-    rows: &[BlockQ4_0],
-    nb: usize,
-    width: usize,
-    q: &mut Vec<u16>,
-    ds: &mut Vec<f32>,
-    ms: &mut Vec<f32>,
-) {
-    let cols = nb * QK;
-    q.clear();
-    q.resize(cols * PANEL, 0);
-    ds.clear();
-    ds.resize(nb * PANEL, 0.0);
-    ms.clear();
-    ms.resize(nb * PANEL, 0.0);
-    let table = int_table(0);
-    let mask = _mm_set1_epi8(0x0F);
-    for j in 0..width {
-        for b in 0..nb {
-            let blk = &rows[j * nb + b];
-            let d = f16_to_f32(blk.d);
-            ds[b * PANEL + j] = d;
-            ms[b * PANEL + j] = 8.0 * d;
-            let raw = _mm_loadu_si128(blk.qs.as_ptr() as *const __m128i);
-            let lo = _mm_and_si128(raw, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), mask);
-            let vals = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi);
-            let w = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(vals), table);
-            _mm512_storeu_si512(q.as_mut_ptr().add(j * cols + b * QK) as *mut __m512i, w);
-        }
+    let src = bytes.as_ptr() as *const u8;
+    for i in (0..cols * PANEL).step_by(32) {
+        let v = _mm256_loadu_si256(src.add(i) as *const __m256i);
+        let w = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(v), table);
+        _mm512_storeu_si512(q.as_mut_ptr().add(i) as *mut __m512i, w);
     }
 }
 
 /// A panel of [`PANEL`] BF16 weight rows for [`gemm`]: the values as they are, as
-/// [`q4k_panel`] makes them, with a scale of 1 per 32-column block. Rows past `width` are zero.
+/// [`q6k_panel`] makes them, with a scale of 1 per 32-column block. Rows past `width` are zero.
 ///
 /// # Safety
-/// As [`q4k_panel`]; `rows` holds `width` rows of `cols` (a multiple of 32) bf16 values.
+/// AVX512_BF16 must be present; `rows` holds `width` (≤ 16) rows of `cols` (a multiple of
+/// 32) bf16 values; the buffers are resized here.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
 pub unsafe fn bf16_panel(
     rows: &[u16],
@@ -670,11 +607,13 @@ pub unsafe fn bf16_panel(
 }
 
 /// A panel of [`PANEL`] Q6_K weight rows for [`gemm`]: their values `q − 32` as exact
-/// bf16, row-major as in [`q4k_panel`], and each 16-column sub-block's `d·sc` per row
+/// bf16, row-major (16 × cols; [`interleave`] puts them in the kernels' layout), and each
+/// 16-column sub-block's `d·sc` per row
 /// (`ds[s·16 + j]`). Rows past `width` are zero.
 ///
 /// # Safety
-/// As [`q4k_panel`].
+/// AVX512_BF16 must be present; `rows` holds `width` (≤ 16) rows of `nb` blocks; the buffers
+/// are resized here.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
 pub unsafe fn q6k_panel(
     rows: &[BlockQ6K],
@@ -712,7 +651,7 @@ pub unsafe fn q6k_panel(
 /// subtracts minimums.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Panel {
-    /// 32-column blocks with a scale and a minimum ([`q4k_panel`], [`q4_0_panel`]).
+    /// 32-column blocks with a scale and a minimum ([`widen`]ed byte panels).
     Mins32,
     /// 32-column blocks with a scale ([`bf16_panel`]).
     Plain32,

@@ -172,10 +172,23 @@ unsafe fn level(v: [__m512; 2], q: &mut [i8; QK]) -> Level {
     }
 }
 
+/// A byte panel's buffers emptied and sized for rows of `cols` values (scales and minimums
+/// per block of 32), all zero, so rows past the panel's width stay zero; where its bytes go.
+fn zeroed(bytes: &mut Vec<u16>, ds: &mut Vec<f32>, ms: &mut Vec<f32>, cols: usize) -> *mut u8 {
+    for v in [&mut *ds, &mut *ms] {
+        v.clear();
+        v.resize(cols / QK * PANEL, 0.0);
+    }
+    bytes.clear();
+    bytes.resize(cols * PANEL / 2, 0);
+    bytes.as_mut_ptr() as *mut u8
+}
+
 /// A panel of [`PANEL`] Q4_K (or Q5_K) weight rows for [`gemm`]: their 4-bit (5-bit)
-/// values as bytes, row-major in `stage` (16 × cols bytes; [`super::bf16::interleave`] on
-/// it as 16-bit pairs puts them in the kernel's layout), and each 32-column sub-block's
-/// `d·sc` and `dmin·m` per row (`ds[s·16 + j]`, `ms[s·16 + j]`). Rows past `width` are zero.
+/// values as bytes, row-major in `bytes` (16 × cols bytes; [`super::bf16::interleave`] on
+/// them as 16-bit pairs puts them in this kernel's layout, [`super::bf16::widen`] makes the
+/// bf16 kernels' panel of them), and each 32-column sub-block's `d·sc` and `dmin·m` per row
+/// (`ds[s·16 + j]`, `ms[s·16 + j]`). Rows past `width` are zero.
 ///
 /// # Safety
 /// AVX2 must be present; `rows` holds `width` (≤ 16) rows of `nb` blocks; the buffers are
@@ -185,18 +198,12 @@ pub unsafe fn q4k_panel<B: NibbleBlock>(
     rows: &[B],
     nb: usize,
     width: usize,
-    stage: &mut Vec<u16>,
+    bytes: &mut Vec<u16>,
     ds: &mut Vec<f32>,
     ms: &mut Vec<f32>,
 ) {
     let cols = nb * QK_K;
-    stage.clear();
-    stage.resize(cols * PANEL / 2, 0);
-    ds.clear();
-    ds.resize(cols / QK * PANEL, 0.0);
-    ms.clear();
-    ms.resize(cols / QK * PANEL, 0.0);
-    let bytes = stage.as_mut_ptr() as *mut u8;
+    let out = zeroed(bytes, ds, ms, cols);
     for j in 0..width {
         for b in 0..nb {
             let blk = &rows[j * nb + b];
@@ -207,7 +214,7 @@ pub unsafe fn q4k_panel<B: NibbleBlock>(
             }
             for g in 0..4 {
                 let (lo, hi) = super::kquants::group_values(blk, g);
-                let p = bytes.add(j * cols + b * QK_K + g * 64);
+                let p = out.add(j * cols + b * QK_K + g * 64);
                 _mm256_storeu_si256(p as *mut __m256i, lo);
                 _mm256_storeu_si256(p.add(32) as *mut __m256i, hi);
             }
@@ -225,18 +232,12 @@ pub unsafe fn q4_0_panel(
     rows: &[BlockQ4_0],
     nb: usize,
     width: usize,
-    stage: &mut Vec<u16>,
+    bytes: &mut Vec<u16>,
     ds: &mut Vec<f32>,
     ms: &mut Vec<f32>,
 ) {
     let cols = nb * QK;
-    stage.clear();
-    stage.resize(cols * PANEL / 2, 0);
-    ds.clear();
-    ds.resize(nb * PANEL, 0.0);
-    ms.clear();
-    ms.resize(nb * PANEL, 0.0);
-    let bytes = stage.as_mut_ptr() as *mut u8;
+    let out = zeroed(bytes, ds, ms, cols);
     let mask = _mm_set1_epi8(0x0F);
     for j in 0..width {
         for b in 0..nb {
@@ -245,7 +246,7 @@ pub unsafe fn q4_0_panel(
             ds[b * PANEL + j] = d;
             ms[b * PANEL + j] = 8.0 * d;
             let raw = _mm_loadu_si128(blk.qs.as_ptr() as *const __m128i);
-            let p = bytes.add(j * cols + b * QK);
+            let p = out.add(j * cols + b * QK);
             _mm_storeu_si128(p as *mut __m128i, _mm_and_si128(raw, mask));
             _mm_storeu_si128(
                 p.add(16) as *mut __m128i,

@@ -482,7 +482,9 @@ pub(crate) mod testing {
         // those and BF16 too.
         // The 8-bit prompt kernel rounds activations per block (see `x86::int8`).
         #[cfg(target_arch = "x86_64")]
-        let int8 = x86::int8() && rows_are == Rows::Prompt && prompt::int8_panels(format, cols);
+        let int8 = (x86::int8() || x86::int8_avx2())
+            && rows_are == Rows::Prompt
+            && prompt::int8_panels(format, cols);
         #[cfg(not(target_arch = "x86_64"))]
         let int8 = false;
         #[cfg(target_arch = "x86_64")]

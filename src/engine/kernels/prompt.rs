@@ -73,10 +73,13 @@ impl QMat {
         scratch: &mut PanelScratch,
     ) {
         if x86::int8() && int8_panels(self.format(), self.cols()) {
-            return self.gemm_band_int8(r0, r1, x, n, out, scratch);
+            return self.gemm_band_int8(r0, r1, x, n, out, scratch, true);
         }
         if x86::bf16() && bf16_panels(self.format()) && self.cols().is_multiple_of(32) {
             return self.gemm_band_bf16(r0, r1, x, n, out, scratch);
+        }
+        if x86::int8_avx2() && int8_panels(self.format(), self.cols()) {
+            return self.gemm_band_int8(r0, r1, x, n, out, scratch, false);
         }
         let cols = self.cols();
         let PanelScratch {
@@ -175,8 +178,10 @@ impl QMat {
     /// (AVX512_VNNI, see [`x86::int8`]): each panel holds the weights' integers as bytes
     /// with their f32 block scales and minimums, and `vpdpbusd` does 64 multiply-adds an
     /// instruction with exact 32-bit sums; blocks of activations with an outlier get a
-    /// second 8-bit level.
+    /// second 8-bit level. `avx512`: the AVX512_VNNI kernel, else its AVX2 form (the same
+    /// results bit for bit, at half the width).
     #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
     fn gemm_band_int8(
         &self,
         r0: usize,
@@ -185,23 +190,49 @@ impl QMat {
         n: usize,
         out: Band,
         scratch: &mut PanelScratch,
+        avx512: bool,
     ) {
         let cols = self.cols();
-        // SAFETY: AVX-512 checked by the caller; rows are whole blocks of 32.
-        unsafe { scratch.int8.prepare(&x[..n * cols], cols) };
+        let x = &x[..n * cols];
+        // SAFETY: AVX-512 (resp. AVX2) checked by the caller; rows are whole blocks of 32.
+        unsafe {
+            if avx512 {
+                scratch.int8.prepare(x, cols);
+            } else {
+                scratch.int8.prepare_avx2(x, cols);
+            }
+        }
         let build = |p0: usize, width: usize, s: &mut PanelScratch| {
             self.byte_panel(p0, width, s);
             s.q.resize(cols * PANEL / 2, 0);
-            // SAFETY: AVX-512 checked by the caller; `bytes` holds 16 rows of `cols` bytes,
-            // read as `cols / 2` pairs (a multiple of 32: `int8_panels`).
-            unsafe { x86::bf16::interleave(&s.bytes, cols / 2, &mut s.q) };
+            // SAFETY: AVX-512 checked by the caller where used; `bytes` holds 16 rows of
+            // `cols` bytes, read as `cols / 2` pairs (a multiple of 32: `int8_panels`).
+            unsafe {
+                if avx512 {
+                    x86::bf16::interleave(&s.bytes, cols / 2, &mut s.q)
+                } else {
+                    x86::int8::interleave_bytes(&s.bytes, cols, &mut s.q)
+                }
+            };
         };
         let kernel = |s: &PanelScratch, i: usize, m: usize, o: *mut f32, ld: usize| {
-            // SAFETY: AVX512_VNNI checked by the caller; `int8` holds the n rows; `o` has
-            // room for m rows of 16 at stride `ld`.
-            unsafe { x86::int8::gemm(m, &s.q, &s.ds, &s.ms, &s.int8, i, cols, o, ld) }
+            let (q, ds, ms, a) = (&s.q, &s.ds, &s.ms, &s.int8);
+            // SAFETY: AVX512_VNNI (resp. AVX2) checked by the caller; `int8` holds the n
+            // rows; `o` has room for m rows of 16 at stride `ld`.
+            unsafe {
+                if avx512 {
+                    x86::int8::gemm(m, q, ds, ms, a, i, cols, o, ld)
+                } else {
+                    x86::int8::gemm_avx2(m, q, ds, ms, a, i, cols, o, ld)
+                }
+            }
         };
-        by_panels(r0, r1, n, x86::int8::MR, out, scratch, build, kernel);
+        let mr = if avx512 {
+            x86::int8::MR
+        } else {
+            x86::int8::MR_AVX2
+        };
+        by_panels(r0, r1, n, mr, out, scratch, build, kernel);
     }
 
     /// What this matrix's bf16 panels hold.
@@ -415,6 +446,48 @@ mod tests {
 
     fn bf16_to_f32(b: u16) -> f64 {
         f32::from_bits((b as u32) << 16) as f64
+    }
+
+    /// The AVX2 form of the 8-bit prompt kernel (what CPUs without AVX-512 run): within the
+    /// 8-bit rounding bound of plain f32 arithmetic (a partial panel; an outlier, so a second
+    /// level), and, where the AVX512_VNNI kernel runs too, equal to it bit for bit.
+    #[test]
+    fn int8_kernels_match_the_reference_and_each_other() {
+        use crate::engine::kernels::testing::int8_steps;
+        if !x86::available() {
+            return;
+        }
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q4_0] {
+            let (rows, cols, n) = (40, 512, 11);
+            let (m, w) = matrix(rows, cols, dtype);
+            let mut x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
+                .collect();
+            x[40] = 3000.0;
+            let run = |avx512: bool| {
+                let mut got = vec![0f32; n * rows];
+                let out = Band {
+                    out: got.as_mut_ptr(),
+                    ld: rows,
+                };
+                m.gemm_band_int8(0, rows, &x, n, out, &mut PanelScratch::default(), avx512);
+                got
+            };
+            let avx2 = run(false);
+            let want = reference(&w, &x, rows, cols, n);
+            let steps = int8_steps(&w, &x, rows, cols, n);
+            for (k, (g, want)) in avx2.iter().zip(&want).enumerate() {
+                let bound = steps[k] + 1e-5 * want.abs() + 1e-3;
+                assert!(
+                    (g - want).abs() <= bound,
+                    "{dtype:?} cell {k}: {g} vs {want}"
+                );
+            }
+            if x86::int8() {
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&avx2), bits(&run(true)), "{dtype:?}");
+            }
+        }
     }
 
     /// The AVX512_BF16 prompt kernel called directly, for every format it reads: where the

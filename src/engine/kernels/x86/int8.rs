@@ -75,6 +75,21 @@ impl Activations {
     /// AVX-512 (F, BW) must be present; `cols` a multiple of 32.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     pub unsafe fn prepare(&mut self, x: &[f32], cols: usize) -> &Activations {
+        self.prepare_with(x, cols)
+    }
+
+    /// [`Self::prepare`] where AVX-512 is missing (the AVX2 kernel).
+    ///
+    /// # Safety
+    /// AVX2 must be present; `cols` a multiple of 32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn prepare_avx2(&mut self, x: &[f32], cols: usize) -> &Activations {
+        self.prepare_with(x, cols)
+    }
+
+    /// The one definition of the rounding, compiled into each caller's instruction set.
+    #[inline(always)]
+    fn prepare_with(&mut self, x: &[f32], cols: usize) -> &Activations {
         if self.ready {
             return self;
         }
@@ -89,11 +104,10 @@ impl Activations {
         for i in 0..n {
             for b in 0..nb {
                 let at = i * cols + b * QK;
-                let src = x.as_ptr().add(at);
-                let v = [_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16))];
+                let block: &[f32; QK] = x[at..at + QK].try_into().expect("a block");
                 let mut q = [0i8; QK];
-                let first = level(v, &mut q);
-                std::ptr::copy_nonoverlapping(q.as_ptr(), self.q.as_mut_ptr().add(at), QK);
+                let (first, residual) = level(block, &mut q);
+                self.q[at..at + QK].copy_from_slice(&q);
                 self.scale[i * nb + b] = first.scale;
                 let mut sum = first.scale * first.qsum as f32;
                 if second_level(first.max, first.sum_abs) {
@@ -102,7 +116,7 @@ impl Activations {
                         scale: 0.0,
                         q: [0; QK],
                     };
-                    let second = level(first.residual, &mut extra.q);
+                    let (second, _) = level(&residual, &mut extra.q);
                     extra.scale = second.scale;
                     sum += second.scale * second.qsum as f32;
                     self.extra.push(extra);
@@ -116,60 +130,57 @@ impl Activations {
     }
 }
 
-/// One level of a block: its scale, the sum of its integers, what it leaves (`x − scale·q`),
-/// and the block's largest and summed magnitudes.
+/// One level of a block: its scale, the sum of its integers, and the block's largest and
+/// summed magnitudes.
 struct Level {
     scale: f32,
     qsum: i32,
-    residual: [__m512; 2],
     max: f32,
     sum_abs: f32,
 }
 
-/// Rounds 32 values to `scale · q` with |q| ≤ 127, `scale = max|x|/127`, into `q`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn level(v: [__m512; 2], q: &mut [i8; QK]) -> Level {
-    let abs = [_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])];
-    let max = _mm512_reduce_max_ps(_mm512_max_ps(abs[0], abs[1]));
-    let sum_abs = _mm512_reduce_add_ps(_mm512_add_ps(abs[0], abs[1]));
+/// Rounds 32 values to `scale · q` with |q| ≤ 127, `scale = max|x|/127`, into `q`; returns
+/// the level and what it leaves (`x − scale·q`).
+#[inline(always)]
+fn level(v: &[f32; QK], q: &mut [i8; QK]) -> (Level, [f32; QK]) {
+    // Eight lanes, as a vector holds them, so both reductions vectorize.
+    let (mut most, mut sums) = ([0f32; 8], [0f32; 8]);
+    for chunk in v.chunks_exact(8) {
+        for ((m, s), x) in most.iter_mut().zip(sums.iter_mut()).zip(chunk) {
+            *m = m.max(x.abs());
+            *s += x.abs();
+        }
+    }
+    let max = most.iter().fold(0f32, |m, x| m.max(*x));
+    let sum_abs: f32 = sums.iter().sum();
     if max == 0.0 {
         *q = [0; QK];
-        return Level {
+        let level = Level {
             scale: 0.0,
             qsum: 0,
-            residual: v,
             max,
             sum_abs,
         };
+        return (level, *v);
     }
     let scale = max / 127.0;
-    let inv = _mm512_set1_ps(127.0 / max);
-    // Round to nearest; the largest lands on 127 (and saturation would hold it there).
-    let ints = [
-        _mm512_cvtps_epi32(_mm512_mul_ps(v[0], inv)),
-        _mm512_cvtps_epi32(_mm512_mul_ps(v[1], inv)),
-    ];
-    _mm_storeu_si128(
-        q.as_mut_ptr() as *mut __m128i,
-        _mm512_cvtsepi32_epi8(ints[0]),
-    );
-    _mm_storeu_si128(
-        q.as_mut_ptr().add(16) as *mut __m128i,
-        _mm512_cvtsepi32_epi8(ints[1]),
-    );
-    let s = _mm512_set1_ps(scale);
-    let residual = [
-        _mm512_fnmadd_ps(_mm512_cvtepi32_ps(ints[0]), s, v[0]),
-        _mm512_fnmadd_ps(_mm512_cvtepi32_ps(ints[1]), s, v[1]),
-    ];
-    Level {
+    let inv = 127.0 / max;
+    let mut residual = [0f32; QK];
+    let mut qsum = 0i32;
+    for ((x, q), r) in v.iter().zip(q.iter_mut()).zip(residual.iter_mut()) {
+        // Round to nearest, ties to even (as `vcvtps2dq`); the largest lands on 127.
+        let n = (x * inv).round_ties_even().clamp(-127.0, 127.0);
+        *q = n as i8;
+        qsum += n as i32;
+        *r = x - scale * n;
+    }
+    let level = Level {
         scale,
-        qsum: _mm512_reduce_add_epi32(_mm512_add_epi32(ints[0], ints[1])),
-        residual,
+        qsum,
         max,
         sum_abs,
-    }
+    };
+    (level, residual)
 }
 
 /// A byte panel's buffers emptied and sized for rows of `cols` values (scales and minimums
@@ -349,6 +360,146 @@ unsafe fn gemm_m<const M: usize>(
     }
 }
 
+/// Activation rows per call of the AVX2 kernel: 2 rows × 2 halves of integer sums, 16-bit
+/// partial sums and f32 accumulators, with two weight vectors, fill the 16 registers.
+pub const MR_AVX2: usize = 2;
+
+/// A byte panel (16 rows × `cols` bytes, row-major in `bytes`) in the kernels' layout,
+/// `q[(c/4)·64 + 4j + c%4]` = row j, column c: what [`super::bf16::interleave`] does with
+/// AVX-512, one 4-byte group at a time, for CPUs without it.
+///
+/// # Safety
+/// `bytes` holds 16 × `cols` bytes; `cols` a multiple of 4.
+pub unsafe fn interleave_bytes(bytes: &[u16], cols: usize, q: &mut Vec<u16>) {
+    assert!(bytes.len() * 2 >= PANEL * cols && cols.is_multiple_of(4));
+    q.clear();
+    q.resize(cols * PANEL / 2, 0);
+    let (src, dst) = (bytes.as_ptr() as *const u32, q.as_mut_ptr() as *mut u32);
+    for g in 0..cols / 4 {
+        for j in 0..PANEL {
+            let v = src.add(j * cols / 4 + g).read_unaligned();
+            dst.add(g * PANEL + j).write_unaligned(v);
+        }
+    }
+}
+
+/// [`gemm`] with AVX2 only: `vpmaddubsw` multiplies the weights' bytes with the activations'
+/// in pairs into 16-bit sums (at most 2·31·127 each, so four groups' sums still fit: exact),
+/// `vpmaddwd` widens them to 32 bits. The integer sums are the same as `vpdpbusd`'s and
+/// every f32 step the same, so the results are those of [`gemm`] bit for bit. `m` in
+/// 1..=[`MR_AVX2`].
+///
+/// # Safety
+/// AVX2 and FMA must be present; otherwise as [`gemm`].
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm_avx2(
+    m: usize,
+    q: &[u16],
+    ds: &[f32],
+    ms: &[f32],
+    a: &Activations,
+    i0: usize,
+    cols: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    debug_assert!(q.len() * 2 >= PANEL * cols && ds.len() >= cols / QK * PANEL);
+    debug_assert!(a.q.len() >= (i0 + m) * cols);
+    let qp = q.as_ptr() as *const u8;
+    by_rows!(m, [1], 2, gemm_avx2_m(qp, ds, ms, a, i0, cols, out, ld));
+}
+
+/// Σ over four-byte groups `p0..p0 + count` of block `b` of a panel's two halves (rows 0..8,
+/// 8..16) times the broadcast groups `x(p)`, as 32-bit sums; at most four groups go
+/// through one 16-bit sum.
+#[inline(always)]
+unsafe fn dot_avx2(
+    qp: *const u8,
+    b: usize,
+    groups: std::ops::Range<usize>,
+    x: impl Fn(usize) -> __m256i,
+    t: &mut [__m256i; 2],
+) {
+    let ones = _mm256_set1_epi16(1);
+    let mut s = [_mm256_setzero_si256(); 2];
+    for p in groups {
+        let base = qp.add((b * QK / 4 + p) * 64);
+        let w = [
+            _mm256_loadu_si256(base as *const __m256i),
+            _mm256_loadu_si256(base.add(32) as *const __m256i),
+        ];
+        let xv = x(p);
+        for h in 0..2 {
+            s[h] = _mm256_add_epi16(s[h], _mm256_maddubs_epi16(w[h], xv));
+        }
+    }
+    for h in 0..2 {
+        t[h] = _mm256_add_epi32(t[h], _mm256_madd_epi16(s[h], ones));
+    }
+}
+
+/// [`gemm_avx2`] with the row count fixed at compile time.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_avx2_m<const M: usize>(
+    qp: *const u8,
+    ds: &[f32],
+    ms: &[f32],
+    a: &Activations,
+    i0: usize,
+    cols: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    let nb = cols / QK;
+    let mut acc = [[_mm256_setzero_ps(); 2]; M];
+    let xp = a.q.as_ptr().add(i0 * cols);
+    let (scale, sum) = (a.scale.as_ptr().add(i0 * nb), a.sum.as_ptr().add(i0 * nb));
+    let x4 = |k: usize, c: usize| {
+        _mm256_set1_epi32((xp.add(k * cols + c) as *const i32).read_unaligned())
+    };
+    // Each block's sub-block scale times the row's block scale, then the integer sum; less
+    // the minimums' term: the steps (and their order) of `gemm_m`.
+    let scaled = |acc: &mut [__m256; 2], t: &[__m256i; 2], b: usize, xs: f32| {
+        for h in 0..2 {
+            let d = _mm256_loadu_ps(ds.as_ptr().add(b * PANEL + 8 * h));
+            let dk = _mm256_mul_ps(d, _mm256_set1_ps(xs));
+            acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[h]), dk, acc[h]);
+        }
+    };
+    for b in 0..nb {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let mut t = [_mm256_setzero_si256(); 2];
+            dot_avx2(qp, b, 0..4, |p| x4(k, b * QK + 4 * p), &mut t);
+            dot_avx2(qp, b, 4..8, |p| x4(k, b * QK + 4 * p), &mut t);
+            scaled(acc, &t, b, *scale.add(k * nb + b));
+            for (h, a) in acc.iter_mut().enumerate() {
+                let mn = _mm256_loadu_ps(ms.as_ptr().add(b * PANEL + 8 * h));
+                *a = _mm256_fnmadd_ps(mn, _mm256_set1_ps(*sum.add(k * nb + b)), *a);
+            }
+        }
+    }
+    for (k, acc) in acc.iter_mut().enumerate() {
+        let row = i0 + k;
+        for e in &a.extra[a.first_extra[row]..a.first_extra[row + 1]] {
+            let b = e.block as usize;
+            let x = |p: usize| {
+                _mm256_set1_epi32((e.q.as_ptr().add(4 * p) as *const i32).read_unaligned())
+            };
+            let mut t = [_mm256_setzero_si256(); 2];
+            dot_avx2(qp, b, 0..4, x, &mut t);
+            dot_avx2(qp, b, 4..8, x, &mut t);
+            scaled(acc, &t, b, e.scale);
+        }
+    }
+    for (k, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.add(k * ld), a[0]);
+        _mm256_storeu_ps(out.add(k * ld + 8), a[1]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,6 +530,16 @@ mod tests {
         let mut a = Activations::default();
         // SAFETY: AVX-512 checked above; rows of whole blocks.
         unsafe { a.prepare(&x, cols) };
+        // The AVX2 build of the same rounding gives the same integers, scales and sums.
+        let mut b = Activations::default();
+        // SAFETY: AVX2 comes with AVX-512.
+        unsafe { b.prepare_avx2(&x, cols) };
+        assert_eq!(a.q, b.q);
+        assert_eq!((&a.scale, &a.sum), (&b.scale, &b.sum));
+        assert_eq!(a.first_extra, b.first_extra);
+        for (e, f) in a.extra.iter().zip(&b.extra) {
+            assert_eq!((e.block, e.scale, e.q), (f.block, f.scale, f.q));
+        }
         let blocks: Vec<(usize, u32)> = (0..3)
             .flat_map(|i| {
                 a.extra[a.first_extra[i]..a.first_extra[i + 1]]

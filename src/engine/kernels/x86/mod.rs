@@ -91,6 +91,15 @@ pub fn int8() -> bool {
     })
 }
 
+/// The AVX2 form of the 8-bit prompt kernel ([`int8::gemm_avx2`]: `vpmaddubsw`) where
+/// neither the AVX512_VNNI one nor the bf16 kernels run: CPUs without AVX-512 (most desktops
+/// and laptops), or without its VNNI and BF16 parts. `--no-int8` turns it off too (f32
+/// panels then).
+pub fn int8_avx2() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| available() && !int8() && !bf16() && super::isa().int8)
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn hsum(v: __m256) -> f32 {

@@ -360,9 +360,11 @@ unsafe fn gemm_m<const M: usize>(
     }
 }
 
-/// Activation rows per call of the AVX2 kernel: 2 rows × 2 halves of integer sums, 16-bit
-/// partial sums and f32 accumulators, with two weight vectors, fill the 16 registers.
-pub const MR_AVX2: usize = 2;
+/// Activation rows per call of the AVX2 kernel. A panel's weights (16 rows × the row width)
+/// come from L2 for wide matrices, so each weight vector must serve several rows: measured
+/// on Q4_K_M prompts (`--no-avx512`), 2 rows 92 tok/s, 4 rows 97–104, 6 rows 108, 8 rows
+/// 105–107 (the 16 registers no longer hold the partial sums).
+pub const MR_AVX2: usize = 6;
 
 /// A byte panel (16 rows × `cols` bytes, row-major in `bytes`) in the kernels' layout,
 /// `q[(c/4)·64 + 4j + c%4]` = row j, column c: what [`super::bf16::interleave`] does with
@@ -407,35 +409,45 @@ pub unsafe fn gemm_avx2(
     debug_assert!(q.len() * 2 >= PANEL * cols && ds.len() >= cols / QK * PANEL);
     debug_assert!(a.q.len() >= (i0 + m) * cols);
     let qp = q.as_ptr() as *const u8;
-    by_rows!(m, [1], 2, gemm_avx2_m(qp, ds, ms, a, i0, cols, out, ld));
+    by_rows!(
+        m,
+        [1, 2, 3, 4, 5],
+        6,
+        gemm_avx2_m(qp, ds, ms, a, i0, cols, out, ld)
+    );
 }
 
-/// Σ over four-byte groups `p0..p0 + count` of block `b` of a panel's two halves (rows 0..8,
-/// 8..16) times the broadcast groups `x(p)`, as 32-bit sums; at most four groups go
-/// through one 16-bit sum.
+/// Σ over the four-byte groups `groups` (at most four: their 16-bit sums stay exact) of
+/// block `b` of a panel's two halves (rows 0..8, 8..16) times `R` activation rows' broadcast
+/// groups `x(k, p)`, added to the rows' 32-bit sums `t`. Each weight vector is loaded once
+/// for all `R` rows.
 #[inline(always)]
-unsafe fn dot_avx2(
+unsafe fn dot_avx2<const R: usize>(
     qp: *const u8,
     b: usize,
     groups: std::ops::Range<usize>,
-    x: impl Fn(usize) -> __m256i,
-    t: &mut [__m256i; 2],
+    x: impl Fn(usize, usize) -> __m256i,
+    t: &mut [[__m256i; 2]; R],
 ) {
     let ones = _mm256_set1_epi16(1);
-    let mut s = [_mm256_setzero_si256(); 2];
+    let mut s = [[_mm256_setzero_si256(); 2]; R];
     for p in groups {
         let base = qp.add((b * QK / 4 + p) * 64);
         let w = [
             _mm256_loadu_si256(base as *const __m256i),
             _mm256_loadu_si256(base.add(32) as *const __m256i),
         ];
-        let xv = x(p);
-        for h in 0..2 {
-            s[h] = _mm256_add_epi16(s[h], _mm256_maddubs_epi16(w[h], xv));
+        for (k, sk) in s.iter_mut().enumerate() {
+            let xv = x(k, p);
+            for h in 0..2 {
+                sk[h] = _mm256_add_epi16(sk[h], _mm256_maddubs_epi16(w[h], xv));
+            }
         }
     }
-    for h in 0..2 {
-        t[h] = _mm256_add_epi32(t[h], _mm256_madd_epi16(s[h], ones));
+    for (tk, sk) in t.iter_mut().zip(&s) {
+        for h in 0..2 {
+            tk[h] = _mm256_add_epi32(tk[h], _mm256_madd_epi16(sk[h], ones));
+        }
     }
 }
 
@@ -470,11 +482,12 @@ unsafe fn gemm_avx2_m<const M: usize>(
         }
     };
     for b in 0..nb {
+        let mut t = [[_mm256_setzero_si256(); 2]; M];
+        let x = |k: usize, p: usize| x4(k, b * QK + 4 * p);
+        dot_avx2(qp, b, 0..4, x, &mut t);
+        dot_avx2(qp, b, 4..8, x, &mut t);
         for (k, acc) in acc.iter_mut().enumerate() {
-            let mut t = [_mm256_setzero_si256(); 2];
-            dot_avx2(qp, b, 0..4, |p| x4(k, b * QK + 4 * p), &mut t);
-            dot_avx2(qp, b, 4..8, |p| x4(k, b * QK + 4 * p), &mut t);
-            scaled(acc, &t, b, *scale.add(k * nb + b));
+            scaled(acc, &t[k], b, *scale.add(k * nb + b));
             for (h, a) in acc.iter_mut().enumerate() {
                 let mn = _mm256_loadu_ps(ms.as_ptr().add(b * PANEL + 8 * h));
                 *a = _mm256_fnmadd_ps(mn, _mm256_set1_ps(*sum.add(k * nb + b)), *a);
@@ -485,13 +498,13 @@ unsafe fn gemm_avx2_m<const M: usize>(
         let row = i0 + k;
         for e in &a.extra[a.first_extra[row]..a.first_extra[row + 1]] {
             let b = e.block as usize;
-            let x = |p: usize| {
+            let x = |_: usize, p: usize| {
                 _mm256_set1_epi32((e.q.as_ptr().add(4 * p) as *const i32).read_unaligned())
             };
-            let mut t = [_mm256_setzero_si256(); 2];
+            let mut t = [[_mm256_setzero_si256(); 2]; 1];
             dot_avx2(qp, b, 0..4, x, &mut t);
             dot_avx2(qp, b, 4..8, x, &mut t);
-            scaled(acc, &t, b, e.scale);
+            scaled(acc, &t[0], b, e.scale);
         }
     }
     for (k, a) in acc.iter().enumerate() {

@@ -181,8 +181,9 @@ pub struct ModelArgs {
     /// (the f32 kernels run instead).
     #[arg(long, env = "CONFAB_NO_INT16")]
     pub no_int16: bool,
-    /// Do not read prompts of Q4_K, Q5_K and Q4_0 weights with 8-bit activations (AVX512_VNNI;
-    /// outlier blocks get a second 8-bit level); the bf16 (or f32) prompt kernels run instead.
+    /// Do not read prompts of Q4_K, Q5_K and Q4_0 weights with 8-bit activations (AVX512_VNNI,
+    /// or AVX2 where AVX-512 is missing; outlier blocks get a second 8-bit level); the bf16 (or
+    /// f32) prompt kernels run instead.
     #[arg(long, env = "CONFAB_NO_INT8")]
     pub no_int8: bool,
 }

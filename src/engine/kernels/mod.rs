@@ -64,7 +64,8 @@ pub struct Isa {
     /// 16-bit integer activations for the K-quant decode kernels where bf16 is missing.
     pub int16: bool,
     /// 8-bit activations (with a second level for outlier blocks) for the prompt kernels of
-    /// Q4_K, Q5_K and Q4_0 where the CPU has AVX512_VNNI and AMX is not used.
+    /// Q4_K, Q5_K and Q4_0: with AVX512_VNNI where AMX is not used, in AVX2 where neither it
+    /// nor AVX512_BF16 is.
     pub int8: bool,
 }
 

@@ -39,9 +39,8 @@ pub(super) struct PanelScratch {
     amx_tail: Vec<u16>,
 }
 
-/// Formats whose prompt panels hold their integer values as bytes for the 8-bit kernel where
-/// the CPU has AVX512_VNNI (see [`QMat::gemm_band_int8`]), in rows of whole 64-column pairs
-/// of blocks.
+/// Formats whose prompt panels hold their integer values as bytes for the 8-bit kernel (see
+/// [`QMat::gemm_band_int8`]), in rows of whole 64-column pairs of blocks.
 pub(super) fn int8_panels(format: Format, cols: usize) -> bool {
     matches!(format, Format::Q4K | Format::Q5K | Format::Q4_0) && cols.is_multiple_of(64)
 }
@@ -61,7 +60,9 @@ impl QMat {
     /// are dequantized one panel of [`PANEL`] rows at a time into a column-major f32 buffer,
     /// then a register-blocked kernel multiplies it with [`MR`] activation rows at a time.
     /// Dequantizing once per panel (instead of once per four activation rows, as the tile
-    /// kernel does) leaves almost only FMAs in the inner loop.
+    /// kernel does) leaves almost only FMAs in the inner loop. Where the CPU allows, faster
+    /// kernels take the formats they know: AMX tiles, else the 8-bit kernel with AVX512_VNNI,
+    /// else AVX512_BF16, else the 8-bit kernel in AVX2 (see each).
     #[cfg(target_arch = "x86_64")]
     pub(super) fn gemm_band(
         &self,

@@ -52,8 +52,7 @@ use prompt::PANEL;
 
 /// Which instruction-set extensions the kernels may use, where the CPU has them
 /// (`--no-avx512`, `--no-bf16`, `--no-amx`, `--no-int16`, `--no-int8`: to compare kernels,
-/// or to rule
-/// one out).
+/// or to rule one out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Isa {
     pub avx512: bool,
@@ -479,8 +478,6 @@ pub(crate) mod testing {
     ) -> Vec<f32> {
         let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<_>>();
         let magnitude = reference(&abs(w), &abs(x), rows, cols, n);
-        // Decode rounds activations to bf16 for the K-quants and Q4_0, the prompt panels for
-        // those and BF16 too.
         // The 8-bit prompt kernel rounds activations per block (see `x86::int8`).
         #[cfg(target_arch = "x86_64")]
         let int8 = (x86::int8() || x86::int8_avx2())
@@ -488,6 +485,8 @@ pub(crate) mod testing {
             && prompt::int8_panels(format, cols);
         #[cfg(not(target_arch = "x86_64"))]
         let int8 = false;
+        // Decode rounds activations to bf16 for the K-quants and Q4_0, the prompt panels for
+        // those and BF16 too (where the 8-bit kernel does not take them).
         #[cfg(target_arch = "x86_64")]
         let bf16 = !int8
             && x86::bf16()
@@ -534,9 +533,11 @@ pub(crate) mod testing {
             .chunks(formats::QK)
             .flat_map(|c| {
                 let m = c.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let sum_abs: f32 = c.iter().map(|v| v.abs()).sum();
                 #[cfg(target_arch = "x86_64")]
-                let second = x86::int8::second_level(m, sum_abs);
+                let second = {
+                    let (_, sum_abs) = x86::int8::magnitudes(c.try_into().expect("a block"));
+                    x86::int8::second_level(m, sum_abs)
+                };
                 #[cfg(not(target_arch = "x86_64"))]
                 let second = false;
                 let levels = if second { 64516.0 } else { 254.0 };

@@ -132,6 +132,21 @@ impl Activations {
     }
 }
 
+/// A block's largest magnitude and the sum of its magnitudes, in eight lanes as a vector
+/// holds them (so both reductions vectorize): what [`second_level`] is asked with (the
+/// tests' error bounds use it too, so they decide alike at the threshold).
+#[inline(always)]
+pub fn magnitudes(v: &[f32; QK]) -> (f32, f32) {
+    let (mut most, mut sums) = ([0f32; 8], [0f32; 8]);
+    for chunk in v.chunks_exact(8) {
+        for ((m, s), x) in most.iter_mut().zip(sums.iter_mut()).zip(chunk) {
+            *m = m.max(x.abs());
+            *s += x.abs();
+        }
+    }
+    (most.iter().fold(0f32, |m, x| m.max(*x)), sums.iter().sum())
+}
+
 /// One level of a block: its scale, the sum of its integers, and the block's largest and
 /// summed magnitudes.
 struct Level {
@@ -145,16 +160,7 @@ struct Level {
 /// the level and what it leaves (`x − scale·q`).
 #[inline(always)]
 fn level(v: &[f32; QK], q: &mut [i8; QK]) -> (Level, [f32; QK]) {
-    // Eight lanes, as a vector holds them, so both reductions vectorize.
-    let (mut most, mut sums) = ([0f32; 8], [0f32; 8]);
-    for chunk in v.chunks_exact(8) {
-        for ((m, s), x) in most.iter_mut().zip(sums.iter_mut()).zip(chunk) {
-            *m = m.max(x.abs());
-            *s += x.abs();
-        }
-    }
-    let max = most.iter().fold(0f32, |m, x| m.max(*x));
-    let sum_abs: f32 = sums.iter().sum();
+    let (max, sum_abs) = magnitudes(v);
     if max == 0.0 {
         *q = [0; QK];
         let level = Level {

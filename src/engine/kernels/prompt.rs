@@ -449,6 +449,26 @@ mod tests {
         f32::from_bits((b as u32) << 16) as f64
     }
 
+    /// `n` activation rows of `cols` small values with one outlier (3000.0) in the first
+    /// row's second block: what the prompt kernels' tests multiply.
+    fn outlier_rows(n: usize, cols: usize) -> Vec<f32> {
+        let mut x: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
+            .collect();
+        x[40] = 3000.0;
+        x
+    }
+
+    /// What `band` writes into an `n` × `rows` output, the band being all of it.
+    fn into_band(n: usize, rows: usize, band: impl FnOnce(Band)) -> Vec<f32> {
+        let mut got = vec![0f32; n * rows];
+        band(Band {
+            out: got.as_mut_ptr(),
+            ld: rows,
+        });
+        got
+    }
+
     /// The AVX2 form of the 8-bit prompt kernel (what CPUs without AVX-512 run): within the
     /// 8-bit rounding bound of plain f32 arithmetic (a partial panel; an outlier, so a second
     /// level), and, where the AVX512_VNNI kernel runs too, equal to it bit for bit.
@@ -461,18 +481,11 @@ mod tests {
         for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q4_0] {
             let (rows, cols, n) = (40, 512, 11);
             let (m, w) = matrix(rows, cols, dtype);
-            let mut x: Vec<f32> = (0..n * cols)
-                .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
-                .collect();
-            x[40] = 3000.0;
+            let x = outlier_rows(n, cols);
             let run = |avx512: bool| {
-                let mut got = vec![0f32; n * rows];
-                let out = Band {
-                    out: got.as_mut_ptr(),
-                    ld: rows,
-                };
-                m.gemm_band_int8(0, rows, &x, n, out, &mut PanelScratch::default(), avx512);
-                got
+                into_band(n, rows, |out| {
+                    m.gemm_band_int8(0, rows, &x, n, out, &mut PanelScratch::default(), avx512)
+                })
             };
             let avx2 = run(false);
             let want = reference(&w, &x, rows, cols, n);
@@ -510,16 +523,10 @@ mod tests {
         ] {
             let (rows, cols, n) = (40, 512, 11);
             let (m, w) = matrix(rows, cols, dtype);
-            let mut x: Vec<f32> = (0..n * cols)
-                .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
-                .collect();
-            x[40] = 3000.0;
-            let mut got = vec![0f32; n * rows];
-            let out = Band {
-                out: got.as_mut_ptr(),
-                ld: rows,
-            };
-            m.gemm_band_bf16(0, rows, &x, n, out, &mut PanelScratch::default());
+            let x = outlier_rows(n, cols);
+            let got = into_band(n, rows, |out| {
+                m.gemm_band_bf16(0, rows, &x, n, out, &mut PanelScratch::default())
+            });
             let want = reference(&w, &x, rows, cols, n);
             let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<_>>();
             let magnitude = reference(&abs(&w), &abs(&x), rows, cols, n);
@@ -553,10 +560,7 @@ mod tests {
         ] {
             let (rows, cols, n) = (100, 768, 37);
             let (m, w) = matrix(rows, cols, dtype);
-            let mut x: Vec<f32> = (0..n * cols)
-                .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
-                .collect();
-            x[40] = 3000.0;
+            let x = outlier_rows(n, cols);
             let mut scratch = PanelScratch::default();
             // SAFETY: AMX (and so AVX512_BF16) checked above; rows are whole blocks.
             unsafe { scratch.bf16.prepare(&x) };

@@ -77,6 +77,20 @@ impl QMat {
             return;
         }
         #[cfg(target_arch = "x86_64")]
+        if x86::int16() && self.format == Format::Q4_0 {
+            let cols = self.cols;
+            let data = self.rows_data(r0, r1);
+            // SAFETY: AVX2 checked above; `cols` is whole blocks of 32.
+            let xs = unsafe { scratch.int16.prepare(&x[..n * cols]) };
+            in_passes(n, x86::int16::ROWS, |i, t| {
+                let o = out.at(i, r0);
+                let x = xs.rows_from(i, cols);
+                // SAFETY: as above; the activations hold t rows from row i.
+                unsafe { x86::int16::q4_0_rows(cast(data), cols / QK, x, t, o, out.ld) }
+            });
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
         if x86::available() && matches!(self.format, Format::Q4_0 | Format::Q4_1 | Format::Q8_0) {
             let cols = self.cols;
             let nb = cols / QK;

@@ -508,7 +508,10 @@ pub(crate) mod testing {
         #[cfg(target_arch = "x86_64")]
         let int16 = x86::int16()
             && rows_are == Rows::Generated
-            && matches!(format, Format::Q4K | Format::Q5K | Format::Q6K);
+            && matches!(
+                format,
+                Format::Q4K | Format::Q5K | Format::Q6K | Format::Q4_0
+            );
         #[cfg(not(target_arch = "x86_64"))]
         let int16 = false;
         let steps = if int16 {

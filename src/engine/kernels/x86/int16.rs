@@ -1,5 +1,5 @@
-//! Matrix-vector kernels for the K-quants (Q4_K, Q5_K, Q6_K) with 16-bit integer
-//! activations, on AVX2: what decodes Q4_K_M / Q5_K_M files on CPUs without AVX512_BF16
+//! Matrix-vector kernels for the K-quants (Q4_K, Q5_K, Q6_K) and Q4_0 with 16-bit integer
+//! activations, on AVX2: what decodes Q4_K_M / Q5_K_M / Q4_0 files on CPUs without AVX512_BF16
 //! (every AVX2-only CPU — most desktops and laptops — and AVX-512 CPUs before Cooper Lake
 //! and Zen 4).
 //!
@@ -29,7 +29,7 @@
 use std::arch::x86_64::*;
 
 use super::{f16_to_f32, hsum};
-use crate::engine::kernels::formats::{BlockQ6K, NibbleBlock, QK, QK_K};
+use crate::engine::kernels::formats::{BlockQ4_0, BlockQ6K, NibbleBlock, QK, QK_K};
 
 /// Activation rows per pass: two accumulators per row, four weight vectors and temporaries
 /// fit the 16 registers.
@@ -286,6 +286,97 @@ unsafe fn q4k_rows_t<const T: usize, B: NibbleBlock>(
     }
 }
 
+/// Q4_0 weight rows × `t` (1..=[`ROWS`]) activation rows `x`, as [`q4k_rows`]: `nb`
+/// blocks of 32 per row.
+///
+/// Why: the f32 kernel ([`super::avx2::q4_rows`]) spends ~25 vector operations on each
+/// block (every nibble widened to 32 bits and converted); it decoded a 1.5 B Q4_0 file at
+/// 0.62× llama.cpp's speed on an AVX2-only AMD VM (12.2 vs 19.6 tok/s), compute-bound where
+/// the K-quant kernels here read memory as fast as llama.cpp. Here a block is ~15: its 16
+/// bytes are loaded into both halves of a vector, `vpsrlvd` shifts each half's 16-bit words
+/// by its own amount (bits that cross into the next word are masked off), and the values
+/// minus 8 (signed 16-bit lanes, so no minimum term per row) meet the activations in two
+/// `vpmaddwd`.
+///
+/// # Safety
+/// As [`q4k_rows`], with `nb · 32` values per activation row.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4_0_rows(
+    blocks: &[BlockQ4_0],
+    nb: usize,
+    x: RowsFrom<'_>,
+    t: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    by_rows!(t, [1, 2, 3], 4, q4_0_rows_t(blocks, nb, x, out, ld))
+}
+
+/// Block `b` of a Q4_0 row times `T` activation rows, added to accumulator `h` of each row.
+#[inline(always)]
+unsafe fn q4_0_block<const T: usize>(
+    blk: &BlockQ4_0,
+    b: usize,
+    h: usize,
+    x: RowsFrom<'_>,
+    cols: usize,
+    acc: &mut [[__m256; 2]; T],
+) {
+    let nb = cols / QK;
+    // Word w of the 16 bytes holds value 2w (bits 0..4), 2w + 16 (4..8), 2w + 1 (8..12)
+    // and 2w + 17 (12..16). The activations' even vector is values 0, 2, .., 30: the low
+    // half's words shifted by 0, the high half's by 4; the odd vector by 8 and 12.
+    let w = _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.qs.as_ptr() as *const __m128i));
+    let nibble = _mm256_set1_epi16(0x000F);
+    let eight = _mm256_set1_epi16(8);
+    let value = |shift: __m256i| {
+        _mm256_sub_epi16(_mm256_and_si256(_mm256_srlv_epi32(w, shift), nibble), eight)
+    };
+    let e = value(_mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+    let o = value(_mm256_setr_epi32(8, 8, 8, 8, 12, 12, 12, 12));
+    let d = _mm256_set1_ps(f16_to_f32(blk.d));
+    for (k, a) in acc.iter_mut().enumerate() {
+        let xv = x.xq.as_ptr().add(k * cols + b * QK) as *const __m256i;
+        let s = _mm256_add_epi32(
+            _mm256_madd_epi16(e, _mm256_loadu_si256(xv)),
+            _mm256_madd_epi16(o, _mm256_loadu_si256(xv.add(1))),
+        );
+        let scale = _mm256_mul_ps(d, _mm256_broadcast_ss(&x.dx[k * nb + b]));
+        a[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, a[h]);
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_rows_t<const T: usize>(
+    blocks: &[BlockQ4_0],
+    nb: usize,
+    x: RowsFrom<'_>,
+    out: *mut f32,
+    ld: usize,
+) {
+    let cols = nb * QK;
+    let n_rows = blocks.len() / nb;
+    for r in 0..n_rows {
+        let row = &blocks[r * nb..(r + 1) * nb];
+        // Two accumulators per row (even and odd blocks), so that a row's FMAs do not wait
+        // on each other.
+        let mut acc = [[_mm256_setzero_ps(); 2]; T];
+        let mut pairs = row.chunks_exact(2);
+        for (p, pair) in pairs.by_ref().enumerate() {
+            prefetch(pair.as_ptr() as *const u8, 1);
+            q4_0_block(&pair[0], 2 * p, 0, x, cols, &mut acc);
+            q4_0_block(&pair[1], 2 * p + 1, 1, x, cols, &mut acc);
+        }
+        if let [last] = pairs.remainder() {
+            q4_0_block(last, nb - 1, 0, x, cols, &mut acc);
+        }
+        for (k, a) in acc.iter().enumerate() {
+            *out.add(k * ld + r) = hsum(_mm256_add_ps(a[0], a[1]));
+        }
+    }
+}
+
 /// The 6-bit values of group `k` (0..4) of one half of a Q6_K block (0..64, the offset of
 /// 32 is taken apart), as 16-bit lanes: (even-numbered values, odd-numbered ones). `qla`/`qlb` are the half's two 32-byte
 /// runs of low bits, `qh` its 32 bytes of high bits (see `BlockQ6K::quad`).
@@ -446,6 +537,9 @@ mod tests {
                     crate::engine::kernels::Format::Q5K => {
                         q4k_rows::<BlockQ5K>(cast(data), nb, x, t, o, rows)
                     }
+                    crate::engine::kernels::Format::Q4_0 => {
+                        q4_0_rows(cast(data), cols / QK, x, t, o, rows)
+                    }
                     _ => q6k_rows(cast(data), nb, x, t, o, rows),
                 }
             }
@@ -454,16 +548,27 @@ mod tests {
         out
     }
 
-    /// Every K-quant against f32 arithmetic on the dequantized weights, within the
-    /// activations' rounding; and each row's result the same bit for bit whatever the
-    /// number of rows in its pass.
+    /// Every format of these kernels against f32 arithmetic on the dequantized weights,
+    /// within the activations' rounding; and each row's result the same bit for bit whatever
+    /// the number of rows in its pass.
     #[test]
-    fn kquant_rows_match_the_reference_and_do_not_depend_on_the_batch() {
+    fn rows_match_the_reference_and_do_not_depend_on_the_batch() {
         if !super::super::available() {
             return;
         }
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
-            let (rows, cols) = (37, 768);
+        let formats = [
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::Q4_0,
+        ];
+        // Q4_0 also in rows of an odd number of blocks (the kernel takes blocks in pairs).
+        for (dtype, cols) in formats
+            .map(|d| (d, 768))
+            .into_iter()
+            .chain([(GgmlDType::Q4_0, 800)])
+        {
+            let rows = 37;
             let (m, w) = matrix(rows, cols, dtype);
             let n = 7;
             let mut x: Vec<f32> = (0..n * cols)

@@ -69,9 +69,9 @@ pub fn amx() -> bool {
     *OK.get_or_init(|| bf16() && super::isa().amx && amx::usable())
 }
 
-/// 16-bit integer activations ([`int16`]) for the K-quant matrix-vector kernels, where the
-/// bf16 ones are not used. `--no-int16` turns them off (the f32 kernels of [`kquants`] run
-/// instead).
+/// 16-bit integer activations ([`int16`]) for the matrix-vector kernels of the K-quants and
+/// Q4_0, where the bf16 ones are not used. `--no-int16` turns them off (the f32 kernels of
+/// [`kquants`] and [`avx2`] run instead).
 pub fn int16() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| available() && !bf16() && super::isa().int16)

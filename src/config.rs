@@ -169,16 +169,16 @@ pub struct ModelArgs {
     /// Keep the CPU kernels to AVX2 even where AVX-512 is available.
     #[arg(long, env = "CONFAB_NO_AVX512")]
     pub no_avx512: bool,
-    /// Do not use AVX512_BF16 dot products nor AMX tiles (K-quants then decode with 16-bit
-    /// integer activations, unless `--no-int16`; everything else uses the f32 kernels).
+    /// Do not use AVX512_BF16 dot products nor AMX tiles (K-quants and Q4_0 then decode with
+    /// 16-bit integer activations, unless `--no-int16`; everything else uses the f32 kernels).
     #[arg(long, env = "CONFAB_NO_BF16")]
     pub no_bf16: bool,
     /// Do not use AMX tiles for prompts (the AVX512_BF16 kernel reads them instead), where
     /// the CPU has AMX-BF16.
     #[arg(long, env = "CONFAB_NO_AMX")]
     pub no_amx: bool,
-    /// Do not decode K-quants with 16-bit integer activations where AVX512_BF16 is missing
-    /// (the f32 kernels run instead).
+    /// Do not decode K-quants and Q4_0 with 16-bit integer activations where AVX512_BF16 is
+    /// missing (the f32 kernels run instead).
     #[arg(long, env = "CONFAB_NO_INT16")]
     pub no_int16: bool,
     /// Do not read prompts of Q4_K, Q5_K and Q4_0 weights with 8-bit activations (AVX512_VNNI,

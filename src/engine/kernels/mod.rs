@@ -60,7 +60,7 @@ pub struct Isa {
     pub bf16: bool,
     /// AMX tiles for the prompt kernel of those formats (with `bf16`).
     pub amx: bool,
-    /// 16-bit integer activations for the K-quant decode kernels where bf16 is missing.
+    /// 16-bit integer activations for the K-quant and Q4_0 decode kernels where bf16 is missing.
     pub int16: bool,
     /// 8-bit activations (with a second level for outlier blocks) for the prompt kernels of
     /// Q4_K, Q5_K and Q4_0: with AVX512_VNNI where AMX is not used, in AVX2 where neither it

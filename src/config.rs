@@ -169,16 +169,18 @@ pub struct ModelArgs {
     /// Keep the CPU kernels to AVX2 even where AVX-512 is available.
     #[arg(long, env = "CONFAB_NO_AVX512")]
     pub no_avx512: bool,
-    /// Do not use AVX512_BF16 dot products nor AMX tiles (K-quants and Q4_0 then decode with
-    /// 16-bit integer activations, unless `--no-int16`; everything else uses the f32 kernels).
+    /// Do not use AVX512_BF16 dot products nor AMX tiles (K-quants then decode with 16-bit
+    /// integer activations, unless `--no-int16`, as Q4_0, Q4_1 and Q8_0 always do; the
+    /// BF16 format uses the f32 kernels).
     #[arg(long, env = "CONFAB_NO_BF16")]
     pub no_bf16: bool,
     /// Do not use AMX tiles for prompts (the AVX512_BF16 kernel reads them instead), where
     /// the CPU has AMX-BF16.
     #[arg(long, env = "CONFAB_NO_AMX")]
     pub no_amx: bool,
-    /// Do not decode K-quants and Q4_0 with 16-bit integer activations where AVX512_BF16 is
-    /// missing (the f32 kernels run instead).
+    /// Do not decode with 16-bit integer activations: Q4_0, Q4_1 and Q8_0 then take the f32
+    /// kernels (Q4_0 the bf16 one where the CPU has AVX512_BF16), and K-quants the f32 ones
+    /// where AVX512_BF16 is missing or off.
     #[arg(long, env = "CONFAB_NO_INT16")]
     pub no_int16: bool,
     /// Do not read prompts of Q4_K, Q5_K and Q4_0 weights with 8-bit activations (AVX512_VNNI,

@@ -499,14 +499,17 @@ fn greedy_reply(model: &str, prompt: &str, extra: &[&str]) -> String {
 
 /// The decode kernels with 16-bit integer activations (what CPUs without AVX512_BF16 run,
 /// `--no-bf16` here) answer exactly as the f32 kernels do (`--no-int16`) on a model with
-/// outliers: the same greedy text, and still "Paris". Three files: `ffn_down` as Q4_K, as
-/// Q6_K, and every projection as Q4_0 (so the products fed by the normed residual stream,
-/// where the massive activations are, go through the Q4_0 kernel).
+/// outliers: the same greedy text, and still "Paris". Four files: SmolLM2 as shipped (its
+/// Q4_1 projections and Q8_0 output matrix decode with 16-bit activations on every x86 CPU
+/// with AVX2), `ffn_down` as Q4_K, as Q6_K, and every projection as Q4_0 (so the products
+/// fed by the normed residual stream, where the massive activations are, go through the
+/// Q4_0 kernel).
 #[test]
 fn int16_activations_answer_as_f32_ones_do() {
     use candle_core::quantized::GgmlDType;
     let dir = tempfile::tempdir().expect("temp dir");
     let files = [
+        (model_path(), true),
         (with_kquant_ffn_down(GgmlDType::Q4K, dir.path()), true),
         (with_kquant_ffn_down(GgmlDType::Q6K, dir.path()), false),
         (

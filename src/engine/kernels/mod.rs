@@ -5,7 +5,9 @@
 //! of thousands), and a block that holds one loses every other value in it; stacked over
 //! 30 layers this turns the answer into nonsense (measured: "The capital of France is
 //! Paris." with f32 activations, French gibberish with 8-bit ones). Here the weights are
-//! dequantized on the fly and multiplied with the activations as they are.
+//! dequantized on the fly and multiplied with activations that keep their outliers' neighbours:
+//! f32, bf16 (each value its own exponent) or 16-bit integers per block of 32 (see
+//! `decode::rounding`); the 8-bit prompt kernel gives outlier blocks a second level.
 //!
 //! Weights are read in place, in the format the file stores them (see [`formats`]): from the
 //! model file's memory map, so loading is a header read and the page cache is shared with
@@ -60,7 +62,8 @@ pub struct Isa {
     pub bf16: bool,
     /// AMX tiles for the prompt kernel of those formats (with `bf16`).
     pub amx: bool,
-    /// 16-bit integer activations for the K-quant and Q4_0 decode kernels where bf16 is missing.
+    /// 16-bit integer activations for the Q4_0, Q4_1 and Q8_0 decode kernels, and the K-quant
+    /// ones where bf16 is missing (see `decode::rounding`).
     pub int16: bool,
     /// 8-bit activations (with a second level for outlier blocks) for the prompt kernels of
     /// Q4_K, Q5_K and Q4_0: with AVX512_VNNI where AMX is not used, in AVX2 where neither it
@@ -485,13 +488,14 @@ pub(crate) mod testing {
             && prompt::int8_panels(format, cols);
         #[cfg(not(target_arch = "x86_64"))]
         let int8 = false;
-        // Decode rounds activations to bf16 for the K-quants and Q4_0, the prompt panels for
-        // those and BF16 too (where the 8-bit kernel does not take them).
+        // Decode rounds activations as `decode::rounding` says; the prompt panels round them
+        // to bf16 for the K-quants, Q4_0 and BF16 (where the 8-bit kernel does not take them).
+        let decode = decode::rounding(format);
         #[cfg(target_arch = "x86_64")]
-        let bf16 = !int8
-            && x86::bf16()
-            && prompt::bf16_panels(format)
-            && (rows_are == Rows::Prompt || format != Format::BF16);
+        let bf16 = match rows_are {
+            Rows::Generated => decode == decode::Rounding::Bf16,
+            Rows::Prompt => !int8 && x86::bf16() && prompt::bf16_panels(format),
+        };
         #[cfg(not(target_arch = "x86_64"))]
         let bf16 = false;
         let _ = (format, rows_are);
@@ -505,15 +509,7 @@ pub(crate) mod testing {
             (true, false) => 1.0 / 256.0,
             _ => 1e-5,
         };
-        #[cfg(target_arch = "x86_64")]
-        let int16 = x86::int16()
-            && rows_are == Rows::Generated
-            && matches!(
-                format,
-                Format::Q4K | Format::Q5K | Format::Q6K | Format::Q4_0
-            );
-        #[cfg(not(target_arch = "x86_64"))]
-        let int16 = false;
+        let int16 = rows_are == Rows::Generated && decode == decode::Rounding::Int16;
         let steps = if int16 {
             int16_steps(w, x, rows, cols, n)
         } else if int8 {

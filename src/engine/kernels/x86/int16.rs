@@ -29,7 +29,7 @@
 use std::arch::x86_64::*;
 
 use super::{f16_to_f32, hsum};
-use crate::engine::kernels::formats::{BlockQ4_0, BlockQ6K, NibbleBlock, QK, QK_K};
+use crate::engine::kernels::formats::{BlockQ6K, BlockQ8_0, NibbleBlock, Nibbles32, QK, QK_K};
 
 /// Activation rows per pass: two accumulators per row, four weight vectors and temporaries
 /// fit the 16 registers.
@@ -279,8 +279,8 @@ unsafe fn q4k_rows_t<const T: usize, B: NibbleBlock>(
     }
 }
 
-/// Q4_0 weight rows × `t` (1..=[`ROWS`]) activation rows `x`, as [`q4k_rows`]: `nb`
-/// blocks of 32 per row.
+/// Q4_0 or Q4_1 weight rows × `t` (1..=[`ROWS`]) activation rows `x`, as [`q4k_rows`]:
+/// `nb` blocks of 32 per row.
 ///
 /// Why: the f32 kernel ([`super::avx2::q4_rows`]) spends ~25 vector operations on each
 /// block (every nibble widened to 32 bits and converted); it decoded a 1.5 B Q4_0 file at
@@ -288,61 +288,134 @@ unsafe fn q4k_rows_t<const T: usize, B: NibbleBlock>(
 /// the K-quant kernels here read memory as fast as llama.cpp. Here a block is ~15: its 16
 /// bytes are loaded into both halves of a vector, `vpsrlvd` shifts each half's 16-bit words
 /// by its own amount (bits that cross into the next word are masked off), and the values
-/// minus 8 (signed 16-bit lanes, so no minimum term per row) meet the activations in two
-/// `vpmaddwd`.
+/// (minus 8 for Q4_0, in signed 16-bit lanes, so no minimum term) meet the activations in
+/// two `vpmaddwd`. Q4_1's minimum `m` adds `m · Σx` per block, from the block sums of the
+/// same rounded activations, in a scalar per row.
 ///
 /// # Safety
 /// As [`q4k_rows`], with `nb · 32` values per activation row.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4_0_rows(
-    blocks: &[BlockQ4_0],
+pub unsafe fn q4_rows<B: Nibbles32>(
+    blocks: &[B],
     nb: usize,
     x: RowsFrom<'_>,
     t: usize,
     out: *mut f32,
     ld: usize,
 ) {
-    by_rows!(t, [1, 2, 3], 4, q4_0_rows_t(blocks, nb, x, out, ld))
+    by_rows!(t, [1, 2, 3], 4, q4_rows_t<B>(blocks, nb, x, out, ld))
 }
 
-/// Block `b` of a Q4_0 row times `T` activation rows, added to accumulator `h` of each row.
+/// Per activation row: two accumulators (even and odd blocks, so that a row's additions
+/// do not wait on each other) of the products and of Q4_1's minimums' term.
+struct Acc<const T: usize> {
+    v: [[__m256; 2]; T],
+    mins: [[f32; 2]; T],
+}
+
+/// Block `b` of a Q4_0 or Q4_1 row times `T` activation rows, added to accumulator `h` of
+/// each row.
 #[inline(always)]
-unsafe fn q4_0_block<const T: usize>(
-    blk: &BlockQ4_0,
+unsafe fn q4_block<const T: usize, B: Nibbles32>(
+    blk: &B,
     b: usize,
     h: usize,
     x: RowsFrom<'_>,
     cols: usize,
-    acc: &mut [[__m256; 2]; T],
+    acc: &mut Acc<T>,
 ) {
     let nb = cols / QK;
     // Word w of the 16 bytes holds value 2w (bits 0..4), 2w + 16 (4..8), 2w + 1 (8..12)
     // and 2w + 17 (12..16). The activations' even vector is values 0, 2, .., 30: the low
     // half's words shifted by 0, the high half's by 4; the odd vector by 8 and 12.
-    let w = _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.qs.as_ptr() as *const __m128i));
+    let w = _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.qs().as_ptr() as *const __m128i));
     let nibble = _mm256_set1_epi16(0x000F);
-    let eight = _mm256_set1_epi16(8);
+    let m = blk.m().map(|m| f16_to_f32(m));
     let value = |shift: __m256i| {
-        _mm256_sub_epi16(_mm256_and_si256(_mm256_srlv_epi32(w, shift), nibble), eight)
+        let v = _mm256_and_si256(_mm256_srlv_epi32(w, shift), nibble);
+        match m {
+            Some(_) => v,
+            None => _mm256_sub_epi16(v, _mm256_set1_epi16(8)),
+        }
     };
     let e = value(_mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
     let o = value(_mm256_setr_epi32(8, 8, 8, 8, 12, 12, 12, 12));
-    let d = _mm256_set1_ps(f16_to_f32(blk.d));
-    for (k, a) in acc.iter_mut().enumerate() {
+    let d = _mm256_set1_ps(f16_to_f32(blk.d()));
+    for k in 0..T {
         let xv = x.xq.as_ptr().add(k * cols + b * QK) as *const __m256i;
         let s = _mm256_add_epi32(
             _mm256_madd_epi16(e, _mm256_loadu_si256(xv)),
             _mm256_madd_epi16(o, _mm256_loadu_si256(xv.add(1))),
         );
         let scale = _mm256_mul_ps(d, _mm256_broadcast_ss(&x.dx[k * nb + b]));
-        a[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, a[h]);
+        acc.v[k][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc.v[k][h]);
+        if let Some(m) = m {
+            acc.mins[k][h] += m * x.xsum[k * nb + b];
+        }
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_0_rows_t<const T: usize>(
-    blocks: &[BlockQ4_0],
+unsafe fn q4_rows_t<const T: usize, B: Nibbles32>(
+    blocks: &[B],
+    nb: usize,
+    x: RowsFrom<'_>,
+    out: *mut f32,
+    ld: usize,
+) {
+    let cols = nb * QK;
+    let n_rows = blocks.len() / nb;
+    let lines = (2 * std::mem::size_of::<B>()).div_ceil(64);
+    for r in 0..n_rows {
+        let row = &blocks[r * nb..(r + 1) * nb];
+        let mut acc = Acc {
+            v: [[_mm256_setzero_ps(); 2]; T],
+            mins: [[0.0; 2]; T],
+        };
+        let mut pairs = row.chunks_exact(2);
+        for (p, pair) in pairs.by_ref().enumerate() {
+            prefetch(pair.as_ptr() as *const u8, lines);
+            q4_block(&pair[0], 2 * p, 0, x, cols, &mut acc);
+            q4_block(&pair[1], 2 * p + 1, 1, x, cols, &mut acc);
+        }
+        if let [last] = pairs.remainder() {
+            q4_block(last, nb - 1, 0, x, cols, &mut acc);
+        }
+        for (k, (a, m)) in acc.v.iter().zip(acc.mins).enumerate() {
+            *out.add(k * ld + r) = hsum(_mm256_add_ps(a[0], a[1])) + (m[0] + m[1]);
+        }
+    }
+}
+
+/// Q8_0 weight rows × `t` (1..=[`ROWS`]) activation rows `x`, as [`q4k_rows`]: `nb`
+/// blocks of 32 per row.
+///
+/// Why: the f32 kernel ([`super::avx2::q8_0_rows`]) widens every weight to 32 bits and
+/// converts it; SmolLM2's output matrix (Q8_0, 49152 × 576) took 16% of its decoding time
+/// that way. Here a block's 32 bytes, read as 16-bit words, give the even-numbered values
+/// by a shift left and an arithmetic shift right of 8 (sign-extended low bytes) and the
+/// odd-numbered ones by the arithmetic shift alone: the activations' order (see
+/// [`Activations`]), three operations a block.
+///
+/// # Safety
+/// As [`q4k_rows`], with `nb · 32` values per activation row.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q8_0_rows(
+    blocks: &[BlockQ8_0],
+    nb: usize,
+    x: RowsFrom<'_>,
+    t: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    by_rows!(t, [1, 2, 3], 4, q8_0_rows_t(blocks, nb, x, out, ld))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_rows_t<const T: usize>(
+    blocks: &[BlockQ8_0],
     nb: usize,
     x: RowsFrom<'_>,
     out: *mut f32,
@@ -352,17 +425,26 @@ unsafe fn q4_0_rows_t<const T: usize>(
     let n_rows = blocks.len() / nb;
     for r in 0..n_rows {
         let row = &blocks[r * nb..(r + 1) * nb];
-        // Two accumulators per row (even and odd blocks), so that a row's FMAs do not wait
-        // on each other.
+        // Two accumulators per row (even and odd blocks), as in [`q4_rows`].
         let mut acc = [[_mm256_setzero_ps(); 2]; T];
-        let mut pairs = row.chunks_exact(2);
-        for (p, pair) in pairs.by_ref().enumerate() {
-            prefetch(pair.as_ptr() as *const u8, 1);
-            q4_0_block(&pair[0], 2 * p, 0, x, cols, &mut acc);
-            q4_0_block(&pair[1], 2 * p + 1, 1, x, cols, &mut acc);
-        }
-        if let [last] = pairs.remainder() {
-            q4_0_block(last, nb - 1, 0, x, cols, &mut acc);
+        for (b, blk) in row.iter().enumerate() {
+            // 34-byte blocks: a new line every other block, about.
+            if b % 2 == 0 {
+                prefetch(blk as *const BlockQ8_0 as *const u8, 2);
+            }
+            let w = _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i);
+            let e = _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(w));
+            let o = _mm256_srai_epi16::<8>(w);
+            let d = _mm256_set1_ps(f16_to_f32(blk.d));
+            for (k, a) in acc.iter_mut().enumerate() {
+                let xv = x.xq.as_ptr().add(k * cols + b * QK) as *const __m256i;
+                let s = _mm256_add_epi32(
+                    _mm256_madd_epi16(e, _mm256_loadu_si256(xv)),
+                    _mm256_madd_epi16(o, _mm256_loadu_si256(xv.add(1))),
+                );
+                let scale = _mm256_mul_ps(d, _mm256_broadcast_ss(&x.dx[k * nb + b]));
+                a[b % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, a[b % 2]);
+            }
         }
         for (k, a) in acc.iter().enumerate() {
             *out.add(k * ld + r) = hsum(_mm256_add_ps(a[0], a[1]));
@@ -492,7 +574,7 @@ unsafe fn q6k_rows_t<const T: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::kernels::formats::{cast, BlockQ4K, BlockQ5K};
+    use crate::engine::kernels::formats::{cast, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K};
     use crate::engine::kernels::testing::{int16_steps, matrix, reference};
     use candle_core::quantized::GgmlDType;
 
@@ -531,7 +613,13 @@ mod tests {
                         q4k_rows::<BlockQ5K>(cast(data), nb, x, t, o, rows)
                     }
                     crate::engine::kernels::Format::Q4_0 => {
-                        q4_0_rows(cast(data), cols / QK, x, t, o, rows)
+                        q4_rows::<BlockQ4_0>(cast(data), cols / QK, x, t, o, rows)
+                    }
+                    crate::engine::kernels::Format::Q4_1 => {
+                        q4_rows::<BlockQ4_1>(cast(data), cols / QK, x, t, o, rows)
+                    }
+                    crate::engine::kernels::Format::Q8_0 => {
+                        q8_0_rows(cast(data), cols / QK, x, t, o, rows)
                     }
                     _ => q6k_rows(cast(data), nb, x, t, o, rows),
                 }
@@ -554,12 +642,15 @@ mod tests {
             GgmlDType::Q5K,
             GgmlDType::Q6K,
             GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
         ];
-        // Q4_0 also in rows of an odd number of blocks (the kernel takes blocks in pairs).
+        // Q4_0 and Q4_1 also in rows of an odd number of blocks (the kernel takes blocks in
+        // pairs).
         for (dtype, cols) in formats
             .map(|d| (d, 768))
             .into_iter()
-            .chain([(GgmlDType::Q4_0, 800)])
+            .chain([(GgmlDType::Q4_0, 800), (GgmlDType::Q4_1, 800)])
         {
             let rows = 37;
             let (m, w) = matrix(rows, cols, dtype);

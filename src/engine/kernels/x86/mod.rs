@@ -69,12 +69,13 @@ pub fn amx() -> bool {
     *OK.get_or_init(|| bf16() && super::isa().amx && amx::usable())
 }
 
-/// 16-bit integer activations ([`int16`]) for the matrix-vector kernels of the K-quants and
-/// Q4_0, where the bf16 ones are not used. `--no-int16` turns them off (the f32 kernels of
-/// [`kquants`] and [`avx2`] run instead).
+/// 16-bit integer activations ([`int16`]) for the matrix-vector kernels of Q4_0, Q4_1 and
+/// Q8_0, and of the K-quants where the bf16 ones are not used (see
+/// `kernels::decode::rounding`). `--no-int16` turns them off (the bf16 kernels, where the
+/// CPU has them, or the f32 kernels of [`kquants`], [`avx2`] and [`avx512`] run instead).
 pub fn int16() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| available() && !bf16() && super::isa().int16)
+    *OK.get_or_init(|| available() && super::isa().int16)
 }
 
 /// 8-bit activations with second levels for outlier blocks ([`int8`]) for the prompt

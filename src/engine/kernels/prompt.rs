@@ -46,12 +46,12 @@ pub(super) fn int8_panels(format: Format, cols: usize) -> bool {
 }
 
 /// Formats whose prompt panels hold exact bf16 values for `vdpbf16ps` where the CPU has
-/// AVX512_BF16 (see [`QMat::gemm_band_bf16`]): the K-quants, Q4_0 and BF16. Q4_1 and Q8_0
-/// (SmolLM2's file) keep f32 panels and their tested answers.
+/// AVX512_BF16 (see [`QMat::gemm_band_bf16`]): the K-quants, Q4_0, Q8_0 and BF16. Q4_1
+/// (SmolLM2's projections) keeps f32 panels and their tested answers.
 pub(super) fn bf16_panels(format: Format) -> bool {
     matches!(
         format,
-        Format::Q4K | Format::Q5K | Format::Q6K | Format::Q4_0 | Format::BF16
+        Format::Q4K | Format::Q5K | Format::Q6K | Format::Q4_0 | Format::Q8_0 | Format::BF16
     )
 }
 
@@ -151,15 +151,35 @@ impl QMat {
         out: Band,
         scratch: &mut PanelScratch,
     ) {
-        use super::formats::QK;
         let cols = self.cols();
         // SAFETY: AVX512_BF16 checked by the caller; rows are whole blocks of 32.
         unsafe { scratch.bf16.prepare(&x[..n * cols]) };
-        let kind = self.panel_kind();
-        if x86::amx() {
-            // SAFETY: AMX checked just above; the activations prepared.
-            return unsafe { self.gemm_band_amx(r0, r1, n, out, scratch) };
+        // SAFETY (both): the activations prepared; AMX checked where it is used.
+        unsafe {
+            if x86::amx() {
+                self.gemm_band_amx(r0, r1, n, out, scratch)
+            } else {
+                self.gemm_band_dpbf16(r0, r1, n, out, scratch)
+            }
         }
+    }
+
+    /// [`QMat::gemm_band_bf16`] with `vdpbf16ps`.
+    ///
+    /// # Safety
+    /// AVX512_BF16 present; `scratch.bf16` prepared with the `n` activation rows.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn gemm_band_dpbf16(
+        &self,
+        r0: usize,
+        r1: usize,
+        n: usize,
+        out: Band,
+        scratch: &mut PanelScratch,
+    ) {
+        use super::formats::QK;
+        let cols = self.cols();
+        let kind = self.panel_kind();
         let build = |p0: usize, width: usize, s: &mut PanelScratch| {
             self.bf16_panel(p0, width, s);
             s.q.resize(cols * PANEL, 0);
@@ -242,7 +262,7 @@ impl QMat {
         match self.format() {
             // Values with a minimum per block (Q4_0's is 8·d).
             Format::Q4K | Format::Q5K | Format::Q4_0 => x86::bf16::Panel::Mins32,
-            Format::BF16 => x86::bf16::Panel::Plain32,
+            Format::BF16 | Format::Q8_0 => x86::bf16::Panel::Plain32,
             _ => x86::bf16::Panel::Plain16,
         }
     }
@@ -271,7 +291,7 @@ impl QMat {
     /// `stage`, with their scales in `ds` and `ms`).
     #[cfg(target_arch = "x86_64")]
     fn bf16_panel(&self, p0: usize, width: usize, scratch: &mut PanelScratch) {
-        use super::formats::{cast, QK_K};
+        use super::formats::{cast, QK, QK_K};
         let cols = self.cols();
         // SAFETY (all three): AVX512_BF16 checked by the callers; `rows` holds `width`
         // whole rows; the byte panel holds 16 rows of `cols`.
@@ -284,6 +304,11 @@ impl QMat {
                 let rows = self.rows_data(p0, p0 + width);
                 let (q, ds) = (&mut scratch.stage, &mut scratch.ds);
                 unsafe { x86::bf16::bf16_panel(cast(rows), cols, width, q, ds) }
+            }
+            Format::Q8_0 => {
+                let rows = self.rows_data(p0, p0 + width);
+                let (q, ds) = (&mut scratch.stage, &mut scratch.ds);
+                unsafe { x86::bf16::q8_0_panel(cast(rows), cols / QK, width, q, ds) }
             }
             _ => {
                 let rows = self.rows_data(p0, p0 + width);
@@ -328,7 +353,9 @@ impl QMat {
             match kind {
                 Panel::Mins32 => x86::amx::weights_in_place::<32, true>(panel, ds, ms, cols),
                 Panel::Plain16 => x86::amx::weights_in_place::<16, false>(panel, ds, ms, cols),
-                Panel::Plain32 => {}
+                // BF16 weights are the values themselves (their scales are 1).
+                Panel::Plain32 if self.format() == Format::BF16 => {}
+                Panel::Plain32 => x86::amx::weights_in_place::<32, false>(panel, ds, ms, cols),
             }
         }
         // The rows past the last whole pair of tiles, and zeros to fill it.
@@ -510,8 +537,8 @@ mod tests {
     /// activations (2⁻⁸ of each term) of plain f32 arithmetic; a partial panel; an outlier.
     #[test]
     fn bf16_panels_match_the_reference() {
-        if !x86::bf16() || x86::amx() {
-            eprintln!("no AVX512_BF16 kernel here (or AMX takes its prompts): not tested");
+        if !x86::bf16() {
+            eprintln!("no AVX512_BF16 here: the bf16 prompt kernel is not tested");
             return;
         }
         for dtype in [
@@ -519,13 +546,18 @@ mod tests {
             GgmlDType::Q5K,
             GgmlDType::Q6K,
             GgmlDType::Q4_0,
+            GgmlDType::Q8_0,
             GgmlDType::BF16,
         ] {
             let (rows, cols, n) = (40, 512, 11);
             let (m, w) = matrix(rows, cols, dtype);
             let x = outlier_rows(n, cols);
-            let got = into_band(n, rows, |out| {
-                m.gemm_band_bf16(0, rows, &x, n, out, &mut PanelScratch::default())
+            // Past AMX tiles, where the CPU has them.
+            let mut scratch = PanelScratch::default();
+            // SAFETY: AVX512_BF16 checked above; rows are whole blocks of 32.
+            unsafe { scratch.bf16.prepare(&x) };
+            let got = into_band(n, rows, |out| unsafe {
+                m.gemm_band_dpbf16(0, rows, n, out, &mut scratch)
             });
             let want = reference(&w, &x, rows, cols, n);
             let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<_>>();
@@ -556,6 +588,7 @@ mod tests {
             GgmlDType::Q5K,
             GgmlDType::Q6K,
             GgmlDType::Q4_0,
+            GgmlDType::Q8_0,
             GgmlDType::BF16,
         ] {
             let (rows, cols, n) = (100, 768, 37);

@@ -306,6 +306,31 @@ pub unsafe fn q4_rows<B: Nibbles32>(
     by_rows!(t, [1, 2, 3], 4, q4_rows_t<B>(blocks, nb, x, out, ld))
 }
 
+/// `a` plus a 32-value block's weights (16-bit integers: the even-numbered values in `e`,
+/// the odd-numbered ones in `o`, as the activations hold them) times block `b` of activation
+/// row `k`, scaled by the weights' `d` times the activations' `dx`: two `vpmaddwd` into
+/// exact 32-bit sums, one conversion, one FMA.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn add_block(
+    e: __m256i,
+    o: __m256i,
+    d: __m256,
+    x: RowsFrom<'_>,
+    k: usize,
+    b: usize,
+    cols: usize,
+    a: __m256,
+) -> __m256 {
+    let xv = x.xq.as_ptr().add(k * cols + b * QK) as *const __m256i;
+    let s = _mm256_add_epi32(
+        _mm256_madd_epi16(e, _mm256_loadu_si256(xv)),
+        _mm256_madd_epi16(o, _mm256_loadu_si256(xv.add(1))),
+    );
+    let scale = _mm256_mul_ps(d, _mm256_broadcast_ss(&x.dx[k * (cols / QK) + b]));
+    _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, a)
+}
+
 /// Per activation row: two accumulators (even and odd blocks, so that a row's additions
 /// do not wait on each other) of the products and of Q4_1's minimums' term.
 struct Acc<const T: usize> {
@@ -342,13 +367,7 @@ unsafe fn q4_block<const T: usize, B: Nibbles32>(
     let o = value(_mm256_setr_epi32(8, 8, 8, 8, 12, 12, 12, 12));
     let d = _mm256_set1_ps(f16_to_f32(blk.d()));
     for k in 0..T {
-        let xv = x.xq.as_ptr().add(k * cols + b * QK) as *const __m256i;
-        let s = _mm256_add_epi32(
-            _mm256_madd_epi16(e, _mm256_loadu_si256(xv)),
-            _mm256_madd_epi16(o, _mm256_loadu_si256(xv.add(1))),
-        );
-        let scale = _mm256_mul_ps(d, _mm256_broadcast_ss(&x.dx[k * nb + b]));
-        acc.v[k][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc.v[k][h]);
+        acc.v[k][h] = add_block(e, o, d, x, k, b, cols, acc.v[k][h]);
         if let Some(m) = m {
             acc.mins[k][h] += m * x.xsum[k * nb + b];
         }
@@ -437,13 +456,7 @@ unsafe fn q8_0_rows_t<const T: usize>(
             let o = _mm256_srai_epi16::<8>(w);
             let d = _mm256_set1_ps(f16_to_f32(blk.d));
             for (k, a) in acc.iter_mut().enumerate() {
-                let xv = x.xq.as_ptr().add(k * cols + b * QK) as *const __m256i;
-                let s = _mm256_add_epi32(
-                    _mm256_madd_epi16(e, _mm256_loadu_si256(xv)),
-                    _mm256_madd_epi16(o, _mm256_loadu_si256(xv.add(1))),
-                );
-                let scale = _mm256_mul_ps(d, _mm256_broadcast_ss(&x.dx[k * nb + b]));
-                a[b % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, a[b % 2]);
+                a[b % 2] = add_block(e, o, d, x, k, b, cols, a[b % 2]);
             }
         }
         for (k, a) in acc.iter().enumerate() {

@@ -54,9 +54,9 @@ pub(super) enum Rounding {
 /// Q4_0, Q4_1 and Q8_0 take 16-bit integer activations wherever they are allowed, AVX512_BF16
 /// CPUs included: there they decoded a 1.5 B Q4_0 file at 18.3 and 17.8 tok/s where the bf16
 /// kernel gave 16.2 and 15.7 (alternating runs, Xeon Sapphire Rapids, 2026-12-07), and
-/// SmolLM2's Q4_1 and Q8_0 products are compute-bound in f32. The K-quants take bf16 where
-/// the CPU has it (the same speed as 16-bit integers there, and ahead on Zen 4), else 16-bit
-/// integers.
+/// SmolLM2's Q4_1 and Q8_0 products are compute-bound in f32 (54 tok/s there, 155 with 16-bit
+/// integers). The K-quants take bf16 where the CPU has it (the same speed as 16-bit integers
+/// on that VM; on Zen 4 bf16 was only ever compared with f32), else 16-bit integers.
 pub(super) fn rounding(format: Format) -> Rounding {
     #[cfg(target_arch = "x86_64")]
     match format {

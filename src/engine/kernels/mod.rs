@@ -58,7 +58,7 @@ use prompt::PANEL;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Isa {
     pub avx512: bool,
-    /// AVX512_BF16 dot products for the K-quant, Q4_0 and BF16 kernels.
+    /// AVX512_BF16 dot products for the K-quant, Q4_0 and BF16 kernels and Q8_0 prompts.
     pub bf16: bool,
     /// AMX tiles for the prompt kernel of those formats (with `bf16`).
     pub amx: bool,
@@ -489,7 +489,8 @@ pub(crate) mod testing {
         #[cfg(not(target_arch = "x86_64"))]
         let int8 = false;
         // Decode rounds activations as `decode::rounding` says; the prompt panels round them
-        // to bf16 for the K-quants, Q4_0 and BF16 (where the 8-bit kernel does not take them).
+        // to bf16 for the formats of `prompt::bf16_panels` (where the 8-bit kernel does not
+        // take them).
         let decode = decode::rounding(format);
         #[cfg(target_arch = "x86_64")]
         let bf16 = match rows_are {

@@ -532,9 +532,10 @@ mod tests {
     }
 
     /// The AVX512_BF16 prompt kernel called directly, for every format it reads: where the
-    /// 8-bit kernel takes the prompts of Q4_K, Q5_K and Q4_0 (AVX512_VNNI), dispatch never
-    /// reaches it with them, yet `--no-int8` does. Within the bf16 rounding of the
-    /// activations (2⁻⁸ of each term) of plain f32 arithmetic; a partial panel; an outlier.
+    /// 8-bit kernel takes the prompts of Q4_K, Q5_K and Q4_0 (AVX512_VNNI), or AMX tiles take
+    /// them all, dispatch never reaches it, yet `--no-int8` or `--no-amx` does. Within the
+    /// bf16 rounding of the activations (2⁻⁸ of each term) of plain f32 arithmetic; a partial
+    /// panel; an outlier.
     #[test]
     fn bf16_panels_match_the_reference() {
         if !x86::bf16() {

@@ -112,7 +112,8 @@ impl Drop for Tiles {
 }
 
 /// Turns a bf16 panel of exact integers with block scales (`q`, `ds`, `ms` as
-/// `bf16::widen` (from `int8`'s byte panels) and `bf16::q6k_panel` make them: `G`-column sub-blocks, with
+/// `bf16::widen` (from `int8`'s byte panels), `bf16::q6k_panel` and `bf16::q8_0_panel` make
+/// them: `G`-column sub-blocks, with
 /// minimums if `MINS`) into the weights themselves, `d·q − m` rounded to bf16, in place.
 ///
 /// # Safety

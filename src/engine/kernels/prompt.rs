@@ -22,7 +22,7 @@ pub(super) struct PanelScratch {
     /// row-major as the panel builders make them (`stage`), then interleaved (`q`); the
     /// 8-bit kernel's the same way from `bytes` (two values in each element).
     stage: Vec<u16>,
-    /// A panel of Q4_K, Q5_K or Q4_0 rows as bytes, row-major (see `byte_panel`).
+    /// A panel of Q4_K, Q5_K, Q6_K or Q4_0 rows as bytes, row-major (see `byte_panel`).
     bytes: Vec<u16>,
     q: Vec<u16>,
     ds: Vec<f32>,
@@ -42,7 +42,10 @@ pub(super) struct PanelScratch {
 /// Formats whose prompt panels hold their integer values as bytes for the 8-bit kernel (see
 /// [`QMat::gemm_band_int8`]), in rows of whole 64-column pairs of blocks.
 pub(super) fn int8_panels(format: Format, cols: usize) -> bool {
-    matches!(format, Format::Q4K | Format::Q5K | Format::Q4_0) && cols.is_multiple_of(64)
+    matches!(
+        format,
+        Format::Q4K | Format::Q5K | Format::Q6K | Format::Q4_0
+    ) && cols.is_multiple_of(64)
 }
 
 /// Formats whose prompt panels hold exact bf16 values for `vdpbf16ps` where the CPU has
@@ -236,15 +239,18 @@ impl QMat {
                 }
             };
         };
+        let q6k = self.format() == Format::Q6K;
         let kernel = |s: &PanelScratch, i: usize, m: usize, o: *mut f32, ld: usize| {
             let (q, ds, ms, a) = (&s.q, &s.ds, &s.ms, &s.int8);
             // SAFETY: AVX512_VNNI (resp. AVX2) checked by the caller; `int8` holds the n
-            // rows; `o` has room for m rows of 16 at stride `ld`.
+            // rows; `o` has room for m rows of 16 at stride `ld`; `ds` holds the scales
+            // `byte_panel` made for this format.
             unsafe {
-                if avx512 {
-                    x86::int8::gemm(m, q, ds, ms, a, i, cols, o, ld)
-                } else {
-                    x86::int8::gemm_avx2(m, q, ds, ms, a, i, cols, o, ld)
+                match (avx512, q6k) {
+                    (true, false) => x86::int8::gemm(m, q, ds, ms, a, i, cols, o, ld),
+                    (false, false) => x86::int8::gemm_avx2(m, q, ds, ms, a, i, cols, o, ld),
+                    (true, true) => x86::int8::gemm_q6k(m, q, ds, a, i, cols, o, ld),
+                    (false, true) => x86::int8::gemm_q6k_avx2(m, q, ds, a, i, cols, o, ld),
                 }
             }
         };
@@ -267,9 +273,10 @@ impl QMat {
         }
     }
 
-    /// Weight rows `p0..p0 + width` (≤ 16) of Q4_K, Q5_K or Q4_0 as a byte panel in
+    /// Weight rows `p0..p0 + width` (≤ 16) of Q4_K, Q5_K, Q6_K or Q4_0 as a byte panel in
     /// `scratch` (their integer values row-major in `bytes`, scales and minimums in `ds` and
-    /// `ms`): what the 8-bit kernel reads, and what the bf16 panels are widened from.
+    /// `ms`; Q6_K's scales per 16 columns, no minimums): what the 8-bit kernel reads, and
+    /// what the bf16 panels of the others are widened from.
     #[cfg(target_arch = "x86_64")]
     fn byte_panel(&self, p0: usize, width: usize, scratch: &mut PanelScratch) {
         use super::formats::{cast, BlockQ4K, BlockQ5K, QK, QK_K};
@@ -282,6 +289,7 @@ impl QMat {
             match self.format() {
                 Format::Q4K => x86::int8::q4k_panel::<BlockQ4K>(cast(rows), nk, width, b, ds, ms),
                 Format::Q5K => x86::int8::q4k_panel::<BlockQ5K>(cast(rows), nk, width, b, ds, ms),
+                Format::Q6K => x86::int8::q6k_panel(cast(rows), nk, width, b, ds),
                 _ => x86::int8::q4_0_panel(cast(rows), cols / QK, width, b, ds, ms),
             }
         }
@@ -498,14 +506,20 @@ mod tests {
 
     /// The AVX2 form of the 8-bit prompt kernel (what CPUs without AVX-512 run): within the
     /// 8-bit rounding bound of plain f32 arithmetic (a partial panel; an outlier, so a second
-    /// level), and, where the AVX512_VNNI kernel runs too, equal to it bit for bit.
+    /// level), and, where the CPU has AVX512_VNNI (AMX machines too), equal to that kernel's
+    /// bit for bit.
     #[test]
     fn int8_kernels_match_the_reference_and_each_other() {
         use crate::engine::kernels::testing::int8_steps;
         if !x86::available() {
             return;
         }
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q4_0] {
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::Q4_0,
+        ] {
             let (rows, cols, n) = (40, 512, 11);
             let (m, w) = matrix(rows, cols, dtype);
             let x = outlier_rows(n, cols);
@@ -524,7 +538,7 @@ mod tests {
                     "{dtype:?} cell {k}: {g} vs {want}"
                 );
             }
-            if x86::int8() {
+            if x86::int8::vnni() {
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&avx2), bits(&run(true)), "{dtype:?}");
             }

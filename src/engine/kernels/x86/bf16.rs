@@ -305,33 +305,6 @@ unsafe fn prefetch(p: *const u8) {
     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
 }
 
-/// The four 32-value groups of half `h` of a Q6_K block as unsigned bytes `q` (0..64):
-/// group k holds values h·128 + 32k + l, l in 0..32 (see `BlockQ6K::quad`).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
-unsafe fn q6k_groups(blk: &BlockQ6K, h: usize) -> [__m256i; 4] {
-    let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
-    let ql = blk.ql.as_ptr().add(h * 64);
-    let qla = _mm256_loadu_si256(ql as *const __m256i);
-    let qlb = _mm256_loadu_si256(ql.add(32) as *const __m256i);
-    let qh = _mm256_loadu_si256(blk.qh.as_ptr().add(h * 32) as *const __m256i);
-    // Two high bits of group k: bits 2k..2k+2 of qh, moved to bits 4..6 (they stay inside
-    // their byte: the value is at most 3 << 4).
-    let high = |v: __m256i| _mm256_slli_epi16(_mm256_and_si256(v, m2), 4);
-    [
-        _mm256_or_si256(_mm256_and_si256(qla, m4), high(qh)),
-        _mm256_or_si256(_mm256_and_si256(qlb, m4), high(_mm256_srli_epi16(qh, 2))),
-        _mm256_or_si256(
-            _mm256_and_si256(_mm256_srli_epi16(qla, 4), m4),
-            high(_mm256_srli_epi16(qh, 4)),
-        ),
-        _mm256_or_si256(
-            _mm256_and_si256(_mm256_srli_epi16(qlb, 4), m4),
-            high(_mm256_srli_epi16(qh, 6)),
-        ),
-    ]
-}
-
 /// A panel's rows (16 rows of `cols` bf16 values, row-major, as the panel builders leave
 /// them in their staging buffer) in the layout the prompt kernels read: one column pair of
 /// all 16 rows per 64 bytes, `q[(c/2)·32 + 2j + c%2]` = row j, column c. A 16 × 16
@@ -528,7 +501,7 @@ unsafe fn q6k_rows_t<const T: usize>(
             )));
             let scales = _mm512_mul_ps(d, sc16);
             for h in 0..2 {
-                let groups = q6k_groups(blk, h);
+                let groups = super::kquants::q6k_groups(blk, h);
                 // The half's eight sub-block scales start at 8h.
                 let half_scales = if h == 0 {
                     scales
@@ -675,7 +648,7 @@ pub unsafe fn q6k_panel(
                 ds[(b * 16 + s) * PANEL + j] = d * sc as f32;
             }
             for h in 0..2 {
-                let groups = q6k_groups(blk, h);
+                let groups = super::kquants::q6k_groups(blk, h);
                 for (k, &g) in groups.iter().enumerate() {
                     let w = _mm512_permutex2var_epi16(t_lo, _mm512_cvtepu8_epi16(g), t_hi);
                     let p = q.as_mut_ptr().add(j * cols + b * QK_K + h * 128 + 32 * k);

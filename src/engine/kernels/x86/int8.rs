@@ -24,7 +24,7 @@
 use std::arch::x86_64::*;
 
 use super::f16_to_f32;
-use crate::engine::kernels::formats::{BlockQ4_0, NibbleBlock, QK, QK_K};
+use crate::engine::kernels::formats::{BlockQ4_0, BlockQ6K, NibbleBlock, QK, QK_K};
 
 /// Weight rows per panel (the 16 lanes of a vector), as for the bf16 kernels.
 pub const PANEL: usize = 16;
@@ -51,6 +51,8 @@ pub struct Extra {
     pub block: u32,
     pub scale: f32,
     pub q: [i8; QK],
+    /// The sums of `q`'s two halves (see [`Activations::sum16`]).
+    pub sum16: [i32; 2],
 }
 
 /// A product's activation rows as 8-bit integers, made once per product by the first band of
@@ -63,6 +65,9 @@ pub struct Activations {
     pub scale: Vec<f32>,
     /// Each block's sum of its rounded values (both levels), for the minimums' term.
     pub sum: Vec<f32>,
+    /// The sums of each 16 values' first-level integers (two per block): where Q6_K's
+    /// integer sums start (see [`gemm_q6k`]).
+    pub sum16: Vec<i32>,
     /// Second levels, row by row, in block order.
     pub extra: Vec<Extra>,
     /// Row i's second levels are `extra[first_extra[i]..first_extra[i + 1]]`.
@@ -89,41 +94,49 @@ impl Activations {
         self.prepare_with(x, cols)
     }
 
-    /// The one definition of the rounding, compiled into each caller's instruction set.
+    /// The one definition of the rounding, compiled into each caller's instruction set (AVX2
+    /// intrinsics, which AVX-512 CPUs have too: both give the same integers and scales).
+    ///
+    /// Why vectors: with scalar code this took 15% of a Q5_K_M prompt's time (Sapphire Rapids
+    /// VM, `--no-amx`), each team thread rounding every row of every product.
     #[inline(always)]
-    fn prepare_with(&mut self, x: &[f32], cols: usize) -> &Activations {
+    unsafe fn prepare_with(&mut self, x: &[f32], cols: usize) -> &Activations {
         if self.ready {
             return self;
         }
+        debug_assert!(cols.is_multiple_of(QK) && x.len().is_multiple_of(cols));
         let nb = cols / QK;
         let n = x.len() / cols;
         self.q.resize(x.len(), 0);
         self.scale.resize(n * nb, 0.0);
         self.sum.resize(n * nb, 0.0);
+        self.sum16.resize(2 * n * nb, 0);
         self.extra.clear();
         self.first_extra.clear();
         self.first_extra.push(0);
         for i in 0..n {
             for b in 0..nb {
                 let at = i * cols + b * QK;
-                let block: &[f32; QK] = x[at..at + QK].try_into().expect("a block");
-                let mut q = [0i8; QK];
-                let (first, residual) = level(block, &mut q);
-                self.q[at..at + QK].copy_from_slice(&q);
-                self.scale[i * nb + b] = first.scale;
-                let mut sum = first.scale * first.qsum as f32;
+                let block = load_block(x.as_ptr().add(at));
+                let first = level(&block, self.q.as_mut_ptr().add(at));
+                let k = i * nb + b;
+                self.scale[k] = first.scale;
+                self.sum16[2 * k..2 * k + 2].copy_from_slice(&first.halves);
+                let mut sum = first.scale * (first.halves[0] + first.halves[1]) as f32;
                 if second_level(first.max, first.sum_abs) {
                     let mut extra = Extra {
                         block: b as u32,
                         scale: 0.0,
                         q: [0; QK],
+                        sum16: [0; 2],
                     };
-                    let (second, _) = level(&residual, &mut extra.q);
+                    let second = level(&first.residual, extra.q.as_mut_ptr());
                     extra.scale = second.scale;
-                    sum += second.scale * second.qsum as f32;
+                    extra.sum16 = second.halves;
+                    sum += second.scale * (second.halves[0] + second.halves[1]) as f32;
                     self.extra.push(extra);
                 }
-                self.sum[i * nb + b] = sum;
+                self.sum[k] = sum;
             }
             self.first_extra.push(self.extra.len());
         }
@@ -132,63 +145,115 @@ impl Activations {
     }
 }
 
-/// A block's largest magnitude and the sum of its magnitudes, in eight lanes as a vector
-/// holds them (so both reductions vectorize): what [`second_level`] is asked with (the
-/// tests' error bounds use it too, so they decide alike at the threshold).
-#[inline(always)]
+/// A block's largest magnitude and the sum of its magnitudes: what [`second_level`] is asked
+/// with (the tests' error bounds use it too, so they decide alike at the threshold). In
+/// eight lanes as [`level`] sums them in a vector (lane l: values l, 8 + l, 16 + l, 24 + l,
+/// in that order), then the lanes in the order of `hsum`: bit for bit the same sums.
+#[cfg(test)]
 pub fn magnitudes(v: &[f32; QK]) -> (f32, f32) {
-    let (mut most, mut sums) = ([0f32; 8], [0f32; 8]);
-    for chunk in v.chunks_exact(8) {
-        for ((m, s), x) in most.iter_mut().zip(sums.iter_mut()).zip(chunk) {
-            *m = m.max(x.abs());
-            *s += x.abs();
-        }
-    }
-    (most.iter().fold(0f32, |m, x| m.max(*x)), sums.iter().sum())
+    let most = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let s: [f32; 8] =
+        std::array::from_fn(|l| v[l].abs() + v[8 + l].abs() + v[16 + l].abs() + v[24 + l].abs());
+    let sum = ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
+    (most, sum)
 }
 
-/// One level of a block: its scale, the sum of its integers, and the block's largest and
-/// summed magnitudes.
+/// One level of a block: its scale, the sums of its integers' two halves, the block's
+/// largest and summed magnitudes, and what it leaves (`x − scale·q`).
 struct Level {
     scale: f32,
-    qsum: i32,
+    halves: [i32; 2],
     max: f32,
     sum_abs: f32,
+    residual: [__m256; 4],
 }
 
-/// Rounds 32 values to `scale · q` with |q| ≤ 127, `scale = max|x|/127`, into `q`; returns
-/// the level and what it leaves (`x − scale·q`).
+/// The 32 values from `p` in four vectors.
 #[inline(always)]
-fn level(v: &[f32; QK], q: &mut [i8; QK]) -> (Level, [f32; QK]) {
-    let (max, sum_abs) = magnitudes(v);
+unsafe fn load_block(p: *const f32) -> [__m256; 4] {
+    [
+        _mm256_loadu_ps(p),
+        _mm256_loadu_ps(p.add(8)),
+        _mm256_loadu_ps(p.add(16)),
+        _mm256_loadu_ps(p.add(24)),
+    ]
+}
+
+/// The largest of a vector's eight lanes.
+#[inline(always)]
+unsafe fn hmax(v: __m256) -> f32 {
+    let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)))
+}
+
+/// Rounds a block's 32 values to `scale · q` with |q| ≤ 127, `scale = max|x|/127`, round to
+/// nearest, ties to even (the largest lands on 127), writing the 32 `q` to `out`.
+#[inline(always)]
+unsafe fn level(x: &[__m256; 4], out: *mut i8) -> Level {
+    // No closures here: they would not get the caller's instruction set, and the intrinsics
+    // in them would become calls.
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let mut a = *x;
+    for v in &mut a {
+        *v = _mm256_and_ps(*v, abs);
+    }
+    let most = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+    let sums = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), a[2]), a[3]);
+    let (max, sum_abs) = (hmax(most), super::hsum(sums));
     if max == 0.0 {
-        *q = [0; QK];
-        let level = Level {
+        std::ptr::write_bytes(out, 0, QK);
+        let halves = [0; 2];
+        return Level {
             scale: 0.0,
-            qsum: 0,
+            halves,
             max,
             sum_abs,
+            residual: *x,
         };
-        return (level, *v);
     }
     let scale = max / 127.0;
-    let inv = 127.0 / max;
-    let mut residual = [0f32; QK];
-    let mut qsum = 0i32;
-    for ((x, q), r) in v.iter().zip(q.iter_mut()).zip(residual.iter_mut()) {
-        // Round to nearest, ties to even (as `vcvtps2dq`); the largest lands on 127.
-        let n = (x * inv).round_ties_even().clamp(-127.0, 127.0);
-        *q = n as i8;
-        qsum += n as i32;
-        *r = x - scale * n;
+    let (vs, inv, lim) = (
+        _mm256_set1_ps(scale),
+        _mm256_set1_ps(127.0 / max),
+        _mm256_set1_ps(127.0),
+    );
+    let low = _mm256_sub_ps(_mm256_setzero_ps(), lim);
+    let mut n = *x;
+    let mut i = [_mm256_setzero_si256(); 4];
+    for (v, i) in n.iter_mut().zip(&mut i) {
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(*v, inv),
+        );
+        *v = _mm256_min_ps(_mm256_max_ps(r, low), lim);
+        *i = _mm256_cvtps_epi32(*v);
     }
-    let level = Level {
+    // Packing works within 128-bit lanes: dwords come out as 0, 4, 1, 5, 2, 6, 3, 7.
+    let bytes = _mm256_packs_epi16(
+        _mm256_packs_epi32(i[0], i[1]),
+        _mm256_packs_epi32(i[2], i[3]),
+    );
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    _mm256_storeu_si256(
+        out as *mut __m256i,
+        _mm256_permutevar8x32_epi32(bytes, order),
+    );
+    // Sums of integers below 2²⁴: exact in f32.
+    let halves = [
+        super::hsum(_mm256_add_ps(n[0], n[1])) as i32,
+        super::hsum(_mm256_add_ps(n[2], n[3])) as i32,
+    ];
+    let mut residual = *x;
+    for (r, n) in residual.iter_mut().zip(&n) {
+        *r = _mm256_sub_ps(*r, _mm256_mul_ps(vs, *n));
+    }
+    Level {
         scale,
-        qsum,
+        halves,
         max,
         sum_abs,
-    };
-    (level, residual)
+        residual,
+    }
 }
 
 /// A byte panel's buffers emptied and sized for rows of `cols` values (scales and minimums
@@ -271,6 +336,46 @@ pub unsafe fn q4_0_panel(
                 p.add(16) as *mut __m128i,
                 _mm_and_si128(_mm_srli_epi16::<4>(raw), mask),
             );
+        }
+    }
+}
+
+/// A panel of [`PANEL`] Q6_K weight rows for [`gemm_q6k`]: their values `q` (0..64, the
+/// weights being `d·sc · (q − 32)`) as bytes, row-major in `bytes` (16 × cols, as
+/// [`q4k_panel`] lays them out), and each 16-column sub-block's `d·sc` per row
+/// (`ds[s·16 + j]`). Rows past `width` are zero.
+///
+/// # Safety
+/// AVX2 must be present; `rows` holds `width` (≤ 16) rows of `nb` blocks; the buffers are
+/// resized here.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q6k_panel(
+    rows: &[BlockQ6K],
+    nb: usize,
+    width: usize,
+    bytes: &mut Vec<u16>,
+    ds: &mut Vec<f32>,
+) {
+    let cols = nb * QK_K;
+    ds.clear();
+    ds.resize(cols / 16 * PANEL, 0.0);
+    bytes.clear();
+    bytes.resize(cols * PANEL / 2, 0);
+    let out = bytes.as_mut_ptr() as *mut u8;
+    for j in 0..width {
+        for b in 0..nb {
+            let blk = &rows[j * nb + b];
+            let d = f16_to_f32(blk.d);
+            for (s, &sc) in blk.scales.iter().enumerate() {
+                ds[(b * 16 + s) * PANEL + j] = d * sc as f32;
+            }
+            for h in 0..2 {
+                let groups = super::kquants::q6k_groups(blk, h);
+                for (k, g) in groups.iter().enumerate() {
+                    let p = out.add(j * cols + b * QK_K + h * 128 + 32 * k);
+                    _mm256_storeu_si256(p as *mut __m256i, *g);
+                }
+            }
         }
     }
 }
@@ -365,6 +470,124 @@ unsafe fn gemm_m<const M: usize>(
     }
     for (k, a) in acc.iter().enumerate() {
         _mm512_storeu_ps(out.add(k * ld), *a);
+    }
+}
+
+/// [`gemm`] for a panel of Q6_K rows ([`q6k_panel`]: bytes `q`, weights `d·sc · (q − 32)`,
+/// `ds` each 16-column sub-block's `d·sc`). Each sub-block's `vpdpbusd` sums start from
+/// `−32 ·` the activations' integer sum over it, so they are `Σ (q − 32) · x` exactly; the
+/// two sub-blocks' sums of a block are scaled by their `d·sc` and then by the activation
+/// block's scale. A second level adds its own sums the same way.
+///
+/// Why: Q6_K (the `ffn_down` and `attn_v` of half the layers in Q4_K_M and Q5_K_M files)
+/// went through bf16 panels (AVX512_BF16: 32 multiply-adds an instruction) or f32 ones.
+///
+/// # Safety
+/// As [`gemm`], with `ds` holding `cols / 16 × 16` scales.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn gemm_q6k(
+    m: usize,
+    q: &[u16],
+    ds: &[f32],
+    a: &Activations,
+    i0: usize,
+    cols: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    debug_assert!(q.len() * 2 >= PANEL * cols && ds.len() >= cols / 16 * PANEL);
+    debug_assert!(a.q.len() >= (i0 + m) * cols);
+    let qp = q.as_ptr() as *const u8;
+    by_rows!(
+        m,
+        [1, 2, 3, 4, 5, 6, 7],
+        8,
+        gemm_q6k_m(qp, ds, a, i0, cols, out, ld)
+    );
+}
+
+/// [`gemm_q6k`] with the row count fixed at compile time.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn gemm_q6k_m<const M: usize>(
+    qp: *const u8,
+    ds: &[f32],
+    a: &Activations,
+    i0: usize,
+    cols: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    let nb = cols / QK;
+    let mut acc = [_mm512_setzero_ps(); M];
+    let xp = a.q.as_ptr().add(i0 * cols);
+    let (scale, sum16) = (
+        a.scale.as_ptr().add(i0 * nb),
+        a.sum16.as_ptr().add(2 * i0 * nb),
+    );
+    for b in 0..nb {
+        let mut f = [_mm512_setzero_ps(); M];
+        let x4 = |k: usize, p: usize| {
+            _mm512_set1_epi32((xp.add(k * cols + b * QK + 4 * p) as *const i32).read_unaligned())
+        };
+        for h in 0..2 {
+            let start = |k: usize| *sum16.add(2 * (k * nb + b) + h);
+            q6k_sub_512(qp, ds, b, h, start, x4, &mut f);
+        }
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(f[k], _mm512_set1_ps(*scale.add(k * nb + b)), *a);
+        }
+    }
+    for (k, acc) in acc.iter_mut().enumerate() {
+        let row = i0 + k;
+        for e in &a.extra[a.first_extra[row]..a.first_extra[row + 1]] {
+            let b = e.block as usize;
+            let mut f = [_mm512_setzero_ps(); 1];
+            let x4 = |_: usize, p: usize| {
+                _mm512_set1_epi32((e.q.as_ptr().add(4 * p) as *const i32).read_unaligned())
+            };
+            for h in 0..2 {
+                let start = |_: usize| e.sum16[h];
+                q6k_sub_512(qp, ds, b, h, start, x4, &mut f);
+            }
+            *acc = _mm512_fmadd_ps(f[0], _mm512_set1_ps(e.scale), *acc);
+        }
+    }
+    for (k, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out.add(k * ld), *a);
+    }
+}
+
+/// Sub-block `h` (0, 1) of block `b` of a Q6_K panel times `R` activation rows: `vpdpbusd`
+/// sums of its four-byte groups `p` against the rows' broadcast bytes `x4(k, p)`, each
+/// starting from `−32 · start(k)` (`start`: the row's integers summed over the sub-block),
+/// converted and scaled by the sub-block's `d·sc` into `f`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q6k_sub_512<const R: usize>(
+    qp: *const u8,
+    ds: &[f32],
+    b: usize,
+    h: usize,
+    start: impl Fn(usize) -> i32,
+    x4: impl Fn(usize, usize) -> __m512i,
+    f: &mut [__m512; R],
+) {
+    let mut t = [_mm512_setzero_si512(); R];
+    for (k, tk) in t.iter_mut().enumerate() {
+        *tk = _mm512_set1_epi32(-32 * start(k));
+    }
+    for p in 4 * h..4 * h + 4 {
+        let w = _mm512_loadu_si512(qp.add((b * QK / 4 + p) * 64) as *const __m512i);
+        for (k, tk) in t.iter_mut().enumerate() {
+            *tk = _mm512_dpbusd_epi32(*tk, w, x4(k, p));
+        }
+    }
+    let d = _mm512_loadu_ps(ds.as_ptr().add((2 * b + h) * PANEL));
+    for (fk, tk) in f.iter_mut().zip(&t) {
+        *fk = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*tk), d, *fk);
     }
 }
 
@@ -521,14 +744,166 @@ unsafe fn gemm_avx2_m<const M: usize>(
     }
 }
 
+/// [`gemm_q6k`] with AVX2 only, as [`gemm_avx2`] is [`gemm`]'s: two four-byte groups'
+/// `vpmaddubsw` sums at a time in 16 bits (at most 2 · 2·63·127 = 32004: exact), then
+/// `vpmaddwd` to 32 bits; the same integer sums and f32 steps as [`gemm_q6k`], so the same
+/// results bit for bit. `m` in 1..=[`MR_AVX2`].
+///
+/// # Safety
+/// AVX2 and FMA must be present; otherwise as [`gemm_q6k`].
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm_q6k_avx2(
+    m: usize,
+    q: &[u16],
+    ds: &[f32],
+    a: &Activations,
+    i0: usize,
+    cols: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    debug_assert!(q.len() * 2 >= PANEL * cols && ds.len() >= cols / 16 * PANEL);
+    debug_assert!(a.q.len() >= (i0 + m) * cols);
+    let qp = q.as_ptr() as *const u8;
+    by_rows!(
+        m,
+        [1, 2, 3, 4, 5],
+        6,
+        gemm_q6k_avx2_m(qp, ds, a, i0, cols, out, ld)
+    );
+}
+
+/// [`q6k_sub_512`] in AVX2: the panel's two halves (rows 0..8, 8..16) in two vectors.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q6k_sub_avx2<const R: usize>(
+    qp: *const u8,
+    ds: &[f32],
+    b: usize,
+    h: usize,
+    start: impl Fn(usize) -> i32,
+    x4: impl Fn(usize, usize) -> __m256i,
+    f: &mut [[__m256; 2]; R],
+) {
+    let mut t = [[_mm256_setzero_si256(); 2]; R];
+    for (k, tk) in t.iter_mut().enumerate() {
+        *tk = [_mm256_set1_epi32(-32 * start(k)); 2];
+    }
+    dot_avx2(qp, b, 4 * h..4 * h + 2, &x4, &mut t);
+    dot_avx2(qp, b, 4 * h + 2..4 * h + 4, &x4, &mut t);
+    for half in 0..2 {
+        let d = _mm256_loadu_ps(ds.as_ptr().add((2 * b + h) * PANEL + 8 * half));
+        for (fk, tk) in f.iter_mut().zip(&t) {
+            fk[half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tk[half]), d, fk[half]);
+        }
+    }
+}
+
+/// [`gemm_q6k_avx2`] with the row count fixed at compile time.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_q6k_avx2_m<const M: usize>(
+    qp: *const u8,
+    ds: &[f32],
+    a: &Activations,
+    i0: usize,
+    cols: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    let nb = cols / QK;
+    let zero = _mm256_setzero_ps();
+    let mut acc = [[zero; 2]; M];
+    let xp = a.q.as_ptr().add(i0 * cols);
+    let (scale, sum16) = (
+        a.scale.as_ptr().add(i0 * nb),
+        a.sum16.as_ptr().add(2 * i0 * nb),
+    );
+    let scaled = |acc: &mut [__m256; 2], f: &[__m256; 2], xs: f32| {
+        for (a, f) in acc.iter_mut().zip(f) {
+            *a = _mm256_fmadd_ps(*f, _mm256_set1_ps(xs), *a);
+        }
+    };
+    for b in 0..nb {
+        let mut f = [[zero; 2]; M];
+        let x4 = |k: usize, p: usize| {
+            _mm256_set1_epi32((xp.add(k * cols + b * QK + 4 * p) as *const i32).read_unaligned())
+        };
+        for h in 0..2 {
+            let start = |k: usize| *sum16.add(2 * (k * nb + b) + h);
+            q6k_sub_avx2(qp, ds, b, h, start, x4, &mut f);
+        }
+        for (k, acc) in acc.iter_mut().enumerate() {
+            scaled(acc, &f[k], *scale.add(k * nb + b));
+        }
+    }
+    for (k, acc) in acc.iter_mut().enumerate() {
+        let row = i0 + k;
+        for e in &a.extra[a.first_extra[row]..a.first_extra[row + 1]] {
+            let b = e.block as usize;
+            let mut f = [[zero; 2]; 1];
+            let x4 = |_: usize, p: usize| {
+                _mm256_set1_epi32((e.q.as_ptr().add(4 * p) as *const i32).read_unaligned())
+            };
+            for h in 0..2 {
+                let start = |_: usize| e.sum16[h];
+                q6k_sub_avx2(qp, ds, b, h, start, x4, &mut f);
+            }
+            scaled(acc, &f[0], e.scale);
+        }
+    }
+    for (k, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.add(k * ld), a[0]);
+        _mm256_storeu_ps(out.add(k * ld + 8), a[1]);
+    }
+}
+
+/// Whether this CPU runs the AVX512_VNNI kernels, whether or not dispatch picks them (AMX
+/// tiles take their place where usable): the tests run them wherever they can.
+#[cfg(test)]
+pub fn vnni() -> bool {
+    super::avx512()
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn vnni() -> bool {
-        super::super::avx512()
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
+    /// The largest magnitude and sum that [`level`] decides second levels with are those of
+    /// [`magnitudes`] (what the tests' error bounds decide with) bit for bit, on blocks of
+    /// many scales and shapes.
+    #[test]
+    fn magnitudes_are_the_roundings_own() {
+        if !super::super::available() {
+            return;
+        }
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn vector(v: &[f32; QK]) -> (u32, u32) {
+            let l = level(&load_block(v.as_ptr()), [0i8; QK].as_mut_ptr());
+            (l.max.to_bits(), l.sum_abs.to_bits())
+        }
+        for seed in 0..500u32 {
+            let v: [f32; QK] = std::array::from_fn(|c| {
+                let h = (seed.wrapping_mul(2654435761) ^ (c as u32).wrapping_mul(40503)) % 10007;
+                let x = (h as f32 / 5003.0 - 1.0) * 10f32.powi((seed % 7) as i32 - 3);
+                if c as u32 == seed % 41 {
+                    x * 300.0
+                } else {
+                    x
+                }
+            });
+            let (max, sum) = magnitudes(&v);
+            // SAFETY: AVX2 checked above.
+            assert_eq!(
+                unsafe { vector(&v) },
+                (max.to_bits(), sum.to_bits()),
+                "seed {seed}"
+            );
+        }
     }
 
     /// Every value within half a step of its level: `max|x|/254` in a plain block, and in a
@@ -556,7 +931,7 @@ mod tests {
         // SAFETY: AVX2 comes with AVX-512.
         unsafe { b.prepare_avx2(&x, cols) };
         assert_eq!(a.q, b.q);
-        assert_eq!((&a.scale, &a.sum), (&b.scale, &b.sum));
+        assert_eq!((&a.scale, &a.sum, &a.sum16), (&b.scale, &b.sum, &b.sum16));
         assert_eq!(a.first_extra, b.first_extra);
         for (e, f) in a.extra.iter().zip(&b.extra) {
             assert_eq!((e.block, e.scale, e.q), (f.block, f.scale, f.q));
@@ -593,6 +968,11 @@ mod tests {
                         (got - v as f64).abs() <= bound * 1.001 + 1e-12,
                         "row {i} block {b} value {c}: {got} for {v}"
                     );
+                }
+                for h in 0..2 {
+                    let half = &a.q[i * cols + b * QK + 16 * h..][..16];
+                    let want: i32 = half.iter().map(|&v| v as i32).sum();
+                    assert_eq!(a.sum16[2 * (i * nb + b) + h], want, "row {i} block {b}");
                 }
                 let want = a.sum[i * nb + b] as f64;
                 assert!(

@@ -225,6 +225,33 @@ unsafe fn q4k_rows_256_t<const T: usize, B: NibbleBlock>(
     }
 }
 
+/// The four 32-value groups of half `h` of a Q6_K block as unsigned bytes `q` (0..64):
+/// group k holds values h·128 + 32k + l, l in 0..32 (see `BlockQ6K::quad`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn q6k_groups(blk: &BlockQ6K, h: usize) -> [__m256i; 4] {
+    let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
+    let ql = blk.ql.as_ptr().add(h * 64);
+    let qla = _mm256_loadu_si256(ql as *const __m256i);
+    let qlb = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+    let qh = _mm256_loadu_si256(blk.qh.as_ptr().add(h * 32) as *const __m256i);
+    // Two high bits of group k: bits 2k..2k+2 of qh, moved to bits 4..6 (they stay inside
+    // their byte: the value is at most 3 << 4).
+    let high = |v: __m256i| _mm256_slli_epi16(_mm256_and_si256(v, m2), 4);
+    [
+        _mm256_or_si256(_mm256_and_si256(qla, m4), high(qh)),
+        _mm256_or_si256(_mm256_and_si256(qlb, m4), high(_mm256_srli_epi16(qh, 2))),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(qla, 4), m4),
+            high(_mm256_srli_epi16(qh, 4)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(qlb, 4), m4),
+            high(_mm256_srli_epi16(qh, 6)),
+        ),
+    ]
+}
+
 /// The four 32-value groups of half `h` of a Q6_K block, as signed bytes `q − 32`, for the
 /// 16 values `l0..l0 + 16` of each group (`l0` 0 or 16): group k holds values
 /// h·128 + 32k + l.

@@ -526,24 +526,17 @@ pub(crate) mod testing {
     }
 
     /// The worst error of a product from rounding the activations to 8-bit integers per
-    /// block of 32 (see `x86::int8`): half a step each, `max|x| / 254`, or `max|x| / 64516`
-    /// in a block with a second level; `Σ |w| · half step` (with 1% to spare).
+    /// block of 32 (see `x86::int8`): half a step each (`x86::int8::half_steps`: `max|x| /
+    /// 254`, the outliers of a block that has them exact and its other values at the step of
+    /// their own largest); `Σ |w| · half step` (with 1% to spare).
     pub fn int8_steps(w: &[f32], x: &[f32], rows: usize, cols: usize, n: usize) -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
         let half_step: Vec<f32> = x
             .chunks(formats::QK)
-            .flat_map(|c| {
-                let m = c.iter().fold(0f32, |m, v| m.max(v.abs()));
-                #[cfg(target_arch = "x86_64")]
-                let second = {
-                    let (_, sum_abs) = x86::int8::magnitudes(c.try_into().expect("a block"));
-                    x86::int8::second_level(m, sum_abs)
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let second = false;
-                let levels = if second { 64516.0 } else { 254.0 };
-                std::iter::repeat_n(m / levels, c.len())
-            })
+            .flat_map(|c| x86::int8::half_steps(c.try_into().expect("a block")))
             .collect();
+        #[cfg(not(target_arch = "x86_64"))]
+        let half_step = vec![0f32; x.len()];
         let abs: Vec<f32> = w.iter().map(|a| a.abs()).collect();
         let steps = reference(&abs, &half_step, rows, cols, n);
         steps.iter().map(|s| 1.01 * s).collect()

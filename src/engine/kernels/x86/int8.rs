@@ -31,47 +31,54 @@ pub const PANEL: usize = 16;
 /// Activation rows per call of the kernel: 8 integer sums + 8 accumulators + weights and
 /// scales fit the 32 registers.
 pub const MR: usize = 8;
-/// A block whose largest magnitude exceeds this many times its mean magnitude gets a second
-/// level. A block of normal (bell-shaped) values stays well below it (its largest of 32 is
-/// ~2.5–4× the mean); one value ≥ ~5× the others' scale reaches it.
+/// A block whose largest magnitude exceeds this many times its mean magnitude has outliers:
+/// its values above this many times the mean are kept exact, out of its 8-bit integers. A
+/// block of normal (bell-shaped) values stays well below it (its largest of 32 is ~2.5–4×
+/// the mean); one value ≥ ~5× the others' scale reaches it. At most five values of a block
+/// can exceed it.
 pub const OUTLIER: f32 = 6.0;
 
 /// Whether a block of 32 with largest magnitude `max` and magnitudes summing to `sum_abs`
-/// gets a second level (see [`OUTLIER`]).
+/// has outliers (see [`OUTLIER`]): then `max` exceeds [`outlier_bound`].
 #[inline]
-pub fn second_level(max: f32, sum_abs: f32) -> bool {
+pub fn has_outliers(max: f32, sum_abs: f32) -> bool {
     max * QK as f32 > OUTLIER * sum_abs
 }
 
-/// The second level of one block of one activation row: its rounding error as 8-bit
-/// integers with their own scale.
-#[derive(Clone, Copy)]
-pub struct Extra {
-    /// The block's index within its row.
-    pub block: u32,
-    pub scale: f32,
-    pub q: [i8; QK],
-    /// The sums of `q`'s two halves (see [`Activations::sum16`]).
-    pub sum16: [i32; 2],
+/// The magnitude above which a value of a block with outliers is one: [`OUTLIER`] times the
+/// block's mean magnitude.
+#[inline]
+pub fn outlier_bound(sum_abs: f32) -> f32 {
+    OUTLIER * sum_abs / QK as f32
+}
+
+/// One activation value kept out of its block's 8-bit integers (where it counts as zero):
+/// the kernels add its products exactly, in f32, after a row's integer pass.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Outlier {
+    /// Its column in the row.
+    pub col: u32,
+    pub value: f32,
 }
 
 /// A product's activation rows as 8-bit integers, made once per product by the first band of
 /// a thread that needs them.
 #[derive(Default)]
 pub struct Activations {
-    /// Row-major, as the f32 rows.
+    /// Row-major, as the f32 rows (an outlier's place holds 0).
     pub q: Vec<i8>,
-    /// Each block's scale: its values are `scale · q`.
+    /// Each block's scale: its values are `scale · q`, and its outliers.
     pub scale: Vec<f32>,
-    /// Each block's sum of its rounded values (both levels), for the minimums' term.
+    /// Each block's sum of its values as the kernels see them (the rounded ones and the
+    /// outliers), for the minimums' term.
     pub sum: Vec<f32>,
-    /// The sums of each 16 values' first-level integers (two per block): where Q6_K's
-    /// integer sums start (see [`gemm_q6k`]).
+    /// The sums of each 16 values' integers (two per block): where Q6_K's integer sums start
+    /// (see [`gemm_q6k`]).
     pub sum16: Vec<i32>,
-    /// Second levels, row by row, in block order.
-    pub extra: Vec<Extra>,
-    /// Row i's second levels are `extra[first_extra[i]..first_extra[i + 1]]`.
-    pub first_extra: Vec<usize>,
+    /// Outliers, row by row, in column order.
+    pub outliers: Vec<Outlier>,
+    /// Row i's outliers are `outliers[first_outlier[i]..first_outlier[i + 1]]`.
+    pub first_outlier: Vec<usize>,
     ready: bool,
 }
 
@@ -94,6 +101,12 @@ impl Activations {
         self.prepare_with(x, cols)
     }
 
+    /// Row `row`'s outliers.
+    #[inline]
+    pub fn outliers_of(&self, row: usize) -> &[Outlier] {
+        &self.outliers[self.first_outlier[row]..self.first_outlier[row + 1]]
+    }
+
     /// The one definition of the rounding, compiled into each caller's instruction set (AVX2
     /// intrinsics, which AVX-512 CPUs have too: both give the same integers and scales).
     ///
@@ -111,44 +124,58 @@ impl Activations {
         self.scale.resize(n * nb, 0.0);
         self.sum.resize(n * nb, 0.0);
         self.sum16.resize(2 * n * nb, 0);
-        self.extra.clear();
-        self.first_extra.clear();
-        self.first_extra.push(0);
+        self.outliers.clear();
+        self.first_outlier.clear();
+        self.first_outlier.push(0);
+        // No closures here: they would not get the caller's instruction set, and the
+        // intrinsics in them would become calls.
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
         for i in 0..n {
             for b in 0..nb {
                 let at = i * cols + b * QK;
-                let block = load_block(x.as_ptr().add(at));
-                let first = level(&block, self.q.as_mut_ptr().add(at));
-                let k = i * nb + b;
-                self.scale[k] = first.scale;
-                self.sum16[2 * k..2 * k + 2].copy_from_slice(&first.halves);
-                let mut sum = first.scale * (first.halves[0] + first.halves[1]) as f32;
-                if second_level(first.max, first.sum_abs) {
-                    let mut extra = Extra {
-                        block: b as u32,
-                        scale: 0.0,
-                        q: [0; QK],
-                        sum16: [0; 2],
-                    };
-                    let second = level(&first.residual, extra.q.as_mut_ptr());
-                    extra.scale = second.scale;
-                    extra.sum16 = second.halves;
-                    sum += second.scale * (second.halves[0] + second.halves[1]) as f32;
-                    self.extra.push(extra);
+                let mut block = load_block(x.as_ptr().add(at));
+                let (mut max, sum_abs) = block_magnitudes(&block);
+                let mut kept = 0f32;
+                if has_outliers(max, sum_abs) {
+                    let bound = _mm256_set1_ps(outlier_bound(sum_abs));
+                    let mut most = _mm256_setzero_ps();
+                    for (k, v) in block.iter_mut().enumerate() {
+                        let a = _mm256_and_ps(*v, abs);
+                        let big = _mm256_cmp_ps::<_CMP_GT_OQ>(a, bound);
+                        let mut bits = _mm256_movemask_ps(big) as u32;
+                        while bits != 0 {
+                            let c = b * QK + 8 * k + bits.trailing_zeros() as usize;
+                            let value = x[i * cols + c];
+                            self.outliers.push(Outlier {
+                                col: c as u32,
+                                value,
+                            });
+                            kept += value;
+                            bits &= bits - 1;
+                        }
+                        *v = _mm256_andnot_ps(big, *v);
+                        most = _mm256_max_ps(most, _mm256_andnot_ps(big, a));
+                    }
+                    max = hmax(most);
                 }
-                self.sum[k] = sum;
+                let (scale, halves) = level(&block, max, self.q.as_mut_ptr().add(at));
+                let k = i * nb + b;
+                self.scale[k] = scale;
+                self.sum16[2 * k..2 * k + 2].copy_from_slice(&halves);
+                self.sum[k] = scale * (halves[0] + halves[1]) as f32 + kept;
             }
-            self.first_extra.push(self.extra.len());
+            self.first_outlier.push(self.outliers.len());
         }
         self.ready = true;
         self
     }
 }
 
-/// A block's largest magnitude and the sum of its magnitudes: what [`second_level`] is asked
+/// A block's largest magnitude and the sum of its magnitudes: what [`has_outliers`] is asked
 /// with (the tests' error bounds use it too, so they decide alike at the threshold). In
-/// eight lanes as [`level`] sums them in a vector (lane l: values l, 8 + l, 16 + l, 24 + l,
-/// in that order), then the lanes in the order of `hsum`: bit for bit the same sums.
+/// eight lanes as [`block_magnitudes`] sums them in a vector (lane l: values l, 8 + l,
+/// 16 + l, 24 + l, in that order), then the lanes in the order of `hsum`: bit for bit the
+/// same sums.
 #[cfg(test)]
 pub fn magnitudes(v: &[f32; QK]) -> (f32, f32) {
     let most = v.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -156,16 +183,6 @@ pub fn magnitudes(v: &[f32; QK]) -> (f32, f32) {
         std::array::from_fn(|l| v[l].abs() + v[8 + l].abs() + v[16 + l].abs() + v[24 + l].abs());
     let sum = ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
     (most, sum)
-}
-
-/// One level of a block: its scale, the sums of its integers' two halves, the block's
-/// largest and summed magnitudes, and what it leaves (`x − scale·q`).
-struct Level {
-    scale: f32,
-    halves: [i32; 2],
-    max: f32,
-    sum_abs: f32,
-    residual: [__m256; 4],
 }
 
 /// The 32 values from `p` in four vectors.
@@ -179,6 +196,19 @@ unsafe fn load_block(p: *const f32) -> [__m256; 4] {
     ]
 }
 
+/// [`magnitudes`] of a block in four vectors.
+#[inline(always)]
+unsafe fn block_magnitudes(x: &[__m256; 4]) -> (f32, f32) {
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let mut a = *x;
+    for v in &mut a {
+        *v = _mm256_and_ps(*v, abs);
+    }
+    let most = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+    let sums = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), a[2]), a[3]);
+    (hmax(most), super::hsum(sums))
+}
+
 /// The largest of a vector's eight lanes.
 #[inline(always)]
 unsafe fn hmax(v: __m256) -> f32 {
@@ -187,37 +217,17 @@ unsafe fn hmax(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)))
 }
 
-/// Rounds a block's 32 values to `scale · q` with |q| ≤ 127, `scale = max|x|/127`, round to
-/// nearest, ties to even (the largest lands on 127), writing the 32 `q` to `out`.
+/// Rounds a block's 32 values, whose largest magnitude is `max`, to `scale · q` with
+/// |q| ≤ 127, `scale = max/127`, round to nearest, ties to even (the largest lands on 127),
+/// writing the 32 `q` to `out`; returns the scale and the sums of the two halves' `q`.
 #[inline(always)]
-unsafe fn level(x: &[__m256; 4], out: *mut i8) -> Level {
-    // No closures here: they would not get the caller's instruction set, and the intrinsics
-    // in them would become calls.
-    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-    let mut a = *x;
-    for v in &mut a {
-        *v = _mm256_and_ps(*v, abs);
-    }
-    let most = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
-    let sums = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), a[2]), a[3]);
-    let (max, sum_abs) = (hmax(most), super::hsum(sums));
+unsafe fn level(x: &[__m256; 4], max: f32, out: *mut i8) -> (f32, [i32; 2]) {
     if max == 0.0 {
         std::ptr::write_bytes(out, 0, QK);
-        let halves = [0; 2];
-        return Level {
-            scale: 0.0,
-            halves,
-            max,
-            sum_abs,
-            residual: *x,
-        };
+        return (0.0, [0; 2]);
     }
     let scale = max / 127.0;
-    let (vs, inv, lim) = (
-        _mm256_set1_ps(scale),
-        _mm256_set1_ps(127.0 / max),
-        _mm256_set1_ps(127.0),
-    );
+    let (inv, lim) = (_mm256_set1_ps(127.0 / max), _mm256_set1_ps(127.0));
     let low = _mm256_sub_ps(_mm256_setzero_ps(), lim);
     let mut n = *x;
     let mut i = [_mm256_setzero_si256(); 4];
@@ -243,16 +253,77 @@ unsafe fn level(x: &[__m256; 4], out: *mut i8) -> Level {
         super::hsum(_mm256_add_ps(n[0], n[1])) as i32,
         super::hsum(_mm256_add_ps(n[2], n[3])) as i32,
     ];
-    let mut residual = *x;
-    for (r, n) in residual.iter_mut().zip(&n) {
-        *r = _mm256_sub_ps(*r, _mm256_mul_ps(vs, *n));
+    (scale, halves)
+}
+
+/// The 16 integers of a byte panel at column `c` (byte `c % 4` of each row's four-byte
+/// group, see [`gemm`]'s layout), as 32-bit lanes.
+#[inline(always)]
+unsafe fn column_512(qp: *const u8, c: usize) -> __m512i {
+    let v = _mm512_loadu_si512(qp.add(c / 4 * 64) as *const __m512i);
+    let shift = _mm512_set1_epi32(8 * (c % 4) as i32);
+    _mm512_and_si512(_mm512_srlv_epi32(v, shift), _mm512_set1_epi32(0xFF))
+}
+
+/// [`column_512`] for rows 0..8 (`half` 0) or 8..16 (1) in AVX2.
+#[inline(always)]
+unsafe fn column_avx2(qp: *const u8, c: usize, half: usize) -> __m256i {
+    let v = _mm256_loadu_si256(qp.add(c / 4 * 64 + 32 * half) as *const __m256i);
+    let shift = _mm256_set1_epi32(8 * (c % 4) as i32);
+    _mm256_and_si256(_mm256_srlv_epi32(v, shift), _mm256_set1_epi32(0xFF))
+}
+
+/// The outliers of activation rows `i0..i0 + M` times the panel's weights at their columns,
+/// added to the rows' sums in column order, after their integer pass (so a row's sums come
+/// in the same order whatever shares the call). `Q6`: a Q6_K panel (weights `d·sc · (q − 32)`,
+/// a scale per 16 columns), else one of weights `d · q` (their minimums are in the integer
+/// pass's term, whose sums include the outliers) with a scale per 32.
+#[inline(always)]
+unsafe fn outliers_512<const M: usize, const Q6: bool>(
+    qp: *const u8,
+    ds: &[f32],
+    a: &Activations,
+    i0: usize,
+    acc: &mut [__m512; M],
+) {
+    for (k, acc) in acc.iter_mut().enumerate() {
+        for o in a.outliers_of(i0 + k) {
+            let c = o.col as usize;
+            let mut w = _mm512_cvtepi32_ps(column_512(qp, c));
+            let group = if Q6 {
+                w = _mm512_sub_ps(w, _mm512_set1_ps(32.0));
+                c / 16
+            } else {
+                c / QK
+            };
+            let d = _mm512_loadu_ps(ds.as_ptr().add(group * PANEL));
+            *acc = _mm512_fmadd_ps(_mm512_mul_ps(w, d), _mm512_set1_ps(o.value), *acc);
+        }
     }
-    Level {
-        scale,
-        halves,
-        max,
-        sum_abs,
-        residual,
+}
+
+/// [`outliers_512`] in AVX2, the same arithmetic in two halves of eight rows.
+#[inline(always)]
+unsafe fn outliers_avx2<const M: usize, const Q6: bool>(
+    qp: *const u8,
+    ds: &[f32],
+    a: &Activations,
+    i0: usize,
+    acc: &mut [[__m256; 2]; M],
+) {
+    for (k, acc) in acc.iter_mut().enumerate() {
+        for o in a.outliers_of(i0 + k) {
+            let c = o.col as usize;
+            let group = if Q6 { c / 16 } else { c / QK };
+            for (half, acc) in acc.iter_mut().enumerate() {
+                let mut w = _mm256_cvtepi32_ps(column_avx2(qp, c, half));
+                if Q6 {
+                    w = _mm256_sub_ps(w, _mm256_set1_ps(32.0));
+                }
+                let d = _mm256_loadu_ps(ds.as_ptr().add(group * PANEL + 8 * half));
+                *acc = _mm256_fmadd_ps(_mm256_mul_ps(w, d), _mm256_set1_ps(o.value), *acc);
+            }
+        }
     }
 }
 
@@ -451,23 +522,7 @@ unsafe fn gemm_m<const M: usize>(
             *a = _mm512_fnmadd_ps(mn, _mm512_set1_ps(*sum.add(k * nb + b)), *a);
         }
     }
-    // The second levels, after the row's main pass (so the order of its sums is the same
-    // whatever shares the call).
-    for (k, acc) in acc.iter_mut().enumerate() {
-        let row = i0 + k;
-        for e in &a.extra[a.first_extra[row]..a.first_extra[row + 1]] {
-            let b = e.block as usize;
-            let mut t = _mm512_setzero_si512();
-            for p in 0..QK / 4 {
-                let w = _mm512_loadu_si512(qp.add((b * QK / 4 + p) * 64) as *const __m512i);
-                let x = _mm512_set1_epi32((e.q.as_ptr().add(4 * p) as *const i32).read_unaligned());
-                t = _mm512_dpbusd_epi32(t, w, x);
-            }
-            let d = _mm512_loadu_ps(ds.as_ptr().add(b * PANEL));
-            let dk = _mm512_mul_ps(d, _mm512_set1_ps(e.scale));
-            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), dk, *acc);
-        }
-    }
+    outliers_512::<M, false>(qp, ds, a, i0, &mut acc);
     for (k, a) in acc.iter().enumerate() {
         _mm512_storeu_ps(out.add(k * ld), *a);
     }
@@ -540,21 +595,7 @@ unsafe fn gemm_q6k_m<const M: usize>(
             *a = _mm512_fmadd_ps(f[k], _mm512_set1_ps(*scale.add(k * nb + b)), *a);
         }
     }
-    for (k, acc) in acc.iter_mut().enumerate() {
-        let row = i0 + k;
-        for e in &a.extra[a.first_extra[row]..a.first_extra[row + 1]] {
-            let b = e.block as usize;
-            let mut f = [_mm512_setzero_ps(); 1];
-            let x4 = |_: usize, p: usize| {
-                _mm512_set1_epi32((e.q.as_ptr().add(4 * p) as *const i32).read_unaligned())
-            };
-            for h in 0..2 {
-                let start = |_: usize| e.sum16[h];
-                q6k_sub_512(qp, ds, b, h, start, x4, &mut f);
-            }
-            *acc = _mm512_fmadd_ps(f[0], _mm512_set1_ps(e.scale), *acc);
-        }
-    }
+    outliers_512::<M, true>(qp, ds, a, i0, &mut acc);
     for (k, a) in acc.iter().enumerate() {
         _mm512_storeu_ps(out.add(k * ld), *a);
     }
@@ -725,19 +766,7 @@ unsafe fn gemm_avx2_m<const M: usize>(
             }
         }
     }
-    for (k, acc) in acc.iter_mut().enumerate() {
-        let row = i0 + k;
-        for e in &a.extra[a.first_extra[row]..a.first_extra[row + 1]] {
-            let b = e.block as usize;
-            let x = |_: usize, p: usize| {
-                _mm256_set1_epi32((e.q.as_ptr().add(4 * p) as *const i32).read_unaligned())
-            };
-            let mut t = [[_mm256_setzero_si256(); 2]; 1];
-            dot_avx2(qp, b, 0..4, x, &mut t);
-            dot_avx2(qp, b, 4..8, x, &mut t);
-            scaled(acc, &t[0], b, e.scale);
-        }
-    }
+    outliers_avx2::<M, false>(qp, ds, a, i0, &mut acc);
     for (k, a) in acc.iter().enumerate() {
         _mm256_storeu_ps(out.add(k * ld), a[0]);
         _mm256_storeu_ps(out.add(k * ld + 8), a[1]);
@@ -839,21 +868,7 @@ unsafe fn gemm_q6k_avx2_m<const M: usize>(
             scaled(acc, &f[k], *scale.add(k * nb + b));
         }
     }
-    for (k, acc) in acc.iter_mut().enumerate() {
-        let row = i0 + k;
-        for e in &a.extra[a.first_extra[row]..a.first_extra[row + 1]] {
-            let b = e.block as usize;
-            let mut f = [[zero; 2]; 1];
-            let x4 = |_: usize, p: usize| {
-                _mm256_set1_epi32((e.q.as_ptr().add(4 * p) as *const i32).read_unaligned())
-            };
-            for h in 0..2 {
-                let start = |_: usize| e.sum16[h];
-                q6k_sub_avx2(qp, ds, b, h, start, x4, &mut f);
-            }
-            scaled(acc, &f[0], e.scale);
-        }
-    }
+    outliers_avx2::<M, true>(qp, ds, a, i0, &mut acc);
     for (k, a) in acc.iter().enumerate() {
         _mm256_storeu_ps(out.add(k * ld), a[0]);
         _mm256_storeu_ps(out.add(k * ld + 8), a[1]);
@@ -869,13 +884,30 @@ pub fn vnni() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
+/// Half the rounding step of each value of a block, as [`Activations`] rounds it: 0 for an
+/// outlier (kept exact), else half the step set by the block's largest other magnitude
+/// (`max/254`). What the tests' error bounds are made of.
+#[cfg(test)]
+pub fn half_steps(v: &[f32; QK]) -> [f32; QK] {
+    let (max, sum_abs) = magnitudes(v);
+    if !has_outliers(max, sum_abs) {
+        return [max / 254.0; QK];
+    }
+    let bound = outlier_bound(sum_abs);
+    let rest = v
+        .iter()
+        .filter(|x| x.abs() <= bound)
+        .fold(0f32, |m, x| m.max(x.abs()));
+    v.map(|x| if x.abs() > bound { 0.0 } else { rest / 254.0 })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The largest magnitude and sum that [`level`] decides second levels with are those of
-    /// [`magnitudes`] (what the tests' error bounds decide with) bit for bit, on blocks of
-    /// many scales and shapes.
+    /// The largest magnitude and sum that [`has_outliers`] is asked with in the rounding are
+    /// those of [`magnitudes`] (what the tests' error bounds decide with) bit for bit, on
+    /// blocks of many scales and shapes.
     #[test]
     fn magnitudes_are_the_roundings_own() {
         if !super::super::available() {
@@ -883,8 +915,8 @@ mod tests {
         }
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn vector(v: &[f32; QK]) -> (u32, u32) {
-            let l = level(&load_block(v.as_ptr()), [0i8; QK].as_mut_ptr());
-            (l.max.to_bits(), l.sum_abs.to_bits())
+            let (max, sum) = block_magnitudes(&load_block(v.as_ptr()));
+            (max.to_bits(), sum.to_bits())
         }
         for seed in 0..500u32 {
             let v: [f32; QK] = std::array::from_fn(|c| {
@@ -906,9 +938,10 @@ mod tests {
         }
     }
 
-    /// Every value within half a step of its level: `max|x|/254` in a plain block, and in a
-    /// block with an outlier within `max|x|/64516` (the second level); the sums are of the
-    /// rounded values; only the outlier blocks have a second level.
+    /// Outliers kept exact and only they (the massive activation, and one value of a block
+    /// with two large ones where only it exceeds the bound); every other value within half
+    /// a step of its block's largest other magnitude (`max/254`); the sums (per block, with
+    /// the outliers; per 16 values, of the integers); the AVX2 build the same as AVX-512's.
     #[test]
     fn activations_keep_every_value_within_half_a_step() {
         if !vnni() {
@@ -919,7 +952,8 @@ mod tests {
             .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.7)
             .collect();
         x[5] = 300.0; // row 0, block 0: a massive activation
-        x[cols + 70] = -45.0; // row 1, block 2
+        x[cols + 70] = -45.0; // row 1, block 2: an outlier...
+        x[cols + 71] = 2.5; // ...beside a value above the others but below the bound
         for v in &mut x[2 * cols + 32..2 * cols + 64] {
             *v = 0.0; // row 2, block 1: all zero
         }
@@ -932,40 +966,33 @@ mod tests {
         unsafe { b.prepare_avx2(&x, cols) };
         assert_eq!(a.q, b.q);
         assert_eq!((&a.scale, &a.sum, &a.sum16), (&b.scale, &b.sum, &b.sum16));
-        assert_eq!(a.first_extra, b.first_extra);
-        for (e, f) in a.extra.iter().zip(&b.extra) {
-            assert_eq!((e.block, e.scale, e.q), (f.block, f.scale, f.q));
-        }
-        let blocks: Vec<(usize, u32)> = (0..3)
-            .flat_map(|i| {
-                a.extra[a.first_extra[i]..a.first_extra[i + 1]]
-                    .iter()
-                    .map(move |e| (i, e.block))
-            })
-            .collect();
-        assert_eq!(blocks, vec![(0, 0), (1, 2)]);
+        assert_eq!(
+            (&a.outliers, &a.first_outlier),
+            (&b.outliers, &b.first_outlier)
+        );
+        let outlier = |col: u32, value: f32| Outlier { col, value };
+        assert_eq!(a.outliers_of(0), &[outlier(5, 300.0)]);
+        assert_eq!(a.outliers_of(1), &[outlier(70, -45.0)]);
+        assert_eq!(a.outliers_of(2), &[]);
         let nb = cols / QK;
         for i in 0..3 {
             for b in 0..nb {
-                let block = &x[i * cols + b * QK..][..QK];
-                let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let extra = a.extra[a.first_extra[i]..a.first_extra[i + 1]]
-                    .iter()
-                    .find(|e| e.block as usize == b);
+                let block: &[f32; QK] = x[i * cols + b * QK..][..QK].try_into().unwrap();
+                let steps = half_steps(block);
                 let mut sum = 0f64;
                 for (c, &v) in block.iter().enumerate() {
-                    let mut got = a.scale[i * nb + b] as f64 * a.q[i * cols + b * QK + c] as f64;
-                    if let Some(e) = extra {
-                        got += e.scale as f64 * e.q[c] as f64;
-                    }
-                    sum += got;
-                    let bound = if extra.is_some() {
-                        max as f64 / 64516.0
-                    } else {
-                        max as f64 / 254.0
+                    let col = (b * QK + c) as u32;
+                    let q = a.q[i * cols + b * QK + c];
+                    let got = match a.outliers_of(i).iter().find(|o| o.col == col) {
+                        Some(o) => {
+                            assert_eq!(q, 0, "row {i} column {col}: an outlier's integer");
+                            o.value as f64
+                        }
+                        None => a.scale[i * nb + b] as f64 * q as f64,
                     };
+                    sum += got;
                     assert!(
-                        (got - v as f64).abs() <= bound * 1.001 + 1e-12,
+                        (got - v as f64).abs() <= steps[c] as f64 * 1.001 + 1e-12,
                         "row {i} block {b} value {c}: {got} for {v}"
                     );
                 }
@@ -981,5 +1008,8 @@ mod tests {
                 );
             }
         }
+        // The block with the outlier keeps its other values at the step of its own: the
+        // 2.5 sets it, not the 45.
+        assert!((a.scale[nb + 2] - 2.5 / 127.0).abs() < 1e-7);
     }
 }

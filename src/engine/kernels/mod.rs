@@ -7,7 +7,7 @@
 //! Paris." with f32 activations, French gibberish with 8-bit ones). Here the weights are
 //! dequantized on the fly and multiplied with activations that keep their outliers' neighbours:
 //! f32, bf16 (each value its own exponent) or 16-bit integers per block of 32 (see
-//! `decode::rounding`); the 8-bit prompt kernel gives outlier blocks a second level.
+//! `decode::rounding`); the 8-bit prompt kernel keeps each block's outliers exact.
 //!
 //! Weights are read in place, in the format the file stores them (see [`formats`]): from the
 //! model file's memory map, so loading is a header read and the page cache is shared with
@@ -65,8 +65,8 @@ pub struct Isa {
     /// 16-bit integer activations for the Q4_0, Q4_1 and Q8_0 decode kernels, and the K-quant
     /// ones where bf16 is missing (see `decode::rounding`).
     pub int16: bool,
-    /// 8-bit activations (with a second level for outlier blocks) for the prompt kernels of
-    /// Q4_K, Q5_K and Q4_0: with AVX512_VNNI where AMX is not used, in AVX2 where neither it
+    /// 8-bit activations (each block's outliers kept exact) for the prompt kernels of Q4_K,
+    /// Q5_K, Q6_K and Q4_0: with AVX512_VNNI where AMX is not used, in AVX2 where neither it
     /// nor AVX512_BF16 is.
     pub int8: bool,
 }

@@ -1,25 +1,34 @@
 //! Prompt kernels with 8-bit activations (AVX512_VNNI `vpdpbusd`, or AVX2 `vpmaddubsw`) for
-//! Q4_K, Q5_K and Q4_0, with a second 8-bit level wherever a block holds an outlier.
+//! Q4_K, Q5_K, Q6_K and Q4_0, with each block's outliers kept exact.
 //!
 //! Why: a prompt chunk is compute-bound, and `vpdpbusd` does 64 multiply-adds an
 //! instruction where `vdpbf16ps` does 32 (on Intel without AMX bf16 is no faster than f32
 //! FMA). Measured on an AMD VM, Q5_K_M prompts went from 0.75× to 0.87× llama.cpp's speed:
 //! not 2×, since each block of 32 still costs four vector operations of scaling beside its
-//! eight products. The weights' values are small unsigned integers (0..15, 0..31), so they
-//! are the unsigned operand exactly as stored. CPUs without AVX-512 run the same arithmetic
-//! in AVX2 ([`gemm_avx2`]), with the same results.
+//! eight products. The weights' values are small unsigned integers (0..15, 0..31, Q6_K's
+//! 0..63), so they are the unsigned operand exactly as stored (Q6_K's offset of 32 is taken
+//! off through the activations' sums, see [`gemm_q6k`]). CPUs without AVX-512 run the same
+//! arithmetic in AVX2 ([`gemm_avx2`], [`gemm_q6k_avx2`]), with the same results.
 //!
-//! Why a second level: plain 8-bit blocks are what breaks SmolLM2 in llama.cpp — one massive
+//! Why outliers: plain 8-bit blocks are what breaks SmolLM2 in llama.cpp — one massive
 //! activation in a block of 32 sets the step, and the other 31 values round to a few steps
 //! of it. Here each block of 32 gets one scale (`max|x|/127`, so a normal block keeps ~1/254
-//! of its largest value, finer than llama.cpp's `q8_K` with one scale per 256); a block whose
-//! largest value exceeds [`OUTLIER`] times its mean magnitude also gets its rounding error
-//! quantized the same way, which leaves every value of that block within `max|x|/64516` —
-//! the outlier and its neighbours alike. Massive activations sit in a few fixed channels, so
-//! few blocks pay for the second level (one more pass over that block's weights).
+//! of its largest value, finer than llama.cpp's `q8_K` with one scale per 256); in a block
+//! whose largest value exceeds [`OUTLIER`] times its mean magnitude, the values above that
+//! bound (at most five; one in 91% of such blocks in a Llama-shaped model's `ffn_down`
+//! inputs) are kept out of the integers as f32, and the others get the step of their own
+//! largest. A kernel adds an outlier's products after the integer pass: one masked column of
+//! the panel times the value, in f32.
 //!
-//! Each row's arithmetic depends only on that row (the second levels are summed after its
-//! main pass, in block order), so a row's results do not depend on what shares its chunk.
+//! Until 2026-12-07 such blocks got a second 8-bit level instead (their rounding error
+//! rounded again, every value then within `max|x|/64516`), which costs a second pass over
+//! the block's weights. `ffn_down`'s inputs (the SwiGLU products, heavy-tailed) have
+//! outliers in half their blocks, so that pass took a fifth of a Q5_K_M prompt's time; the
+//! exact outliers made it 154 → 222 tok/s (Sapphire Rapids VM, `--no-amx`), and SmolLM2's
+//! 8-bit answers stayed those of the bf16 kernels.
+//!
+//! Each row's arithmetic depends only on that row (its outliers are added after its integer
+//! pass, in column order), so a row's results do not depend on what shares its chunk.
 
 use std::arch::x86_64::*;
 
@@ -532,7 +541,7 @@ unsafe fn gemm_m<const M: usize>(
 /// `ds` each 16-column sub-block's `d·sc`). Each sub-block's `vpdpbusd` sums start from
 /// `−32 ·` the activations' integer sum over it, so they are `Σ (q − 32) · x` exactly; the
 /// two sub-blocks' sums of a block are scaled by their `d·sc` and then by the activation
-/// block's scale. A second level adds its own sums the same way.
+/// block's scale. The outliers come after, as in [`gemm`].
 ///
 /// Why: Q6_K (the `ffn_down` and `attn_v` of half the layers in Q4_K_M and Q5_K_M files)
 /// went through bf16 panels (AVX512_BF16: 32 multiply-adds an instruction) or f32 ones.

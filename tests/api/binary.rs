@@ -290,7 +290,10 @@ pub(crate) async fn serve_with(
     }
 }
 
-/// Sends SIGTERM and waits (bounded) for a clean exit.
+/// Sends SIGTERM and waits (bounded) for a clean exit: the server's shutdown grace (10 s by
+/// default, `CONFAB_SHUTDOWN_GRACE_SECS`) for accepted replies, plus 10 s. A bound of the
+/// grace alone failed twice on loaded 2-core CI machines (2026-12-07), in cluster tests whose
+/// replicas were still finishing replies when stopped.
 pub(crate) async fn stop(mut child: std::process::Child) {
     let pid = child.id().to_string();
     assert!(Command::new("kill")
@@ -299,14 +302,14 @@ pub(crate) async fn stop(mut child: std::process::Child) {
         .unwrap()
         .success());
     let status = tokio::task::spawn_blocking(move || {
-        for _ in 0..200 {
+        for _ in 0..400 {
             if let Some(s) = child.try_wait().unwrap() {
                 return s;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         child.kill().ok();
-        panic!("server did not stop within 10 s of SIGTERM");
+        panic!("server did not stop within 20 s of SIGTERM (its grace is 10 s)");
     })
     .await
     .unwrap();

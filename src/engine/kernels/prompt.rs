@@ -299,7 +299,7 @@ impl QMat {
     /// `stage`, with their scales in `ds` and `ms`).
     #[cfg(target_arch = "x86_64")]
     fn bf16_panel(&self, p0: usize, width: usize, scratch: &mut PanelScratch) {
-        use super::formats::{cast, QK, QK_K};
+        use super::formats::{cast, QK};
         let cols = self.cols();
         // SAFETY (all three): AVX512_BF16 checked by the callers; `rows` holds `width`
         // whole rows; the byte panel holds 16 rows of `cols`.
@@ -307,6 +307,10 @@ impl QMat {
             Format::Q4K | Format::Q5K | Format::Q4_0 => {
                 self.byte_panel(p0, width, scratch);
                 unsafe { x86::bf16::widen(&scratch.bytes, cols, &mut scratch.stage) }
+            }
+            Format::Q6K => {
+                self.byte_panel(p0, width, scratch);
+                unsafe { x86::bf16::widen_q6k(&scratch.bytes, cols, &mut scratch.stage) }
             }
             Format::BF16 => {
                 let rows = self.rows_data(p0, p0 + width);
@@ -318,11 +322,7 @@ impl QMat {
                 let (q, ds) = (&mut scratch.stage, &mut scratch.ds);
                 unsafe { x86::bf16::q8_0_panel(cast(rows), cols / QK, width, q, ds) }
             }
-            _ => {
-                let rows = self.rows_data(p0, p0 + width);
-                let (q, ds) = (&mut scratch.stage, &mut scratch.ds);
-                unsafe { x86::bf16::q6k_panel(cast(rows), cols / QK_K, width, q, ds) }
-            }
+            _ => unreachable!("no bf16 panels for {:?}", self.format()),
         }
     }
 

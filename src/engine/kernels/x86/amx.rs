@@ -112,9 +112,9 @@ impl Drop for Tiles {
 }
 
 /// Turns a bf16 panel of exact integers with block scales (`q`, `ds`, `ms` as
-/// `bf16::widen` (from `int8`'s byte panels), `bf16::q6k_panel` and `bf16::q8_0_panel` make
-/// them: `G`-column sub-blocks, with
-/// minimums if `MINS`) into the weights themselves, `d·q − m` rounded to bf16, in place.
+/// `bf16::widen` and `bf16::widen_q6k` (from `int8`'s byte panels) and `bf16::q8_0_panel`
+/// make them: `G`-column sub-blocks, with minimums if `MINS`) into the weights themselves,
+/// `d·q − m` rounded to bf16, in place.
 ///
 /// # Safety
 /// AVX512_BF16 must be present; `q` holds `cols × 16` values, `ds`/`ms` `cols / G × 16`.

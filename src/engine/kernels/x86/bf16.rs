@@ -558,8 +558,9 @@ pub unsafe fn widen(bytes: &[u16], cols: usize, q: &mut Vec<u16>) {
     }
 }
 
-/// A panel of [`PANEL`] BF16 weight rows for [`gemm`]: the values as they are, as
-/// [`q6k_panel`] makes them, with a scale of 1 per 32-column block. Rows past `width` are zero.
+/// A panel of [`PANEL`] BF16 weight rows for [`gemm`]: the values as they are, row-major as
+/// [`widen`] leaves the others, with a scale of 1 per 32-column block. Rows past `width` are
+/// zero.
 ///
 /// # Safety
 /// AVX512_BF16 must be present; `rows` holds `width` (≤ 16) rows of `cols` (a multiple of
@@ -618,44 +619,24 @@ pub unsafe fn q8_0_panel(
     }
 }
 
-/// A panel of [`PANEL`] Q6_K weight rows for [`gemm`]: their values `q − 32` as exact
-/// bf16, row-major (16 × cols; [`interleave`] puts them in the kernels' layout), and each
-/// 16-column sub-block's `d·sc` per row
-/// (`ds[s·16 + j]`). Rows past `width` are zero.
+/// A byte panel of Q6_K weight rows (as [`super::int8::q6k_panel`] makes it: values `q`
+/// below 64, a scale per 16 columns) as the exact bf16 values `q − 32`, row-major in `q` for
+/// [`interleave`], as [`widen`] does for the other formats' byte panels.
 ///
 /// # Safety
-/// AVX512_BF16 must be present; `rows` holds `width` (≤ 16) rows of `nb` blocks; the buffers
-/// are resized here.
+/// AVX512_BF16 must be present; `bytes` holds 16 × `cols` bytes of values below 64; `cols` a
+/// multiple of 32.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
-pub unsafe fn q6k_panel(
-    rows: &[BlockQ6K],
-    nb: usize,
-    width: usize,
-    q: &mut Vec<u16>,
-    ds: &mut Vec<f32>,
-) {
-    let cols = nb * QK_K;
+pub unsafe fn widen_q6k(bytes: &[u16], cols: usize, q: &mut Vec<u16>) {
+    assert!(bytes.len() * 2 >= cols * PANEL);
     q.clear();
     q.resize(cols * PANEL, 0);
-    ds.clear();
-    ds.resize(cols / 16 * PANEL, 0.0);
     let (t_lo, t_hi) = (int_table(-32), int_table(0));
-    for j in 0..width {
-        for b in 0..nb {
-            let blk = &rows[j * nb + b];
-            let d = f16_to_f32(blk.d);
-            for (s, &sc) in blk.scales.iter().enumerate() {
-                ds[(b * 16 + s) * PANEL + j] = d * sc as f32;
-            }
-            for h in 0..2 {
-                let groups = super::kquants::q6k_groups(blk, h);
-                for (k, &g) in groups.iter().enumerate() {
-                    let w = _mm512_permutex2var_epi16(t_lo, _mm512_cvtepu8_epi16(g), t_hi);
-                    let p = q.as_mut_ptr().add(j * cols + b * QK_K + h * 128 + 32 * k);
-                    _mm512_storeu_si512(p as *mut __m512i, w);
-                }
-            }
-        }
+    let src = bytes.as_ptr() as *const u8;
+    for i in (0..cols * PANEL).step_by(32) {
+        let v = _mm256_loadu_si256(src.add(i) as *const __m256i);
+        let w = _mm512_permutex2var_epi16(t_lo, _mm512_cvtepu8_epi16(v), t_hi);
+        _mm512_storeu_si512(q.as_mut_ptr().add(i) as *mut __m512i, w);
     }
 }
 
@@ -667,7 +648,7 @@ pub enum Panel {
     Mins32,
     /// 32-column blocks with a scale ([`bf16_panel`], [`q8_0_panel`]).
     Plain32,
-    /// 16-column blocks with a scale ([`q6k_panel`]).
+    /// 16-column blocks with a scale ([`widen_q6k`]).
     Plain16,
 }
 

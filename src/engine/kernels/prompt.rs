@@ -505,8 +505,8 @@ mod tests {
     }
 
     /// The AVX2 form of the 8-bit prompt kernel (what CPUs without AVX-512 run): within the
-    /// 8-bit rounding bound of plain f32 arithmetic (a partial panel; an outlier, so a second
-    /// level), and, where the CPU has AVX512_VNNI (AMX machines too), equal to that kernel's
+    /// 8-bit rounding bound of plain f32 arithmetic (a partial panel; an outlier, kept exact),
+    /// and, where the CPU has AVX512_VNNI (AMX machines too), equal to that kernel's
     /// bit for bit.
     #[test]
     fn int8_kernels_match_the_reference_and_each_other() {
@@ -546,10 +546,10 @@ mod tests {
     }
 
     /// The AVX512_BF16 prompt kernel called directly, for every format it reads: where the
-    /// 8-bit kernel takes the prompts of Q4_K, Q5_K and Q4_0 (AVX512_VNNI), or AMX tiles take
-    /// them all, dispatch never reaches it, yet `--no-int8` or `--no-amx` does. Within the
-    /// bf16 rounding of the activations (2⁻⁸ of each term) of plain f32 arithmetic; a partial
-    /// panel; an outlier.
+    /// 8-bit kernel takes the prompts of Q4_K, Q5_K, Q6_K and Q4_0 (AVX512_VNNI), or AMX
+    /// tiles take them all, dispatch never reaches it, yet `--no-int8` or `--no-amx` does.
+    /// Within the bf16 rounding of the activations (2⁻⁸ of each term) of plain f32
+    /// arithmetic; a partial panel; an outlier.
     #[test]
     fn bf16_panels_match_the_reference() {
         if !x86::bf16() {

@@ -183,9 +183,9 @@ pub struct ModelArgs {
     /// where AVX512_BF16 is missing or off.
     #[arg(long, env = "CONFAB_NO_INT16")]
     pub no_int16: bool,
-    /// Do not read prompts of Q4_K, Q5_K, Q6_K and Q4_0 weights with 8-bit activations
-    /// (AVX512_VNNI, or AVX2 where AVX-512 is missing; each block's outliers kept exact in
-    /// f32); the bf16 (or f32) prompt kernels run instead.
+    /// Do not read prompts of Q4_K, Q5_K, Q6_K, Q4_0 and Q8_0 weights with 8-bit activations
+    /// (AVX512_VNNI, or AVX2 where AVX-512 is missing, Q8_0 excepted; each block's outliers
+    /// kept exact in f32); the bf16 (or f32) prompt kernels run instead.
     #[arg(long, env = "CONFAB_NO_INT8")]
     pub no_int8: bool,
 }

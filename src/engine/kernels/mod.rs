@@ -483,9 +483,9 @@ pub(crate) mod testing {
         let magnitude = reference(&abs(w), &abs(x), rows, cols, n);
         // The 8-bit prompt kernel rounds activations per block (see `x86::int8`).
         #[cfg(target_arch = "x86_64")]
-        let int8 = (x86::int8() || x86::int8_avx2())
-            && rows_are == Rows::Prompt
-            && prompt::int8_panels(format, cols);
+        let int8 = rows_are == Rows::Prompt
+            && ((x86::int8() && prompt::int8_panels(format, cols, true))
+                || (x86::int8_avx2() && prompt::int8_panels(format, cols, false)));
         #[cfg(not(target_arch = "x86_64"))]
         let int8 = false;
         // Decode rounds activations as `decode::rounding` says; the prompt panels round them

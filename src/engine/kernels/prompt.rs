@@ -40,12 +40,15 @@ pub(super) struct PanelScratch {
 }
 
 /// Formats whose prompt panels hold their integer values as bytes for the 8-bit kernel (see
-/// [`QMat::gemm_band_int8`]), in rows of whole 64-column pairs of blocks.
-pub(super) fn int8_panels(format: Format, cols: usize) -> bool {
-    matches!(
-        format,
-        Format::Q4K | Format::Q5K | Format::Q6K | Format::Q4_0
-    ) && cols.is_multiple_of(64)
+/// [`QMat::gemm_band_int8`]), in rows of whole 64-column pairs of blocks: the K-quants and
+/// Q4_0, and Q8_0 for the AVX512_VNNI kernel (`avx512`) only (see `x86::int8::q8_0_panel`).
+pub(super) fn int8_panels(format: Format, cols: usize, avx512: bool) -> bool {
+    let formats = match format {
+        Format::Q4K | Format::Q5K | Format::Q6K | Format::Q4_0 => true,
+        Format::Q8_0 => avx512,
+        _ => false,
+    };
+    formats && cols.is_multiple_of(64)
 }
 
 /// Formats whose prompt panels hold exact bf16 values for `vdpbf16ps` where the CPU has
@@ -76,13 +79,13 @@ impl QMat {
         out: Band,
         scratch: &mut PanelScratch,
     ) {
-        if x86::int8() && int8_panels(self.format(), self.cols()) {
+        if x86::int8() && int8_panels(self.format(), self.cols(), true) {
             return self.gemm_band_int8(r0, r1, x, n, out, scratch, true);
         }
         if x86::bf16() && bf16_panels(self.format()) && self.cols().is_multiple_of(32) {
             return self.gemm_band_bf16(r0, r1, x, n, out, scratch);
         }
-        if x86::int8_avx2() && int8_panels(self.format(), self.cols()) {
+        if x86::int8_avx2() && int8_panels(self.format(), self.cols(), false) {
             return self.gemm_band_int8(r0, r1, x, n, out, scratch, false);
         }
         let cols = self.cols();
@@ -201,9 +204,9 @@ impl QMat {
     /// [`QMat::gemm_band`] for the formats of [`int8_panels`] with 8-bit activations
     /// (AVX512_VNNI, see [`x86::int8`]): each panel holds the weights' integers as bytes
     /// with their f32 block scales and minimums, and `vpdpbusd` does 64 multiply-adds an
-    /// instruction with exact 32-bit sums; blocks of activations with an outlier get a
-    /// second 8-bit level. `avx512`: the AVX512_VNNI kernel, else its AVX2 form (the same
-    /// results bit for bit, at half the width).
+    /// instruction with exact 32-bit sums; a block's outlier activations are kept out of its
+    /// integers and added exactly in f32. `avx512`: the AVX512_VNNI kernel, else its AVX2
+    /// form (the same results bit for bit, at half the width).
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
     fn gemm_band_int8(
@@ -217,6 +220,7 @@ impl QMat {
         avx512: bool,
     ) {
         let cols = self.cols();
+        debug_assert!(int8_panels(self.format(), cols, avx512));
         let x = &x[..n * cols];
         // SAFETY: AVX-512 (resp. AVX2) checked by the caller; rows are whole blocks of 32.
         unsafe {
@@ -273,10 +277,10 @@ impl QMat {
         }
     }
 
-    /// Weight rows `p0..p0 + width` (≤ 16) of Q4_K, Q5_K, Q6_K or Q4_0 as a byte panel in
-    /// `scratch` (their integer values row-major in `bytes`, scales and minimums in `ds` and
-    /// `ms`; Q6_K's scales per 16 columns, no minimums): what the 8-bit kernel reads, and
-    /// what the bf16 panels of the others are widened from.
+    /// Weight rows `p0..p0 + width` (≤ 16) of Q4_K, Q5_K, Q6_K, Q4_0 or Q8_0 as a byte panel
+    /// in `scratch` (their integer values row-major in `bytes`, scales and minimums in `ds`
+    /// and `ms`; Q6_K's scales per 16 columns, no minimums): what the 8-bit kernel reads, and
+    /// what the bf16 panels of the first four are widened from.
     #[cfg(target_arch = "x86_64")]
     fn byte_panel(&self, p0: usize, width: usize, scratch: &mut PanelScratch) {
         use super::formats::{cast, BlockQ4K, BlockQ5K, QK, QK_K};
@@ -290,6 +294,7 @@ impl QMat {
                 Format::Q4K => x86::int8::q4k_panel::<BlockQ4K>(cast(rows), nk, width, b, ds, ms),
                 Format::Q5K => x86::int8::q4k_panel::<BlockQ5K>(cast(rows), nk, width, b, ds, ms),
                 Format::Q6K => x86::int8::q6k_panel(cast(rows), nk, width, b, ds),
+                Format::Q8_0 => x86::int8::q8_0_panel(cast(rows), cols / QK, width, b, ds, ms),
                 _ => x86::int8::q4_0_panel(cast(rows), cols / QK, width, b, ds, ms),
             }
         }
@@ -507,18 +512,21 @@ mod tests {
     /// The AVX2 form of the 8-bit prompt kernel (what CPUs without AVX-512 run): within the
     /// 8-bit rounding bound of plain f32 arithmetic (a partial panel; an outlier, kept exact),
     /// and, where the CPU has AVX512_VNNI (AMX machines too), equal to that kernel's
-    /// bit for bit.
+    /// bit for bit. Q8_0, which only the AVX512_VNNI kernel takes, is checked against the
+    /// bound there.
     #[test]
     fn int8_kernels_match_the_reference_and_each_other() {
         use crate::engine::kernels::testing::int8_steps;
         if !x86::available() {
             return;
         }
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         for dtype in [
             GgmlDType::Q4K,
             GgmlDType::Q5K,
             GgmlDType::Q6K,
             GgmlDType::Q4_0,
+            GgmlDType::Q8_0,
         ] {
             let (rows, cols, n) = (40, 512, 11);
             let (m, w) = matrix(rows, cols, dtype);
@@ -528,25 +536,35 @@ mod tests {
                     m.gemm_band_int8(0, rows, &x, n, out, &mut PanelScratch::default(), avx512)
                 })
             };
-            let avx2 = run(false);
             let want = reference(&w, &x, rows, cols, n);
             let steps = int8_steps(&w, &x, rows, cols, n);
-            for (k, (g, want)) in avx2.iter().zip(&want).enumerate() {
-                let bound = steps[k] + 1e-5 * want.abs() + 1e-3;
-                assert!(
-                    (g - want).abs() <= bound,
-                    "{dtype:?} cell {k}: {g} vs {want}"
-                );
+            let check = |got: &[f32]| {
+                for (k, (g, want)) in got.iter().zip(&want).enumerate() {
+                    let bound = steps[k] + 1e-5 * want.abs() + 1e-3;
+                    assert!(
+                        (g - want).abs() <= bound,
+                        "{dtype:?} cell {k}: {g} vs {want}"
+                    );
+                }
+            };
+            let vnni = x86::int8::vnni().then(|| run(true));
+            if dtype == GgmlDType::Q8_0 {
+                assert!(!int8_panels(m.format(), cols, false));
+                if let Some(vnni) = vnni {
+                    check(&vnni);
+                }
+                continue;
             }
-            if x86::int8::vnni() {
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&avx2), bits(&run(true)), "{dtype:?}");
+            let avx2 = run(false);
+            check(&avx2);
+            if let Some(vnni) = vnni {
+                assert_eq!(bits(&avx2), bits(&vnni), "{dtype:?}");
             }
         }
     }
 
     /// The AVX512_BF16 prompt kernel called directly, for every format it reads: where the
-    /// 8-bit kernel takes the prompts of Q4_K, Q5_K, Q6_K and Q4_0 (AVX512_VNNI), or AMX
+    /// 8-bit kernel takes the prompts of Q4_K, Q5_K, Q6_K, Q4_0 and Q8_0 (AVX512_VNNI), or AMX
     /// tiles take them all, dispatch never reaches it, yet `--no-int8` or `--no-amx` does.
     /// Within the bf16 rounding of the activations (2⁻⁸ of each term) of plain f32
     /// arithmetic; a partial panel; an outlier.

@@ -1,5 +1,6 @@
 //! Prompt kernels with 8-bit activations (AVX512_VNNI `vpdpbusd`, or AVX2 `vpmaddubsw`) for
-//! Q4_K, Q5_K, Q6_K and Q4_0, with each block's outliers kept exact.
+//! Q4_K, Q5_K, Q6_K and Q4_0, and Q8_0 with AVX512_VNNI, with each block's outliers kept
+//! exact.
 //!
 //! Why: a prompt chunk is compute-bound, and `vpdpbusd` does 64 multiply-adds an
 //! instruction where `vdpbf16ps` does 32 (on Intel without AMX bf16 is no faster than f32
@@ -7,7 +8,8 @@
 //! not 2×, since each block of 32 still costs four vector operations of scaling beside its
 //! eight products. The weights' values are small unsigned integers (0..15, 0..31, Q6_K's
 //! 0..63), so they are the unsigned operand exactly as stored (Q6_K's offset of 32 is taken
-//! off through the activations' sums, see [`gemm_q6k`]). CPUs without AVX-512 run the same
+//! off through the activations' sums, see [`gemm_q6k`]; Q8_0's signed bytes are stored
+//! offset by 128, see [`q8_0_panel`]). CPUs without AVX-512 run the same
 //! arithmetic in AVX2 ([`gemm_avx2`], [`gemm_q6k_avx2`]), with the same results.
 //!
 //! Why outliers: plain 8-bit blocks are what breaks SmolLM2 in llama.cpp — one massive
@@ -33,7 +35,7 @@
 use std::arch::x86_64::*;
 
 use super::f16_to_f32;
-use crate::engine::kernels::formats::{BlockQ4_0, BlockQ6K, NibbleBlock, QK, QK_K};
+use crate::engine::kernels::formats::{BlockQ4_0, BlockQ6K, BlockQ8_0, NibbleBlock, QK, QK_K};
 
 /// Weight rows per panel (the 16 lanes of a vector), as for the bf16 kernels.
 pub const PANEL: usize = 16;
@@ -416,6 +418,39 @@ pub unsafe fn q4_0_panel(
                 p.add(16) as *mut __m128i,
                 _mm_and_si128(_mm_srli_epi16::<4>(raw), mask),
             );
+        }
+    }
+}
+
+/// A panel of [`PANEL`] Q8_0 weight rows for [`gemm`] (the AVX512_VNNI kernel only): each
+/// value `q` (−127..127) as the unsigned byte `q + 128` (its sign bit flipped), each block's
+/// `d` as the scale and `128·d` as the minimum, so the kernel's minimums' term takes the
+/// offset off exactly as it takes Q4_0's 8 off. Its AVX2 form cannot take these bytes:
+/// `vpmaddubsw` sums two products in 16 bits, and 2 · 255 · 127 saturates there.
+///
+/// # Safety
+/// As [`q4k_panel`], with `nb` blocks of 32 per row.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q8_0_panel(
+    rows: &[BlockQ8_0],
+    nb: usize,
+    width: usize,
+    bytes: &mut Vec<u16>,
+    ds: &mut Vec<f32>,
+    ms: &mut Vec<f32>,
+) {
+    let cols = nb * QK;
+    let out = zeroed(bytes, ds, ms, cols);
+    let sign = _mm256_set1_epi8(i8::MIN);
+    for j in 0..width {
+        for b in 0..nb {
+            let blk = &rows[j * nb + b];
+            let d = f16_to_f32(blk.d);
+            ds[b * PANEL + j] = d;
+            ms[b * PANEL + j] = 128.0 * d;
+            let q = _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i);
+            let p = out.add(j * cols + b * QK);
+            _mm256_storeu_si256(p as *mut __m256i, _mm256_xor_si256(q, sign));
         }
     }
 }

@@ -79,8 +79,8 @@ pub fn int16() -> bool {
 }
 
 /// 8-bit activations with each block's outliers kept exact ([`int8`]) for the prompt
-/// kernels of Q4_K, Q5_K, Q6_K and Q4_0, where the CPU has AVX512_VNNI and AMX tiles are
-/// not used (they are faster still). `--no-int8` turns them off (the bf16 or f32 panels run
+/// kernels of Q4_K, Q5_K, Q6_K, Q4_0 and Q8_0, where the CPU has AVX512_VNNI and AMX tiles
+/// are not used (they are faster still). `--no-int8` turns them off (the bf16 or f32 panels run
 /// instead).
 pub fn int8() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();

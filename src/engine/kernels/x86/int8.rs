@@ -158,12 +158,16 @@ impl Activations {
         }
         p.sum16.clear();
         p.sum16.resize(groups * nb * 2 * MR, 0);
+        assert!(self.q.len() >= n * cols);
+        let (src, dst) = (self.q.as_ptr() as *const u32, p.q.as_mut_ptr() as *mut u32);
         for i in 0..n {
             let (g, k) = (i / MR, i % MR);
-            let row = &self.q[i * cols..(i + 1) * cols];
-            for (c4, four) in row.chunks_exact(4).enumerate() {
-                let at = ((g * cols / 4 + c4) * MR + k) * 4;
-                p.q[at..at + 4].copy_from_slice(four);
+            for c4 in 0..cols / 4 {
+                // SAFETY: row i < n of `q` (asserted) and group g of `packed.q` (sized above).
+                unsafe {
+                    let v = src.add(i * cols / 4 + c4).read_unaligned();
+                    dst.add((g * cols / 4 + c4) * MR + k).write_unaligned(v);
+                }
             }
             for b in 0..nb {
                 let at = (g * nb + b) * MR + k;

@@ -90,30 +90,32 @@ pub struct Activations {
     pub outliers: Vec<Outlier>,
     /// Row i's outliers are `outliers[first_outlier[i]..first_outlier[i + 1]]`.
     pub first_outlier: Vec<usize>,
-    /// The same integers, scales and sums in groups of [`MR`] rows, as the AVX512_VNNI
-    /// kernels read them (made by [`Self::prepare`] only).
+    /// The same integers, scales and sums in groups of rows, as the kernels read them.
     pub packed: Packed,
     ready: bool,
 }
 
-/// A product's 8-bit activations in groups of [`MR`] rows (`g`: rows `g·MR..g·MR + MR`; rows
-/// past the last are zero), each group's values for one column position side by side, so
-/// that a kernel reaches every row of its group from one pointer with constant offsets.
+/// A product's 8-bit activations in groups of `G` rows, the rows one call of a kernel takes
+/// ([`MR`] for the AVX512_VNNI kernels, [`MR_AVX2`] for the AVX2 ones; group g holds rows
+/// `g·G..g·G + G`, those past the last zero), each group's values for one column position
+/// side by side, so that a kernel reaches every row of its group from one pointer with
+/// constant offsets.
 ///
-/// Why: with one pointer per row, the 8 rows' addresses, scales and sums did not fit the
+/// Why: with one pointer per row, the rows' addresses, scales and sums did not fit the
 /// general registers beside the loop's own and were reloaded from the stack every block;
-/// in a stand-alone copy of the kernel loop the packed form did 10–35% more `vpdpbusd` a
-/// second (Xeon without AMX, 2026-12-07).
+/// packed, 1.5 B Q5_K_M prompts went from 188–190 to 205–206 tok/s (AVX512_VNNI, Xeon
+/// without AMX, 2026-12-07). The AVX2 kernels ran at the same speed either way
+/// (`--no-avx512`: 103–106 tok/s); they read the same layout, so that there is one.
 #[derive(Default)]
 pub struct Packed {
-    /// `q[((g · cols/4 + c/4) · MR + k) · 4 + c % 4]` = row `g·MR + k`, column c: each
-    /// row's four-byte group at a column, then the next row's.
+    /// `q[((g · cols/4 + c/4) · G + k) · 4 + c % 4]` = row `g·G + k`, column c: each row's
+    /// four-byte group at a column, then the next row's.
     pub q: Vec<i8>,
-    /// `scale[(g · nb + b) · MR + k]`: block b's scale for row `g·MR + k`.
+    /// `scale[(g · nb + b) · G + k]`: block b's scale for row `g·G + k`.
     pub scale: Vec<f32>,
     /// Block sums, as `scale`.
     pub sum: Vec<f32>,
-    /// `sum16[((g · nb + b) · 2 + h) · MR + k]`: half h of block b's integer sum.
+    /// `sum16[((g · nb + b) · 2 + h) · G + k]`: half h of block b's integer sum.
     pub sum16: Vec<i32>,
 }
 
@@ -126,7 +128,7 @@ impl Activations {
     pub unsafe fn prepare(&mut self, x: &[f32], cols: usize) -> &Activations {
         if !self.ready {
             self.round(x, cols);
-            self.pack(x.len() / cols, cols);
+            self.pack::<MR>(x.len() / cols, cols);
             self.ready = true;
         }
         self
@@ -140,41 +142,42 @@ impl Activations {
     pub unsafe fn prepare_avx2(&mut self, x: &[f32], cols: usize) -> &Activations {
         if !self.ready {
             self.round(x, cols);
+            self.pack::<MR_AVX2>(x.len() / cols, cols);
             self.ready = true;
         }
         self
     }
 
-    /// Copies the `n` rounded rows into [`Self::packed`].
-    fn pack(&mut self, n: usize, cols: usize) {
+    /// Copies the `n` rounded rows into [`Self::packed`], in groups of `G`.
+    fn pack<const G: usize>(&mut self, n: usize, cols: usize) {
         let nb = cols / QK;
-        let groups = n.div_ceil(MR);
+        let groups = n.div_ceil(G);
         let p = &mut self.packed;
         p.q.clear();
-        p.q.resize(groups * MR * cols, 0);
+        p.q.resize(groups * G * cols, 0);
         for v in [&mut p.scale, &mut p.sum] {
             v.clear();
-            v.resize(groups * nb * MR, 0.0);
+            v.resize(groups * nb * G, 0.0);
         }
         p.sum16.clear();
-        p.sum16.resize(groups * nb * 2 * MR, 0);
+        p.sum16.resize(groups * nb * 2 * G, 0);
         assert!(self.q.len() >= n * cols);
         let (src, dst) = (self.q.as_ptr() as *const u32, p.q.as_mut_ptr() as *mut u32);
         for i in 0..n {
-            let (g, k) = (i / MR, i % MR);
+            let (g, k) = (i / G, i % G);
             for c4 in 0..cols / 4 {
                 // SAFETY: row i < n of `q` (asserted) and group g of `packed.q` (sized above).
                 unsafe {
                     let v = src.add(i * cols / 4 + c4).read_unaligned();
-                    dst.add((g * cols / 4 + c4) * MR + k).write_unaligned(v);
+                    dst.add((g * cols / 4 + c4) * G + k).write_unaligned(v);
                 }
             }
             for b in 0..nb {
-                let at = (g * nb + b) * MR + k;
+                let at = (g * nb + b) * G + k;
                 p.scale[at] = self.scale[i * nb + b];
                 p.sum[at] = self.sum[i * nb + b];
                 for h in 0..2 {
-                    p.sum16[((g * nb + b) * 2 + h) * MR + k] = self.sum16[2 * (i * nb + b) + h];
+                    p.sum16[((g * nb + b) * 2 + h) * G + k] = self.sum16[2 * (i * nb + b) + h];
                 }
             }
         }
@@ -591,25 +594,35 @@ pub unsafe fn gemm(
     );
 }
 
-/// Where the AVX512_VNNI kernels read activation rows `i0..` (a multiple of [`MR`]): the
-/// group's integers, scales and block sums in [`Activations::packed`].
+/// Where a kernel reads activation rows `i0..` (a multiple of the group size `G`): the
+/// group's integers, scales, block sums and half-block integer sums in
+/// [`Activations::packed`].
 #[inline(always)]
-unsafe fn group(a: &Activations, i0: usize, cols: usize) -> (*const i8, *const f32, *const f32) {
-    debug_assert!(i0.is_multiple_of(MR) && a.packed.q.len() >= (i0 / MR + 1) * MR * cols);
-    let (g, nb) = (i0 / MR, cols / QK);
+unsafe fn group<const G: usize>(a: &Activations, i0: usize, cols: usize) -> Group {
     let p = &a.packed;
-    (
-        p.q.as_ptr().add(g * MR * cols),
-        p.scale.as_ptr().add(g * nb * MR),
-        p.sum.as_ptr().add(g * nb * MR),
-    )
+    debug_assert!(i0.is_multiple_of(G) && p.q.len() >= (i0 / G + 1) * G * cols);
+    let (g, nb) = (i0 / G, cols / QK);
+    Group {
+        q: p.q.as_ptr().add(g * G * cols),
+        scale: p.scale.as_ptr().add(g * nb * G),
+        sum: p.sum.as_ptr().add(g * nb * G),
+        sum16: p.sum16.as_ptr().add(g * nb * 2 * G),
+    }
 }
 
-/// Row k's four bytes at four-byte column group `c4` of a packed group `xp` (see
-/// [`Packed`]), broadcast to every lane.
+/// One group of packed activation rows (see [`group`]).
+struct Group {
+    q: *const i8,
+    scale: *const f32,
+    sum: *const f32,
+    sum16: *const i32,
+}
+
+/// Row k's four bytes at four-byte column group `c4` of a packed group of `G` rows, as an
+/// integer.
 #[inline(always)]
-unsafe fn x4(xp: *const i8, c4: usize, k: usize) -> __m512i {
-    _mm512_set1_epi32((xp.add((c4 * MR + k) * 4) as *const i32).read_unaligned())
+unsafe fn four<const G: usize>(xp: *const i8, c4: usize, k: usize) -> i32 {
+    (xp.add((c4 * G + k) * 4) as *const i32).read_unaligned()
 }
 
 /// [`gemm`] with the row count fixed at compile time, so the sums live in registers.
@@ -629,13 +642,16 @@ unsafe fn gemm_m<const M: usize>(
     let nb = cols / QK;
     let zero = _mm512_setzero_ps();
     let mut acc = [zero; M];
-    let (xp, scale, sum) = group(a, i0, cols);
+    let Group {
+        q: xp, scale, sum, ..
+    } = group::<MR>(a, i0, cols);
     for b in 0..nb {
         let mut t = [_mm512_setzero_si512(); M];
         for p in 0..QK / 4 {
             let w = _mm512_loadu_si512(qp.add((b * QK / 4 + p) * 64) as *const __m512i);
             for (k, tk) in t.iter_mut().enumerate() {
-                *tk = _mm512_dpbusd_epi32(*tk, w, x4(xp, b * QK / 4 + p, k));
+                let x = _mm512_set1_epi32(four::<MR>(xp, b * QK / 4 + p, k));
+                *tk = _mm512_dpbusd_epi32(*tk, w, x);
             }
         }
         let d = _mm512_loadu_ps(ds.as_ptr().add(b * PANEL));
@@ -701,11 +717,15 @@ unsafe fn gemm_q6k_m<const M: usize>(
 ) {
     let nb = cols / QK;
     let mut acc = [_mm512_setzero_ps(); M];
-    let (xp, scale, _) = group(a, i0, cols);
-    let sum16 = a.packed.sum16.as_ptr().add(i0 / MR * nb * 2 * MR);
+    let Group {
+        q: xp,
+        scale,
+        sum16,
+        ..
+    } = group::<MR>(a, i0, cols);
     for b in 0..nb {
         let mut f = [_mm512_setzero_ps(); M];
-        let bytes = |k: usize, p: usize| x4(xp, b * QK / 4 + p, k);
+        let bytes = |k: usize, p: usize| _mm512_set1_epi32(four::<MR>(xp, b * QK / 4 + p, k));
         for h in 0..2 {
             let start = |k: usize| *sum16.add((2 * b + h) * MR + k);
             q6k_sub_512(qp, ds, b, h, start, bytes, &mut f);
@@ -858,11 +878,9 @@ unsafe fn gemm_avx2_m<const M: usize>(
 ) {
     let nb = cols / QK;
     let mut acc = [[_mm256_setzero_ps(); 2]; M];
-    let xp = a.q.as_ptr().add(i0 * cols);
-    let (scale, sum) = (a.scale.as_ptr().add(i0 * nb), a.sum.as_ptr().add(i0 * nb));
-    let x4 = |k: usize, c: usize| {
-        _mm256_set1_epi32((xp.add(k * cols + c) as *const i32).read_unaligned())
-    };
+    let Group {
+        q: xp, scale, sum, ..
+    } = group::<MR_AVX2>(a, i0, cols);
     // Each block's sub-block scale times the row's block scale, then the integer sum; less
     // the minimums' term: the steps (and their order) of `gemm_m`.
     let scaled = |acc: &mut [__m256; 2], t: &[__m256i; 2], b: usize, xs: f32| {
@@ -874,14 +892,14 @@ unsafe fn gemm_avx2_m<const M: usize>(
     };
     for b in 0..nb {
         let mut t = [[_mm256_setzero_si256(); 2]; M];
-        let x = |k: usize, p: usize| x4(k, b * QK + 4 * p);
+        let x = |k: usize, p: usize| _mm256_set1_epi32(four::<MR_AVX2>(xp, b * QK / 4 + p, k));
         dot_avx2(qp, b, 0..4, x, &mut t);
         dot_avx2(qp, b, 4..8, x, &mut t);
         for (k, acc) in acc.iter_mut().enumerate() {
-            scaled(acc, &t[k], b, *scale.add(k * nb + b));
+            scaled(acc, &t[k], b, *scale.add(b * MR_AVX2 + k));
             for (h, a) in acc.iter_mut().enumerate() {
                 let mn = _mm256_loadu_ps(ms.as_ptr().add(b * PANEL + 8 * h));
-                *a = _mm256_fnmadd_ps(mn, _mm256_set1_ps(*sum.add(k * nb + b)), *a);
+                *a = _mm256_fnmadd_ps(mn, _mm256_set1_ps(*sum.add(b * MR_AVX2 + k)), *a);
             }
         }
     }
@@ -964,11 +982,12 @@ unsafe fn gemm_q6k_avx2_m<const M: usize>(
     let nb = cols / QK;
     let zero = _mm256_setzero_ps();
     let mut acc = [[zero; 2]; M];
-    let xp = a.q.as_ptr().add(i0 * cols);
-    let (scale, sum16) = (
-        a.scale.as_ptr().add(i0 * nb),
-        a.sum16.as_ptr().add(2 * i0 * nb),
-    );
+    let Group {
+        q: xp,
+        scale,
+        sum16,
+        ..
+    } = group::<MR_AVX2>(a, i0, cols);
     let scaled = |acc: &mut [__m256; 2], f: &[__m256; 2], xs: f32| {
         for (a, f) in acc.iter_mut().zip(f) {
             *a = _mm256_fmadd_ps(*f, _mm256_set1_ps(xs), *a);
@@ -976,15 +995,13 @@ unsafe fn gemm_q6k_avx2_m<const M: usize>(
     };
     for b in 0..nb {
         let mut f = [[zero; 2]; M];
-        let x4 = |k: usize, p: usize| {
-            _mm256_set1_epi32((xp.add(k * cols + b * QK + 4 * p) as *const i32).read_unaligned())
-        };
+        let x4 = |k: usize, p: usize| _mm256_set1_epi32(four::<MR_AVX2>(xp, b * QK / 4 + p, k));
         for h in 0..2 {
-            let start = |k: usize| *sum16.add(2 * (k * nb + b) + h);
+            let start = |k: usize| *sum16.add((2 * b + h) * MR_AVX2 + k);
             q6k_sub_avx2(qp, ds, b, h, start, x4, &mut f);
         }
         for (k, acc) in acc.iter_mut().enumerate() {
-            scaled(acc, &f[k], *scale.add(k * nb + b));
+            scaled(acc, &f[k], *scale.add(b * MR_AVX2 + k));
         }
     }
     outliers_avx2::<M, true>(qp, ds, a, i0, &mut acc);

@@ -41,7 +41,7 @@ pub(super) struct PanelScratch {
 
 /// Formats whose prompt panels hold their integer values as bytes for the 8-bit kernel (see
 /// [`QMat::gemm_band_int8`]), in rows of whole 64-column pairs of blocks: the K-quants and
-/// Q4_0, and Q8_0 for the AVX512_VNNI kernel (`avx512`) only (see `x86::int8::q8_0_panel`).
+/// Q4_0, and Q8_0 for the AVX512_VNNI kernel (`avx512`) only (see `x86::int8::Offset32`).
 pub(super) fn int8_panels(format: Format, cols: usize, avx512: bool) -> bool {
     let formats = match format {
         Format::Q4K | Format::Q5K | Format::Q6K | Format::Q4_0 => true,
@@ -283,9 +283,9 @@ impl QMat {
     /// what the bf16 panels of the first four are widened from.
     #[cfg(target_arch = "x86_64")]
     fn byte_panel(&self, p0: usize, width: usize, scratch: &mut PanelScratch) {
-        use super::formats::{cast, BlockQ4K, BlockQ5K, QK, QK_K};
+        use super::formats::{cast, BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ8_0, QK, QK_K};
         let cols = self.cols();
-        let nk = cols / QK_K;
+        let (nk, nq) = (cols / QK_K, cols / QK);
         let rows = self.rows_data(p0, p0 + width);
         let (b, ds, ms) = (&mut scratch.bytes, &mut scratch.ds, &mut scratch.ms);
         // SAFETY: AVX2 checked by the callers; `rows` holds `width` whole rows.
@@ -294,8 +294,10 @@ impl QMat {
                 Format::Q4K => x86::int8::q4k_panel::<BlockQ4K>(cast(rows), nk, width, b, ds, ms),
                 Format::Q5K => x86::int8::q4k_panel::<BlockQ5K>(cast(rows), nk, width, b, ds, ms),
                 Format::Q6K => x86::int8::q6k_panel(cast(rows), nk, width, b, ds),
-                Format::Q8_0 => x86::int8::q8_0_panel(cast(rows), cols / QK, width, b, ds, ms),
-                _ => x86::int8::q4_0_panel(cast(rows), cols / QK, width, b, ds, ms),
+                Format::Q8_0 => {
+                    x86::int8::offset32_panel::<BlockQ8_0>(cast(rows), nq, width, b, ds, ms)
+                }
+                _ => x86::int8::offset32_panel::<BlockQ4_0>(cast(rows), nq, width, b, ds, ms),
             }
         }
     }

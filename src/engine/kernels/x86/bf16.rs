@@ -537,7 +537,7 @@ pub const PANEL: usize = 16;
 pub const MR: usize = 8;
 
 /// A byte panel of Q4_K, Q5_K or Q4_0 weight rows (16 rows × `cols` small unsigned
-/// integers, row-major, as [`super::int8::q4k_panel`] and [`super::int8::q4_0_panel`] make
+/// integers, row-major, as [`super::int8::q4k_panel`] and [`super::int8::offset32_panel`] make
 /// them with their scales and minimums) as exact bf16 values, row-major in `q` for
 /// [`interleave`]: the bf16 and AMX prompt kernels read the same panels as the 8-bit one.
 ///

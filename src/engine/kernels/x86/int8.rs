@@ -9,7 +9,7 @@
 //! eight products. The weights' values are small unsigned integers (0..15, 0..31, Q6_K's
 //! 0..63), so they are the unsigned operand exactly as stored (Q6_K's offset of 32 is taken
 //! off through the activations' sums, see [`gemm_q6k`]; Q8_0's signed bytes are stored
-//! offset by 128, see [`q8_0_panel`]). CPUs without AVX-512 run the same
+//! offset by 128, see [`Offset32`]). CPUs without AVX-512 run the same
 //! arithmetic in AVX2 ([`gemm_avx2`], [`gemm_q6k_avx2`]), with the same results.
 //!
 //! Why outliers: plain 8-bit blocks are what breaks SmolLM2 in llama.cpp — one massive
@@ -108,6 +108,8 @@ pub struct Activations {
 /// (`--no-avx512`: 103–106 tok/s); they read the same layout, so that there is one.
 #[derive(Default)]
 pub struct Packed {
+    /// `G`: rows per group.
+    pub rows: usize,
     /// `q[((g · cols/4 + c/4) · G + k) · 4 + c % 4]` = row `g·G + k`, column c: each row's
     /// four-byte group at a column, then the next row's.
     pub q: Vec<i8>,
@@ -153,6 +155,7 @@ impl Activations {
         let nb = cols / QK;
         let groups = n.div_ceil(G);
         let p = &mut self.packed;
+        p.rows = G;
         p.q.clear();
         p.q.resize(groups * G * cols, 0);
         for v in [&mut p.scale, &mut p.sum] {
@@ -454,51 +457,66 @@ pub unsafe fn q4k_panel<B: NibbleBlock>(
     }
 }
 
-/// A panel of [`PANEL`] Q4_0 weight rows for [`gemm`], as [`q4k_panel`] makes them: the
-/// nibbles q as bytes, each block's `d` as the scale and `8·d` as the minimum.
-///
-/// # Safety
-/// As [`q4k_panel`], with `nb` blocks of 32 per row.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4_0_panel(
-    rows: &[BlockQ4_0],
-    nb: usize,
-    width: usize,
-    bytes: &mut Vec<u16>,
-    ds: &mut Vec<f32>,
-    ms: &mut Vec<f32>,
-) {
-    let cols = nb * QK;
-    let out = zeroed(bytes, ds, ms, cols);
-    let mask = _mm_set1_epi8(0x0F);
-    for j in 0..width {
-        for b in 0..nb {
-            let blk = &rows[j * nb + b];
-            let d = f16_to_f32(blk.d);
-            ds[b * PANEL + j] = d;
-            ms[b * PANEL + j] = 8.0 * d;
-            let raw = _mm_loadu_si128(blk.qs.as_ptr() as *const __m128i);
-            let p = out.add(j * cols + b * QK);
-            _mm_storeu_si128(p as *mut __m128i, _mm_and_si128(raw, mask));
-            _mm_storeu_si128(
-                p.add(16) as *mut __m128i,
-                _mm_and_si128(_mm_srli_epi16::<4>(raw), mask),
-            );
-        }
+/// A format of 32-value blocks with one scale `d`, whose values the byte panels hold as
+/// unsigned integers `u` with the weights `d · (u − OFFSET)`: the minimums' term of [`gemm`]
+/// takes `OFFSET · d` off.
+pub trait Offset32 {
+    /// What the bytes are above the values.
+    const OFFSET: f32;
+    fn d(&self) -> half::f16;
+    /// Writes the block's 32 bytes `u` to `p`.
+    ///
+    /// # Safety
+    /// AVX2 must be present (inlined into [`offset32_panel`]); `p` has room for 32 bytes.
+    unsafe fn store(&self, p: *mut u8);
+}
+
+impl Offset32 for BlockQ4_0 {
+    /// Q4_0's nibbles are its bytes; its weights are `d · (q − 8)`.
+    const OFFSET: f32 = 8.0;
+    fn d(&self) -> half::f16 {
+        self.d
+    }
+    #[inline(always)]
+    unsafe fn store(&self, p: *mut u8) {
+        let mask = _mm_set1_epi8(0x0F);
+        let raw = _mm_loadu_si128(self.qs.as_ptr() as *const __m128i);
+        _mm_storeu_si128(p as *mut __m128i, _mm_and_si128(raw, mask));
+        _mm_storeu_si128(
+            p.add(16) as *mut __m128i,
+            _mm_and_si128(_mm_srli_epi16::<4>(raw), mask),
+        );
     }
 }
 
-/// A panel of [`PANEL`] Q8_0 weight rows for [`gemm`] (the AVX512_VNNI kernel only): each
-/// value `q` (−127..127) as the unsigned byte `q + 128` (its sign bit flipped), each block's
-/// `d` as the scale and `128·d` as the minimum, so the kernel's minimums' term takes the
-/// offset off exactly as it takes Q4_0's 8 off. Its AVX2 form cannot take these bytes:
-/// `vpmaddubsw` sums two products in 16 bits, and 2 · 255 · 127 saturates there.
+impl Offset32 for BlockQ8_0 {
+    /// Q8_0's signed values `q` (−127..127) as the unsigned bytes `q + 128` (the sign bit
+    /// flipped), the operand `vpdpbusd` wants: for the AVX512_VNNI kernel only, since the
+    /// AVX2 form's `vpmaddubsw` sums two products in 16 bits, and 2 · 255 · 127 saturates
+    /// there.
+    const OFFSET: f32 = 128.0;
+    fn d(&self) -> half::f16 {
+        self.d
+    }
+    #[inline(always)]
+    unsafe fn store(&self, p: *mut u8) {
+        let q = _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i);
+        _mm256_storeu_si256(
+            p as *mut __m256i,
+            _mm256_xor_si256(q, _mm256_set1_epi8(i8::MIN)),
+        );
+    }
+}
+
+/// A panel of [`PANEL`] Q4_0 or Q8_0 weight rows for [`gemm`], as [`q4k_panel`] makes them:
+/// the values as bytes (see [`Offset32`]), each block's `d` as the scale and `OFFSET · d` as
+/// the minimum.
 ///
 /// # Safety
 /// As [`q4k_panel`], with `nb` blocks of 32 per row.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q8_0_panel(
-    rows: &[BlockQ8_0],
+pub unsafe fn offset32_panel<B: Offset32>(
+    rows: &[B],
     nb: usize,
     width: usize,
     bytes: &mut Vec<u16>,
@@ -507,16 +525,13 @@ pub unsafe fn q8_0_panel(
 ) {
     let cols = nb * QK;
     let out = zeroed(bytes, ds, ms, cols);
-    let sign = _mm256_set1_epi8(i8::MIN);
     for j in 0..width {
         for b in 0..nb {
             let blk = &rows[j * nb + b];
-            let d = f16_to_f32(blk.d);
+            let d = f16_to_f32(blk.d());
             ds[b * PANEL + j] = d;
-            ms[b * PANEL + j] = 128.0 * d;
-            let q = _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i);
-            let p = out.add(j * cols + b * QK);
-            _mm256_storeu_si256(p as *mut __m256i, _mm256_xor_si256(q, sign));
+            ms[b * PANEL + j] = B::OFFSET * d;
+            blk.store(out.add(j * cols + b * QK));
         }
     }
 }
@@ -600,7 +615,7 @@ pub unsafe fn gemm(
 #[inline(always)]
 unsafe fn group<const G: usize>(a: &Activations, i0: usize, cols: usize) -> Group {
     let p = &a.packed;
-    debug_assert!(i0.is_multiple_of(G) && p.q.len() >= (i0 / G + 1) * G * cols);
+    debug_assert!(p.rows == G && i0.is_multiple_of(G) && p.q.len() >= (i0 / G + 1) * G * cols);
     let (g, nb) = (i0 / G, cols / QK);
     Group {
         q: p.q.as_ptr().add(g * G * cols),
@@ -803,7 +818,8 @@ pub unsafe fn interleave_bytes(bytes: &[u16], cols: usize, q: &mut Vec<u16>) {
 /// 1..=[`MR_AVX2`].
 ///
 /// # Safety
-/// AVX2 and FMA must be present; otherwise as [`gemm`].
+/// AVX2 and FMA must be present; `a` made by [`Activations::prepare_avx2`], `i0` a multiple
+/// of [`MR_AVX2`]; otherwise as [`gemm`].
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn gemm_avx2(
@@ -916,7 +932,8 @@ unsafe fn gemm_avx2_m<const M: usize>(
 /// results bit for bit. `m` in 1..=[`MR_AVX2`].
 ///
 /// # Safety
-/// AVX2 and FMA must be present; otherwise as [`gemm_q6k`].
+/// AVX2 and FMA must be present; `a` and `i0` as for [`gemm_avx2`]; otherwise as
+/// [`gemm_q6k`].
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn gemm_q6k_avx2(

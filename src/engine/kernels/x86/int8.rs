@@ -76,22 +76,13 @@ pub struct Outlier {
 /// a thread that needs them.
 #[derive(Default)]
 pub struct Activations {
-    /// Row-major, as the f32 rows (an outlier's place holds 0).
-    pub q: Vec<i8>,
-    /// Each block's scale: its values are `scale · q`, and its outliers.
-    pub scale: Vec<f32>,
-    /// Each block's sum of its values as the kernels see them (the rounded ones and the
-    /// outliers), for the minimums' term.
-    pub sum: Vec<f32>,
-    /// The sums of each 16 values' integers (two per block): where Q6_K's integer sums start
-    /// (see [`gemm_q6k`]).
-    pub sum16: Vec<i32>,
+    /// The integers (an outlier's place holds 0), scales and sums, in groups of rows as the
+    /// kernels read them.
+    pub packed: Packed,
     /// Outliers, row by row, in column order.
     pub outliers: Vec<Outlier>,
     /// Row i's outliers are `outliers[first_outlier[i]..first_outlier[i + 1]]`.
     pub first_outlier: Vec<usize>,
-    /// The same integers, scales and sums in groups of rows, as the kernels read them.
-    pub packed: Packed,
     ready: bool,
 }
 
@@ -113,11 +104,14 @@ pub struct Packed {
     /// `q[((g · cols/4 + c/4) · G + k) · 4 + c % 4]` = row `g·G + k`, column c: each row's
     /// four-byte group at a column, then the next row's.
     pub q: Vec<i8>,
-    /// `scale[(g · nb + b) · G + k]`: block b's scale for row `g·G + k`.
+    /// `scale[(g · nb + b) · G + k]`: block b's scale for row `g·G + k` (its values are
+    /// `scale · q`, and its outliers).
     pub scale: Vec<f32>,
-    /// Block sums, as `scale`.
+    /// Each block's sum of its values as the kernels see them (the rounded ones and the
+    /// outliers), for the minimums' term; as `scale`.
     pub sum: Vec<f32>,
-    /// `sum16[((g · nb + b) · 2 + h) · G + k]`: half h of block b's integer sum.
+    /// `sum16[((g · nb + b) · 2 + h) · G + k]`: the sum of half h of block b's integers,
+    /// where Q6_K's integer sums start (see [`gemm_q6k`]).
     pub sum16: Vec<i32>,
 }
 
@@ -129,8 +123,7 @@ impl Activations {
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     pub unsafe fn prepare(&mut self, x: &[f32], cols: usize) -> &Activations {
         if !self.ready {
-            self.round(x, cols);
-            self.pack::<MR>(x.len() / cols, cols);
+            self.round::<MR>(x, cols);
             self.ready = true;
         }
         self
@@ -143,47 +136,26 @@ impl Activations {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn prepare_avx2(&mut self, x: &[f32], cols: usize) -> &Activations {
         if !self.ready {
-            self.round(x, cols);
-            self.pack::<MR_AVX2>(x.len() / cols, cols);
+            self.round::<MR_AVX2>(x, cols);
             self.ready = true;
         }
         self
     }
 
-    /// Copies the `n` rounded rows into [`Self::packed`], in groups of `G`.
-    fn pack<const G: usize>(&mut self, n: usize, cols: usize) {
-        let nb = cols / QK;
-        let groups = n.div_ceil(G);
-        let p = &mut self.packed;
-        p.rows = G;
-        p.q.clear();
-        p.q.resize(groups * G * cols, 0);
-        for v in [&mut p.scale, &mut p.sum] {
-            v.clear();
-            v.resize(groups * nb * G, 0.0);
-        }
-        p.sum16.clear();
-        p.sum16.resize(groups * nb * 2 * G, 0);
-        assert!(self.q.len() >= n * cols);
-        let (src, dst) = (self.q.as_ptr() as *const u32, p.q.as_mut_ptr() as *mut u32);
-        for i in 0..n {
-            let (g, k) = (i / G, i % G);
-            for c4 in 0..cols / 4 {
-                // SAFETY: row i < n of `q` (asserted) and group g of `packed.q` (sized above).
-                unsafe {
-                    let v = src.add(i * cols / 4 + c4).read_unaligned();
-                    dst.add((g * cols / 4 + c4) * G + k).write_unaligned(v);
-                }
-            }
-            for b in 0..nb {
-                let at = (g * nb + b) * G + k;
-                p.scale[at] = self.scale[i * nb + b];
-                p.sum[at] = self.sum[i * nb + b];
-                for h in 0..2 {
-                    p.sum16[((g * nb + b) * 2 + h) * G + k] = self.sum16[2 * (i * nb + b) + h];
-                }
-            }
-        }
+    /// Row `i`'s integer at column `c`.
+    #[cfg(test)]
+    pub fn q_at(&self, i: usize, c: usize, cols: usize) -> i8 {
+        let g = self.packed.rows;
+        self.packed.q[((i / g * cols / 4 + c / 4) * g + i % g) * 4 + c % 4]
+    }
+
+    /// Row `i`'s block `b`: its scale, its sum and the integer sums of its halves.
+    #[cfg(test)]
+    pub fn block(&self, i: usize, b: usize, cols: usize) -> (f32, f32, [i32; 2]) {
+        let (g, nb, p) = (self.packed.rows, cols / QK, &self.packed);
+        let at = (i / g * nb + b) * g + i % g;
+        let half = |h: usize| p.sum16[((i / g * nb + b) * 2 + h) * g + i % g];
+        (p.scale[at], p.sum[at], [half(0), half(1)])
     }
 
     /// Row `row`'s outliers.
@@ -197,15 +169,25 @@ impl Activations {
     ///
     /// Why vectors: with scalar code this took 15% of a Q5_K_M prompt's time (Sapphire Rapids
     /// VM, `--no-amx`), each team thread rounding every row of every product.
+    /// The rows go straight into [`Self::packed`], in groups of `G`.
     #[inline(always)]
-    unsafe fn round(&mut self, x: &[f32], cols: usize) {
+    unsafe fn round<const G: usize>(&mut self, x: &[f32], cols: usize) {
         debug_assert!(cols.is_multiple_of(QK) && x.len().is_multiple_of(cols));
         let nb = cols / QK;
         let n = x.len() / cols;
-        self.q.resize(x.len(), 0);
-        self.scale.resize(n * nb, 0.0);
-        self.sum.resize(n * nb, 0.0);
-        self.sum16.resize(2 * n * nb, 0);
+        let groups = n.div_ceil(G);
+        let p = &mut self.packed;
+        p.rows = G;
+        // Zeroed: the rows past the last of a group stay zero.
+        p.q.clear();
+        p.q.resize(groups * G * cols, 0);
+        for v in [&mut p.scale, &mut p.sum] {
+            v.clear();
+            v.resize(groups * nb * G, 0.0);
+        }
+        p.sum16.clear();
+        p.sum16.resize(groups * nb * 2 * G, 0);
+        let dst = p.q.as_mut_ptr() as *mut u32;
         self.outliers.clear();
         self.first_outlier.clear();
         self.first_outlier.push(0);
@@ -240,11 +222,21 @@ impl Activations {
                     }
                     max = hmax(most);
                 }
-                let (scale, halves) = level(&block, max, self.q.as_mut_ptr().add(at));
-                let k = i * nb + b;
-                self.scale[k] = scale;
-                self.sum16[2 * k..2 * k + 2].copy_from_slice(&halves);
-                self.sum[k] = scale * (halves[0] + halves[1]) as f32 + kept;
+                let mut q = [0u32; QK / 4];
+                let (scale, halves) = level(&block, max, q.as_mut_ptr() as *mut i8);
+                let (g, k) = (i / G, i % G);
+                for (c4, four) in q.iter().enumerate() {
+                    // SAFETY: group g of `packed.q` is sized above.
+                    dst.add((g * cols / 4 + b * QK / 4 + c4) * G + k)
+                        .write_unaligned(*four);
+                }
+                let p = &mut self.packed;
+                let slot = (g * nb + b) * G + k;
+                p.scale[slot] = scale;
+                p.sum[slot] = scale * (halves[0] + halves[1]) as f32 + kept;
+                for (h, half) in halves.iter().enumerate() {
+                    p.sum16[((g * nb + b) * 2 + h) * G + k] = *half;
+                }
             }
             self.first_outlier.push(self.outliers.len());
         }
@@ -599,7 +591,7 @@ pub unsafe fn gemm(
     ld: usize,
 ) {
     debug_assert!(q.len() * 2 >= PANEL * cols && ds.len() >= cols / QK * PANEL);
-    debug_assert!(a.q.len() >= (i0 + m) * cols);
+    debug_assert!(a.packed.q.len() >= (i0 + m) * cols);
     let qp = q.as_ptr() as *const u8;
     by_rows!(
         m,
@@ -707,7 +699,7 @@ pub unsafe fn gemm_q6k(
     ld: usize,
 ) {
     debug_assert!(q.len() * 2 >= PANEL * cols && ds.len() >= cols / 16 * PANEL);
-    debug_assert!(a.q.len() >= (i0 + m) * cols);
+    debug_assert!(a.packed.q.len() >= (i0 + m) * cols);
     let qp = q.as_ptr() as *const u8;
     by_rows!(
         m,
@@ -834,7 +826,7 @@ pub unsafe fn gemm_avx2(
     ld: usize,
 ) {
     debug_assert!(q.len() * 2 >= PANEL * cols && ds.len() >= cols / QK * PANEL);
-    debug_assert!(a.q.len() >= (i0 + m) * cols);
+    debug_assert!(a.packed.q.len() >= (i0 + m) * cols);
     let qp = q.as_ptr() as *const u8;
     by_rows!(
         m,
@@ -947,7 +939,7 @@ pub unsafe fn gemm_q6k_avx2(
     ld: usize,
 ) {
     debug_assert!(q.len() * 2 >= PANEL * cols && ds.len() >= cols / 16 * PANEL);
-    debug_assert!(a.q.len() >= (i0 + m) * cols);
+    debug_assert!(a.packed.q.len() >= (i0 + m) * cols);
     let qp = q.as_ptr() as *const u8;
     by_rows!(
         m,
@@ -1117,8 +1109,19 @@ mod tests {
         let mut b = Activations::default();
         // SAFETY: AVX2 comes with AVX-512.
         unsafe { b.prepare_avx2(&x, cols) };
-        assert_eq!(a.q, b.q);
-        assert_eq!((&a.scale, &a.sum, &a.sum16), (&b.scale, &b.sum, &b.sum16));
+        let nb = cols / QK;
+        for i in 0..3 {
+            for c in 0..cols {
+                assert_eq!(a.q_at(i, c, cols), b.q_at(i, c, cols), "row {i} column {c}");
+            }
+            for blk in 0..nb {
+                assert_eq!(
+                    a.block(i, blk, cols),
+                    b.block(i, blk, cols),
+                    "row {i} block {blk}"
+                );
+            }
+        }
         assert_eq!(
             (&a.outliers, &a.first_outlier),
             (&b.outliers, &b.first_outlier)
@@ -1127,21 +1130,21 @@ mod tests {
         assert_eq!(a.outliers_of(0), &[outlier(5, 300.0)]);
         assert_eq!(a.outliers_of(1), &[outlier(70, -45.0)]);
         assert_eq!(a.outliers_of(2), &[]);
-        let nb = cols / QK;
         for i in 0..3 {
             for b in 0..nb {
                 let block: &[f32; QK] = x[i * cols + b * QK..][..QK].try_into().unwrap();
                 let steps = half_steps(block);
+                let (scale, block_sum, sum16) = a.block(i, b, cols);
                 let mut sum = 0f64;
                 for (c, &v) in block.iter().enumerate() {
                     let col = (b * QK + c) as u32;
-                    let q = a.q[i * cols + b * QK + c];
+                    let q = a.q_at(i, b * QK + c, cols);
                     let got = match a.outliers_of(i).iter().find(|o| o.col == col) {
                         Some(o) => {
                             assert_eq!(q, 0, "row {i} column {col}: an outlier's integer");
                             o.value as f64
                         }
-                        None => a.scale[i * nb + b] as f64 * q as f64,
+                        None => scale as f64 * q as f64,
                     };
                     sum += got;
                     assert!(
@@ -1149,12 +1152,12 @@ mod tests {
                         "row {i} block {b} value {c}: {got} for {v}"
                     );
                 }
-                for h in 0..2 {
-                    let half = &a.q[i * cols + b * QK + 16 * h..][..16];
-                    let want: i32 = half.iter().map(|&v| v as i32).sum();
-                    assert_eq!(a.sum16[2 * (i * nb + b) + h], want, "row {i} block {b}");
+                for (h, got) in sum16.iter().enumerate() {
+                    let half = (16 * h..16 * h + 16).map(|c| a.q_at(i, b * QK + c, cols));
+                    let want: i32 = half.map(|v| v as i32).sum();
+                    assert_eq!(*got, want, "row {i} block {b}");
                 }
-                let want = a.sum[i * nb + b] as f64;
+                let want = block_sum as f64;
                 assert!(
                     (sum - want).abs() <= 1e-5 * (1.0 + want.abs()),
                     "sum {sum} vs {want}"
@@ -1163,6 +1166,6 @@ mod tests {
         }
         // The block with the outlier keeps its other values at the step of its own: the
         // 2.5 sets it, not the 45.
-        assert!((a.scale[nb + 2] - 2.5 / 127.0).abs() < 1e-7);
+        assert!((a.block(1, 2, cols).0 - 2.5 / 127.0).abs() < 1e-7);
     }
 }

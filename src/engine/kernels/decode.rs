@@ -3,7 +3,7 @@
 
 use super::formats::{cast, QK, QK_K};
 #[cfg(target_arch = "x86_64")]
-use super::formats::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K};
+use super::formats::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ8_0};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use super::{scalar, Band, BandScratch, Format, QMat};
@@ -117,20 +117,20 @@ impl QMat {
             let nb = cols / QK;
             let data = self.rows_data(r0, r1);
             // SAFETY: AVX2 checked by `rounding`; `cols` is whole blocks of 32.
-            let xs = unsafe { scratch.int16.prepare(&x[..n * cols]) };
+            let xs = unsafe { scratch.int16.prepare_pairs(&x[..n * cols], cols) };
             in_passes(n, x86::int16::ROWS, |i, t| {
                 let o = out.at(i, r0);
-                let x = xs.rows_from(i, cols);
+                let x = xs.pairs_from(i, cols);
                 // SAFETY: as above; the activations hold t rows from row i.
                 unsafe {
                     match self.format {
                         Format::Q4_0 => {
-                            x86::int16::q4_rows::<BlockQ4_0>(cast(data), nb, x, t, o, out.ld)
+                            x86::int16::pair_rows::<BlockQ4_0>(cast(data), nb, x, t, o, out.ld)
                         }
                         Format::Q4_1 => {
-                            x86::int16::q4_rows::<BlockQ4_1>(cast(data), nb, x, t, o, out.ld)
+                            x86::int16::pair_rows::<BlockQ4_1>(cast(data), nb, x, t, o, out.ld)
                         }
-                        _ => x86::int16::q8_0_rows(cast(data), nb, x, t, o, out.ld),
+                        _ => x86::int16::pair_rows::<BlockQ8_0>(cast(data), nb, x, t, o, out.ld),
                     }
                 }
             });

@@ -12,8 +12,9 @@
 //! each), and a shift and a mask put one of them in every lane — the even-numbered values of
 //! a block in one vector, the odd-numbered ones in another, matching the activations' order
 //! (see [`Activations`]). `vpmaddwd` then multiplies 16 weights with 16 activations and adds
-//! pairs into 32-bit sums, exactly, and each 32-value block's sum is turned into f32 once
-//! and scaled by the weights' sub-block scale times the activations' block scale.
+//! pairs into 32-bit sums, exactly, and each 32-value block's sums are turned into f32 and
+//! scaled by the weights' sub-block scale times the activations' block scale. Q4_0, Q4_1 and
+//! Q8_0 blocks are read two at a time ([`pair_rows`], with the activations in [`Pairs`]).
 //!
 //! The activations: each block of 32 values becomes 16-bit integers with one f32 scale,
 //! `x ≈ dx·q` with `dx = max|x| / 32767`: the rounding error of every value is at most
@@ -30,7 +31,11 @@
 use std::arch::x86_64::*;
 
 use super::{f16_to_f32, hsum};
-use crate::engine::kernels::formats::{BlockQ6K, BlockQ8_0, NibbleBlock, Nibbles32, QK, QK_K};
+use bytemuck::Pod;
+
+use crate::engine::kernels::formats::{
+    BlockQ4_0, BlockQ4_1, BlockQ6K, BlockQ8_0, NibbleBlock, Nibbles32, QK, QK_K,
+};
 
 /// Activation rows per pass: two accumulators per row, four weight vectors and temporaries
 /// fit the 16 registers.
@@ -50,6 +55,26 @@ pub struct Activations {
     /// The same for each half block (16 values, in their natural order): Q6_K's sub-blocks.
     pub xsum16: Vec<f32>,
     ready: bool,
+    /// The rows in the order [`pair_rows`] reads them (see [`Pairs`]), made when a Q4_0,
+    /// Q4_1 or Q8_0 band first needs them.
+    pairs: Pairs,
+    pairs_ready: bool,
+}
+
+/// Activation rows as [`pair_rows`] reads them: blocks of 32 in pairs (a row of an odd number
+/// of blocks ends in a pair whose second block is zeros), each pair's 64 values as four
+/// vectors of 16-bit lanes, each vector half the one block's and half the other's, as a
+/// shift and a mask leave the two blocks' nibbles when their 16 bytes are loaded side by
+/// side: values 0, 2, .., 14 of both blocks; 1, 3, .., 15; 16, 18, .., 30; 17, 19, .., 31.
+#[derive(Default)]
+struct Pairs {
+    xq: Vec<i16>,
+    /// Per pair: the first block's scale `dx` in four lanes, the second's in four: the
+    /// lanes where `vpmaddwd` leaves each block's sums.
+    dx: Vec<f32>,
+    /// Per pair: the first block's sum of rounded values in lane 0, the second's in lane 4,
+    /// zeros between, for the minimums' term `m · Σx` of both blocks in one FMA.
+    xsum: Vec<f32>,
 }
 
 impl Activations {
@@ -67,6 +92,62 @@ impl Activations {
 }
 
 impl Activations {
+    /// [`Self::prepare`], plus the rows in [`pair_rows`]' order (see [`Pairs`]).
+    ///
+    /// # Safety
+    /// As [`Self::prepare`]; `cols` is the rows' width.
+    pub unsafe fn prepare_pairs(&mut self, x: &[f32], cols: usize) -> &Activations {
+        self.prepare(x);
+        if !self.pairs_ready {
+            self.pair_up(cols);
+            self.pairs_ready = true;
+        }
+        self
+    }
+
+    /// Lays [`Self::xq`], `dx` and `xsum` out as [`Pairs`], row by row.
+    fn pair_up(&mut self, cols: usize) {
+        let nb = cols / QK;
+        let np = nb.div_ceil(2);
+        let rows = self.xq.len() / cols;
+        let p = &mut self.pairs;
+        p.xq.clear();
+        p.xq.resize(rows * np * 2 * QK, 0);
+        p.dx.clear();
+        p.dx.resize(rows * np * 8, 0.0);
+        p.xsum.clear();
+        p.xsum.resize(rows * np * 8, 0.0);
+        for r in 0..rows {
+            for b in 0..nb {
+                let (at, half) = (r * np + b / 2, b % 2);
+                let src = &self.xq[(r * nb + b) * QK..][..QK];
+                let dst = &mut p.xq[at * 2 * QK..][..2 * QK];
+                // The block's even values (0..16 of `src`), then its odd ones: each vector
+                // of the pair takes eight of them, the first block's in its low half.
+                for (v, part) in [&src[0..8], &src[16..24], &src[8..16], &src[24..32]]
+                    .into_iter()
+                    .enumerate()
+                {
+                    dst[16 * v + 8 * half..][..8].copy_from_slice(part);
+                }
+                p.dx[at * 8 + 4 * half..][..4].fill(self.dx[r * nb + b]);
+                p.xsum[at * 8 + 4 * half] = self.xsum[r * nb + b];
+            }
+        }
+    }
+
+    /// The rows from row `i` on (rows of `cols` values) in pairs of blocks, as [`pair_rows`]
+    /// takes them; made by [`Self::prepare_pairs`].
+    pub fn pairs_from(&self, i: usize, cols: usize) -> PairsFrom<'_> {
+        debug_assert!(self.pairs_ready);
+        let np = (cols / QK).div_ceil(2);
+        PairsFrom {
+            xq: &self.pairs.xq[i * np * 2 * QK..],
+            dx: &self.pairs.dx[i * np * 8..],
+            xsum: &self.pairs.xsum[i * np * 8..],
+        }
+    }
+
     /// The rows from row `i` on (rows of `cols` values), as the kernels take them.
     pub fn rows_from(&self, i: usize, cols: usize) -> RowsFrom<'_> {
         RowsFrom {
@@ -76,6 +157,14 @@ impl Activations {
             xsum16: &self.xsum16[i * cols / 16..],
         }
     }
+}
+
+/// Activation rows in pairs of blocks from one row on (see [`Activations::pairs_from`]).
+#[derive(Clone, Copy)]
+pub struct PairsFrom<'a> {
+    xq: &'a [i16],
+    dx: &'a [f32],
+    xsum: &'a [f32],
 }
 
 /// Activation rows from one row on (see [`Activations::rows_from`]).
@@ -280,185 +369,222 @@ unsafe fn q4k_rows_t<const T: usize, B: NibbleBlock>(
     }
 }
 
-/// Q4_0 or Q4_1 weight rows × `t` (1..=[`ROWS`]) activation rows `x`, as [`q4k_rows`]:
-/// `nb` blocks of 32 per row.
+/// Q4_0, Q4_1 or Q8_0 weight rows × `t` (1..=[`ROWS`]) activation rows `x` (from
+/// [`Activations::pairs_from`]), as [`q4k_rows`]: `nb` blocks of 32 per row.
 ///
-/// Why: the f32 kernel ([`super::avx2::q4_rows`]) spends ~25 vector operations on each
-/// block (every nibble widened to 32 bits and converted); it decoded a 1.5 B Q4_0 file at
-/// 0.62× llama.cpp's speed on an AVX2-only AMD VM (12.2 vs 19.6 tok/s), compute-bound where
-/// the K-quant kernels here read memory as fast as llama.cpp. Here a block is ~15: its 16
-/// bytes are loaded into both halves of a vector, `vpsrlvd` shifts each half's 16-bit words
-/// by its own amount (bits that cross into the next word are masked off), and the values
-/// (minus 8 for Q4_0, in signed 16-bit lanes, so no minimum term) meet the activations in
-/// two `vpmaddwd`. Q4_1's minimum `m` adds `m · Σx` per block, from the block sums of the
-/// same rounded activations, in a scalar per row.
+/// Why: the f32 kernels ([`super::avx2::q4_rows`], [`super::avx2::q8_0_rows`]) spend ~25
+/// vector operations on each block (every weight widened to 32 bits and converted); they
+/// decoded a 1.5 B Q4_0 file at 0.62× llama.cpp's speed on an AVX2-only AMD VM (12.2 vs 19.6
+/// tok/s), and SmolLM2's Q8_0 output matrix took 16% of its decoding time. Here weights
+/// become 16-bit integers where they lie and `vpmaddwd` multiplies them with the
+/// activations into exact 32-bit sums. Blocks go two at a time, their bytes side by side in
+/// one vector, so each vector's low half is one block's and its high half the other's (the
+/// activations' [`Pairs`] order) and `vpmaddwd` leaves each block's sums in its own four
+/// lanes: one conversion, one scale (the two blocks' `d · dx`) and one FMA then serve both
+/// blocks, where a block alone took them all (~40 operations per pair of Q4_0 blocks
+/// before, ~25 now; SmolLM2 with eight replies stepped together, 281 → 363 tok/s).
 ///
 /// # Safety
-/// As [`q4k_rows`], with `nb · 32` values per activation row.
+/// AVX2, FMA and F16C must be present; the activations hold t rows of `nb · 32` values in
+/// pairs; `out` has room for the cells written.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4_rows<B: Nibbles32>(
+pub unsafe fn pair_rows<B: PairBlock>(
     blocks: &[B],
     nb: usize,
-    x: RowsFrom<'_>,
+    x: PairsFrom<'_>,
     t: usize,
     out: *mut f32,
     ld: usize,
 ) {
-    by_rows!(t, [1, 2, 3], 4, q4_rows_t<B>(blocks, nb, x, out, ld))
+    by_rows!(t, [1, 2, 3], 4, pair_rows_t<B>(blocks, nb, x, out, ld))
 }
 
-/// `a` plus a 32-value block's weights (16-bit integers: the even-numbered values in `e`,
-/// the odd-numbered ones in `o`, as the activations hold them) times block `b` of activation
-/// row `k`, scaled by the weights' `d` times the activations' `dx`: two `vpmaddwd` into
-/// exact 32-bit sums, one conversion, one FMA.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn add_block(
-    e: __m256i,
-    o: __m256i,
-    d: __m256,
-    x: RowsFrom<'_>,
-    k: usize,
-    b: usize,
-    cols: usize,
-    a: __m256,
-) -> __m256 {
-    let xv = x.xq.as_ptr().add(k * cols + b * QK) as *const __m256i;
-    let s = _mm256_add_epi32(
-        _mm256_madd_epi16(e, _mm256_loadu_si256(xv)),
-        _mm256_madd_epi16(o, _mm256_loadu_si256(xv.add(1))),
+/// Per activation row: two accumulators, so that a row's FMAs form two independent chains.
+type Acc<const T: usize> = [[__m256; 2]; T];
+
+/// The blocks [`pair_rows`] reads, two at a time.
+pub trait PairBlock: Pod {
+    /// Blocks `b0` and `b1` (pair `p` of `np` per activation row) times `T` activation
+    /// rows, added to each row's accumulators.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be present (the caller is compiled with them); `x` holds `T`
+    /// rows of `np` pairs.
+    unsafe fn pair<const T: usize>(
+        b0: &Self,
+        b1: &Self,
+        p: usize,
+        np: usize,
+        x: PairsFrom<'_>,
+        acc: &mut Acc<T>,
     );
-    let scale = _mm256_mul_ps(d, _mm256_broadcast_ss(&x.dx[k * (cols / QK) + b]));
-    _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, a)
 }
 
-/// Per activation row: two accumulators (even and odd blocks, so that a row's additions
-/// do not wait on each other) of the products and of Q4_1's minimums' term.
-struct Acc<const T: usize> {
-    v: [[__m256; 2]; T],
-    mins: [[f32; 2]; T],
+impl PairBlock for BlockQ4_0 {
+    #[inline(always)]
+    unsafe fn pair<const T: usize>(
+        b0: &Self,
+        b1: &Self,
+        p: usize,
+        np: usize,
+        x: PairsFrom<'_>,
+        acc: &mut Acc<T>,
+    ) {
+        q4_pair(b0, b1, p, np, x, acc)
+    }
 }
 
-/// Block `b` of a Q4_0 or Q4_1 row times `T` activation rows, added to accumulator `h` of
-/// each row.
+impl PairBlock for BlockQ4_1 {
+    #[inline(always)]
+    unsafe fn pair<const T: usize>(
+        b0: &Self,
+        b1: &Self,
+        p: usize,
+        np: usize,
+        x: PairsFrom<'_>,
+        acc: &mut Acc<T>,
+    ) {
+        q4_pair(b0, b1, p, np, x, acc)
+    }
+}
+
+/// Both blocks' first four bytes as f16 pairs, in f32: (d0, ·, d1, ·), where Q4_1's `m`
+/// fills the second lane of each (the first two bytes of `qs` do in the other formats).
 #[inline(always)]
-unsafe fn q4_block<const T: usize, B: Nibbles32>(
-    blk: &B,
-    b: usize,
-    h: usize,
-    x: RowsFrom<'_>,
-    cols: usize,
+unsafe fn heads<B: Pod>(b0: &B, b1: &B) -> __m256 {
+    let head = |b: &B| (b as *const B as *const i32).read_unaligned();
+    _mm256_castps128_ps256(_mm_cvtph_ps(_mm_insert_epi32::<1>(
+        _mm_cvtsi32_si128(head(b0)),
+        head(b1),
+    )))
+}
+
+/// Lane `i` of `v` in lanes 0..4, lane `j` in lanes 4..8: one value per block of a pair.
+#[inline(always)]
+unsafe fn per_block(v: __m256, i: i32, j: i32) -> __m256 {
+    _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(i, i, i, i, j, j, j, j))
+}
+
+/// The four 16-bit products of pair `at` (as [`Pairs`] lays it out) with weights `w`, as
+/// two exact 32-bit sums per lane (each of four products, within 24 bits for 8-bit weights,
+/// so each converts to f32 exactly).
+#[inline(always)]
+unsafe fn pair_sums(w: &[__m256i; 4], x: PairsFrom<'_>, at: usize) -> (__m256i, __m256i) {
+    let xv = x.xq.as_ptr().add(at * 2 * QK) as *const __m256i;
+    (
+        _mm256_add_epi32(
+            _mm256_madd_epi16(w[0], _mm256_loadu_si256(xv)),
+            _mm256_madd_epi16(w[1], _mm256_loadu_si256(xv.add(1))),
+        ),
+        _mm256_add_epi32(
+            _mm256_madd_epi16(w[2], _mm256_loadu_si256(xv.add(2))),
+            _mm256_madd_epi16(w[3], _mm256_loadu_si256(xv.add(3))),
+        ),
+    )
+}
+
+/// Q4_0 or Q4_1: the values stay `q` in 0..16 (so the four products' sums add up exactly
+/// too), and `m · Σx` (Q4_0's `m = -8 d`) comes from the block sums of the same rounded
+/// activations, for both blocks in one more FMA.
+#[inline(always)]
+unsafe fn q4_pair<const T: usize, B: Nibbles32>(
+    b0: &B,
+    b1: &B,
+    p: usize,
+    np: usize,
+    x: PairsFrom<'_>,
     acc: &mut Acc<T>,
 ) {
-    let nb = cols / QK;
-    // Word w of the 16 bytes holds value 2w (bits 0..4), 2w + 16 (4..8), 2w + 1 (8..12)
-    // and 2w + 17 (12..16). The activations' even vector is values 0, 2, .., 30: the low
-    // half's words shifted by 0, the high half's by 4; the odd vector by 8 and 12.
-    let w = _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.qs().as_ptr() as *const __m128i));
+    let v = _mm256_loadu2_m128i(
+        b1.qs().as_ptr() as *const __m128i,
+        b0.qs().as_ptr() as *const __m128i,
+    );
+    // Word w of a block's 16 bytes holds value 2w (bits 0..4), 2w + 1 (8..12), 2w + 16
+    // (4..8) and 2w + 17 (12..16): the four vectors of [`Pairs`].
     let nibble = _mm256_set1_epi16(0x000F);
-    let m = blk.m().map(|m| f16_to_f32(m));
-    let value = |shift: __m256i| {
-        let v = _mm256_and_si256(_mm256_srlv_epi32(w, shift), nibble);
-        match m {
-            Some(_) => v,
-            None => _mm256_sub_epi16(v, _mm256_set1_epi16(8)),
-        }
+    let w = [
+        _mm256_and_si256(v, nibble),
+        _mm256_and_si256(_mm256_srli_epi16::<8>(v), nibble),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble),
+        _mm256_srli_epi16::<12>(v),
+    ];
+    let dm = heads(b0, b1);
+    let d = per_block(dm, 0, 2);
+    let m = match b0.m() {
+        Some(_) => per_block(dm, 1, 3),
+        None => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
     };
-    let e = value(_mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
-    let o = value(_mm256_setr_epi32(8, 8, 8, 8, 12, 12, 12, 12));
-    let d = _mm256_set1_ps(f16_to_f32(blk.d()));
-    for k in 0..T {
-        acc.v[k][h] = add_block(e, o, d, x, k, b, cols, acc.v[k][h]);
-        if let Some(m) = m {
-            acc.mins[k][h] += m * x.xsum[k * nb + b];
+    for (k, a) in acc.iter_mut().enumerate() {
+        let at = k * np + p;
+        let (s0, s1) = pair_sums(&w, x, at);
+        let scale = _mm256_mul_ps(d, _mm256_loadu_ps(x.dx.as_ptr().add(at * 8)));
+        a[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), scale, a[0]);
+        a[1] = _mm256_fmadd_ps(m, _mm256_loadu_ps(x.xsum.as_ptr().add(at * 8)), a[1]);
+    }
+}
+
+/// Q8_0: a block's 16-bit words hold two values each, sign-extended by a shift left and an
+/// arithmetic shift right (the even-numbered value) or the arithmetic shift alone (the odd
+/// one); each half of the pair's products converted on its own (eight products of 8-bit
+/// weights could pass 24 bits).
+impl PairBlock for BlockQ8_0 {
+    #[inline(always)]
+    unsafe fn pair<const T: usize>(
+        b0: &Self,
+        b1: &Self,
+        p: usize,
+        np: usize,
+        x: PairsFrom<'_>,
+        acc: &mut Acc<T>,
+    ) {
+        // (No closure for the two loads: one here would not get the caller's AVX2.)
+        let (q0, q1) = (
+            b0.qs.as_ptr() as *const __m128i,
+            b1.qs.as_ptr() as *const __m128i,
+        );
+        let lo = _mm256_loadu2_m128i(q1, q0);
+        let hi = _mm256_loadu2_m128i(q1.add(1), q0.add(1));
+        let w = [
+            _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(lo)),
+            _mm256_srai_epi16::<8>(lo),
+            _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(hi)),
+            _mm256_srai_epi16::<8>(hi),
+        ];
+        let d = per_block(heads(b0, b1), 0, 2);
+        for (k, a) in acc.iter_mut().enumerate() {
+            let at = k * np + p;
+            let (s0, s1) = pair_sums(&w, x, at);
+            let scale = _mm256_mul_ps(d, _mm256_loadu_ps(x.dx.as_ptr().add(at * 8)));
+            a[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), scale, a[0]);
+            a[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), scale, a[1]);
         }
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_rows_t<const T: usize, B: Nibbles32>(
+unsafe fn pair_rows_t<const T: usize, B: PairBlock>(
     blocks: &[B],
     nb: usize,
-    x: RowsFrom<'_>,
+    x: PairsFrom<'_>,
     out: *mut f32,
     ld: usize,
 ) {
-    let cols = nb * QK;
+    let np = nb.div_ceil(2);
     let n_rows = blocks.len() / nb;
     let lines = (2 * std::mem::size_of::<B>()).div_ceil(64);
     for r in 0..n_rows {
         let row = &blocks[r * nb..(r + 1) * nb];
-        let mut acc = Acc {
-            v: [[_mm256_setzero_ps(); 2]; T],
-            mins: [[0.0; 2]; T],
-        };
+        let mut acc = [[_mm256_setzero_ps(); 2]; T];
         let mut pairs = row.chunks_exact(2);
         for (p, pair) in pairs.by_ref().enumerate() {
             prefetch(pair.as_ptr() as *const u8, lines);
-            q4_block(&pair[0], 2 * p, 0, x, cols, &mut acc);
-            q4_block(&pair[1], 2 * p + 1, 1, x, cols, &mut acc);
+            B::pair(&pair[0], &pair[1], p, np, x, &mut acc);
         }
+        // A lone last block: its own bytes stand in for the second block's, whose
+        // activations (and scales, and sums) are zeros.
         if let [last] = pairs.remainder() {
-            q4_block(last, nb - 1, 0, x, cols, &mut acc);
-        }
-        for (k, (a, m)) in acc.v.iter().zip(acc.mins).enumerate() {
-            *out.add(k * ld + r) = hsum(_mm256_add_ps(a[0], a[1])) + (m[0] + m[1]);
-        }
-    }
-}
-
-/// Q8_0 weight rows × `t` (1..=[`ROWS`]) activation rows `x`, as [`q4k_rows`]: `nb`
-/// blocks of 32 per row.
-///
-/// Why: the f32 kernel ([`super::avx2::q8_0_rows`]) widens every weight to 32 bits and
-/// converts it; SmolLM2's output matrix (Q8_0, 49152 × 576) took 16% of its decoding time
-/// that way. Here a block's 32 bytes, read as 16-bit words, give the even-numbered values
-/// by a shift left and an arithmetic shift right of 8 (sign-extended low bytes) and the
-/// odd-numbered ones by the arithmetic shift alone: the activations' order (see
-/// [`Activations`]), three operations a block.
-///
-/// # Safety
-/// As [`q4k_rows`], with `nb · 32` values per activation row.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q8_0_rows(
-    blocks: &[BlockQ8_0],
-    nb: usize,
-    x: RowsFrom<'_>,
-    t: usize,
-    out: *mut f32,
-    ld: usize,
-) {
-    by_rows!(t, [1, 2, 3], 4, q8_0_rows_t(blocks, nb, x, out, ld))
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_rows_t<const T: usize>(
-    blocks: &[BlockQ8_0],
-    nb: usize,
-    x: RowsFrom<'_>,
-    out: *mut f32,
-    ld: usize,
-) {
-    let cols = nb * QK;
-    let n_rows = blocks.len() / nb;
-    for r in 0..n_rows {
-        let row = &blocks[r * nb..(r + 1) * nb];
-        // Two accumulators per row (even and odd blocks), as in [`q4_rows`].
-        let mut acc = [[_mm256_setzero_ps(); 2]; T];
-        for (b, blk) in row.iter().enumerate() {
-            // 34-byte blocks: a new line every other block, about.
-            if b % 2 == 0 {
-                prefetch(blk as *const BlockQ8_0 as *const u8, 2);
-            }
-            let w = _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i);
-            let e = _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(w));
-            let o = _mm256_srai_epi16::<8>(w);
-            let d = _mm256_set1_ps(f16_to_f32(blk.d));
-            for (k, a) in acc.iter_mut().enumerate() {
-                a[b % 2] = add_block(e, o, d, x, k, b, cols, a[b % 2]);
-            }
+            B::pair(last, last, np - 1, np, x, &mut acc);
         }
         for (k, a) in acc.iter().enumerate() {
             *out.add(k * ld + r) = hsum(_mm256_add_ps(a[0], a[1]));
@@ -607,15 +733,15 @@ mod tests {
     fn run(m: &crate::engine::kernels::QMat, x: &[f32], n: usize, group: usize) -> Vec<f32> {
         let (rows, cols) = (m.rows(), m.cols());
         let mut xs = Activations::default();
-        // SAFETY: the tests return early without AVX2; `cols` is whole super-blocks.
-        let xs = unsafe { xs.prepare(x) };
+        // SAFETY: the tests return early without AVX2; `cols` is whole blocks.
+        let xs = unsafe { xs.prepare_pairs(x, cols) };
         let mut out = vec![0f32; n * rows];
         let data = m.rows_data(0, rows);
         let nb = cols / QK_K;
         let mut i = 0;
         while i < n {
             let t = (n - i).min(group);
-            let x = xs.rows_from(i, cols);
+            let (x, pairs) = (xs.rows_from(i, cols), xs.pairs_from(i, cols));
             let o = out[i * rows..].as_mut_ptr();
             // SAFETY: as above; `x` holds t rows from row i, `out` t × rows from row i.
             unsafe {
@@ -627,13 +753,13 @@ mod tests {
                         q4k_rows::<BlockQ5K>(cast(data), nb, x, t, o, rows)
                     }
                     crate::engine::kernels::Format::Q4_0 => {
-                        q4_rows::<BlockQ4_0>(cast(data), cols / QK, x, t, o, rows)
+                        pair_rows::<BlockQ4_0>(cast(data), cols / QK, pairs, t, o, rows)
                     }
                     crate::engine::kernels::Format::Q4_1 => {
-                        q4_rows::<BlockQ4_1>(cast(data), cols / QK, x, t, o, rows)
+                        pair_rows::<BlockQ4_1>(cast(data), cols / QK, pairs, t, o, rows)
                     }
                     crate::engine::kernels::Format::Q8_0 => {
-                        q8_0_rows(cast(data), cols / QK, x, t, o, rows)
+                        pair_rows::<BlockQ8_0>(cast(data), cols / QK, pairs, t, o, rows)
                     }
                     _ => q6k_rows(cast(data), nb, x, t, o, rows),
                 }
@@ -659,12 +785,12 @@ mod tests {
             GgmlDType::Q4_1,
             GgmlDType::Q8_0,
         ];
-        // Q4_0 and Q4_1 also in rows of an odd number of blocks (the kernel takes blocks in
-        // pairs).
+        // Q4_0, Q4_1 and Q8_0 also in rows of an odd number of blocks (the kernel takes
+        // blocks in pairs).
         for (dtype, cols) in formats
             .map(|d| (d, 768))
             .into_iter()
-            .chain([(GgmlDType::Q4_0, 800), (GgmlDType::Q4_1, 800)])
+            .chain([GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0].map(|d| (d, 800)))
         {
             let rows = 37;
             let (m, w) = matrix(rows, cols, dtype);
@@ -688,6 +814,48 @@ mod tests {
                     all.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                     "{dtype:?}: passes of {group} rows vs {ROWS}"
                 );
+            }
+        }
+    }
+
+    /// [`Pairs`]: value j of block b lands where the nibbles of j leave it when two blocks'
+    /// bytes are read side by side (vector `j % 2 + 2 · (j / 16)`, the block's half of it,
+    /// lane `(j % 16) / 2`), with each block's scale in its four lanes and its sum in the
+    /// first; a row's odd last block is paired with zeros.
+    #[test]
+    fn pairs_put_each_value_where_its_nibble_lands() {
+        if !super::super::available() {
+            return;
+        }
+        let (rows, cols) = (2, 96);
+        let (nb, np) = (3, 2);
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| (i as f32 * 0.37).sin() * (1 + i % 5) as f32)
+            .collect();
+        let mut a = Activations::default();
+        // SAFETY: AVX2 checked above; rows of whole blocks.
+        let a = unsafe { a.prepare_pairs(&x, cols) };
+        let p = &a.pairs;
+        assert_eq!(p.xq.len(), rows * np * 64);
+        for r in 0..rows {
+            for b in 0..np * 2 {
+                let (at, half) = (r * np + b / 2, b % 2);
+                for j in 0..QK {
+                    let got = p.xq[at * 64 + 16 * (j % 2 + 2 * (j / 16)) + 8 * half + (j % 16) / 2];
+                    let want = if b < nb {
+                        a.xq[(r * nb + b) * QK + (j % 2) * 16 + j / 2]
+                    } else {
+                        0
+                    };
+                    assert_eq!(got, want, "row {r} block {b} value {j}");
+                }
+                let (dx, sum) = if b < nb {
+                    (a.dx[r * nb + b], a.xsum[r * nb + b])
+                } else {
+                    (0.0, 0.0)
+                };
+                assert_eq!(p.dx[at * 8 + 4 * half..][..4], [dx; 4]);
+                assert_eq!(p.xsum[at * 8 + 4 * half..][..4], [sum, 0.0, 0.0, 0.0]);
             }
         }
     }

@@ -33,9 +33,7 @@ use std::arch::x86_64::*;
 use super::{f16_to_f32, hsum};
 use bytemuck::Pod;
 
-use crate::engine::kernels::formats::{
-    BlockQ4_0, BlockQ4_1, BlockQ6K, BlockQ8_0, NibbleBlock, Nibbles32, QK, QK_K,
-};
+use crate::engine::kernels::formats::{BlockQ6K, BlockQ8_0, NibbleBlock, Nibbles32, QK, QK_K};
 
 /// Activation rows per pass: two accumulators per row, four weight vectors and temporaries
 /// fit the 16 registers.
@@ -420,21 +418,8 @@ pub trait PairBlock: Pod {
     );
 }
 
-impl PairBlock for BlockQ4_0 {
-    #[inline(always)]
-    unsafe fn pair<const T: usize>(
-        b0: &Self,
-        b1: &Self,
-        p: usize,
-        np: usize,
-        x: PairsFrom<'_>,
-        acc: &mut Acc<T>,
-    ) {
-        q4_pair(b0, b1, p, np, x, acc)
-    }
-}
-
-impl PairBlock for BlockQ4_1 {
+/// Q4_0 and Q4_1: [`q4_pair`].
+impl<B: Nibbles32> PairBlock for B {
     #[inline(always)]
     unsafe fn pair<const T: usize>(
         b0: &Self,

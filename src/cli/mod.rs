@@ -465,6 +465,13 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         if let Some(m) = report.peak_rss_mib {
             println!("peak    {m:.0} MiB resident");
         }
+        if let Some(w) = report.weights {
+            println!(
+                "weights {:.0} MiB resident, {:.0}% of it in 2 MiB pages",
+                w.resident_mib,
+                100.0 * w.huge_page_share
+            );
+        }
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use super::constraint::{Grammar, Grammars};
 use super::model::Segment;
+use super::pages::{mapped_pages, MappedPages};
 use super::sampler::{Sampler, SamplingParams};
 use super::worker::{EngineOptions, LoadedEngine};
 use super::EngineError;
@@ -83,6 +84,11 @@ pub struct BenchReport {
     pub batched_tg: Vec<BatchedStat>,
     /// Peak resident memory of the process (VmHWM), MiB.
     pub peak_rss_mib: Option<f64>,
+    /// The model file's mapped pages at the end of the run (Linux): a memory-bound decode
+    /// depends on their size (two threads read a mapped file at 22–25 GB/s in 4 KiB pages,
+    /// 29–36 GB/s in 2 MiB ones on a 2-core VM), so tg figures compare only beside it (see
+    /// `engine::pages`).
+    pub weights: Option<MappedPages>,
 }
 
 /// Aggregate generation speed of `batch` sequences stepped together.
@@ -272,6 +278,7 @@ pub fn run(
         grammar_index_seconds,
         batched_tg,
         peak_rss_mib: peak_rss_mib(),
+        weights: mapped_pages(model),
     })
 }
 

@@ -22,6 +22,7 @@ pub(crate) mod gguf;
 pub(crate) mod kernels;
 pub(crate) mod llama;
 pub(crate) mod model;
+pub(crate) mod pages;
 pub(crate) mod prefix;
 pub(crate) mod prompt;
 pub(crate) mod sampler;

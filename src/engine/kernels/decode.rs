@@ -212,6 +212,38 @@ impl QMat {
             let cols = self.cols;
             let nb = cols / QK_K;
             let data = self.rows_data(r0, r1);
+            if x86::int16_512() {
+                // SAFETY: AVX-512 (F, BW) and AVX512_VNNI checked by `int16_512`; `cols` is
+                // whole super-blocks.
+                let xs = unsafe { scratch.int16.prepare_quads(&x[..n * cols]) };
+                in_passes(n, x86::int16_512::ROWS, |i, t| {
+                    let o = out.at(i, r0);
+                    let x = xs.quads_from(i, cols);
+                    // SAFETY: as above; the activations hold t rows from row i.
+                    unsafe {
+                        match self.format {
+                            Format::Q4K => x86::int16_512::q4k_rows::<BlockQ4K>(
+                                cast(data),
+                                nb,
+                                x,
+                                t,
+                                o,
+                                out.ld,
+                            ),
+                            Format::Q5K => x86::int16_512::q4k_rows::<BlockQ5K>(
+                                cast(data),
+                                nb,
+                                x,
+                                t,
+                                o,
+                                out.ld,
+                            ),
+                            _ => x86::int16_512::q6k_rows(cast(data), nb, x, t, o, out.ld),
+                        }
+                    }
+                });
+                return;
+            }
             // SAFETY: AVX2 checked by `rounding` (a K-quant here); `cols` is whole
             // super-blocks.
             let xs = unsafe { scratch.int16.prepare(&x[..n * cols]) };

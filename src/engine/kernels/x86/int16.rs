@@ -57,6 +57,10 @@ pub struct Activations {
     /// Q4_1 or Q8_0 band first needs them.
     pairs: Pairs,
     pairs_ready: bool,
+    /// The rows in the order the AVX-512 K-quant kernels read them (see
+    /// [`super::int16_512::Quads`]), made when a band of them first needs them.
+    quads: super::int16_512::Quads,
+    quads_ready: bool,
 }
 
 /// Activation rows as [`pair_rows`] reads them: blocks of 32 in pairs (a row of an odd number
@@ -101,6 +105,33 @@ impl Activations {
             self.pairs_ready = true;
         }
         self
+    }
+
+    /// [`Self::prepare`], plus the rows in the AVX-512 K-quant kernels' order (see
+    /// [`super::int16_512::Quads`]).
+    ///
+    /// # Safety
+    /// As [`Self::prepare`]; the rows' width a multiple of 128.
+    pub unsafe fn prepare_quads(&mut self, x: &[f32]) -> &Activations {
+        self.prepare(x);
+        if !self.quads_ready {
+            self.quads.lay_out(&self.xq, &self.dx);
+            self.quads_ready = true;
+        }
+        self
+    }
+
+    /// The rows from row `i` on (rows of `cols` values) as the AVX-512 K-quant kernels take
+    /// them; made by [`Self::prepare_quads`].
+    pub fn quads_from(&self, i: usize, cols: usize) -> super::int16_512::QuadsFrom<'_> {
+        debug_assert!(self.quads_ready);
+        super::int16_512::QuadsFrom::new(
+            &self.quads,
+            &self.xsum[i * cols / QK..],
+            &self.xsum16[i * cols / 16..],
+            i,
+            cols,
+        )
     }
 
     /// Lays [`Self::xq`], `dx` and `xsum` out as [`Pairs`], row by row.
@@ -255,7 +286,7 @@ const PREFETCH_AHEAD: usize = 4096;
 /// stall.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn prefetch(p: *const u8, lines: usize) {
+pub(super) unsafe fn prefetch(p: *const u8, lines: usize) {
     let ahead = p.wrapping_add(PREFETCH_AHEAD) as *const i8;
     for l in 0..lines {
         _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
@@ -702,12 +733,26 @@ mod tests {
             .collect()
     }
 
-    /// Runs the kernel of `dtype` over `n` rows of `x` in passes of `group` rows.
-    fn run(m: &crate::engine::kernels::QMat, x: &[f32], n: usize, group: usize) -> Vec<f32> {
+    /// Runs the kernel of `dtype` over `n` rows of `x` in passes of `group` rows; the K-quants'
+    /// AVX-512 kernels (of [`super::super::int16_512`]) where `wide`.
+    fn run(
+        m: &crate::engine::kernels::QMat,
+        x: &[f32],
+        n: usize,
+        group: usize,
+        wide: bool,
+    ) -> Vec<f32> {
+        use super::super::int16_512;
         let (rows, cols) = (m.rows(), m.cols());
         let mut xs = Activations::default();
-        // SAFETY: the tests return early without AVX2; `cols` is whole blocks.
-        let xs = unsafe { xs.prepare_pairs(x, cols) };
+        // SAFETY: the tests return early without AVX2; `cols` is whole blocks (of 128 for
+        // the K-quants).
+        let xs = unsafe {
+            if wide {
+                xs.prepare_quads(x);
+            }
+            xs.prepare_pairs(x, cols)
+        };
         let mut out = vec![0f32; n * rows];
         let data = m.rows_data(0, rows);
         let nb = cols / QK_K;
@@ -718,7 +763,17 @@ mod tests {
             let o = out[i * rows..].as_mut_ptr();
             // SAFETY: as above; `x` holds t rows from row i, `out` t × rows from row i.
             unsafe {
+                let quads = || xs.quads_from(i, cols);
                 match m.format() {
+                    crate::engine::kernels::Format::Q4K if wide => {
+                        int16_512::q4k_rows::<BlockQ4K>(cast(data), nb, quads(), t, o, rows)
+                    }
+                    crate::engine::kernels::Format::Q5K if wide => {
+                        int16_512::q4k_rows::<BlockQ5K>(cast(data), nb, quads(), t, o, rows)
+                    }
+                    crate::engine::kernels::Format::Q6K if wide => {
+                        int16_512::q6k_rows(cast(data), nb, quads(), t, o, rows)
+                    }
                     crate::engine::kernels::Format::Q4K => {
                         q4k_rows::<BlockQ4K>(cast(data), nb, x, t, o, rows)
                     }
@@ -776,17 +831,29 @@ mod tests {
             x[cols + 64..cols + 96].fill(0.0);
             let want = reference(&w, &x, rows, cols, n);
             let tol = bound(&w, &x, rows, cols, n);
-            let all = run(&m, &x, n, ROWS);
-            for (i, ((a, b), t)) in all.iter().zip(&want).zip(&tol).enumerate() {
-                assert!((a - b).abs() <= *t, "{dtype:?} cell {i}: {a} vs {b} (±{t})");
+            // The K-quants' AVX-512 kernels too where the CPU has them (the machine picks one
+            // width per process, so the other would go untested).
+            let kquant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
+            let mut widths = vec![false];
+            if kquant && super::super::int16_512() {
+                widths.push(true);
             }
-            for group in [1, 2, 3] {
-                let some = run(&m, &x, n, group);
-                assert_eq!(
-                    some.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    all.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    "{dtype:?}: passes of {group} rows vs {ROWS}"
-                );
+            for wide in widths {
+                let all = run(&m, &x, n, ROWS, wide);
+                for (i, ((a, b), t)) in all.iter().zip(&want).zip(&tol).enumerate() {
+                    assert!(
+                        (a - b).abs() <= *t,
+                        "{dtype:?} wide={wide} cell {i}: {a} vs {b} (±{t})"
+                    );
+                }
+                for group in [1, 2, 3] {
+                    let some = run(&m, &x, n, group, wide);
+                    assert_eq!(
+                        some.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        all.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{dtype:?} wide={wide}: passes of {group} rows vs {ROWS}"
+                    );
+                }
             }
         }
     }

@@ -30,6 +30,7 @@ pub mod avx512;
 pub mod bf16;
 pub mod floats;
 pub mod int16;
+pub mod int16_512;
 pub mod int8;
 pub mod kquants;
 
@@ -76,6 +77,19 @@ pub fn amx() -> bool {
 pub fn int16() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| available() && super::isa().int16)
+}
+
+/// The AVX-512 forms of the 16-bit integer K-quant kernels ([`int16_512`]: `vpdpwssd`)
+/// wherever those run on a CPU with AVX512BW and AVX512_VNNI; `--no-avx512` turns them off
+/// (the 256-bit ones run instead).
+pub fn int16_512() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        int16()
+            && avx512()
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    })
 }
 
 /// 8-bit activations with each block's outliers kept exact ([`int8`]) for the prompt

@@ -116,6 +116,25 @@ impl QMat {
             let cols = self.cols;
             let nb = cols / QK;
             let data = self.rows_data(r0, r1);
+            if x86::int16_512() {
+                // SAFETY: AVX-512 (F, BW) and AVX512_VNNI checked by `int16_512`; `cols` is
+                // whole blocks of 32.
+                let xs = unsafe { scratch.int16.prepare_fours(&x[..n * cols], cols) };
+                in_passes(n, x86::int16_512::ROWS, |i, t| {
+                    let o = out.at(i, r0);
+                    let x = xs.fours_from(i, cols);
+                    use x86::int16_512::four_rows;
+                    // SAFETY: as above; the activations hold t rows from row i.
+                    unsafe {
+                        match self.format {
+                            Format::Q4_0 => four_rows::<BlockQ4_0>(cast(data), nb, x, t, o, out.ld),
+                            Format::Q4_1 => four_rows::<BlockQ4_1>(cast(data), nb, x, t, o, out.ld),
+                            _ => four_rows::<BlockQ8_0>(cast(data), nb, x, t, o, out.ld),
+                        }
+                    }
+                });
+                return;
+            }
             // SAFETY: AVX2 checked by `rounding`; `cols` is whole blocks of 32.
             let xs = unsafe { scratch.int16.prepare_pairs(&x[..n * cols], cols) };
             in_passes(n, x86::int16::ROWS, |i, t| {

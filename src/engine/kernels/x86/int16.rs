@@ -61,6 +61,10 @@ pub struct Activations {
     /// [`super::int16_512::Quads`]), made when a band of them first needs them.
     quads: super::int16_512::Quads,
     quads_ready: bool,
+    /// The rows in the order the AVX-512 Q4_0, Q4_1 and Q8_0 kernel reads them (see
+    /// [`super::int16_512::Fours`]), made when a band of them first needs them.
+    fours: super::int16_512::Fours,
+    fours_ready: bool,
 }
 
 /// Activation rows as [`pair_rows`] reads them: blocks of 32 in pairs (a row of an odd number
@@ -119,6 +123,27 @@ impl Activations {
             self.quads_ready = true;
         }
         self
+    }
+
+    /// [`Self::prepare`], plus the rows in the AVX-512 Q4_0, Q4_1 and Q8_0 kernel's order
+    /// (see [`super::int16_512::Fours`]).
+    ///
+    /// # Safety
+    /// As [`Self::prepare`]; `cols` is the rows' width.
+    pub unsafe fn prepare_fours(&mut self, x: &[f32], cols: usize) -> &Activations {
+        self.prepare(x);
+        if !self.fours_ready {
+            self.fours.lay_out(&self.xq, &self.dx, &self.xsum, cols);
+            self.fours_ready = true;
+        }
+        self
+    }
+
+    /// The rows from row `i` on (rows of `cols` values) in fours of blocks, as
+    /// [`super::int16_512::four_rows`] takes them; made by [`Self::prepare_fours`].
+    pub fn fours_from(&self, i: usize, cols: usize) -> super::int16_512::FoursFrom<'_> {
+        debug_assert!(self.fours_ready);
+        super::int16_512::FoursFrom::new(&self.fours, i, cols)
     }
 
     /// The rows from row `i` on (rows of `cols` values) as the AVX-512 K-quant kernels take
@@ -750,6 +775,7 @@ mod tests {
         let xs = unsafe {
             if wide {
                 xs.prepare_quads(x);
+                xs.prepare_fours(x, cols);
             }
             xs.prepare_pairs(x, cols)
         };
@@ -764,7 +790,18 @@ mod tests {
             // SAFETY: as above; `x` holds t rows from row i, `out` t × rows from row i.
             unsafe {
                 let quads = || xs.quads_from(i, cols);
+                let fours = || xs.fours_from(i, cols);
+                let nb32 = cols / QK;
                 match m.format() {
+                    crate::engine::kernels::Format::Q4_0 if wide => {
+                        int16_512::four_rows::<BlockQ4_0>(cast(data), nb32, fours(), t, o, rows)
+                    }
+                    crate::engine::kernels::Format::Q4_1 if wide => {
+                        int16_512::four_rows::<BlockQ4_1>(cast(data), nb32, fours(), t, o, rows)
+                    }
+                    crate::engine::kernels::Format::Q8_0 if wide => {
+                        int16_512::four_rows::<BlockQ8_0>(cast(data), nb32, fours(), t, o, rows)
+                    }
                     crate::engine::kernels::Format::Q4K if wide => {
                         int16_512::q4k_rows::<BlockQ4K>(cast(data), nb, quads(), t, o, rows)
                     }
@@ -813,13 +850,14 @@ mod tests {
             GgmlDType::Q4_1,
             GgmlDType::Q8_0,
         ];
-        // Q4_0, Q4_1 and Q8_0 also in rows of an odd number of blocks (the kernel takes
-        // blocks in pairs).
-        for (dtype, cols) in formats
-            .map(|d| (d, 768))
-            .into_iter()
-            .chain([GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0].map(|d| (d, 800)))
-        {
+        // Q4_0, Q4_1 and Q8_0 also in rows of 25, 18 (SmolLM2's 576 columns) and 27 blocks
+        // (the kernels take blocks in pairs, or in fours, and pad the rest).
+        let small = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
+        for (dtype, cols) in formats.map(|d| (d, 768)).into_iter().chain(
+            [800, 576, 864]
+                .into_iter()
+                .flat_map(|c| small.map(|d| (d, c))),
+        ) {
             let rows = 37;
             let (m, w) = matrix(rows, cols, dtype);
             let n = 7;
@@ -831,11 +869,10 @@ mod tests {
             x[cols + 64..cols + 96].fill(0.0);
             let want = reference(&w, &x, rows, cols, n);
             let tol = bound(&w, &x, rows, cols, n);
-            // The K-quants' AVX-512 kernels too where the CPU has them (the machine picks one
-            // width per process, so the other would go untested).
-            let kquant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
+            // The AVX-512 kernels too where the CPU has them (the machine picks one width per
+            // process, so the other would go untested).
             let mut widths = vec![false];
-            if kquant && super::super::int16_512() {
+            if super::super::int16_512() {
                 widths.push(true);
             }
             for wide in widths {

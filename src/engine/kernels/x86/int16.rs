@@ -2,7 +2,8 @@
 //! integer activations, on AVX2: what decodes Q4_0, Q4_1 (SmolLM2) and Q8_0 files on every x86
 //! CPU with AVX2, and Q4_K_M / Q5_K_M files on CPUs without AVX512_BF16 (every AVX2-only CPU —
 //! most desktops and laptops — and AVX-512 CPUs before Cooper Lake and Zen 4); see
-//! `kernels::decode::rounding`.
+//! `kernels::decode::rounding`. Where the CPU has AVX512_VNNI, the same arithmetic runs in
+//! 512-bit vectors ([`super::int16_512`]) on activations this module rounds.
 //!
 //! Why: with f32 FMAs, turning each 4-bit weight into an f32 costs a widening, a conversion
 //! and a multiply before the product itself, and that made decoding compute-bound (a 1.5 B

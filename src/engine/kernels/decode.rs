@@ -56,7 +56,8 @@ pub(super) enum Rounding {
 /// kernel gave 16.2 and 15.7 (alternating runs, Xeon Sapphire Rapids, 2026-12-07), and
 /// SmolLM2's Q4_1 and Q8_0 products are compute-bound in f32 (54 tok/s there, 155 with 16-bit
 /// integers). The K-quants take bf16 where the CPU has it (the same speed as 16-bit integers
-/// on that VM; on Zen 4 bf16 was only ever compared with f32), else 16-bit integers.
+/// on that VM; on Zen 4 bf16 was only ever compared with f32), else 16-bit integers. Where the
+/// CPU has AVX512_VNNI the 16-bit kernels run in 512 bits (`x86::int16_512`).
 pub(super) fn rounding(format: Format) -> Rounding {
     #[cfg(target_arch = "x86_64")]
     match format {
@@ -238,26 +239,13 @@ impl QMat {
                 in_passes(n, x86::int16_512::ROWS, |i, t| {
                     let o = out.at(i, r0);
                     let x = xs.quads_from(i, cols);
+                    use x86::int16_512::{q4k_rows, q6k_rows};
                     // SAFETY: as above; the activations hold t rows from row i.
                     unsafe {
                         match self.format {
-                            Format::Q4K => x86::int16_512::q4k_rows::<BlockQ4K>(
-                                cast(data),
-                                nb,
-                                x,
-                                t,
-                                o,
-                                out.ld,
-                            ),
-                            Format::Q5K => x86::int16_512::q4k_rows::<BlockQ5K>(
-                                cast(data),
-                                nb,
-                                x,
-                                t,
-                                o,
-                                out.ld,
-                            ),
-                            _ => x86::int16_512::q6k_rows(cast(data), nb, x, t, o, out.ld),
+                            Format::Q4K => q4k_rows::<BlockQ4K>(cast(data), nb, x, t, o, out.ld),
+                            Format::Q5K => q4k_rows::<BlockQ5K>(cast(data), nb, x, t, o, out.ld),
+                            _ => q6k_rows(cast(data), nb, x, t, o, out.ld),
                         }
                     }
                 });

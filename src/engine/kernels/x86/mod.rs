@@ -79,9 +79,9 @@ pub fn int16() -> bool {
     *OK.get_or_init(|| available() && super::isa().int16)
 }
 
-/// The AVX-512 forms of the 16-bit integer K-quant kernels ([`int16_512`]: `vpdpwssd`)
-/// wherever those run on a CPU with AVX512BW and AVX512_VNNI; `--no-avx512` turns them off
-/// (the 256-bit ones run instead).
+/// The AVX-512 forms of the 16-bit integer decode kernels ([`int16_512`]: `vpdpwssd`), for
+/// every format those take, wherever they run on a CPU with AVX512BW and AVX512_VNNI;
+/// `--no-avx512` turns them off (the 256-bit ones of [`int16`] run instead).
 pub fn int16_512() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {

@@ -444,89 +444,6 @@ unsafe fn q6k_rows_t<const T: usize>(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// [`Quads`]: the 16-bit values of blocks 0 | 2 even, odd, then 1 | 3 even, odd; each
-    /// vector's scales those of the blocks whose values it holds, eight lanes each.
-    #[test]
-    fn quads_pair_blocks_0_2_and_1_3() {
-        // Two quads of blocks in `Activations`' layout, each value its own index.
-        let xq: Vec<i16> = (0..8 * QK).map(|i| i as i16).collect();
-        let dx: Vec<f32> = (0..8).map(|b| b as f32 + 0.5).collect();
-        let mut q = Quads::default();
-        q.lay_out(&xq, &dx);
-        let (qxq, qdx) = (q.xq.get::<i16>(), q.dx.get::<f32>());
-        assert!(qxq.len() >= xq.len());
-        for quad in 0..2 {
-            let block = |b: usize| 4 * quad + b;
-            // (block, even (0) or odd (1)) of each 16-value run, in order.
-            let order = [
-                (0, 0),
-                (2, 0),
-                (0, 1),
-                (2, 1),
-                (1, 0),
-                (3, 0),
-                (1, 1),
-                (3, 1),
-            ];
-            for (run, &(b, odd)) in order.iter().enumerate() {
-                let got = &qxq[quad * 128 + 16 * run..][..16];
-                let from = block(b) * QK + 16 * odd;
-                assert_eq!(got, &xq[from..from + 16], "quad {quad} run {run}");
-            }
-            let d = &qdx[quad * 32..][..32];
-            for (v, b) in [0, 2, 1, 3].into_iter().enumerate() {
-                assert_eq!(
-                    d[8 * v..8 * v + 8],
-                    [dx[block(b)]; 8],
-                    "quad {quad} vector {v}"
-                );
-            }
-        }
-    }
-
-    /// [`Fours`]: value j of block b lands where the nibbles of j leave it when four blocks'
-    /// bytes are read side by side (vector `j % 2 + 2 · (j / 16)`, the block's quarter of it,
-    /// lane `(j % 16) / 2`), with each block's scale in its four lanes and its sum in the
-    /// first; a row's last blocks padded with zeros to a four.
-    #[test]
-    fn fours_put_each_value_where_its_nibble_lands() {
-        let (rows, cols) = (2, 6 * QK);
-        let (nb, nf) = (6, 2);
-        let xq: Vec<i16> = (0..rows * cols).map(|i| i as i16 + 1).collect();
-        let dx: Vec<f32> = (0..rows * nb).map(|b| b as f32 + 0.5).collect();
-        let xsum: Vec<f32> = (0..rows * nb).map(|b| -(b as f32)).collect();
-        let mut f = Fours::default();
-        f.lay_out(&xq, &dx, &xsum, cols);
-        let (fxq, fdx, fsum) = (f.xq.get::<i16>(), f.dx.get::<f32>(), f.xsum.get::<f32>());
-        assert!(fxq.len() >= rows * nf * 128);
-        for r in 0..rows {
-            for b in 0..nf * 4 {
-                let (at, slot) = (r * nf + b / 4, b % 4);
-                for j in 0..QK {
-                    let got = fxq[at * 128 + 32 * (j % 2 + 2 * (j / 16)) + 8 * slot + (j % 16) / 2];
-                    let want = if b < nb {
-                        xq[(r * nb + b) * QK + (j % 2) * 16 + j / 2]
-                    } else {
-                        0
-                    };
-                    assert_eq!(got, want, "row {r} block {b} value {j}");
-                }
-                let (d, sum) = if b < nb {
-                    (dx[r * nb + b], xsum[r * nb + b])
-                } else {
-                    (0.0, 0.0)
-                };
-                assert_eq!(fdx[at * 16 + 4 * slot..][..4], [d; 4]);
-                assert_eq!(fsum[at * 16 + 4 * slot..][..4], [sum, 0.0, 0.0, 0.0]);
-            }
-        }
-    }
-}
-
 /// Per activation row: two accumulators, so that a row's FMAs form two independent chains.
 type Acc<const T: usize> = [[__m512; 2]; T];
 
@@ -695,6 +612,89 @@ unsafe fn four_rows_t<const T: usize, B: FourBlock>(
         }
         for (k, a) in acc.iter().enumerate() {
             *out.add(k * ld + r) = hsum512(_mm512_add_ps(a[0], a[1]));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`Quads`]: the 16-bit values of blocks 0 | 2 even, odd, then 1 | 3 even, odd; each
+    /// vector's scales those of the blocks whose values it holds, eight lanes each.
+    #[test]
+    fn quads_pair_blocks_0_2_and_1_3() {
+        // Two quads of blocks in `Activations`' layout, each value its own index.
+        let xq: Vec<i16> = (0..8 * QK).map(|i| i as i16).collect();
+        let dx: Vec<f32> = (0..8).map(|b| b as f32 + 0.5).collect();
+        let mut q = Quads::default();
+        q.lay_out(&xq, &dx);
+        let (qxq, qdx) = (q.xq.get::<i16>(), q.dx.get::<f32>());
+        assert!(qxq.len() >= xq.len());
+        for quad in 0..2 {
+            let block = |b: usize| 4 * quad + b;
+            // (block, even (0) or odd (1)) of each 16-value run, in order.
+            let order = [
+                (0, 0),
+                (2, 0),
+                (0, 1),
+                (2, 1),
+                (1, 0),
+                (3, 0),
+                (1, 1),
+                (3, 1),
+            ];
+            for (run, &(b, odd)) in order.iter().enumerate() {
+                let got = &qxq[quad * 128 + 16 * run..][..16];
+                let from = block(b) * QK + 16 * odd;
+                assert_eq!(got, &xq[from..from + 16], "quad {quad} run {run}");
+            }
+            let d = &qdx[quad * 32..][..32];
+            for (v, b) in [0, 2, 1, 3].into_iter().enumerate() {
+                assert_eq!(
+                    d[8 * v..8 * v + 8],
+                    [dx[block(b)]; 8],
+                    "quad {quad} vector {v}"
+                );
+            }
+        }
+    }
+
+    /// [`Fours`]: value j of block b lands where the nibbles of j leave it when four blocks'
+    /// bytes are read side by side (vector `j % 2 + 2 · (j / 16)`, the block's quarter of it,
+    /// lane `(j % 16) / 2`), with each block's scale in its four lanes and its sum in the
+    /// first; a row's last blocks padded with zeros to a four.
+    #[test]
+    fn fours_put_each_value_where_its_nibble_lands() {
+        let (rows, cols) = (2, 6 * QK);
+        let (nb, nf) = (6, 2);
+        let xq: Vec<i16> = (0..rows * cols).map(|i| i as i16 + 1).collect();
+        let dx: Vec<f32> = (0..rows * nb).map(|b| b as f32 + 0.5).collect();
+        let xsum: Vec<f32> = (0..rows * nb).map(|b| -(b as f32)).collect();
+        let mut f = Fours::default();
+        f.lay_out(&xq, &dx, &xsum, cols);
+        let (fxq, fdx, fsum) = (f.xq.get::<i16>(), f.dx.get::<f32>(), f.xsum.get::<f32>());
+        assert!(fxq.len() >= rows * nf * 128);
+        for r in 0..rows {
+            for b in 0..nf * 4 {
+                let (at, slot) = (r * nf + b / 4, b % 4);
+                for j in 0..QK {
+                    let got = fxq[at * 128 + 32 * (j % 2 + 2 * (j / 16)) + 8 * slot + (j % 16) / 2];
+                    let want = if b < nb {
+                        xq[(r * nb + b) * QK + (j % 2) * 16 + j / 2]
+                    } else {
+                        0
+                    };
+                    assert_eq!(got, want, "row {r} block {b} value {j}");
+                }
+                let (d, sum) = if b < nb {
+                    (dx[r * nb + b], xsum[r * nb + b])
+                } else {
+                    (0.0, 0.0)
+                };
+                assert_eq!(fdx[at * 16 + 4 * slot..][..4], [d; 4]);
+                assert_eq!(fsum[at * 16 + 4 * slot..][..4], [sum, 0.0, 0.0, 0.0]);
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
-//! The 16-bit integer K-quant matrix-vector kernels of [`super::int16`] in 512-bit vectors,
-//! with AVX512_VNNI's `vpdpwssd`: what decodes Q4_K_M / Q5_K_M files on AVX-512 CPUs without
-//! AVX512_BF16 (Skylake-SP to Ice Lake and their cloud VMs), and on any AVX-512 CPU with
-//! `--no-bf16`.
+//! The 16-bit integer matrix-vector kernels of [`super::int16`] in 512-bit vectors, with
+//! AVX512_VNNI's `vpdpwssd`: what decodes Q4_0, Q4_1 and Q8_0 on every CPU with AVX512_VNNI,
+//! and Q4_K_M / Q5_K_M files on those without AVX512_BF16 (Cascade Lake and Ice Lake Xeons and
+//! their cloud VMs; any of them with `--no-bf16`).
 //!
 //! Why: there decoding is bound by the kernels' instructions, not by memory (two cores decode
 //! twice what one does), and the 256-bit kernel spends ~24 vector operations per row on every

@@ -162,8 +162,7 @@ impl Activations {
 
     /// Lays [`Self::xq`], `dx` and `xsum` out as [`Pairs`], row by row.
     fn pair_up(&mut self, cols: usize) {
-        let nb = cols / QK;
-        let np = nb.div_ceil(2);
+        let np = (cols / QK).div_ceil(2);
         let rows = self.xq.len() / cols;
         let p = &mut self.pairs;
         p.xq.clear();
@@ -172,23 +171,11 @@ impl Activations {
         p.dx.resize(rows * np * 8, 0.0);
         p.xsum.clear();
         p.xsum.resize(rows * np * 8, 0.0);
-        for r in 0..rows {
-            for b in 0..nb {
-                let (at, half) = (r * np + b / 2, b % 2);
-                let src = &self.xq[(r * nb + b) * QK..][..QK];
-                let dst = &mut p.xq[at * 2 * QK..][..2 * QK];
-                // The block's even values (0..16 of `src`), then its odd ones: each vector
-                // of the pair takes eight of them, the first block's in its low half.
-                for (v, part) in [&src[0..8], &src[16..24], &src[8..16], &src[24..32]]
-                    .into_iter()
-                    .enumerate()
-                {
-                    dst[16 * v + 8 * half..][..8].copy_from_slice(part);
-                }
-                p.dx[at * 8 + 4 * half..][..4].fill(self.dx[r * nb + b]);
-                p.xsum[at * 8 + 4 * half] = self.xsum[r * nb + b];
-            }
-        }
+        group_blocks::<2>(
+            (&self.xq, &self.dx, &self.xsum),
+            cols,
+            (&mut p.xq, &mut p.dx, &mut p.xsum),
+        );
     }
 
     /// The rows from row `i` on (rows of `cols` values) in pairs of blocks, as [`pair_rows`]
@@ -210,6 +197,39 @@ impl Activations {
             dx: &self.dx[i * cols / QK..],
             xsum: &self.xsum[i * cols / QK..],
             xsum16: &self.xsum16[i * cols / 16..],
+        }
+    }
+}
+
+/// Lays each row's blocks (`from`: their 16-bit values, 16 even then 16 odd, scales and sums;
+/// rows of `cols` values) out in groups of `G` (2: [`Pairs`]; 4:
+/// [`super::int16_512::Fours`]) into `to`, zeroed, with room for every row's blocks rounded up
+/// to whole groups: each group's 32·G values as four vectors of 8·G lanes, vector v holding
+/// eight values of each block (0, 2, .., 14; 1, 3, .., 15; 16, 18, .., 30; 17, 19, .., 31),
+/// block k's in lanes 8k..8k + 8, as the blocks' nibbles land when their 16 bytes are loaded
+/// side by side; each block's scale in four lanes 4k..4k + 4 of the group's 4·G, its sum in
+/// the first of them.
+pub(super) fn group_blocks<const G: usize>(
+    from: (&[i16], &[f32], &[f32]),
+    cols: usize,
+    to: (&mut [i16], &mut [f32], &mut [f32]),
+) {
+    let ((xq, dx, xsum), (to_xq, to_dx, to_sum)) = (from, to);
+    let nb = cols / QK;
+    let ng = nb.div_ceil(G);
+    for r in 0..xq.len() / cols {
+        for b in 0..nb {
+            let (at, k) = (r * ng + b / G, b % G);
+            let src = &xq[(r * nb + b) * QK..][..QK];
+            let dst = &mut to_xq[at * G * QK..][..G * QK];
+            for (v, part) in [&src[0..8], &src[16..24], &src[8..16], &src[24..32]]
+                .into_iter()
+                .enumerate()
+            {
+                dst[8 * G * v + 8 * k..][..8].copy_from_slice(part);
+            }
+            to_dx[at * 4 * G + 4 * k..][..4].fill(dx[r * nb + b]);
+            to_sum[at * 4 * G + 4 * k] = xsum[r * nb + b];
         }
     }
 }
@@ -759,8 +779,8 @@ mod tests {
             .collect()
     }
 
-    /// Runs the kernel of `dtype` over `n` rows of `x` in passes of `group` rows; the K-quants'
-    /// AVX-512 kernels (of [`super::super::int16_512`]) where `wide`.
+    /// Runs the kernel of `dtype` over `n` rows of `x` in passes of `group` rows; the AVX-512
+    /// kernels (of [`super::super::int16_512`]) where `wide`.
     fn run(
         m: &crate::engine::kernels::QMat,
         x: &[f32],
@@ -771,14 +791,20 @@ mod tests {
         use super::super::int16_512;
         let (rows, cols) = (m.rows(), m.cols());
         let mut xs = Activations::default();
+        let kquant = matches!(
+            m.format(),
+            crate::engine::kernels::Format::Q4K
+                | crate::engine::kernels::Format::Q5K
+                | crate::engine::kernels::Format::Q6K
+        );
         // SAFETY: the tests return early without AVX2; `cols` is whole blocks (of 128 for
-        // the K-quants).
+        // the K-quants, whose quads are made only for them).
         let xs = unsafe {
-            if wide {
-                xs.prepare_quads(x);
-                xs.prepare_fours(x, cols);
+            match (wide, kquant) {
+                (true, true) => xs.prepare_quads(x),
+                (true, false) => xs.prepare_fours(x, cols),
+                (false, _) => xs.prepare_pairs(x, cols),
             }
-            xs.prepare_pairs(x, cols)
         };
         let mut out = vec![0f32; n * rows];
         let data = m.rows_data(0, rows);
@@ -786,7 +812,7 @@ mod tests {
         let mut i = 0;
         while i < n {
             let t = (n - i).min(group);
-            let (x, pairs) = (xs.rows_from(i, cols), xs.pairs_from(i, cols));
+            let (x, pairs) = (xs.rows_from(i, cols), || xs.pairs_from(i, cols));
             let o = out[i * rows..].as_mut_ptr();
             // SAFETY: as above; `x` holds t rows from row i, `out` t × rows from row i.
             unsafe {
@@ -819,13 +845,13 @@ mod tests {
                         q4k_rows::<BlockQ5K>(cast(data), nb, x, t, o, rows)
                     }
                     crate::engine::kernels::Format::Q4_0 => {
-                        pair_rows::<BlockQ4_0>(cast(data), cols / QK, pairs, t, o, rows)
+                        pair_rows::<BlockQ4_0>(cast(data), cols / QK, pairs(), t, o, rows)
                     }
                     crate::engine::kernels::Format::Q4_1 => {
-                        pair_rows::<BlockQ4_1>(cast(data), cols / QK, pairs, t, o, rows)
+                        pair_rows::<BlockQ4_1>(cast(data), cols / QK, pairs(), t, o, rows)
                     }
                     crate::engine::kernels::Format::Q8_0 => {
-                        pair_rows::<BlockQ8_0>(cast(data), cols / QK, pairs, t, o, rows)
+                        pair_rows::<BlockQ8_0>(cast(data), cols / QK, pairs(), t, o, rows)
                     }
                     _ => q6k_rows(cast(data), nb, x, t, o, rows),
                 }

@@ -144,35 +144,17 @@ impl Fours {
     /// Lays `xq` (blocks of 32: 16 even values, 16 odd), `dx` and `xsum` (one per block) out
     /// as fours, row by row; `cols` is the rows' width.
     pub fn lay_out(&mut self, xq: &[i16], dx: &[f32], xsum: &[f32], cols: usize) {
-        let nb = cols / QK;
-        let nf = nb.div_ceil(4);
+        let nf = (cols / QK).div_ceil(4);
         let rows = xq.len() / cols;
-        let to_xq = self.xq.zeroed::<i16>(rows * nf * 4 * QK);
-        for r in 0..rows {
-            for b in 0..nb {
-                let (at, slot) = (r * nf + b / 4, b % 4);
-                let src = &xq[(r * nb + b) * QK..][..QK];
-                let dst = &mut to_xq[at * 4 * QK..][..4 * QK];
-                for (v, part) in [&src[0..8], &src[16..24], &src[8..16], &src[24..32]]
-                    .into_iter()
-                    .enumerate()
-                {
-                    dst[32 * v + 8 * slot..][..8].copy_from_slice(part);
-                }
-            }
-        }
-        let to_dx = self.dx.zeroed::<f32>(rows * nf * 16);
-        for r in 0..rows {
-            for b in 0..nb {
-                to_dx[(r * nf + b / 4) * 16 + 4 * (b % 4)..][..4].fill(dx[r * nb + b]);
-            }
-        }
-        let to_sum = self.xsum.zeroed::<f32>(rows * nf * 16);
-        for r in 0..rows {
-            for b in 0..nb {
-                to_sum[(r * nf + b / 4) * 16 + 4 * (b % 4)] = xsum[r * nb + b];
-            }
-        }
+        super::int16::group_blocks::<4>(
+            (xq, dx, xsum),
+            cols,
+            (
+                self.xq.zeroed(rows * nf * 4 * QK),
+                self.dx.zeroed(rows * nf * 16),
+                self.xsum.zeroed(rows * nf * 16),
+            ),
+        );
     }
 }
 

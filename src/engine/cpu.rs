@@ -9,7 +9,7 @@
 use super::arch::{Activation, RopeStyle};
 use super::gguf::{GgufFile, ModelSpec};
 use super::kernels::formats::{quantize_q8_0, QK};
-use super::kernels::{attend, matmul_parts, Format, QMat, Rows, SyncPtr};
+use super::kernels::{attend, matmul_parts, swiglu, Format, QMat, Rows, SyncPtr};
 use super::team::Team;
 use super::EngineError;
 
@@ -628,11 +628,7 @@ impl CpuLlama {
             for (a, gu) in act.chunks_exact_mut(ff).zip(gate_up.chunks_exact(2 * ff)) {
                 let (g, u) = gu.split_at(ff);
                 match fam.activation {
-                    Activation::Silu => {
-                        for ((o, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                            *o = g / (1.0 + (-g).exp()) * u;
-                        }
-                    }
+                    Activation::Silu => swiglu(g, u, a),
                     Activation::GeluTanh => {
                         for ((o, &g), &u) in a.iter_mut().zip(g).zip(u) {
                             *o = gelu_tanh(g) * u;

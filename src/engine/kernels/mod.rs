@@ -25,9 +25,11 @@
 //! - [`decode`]: generated-token rows (matrix × few vectors, memory-bound);
 //! - [`prompt`]: prompt chunks (matrix × matrix, compute-bound, panels of f32 weights);
 //! - [`attention`]: one KV head's attention over a cache, vectorised or portable;
+//! - [`activation`]: the FFN's gated activation (SwiGLU), vectorised or portable;
 //! - [`scalar`]: the portable fallback of each product; `x86`: AVX2 and AVX-512 kernels,
 //!   picked at run time.
 
+mod activation;
 mod attention;
 mod decode;
 pub mod formats;
@@ -46,6 +48,7 @@ use memmap2::Mmap;
 use super::team::Team;
 use super::EngineError;
 
+pub use activation::swiglu;
 pub use attention::attend;
 pub use formats::Format;
 #[cfg(target_arch = "x86_64")]

@@ -33,6 +33,7 @@ pub mod int16;
 pub mod int16_512;
 pub mod int8;
 pub mod kquants;
+pub mod swiglu;
 
 pub fn available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();

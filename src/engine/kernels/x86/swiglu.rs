@@ -1,4 +1,4 @@
-//! [`super::super::activation::swiglu`] in 16 lanes.
+//! [`super::super::activation::swiglu`] in 16 lanes (AVX-512) or 8 (AVX2).
 
 use std::arch::x86_64::*;
 
@@ -35,4 +35,81 @@ pub unsafe fn swiglu_512(gate: &[f32], up: &[f32], out: &mut [f32]) {
         );
         _mm512_mask_storeu_ps(o.add(i), m, v);
     }
+}
+
+/// [`swiglu_512`] in 8 lanes, for CPUs without AVX-512 (most desktops and laptops).
+///
+/// # Safety
+/// AVX2 and FMA must be present; the three slices have the same length.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn swiglu_256(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    let len = out.len();
+    let (g, u, o) = (gate.as_ptr(), up.as_ptr(), out.as_mut_ptr());
+    let one = _mm256_set1_ps(1.0);
+    let low = _mm256_set1_ps(-88.0);
+    let one_of = |g: __m256, u: __m256| {
+        let e = exp_256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        let v = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u);
+        // Below −88 e^−g overflows f32 (the portable loop's g / ∞ = −0); not less than:
+        // NaN stays NaN.
+        _mm256_and_ps(v, _mm256_cmp_ps::<_CMP_NLT_UQ>(g, low))
+    };
+    let mut i = 0;
+    while i + 8 <= len {
+        let v = one_of(_mm256_loadu_ps(g.add(i)), _mm256_loadu_ps(u.add(i)));
+        _mm256_storeu_ps(o.add(i), v);
+        i += 8;
+    }
+    // The tail, padded with zeros (silu(0) · 0 = 0, not stored).
+    if i < len {
+        let (mut gt, mut ut) = ([0f32; 8], [0f32; 8]);
+        gt[..len - i].copy_from_slice(&gate[i..]);
+        ut[..len - i].copy_from_slice(&up[i..]);
+        let mut ot = [0f32; 8];
+        _mm256_storeu_ps(
+            ot.as_mut_ptr(),
+            one_of(_mm256_loadu_ps(gt.as_ptr()), _mm256_loadu_ps(ut.as_ptr())),
+        );
+        out[i..].copy_from_slice(&ot[..len - i]);
+    }
+}
+
+/// `exp(x)` for 8 lanes, by the polynomial of [`super::attention512::exp512`], for x in
+/// −87..88 (clamped to it: 2^n is built in the exponent field, which holds normal numbers
+/// only; below, e^x < 2⁻¹²⁵ is lost beside the 1 it is added to in [`swiglu_256`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp_256(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(
+        _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
+        _mm256_set1_ps(88.0),
+    );
+    // x = n ln2 + r, |r| <= ln2 / 2; ln2 in two parts so that r is exact.
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    }
+    y = _mm256_fmadd_ps(
+        y,
+        _mm256_mul_ps(r, r),
+        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+    );
+    // 2^n: n + 127 in the exponent field (n in −126..=127 after the clamp).
+    let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
 }

@@ -9,7 +9,7 @@
 use super::arch::{Activation, RopeStyle};
 use super::gguf::{GgufFile, ModelSpec};
 use super::kernels::formats::{quantize_q8_0, QK};
-use super::kernels::{attend, matmul_parts, swiglu, Format, QMat, Rows, SyncPtr};
+use super::kernels::{attend, geglu, matmul_parts, swiglu, Format, QMat, Rows, SyncPtr};
 use super::team::Team;
 use super::EngineError;
 
@@ -255,12 +255,6 @@ fn vector(file: &GgufFile, name: &str) -> Result<Vec<f32>, EngineError> {
     let mut v = vec![0f32; m.cols()];
     m.row(0, &mut v);
     Ok(v)
-}
-
-/// GELU, tanh approximation (what Gemma was trained with, and llama.cpp's `ggml_gelu`).
-fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
 }
 
 /// 1 / the root mean square of `x` (with `eps`): what an RMS norm multiplies by.
@@ -629,11 +623,7 @@ impl CpuLlama {
                 let (g, u) = gu.split_at(ff);
                 match fam.activation {
                     Activation::Silu => swiglu(g, u, a),
-                    Activation::GeluTanh => {
-                        for ((o, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                            *o = gelu_tanh(g) * u;
-                        }
-                    }
+                    Activation::GeluTanh => geglu(g, u, a),
                 }
             }
             product(&[&layer.w_down], &act, n, generated, &mut tmp, &self.team);

@@ -25,7 +25,7 @@
 //! - [`decode`]: generated-token rows (matrix × few vectors, memory-bound);
 //! - [`prompt`]: prompt chunks (matrix × matrix, compute-bound, panels of f32 weights);
 //! - [`attention`]: one KV head's attention over a cache, vectorised or portable;
-//! - [`activation`]: the FFN's gated activation (SwiGLU), vectorised or portable;
+//! - [`activation`]: the FFN's gated activation (SwiGLU, GeGLU), vectorised or portable;
 //! - [`scalar`]: the portable fallback of each product; `x86`: AVX2 and AVX-512 kernels,
 //!   picked at run time.
 
@@ -48,7 +48,7 @@ use memmap2::Mmap;
 use super::team::Team;
 use super::EngineError;
 
-pub use activation::swiglu;
+pub use activation::{geglu, swiglu};
 pub use attention::attend;
 pub use formats::Format;
 #[cfg(target_arch = "x86_64")]

@@ -29,11 +29,11 @@ pub mod avx2;
 pub mod avx512;
 pub mod bf16;
 pub mod floats;
+pub mod glu;
 pub mod int16;
 pub mod int16_512;
 pub mod int8;
 pub mod kquants;
-pub mod swiglu;
 
 pub fn available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();

@@ -1,25 +1,40 @@
-//! [`super::super::activation::swiglu`] in 16 lanes (AVX-512) or 8 (AVX2).
+//! The gated activations of [`crate::engine::kernels::activation`] in 16 lanes (AVX-512) or
+//! 8 (AVX2): `gate / (1 + e^−t) · up`, t = gate (SwiGLU) or 2·√(2/π)·(gate + 0.044715·gate³)
+//! (GeGLU, GELU's tanh form).
 
 use std::arch::x86_64::*;
 
 use super::attention512::exp512;
+use crate::engine::kernels::activation::{GELU_CUBIC, SQRT_2_OVER_PI};
 
-/// `out[i] = gate[i] / (1 + e^−gate[i]) · up[i]`, sixteen at a time (the tail masked).
+/// `out[i] = gate[i] / (1 + e^−t) · up[i]` (see the module doc), sixteen at a time (the tail
+/// masked).
 ///
 /// # Safety
 /// AVX-512 (F) must be present; the three slices have the same length.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub unsafe fn swiglu_512(gate: &[f32], up: &[f32], out: &mut [f32]) {
+pub unsafe fn gated_512<const GELU: bool>(gate: &[f32], up: &[f32], out: &mut [f32]) {
     let len = out.len();
     let (g, u, o) = (gate.as_ptr(), up.as_ptr(), out.as_mut_ptr());
     let one = _mm512_set1_ps(1.0);
-    // Below this e^−g overflows f32 (the portable loop's g / ∞ = −0) and `exp512` clamps.
+    // Below this e^−t overflows f32 (the portable loop's g / ∞ = −0) and `exp512` clamps.
     let low = _mm512_set1_ps(-88.0);
+    let (c2, cubic) = (
+        _mm512_set1_ps(2.0 * SQRT_2_OVER_PI),
+        _mm512_set1_ps(GELU_CUBIC),
+    );
     let one_of = |g: __m512, u: __m512| {
-        let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        let t = if GELU {
+            // 2z = 2·√(2/π)·g·(1 + 0.044715·g²)
+            let g2 = _mm512_mul_ps(g, g);
+            _mm512_mul_ps(_mm512_mul_ps(c2, g), _mm512_fmadd_ps(cubic, g2, one))
+        } else {
+            g
+        };
+        let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), t));
         let v = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), u);
         // Not less than: NaN stays NaN.
-        _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(g, low), v)
+        _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(t, low), v)
     };
     let mut i = 0;
     while i + 16 <= len {
@@ -37,22 +52,32 @@ pub unsafe fn swiglu_512(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
-/// [`swiglu_512`] in 8 lanes, for CPUs without AVX-512 (most desktops and laptops).
+/// [`gated_512`] in 8 lanes, for CPUs without AVX-512 (most desktops and laptops).
 ///
 /// # Safety
 /// AVX2 and FMA must be present; the three slices have the same length.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn swiglu_256(gate: &[f32], up: &[f32], out: &mut [f32]) {
+pub unsafe fn gated_256<const GELU: bool>(gate: &[f32], up: &[f32], out: &mut [f32]) {
     let len = out.len();
     let (g, u, o) = (gate.as_ptr(), up.as_ptr(), out.as_mut_ptr());
     let one = _mm256_set1_ps(1.0);
     let low = _mm256_set1_ps(-88.0);
+    let (c2, cubic) = (
+        _mm256_set1_ps(2.0 * SQRT_2_OVER_PI),
+        _mm256_set1_ps(GELU_CUBIC),
+    );
     let one_of = |g: __m256, u: __m256| {
-        let e = exp_256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        let t = if GELU {
+            let g2 = _mm256_mul_ps(g, g);
+            _mm256_mul_ps(_mm256_mul_ps(c2, g), _mm256_fmadd_ps(cubic, g2, one))
+        } else {
+            g
+        };
+        let e = exp_256(_mm256_sub_ps(_mm256_setzero_ps(), t));
         let v = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u);
-        // Below −88 e^−g overflows f32 (the portable loop's g / ∞ = −0); not less than:
+        // Below −88 e^−t overflows f32 (the portable loop's g / ∞ = −0); not less than:
         // NaN stays NaN.
-        _mm256_and_ps(v, _mm256_cmp_ps::<_CMP_NLT_UQ>(g, low))
+        _mm256_and_ps(v, _mm256_cmp_ps::<_CMP_NLT_UQ>(t, low))
     };
     let mut i = 0;
     while i + 8 <= len {
@@ -76,7 +101,7 @@ pub unsafe fn swiglu_256(gate: &[f32], up: &[f32], out: &mut [f32]) {
 
 /// `exp(x)` for 8 lanes, by the polynomial of [`super::attention512::exp512`], for x in
 /// −87..88 (clamped to it: 2^n is built in the exponent field, which holds normal numbers
-/// only; below, e^x < 2⁻¹²⁵ is lost beside the 1 it is added to in [`swiglu_256`]).
+/// only; below, e^x < 2⁻¹²⁵ is lost beside the 1 it is added to in [`gated_256`]).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn exp_256(x: __m256) -> __m256 {

@@ -43,6 +43,19 @@ pub unsafe fn softmax_weights_512(sc: &mut [f32]) -> f32 {
     _mm512_reduce_add_ps(sum)
 }
 
+/// ln 2 in two parts, so that `x − n·ln2` is exact for the n of `exp`'s range.
+pub(super) const LN2_PARTS: [f32; 2] = [0.693_359_4, -2.121_944_4e-4];
+/// Cephes' single-precision polynomial for e^r − 1 − r over r², |r| ≤ ln2 / 2, from the
+/// highest power down.
+pub(super) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
 /// `exp(x)` for 16 lanes (Cephes' single-precision polynomial, within 2 ulp; results
 /// below `f32`'s range flush towards 0).
 #[inline]
@@ -52,21 +65,15 @@ pub unsafe fn exp512(x: __m512) -> __m512 {
         _mm512_max_ps(x, _mm512_set1_ps(-103.0)),
         _mm512_set1_ps(88.7),
     );
-    // x = n ln2 + r, |r| <= ln2 / 2; ln2 in two parts so that r is exact.
+    // x = n ln2 + r, |r| <= ln2 / 2.
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
     );
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
-        y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_PARTS[0]), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_PARTS[1]), r);
+    let mut y = _mm512_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(*c));
     }
     y = _mm512_fmadd_ps(
         y,

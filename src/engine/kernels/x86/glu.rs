@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::attention512::exp512;
+use super::attention512::{exp512, EXP_POLY, LN2_PARTS};
 use crate::engine::kernels::activation::{GELU_CUBIC, SQRT_2_OVER_PI};
 
 /// `out[i] = gate[i] / (1 + e^−t) · up[i]` (see the module doc), sixteen at a time (the tail
@@ -109,22 +109,16 @@ unsafe fn exp_256(x: __m256) -> __m256 {
         _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
         _mm256_set1_ps(88.0),
     );
-    // x = n ln2 + r, |r| <= ln2 / 2; ln2 in two parts so that r is exact.
+    // x = n ln2 + r, |r| <= ln2 / 2.
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
         x,
         _mm256_set1_ps(std::f32::consts::LOG2_E),
     ));
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_PARTS[0]), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_PARTS[1]), r);
+    let mut y = _mm256_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(*c));
     }
     y = _mm256_fmadd_ps(
         y,

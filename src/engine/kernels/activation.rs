@@ -71,13 +71,17 @@ mod tests {
         check::<true>();
     }
 
+    /// GELU-tanh's 2z = 2·√(2/π)·(g + 0.044715·g³), in f64.
+    fn two_z(g: f64) -> f64 {
+        2.0 * (2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)
+    }
+
     fn reference(gelu: bool, g: f32, u: f32) -> f64 {
         let (g, u) = (g as f64, u as f64);
         if gelu {
             // 0.5·g·(1 + tanh z) without the cancellation of 1 + tanh z (even in f64, for
             // z below ~−10).
-            let z = (2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g);
-            g / (1.0 + (-2.0 * z).exp()) * u
+            g / (1.0 + (-two_z(g)).exp()) * u
         } else {
             g / (1.0 + (-g).exp()) * u
         }
@@ -86,9 +90,8 @@ mod tests {
     /// 1 + |t| for GELU (t = 2z: its f32 rounding, a few ulp of t, becomes a relative error
     /// of e^−t), 1 for silu (t = g, exact).
     fn exponent(gelu: bool, g: f32) -> f64 {
-        let g = g as f64;
         if gelu {
-            1.0 + (2.0 * (2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).abs()
+            1.0 + two_z(g as f64).abs()
         } else {
             1.0
         }

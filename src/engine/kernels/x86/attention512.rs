@@ -1,4 +1,5 @@
-//! The AVX-512 attention kernel for 64-wide heads, and its vector `exp`.
+//! The AVX-512 attention kernel for 64-wide heads, and its vector `exp` (which the gated
+//! activations of [`super::glu`] use too, and whose constants their AVX2 `exp` shares).
 
 use std::arch::x86_64::*;
 

@@ -85,7 +85,7 @@ pub unsafe fn gated_256<const GELU: bool>(gate: &[f32], up: &[f32], out: &mut [f
         _mm256_storeu_ps(o.add(i), v);
         i += 8;
     }
-    // The tail, padded with zeros (silu(0) · 0 = 0, not stored).
+    // The tail, through buffers padded with zeros (their lanes past the tail not stored).
     if i < len {
         let (mut gt, mut ut) = ([0f32; 8], [0f32; 8]);
         gt[..len - i].copy_from_slice(&gate[i..]);
